@@ -1,0 +1,307 @@
+"""Config as a schema: every key has a type, a default, a range and one line of help; all errors are reported together.
+
+``load_config(path, pm)`` reads a SimpleTuner ``config.json`` and returns a ``RunConfig``: the host keys the reference
+host knows (validated against ``HOST_SCHEMA``), the selected method's class and its validated ``distillation_config``,
+and warnings for keys that do not apply. Nothing loads weights here, so ``validate-config`` is instant.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from .errors import ConfigError
+
+# --------------------------------------------------------------------------- schema machinery
+
+Check = Callable[[Any], "str | None"]
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key. ``kind`` is one of "int", "float", "bool", "str", "list", "any"; ``parse`` turns an accepted
+    alternative spelling into the canonical value (e.g. "1000,757,522" into a list of ints) and raises ValueError with
+    a message on bad input; ``check`` returns a problem (without the key name) or None."""
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    check: Check | None = None
+    parse: Callable[[Any], Any] | None = None
+    choices: tuple[Any, ...] | None = None
+    nullable: bool = False
+
+    def coerce(self, value: Any) -> Any:
+        """The canonical value, or raise ValueError(problem)."""
+        if value is None:
+            if self.nullable:
+                return None
+            raise ValueError("must not be null")
+        if self.parse is not None:
+            value = self.parse(value)
+        elif not _is_kind(value, self.kind):
+            raise ValueError(f"must be {_KIND_WORDS[self.kind]}, got {type(value).__name__} {value!r}")
+        if self.kind == "float" and value is not None:
+            value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(f"must be a finite number, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in self.choices], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"must be one of {', '.join(map(repr, self.choices))}, got {value!r}{hint}")
+        if self.check is not None:
+            problem = self.check(value)
+            if problem:
+                raise ValueError(problem)
+        return value
+
+
+_KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+               "list": "a list", "any": "a value", "dict": "an object"}
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind == "any":
+        return True
+    if isinstance(value, bool):
+        return kind == "bool"
+    return {
+        "int": isinstance(value, int),
+        "float": isinstance(value, (int, float)),
+        "bool": False,
+        "str": isinstance(value, str),
+        "list": isinstance(value, (list, tuple)),
+        "dict": isinstance(value, dict),
+    }[kind]
+
+
+def in_range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False
+             ) -> Check:
+    def check(v: Any) -> str | None:
+        bad_lo = lo is not None and (v <= lo if lo_open else v < lo)
+        bad_hi = hi is not None and (v >= hi if hi_open else v > hi)
+        if bad_lo or bad_hi:
+            left = "(" if lo_open else "["
+            right = ")" if hi_open else "]"
+            return f"must be in {left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}, got {v!r}"
+        return None
+
+    return check
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A method's (or the host's) keys, plus checks that involve several keys (each returns problems, named)."""
+
+    keys: tuple[Key, ...]
+    cross_checks: tuple[Callable[[dict[str, Any]], list[str]], ...] = ()
+
+    def __post_init__(self) -> None:
+        names = [k.name for k in self.keys]
+        if len(names) != len(set(names)):
+            raise ValueError(f"duplicate keys in schema: {names}")
+
+    @property
+    def by_name(self) -> dict[str, Key]:
+        return {k.name: k for k in self.keys}
+
+    def defaults(self) -> dict[str, Any]:
+        return {k.name: k.default for k in self.keys}
+
+    def validate(self, raw: Mapping[str, Any], *, prefix: str, unknown: str = "error"
+                 ) -> tuple[dict[str, Any], list[str], list[str]]:
+        """Return (values with defaults filled in, problems, unknown key names). Problems name ``prefix.key``."""
+        keys = self.by_name
+        values = self.defaults()
+        problems: list[str] = []
+        unknown_keys: list[str] = []
+        for name, value in raw.items():
+            key = keys.get(name)
+            if key is None:
+                unknown_keys.append(name)
+                if unknown == "error":
+                    problems.append(f"{prefix}.{name}: unknown key{suggest(name, keys)}")
+                continue
+            try:
+                values[name] = key.coerce(value)
+            except ValueError as exc:
+                problems.append(f"{prefix}.{name}: {exc}")
+        if not problems:
+            for cross in self.cross_checks:
+                problems.extend(f"{prefix}.{p}" for p in cross(values))
+        return values, problems, unknown_keys
+
+
+def suggest(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_timestep_list(value: Any) -> list[int]:
+    """"1000,757,522" or [1000, 757, 522] → [1000, 757, 522]: strictly decreasing, each in (0, 1000]."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        try:
+            steps = [int(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"must be comma-separated integers like \"1000,757,522\", got {value!r}") from None
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        steps = list(value)
+    else:
+        raise ValueError(f"must be a string like \"1000,757,522\" or a list of integers, got {value!r}")
+    if not steps:
+        raise ValueError("must hold at least one timestep")
+    if any(not 0 < s <= 1000 for s in steps):
+        raise ValueError(f"each timestep must be in (0, 1000], got {steps}")
+    if any(a <= b for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"timesteps must be strictly decreasing, got {steps}")
+    return steps
+
+
+def parse_betas(value: Any) -> tuple[float, float]:
+    ok = (isinstance(value, (list, tuple)) and len(value) == 2
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+    if not ok:
+        raise ValueError(f"must be a list of two numbers like [0.9, 0.999], got {value!r}")
+    b1, b2 = float(value[0]), float(value[1])
+    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+        raise ValueError(f"each beta must be in [0, 1), got {list(value)}")
+    return (b1, b2)
+
+
+# --------------------------------------------------------------------------- reading a host config
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{what}: file not found: {path}"]) from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{what}: cannot read {path}: {exc}"]) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError([f"{what}: {path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"]
+                          ) from None
+
+
+def parse_distillation_config(raw: Any) -> tuple[dict[str, Any] | None, list[str]]:
+    """``distillation_config`` as an object, or as a string holding a JSON object or a Python-literal dict (SimpleTuner
+    turns config values into CLI strings, so users of it must write the string form)."""
+    if raw is None:
+        return {}, []
+    if isinstance(raw, str):
+        text = raw.strip()
+        if not text:
+            return {}, []
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError:
+            try:
+                raw = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                return None, ["distillation_config: a string must hold a JSON object or a Python dict literal"]
+    if not isinstance(raw, dict):
+        return None, [f"distillation_config: must be an object, got {type(raw).__name__}"]
+    bad = [k for k in raw if not isinstance(k, str)]
+    if bad:
+        return None, [f"distillation_config: keys must be strings, got {bad!r}"]
+    return raw, []
+
+
+def select_method_section(method: str, raw: dict[str, Any], method_names: Iterable[str]
+                          ) -> tuple[dict[str, Any] | None, list[str]]:
+    """Accept the flat form (``{"dmd_denoising_steps": …}``) or the keyed form (``{"dmd": {…}, "lcm": {…}}``)
+    explicitly; a mix of both is an error (SimpleTuner silently merges them)."""
+    names = set(method_names)
+    keyed = [k for k, v in raw.items() if k in names and isinstance(v, dict)]
+    if not keyed:
+        return raw, []
+    flat = [k for k in raw if k not in keyed]
+    if flat:
+        return None, [
+            f"distillation_config: mixes the flat form (keys {', '.join(sorted(flat))}) with the keyed-by-method form "
+            f"(keys {', '.join(sorted(keyed))}); use one"
+        ]
+    return dict(raw.get(method, {})), []
+
+
+@dataclass
+class RunConfig:
+    """A validated run: host keys, the selected method (or None for plain fine-tuning) and its config."""
+
+    path: Path | None
+    host: dict[str, Any]
+    method_name: str | None
+    method_cls: type | None
+    method_config: dict[str, Any]
+    family_cls: type
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_config(path: str | Path, pm: Any, *, check_paths: bool = True) -> RunConfig:
+    """Read and validate a host config file. Raises ``ConfigError`` with every problem, one line each."""
+    raw = read_json(path, "config")
+    return validate_config(raw, pm, path=Path(path), check_paths=check_paths)
+
+
+def validate_config(raw: Any, pm: Any, *, path: Path | None = None, check_paths: bool = True) -> RunConfig:
+    from .hosts.reference.host_schema import HOST_SCHEMA, check_host_paths, host_key_warnings
+    from .plugins import registered_families, registered_methods
+
+    if not isinstance(raw, dict):
+        raise ConfigError([f"config: must be a JSON object, got {type(raw).__name__}"])
+    problems: list[str] = []
+    warnings: list[str] = []
+
+    host_raw = {k: v for k, v in raw.items() if k not in ("distillation_method", "distillation_config")}
+    host, host_problems, unknown = HOST_SCHEMA.validate(host_raw, prefix="config", unknown="collect")
+    problems += host_problems
+    warnings += host_key_warnings(host_raw, unknown)
+
+    families = registered_families(pm)
+    family_name = host.get("model_family")
+    family_cls = None
+    if family_name not in families:
+        problems.append(f"config.model_family: unknown family {family_name!r}{suggest(str(family_name), families)}; "
+                        f"installed: {', '.join(families) or 'none'}")
+    else:
+        family_cls = families[family_name].cls
+
+    methods = registered_methods(pm)
+    method_name = raw.get("distillation_method")
+    method_cls = None
+    method_config: dict[str, Any] = {}
+    if method_name in (None, "", "none"):
+        method_name = None
+        if raw.get("distillation_config"):
+            warnings.append("distillation_config is set but distillation_method is not: the config has no effect")
+    elif not isinstance(method_name, str) or method_name not in methods:
+        problems.append(f"config.distillation_method: unknown method {method_name!r}"
+                        f"{suggest(str(method_name), methods)}; installed: {', '.join(methods) or 'none'}")
+    else:
+        method_cls = methods[method_name].cls
+        section, sec_problems = parse_distillation_config(raw.get("distillation_config"))
+        problems += sec_problems
+        if section is not None:
+            section, sec_problems = select_method_section(method_name, section, methods)
+            problems += sec_problems
+        if section is not None:
+            method_config, m_problems, _ = method_cls.schema.validate(section, prefix="distillation_config")
+            problems += m_problems
+            if not m_problems and hasattr(method_cls, "config_warnings") and family_cls is not None:
+                warnings += method_cls.config_warnings(method_config, family_cls, host)
+
+    if check_paths and not problems:
+        problems += check_host_paths(host)
+    if problems:
+        raise ConfigError(problems)
+    return RunConfig(path, host, method_name, method_cls, method_config, family_cls, warnings)

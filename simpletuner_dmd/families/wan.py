@@ -1,0 +1,179 @@
+"""The Wan 2.1 text-to-video family over diffusers' ``WanTransformer3DModel`` — a plugin like any third-party one.
+
+Latents are ``(B, C, F, H, W)``; σ is ``t / 1000`` by value; the network predicts the flow ``ε − x0``; text conditions
+are UMT5 embeddings ``(B, L, D)`` padded with zeros past each prompt (as ``WanPipeline`` does). The network is
+bidirectional (every frame attends to every frame), so the block-causal self-forcing rollout does not apply.
+
+diffusers, transformers and optimum-quanto are imported inside the methods that need them, so listing plugins stays
+cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ..hookspecs import hookimpl
+
+
+@dataclass
+class WanComponents:
+    """What a host loads besides the network: the VAE and the text encoder (both frozen)."""
+
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+
+
+class WanFamily:
+    name = "wan"
+    summary = "Wan 2.1 T2V (diffusers WanTransformer3DModel), bidirectional, flow matching"
+    causal = False
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    max_sequence_length = 512
+
+    def __init__(self, *, autocast_dtype: torch.dtype | None = None):
+        # Each network call gets its own autocast region: one region around a no_grad and a grad call of the same
+        # module can drop gradients (autocast's weight cache), so no outer region is ever held.
+        self.autocast_dtype = autocast_dtype
+
+    # ----------------------------------------------------------------------- what methods use
+
+    def predict_flow(self, network: torch.nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor
+                     ) -> torch.Tensor:
+        if timesteps.ndim != 1 or timesteps.shape[0] != x_t.shape[0]:
+            raise ValueError(f"one timestep per sample expected, got {tuple(timesteps.shape)} for {tuple(x_t.shape)}")
+        with self._autocast(x_t.device):
+            out = network(hidden_states=x_t, timestep=timesteps, encoder_hidden_states=cond, return_dict=False)[0]
+        return out
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+    def frame_axis(self) -> int:
+        return 2
+
+    def concat_conditions(self, conds: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(conds, dim=0)
+
+    def repeat_condition(self, cond: torch.Tensor, batch_size: int) -> torch.Tensor:
+        return cond.expand(batch_size, *cond.shape[1:])
+
+    # ----------------------------------------------------------------------- what hosts that load models use
+
+    def load_network(self, model_path: str, *, dtype: torch.dtype) -> torch.nn.Module:
+        from diffusers import WanTransformer3DModel
+
+        return _load(WanTransformer3DModel, model_path, "transformer", dtype)
+
+    def load_components(self, model_path: str, *, text_encoder_path: str | None, dtype: torch.dtype
+                        ) -> WanComponents:
+        from diffusers import AutoencoderKLWan
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        te_path = text_encoder_path or model_path
+        vae = _load(AutoencoderKLWan, model_path, "vae", torch.float32)  # the VAE stays fp32 (as WanPipeline)
+        text_encoder = _load(UMT5EncoderModel, te_path, "text_encoder", dtype)
+        tokenizer = _load(AutoTokenizer, te_path, "tokenizer", None)
+        for module in (vae, text_encoder):
+            module.requires_grad_(False).eval()
+        return WanComponents(vae, text_encoder, tokenizer)
+
+    @torch.no_grad()
+    def encode_prompts(self, components: WanComponents, texts: list[str]) -> torch.Tensor:
+        tok = components.tokenizer(
+            [t.strip() for t in texts], padding="max_length", max_length=self.max_sequence_length, truncation=True,
+            add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
+        )
+        device = next(components.text_encoder.parameters()).device
+        mask = tok.attention_mask.to(device)
+        hidden = components.text_encoder(tok.input_ids.to(device), mask).last_hidden_state
+        return (hidden * mask.unsqueeze(-1).to(hidden.dtype)).float()  # zeros past each prompt, like WanPipeline
+
+    def _latent_stats(self, vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(shape).to(like.device)
+        std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(shape).to(like.device)
+        return mean, std
+
+    @torch.no_grad()
+    def encode_pixels(self, components: WanComponents, pixels: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, F, H, W)`` in [-1, 1] → normalised latents ``(B, z, 1 + (F − 1)/4, H/8, W/8)``."""
+        vae = components.vae
+        pixels = pixels.to(next(vae.parameters()).device, torch.float32)
+        latents = vae.encode(pixels).latent_dist.mode()
+        mean, std = self._latent_stats(vae, latents)
+        return (latents - mean) / std
+
+    @torch.no_grad()
+    def decode_latents(self, components: WanComponents, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents → pixels ``(B, 3, F, H, W)`` in [0, 1]."""
+        vae = components.vae
+        latents = latents.to(next(vae.parameters()).device, torch.float32)
+        mean, std = self._latent_stats(vae, latents)
+        video = vae.decode(latents * std + mean, return_dict=False)[0]
+        return ((video.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def latent_shape(self, components: WanComponents, *, width: int, height: int, frames: int) -> tuple[int, ...]:
+        cfg = components.vae.config
+        spatial = 2 ** len(cfg.temperal_downsample)
+        temporal = 2 ** sum(bool(x) for x in cfg.temperal_downsample)
+        return (cfg.z_dim, 1 + (frames - 1) // temporal, height // spatial, width // spatial)
+
+    def save_lora(self, lora_state: dict[str, torch.Tensor], folder: Path, peft_config: Any) -> Path:
+        """Write ``pytorch_lora_weights.safetensors`` that ``WanPipeline.load_lora_weights(folder)`` loads (rank and
+        alpha travel in its metadata)."""
+        from diffusers import WanPipeline
+
+        metadata = peft_config.to_dict()
+        metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
+        WanPipeline.save_lora_weights(str(folder), transformer_lora_layers=lora_state,
+                                      transformer_lora_adapter_metadata=metadata)
+        return Path(folder) / "pytorch_lora_weights.safetensors"
+
+    def euler_sampler(self, network: torch.nn.Module, *, steps: int, shift: float):
+        """The host's default sampler (the teacher's): Euler on the flow ODE over ``steps`` shifted σs, standard CFG."""
+        from ..methods.dmd.loss import guided, shift_sigma
+
+        def sample(noise, cond, uncond, guidance_scale, generator):
+            sigmas = shift_sigma(torch.linspace(1.0, 0.0, steps + 1), shift).tolist()
+            x = noise
+            use_cfg = uncond is not None and guidance_scale not in (0.0, 1.0)
+            for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+                t = torch.full((x.shape[0],), s * 1000.0, device=x.device)
+                if use_cfg:
+                    both = self.predict_flow(network, torch.cat([x, x]), torch.cat([t, t]),
+                                             self.concat_conditions([cond, self.repeat_condition(uncond, x.shape[0])]))
+                    c, u = both.float().chunk(2)
+                    v = guided(c, u, guidance_scale)
+                else:
+                    v = self.predict_flow(network, x, t, cond).float()
+                x = (x.float() + (s_next - s) * v).to(noise.dtype)
+            return x
+
+        return sample
+
+
+def _load(cls: Any, path: str, subfolder: str, dtype: torch.dtype | None) -> Any:
+    kwargs: dict[str, Any] = {"subfolder": subfolder}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    local = Path(path)
+    if local.is_dir() and not (local / subfolder).is_dir():
+        raise UserError(f"model folder {path} has no {subfolder}/ (a diffusers Wan pipeline folder is expected)")
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except OSError as exc:  # diffusers/transformers raise OSError for missing/unreachable weights
+        raise UserError(f"cannot load {subfolder} from {path}: {str(exc).splitlines()[0]}") from exc
+
+
+@hookimpl
+def register_model_families(register):
+    register(WanFamily)

@@ -1,0 +1,543 @@
+"""The reference host's data pipeline: a SimpleTuner-style backend list -> cached latents and text embeddings.
+
+Config: a JSON list of backend objects, as in SimpleTuner's `multidatabackend.json`. Implemented keys:
+
+- media backends (`dataset_type` "image" or "video"): `id`, `type` ("local"), `dataset_type`, `instance_data_dir`,
+  `caption_strategy` ("textfile": `photo.png` is captioned by `photo.txt`), `cache_dir_vae` (or `cache_dir`),
+  `resolution` (pixels), `resolution_type` ("pixel_area": area ~ resolution^2 with the aspect kept; "pixel": the
+  shorter side = resolution), `num_frames` (or SimpleTuner's `video: {"num_frames": N}`; most frames taken from a
+  video), `repeats` (extra passes per epoch), `disabled`;
+- one `dataset_type: "text_embeds"` backend whose `cache_dir` holds the text embeddings
+  (default `<first media cache dir>/text_embeds`).
+
+Any other key is ignored with one warning naming it and its backend; unsupported values are `ConfigError`s. Relative
+paths are taken from the current directory, as SimpleTuner does.
+
+Media become float pixels in [-1, 1] laid out (C, F, H, W) (an image has F=1). Each side is resized, then centre-cropped
+down to a multiple of 16 (Wan: VAE 8x times patch 2), and a video keeps 1+4k frames (Wan's VAE compresses time 4x
+after the first frame). The model family's encoders turn pixels and captions into latents and embeddings once; each
+is stored as a `.safetensors` file named by a hash of what it depends on, so a second run encodes nothing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset, Sampler
+from tqdm.auto import tqdm
+
+from simpletuner_dmd.errors import ConfigError, DataError, UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+VIDEO_EXTENSIONS = (".gif", ".mp4", ".webm")
+SIZE_MULTIPLE = 16  # VAE downsamples 8x, the transformer patches 2x2 latents
+FRAME_STRIDE = 4  # Wan's VAE: 1+4k frames -> 1+k latent frames
+
+_MEDIA_KEYS = {
+    "id", "type", "dataset_type", "instance_data_dir", "caption_strategy", "cache_dir", "cache_dir_vae",
+    "resolution", "resolution_type", "num_frames", "video", "repeats", "disabled",
+}  # fmt: skip
+_TEXT_KEYS = {"id", "type", "dataset_type", "cache_dir", "disabled", "default"}
+_DATASET_TYPES = ("image", "video", "text_embeds")
+_RESOLUTION_TYPES = ("pixel_area", "pixel")
+
+Warn = Callable[[str], None]
+
+
+# ---------------------------------------------------------------------------------------------------------- config
+
+
+def load_backend_config(path: str | Path, *, warn: Warn = warnings.warn) -> list[dict]:
+    """Read and validate a backend list; return one normalized dict per backend (absolute paths, defaults filled)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the data backend config: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: the data backend config is not UTF-8 text") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(raw, list):
+        raise UserError(f"{path}: expected a JSON list of backend objects, got a JSON {type(raw).__name__}")
+    return validate_backends(raw, source=str(path), warn=warn)
+
+
+def validate_backends(raw: list, *, source: str = "data backend config", warn: Warn = warnings.warn) -> list[dict]:
+    """Check every backend, report all problems at once as a `ConfigError`, return the normalized list.
+
+    Normalizing is idempotent (the output holds only implemented keys), so `build_cache` re-validates for free.
+    """
+    problems: list[str] = []
+    out: list[dict] = []
+    seen_ids: set[str] = set()
+    for i, backend in enumerate(raw):
+        if not isinstance(backend, dict):
+            problems.append(f"{source}: entry {i} must be a JSON object, got {type(backend).__name__}")
+            continue
+        bid = backend.get("id")
+        where = f"{source}: backend '{bid}'" if isinstance(bid, str) and bid else f"{source}: entry {i}"
+        errors: list[str] = []
+        if not isinstance(bid, str) or not bid:
+            errors.append("needs an 'id' (a non-empty string)")
+        elif bid in seen_ids:
+            errors.append("this id is used by another backend")
+        if isinstance(bid, str):
+            seen_ids.add(bid)
+
+        dataset_type = backend.get("dataset_type", "image")
+        if dataset_type not in _DATASET_TYPES:
+            errors.append(f"dataset_type {dataset_type!r} is not supported (supported: {', '.join(_DATASET_TYPES)})")
+            problems += [f"{where}: {e}" for e in errors]
+            continue
+        known = _TEXT_KEYS if dataset_type == "text_embeds" else _MEDIA_KEYS
+        for key in backend:
+            if key not in known:
+                hint = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+                did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+                warn(f"{where}: key {key!r} is not implemented by the reference host and is ignored{did_you_mean}")
+        if backend.get("type", "local") != "local":
+            errors.append(f"type {backend['type']!r} is not supported (only 'local')")
+        disabled = backend.get("disabled", False)
+        if not isinstance(disabled, bool):
+            errors.append("disabled must be true or false")
+
+        if dataset_type == "text_embeds":
+            cache_dir = backend.get("cache_dir")
+            if cache_dir is not None and not (isinstance(cache_dir, str) and cache_dir):
+                errors.append("cache_dir must be a non-empty path")
+            normalized = {
+                "id": bid, "type": "local", "dataset_type": dataset_type,
+                "cache_dir": _absolute(cache_dir) if isinstance(cache_dir, str) and cache_dir else None,
+                "disabled": disabled, "default": backend.get("default", True),
+            }  # fmt: skip
+        else:
+            normalized = _validate_media(backend, dataset_type, errors, warn, where)
+        problems += [f"{where}: {e}" for e in errors]
+        out.append(normalized)
+
+    enabled_text = [b["id"] for b in out if b["dataset_type"] == "text_embeds" and not b["disabled"]]
+    if len(enabled_text) > 1:
+        problems.append(f"{source}: only one enabled text_embeds backend is supported, found {enabled_text}")
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def _validate_media(backend: dict, dataset_type: str, errors: list[str], warn: Warn, where: str) -> dict:
+    data_dir = backend.get("instance_data_dir")
+    if not (isinstance(data_dir, str) and data_dir):
+        errors.append("needs 'instance_data_dir' (the folder of media and captions)")
+    if backend.get("caption_strategy", "textfile") != "textfile":
+        errors.append(f"caption_strategy {backend['caption_strategy']!r} is not supported (only 'textfile')")
+    caches = [backend[k] for k in ("cache_dir_vae", "cache_dir") if backend.get(k) is not None]
+    if not caches or not all(isinstance(c, str) and c for c in caches):
+        errors.append("needs a latent cache folder: 'cache_dir_vae' (or 'cache_dir')")
+    elif len(set(caches)) > 1:
+        errors.append("cache_dir_vae and cache_dir name different folders; give one")
+    resolution = backend.get("resolution")
+    if resolution is not None and not _is_int(resolution, minimum=SIZE_MULTIPLE):
+        errors.append(f"resolution must be a whole number of pixels >= {SIZE_MULTIPLE}, got {resolution!r}")
+    resolution_type = backend.get("resolution_type", "pixel_area")
+    if resolution_type not in _RESOLUTION_TYPES:
+        errors.append(f"resolution_type {resolution_type!r} is not supported (supported: pixel_area, pixel)")
+    video = backend.get("video", {})
+    if not isinstance(video, dict):
+        errors.append("video must be an object such as {\"num_frames\": 81}")
+        video = {}
+    for key in video:
+        if key != "num_frames":
+            warn(f"{where}: key 'video.{key}' is not implemented by the reference host and is ignored")
+    num_frames = backend.get("num_frames", video.get("num_frames"))
+    if "num_frames" in backend and "num_frames" in video and backend["num_frames"] != video["num_frames"]:
+        errors.append("num_frames and video.num_frames disagree")
+    if num_frames is not None and not _is_int(num_frames, minimum=1):
+        errors.append(f"num_frames must be a whole number >= 1, got {num_frames!r}")
+    repeats = backend.get("repeats", 0)
+    if not _is_int(repeats, minimum=0):
+        errors.append(f"repeats must be a whole number >= 0, got {repeats!r}")
+    cache = caches[0] if caches else None
+    return {
+        "id": backend.get("id"), "type": "local", "dataset_type": dataset_type,
+        "instance_data_dir": _absolute(data_dir) if isinstance(data_dir, str) and data_dir else None,
+        "caption_strategy": "textfile", "cache_dir": _absolute(cache) if isinstance(cache, str) and cache else None,
+        "resolution": resolution, "resolution_type": resolution_type, "num_frames": num_frames,
+        "repeats": repeats, "disabled": backend.get("disabled", False),
+    }  # fmt: skip
+
+
+def _is_int(value, *, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _absolute(path: str) -> str:
+    # SimpleTuner resolves relative paths against the working directory; symlinks are kept as the user wrote them.
+    return str(Path(path).expanduser().absolute())
+
+
+# ----------------------------------------------------------------------------------------------------------- media
+
+
+def find_media(backend: dict) -> list[Path]:
+    """The backend's media files (recursive, sorted), skipping hidden paths and its own cache folder."""
+    root = Path(backend["instance_data_dir"])
+    if not root.is_dir():
+        raise DataError(f"backend '{backend['id']}': instance_data_dir {root} is not a folder")
+    extensions = IMAGE_EXTENSIONS if backend["dataset_type"] == "image" else VIDEO_EXTENSIONS
+    cache = Path(backend["cache_dir"])
+    found = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or path.is_relative_to(cache):
+            continue
+        if path.suffix.lower() in extensions and path.is_file():
+            found.append(path)
+    return found
+
+
+def read_caption(media: Path) -> str:
+    """The caption beside `media` (same stem, `.txt`), stripped; a missing or empty one is a `DataError`."""
+    caption_file = media.with_suffix(".txt")
+    try:
+        caption = caption_file.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise DataError(f"{media}: no caption file {caption_file.name} beside it (caption_strategy textfile)") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{caption_file}: caption is not UTF-8 text") from None
+    if not caption:
+        raise DataError(f"{media}: caption file {caption_file.name} is empty")
+    return caption
+
+
+def load_media(path: Path, backend: dict) -> torch.Tensor:
+    """Decode, resize, crop and trim one file to float pixels (C, F, H, W) in [-1, 1]."""
+    try:
+        if backend["dataset_type"] == "image":
+            with Image.open(path) as im:
+                # Phones store rotation as EXIF; without this a portrait photo trains sideways.
+                frames = [ImageOps.exif_transpose(im).convert("RGB")]
+        else:
+            frames = _read_video_frames(path, backend["num_frames"])
+    except (OSError, SyntaxError, ValueError) as e:
+        # PIL raises OSError for truncated/unidentified files and SyntaxError for broken GIF/PNG structure.
+        raise DataError(f"{path}: cannot decode this file ({e}); it may be corrupt or truncated") from None
+    if not frames:
+        raise DataError(f"{path}: the video has no frames")
+    keep = 1 + (len(frames) - 1) // FRAME_STRIDE * FRAME_STRIDE
+    frames = frames[:keep]
+    size, crop = _fit(frames[0].size, backend["resolution"], backend["resolution_type"], path)
+    frames = [f.resize(size, Image.LANCZOS).crop(crop) if f.size != size else f.crop(crop) for f in frames]
+    pixels = torch.from_numpy(np.stack([np.asarray(f) for f in frames]))  # (F, H, W, C) uint8
+    return pixels.permute(3, 0, 1, 2).float().div(127.5).sub(1.0).contiguous()
+
+
+def _read_video_frames(path: Path, num_frames: int | None) -> list[Image.Image]:
+    import imageio.v3 as iio  # only video backends pay for importing imageio
+
+    frames = []
+    for frame in iio.imiter(path):
+        frames.append(Image.fromarray(np.asarray(frame)).convert("RGB"))
+        if num_frames is not None and len(frames) >= num_frames:
+            break  # stop decoding early: long videos would otherwise be read whole
+    return frames
+
+
+def _fit(size: tuple[int, int], resolution: int | None, resolution_type: str, path: Path):
+    """Resize target (w, h) keeping the aspect, and the centred crop box that makes both sides multiples of 16."""
+    w, h = size
+    if resolution is None:
+        scale = 1.0
+    elif resolution_type == "pixel_area":
+        scale = resolution / math.sqrt(w * h)
+    else:
+        scale = resolution / min(w, h)
+    rw, rh = max(1, round(w * scale)), max(1, round(h * scale))
+    cw, ch = rw // SIZE_MULTIPLE * SIZE_MULTIPLE, rh // SIZE_MULTIPLE * SIZE_MULTIPLE
+    if cw == 0 or ch == 0:
+        raise DataError(f"{path}: {w}x{h} resizes to {rw}x{rh}, a side under {SIZE_MULTIPLE} pixels")
+    left, top = (rw - cw) // 2, (rh - ch) // 2
+    return (rw, rh), (left, top, left + cw, top + ch)
+
+
+@functools.cache
+def _can_read_video_containers() -> bool:
+    return any(importlib.util.find_spec(m) is not None for m in ("imageio_ffmpeg", "av"))
+
+
+def _check_video_support(path: Path) -> None:
+    if path.suffix.lower() != ".gif" and not _can_read_video_containers():
+        raise UserError(
+            f"{path}: reading {path.suffix} video needs imageio-ffmpeg: pip install imageio-ffmpeg (or use .gif)"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------- cache
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    path: str  # the media file
+    caption: str
+    latents_file: str
+    embeds_file: str
+    shape: tuple[int, ...]  # latents (C, F, H, W): what batches are bucketed by
+
+
+def _digest(**fields) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def latents_key(path: Path, backend: dict, tag: str = "") -> str:
+    """Cache name for one file: changes when the file, its resize settings or the encoder tag change."""
+    stat = path.stat()
+    return _digest(
+        path=str(path.absolute()), size=stat.st_size, mtime_ns=stat.st_mtime_ns,
+        dataset_type=backend["dataset_type"], resolution=backend["resolution"],
+        resolution_type=backend["resolution_type"], num_frames=backend["num_frames"], tag=tag,
+    )  # fmt: skip
+
+
+def _describe(backend: dict) -> str:
+    extensions = IMAGE_EXTENSIONS if backend["dataset_type"] == "image" else VIDEO_EXTENSIONS
+    return f"{backend['dataset_type']} files {'/'.join(extensions)}"
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], dest: Path) -> None:
+    # A killed run must never leave a half-written file under the final name: it would be "reused" next time.
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        os.unlink(tmp)  # tidy up, then let the error propagate
+        raise
+
+
+def _cached_shape(file: str, key: str) -> tuple[int, ...]:
+    try:
+        with safe_open(file, framework="pt") as f:
+            return tuple(f.get_slice(key).get_shape())
+    except (OSError, SafetensorError) as e:
+        raise DataError(f"{file}: unreadable cache file ({e}); delete it to rebuild") from None
+
+
+def build_cache(
+    backends: list[dict],
+    encode_pixels: Callable[[torch.Tensor], torch.Tensor],
+    encode_prompts: Callable[[list[str]], torch.Tensor],
+    *,
+    vae_batch_size: int = 1,
+    text_batch_size: int = 16,
+    cache_tag: str = "",
+    progress: bool = True,
+    warn: Warn = warnings.warn,
+) -> "CachedDataset":
+    """Encode every enabled backend's media and captions that are not cached yet; return the cached dataset.
+
+    `encode_pixels((B, 3, F, H, W) in [-1, 1]) -> (B, C', F', H', W')` and `encode_prompts(list[str]) -> (B, L, D)`
+    come from the model family. `cache_tag` (e.g. the model's name) goes into every cache name, so two models
+    never share cached tensors.
+    """
+    backends = validate_backends(backends, warn=warn)
+    media_backends = [b for b in backends if b["dataset_type"] != "text_embeds" and not b["disabled"]]
+    if not media_backends:
+        raise DataError("the data backend config has no enabled image or video backend")
+    text_backend = next((b for b in backends if b["dataset_type"] == "text_embeds" and not b["disabled"]), None)
+    text_dir = Path(text_backend["cache_dir"] if text_backend and text_backend["cache_dir"] else
+                    Path(media_backends[0]["cache_dir"]) / "text_embeds")  # fmt: skip
+
+    # Captions and cache names first: a missing caption fails the run before any encoding.
+    items: list[tuple[dict, Path, str, Path, Path]] = []
+    for backend in media_backends:
+        found = find_media(backend)
+        if not found:
+            warn(f"backend '{backend['id']}': no {_describe(backend)} in {backend['instance_data_dir']}")
+        for path in found:
+            if backend["dataset_type"] == "video":
+                _check_video_support(path)
+            caption = read_caption(path)
+            latents_file = Path(backend["cache_dir"]) / f"{latents_key(path, backend, cache_tag)}.safetensors"
+            embeds_file = text_dir / f"{_digest(caption=caption, tag=cache_tag)}.safetensors"
+            items.append((backend, path, caption, latents_file, embeds_file))
+    if not items:
+        looked = "; ".join(f"{b['instance_data_dir']} ({_describe(b)})" for b in media_backends)
+        raise DataError(f"the dataset is empty: no media found in {looked}")
+
+    with torch.no_grad():  # caching must not build autograd graphs through the encoders
+        _encode_missing_latents(items, encode_pixels, vae_batch_size, progress)
+        _encode_missing_prompts(items, encode_prompts, text_batch_size, progress)
+
+    entries = []
+    for backend, path, caption, latents_file, embeds_file in items:
+        shape = _cached_shape(str(latents_file), "latents")
+        entry = CacheEntry(str(path), caption, str(latents_file), str(embeds_file), shape)
+        entries += [entry] * (1 + backend["repeats"])
+    return CachedDataset(entries)
+
+
+def _encode_missing_latents(items, encode_pixels, batch_size: int, progress: bool) -> None:
+    todo = [(backend, path, file) for backend, path, _, file, _ in items if not file.exists()]
+    pending: dict[tuple, list[tuple[torch.Tensor, Path]]] = {}  # same-shape pixels wait to fill a batch
+
+    def flush(shape):
+        pixels, files = zip(*pending.pop(shape))
+        latents = encode_pixels(torch.stack(pixels))
+        if latents.ndim != 5 or latents.shape[0] != len(files):
+            raise ValueError(f"encode_pixels returned {tuple(latents.shape)} for {len(files)} inputs; want (B,C,F,H,W)")
+        for latent, file in zip(latents, files):
+            _save_atomic({"latents": latent}, file)
+
+    for backend, path, file in tqdm(todo, desc="caching latents", unit="file", disable=not progress):
+        pixels = load_media(path, backend)
+        pending.setdefault(tuple(pixels.shape), []).append((pixels, file))
+        if len(pending[tuple(pixels.shape)]) >= batch_size:
+            flush(tuple(pixels.shape))
+    for shape in list(pending):
+        flush(shape)
+
+
+def _encode_missing_prompts(items, encode_prompts, batch_size: int, progress: bool) -> None:
+    todo = {}  # caption -> file; identical captions share one embedding file
+    for _, _, caption, _, file in items:
+        if not file.exists():
+            todo[caption] = file
+    captions = list(todo)
+    for start in tqdm(range(0, len(captions), batch_size), desc="caching text", disable=not progress or not captions):
+        batch = captions[start : start + batch_size]
+        embeds = encode_prompts(batch)
+        if embeds.ndim != 3 or embeds.shape[0] != len(batch):
+            raise ValueError(f"encode_prompts returned {tuple(embeds.shape)} for {len(batch)} captions; want (B,L,D)")
+        for caption, embed in zip(batch, embeds):
+            _save_atomic({"prompt_embeds": embed}, todo[caption])
+
+
+# -------------------------------------------------------------------------------------------------------- dataset
+
+
+class CachedDataset(Dataset):
+    """Cached latents and text embeddings; `repeats` are already expanded, so index i is one training sample."""
+
+    def __init__(self, entries: list[CacheEntry]):
+        self.entries = list(entries)
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [e.shape for e in self.entries]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict:
+        e = self.entries[index]
+        return {
+            "latents": _load(e.latents_file, "latents"),
+            "prompt_embeds": _load(e.embeds_file, "prompt_embeds"),
+            "caption": e.caption,
+            "path": e.path,
+        }
+
+
+def _load(file: str, key: str) -> torch.Tensor:
+    try:
+        return load_file(file)[key]
+    except (OSError, SafetensorError, KeyError) as e:
+        raise DataError(f"{file}: unreadable cache file ({e}); delete it to rebuild") from None
+
+
+def bucket_batches(
+    dataset: CachedDataset, batch_size: int, *, seed: int, epoch: int = 0, drop_last: bool = False
+) -> list[list[int]]:
+    """One epoch of index batches; every batch holds one latent shape. Same (seed, epoch) -> same batches."""
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    rng = np.random.default_rng([seed, epoch])
+    groups: dict[tuple, list[int]] = {}
+    for index, shape in enumerate(dataset.shapes):
+        groups.setdefault(tuple(shape), []).append(index)
+    batches = []
+    for shape in sorted(groups):  # sorted: dict order must not decide the shuffle
+        indices = rng.permutation(groups[shape]).tolist()
+        for start in range(0, len(indices), batch_size):
+            batch = indices[start : start + batch_size]
+            if len(batch) == batch_size or not drop_last:
+                batches.append(batch)
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Yields `bucket_batches` epoch after epoch; its state (epoch, position) makes a resumed run see the same batches.
+
+    Iterating yields the rest of the current epoch, then moves to the next. With DataLoader workers prefetching, the
+    sampler runs ahead of training, so on resume call `skip_to(batches the trainer actually consumed)`.
+    """
+
+    def __init__(self, dataset: CachedDataset, batch_size: int, *, seed: int, drop_last: bool = False):
+        self.dataset, self.batch_size, self.seed, self.drop_last = dataset, batch_size, seed, drop_last
+        self.epoch = 0
+        self.position = 0  # batches of the current epoch already handed out
+        self._per_epoch = len(bucket_batches(dataset, batch_size, seed=seed, drop_last=drop_last))
+        if self._per_epoch == 0:
+            largest = max((self.dataset.shapes.count(s) for s in set(self.dataset.shapes)), default=0)
+            raise DataError(
+                f"no full batch of {batch_size}: the largest group of same-shape samples has {largest}; "
+                "lower the batch size, raise repeats, or do not drop the last batch"
+            )
+
+    def __len__(self) -> int:
+        return self._per_epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = bucket_batches(self.dataset, self.batch_size, seed=self.seed, epoch=self.epoch,
+                                 drop_last=self.drop_last)  # fmt: skip
+        while self.position < len(batches):
+            batch = batches[self.position]
+            self.position += 1
+            yield batch
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def skip_to(self, batches_consumed: int) -> None:
+        """Continue as if `batches_consumed` batches had been taken since epoch 0."""
+        self.epoch, self.position = divmod(batches_consumed, self._per_epoch)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack one bucket's items: latents (B,C,F,H,W), prompt_embeds (B,L,D), captions and paths as lists."""
+    shapes = {tuple(item["latents"].shape) for item in items}
+    if len(shapes) != 1:
+        raise ValueError(f"collate got latents of several shapes {sorted(shapes)}; batch with BucketBatchSampler")
+    # Wan zero-pads text embeddings to a fixed length, so padding shorter ones with zeros changes nothing.
+    length = max(item["prompt_embeds"].shape[0] for item in items)
+    embeds = [torch.nn.functional.pad(item["prompt_embeds"], (0, 0, 0, length - item["prompt_embeds"].shape[0]))
+              for item in items]  # fmt: skip
+    return {
+        "latents": torch.stack([item["latents"] for item in items]),
+        "prompt_embeds": torch.stack(embeds),
+        "captions": [item["caption"] for item in items],
+        "paths": [item["path"] for item in items],
+    }

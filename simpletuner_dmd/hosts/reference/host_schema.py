@@ -1,0 +1,169 @@
+"""The SimpleTuner config keys the reference host honours, and the ones it tells the user it does not.
+
+SimpleTuner configs carry many keys; a key this host does not know is a warning (naming it, with a close match), not
+an error. A key of the seed quickstart that this host does not implement gets its own warning that says so.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from ...config import Key, Schema, in_range, suggest
+
+
+def parse_resolution(value: Any) -> tuple[int, int]:
+    """"1280x704" (width x height) or a single int (square) → (width, height), each a multiple of 16."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        w = h = value
+    elif isinstance(value, str) and re.fullmatch(r"\s*\d+\s*[xX]\s*\d+\s*", value):
+        w, h = (int(p) for p in re.split(r"[xX]", value))
+    else:
+        raise ValueError(f"must be \"WIDTHxHEIGHT\" like \"1280x704\" or an integer, got {value!r}")
+    if w < 16 or h < 16 or w % 16 or h % 16:
+        raise ValueError(f"width and height must be multiples of 16 and at least 16, got {w}x{h}")
+    return (w, h)
+
+
+def _frames_check(v: int) -> str | None:
+    return None if v >= 1 and (v - 1) % 4 == 0 else f"must be 1 + 4k (1, 5, 9, …, 81, 121) for Wan's VAE, got {v}"
+
+
+def _guidance_check(v: float) -> str | None:
+    if v < 0 or 0 < v < 1:
+        return f"must be 0 or 1 (off) or greater than 1, got {v}"
+    return None
+
+
+HOST_SCHEMA = Schema(
+    keys=(
+        Key("model_family", "str", "wan", "Model family (a registered family name)."),
+        Key("model_type", "str", "lora", "lora: the student is an adapter on a frozen base; full: all weights train.",
+            choices=("lora", "full")),
+        Key("pretrained_model_name_or_path", "str", None, "Local diffusers folder (or a hub id where a hub is "
+            "reachable) of the teacher/base model.", nullable=True),
+        Key("pretrained_t5_model_name_or_path", "str", None, "Where the text encoder and tokenizer live "
+            "(default: the model folder).", nullable=True),
+        Key("lora_rank", "int", 16, "Rank of the student's LoRA.", check=in_range(1)),
+        Key("lora_alpha", "float", None, "LoRA alpha (default: the rank).", check=in_range(0, lo_open=True),
+            nullable=True),
+        Key("lora_type", "str", "standard", "Only standard (peft LoRA) is implemented.", choices=("standard",)),
+        Key("lora_dropout", "float", 0.0, "Dropout inside the student's LoRA.", check=in_range(0, 1, hi_open=True)),
+        Key("base_model_precision", "str", "no_change", "int8-quanto: quantize the frozen base to int8 "
+            "(optimum-quanto).", choices=("no_change", "int8-quanto")),
+        Key("text_encoder_1_precision", "str", "no_change", "int8-quanto: quantize the text encoder.",
+            choices=("no_change", "int8-quanto")),
+        Key("quantize_via", "str", "cpu", "Quantize on the CPU before moving to the accelerator, or on it.",
+            choices=("cpu", "accelerator")),
+        Key("gradient_checkpointing", "bool", False, "Recompute activations in backward to save memory."),
+        Key("mixed_precision", "str", "no", "bf16/fp16 on a GPU; CPU runs fp32.", choices=("no", "bf16", "fp16")),
+        Key("attention_mechanism", "str", "diffusers", "Only diffusers' default attention is used.",
+            choices=("diffusers",)),
+        Key("optimizer", "str", "adamw", "adamw / torch-adamw: torch AdamW; adamw_bf16: torch AdamW on the "
+            "run's weight dtype (no bf16 stochastic rounding in this stack).",
+            choices=("adamw", "torch-adamw", "adamw_bf16")),
+        Key("learning_rate", "float", 1e-4, "Student learning rate.", check=in_range(0, lo_open=True)),
+        Key("adam_beta1", "float", 0.9, "Student AdamW beta1.", check=in_range(0, 1, hi_open=True)),
+        Key("adam_beta2", "float", 0.999, "Student AdamW beta2.", check=in_range(0, 1, hi_open=True)),
+        Key("adam_weight_decay", "float", 1e-2, "Student AdamW weight decay.", check=in_range(0)),
+        Key("adam_epsilon", "float", 1e-8, "Student AdamW epsilon.", check=in_range(0, lo_open=True)),
+        Key("lr_scheduler", "str", "constant", "Student LR schedule (counted in optimizer steps).",
+            choices=("constant", "constant_with_warmup", "cosine", "cosine_with_min_lr", "linear")),
+        Key("lr_warmup_steps", "int", 0, "Linear warm-up steps.", check=in_range(0)),
+        Key("lr_end", "float", 4e-7, "Final LR of cosine_with_min_lr.", check=in_range(0)),
+        Key("max_train_steps", "int", 0, "Optimizer steps to train (0: use num_train_epochs).", check=in_range(0)),
+        Key("num_train_epochs", "int", 1, "Epochs, when max_train_steps is 0.", check=in_range(0)),
+        Key("train_batch_size", "int", 1, "Samples per micro-batch.", check=in_range(1)),
+        Key("gradient_accumulation_steps", "int", 1, "Micro-batches per optimizer step.", check=in_range(1)),
+        Key("max_grad_norm", "float", 1.0, "Student gradient clip (0: off).", check=in_range(0)),
+        Key("grad_clip_method", "str", "norm", "Clip the student's gradient by global norm or by value.",
+            choices=("norm", "value")),
+        Key("seed", "int", 0, "Seed of every random stream.", nullable=True),
+        Key("use_ema", "bool", False, "Keep an EMA of the student's trainable weights."),
+        Key("ema_update_interval", "int", 1, "Update the EMA every N optimizer steps.", check=in_range(1)),
+        Key("ema_decay", "float", 0.995, "EMA decay per update.", check=in_range(0, 1, lo_open=True, hi_open=True)),
+        Key("ema_validation", "str", "comparison", "Validate with the EMA (ema_only), both (comparison) or the raw "
+            "student (none).", choices=("none", "ema_only", "comparison")),
+        Key("checkpoint_step_interval", "int", 0, "Save a checkpoint every N optimizer steps (0: only at the end).",
+            check=in_range(0)),
+        Key("checkpoints_total_limit", "int", None, "Keep at most N checkpoints.", check=in_range(1), nullable=True),
+        Key("resume_from_checkpoint", "str", None, "latest, or a checkpoint folder name.", nullable=True),
+        Key("validation_step_interval", "int", 0, "Validate every N optimizer steps (0: only at the end).",
+            check=in_range(0)),
+        Key("validation_disable", "bool", False, "Skip validation entirely."),
+        Key("validation_num_inference_steps", "int", 30, "Sampler steps of the host's default sampler.",
+            check=in_range(1)),
+        Key("validation_prompt", "str", None, "Prompt of the validation samples.", nullable=True),
+        Key("validation_negative_prompt", "str", "", "Negative prompt (also DMD's unconditional branch)."),
+        Key("validation_prompt_library", "str", None, "JSON file {name: prompt} of extra validation prompts.",
+            nullable=True),
+        Key("validation_seed", "int", None, "Seed of the validation noise (default: seed).", nullable=True),
+        Key("validation_resolution", "any", (480, 480), "\"WxH\" or an int; multiples of 16.",
+            parse=parse_resolution),
+        Key("validation_num_video_frames", "int", 1, "Pixel frames of validation videos (1 + 4k).",
+            check=_frames_check),
+        Key("validation_guidance", "float", 1.0, "CFG scale of validation sampling (standard form; 1: off).",
+            check=_guidance_check),
+        Key("report_to", "str", "none", "Tracker: wandb (offline unless WANDB_MODE says otherwise), tensorboard, "
+            "none.", choices=("wandb", "tensorboard", "none")),
+        Key("tracker_project_name", "str", "simpletuner-dmd", "Tracker project."),
+        Key("tracker_run_name", "str", "run", "Tracker run name."),
+        Key("output_dir", "str", "output/models", "Where checkpoints, samples and the final LoRA go."),
+        Key("data_backend_config", "str", None, "The multidatabackend JSON file.", nullable=True),
+        Key("caption_dropout_probability", "float", 0.0, "Drop captions in the host's own loss (not in DMD).",
+            check=in_range(0, 1)),
+        Key("flow_schedule_shift", "float", 3.0, "Timestep shift of the host's flow-matching loss and default "
+            "sampler.", check=in_range(0, lo_open=True)),
+        Key("resolution", "int", 480, "Default dataset resolution (pixels).", check=in_range(16)),
+        Key("resolution_type", "str", "pixel_area", "How resolution is read.", choices=("pixel_area", "pixel")),
+        Key("vae_batch_size", "int", 4, "Items per VAE call while caching.", check=in_range(1)),
+    ),
+    cross_checks=(
+        lambda v: (["max_train_steps: one of max_train_steps and num_train_epochs must be > 0"]
+                   if v["max_train_steps"] == 0 and v["num_train_epochs"] == 0 else []),
+    ),
+)
+
+# Keys of the seed quickstart this host does not implement, and what that means for the user.
+SEED_KEYS_NOT_SUPPORTED: dict[str, str] = {
+    "aspect_bucket_rounding": "aspect buckets are exact shapes here",
+    "compress_disk_cache": "the cache is uncompressed safetensors",
+    "delete_problematic_images": "a problematic file stops the run with its name instead",
+    "disable_benchmark": "no start-up benchmark exists",
+    "disable_bucket_pruning": "buckets are never pruned",
+    "hub_model_id": "nothing is pushed to a hub",
+    "ignore_final_epochs": "training stops at max_train_steps",
+    "minimum_image_size": "every image is used",
+    "push_checkpoints_to_hub": "nothing is pushed to a hub",
+    "push_to_hub": "nothing is pushed to a hub",
+    "webhook_config": "no webhooks are sent",
+}
+
+
+def host_key_warnings(raw: dict[str, Any], unknown: list[str]) -> list[str]:
+    out = []
+    for name in unknown:
+        if name in SEED_KEYS_NOT_SUPPORTED:
+            out.append(f"{name}: not supported by the reference host and ignored ({SEED_KEYS_NOT_SUPPORTED[name]})")
+        else:
+            out.append(f"{name}: unknown to the reference host and ignored{suggest(name, HOST_SCHEMA.by_name)}")
+    return out
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_host_paths(host: dict[str, Any]) -> list[str]:
+    problems = []
+    model = host.get("pretrained_model_name_or_path")
+    if not model:
+        problems.append("config.pretrained_model_name_or_path: must be set (a local diffusers folder)")
+    elif not Path(model).is_dir() and not (_HUB_ID.match(model) and not Path(model).parent.is_dir()):
+        problems.append(f"config.pretrained_model_name_or_path: model folder not found: {model}")
+    data = host.get("data_backend_config")
+    if not data:
+        problems.append("config.data_backend_config: must be set (a multidatabackend JSON file)")
+    elif not Path(data).is_file():
+        problems.append(f"config.data_backend_config: file not found: {data}")
+    return problems

@@ -1,0 +1,545 @@
+"""The reference host trainer: ``simpletuner-dmd train --config config.json``. One readable loop on accelerate.
+
+What happens, top to bottom:
+
+1. Read and validate the config (all errors at once, before any weights load); pick the model family and method.
+2. Load the family's VAE and text encoder; encode the dataset's media and captions once into ``cache_dir``.
+3. Load the network (the teacher's weights), quantize the frozen base (int8-quanto) if asked, add the student's LoRA
+   adapter (``model_type: lora``) or make every weight trainable with a frozen teacher copy (``model_type: full``).
+4. Register the selected method's instance and call ``distill_setup`` (DMD adds its fake-score adapter and optimizer).
+5. Build the student's optimizer and LR schedule, ``accelerator.prepare``, resume (``distill_load_state``) if asked.
+6. The loop. Per optimizer step::
+
+       for each micro-batch:  distill_loss → backward (the method's loss, or the host's flow-matching loss)
+       student: clip, optimizer.step, zero_grad (skipped when no micro-batch returned a student loss)
+       distill_after_optimizer_step     (DMD: the fake score's update)
+       LR schedule step, EMA update, distill_metrics → tracker and progress bar
+       checkpoint (distill_save_state) and validation (distill_sampler) on their intervals
+
+7. Final checkpoint, validation and the student's LoRA in the diffusers format in ``output_dir``.
+
+No exception in the loop is caught: a user error stops the run with one line (``cli.py``), a bug with its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ...config import RunConfig, load_config
+from ...errors import UserError
+from ...plugins import get_plugin_manager
+from ...types import Batch, RunContext, StepInfo, StepLoss
+
+STUDENT_ADAPTER = "student"
+
+
+def log(message: str) -> None:
+    print(f"[simpletuner-dmd] {message}", flush=True)
+
+
+@dataclass
+class Models:
+    network: torch.nn.Module  # the student (adapters on the frozen base, or a fully trainable copy)
+    teacher: torch.nn.Module | None  # a separate frozen teacher (model_type full only)
+    student_params: dict[str, torch.nn.Parameter]  # what the student's optimizer trains, by name
+
+
+def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None) -> Path:
+    """Run a whole training job; returns ``output_dir``. ``overrides`` replace config keys (tests, benchmarks)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    pm = get_plugin_manager()
+    rc = _load(config_path, pm, overrides)
+    host = rc.host
+    for warning in rc.warnings:
+        log(f"warning: {warning}")
+    out = Path(host["output_dir"])
+    seed = host["seed"] if host["seed"] is not None else 0
+
+    mixed = host["mixed_precision"]
+    if mixed != "no" and not torch.cuda.is_available():
+        log(f"warning: mixed_precision: {mixed} needs a GPU; this run computes in fp32 on the CPU")
+        mixed = "no"
+    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed]
+    if host["optimizer"] == "adamw_bf16":
+        log("note: optimizer adamw_bf16 maps to torch AdamW on fp32 trainable weights (bf16 compute via autocast)")
+    _configure_wandb(host, out)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=host["gradient_accumulation_steps"],
+        mixed_precision="no",  # autocast is per network call (see families), never one region around a step
+        log_with=None if host["report_to"] == "none" else host["report_to"],
+        project_dir=str(out),
+    )
+    set_seed(seed)
+    family = rc.family_cls(autocast_dtype=None if weight_dtype == torch.float32 else weight_dtype)
+
+    # ---- 2. data: latents and text embeddings, computed once into the cache
+    components = family.load_components(host["pretrained_model_name_or_path"],
+                                        text_encoder_path=host["pretrained_t5_model_name_or_path"],
+                                        dtype=weight_dtype)
+    _maybe_quantize(components.text_encoder, host["text_encoder_1_precision"], "text encoder")
+    components.vae.to(accelerator.device)
+    components.text_encoder.to(accelerator.device)
+    encode_prompts = lambda texts: family.encode_prompts(components, texts)  # noqa: E731
+    dataset = _build_dataset(host, family, components, encode_prompts, accelerator)
+    prompts = _validation_prompts(host)
+    prompt_conds = {name: encode_prompts([text]) for name, text in prompts.items()}
+    negative_cond = encode_prompts([host["validation_negative_prompt"]])
+    empty_cond = encode_prompts([""])  # caption dropout in the host's own loss
+
+    # ---- 3. the student
+    models = _load_models(host, rc, family, accelerator, weight_dtype)
+
+    # ---- 4. the method
+    method = None
+    if rc.method_cls is not None:
+        method = rc.method_cls(rc.method_config)
+        pm.register(method, name=f"method:{rc.method_name}")
+        pm.hook.distill_setup(run=RunContext(
+            host_config=host, method_config=rc.method_config, family=family, student=models.network,
+            accelerator=accelerator, encode_prompts=encode_prompts,
+            negative_prompt=host["validation_negative_prompt"], output_dir=out, model_type=host["model_type"],
+            student_adapter=STUDENT_ADAPTER if host["model_type"] == "lora" else None,
+            load_base=lambda: _fresh_network(host, family, weight_dtype).to(accelerator.device),
+            teacher=models.teacher, seed=seed, warn=lambda m: log(f"warning: {m}"),
+        ))
+    components.text_encoder = None  # every prompt is encoded now; free the encoder
+    log(f"method: {rc.method_name or 'none (plain fine-tuning)'}; family: {family.name}; "
+        f"trainable student parameters: {sum(p.numel() for p in models.student_params.values()):,}")
+
+    # ---- 5. optimizer, schedule, prepare, resume
+    from ...schedules import build_lr_lambda
+    from .ema import EMA
+
+    max_steps = _max_steps(host, dataset)
+    optimizer = torch.optim.AdamW(list(models.student_params.values()), lr=host["learning_rate"],
+                                  betas=(host["adam_beta1"], host["adam_beta2"]), eps=host["adam_epsilon"],
+                                  weight_decay=host["adam_weight_decay"])
+    lr_lambda = build_lr_lambda(host["lr_scheduler"], warmup_steps=host["lr_warmup_steps"], total_steps=max_steps,
+                                min_lr_ratio=host["lr_end"] / host["learning_rate"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    network, optimizer = accelerator.prepare(models.network, optimizer)
+    ema = EMA(dict(models.student_params), host["ema_decay"], host["ema_update_interval"]) if host["use_ema"] else None
+
+    from .checkpoint import resolve_resume
+    from .data import BucketBatchSampler
+
+    sampler = BucketBatchSampler(dataset, host["train_batch_size"], seed=seed)
+    state = {"global_step": 0, "batches_consumed": 0}
+    resume_dir = resolve_resume(out, host["resume_from_checkpoint"]) if accelerator.is_main_process else None
+    if resume_dir is not None:
+        state = _load_checkpoint(resume_dir, models, optimizer, scheduler, ema, pm, method)
+        log(f"resumed from {resume_dir} at step {state['global_step']}")
+    elif host["resume_from_checkpoint"]:
+        log(f"resume_from_checkpoint: no checkpoint in {out} yet; starting from step 0")
+    sampler.skip_to(state["batches_consumed"])
+
+    if host["report_to"] != "none":
+        accelerator.init_trackers(host["tracker_project_name"], config=_loggable(host, rc),
+                                  init_kwargs={"wandb": {"name": host["tracker_run_name"], "dir": str(out)}})
+
+    # ---- 6. the loop
+    from tqdm.auto import tqdm
+
+    batches = _batches(dataset, sampler, state, accelerator.device)
+    loss_fn = _host_loss_fn(family, network, host, empty_cond)
+    validate = _validator(host, family, components, network, models, pm, method, ema, prompt_conds, negative_cond,
+                          dataset, accelerator, out, seed)
+    accum = host["gradient_accumulation_steps"]
+    progress = tqdm(total=max_steps, initial=state["global_step"], desc="training",
+                    disable=not accelerator.is_main_process, dynamic_ncols=True)
+    network.train()
+    while state["global_step"] < max_steps:
+        step_logs: dict[str, list[float]] = {}
+        student_stepped = False
+        for micro in range(accum):
+            batch = next(batches)
+            info = _step_info(seed, state["global_step"], micro, accum, accelerator)
+            with accelerator.accumulate(network):
+                result: StepLoss | None = pm.hook.distill_loss(batch=batch, step=info,
+                                                               host_loss=lambda b=batch: loss_fn(b))
+                if result is None:  # no method, or the method lets the host's loss stand
+                    result = StepLoss(loss_fn(batch))
+                    result.logs["loss"] = float(result.loss.detach())
+                if result.loss is not None:
+                    accelerator.backward(result.loss)
+                    student_stepped = True
+            for key, value in result.logs.items():
+                step_logs.setdefault(key, []).append(value)
+        if student_stepped:
+            _clip(accelerator, list(models.student_params.values()), host)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        info = _step_info(seed, state["global_step"], accum - 1, accum, accelerator)
+        pm.hook.distill_after_optimizer_step(step=info)
+        scheduler.step()
+        state["global_step"] += 1
+        if ema is not None:
+            ema.update(state["global_step"])
+
+        logs = {key: sum(values) / len(values) for key, values in step_logs.items()}
+        for extra in pm.hook.distill_metrics(step=info):
+            logs.update(extra or {})
+        logs["lr"] = scheduler.get_last_lr()[0]
+        logs["student_updated"] = float(student_stepped)
+        accelerator.log(logs, step=state["global_step"])
+        progress.update(1)
+        progress.set_postfix({k: f"{logs[k]:.4g}" for k in ("dmd_loss", "fake_score_loss", "loss", "lr")
+                              if k in logs})
+
+        step = state["global_step"]
+        final = step == max_steps
+        if final or (host["checkpoint_step_interval"] and step % host["checkpoint_step_interval"] == 0):
+            _save_checkpoint(out, state, models, optimizer, scheduler, ema, pm, accelerator, host, family)
+        if not host["validation_disable"] and (
+                final or (host["validation_step_interval"] and step % host["validation_step_interval"] == 0)):
+            validate(step)
+    progress.close()
+
+    # ---- 7. the student, in a format users load with diffusers
+    if accelerator.is_main_process:
+        _export(out, models, family, host, ema)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    log(f"done: {state['global_step']} steps; student written to {out}")
+    return out
+
+
+# =========================================================================== helpers, in the order the loop uses them
+
+
+def _load(config_path, pm, overrides) -> RunConfig:
+    if not overrides:
+        return load_config(config_path, pm)
+    from ...config import read_json, validate_config
+
+    raw = read_json(config_path, "config")
+    raw.update(overrides)
+    return validate_config(raw, pm, path=Path(config_path))
+
+
+def _configure_wandb(host: dict, out: Path) -> None:
+    if host["report_to"] != "wandb":
+        return
+    os.environ.setdefault("WANDB_MODE", "offline")  # works with no network; WANDB_MODE=online syncs
+    os.environ.setdefault("WANDB_DIR", str(out))
+    os.environ.setdefault("WANDB_CACHE_DIR", str(out / "wandb-cache"))
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"wandb: mode {os.environ['WANDB_MODE']}, files in {os.environ['WANDB_DIR']}")
+
+
+def _maybe_quantize(module: torch.nn.Module, precision: str, what: str) -> None:
+    if precision != "int8-quanto":
+        return
+    from optimum.quanto import freeze, qint8, quantize
+
+    quantize(module, weights=qint8)
+    freeze(module)
+    log(f"{what}: weights quantized to int8 (optimum-quanto)")
+
+
+def _build_dataset(host, family, components, encode_prompts, accelerator):
+    from .data import build_cache, load_backend_config
+
+    backends = load_backend_config(host["data_backend_config"], warn=lambda m: log(f"warning: {m}"))
+    for backend in backends:  # the config's resolution is the default of every media dataset
+        if backend.get("dataset_type") not in ("image", "video"):
+            continue
+        backend.setdefault("resolution", host["resolution"])
+        backend.setdefault("resolution_type", host["resolution_type"])
+    with accelerator.main_process_first():
+        return build_cache(backends, lambda px: family.encode_pixels(components, px), encode_prompts,
+                           vae_batch_size=host["vae_batch_size"], cache_tag=str(host["pretrained_model_name_or_path"]),
+                           progress=accelerator.is_main_process, warn=lambda m: log(f"warning: {m}"))
+
+
+def _validation_prompts(host: dict) -> dict[str, str]:
+    prompts: dict[str, str] = {}
+    if host["validation_prompt"]:
+        prompts["validation"] = host["validation_prompt"]
+    library = host["validation_prompt_library"]
+    if library:
+        from ...config import read_json
+
+        data = read_json(library, "validation_prompt_library")
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            raise UserError(f"validation_prompt_library: {library} must hold a JSON object of name → prompt")
+        prompts.update({_safe_name(k): v for k, v in data.items()})
+    return prompts
+
+
+def _safe_name(name: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:64]
+    return cleaned or "prompt"
+
+
+def _fresh_network(host, family, dtype) -> torch.nn.Module:
+    network = family.load_network(host["pretrained_model_name_or_path"], dtype=dtype)
+    network.requires_grad_(False)
+    return network
+
+
+def _load_models(host, rc, family, accelerator, dtype) -> Models:
+    network = _fresh_network(host, family, dtype)
+    if host["quantize_via"] == "accelerator":
+        network.to(accelerator.device)
+    teacher = None
+    if host["model_type"] == "lora":
+        _maybe_quantize(network, host["base_model_precision"], "base model")
+        from peft import LoraConfig
+
+        rank = host["lora_rank"]
+        network.add_adapter(LoraConfig(r=rank, lora_alpha=host["lora_alpha"] or rank,
+                                       lora_dropout=host["lora_dropout"], init_lora_weights=True,
+                                       target_modules=list(family.lora_target_modules)),
+                            adapter_name=STUDENT_ADAPTER)
+        network.set_adapter(STUDENT_ADAPTER)
+        params = {n: p for n, p in network.named_parameters() if f".{STUDENT_ADAPTER}." in n and ".lora_" in n}
+    else:
+        if host["base_model_precision"] != "no_change":
+            log("warning: base_model_precision: ignored with model_type full (every weight trains)")
+        network.requires_grad_(True)
+        params = dict(network.named_parameters())
+        if rc.method_cls is not None:  # a distilled full student needs its teacher kept apart
+            teacher = _fresh_network(host, family, dtype).to(accelerator.device).eval()
+    for p in params.values():
+        p.data = p.data.float()  # trainable weights stay fp32; compute runs in the autocast dtype
+        p.requires_grad_(True)
+    if host["gradient_checkpointing"]:
+        network.enable_gradient_checkpointing()
+    network.to(accelerator.device)
+    return Models(network, teacher, params)
+
+
+def _max_steps(host: dict, dataset) -> int:
+    if host["max_train_steps"]:
+        return host["max_train_steps"]
+    per_epoch = max(1, len(dataset) // (host["train_batch_size"] * host["gradient_accumulation_steps"]))
+    return host["num_train_epochs"] * per_epoch
+
+
+def _batches(dataset, sampler, state: dict, device) -> Iterator[Batch]:
+    from .data import collate
+
+    while True:
+        for indices in sampler:
+            items = collate([dataset[i] for i in indices])
+            state["batches_consumed"] += 1
+            yield Batch(latents=items["latents"].to(device), cond=items["prompt_embeds"].to(device),
+                        captions=items["captions"], extras={"paths": items["paths"]})
+
+
+def _step_info(seed: int, global_step: int, micro: int, accum: int, accelerator) -> StepInfo:
+    # Seeded from (seed, step, micro-batch) alone, so every process draws the same values from it.
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + global_step * 1_009 + micro) % (2 ** 63))
+    return StepInfo(global_step, micro, accum, accelerator.sync_gradients, generator)
+
+
+def _host_loss_fn(family, network, host, empty_cond) -> Callable[[Batch], torch.Tensor]:
+    """The host's own loss: flow matching on the batch (what plain LoRA fine-tuning optimises)."""
+    from ...methods.dmd.loss import add_noise, shift_sigma
+
+    def loss_fn(batch: Batch) -> torch.Tensor:
+        x0 = batch.latents
+        cond = batch.cond
+        p = host["caption_dropout_probability"]
+        if p > 0:
+            drop = torch.rand(x0.shape[0], device=x0.device) < p
+            cond = torch.where(drop.view(-1, 1, 1), family.repeat_condition(empty_cond, x0.shape[0]), cond)
+        sigma = shift_sigma(torch.rand(x0.shape[0]), host["flow_schedule_shift"]).to(x0.device)
+        noise = torch.randn_like(x0)
+        t = sigma * 1000.0
+        flow = family.predict_flow(network, add_noise(x0, noise, t), t, cond)
+        return torch.mean((flow.float() - (noise.float() - x0.float())) ** 2)
+
+    return loss_fn
+
+
+def _clip(accelerator, params, host) -> None:
+    limit = host["max_grad_norm"]
+    if limit <= 0:
+        return
+    if host["grad_clip_method"] == "value":
+        accelerator.clip_grad_value_(params, limit)
+    else:
+        accelerator.clip_grad_norm_(params, limit)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _save_checkpoint(out, state, models, optimizer, scheduler, ema, pm, accelerator, host, family) -> None:
+    from safetensors.torch import save_file
+
+    from ...state_io import rng_state, save_state
+    from .checkpoint import begin_checkpoint, commit_checkpoint
+
+    accelerator.wait_for_everyone()
+    tmp = begin_checkpoint(out, state["global_step"]) if accelerator.is_main_process else None
+    if accelerator.is_main_process:
+        save_file({n: p.detach().cpu().contiguous() for n, p in models.student_params.items()},
+                  str(tmp / "student.safetensors"))
+        save_state(tmp / "optimizer", optimizer.state_dict())
+        save_state(tmp / "scheduler", scheduler.state_dict())
+        save_state(tmp / "rng", rng_state())
+        if ema is not None:
+            save_state(tmp / "ema", ema.state_dict())
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        if host["model_type"] == "lora":  # every checkpoint also holds a loadable LoRA
+            family.save_lora(_student_lora(models), tmp, models.network.peft_config[STUDENT_ADAPTER])
+    pm.hook.distill_save_state(checkpoint_dir=tmp if tmp is not None else out)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = commit_checkpoint(tmp, out, state["global_step"], host["checkpoints_total_limit"])
+        log(f"checkpoint written: {final}")
+
+
+def _load_checkpoint(folder: Path, models, optimizer, scheduler, ema, pm, method) -> dict:
+    from safetensors.torch import load_file
+
+    from ...state_io import load_state, set_rng_state
+
+    for name in ("student.safetensors", "trainer_state.json", "optimizer.json", "scheduler.json", "rng.json"):
+        if not (folder / name).is_file():
+            raise UserError(f"checkpoint {folder} is missing {name}")
+    weights = load_file(str(folder / "student.safetensors"))
+    missing = sorted(set(models.student_params) - set(weights))
+    if missing:
+        raise UserError(f"checkpoint {folder} does not match this model: missing {missing[0]} (and "
+                        f"{len(missing) - 1} more)")
+    with torch.no_grad():
+        for name, param in models.student_params.items():
+            param.copy_(weights[name].to(param.device, param.dtype))
+    optimizer.load_state_dict(load_state(folder / "optimizer"))
+    scheduler.load_state_dict(load_state(folder / "scheduler"))
+    if ema is not None:
+        if not (folder / "ema.json").is_file():
+            raise UserError(f"use_ema is on but checkpoint {folder} has no EMA state")
+        ema.load_state_dict(load_state(folder / "ema"))
+    state = json.loads((folder / "trainer_state.json").read_text())
+    pm.hook.distill_load_state(checkpoint_dir=folder)
+    set_rng_state(load_state(folder / "rng"))
+    return state
+
+
+def _student_lora(models) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(models.network, adapter_name=STUDENT_ADAPTER)
+
+
+def _export(out: Path, models, family, host, ema) -> None:
+    if host["model_type"] == "lora":
+        config = models.network.peft_config[STUDENT_ADAPTER]
+        family.save_lora(_student_lora(models), out, config)
+        if ema is not None:
+            with ema.swap_into():
+                family.save_lora(_student_lora(models), out / "ema", config)
+        log(f"student LoRA: {out / 'pytorch_lora_weights.safetensors'}")
+    else:
+        models.network.save_pretrained(out / "transformer")
+        log(f"student transformer: {out / 'transformer'}")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _validator(host, family, components, network, models, pm, method, ema, prompt_conds, negative_cond, dataset,
+               accelerator, out, seed):
+    """Samples for each validation prompt with the method's sampler (or the host's Euler sampler), saved as PNG
+    frames and a GIF under ``output_dir/validation/step-N`` and logged to the tracker. The teacher's reference sample
+    (Euler, ``validation_num_inference_steps``) is made once, at the first validation."""
+    from .media import save_sample
+
+    width, height = host["validation_resolution"]
+    frames = host["validation_num_video_frames"]
+    shape = family.latent_shape(components, width=width, height=height, frames=frames)
+    guidance = host["validation_guidance"]
+    done_teacher = False
+
+    def sample(sampler, cond) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(host["validation_seed"] if host["validation_seed"] is not None
+                                                  else seed)
+        noise = torch.randn((1, *shape), generator=generator).to(accelerator.device)
+        return sampler(noise, cond, negative_cond, guidance, generator)
+
+    def teacher_sampler():
+        euler = family.euler_sampler(models.teacher or network, steps=host["validation_num_inference_steps"],
+                                     shift=host["flow_schedule_shift"])
+        if models.teacher is not None or host["model_type"] != "lora":
+            return euler
+        from ...adapters import AdapterSwitch
+
+        switch = AdapterSwitch(network)
+
+        def run(*args):
+            with switch.disabled():
+                return euler(*args)
+
+        return run
+
+    def validate(step: int) -> None:
+        nonlocal done_teacher
+        if not accelerator.is_main_process or not prompt_conds:
+            return
+        network.eval()
+        student_sampler = pm.hook.distill_sampler() or family.euler_sampler(
+            network, steps=host["validation_num_inference_steps"], shift=host["flow_schedule_shift"])
+        variants = {"student": student_sampler}
+        if ema is not None and host["ema_validation"] in ("ema_only", "comparison"):
+            def ema_sampler(*args):
+                with ema.swap_into():
+                    return student_sampler(*args)
+
+            variants = {"ema": ema_sampler} if host["ema_validation"] == "ema_only" else {**variants,
+                                                                                            "ema": ema_sampler}
+        if not done_teacher and method is not None:
+            variants["teacher"] = teacher_sampler()
+            done_teacher = True
+        folder = out / "validation" / f"step-{step}"
+        images = {}
+        with torch.no_grad():
+            for prompt_name, cond in prompt_conds.items():
+                for variant, sampler in variants.items():
+                    pixels = family.decode_latents(components, sample(sampler, cond))
+                    images[f"validation/{prompt_name}/{variant}"] = save_sample(
+                        pixels[0], folder / prompt_name / variant)
+        network.train()
+        _log_media(accelerator, images, step)
+        log(f"validation samples: {folder}")
+
+    return validate
+
+
+def _log_media(accelerator, images: dict[str, Path], step: int) -> None:
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            import wandb
+
+            tracker.log({key: (wandb.Video(str(path), format="gif") if path.suffix == ".gif"
+                               else wandb.Image(str(path))) for key, path in images.items()}, step=step)
+        elif tracker.name == "tensorboard":
+            import numpy as np
+            from PIL import Image
+
+            for key, path in images.items():
+                first = np.asarray(Image.open(path).convert("RGB"))
+                tracker.writer.add_image(key, first, step, dataformats="HWC")
+
+
+def _loggable(host: dict, rc: RunConfig) -> dict:
+    flat = {k: v for k, v in host.items() if isinstance(v, (int, float, str, bool))}
+    flat.update({f"distillation/{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
+                 for k, v in rc.method_config.items()})
+    flat["distillation_method"] = rc.method_name or "none"
+    return flat
+
+
+__all__ = ["train"]

@@ -1,0 +1,321 @@
+"""DMD's per-run state and its step-loop hooks.
+
+One optimizer step:
+  * ``distill_loss`` (each micro-batch): backward simulation → x̂0_gen. On generator steps (every
+    ``generator_update_interval`` optimizer steps) also the KL gradient from the fake score and the guided teacher,
+    all under no_grad, and ``dmd_loss`` for the host to back-propagate. x̂0_gen (detached) is stashed for the critic.
+  * ``distill_after_optimizer_step``: the critic's turn — the fake score's flow loss on every stashed sample (gradient
+    accumulation applies), its own clip and AdamW step.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ...adapters import AdapterSwitch, adapter_parameters
+from ...errors import UserError
+from ...hookspecs import hookimpl
+from ...types import Batch, RunContext, StepInfo, StepLoss
+from . import loss as L
+from .config import DMD_SCHEMA, block_key_warnings
+from .rollout import backward_simulation, draw_exit_index, sample_with_schedule
+
+FAKE_ADAPTER = "fake_score"
+
+
+@dataclass
+class _Stash:
+    x0: torch.Tensor  # the generator's sample, detached
+    cond: Any
+    denoised_from: float
+    denoised_to: float
+
+
+class DMD:
+    name = "dmd"
+    summary = "Distribution Matching Distillation (DMD2 / Self-Forcing): few-step student, fake score as an adapter"
+    schema = DMD_SCHEMA
+
+    @staticmethod
+    def config_warnings(config: dict[str, Any], family_cls: type, host: dict[str, Any]) -> list[str]:
+        out = block_key_warnings(config, getattr(family_cls, "causal", False), family_cls.name)
+        steps = len(config["dmd_denoising_steps"])
+        if "validation_num_inference_steps" in host and host["validation_num_inference_steps"] != steps:
+            out.append(f"validation_num_inference_steps: DMD samples with its {steps} dmd_denoising_steps; the value "
+                       f"{host['validation_num_inference_steps']} applies to the teacher's reference sample only")
+        return out
+
+    def __init__(self, config: dict[str, Any]):
+        self.cfg = config
+        self.steps: list[int] = list(config["dmd_denoising_steps"])
+        self._pending: list[_Stash] = []
+        self._critic_logs: dict[str, float] = {}
+        self.generator_updates = 0
+        self.critic_updates = 0
+        real, fake = config["real_score_guidance_scale"], config["fake_score_guidance_scale"]
+        # None: cond only (and no uncond pass). Teacher: standard form; fake score: Self-Forcing's form.
+        self._real_cfg = None if real in (0.0, 1.0) else (lambda c, u: L.guided(c, u, real))
+        self._fake_cfg = None if fake == 0.0 else (lambda c, u: L.guided_self_forcing(c, u, fake))
+
+    # ------------------------------------------------------------------ setup
+
+    @hookimpl
+    def distill_setup(self, run: RunContext) -> None:
+        cfg = self.cfg
+        self.run = run
+        self.family = run.family
+        self.accelerator = run.accelerator
+        self.student = run.student
+        fake_type = cfg["fake_score_type"]
+        if fake_type == "auto":
+            fake_type = "lora" if run.model_type == "lora" else "full"
+        if fake_type == "lora" and run.model_type != "lora":
+            raise UserError("distillation_config.fake_score_type: 'lora' needs model_type 'lora' (the fake score is "
+                            "an adapter on the student's frozen base)")
+        self.fake_type = fake_type
+
+        if run.model_type == "lora":
+            self.switch: AdapterSwitch | None = AdapterSwitch(self.student)
+        else:
+            self.switch = None
+        if fake_type == "lora":
+            self._add_fake_adapter(run)
+            self.fake_net = self.student
+            params = adapter_parameters(self.student, FAKE_ADAPTER)
+        else:
+            self.fake_net = run.load_base()
+            self.fake_net.requires_grad_(True).train()
+            if run.host_config.get("gradient_checkpointing"):
+                self.fake_net.enable_gradient_checkpointing()
+            params = list(self.fake_net.parameters())
+            self.fake_net = self.accelerator.prepare_model(self.fake_net)
+        self.fake_params = params
+        optimizer = torch.optim.AdamW(params, lr=cfg["fake_score_lr"], betas=tuple(cfg["fake_score_betas"]),
+                                      eps=cfg["fake_score_eps"], weight_decay=cfg["fake_score_weight_decay"])
+        self.fake_optimizer = self.accelerator.prepare_optimizer(optimizer)
+
+        negative = cfg["negative_prompt"] if cfg["negative_prompt"] is not None else run.negative_prompt
+        self.negative_prompt = negative
+        self.uncond = run.encode_prompts([negative])  # encoded once; the text encoder may be freed after setup
+
+    def _add_fake_adapter(self, run: RunContext) -> None:
+        from peft import LoraConfig
+
+        student_cfg = self.student.peft_config[run.student_adapter]
+        rank = self.cfg["fake_score_lora_rank"] or student_cfg.r
+        alpha = student_cfg.lora_alpha * rank / student_cfg.r  # same scale as the student's adapter
+        with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the design
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            self.student.add_adapter(
+                LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, lora_dropout=0.0,
+                           target_modules=sorted(student_cfg.target_modules)),
+                adapter_name=FAKE_ADAPTER,
+            )
+        # diffusers' add_adapter activates the new adapter: make the student active again, and keep both adapters
+        # trainable (separate optimizers and no_grad/detach isolate them; the switch restores the flags).
+        self.student.set_adapter(run.student_adapter)
+        for p in adapter_parameters(self.student, FAKE_ADAPTER) + adapter_parameters(self.student,
+                                                                                     run.student_adapter):
+            p.requires_grad_(True)
+
+    # ------------------------------------------------------------------ the three networks
+
+    def _student_x0(self, cond: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return L.flow_to_x0(x, self.family.predict_flow(self.student, x, t, cond), t)
+
+        return predict
+
+    def _fake_context(self):
+        return self.switch.use(FAKE_ADAPTER) if self.fake_type == "lora" else _null()
+
+    def _teacher_flow(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        if self.run.teacher is not None:
+            return self.family.predict_flow(self.run.teacher, x_t, t, cond)
+        with self.switch.disabled():
+            return self.family.predict_flow(self.student, x_t, t, cond)
+
+    def _guided_x0(self, flow_fn, x_t: torch.Tensor, t: torch.Tensor, cond: Any, combine) -> torch.Tensor:
+        """x̂0 of ``flow_fn``; with ``combine`` (a CFG form) cond and uncond run as one batch."""
+        if combine is None:
+            return L.flow_to_x0(x_t, flow_fn(x_t, t, cond), t)
+        batch = x_t.shape[0]
+        both = self.family.concat_conditions([cond, self.family.repeat_condition(self.uncond, batch)])
+        x2, t2 = torch.cat([x_t, x_t]), torch.cat([t, t])
+        x0_c, x0_u = L.flow_to_x0(x2, flow_fn(x2, t2, both), t2).chunk(2)
+        return combine(x0_c, x0_u)
+
+    def _fake_flow(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        return self.family.predict_flow(self.fake_net, x_t, t, cond)
+
+    def _draw_t(self, batch: int, denoised_from: float, denoised_to: float, device) -> torch.Tensor:
+        cfg = self.cfg
+        lo, hi = L.dmd_timestep_bounds(denoised_from, denoised_to, ts_schedule=cfg["ts_schedule"],
+                                       ts_schedule_max=cfg["ts_schedule_max"],
+                                       min_score_timestep=cfg["min_score_timestep"], shift=cfg["timestep_shift"])
+        return L.sample_dmd_timesteps(batch, lo, hi, shift=cfg["timestep_shift"], min_ratio=cfg["min_timestep_ratio"],
+                                      max_ratio=cfg["max_timestep_ratio"], device=device)
+
+    # ------------------------------------------------------------------ generator turn
+
+    def is_generator_step(self, step: StepInfo) -> bool:
+        return step.global_step % self.cfg["generator_update_interval"] == 0
+
+    @hookimpl
+    def distill_loss(self, batch: Batch, step: StepInfo, host_loss) -> StepLoss:
+        cfg = self.cfg
+        latents = batch.latents
+        axis = self.family.frame_axis()
+        frames = min(cfg["num_training_frames"], latents.shape[axis])
+        latents = latents.narrow(axis, 0, frames)
+        generator_turn = self.is_generator_step(step)
+
+        k = draw_exit_index(len(self.steps), last_step_only=cfg["last_step_only"], generator=step.generator)
+        noise = torch.randn_like(latents)
+        roll = backward_simulation(self._student_x0(batch.cond), noise, self.steps, k, with_grad=generator_turn)
+        self._pending.append(_Stash(roll.x0.detach(), batch.cond, roll.denoised_from, roll.denoised_to))
+        logs = {"dmd_exit_index": float(k)}
+        if not generator_turn:
+            return StepLoss(None, logs)
+
+        x0_gen = roll.x0
+        with torch.no_grad():
+            t = self._draw_t(x0_gen.shape[0], roll.denoised_from, roll.denoised_to, x0_gen.device)
+            x_t = L.add_noise(x0_gen.detach(), torch.randn_like(x0_gen), t).to(latents.dtype)
+            with self._fake_context():
+                x0_fake = self._guided_x0(self._fake_flow, x_t, t, batch.cond, self._fake_cfg)
+            x0_real = self._guided_x0(self._teacher_flow, x_t, t, batch.cond, self._real_cfg)
+            grad, normaliser = L.dmd_gradient(x0_gen, x0_real, x0_fake)
+        loss = L.dmd_loss(x0_gen, grad)
+        logs.update(
+            dmd_loss=float(loss.detach()),
+            dmd_normaliser=float(normaliser.mean()),
+            dmd_grad_abs=float(grad.abs().mean()),
+            dmd_timestep=float(t.mean()),
+            dmd_teacher_fake_gap=float((x0_fake - x0_real).abs().mean()),
+        )
+        if cfg["sft_loss_weight"] > 0:
+            sft = host_loss()
+            logs["sft_loss"] = float(sft.detach())
+            loss = loss + cfg["sft_loss_weight"] * sft
+        return StepLoss(loss, logs)
+
+    # ------------------------------------------------------------------ critic turn
+
+    @hookimpl
+    def distill_after_optimizer_step(self, step: StepInfo) -> None:
+        if self.is_generator_step(step):
+            self.generator_updates += 1
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        accelerator = self.accelerator
+        # accelerator.backward divides by its accumulation steps; rescale so the update is the mean over micro-batches
+        scale = accelerator.gradient_accumulation_steps / len(pending)
+        losses = []
+        with self._fake_context():
+            for item in pending:
+                x0 = item.x0
+                t = self._draw_t(x0.shape[0], item.denoised_from, item.denoised_to, x0.device)
+                noise = torch.randn_like(x0)
+                x_t = L.add_noise(x0, noise, t)
+                flow = self._fake_flow(x_t, t, item.cond)
+                critic_loss = L.critic_flow_loss(flow, x0, noise)
+                accelerator.backward(critic_loss * scale)
+                losses.append(float(critic_loss.detach()))
+            clip = self.cfg["fake_score_grad_clip"]
+            grad_norm = accelerator.clip_grad_norm_(self.fake_params, clip if clip > 0 else float("inf"))
+            self.fake_optimizer.step()
+            self.fake_optimizer.zero_grad(set_to_none=True)
+        self.critic_updates += 1
+        self._critic_logs = {
+            "fake_score_loss": sum(losses) / len(losses),
+            "fake_score_grad_norm": float(grad_norm),
+            "fake_score_lr": float(self.fake_optimizer.param_groups[0]["lr"]),
+            "dmd_generator_updates": float(self.generator_updates),
+        }
+
+    @hookimpl
+    def distill_metrics(self, step: StepInfo) -> dict[str, float]:
+        return dict(self._critic_logs)
+
+    # ------------------------------------------------------------------ sampling
+
+    @hookimpl
+    def distill_sampler(self):
+        def sampler(noise, cond, uncond, guidance_scale, generator):
+            predict = self._student_x0(cond)
+            if uncond is not None and guidance_scale not in (0.0, 1.0):
+                def predict(x, t, _cond=cond):  # noqa: F811 — CFG on the student when the host asks for it
+                    both = self.family.concat_conditions([_cond, self.family.repeat_condition(uncond, x.shape[0])])
+                    x0 = L.flow_to_x0(torch.cat([x, x]), self.family.predict_flow(self.student, torch.cat([x, x]),
+                                                                                    torch.cat([t, t]), both),
+                                      torch.cat([t, t]))
+                    c, u = x0.chunk(2)
+                    return L.guided(c, u, guidance_scale)
+            return sample_with_schedule(predict, noise, self.steps, generator)
+
+        return sampler
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @hookimpl
+    def distill_save_state(self, checkpoint_dir: Path) -> None:
+        from safetensors.torch import save_file
+
+        from ...state_io import save_state
+
+        if not self.accelerator.is_main_process:
+            return
+        folder = Path(checkpoint_dir) / "dmd"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self._fake_weights().items()},
+                  str(folder / "fake_score.safetensors"))
+        save_state(folder / "fake_score_optimizer", self.fake_optimizer.state_dict())
+        (folder / "state.json").write_text(json.dumps({
+            "generator_updates": self.generator_updates, "critic_updates": self.critic_updates,
+            "fake_score_type": self.fake_type,
+        }))
+
+    @hookimpl
+    def distill_load_state(self, checkpoint_dir: Path) -> None:
+        from safetensors.torch import load_file
+
+        from ...state_io import load_state
+
+        folder = Path(checkpoint_dir) / "dmd"
+        for name in ("fake_score.safetensors", "fake_score_optimizer.json", "state.json"):
+            if not (folder / name).is_file():
+                raise UserError(f"checkpoint {checkpoint_dir} has no dmd/{name}: it was not written by a DMD run")
+        meta = json.loads((folder / "state.json").read_text())
+        if meta["fake_score_type"] != self.fake_type:
+            raise UserError(f"checkpoint {checkpoint_dir} holds a {meta['fake_score_type']} fake score; this run "
+                            f"uses {self.fake_type} (distillation_config.fake_score_type)")
+        weights = load_file(str(folder / "fake_score.safetensors"))
+        live = self._fake_weights()
+        missing = sorted(set(live) - set(weights))
+        if missing:
+            raise UserError(f"checkpoint {checkpoint_dir}: fake score weights missing {missing[:3]}…")
+        with torch.no_grad():
+            for name, tensor in live.items():
+                tensor.copy_(weights[name].to(tensor.device, tensor.dtype))
+        self.fake_optimizer.load_state_dict(load_state(folder / "fake_score_optimizer"))
+        self.generator_updates = int(meta["generator_updates"])
+        self.critic_updates = int(meta["critic_updates"])
+
+    def _fake_weights(self) -> dict[str, torch.Tensor]:
+        if self.fake_type == "lora":
+            return {n: p for n, p in self.student.named_parameters() if f".{FAKE_ADAPTER}." in n and ".lora_" in n}
+        return dict(self.accelerator.unwrap_model(self.fake_net).state_dict())
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()

@@ -1,0 +1,127 @@
+"""The plugin manager: built-ins and third-party plugins go through the same door.
+
+A fresh manager per call of ``get_plugin_manager`` (no import-time registry). Built-in plugins are listed in
+``BUILTIN_PLUGINS`` and registered exactly as entry-point plugins are: by importing a module and handing it to
+``pm.register``. Third-party packages declare::
+
+    [project.entry-points.simpletuner_dmd]
+    my_family = "my_package.plugin"
+
+A plugin that fails to import is reported with its name and distribution; duplicate method or family names stop
+start-up naming both providers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Iterable
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError
+
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "simpletuner_dmd.methods.dmd.plugin",
+    "simpletuner_dmd.families.wan",
+)
+
+DISTRIBUTION = "simpletuner-dmd"
+
+
+@dataclass(frozen=True)
+class Registered:
+    name: str
+    cls: type
+    plugin: str  # the plugin module or object name
+    distribution: str  # the distribution that provides it
+
+
+def get_plugin_manager(*, entry_points: bool = True, extra: Iterable[object] = ()) -> pluggy.PluginManager:
+    """A new plugin manager with the hookspecs, the built-ins, every ``simpletuner_dmd`` entry point and ``extra``."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for module_name in BUILTIN_PLUGINS:
+        pm.register(importlib.import_module(module_name), name=module_name)
+    if entry_points:
+        _load_entry_points(pm)
+    for plugin in extra:
+        pm.register(plugin)
+    pm.check_pending()  # a misspelled hookimpl fails here, at start-up
+    return pm
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    # One by one (not pm.load_setuptools_entrypoints) so a broken plugin is reported with its name.
+    for ep in metadata.entry_points(group=hookspecs.PROJECT):
+        dist = ep.dist.name if ep.dist is not None else "(unknown distribution)"
+        if pm.has_plugin(ep.name) or pm.is_registered(ep.value):
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as exc:  # re-raised with the plugin's name; the cause keeps the traceback
+            raise PluginError(
+                f"plugin {ep.name!r} from distribution {dist!r} failed to import: {type(exc).__name__}: {exc}"
+            ) from exc
+        pm.register(plugin, name=ep.name)
+
+
+def _distribution_of(plugin: object) -> str:
+    """The installed distribution whose top-level package holds the plugin's module."""
+    module = getattr(plugin, "__module__", None) if not hasattr(plugin, "__file__") else plugin.__name__
+    top = (module or "").split(".")[0]
+    names = metadata.packages_distributions().get(top)
+    return names[0] if names else ("(not installed)" if top != "simpletuner_dmd" else DISTRIBUTION)
+
+
+def _collect(pm: pluggy.PluginManager, hook_name: str, kind: str) -> dict[str, Registered]:
+    found: dict[str, Registered] = {}
+    hook = getattr(pm.hook, hook_name)
+    for impl in hook.get_hookimpls():
+        classes: list[type] = []
+        impl.function(classes.append)
+        for cls in classes:
+            name = getattr(cls, "name", None)
+            if not isinstance(name, str) or not name:
+                raise PluginError(f"{kind} class {cls!r} from plugin {impl.plugin_name!r} has no string 'name'")
+            entry = Registered(name, cls, impl.plugin_name, _distribution_of(impl.plugin))
+            if name in found:
+                other = found[name]
+                raise PluginError(
+                    f"{kind} {name!r} is registered twice: by {other.plugin!r} ({other.distribution}) "
+                    f"and by {entry.plugin!r} ({entry.distribution})"
+                )
+            found[name] = entry
+    return dict(sorted(found.items()))
+
+
+def registered_methods(pm: pluggy.PluginManager) -> dict[str, Registered]:
+    return _collect(pm, "register_methods", "method")
+
+
+def registered_families(pm: pluggy.PluginManager) -> dict[str, Registered]:
+    return _collect(pm, "register_model_families", "model family")
+
+
+def get_method_class(pm: pluggy.PluginManager, name: str) -> type:
+    methods = registered_methods(pm)
+    if name not in methods:
+        raise PluginError(_unknown("distillation_method", name, methods))
+    return methods[name].cls
+
+
+def get_family_class(pm: pluggy.PluginManager, name: str) -> type:
+    families = registered_families(pm)
+    if name not in families:
+        raise PluginError(_unknown("model_family", name, families))
+    return families[name].cls
+
+
+def _unknown(key: str, name: str, known: dict[str, Registered]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(name), list(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{key}: unknown value {name!r}{hint}; installed: {', '.join(known) or 'none'}"

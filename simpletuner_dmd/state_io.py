@@ -1,0 +1,232 @@
+"""Save and load training state without pickle.
+
+A state (optimizer, scheduler, RNG, EMA, counters...) is split in two files next to each other:
+
+* ``<prefix>.safetensors`` holds every tensor under a flat key;
+* ``<prefix>.json`` holds the rest of the structure, with ``{"$tensor": key}`` where a tensor was.
+
+JSON can only describe str-keyed objects, lists and finite numbers, so the skeleton tags what it
+cannot say natively. Every JSON object in the skeleton is such a tagged node:
+
+    {"$dict": {...}}            dict whose keys are all str
+    {"$pairs": [[k, v], ...]}   dict with int keys (optimizer state is keyed by param id)
+    {"$tuple": [...]}           tuple (AdamW betas, random.getstate())
+    {"$float": "0x7ff0..."}     inf / nan, as the IEEE-754 bits so even nan payloads survive
+    {"$tensor": key}            torch.Tensor, loaded back on the CPU
+    {"$ndarray": key, "dtype": "<u4", "shape": [624]}   numpy array, stored as raw bytes
+
+Finite floats are written with Python's shortest round-tripping repr, so they come back bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import struct
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from simpletuner_dmd.errors import UserError
+
+FORMAT = "simpletuner-dmd-state"
+FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------- files
+
+
+def save_state(path_prefix: Path, state: Any) -> None:
+    """Write `state` to ``<prefix>.safetensors`` and ``<prefix>.json``, each atomically."""
+    path_prefix = Path(path_prefix)
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _Encoder(tensors).encode(state, "")
+    # The same id goes into both files so a load can tell a matched pair from a mix of two saves
+    # (each file is replaced atomically, but not both together).
+    state_id = uuid.uuid4().hex
+    document = {"format": FORMAT, "format_version": FORMAT_VERSION, "state_id": state_id, "state": skeleton}
+
+    tensor_path, json_path = _paths(path_prefix)
+    tensor_path.parent.mkdir(parents=True, exist_ok=True)
+    # Tensors first: a crash before the JSON is replaced leaves an id mismatch, which load reports.
+    _atomic_write(tensor_path, lambda tmp: save_file(tensors, tmp, metadata={"state_id": state_id}))
+    text = json.dumps(document, indent=1, allow_nan=False)
+    _atomic_write(json_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def load_state(path_prefix: Path) -> Any:
+    """Read back what `save_state` wrote. Tensors come back on the CPU."""
+    tensor_path, json_path = _paths(Path(path_prefix))
+    for path in (json_path, tensor_path):
+        if not path.is_file():
+            raise UserError(f"state file {path} is missing; the checkpoint is incomplete")
+    try:
+        document = json.loads(json_path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError both derive from it
+        raise UserError(f"state file {json_path} is not valid JSON ({exc})") from exc
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise UserError(f"state file {json_path} is not a {FORMAT} file")
+    if document.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"state file {json_path} has format version {document.get('format_version')!r}; "
+            f"this version of simpletuner-dmd reads version {FORMAT_VERSION}"
+        )
+
+    with safe_open(str(tensor_path), framework="pt", device="cpu") as handle:
+        metadata = handle.metadata() or {}
+        if metadata.get("state_id") != document.get("state_id"):
+            raise UserError(f"{tensor_path} and {json_path} come from different saves; the checkpoint is damaged")
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    return _decode(document["state"], tensors)
+
+
+def _paths(path_prefix: Path) -> tuple[Path, Path]:
+    # Append rather than with_suffix(): a prefix like "optimizer.rank0" must keep its dot part.
+    return path_prefix.with_name(path_prefix.name + ".safetensors"), path_prefix.with_name(path_prefix.name + ".json")
+
+
+def _atomic_write(final: Path, write) -> None:
+    """Let `write(tmp_path)` fill a temp file beside `final`, fsync it, then rename it over `final`."""
+    # A unique name rather than mkstemp: mkstemp creates the file 0600, which would survive the rename.
+    tmp = str(final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.tmp"))
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    finally:
+        # Only reached with the temp file still there when `write` or the rename failed; the
+        # exception keeps propagating, we just do not leave litter behind.
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+class _Encoder:
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+        self.storages: set[int] = set()
+
+    def encode(self, value: Any, path: str) -> Any:
+        # bool before int: bool is an int subclass and must stay a bool.
+        if value is None or isinstance(value, (bool, str)):
+            return value
+        if isinstance(value, int):
+            return int(value)
+        if isinstance(value, float):
+            return float(value) if math.isfinite(value) else {"$float": _float_bits(value)}
+        if isinstance(value, torch.Tensor):
+            return {"$tensor": self._add(path, self._own(value))}
+        if isinstance(value, np.ndarray):
+            if value.dtype.hasobject:
+                raise TypeError(f"state at {path or '<root>'}: numpy arrays of Python objects cannot be saved")
+            raw = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+            key = self._add(path, torch.from_numpy(raw.copy()))
+            return {"$ndarray": key, "dtype": value.dtype.str, "shape": list(value.shape)}
+        if isinstance(value, dict):
+            return self._encode_dict(value, path)
+        if isinstance(value, tuple):
+            return {"$tuple": [self.encode(item, f"{path}/{i}") for i, item in enumerate(value)]}
+        if isinstance(value, list):
+            return [self.encode(item, f"{path}/{i}") for i, item in enumerate(value)]
+        raise TypeError(f"state at {path or '<root>'}: cannot save a {type(value).__qualname__}")
+
+    def _encode_dict(self, value: dict, path: str) -> dict:
+        for key in value:
+            if isinstance(key, bool) or not isinstance(key, (str, int)):
+                raise TypeError(f"state at {path or '<root>'}: dict key {key!r} is not a str or int")
+        if all(isinstance(key, str) for key in value):
+            return {"$dict": {key: self.encode(item, f"{path}/{key}") for key, item in value.items()}}
+        return {"$pairs": [[key, self.encode(item, f"{path}/{key}")] for key, item in value.items()]}
+
+    def _own(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A CPU, contiguous tensor that shares memory with no other saved tensor.
+
+        safetensors refuses tensors that share storage (or views of a larger storage), so those
+        are cloned; tensors that already own their memory are saved without a copy.
+        """
+        tensor = tensor.detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage()
+        whole = storage.nbytes() == tensor.numel() * tensor.element_size()
+        if not whole or storage.data_ptr() in self.storages:
+            tensor = tensor.clone()
+            storage = tensor.untyped_storage()
+        if tensor.numel():  # empty tensors have no real storage to collide on
+            self.storages.add(storage.data_ptr())
+        return tensor
+
+    def _add(self, path: str, tensor: torch.Tensor) -> str:
+        # Keys follow the path in the structure so the safetensors file is readable on its own;
+        # a suffix keeps them unique when an int key and a str key print the same.
+        base = path.lstrip("/") or "root"
+        key, n = base, 1
+        while key in self.tensors:
+            key, n = f"{base}#{n}", n + 1
+        self.tensors[key] = tensor
+        return key
+
+
+def _decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(node, list):
+        return [_decode(item, tensors) for item in node]
+    if not isinstance(node, dict):
+        return node  # None, bool, int, float, str
+    if "$dict" in node:
+        return {key: _decode(item, tensors) for key, item in node["$dict"].items()}
+    if "$pairs" in node:
+        return {key: _decode(item, tensors) for key, item in node["$pairs"]}
+    if "$tuple" in node:
+        return tuple(_decode(item, tensors) for item in node["$tuple"])
+    if "$float" in node:
+        return _float_from_bits(node["$float"])
+    if "$tensor" in node:
+        return tensors[node["$tensor"]]
+    if "$ndarray" in node:
+        raw = tensors[node["$ndarray"]].numpy().tobytes()
+        return np.frombuffer(raw, dtype=np.dtype(node["dtype"])).reshape(node["shape"]).copy()
+    raise UserError(f"state skeleton holds an unknown node {sorted(node)}; the file is damaged or newer")
+
+
+def _float_bits(value: float) -> str:
+    return "0x%016x" % struct.unpack("<Q", struct.pack("<d", value))[0]
+
+
+def _float_from_bits(bits: str) -> float:
+    return struct.unpack("<d", struct.pack("<Q", int(bits, 16)))[0]
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict:
+    """Every RNG a training step draws from: Python, numpy (global), torch CPU and each CUDA device."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` returned (also after a `save_state`/`load_state` round trip)."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    cuda_states = state.get("cuda") or []
+    if cuda_states and torch.cuda.is_available():
+        # Resuming with a different number of visible GPUs is legitimate (the run just will not be
+        # bit-identical); restore the devices both machines have.
+        for index, device_state in enumerate(cuda_states[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, index)
