@@ -222,9 +222,11 @@ def select_method_section(method: str, raw: dict[str, Any], method_names: Iterab
     """Accept the flat form (``{"dmd_denoising_steps": …}``) or the keyed form (``{"dmd": {…}, "lcm": {…}}``)
     explicitly; a mix of both is an error (SimpleTuner silently merges them)."""
     names = set(method_names)
-    keyed = [k for k, v in raw.items() if k in names and isinstance(v, dict)]
-    if not keyed:
+    if not any(k in names and isinstance(v, dict) for k, v in raw.items()):
         return raw, []
+    # Keyed form: every object-valued key is one method's section (sections of methods not installed here, such as
+    # "lcm", are ignored); any other key is a flat key mixed in.
+    keyed = [k for k, v in raw.items() if isinstance(v, dict)]
     flat = [k for k in raw if k not in keyed]
     if flat:
         return None, [

@@ -13,6 +13,8 @@ that is not selected is never registered, so its hooks never run). The host call
 Order of calls in one run (the reference host in ``hosts/reference/trainer.py`` does exactly this; the SimpleTuner
 bridge maps SimpleTuner's distiller calls onto the same order)::
 
+    register_methods(register)                  at start-up (plugins.registered_methods): every plugin's methods
+    register_model_families(register)           at start-up (plugins.registered_families); then the config is checked
     distill_setup(run)                          once, after the student's adapter exists, before accelerator.prepare
     distill_load_state(checkpoint_dir)          once, when resuming, after the host restored its own state
     for each optimizer step:

@@ -43,14 +43,41 @@ def get_plugin_manager(*, entry_points: bool = True, extra: Iterable[object] = (
     """A new plugin manager with the hookspecs, the built-ins, every ``simpletuner_dmd`` entry point and ``extra``."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
+    setattr(pm, _DISTRIBUTIONS, {})
     for module_name in BUILTIN_PLUGINS:
-        pm.register(importlib.import_module(module_name), name=module_name)
+        _register(pm, importlib.import_module(module_name), module_name, DISTRIBUTION)
     if entry_points:
         _load_entry_points(pm)
     for plugin in extra:
-        pm.register(plugin)
-    pm.check_pending()  # a misspelled hookimpl fails here, at start-up
+        _register(pm, plugin, None, None)
+    try:
+        pm.check_pending()  # a misspelled hookimpl fails here, at start-up
+    except pluggy.PluginValidationError as exc:
+        name = pm.get_name(exc.plugin) or repr(exc.plugin)
+        dist = getattr(pm, _DISTRIBUTIONS).get(name) or _distribution_of(exc.plugin)
+        raise PluginError(f"plugin {name!r} from distribution {dist!r} is broken: {_one_line(exc)}") from exc
     return pm
+
+
+# The distribution of each plugin registered by get_plugin_manager, by plugin name: an entry point knows its
+# distribution, which is more reliable than guessing from the module's top-level package (editable installs, a
+# distribution without a RECORD).
+_DISTRIBUTIONS = "_simpletuner_dmd_distributions"
+
+
+def _register(pm: pluggy.PluginManager, plugin: object, name: str | None, dist: str | None) -> None:
+    try:
+        name = pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as exc:  # e.g. a hookimpl whose arguments the hookspec does not have
+        label = name or getattr(plugin, "__name__", None) or repr(plugin)
+        raise PluginError(f"plugin {label!r} from distribution {dist or _distribution_of(plugin)!r} is broken: "
+                          f"{_one_line(exc)}") from exc
+    if name is not None and dist is not None:
+        getattr(pm, _DISTRIBUTIONS)[name] = dist
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
@@ -65,7 +92,7 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
             raise PluginError(
                 f"plugin {ep.name!r} from distribution {dist!r} failed to import: {type(exc).__name__}: {exc}"
             ) from exc
-        pm.register(plugin, name=ep.name)
+        _register(pm, plugin, ep.name, dist)
 
 
 def _distribution_of(plugin: object) -> str:
@@ -86,7 +113,8 @@ def _collect(pm: pluggy.PluginManager, hook_name: str, kind: str) -> dict[str, R
             name = getattr(cls, "name", None)
             if not isinstance(name, str) or not name:
                 raise PluginError(f"{kind} class {cls!r} from plugin {impl.plugin_name!r} has no string 'name'")
-            entry = Registered(name, cls, impl.plugin_name, _distribution_of(impl.plugin))
+            dist = getattr(pm, _DISTRIBUTIONS, {}).get(impl.plugin_name) or _distribution_of(impl.plugin)
+            entry = Registered(name, cls, impl.plugin_name, dist)
             if name in found:
                 other = found[name]
                 raise PluginError(

@@ -67,14 +67,15 @@ def dataset_copy(tiny_dataset, tmp_path) -> Path:
 def test_config_paths_are_taken_from_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cfg.json").write_text(json.dumps([
-        {"id": "a", "type": "local", "instance_data_dir": "data", "cache_dir_vae": "cache/a", "video": {"num_frames": 9},
-         "dataset_type": "video"},
+        {"id": "a", "type": "local", "dataset_type": "video", "instance_data_dir": "data", "cache_dir_vae": "cache/a",
+         "video": {"num_frames": 9}},
         {"id": "t", "dataset_type": "text_embeds", "type": "local", "cache_dir": "cache/text"},
     ]))  # fmt: skip
     media, text = load_backend_config("cfg.json")
     assert media["instance_data_dir"] == str(tmp_path / "data")
     assert media["cache_dir"] == str(tmp_path / "cache" / "a")
-    assert (media["num_frames"], media["resolution_type"], media["repeats"], media["disabled"]) == (9, "pixel_area", 0, False)
+    assert (media["num_frames"], media["repeats"], media["disabled"]) == (9, 0, False)
+    assert "resolution" not in media and "resolution_type" not in media  # left for the host to default
     assert text["cache_dir"] == str(tmp_path / "cache" / "text")
     assert validate_backends([media, text], warn=pytest.fail) == [media, text]  # normalizing twice changes nothing
 
@@ -111,6 +112,12 @@ def test_unsupported_values_are_config_errors(tmp_path, key, value, message):
     config[0][key] = value
     with pytest.raises(ConfigError, match=message):
         validate_backends(config)
+
+
+def test_disabled_backends_are_dropped_unchecked(tmp_path):
+    config = backends(tmp_path, tmp_path / "cache")
+    config.append({"id": "s3", "type": "aws", "aws_bucket_name": "b", "disabled": True})
+    assert [b["id"] for b in validate_backends(config, warn=pytest.fail)] == ["images", "videos", "text"]
 
 
 def test_all_problems_are_reported_at_once(tmp_path):
@@ -154,7 +161,7 @@ def test_gif_loads_as_c_f_h_w_with_c_not_f(tiny_dataset):
     assert pixels.dtype == torch.float32 and pixels.min() >= -1 and pixels.max() <= 1
     # frames differ (the digit moves) and channels hold colour: the layout is not transposed
     assert not torch.equal(pixels[:, 0], pixels[:, -1])
-    image = load_media(tiny_dataset / "image_000.png", validate_backends(backends(tiny_dataset, tiny_dataset))[0])
+    image = load_media(tiny_dataset / "image_000.png", validate_backends(backends(tiny_dataset, tiny_dataset / "c"))[0])
     assert image.shape == (3, 1, 64, 64)
 
 
@@ -245,6 +252,16 @@ def test_cache_is_reused_and_keyed_on_resolution(tiny_dataset, tmp_path):
     assert {e.shape for e in smaller.entries} == {(16, 1, 4, 4), (16, 3, 4, 4)}
 
 
+def test_host_can_default_the_resolution_of_loaded_backends(tiny_dataset, tmp_path):
+    config = backends(tiny_dataset, tmp_path / "cache")
+    del config[0]["resolution"]
+    loaded = validate_backends(config)
+    for backend in loaded[:2]:  # media backends only, as the trainer does
+        backend.setdefault("resolution", 32)
+    dataset, _ = build(loaded)
+    assert {e.shape for e in dataset.entries} == {(16, 1, 4, 4), (16, 3, 8, 8)}
+
+
 def test_text_embeds_default_to_first_media_cache(tiny_dataset, tmp_path):
     build(backends(tiny_dataset, tmp_path / "cache")[:2])
     assert len(list((tmp_path / "cache" / "images" / "text_embeds").glob("*.safetensors"))) == 10
@@ -291,7 +308,8 @@ def test_real_tiny_vae_and_text_encoder(tiny_wan, tiny_dataset, tmp_path):
 def mixed(tiny_dataset, tmp_path):
     config = backends(tiny_dataset, tmp_path / "cache")
     config[0]["repeats"] = 1
-    return build(config)[0]  # 12 image samples, 4 video samples
+    # text_batch_size=1: each caption's embedding is as long as its word count, so collate has to pad
+    return build(config, text_batch_size=1)[0]  # 12 image samples, 4 video samples
 
 
 def test_batches_never_mix_shapes_and_cover_each_epoch(mixed):

@@ -77,7 +77,8 @@ def test_tiny_dataset_holds_captioned_images_and_gifs(tiny_dataset):
         frames = iio.imread(gif, index=None)
         assert frames.shape[:3] == (9, 64, 64)
         assert not np.array_equal(frames[0], frames[-1])  # the digit moves
-        assert re.fullmatch(r"an? \w+ digit \d moving (left|right|up|down)", gif.with_suffix(".txt").read_text().strip())
+        caption = gif.with_suffix(".txt").read_text().strip()
+        assert re.fullmatch(r"an? \w+ digit \d moving (left|right|up|down)", caption)
 
 
 def test_make_example_prints_one_line_per_thing(tmp_path, capsys):

@@ -64,7 +64,12 @@ Warn = Callable[[str], None]
 
 
 def load_backend_config(path: str | Path, *, warn: Warn = warnings.warn) -> list[dict]:
-    """Read and validate a backend list; return one normalized dict per backend (absolute paths, defaults filled)."""
+    """Read and validate a backend list; return one normalized dict per backend.
+
+    Normalized: implemented keys only, absolute paths, `cache_dir_vae` as `cache_dir`, `video.num_frames` as
+    `num_frames`. `resolution`, `resolution_type` and `num_frames` are present only where the file gives them
+    (absent: native size, "pixel_area", every frame), so the caller may fill in host-wide defaults.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -82,7 +87,7 @@ def load_backend_config(path: str | Path, *, warn: Warn = warnings.warn) -> list
 
 
 def validate_backends(raw: list, *, source: str = "data backend config", warn: Warn = warnings.warn) -> list[dict]:
-    """Check every backend, report all problems at once as a `ConfigError`, return the normalized list.
+    """Check every enabled backend, report all problems at once as a `ConfigError`, return them normalized.
 
     Normalizing is idempotent (the output holds only implemented keys), so `build_cache` re-validates for free.
     """
@@ -93,6 +98,8 @@ def validate_backends(raw: list, *, source: str = "data backend config", warn: W
         if not isinstance(backend, dict):
             problems.append(f"{source}: entry {i} must be a JSON object, got {type(backend).__name__}")
             continue
+        if backend.get("disabled") is True:
+            continue  # as in SimpleTuner: a disabled backend (say, an S3 one in a shared file) is not even checked
         bid = backend.get("id")
         where = f"{source}: backend '{bid}'" if isinstance(bid, str) and bid else f"{source}: entry {i}"
         errors: list[str] = []
@@ -175,13 +182,16 @@ def _validate_media(backend: dict, dataset_type: str, errors: list[str], warn: W
     if not _is_int(repeats, minimum=0):
         errors.append(f"repeats must be a whole number >= 0, got {repeats!r}")
     cache = caches[0] if caches else None
-    return {
+    normalized = {
         "id": backend.get("id"), "type": "local", "dataset_type": dataset_type,
         "instance_data_dir": _absolute(data_dir) if isinstance(data_dir, str) and data_dir else None,
         "caption_strategy": "textfile", "cache_dir": _absolute(cache) if isinstance(cache, str) and cache else None,
-        "resolution": resolution, "resolution_type": resolution_type, "num_frames": num_frames,
         "repeats": repeats, "disabled": backend.get("disabled", False),
     }  # fmt: skip
+    # Size settings the user left out stay out, so a host can `setdefault` its own config-wide values.
+    given = {"resolution": resolution, "resolution_type": backend.get("resolution_type"), "num_frames": num_frames}
+    normalized.update({k: v for k, v in given.items() if v is not None})
+    return normalized
 
 
 def _is_int(value, *, minimum: int) -> bool:
@@ -235,7 +245,7 @@ def load_media(path: Path, backend: dict) -> torch.Tensor:
                 # Phones store rotation as EXIF; without this a portrait photo trains sideways.
                 frames = [ImageOps.exif_transpose(im).convert("RGB")]
         else:
-            frames = _read_video_frames(path, backend["num_frames"])
+            frames = _read_video_frames(path, backend.get("num_frames"))
     except (OSError, SyntaxError, ValueError) as e:
         # PIL raises OSError for truncated/unidentified files and SyntaxError for broken GIF/PNG structure.
         raise DataError(f"{path}: cannot decode this file ({e}); it may be corrupt or truncated") from None
@@ -243,7 +253,7 @@ def load_media(path: Path, backend: dict) -> torch.Tensor:
         raise DataError(f"{path}: the video has no frames")
     keep = 1 + (len(frames) - 1) // FRAME_STRIDE * FRAME_STRIDE
     frames = frames[:keep]
-    size, crop = _fit(frames[0].size, backend["resolution"], backend["resolution_type"], path)
+    size, crop = _fit(frames[0].size, backend.get("resolution"), backend.get("resolution_type", "pixel_area"), path)
     frames = [f.resize(size, Image.LANCZOS).crop(crop) if f.size != size else f.crop(crop) for f in frames]
     pixels = torch.from_numpy(np.stack([np.asarray(f) for f in frames]))  # (F, H, W, C) uint8
     return pixels.permute(3, 0, 1, 2).float().div(127.5).sub(1.0).contiguous()
@@ -310,8 +320,8 @@ def latents_key(path: Path, backend: dict, tag: str = "") -> str:
     stat = path.stat()
     return _digest(
         path=str(path.absolute()), size=stat.st_size, mtime_ns=stat.st_mtime_ns,
-        dataset_type=backend["dataset_type"], resolution=backend["resolution"],
-        resolution_type=backend["resolution_type"], num_frames=backend["num_frames"], tag=tag,
+        dataset_type=backend["dataset_type"], resolution=backend.get("resolution"),
+        resolution_type=backend.get("resolution_type", "pixel_area"), num_frames=backend.get("num_frames"), tag=tag,
     )  # fmt: skip
 
 

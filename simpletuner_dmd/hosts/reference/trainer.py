@@ -2,7 +2,8 @@
 
 What happens, top to bottom:
 
-1. Read and validate the config (all errors at once, before any weights load); pick the model family and method.
+1. Read and validate the config (all errors at once, before any weights load); pick the model family and method
+   from the classes every plugin hands to ``register_model_families`` and ``register_methods`` (``plugins.py``).
 2. Load the family's VAE and text encoder; encode the dataset's media and captions once into ``cache_dir``.
 3. Load the network (the teacher's weights), quantize the frozen base (int8-quanto) if asked, add the student's LoRA
    adapter (``model_type: lora``) or make every weight trainable with a frozen teacher copy (``model_type: full``).
@@ -50,12 +51,13 @@ class Models:
     student_params: dict[str, torch.nn.Parameter]  # what the student's optimizer trains, by name
 
 
-def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None) -> Path:
-    """Run a whole training job; returns ``output_dir``. ``overrides`` replace config keys (tests, benchmarks)."""
+def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, plugins: tuple = ()) -> Path:
+    """Run a whole training job; returns ``output_dir``. ``overrides`` replace config keys and ``plugins`` are extra
+    plugin objects to register (tests, benchmarks)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    pm = get_plugin_manager()
+    pm = get_plugin_manager(extra=plugins)
     rc = _load(config_path, pm, overrides)
     host = rc.host
     for warning in rc.warnings:

@@ -1,0 +1,247 @@
+"""DMD on the real tiny Wan transformer with real peft adapters: isolation of the three networks, gradients,
+the negative prompt, the fake score's two forms."""
+
+from __future__ import annotations
+
+import zlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from simpletuner_dmd.families.wan import WanFamily
+from simpletuner_dmd.hosts.reference import trainer as T
+from simpletuner_dmd.hosts.reference.host_schema import HOST_SCHEMA
+from simpletuner_dmd.methods.dmd.config import DMD_SCHEMA
+from simpletuner_dmd.methods.dmd.method import DMD
+from simpletuner_dmd.types import Batch, RunContext, StepInfo
+
+
+def embed(texts: list[str]) -> torch.Tensor:
+    """A deterministic stand-in text encoder: each text → its own (1, 8, 32) embedding."""
+    out = [torch.randn(8, 32, generator=torch.Generator().manual_seed(zlib.crc32(t.encode()))) for t in texts]
+    return torch.stack(out)
+
+
+def build(tiny_wan, *, host=None, dmd=None, negative="ugly, blurry"):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # accelerate keeps a process-wide singleton
+    cfg = {**HOST_SCHEMA.defaults(), "pretrained_model_name_or_path": str(tiny_wan), **(host or {})}
+    dmd_cfg, problems, _ = DMD_SCHEMA.validate(dmd or {}, prefix="distillation_config")
+    assert not problems, problems
+    family = WanFamily()
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    models = T._load_models(cfg, SimpleNamespace(method_cls=DMD), family, accelerator, torch.float32)
+    method = DMD(dmd_cfg)
+    method.distill_setup(RunContext(
+        host_config=cfg, method_config=dmd_cfg, family=family, student=models.network, accelerator=accelerator,
+        encode_prompts=embed, negative_prompt=negative, output_dir=None, model_type=cfg["model_type"],
+        student_adapter=T.STUDENT_ADAPTER if cfg["model_type"] == "lora" else None,
+        load_base=lambda: T._fresh_network(cfg, family, torch.float32), teacher=models.teacher))
+    optimizer = torch.optim.AdamW(list(models.student_params.values()), lr=1e-3)
+    return SimpleNamespace(method=method, models=models, family=family, optimizer=optimizer, cfg=cfg)
+
+
+def perturb_adapters(network, seed=1):
+    """Give every LoRA B a non-zero value so each adapter really changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in network.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def batch(b=2, frames=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Batch(latents=torch.randn(b, 16, frames, 4, 4, generator=g), cond=torch.randn(b, 8, 32, generator=g))
+
+
+def step_info(step=0):
+    return StepInfo(step, 0, 1, True, torch.Generator().manual_seed(123 + step))
+
+
+def host_loss():
+    raise AssertionError("DMD proper must not ask for the host's loss")
+
+
+def snapshot(network):
+    return {n: p.detach().clone() for n, p in network.named_parameters()}
+
+
+@pytest.mark.parametrize("precision", ["no_change", "int8-quanto"])
+def test_teacher_is_bit_identical_to_the_frozen_base(tiny_wan, precision):
+    run = build(tiny_wan, host={"base_model_precision": precision})
+    perturb_adapters(run.models.network)
+    base = T._fresh_network(run.cfg, run.family, torch.float32)
+    T._maybe_quantize(base, precision, "reference base")
+    x, t, cond = torch.randn(2, 16, 3, 4, 4), torch.tensor([900.0, 300.0]), torch.randn(2, 8, 32)
+    with torch.no_grad():
+        expected = run.family.predict_flow(base, x, t, cond)
+        teacher = run.method._teacher_flow(x, t, cond)
+        student = run.family.predict_flow(run.models.network, x, t, cond)
+        with run.method._fake_context():
+            fake = run.method._fake_flow(x, t, cond)
+    assert torch.equal(teacher, expected)
+    assert not torch.equal(student, expected) and not torch.equal(fake, expected) and not torch.equal(fake, student)
+
+
+def test_each_optimizer_changes_only_its_own_parameters(tiny_wan):
+    run = build(tiny_wan)
+    net = run.models.network
+    perturb_adapters(net)
+    before = snapshot(net)
+    result = run.method.distill_loss(batch=batch(), step=step_info(), host_loss=host_loss)
+    result.loss.backward()
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    after_student = snapshot(net)
+    changed = {n for n in before if not torch.equal(before[n], after_student[n])}
+    assert changed and all(".student." in n for n in changed), sorted(changed)[:5]
+
+    run.method.distill_after_optimizer_step(step=step_info())
+    after_critic = snapshot(net)
+    changed = {n for n in before if not torch.equal(after_student[n], after_critic[n])}
+    assert changed and all(".fake_score." in n for n in changed), sorted(changed)[:5]
+    assert run.method.critic_updates == 1 and "fake_score_loss" in run.method.distill_metrics(step=step_info())
+    # the base never moves
+    assert all(torch.equal(before[n], after_critic[n]) for n in before if ".lora_" not in n)
+
+
+def _student_and_critic_grads(tiny_wan, checkpointing: bool):
+    run = build(tiny_wan, host={"gradient_checkpointing": checkpointing})
+    perturb_adapters(run.models.network)
+    torch.manual_seed(42)
+    result = run.method.distill_loss(batch=batch(), step=step_info(), host_loss=host_loss)
+    result.loss.backward()
+    student = {n: p.grad.clone() for n, p in run.models.student_params.items()}
+    # the critic's backward, captured before its optimizer step clears it
+    captured = {}
+    real_step = run.method.fake_optimizer.step
+    run.method.fake_optimizer.step = lambda: captured.update(
+        {i: p.grad.clone() for i, p in enumerate(run.method.fake_params)}) or real_step()
+    run.method.distill_after_optimizer_step(step=step_info())
+    return student, captured
+
+
+def test_gradients_identical_with_and_without_gradient_checkpointing(tiny_wan):
+    plain_s, plain_c = _student_and_critic_grads(tiny_wan, checkpointing=False)
+    ckpt_s, ckpt_c = _student_and_critic_grads(tiny_wan, checkpointing=True)
+    assert plain_s.keys() == ckpt_s.keys() and len(plain_s) > 0
+    assert all(g.abs().sum() > 0 for g in plain_s.values())  # the student really gets a gradient
+    for name in plain_s:
+        assert torch.allclose(plain_s[name], ckpt_s[name], atol=1e-7, rtol=1e-5), name
+    assert len(plain_c) == len(ckpt_c) > 0 and any(g.abs().sum() > 0 for g in plain_c.values())
+    for i in plain_c:
+        assert torch.allclose(plain_c[i], ckpt_c[i], atol=1e-7, rtol=1e-5), i
+
+
+def _record_calls(run):
+    calls = []
+    original = run.family.predict_flow
+
+    def spy(network, x_t, timesteps, cond):
+        calls.append(SimpleNamespace(batch=x_t.shape[0], cond=cond.detach().clone(), grad=torch.is_grad_enabled()))
+        return original(network, x_t, timesteps, cond)
+
+    run.family.predict_flow = spy
+    return calls
+
+
+def test_negative_prompt_is_really_the_unconditional_branch(tiny_wan):
+    run = build(tiny_wan, dmd={"real_score_guidance_scale": 3.0, "last_step_only": True}, negative="ugly, blurry")
+    perturb_adapters(run.models.network)
+    calls = _record_calls(run)
+    b = batch()
+    run.method.distill_loss(batch=b, step=step_info(), host_loss=host_loss)
+    # 3 student steps (exit at the last), one fake-score pass, one batched teacher pass (cond + uncond)
+    assert [c.batch for c in calls] == [2, 2, 2, 2, 4]
+    teacher = calls[-1]
+    assert torch.equal(teacher.cond[:2], b.cond)
+    assert torch.equal(teacher.cond[2:], embed(["ugly, blurry"]).expand(2, -1, -1))
+    assert not teacher.grad and not calls[-2].grad and calls[-3].grad and not calls[0].grad
+
+    # the negative prompt changes the DMD gradient (it is not cond twice)
+    def dmd_grad(negative):
+        other = build(tiny_wan, dmd={"real_score_guidance_scale": 3.0, "last_step_only": True}, negative=negative)
+        perturb_adapters(other.models.network)
+        torch.manual_seed(5)
+        loss = other.method.distill_loss(batch=batch(), step=step_info(), host_loss=host_loss).loss
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in other.models.student_params.values()])
+
+    assert not torch.allclose(dmd_grad("ugly, blurry"), dmd_grad("a completely different negative prompt"))
+
+
+def test_guidance_off_skips_the_unconditional_pass(tiny_wan):
+    run = build(tiny_wan, dmd={"real_score_guidance_scale": 1.0, "last_step_only": True})
+    calls = _record_calls(run)
+    run.method.distill_loss(batch=batch(), step=step_info(), host_loss=host_loss)
+    assert [c.batch for c in calls] == [2, 2, 2, 2, 2]
+
+
+def test_fake_score_guidance_batches_the_fake_pass(tiny_wan):
+    run = build(tiny_wan, dmd={"fake_score_guidance_scale": 1.5, "real_score_guidance_scale": 1.0,
+                               "last_step_only": True})
+    calls = _record_calls(run)
+    run.method.distill_loss(batch=batch(), step=step_info(), host_loss=host_loss)
+    assert [c.batch for c in calls] == [2, 2, 2, 4, 2]
+
+
+def test_critic_reuses_the_generator_sample_and_interval_counts_optimizer_steps(tiny_wan):
+    run = build(tiny_wan, dmd={"generator_update_interval": 2})
+    calls = _record_calls(run)
+    first = run.method.distill_loss(batch=batch(), step=step_info(0), host_loss=host_loss)
+    assert first.loss is not None
+    rollout_and_kl = len(calls)
+    run.method.distill_after_optimizer_step(step=step_info(0))
+    assert len(calls) == rollout_and_kl + 1  # the critic: one forward on the stashed sample, no second rollout
+    calls.clear()
+    second = run.method.distill_loss(batch=batch(), step=step_info(1), host_loss=host_loss)
+    assert second.loss is None  # critic-only step: no student update
+    assert all(not c.grad for c in calls) and len(calls) == int(second.logs["dmd_exit_index"]) + 1
+
+
+def test_num_training_frames_crops_the_frame_axis(tiny_wan):
+    run = build(tiny_wan, dmd={"num_training_frames": 2})
+    run.method.distill_loss(batch=batch(frames=5), step=step_info(), host_loss=host_loss)
+    assert run.method._pending[0].x0.shape == (2, 16, 2, 4, 4)
+
+
+def test_sft_weight_adds_the_host_loss(tiny_wan):
+    run = build(tiny_wan, dmd={"sft_loss_weight": 0.5})
+    result = run.method.distill_loss(batch=batch(), step=step_info(), host_loss=lambda: torch.tensor(2.0))
+    assert result.logs["sft_loss"] == 2.0
+    assert result.loss.item() == pytest.approx(result.logs["dmd_loss"] + 1.0, rel=1e-5)
+
+
+def test_full_copy_fake_score(tiny_wan):
+    run = build(tiny_wan, dmd={"fake_score_type": "full"})
+    assert run.method.fake_net is not run.models.network
+    before = snapshot(run.models.network)
+    run.method.distill_loss(batch=batch(), step=step_info(), host_loss=host_loss).loss.backward()
+    run.method.distill_after_optimizer_step(step=step_info())
+    assert run.method.critic_updates == 1
+    after = snapshot(run.models.network)
+    assert all(torch.equal(before[n], after[n]) for n in before)  # only the copy moved
+    base = T._fresh_network(run.cfg, run.family, torch.float32)
+    assert sum(p.numel() for p in run.method.fake_params) == sum(p.numel() for p in base.parameters())
+
+
+def test_model_type_full_uses_a_separate_frozen_teacher(tiny_wan):
+    run = build(tiny_wan, host={"model_type": "full"})
+    assert run.method.fake_type == "full" and run.models.teacher is not None
+    teacher_before = snapshot(run.models.teacher)
+    run.method.distill_loss(batch=batch(), step=step_info(), host_loss=host_loss).loss.backward()
+    run.optimizer.step()
+    run.method.distill_after_optimizer_step(step=step_info())
+    assert all(torch.equal(teacher_before[n], p) for n, p in run.models.teacher.named_parameters())
+
+
+def test_lora_fake_score_needs_a_lora_student(tiny_wan):
+    from simpletuner_dmd.errors import UserError
+
+    with pytest.raises(UserError, match="fake_score_type"):
+        build(tiny_wan, host={"model_type": "full"}, dmd={"fake_score_type": "lora"})
