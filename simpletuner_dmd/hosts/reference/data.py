@@ -141,7 +141,7 @@ def validate_backends(raw: list, *, source: str = "data backend config", warn: W
         problems += [f"{where}: {e}" for e in errors]
         out.append(normalized)
 
-    enabled_text = [b["id"] for b in out if b["dataset_type"] == "text_embeds" and not b["disabled"]]
+    enabled_text = [b["id"] for b in out if b["dataset_type"] == "text_embeds"]
     if len(enabled_text) > 1:
         problems.append(f"{source}: only one enabled text_embeds backend is supported, found {enabled_text}")
     if problems:
@@ -246,7 +246,7 @@ def load_media(path: Path, backend: dict) -> torch.Tensor:
                 frames = [ImageOps.exif_transpose(im).convert("RGB")]
         else:
             frames = _read_video_frames(path, backend.get("num_frames"))
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         # PIL raises OSError for truncated/unidentified files and SyntaxError for broken GIF/PNG structure.
         raise DataError(f"{path}: cannot decode this file ({e}); it may be corrupt or truncated") from None
     if not frames:
@@ -369,12 +369,14 @@ def build_cache(
     never share cached tensors.
     """
     backends = validate_backends(backends, warn=warn)
-    media_backends = [b for b in backends if b["dataset_type"] != "text_embeds" and not b["disabled"]]
+    media_backends = [b for b in backends if b["dataset_type"] != "text_embeds"]  # disabled ones are gone
     if not media_backends:
         raise DataError("the data backend config has no enabled image or video backend")
-    text_backend = next((b for b in backends if b["dataset_type"] == "text_embeds" and not b["disabled"]), None)
-    text_dir = Path(text_backend["cache_dir"] if text_backend and text_backend["cache_dir"] else
-                    Path(media_backends[0]["cache_dir"]) / "text_embeds")  # fmt: skip
+    text_backend = next((b for b in backends if b["dataset_type"] == "text_embeds"), None)
+    if text_backend is not None and text_backend["cache_dir"]:
+        text_dir = Path(text_backend["cache_dir"])
+    else:
+        text_dir = Path(media_backends[0]["cache_dir"]) / "text_embeds"
 
     # Captions and cache names first: a missing caption fails the run before any encoding.
     items: list[tuple[dict, Path, str, Path, Path]] = []
@@ -517,8 +519,9 @@ class BucketBatchSampler(Sampler[list[int]]):
         return self._per_epoch
 
     def __iter__(self) -> Iterator[list[int]]:
-        batches = bucket_batches(self.dataset, self.batch_size, seed=self.seed, epoch=self.epoch,
-                                 drop_last=self.drop_last)  # fmt: skip
+        batches = bucket_batches(
+            self.dataset, self.batch_size, seed=self.seed, epoch=self.epoch, drop_last=self.drop_last
+        )
         while self.position < len(batches):
             batch = batches[self.position]
             self.position += 1

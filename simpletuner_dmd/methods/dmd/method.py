@@ -120,6 +120,8 @@ class DMD:
         # diffusers' add_adapter activates the new adapter: make the student active again, and keep both adapters
         # trainable (separate optimizers and no_grad/detach isolate them; the switch restores the flags).
         self.student.set_adapter(run.student_adapter)
+        for p in adapter_parameters(self.student, FAKE_ADAPTER):
+            p.data = p.data.float()  # like the student's: trainable weights in fp32, compute in the autocast dtype
         for p in adapter_parameters(self.student, FAKE_ADAPTER) + adapter_parameters(self.student,
                                                                                      run.student_adapter):
             p.requires_grad_(True)

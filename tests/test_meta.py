@@ -1,0 +1,311 @@
+"""The project's contracts about itself: hooks are documented and called, every key is explained, the README's key
+tables are current, and plugins (built-in or third-party) are found, or fail at start-up with their name."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+import textwrap
+import types
+import uuid
+from pathlib import Path
+
+import pytest
+
+from simpletuner_dmd import docs, hookspecs, plugins
+from simpletuner_dmd.config import Key, Schema
+from simpletuner_dmd.errors import PluginError, UserError
+from simpletuner_dmd.hookspecs import hookimpl
+from simpletuner_dmd.hosts.reference import trainer
+from simpletuner_dmd.hosts.reference.host_schema import HOST_SCHEMA
+from simpletuner_dmd.plugins import get_plugin_manager, registered_families, registered_methods
+
+REPO = Path(__file__).resolve().parents[1]
+HOOKS = hookspecs.all_hook_names()
+REGISTRATION_HOOKS = {"register_methods", "register_model_families"}
+
+
+def sentences(text: str) -> list[str]:
+    """Sentences of at least three words: a split after . ! or ? where a capital (or a code span) starts the next
+    one, so "e.g. for" and "0.5" do not split."""
+    parts = re.split(r"(?<=[.!?])\s+(?=[A-Z`(])", " ".join(text.split()))
+    return [s for s in parts if len(s.split()) >= 3 and s.rstrip(")").endswith((".", "!", "?"))]
+
+
+def call_order_block() -> str:
+    doc = hookspecs.__doc__
+    return doc[doc.index("Order of calls"):doc.index("Contract for every step-loop hook")]
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+def test_the_hook_list_is_complete():
+    assert REGISTRATION_HOOKS <= set(HOOKS)
+    assert {"distill_setup", "distill_loss", "distill_after_optimizer_step", "distill_metrics", "distill_save_state",
+            "distill_load_state", "distill_sampler"} <= set(HOOKS)
+
+
+def test_sentence_counter_counts():
+    assert len(sentences("One sentence here.")) == 1
+    assert len(sentences("Call it once. It returns None, e.g. for 0.5 steps.")) == 2
+    assert len(sentences("Scalars to log, e.g. loss and lr.")) == 1
+
+
+@pytest.mark.parametrize("name", HOOKS)
+def test_hookspec_docstring_has_two_sentences(name):
+    doc = inspect.getdoc(getattr(hookspecs, name)) or ""
+    assert len(sentences(doc)) >= 2, f"{name}: docstring {doc!r}"
+
+
+@pytest.mark.parametrize("name", HOOKS)
+def test_hookspec_is_in_the_call_order_block(name):
+    assert re.search(rf"^\s+(for .*\n\s+)*{name}\(", call_order_block(), re.M), name
+
+
+@pytest.mark.parametrize("name", HOOKS)
+def test_hookspec_is_used_by_the_reference_trainer(name):
+    source = inspect.getsource(trainer)
+    if name in REGISTRATION_HOOKS:
+        # called through plugins.registered_* (which the trainer's load_config uses), and named in the trainer
+        assert re.search(rf"\b{name}\b", source), name
+        assert f'"{name}"' in inspect.getsource(plugins)
+    else:
+        assert re.search(rf"pm\.hook\.{name}\(", source), f"the reference trainer never calls {name}"
+
+
+# --------------------------------------------------------------------------- keys and the README
+
+
+def _schemas() -> list[tuple[str, Schema]]:
+    methods = registered_methods(get_plugin_manager())
+    assert "dmd" in methods
+    return [(f"method {n}", m.cls.schema) for n, m in methods.items()] + [("host", HOST_SCHEMA)]
+
+
+def test_every_key_has_help():
+    for where, schema in _schemas():
+        assert schema.keys
+        for key in schema.keys:
+            text = (key.help or "").strip()
+            assert len(text.split()) >= 2 and text != key.name, f"{where}: key {key.name} has no help"
+
+
+def test_readme_block_is_current():
+    problem = docs.check_readme(REPO / "README.md")
+    assert problem is None, problem
+
+
+def test_readme_tables_hold_every_key_and_the_dmd_defaults():
+    block = docs.readme_tables()
+    assert block.startswith(docs.BEGIN) and block.rstrip().endswith(docs.END)
+    for _, schema in _schemas():
+        for key in schema.keys:
+            assert f"| `{key.name}` |" in block
+    row = next(line for line in block.splitlines() if line.startswith("| `dmd_denoising_steps` |"))
+    assert '`"1000,757,522"`' in row
+    betas = next(line for line in block.splitlines() if line.startswith("| `fake_score_betas` |"))
+    assert "`[0.9, 0.999]`" in betas
+
+
+def test_key_table_renders_types_defaults_and_escapes_pipes():
+    schema = Schema(keys=(
+        Key("alpha", "float", 0.5, "Mix a | b."),
+        Key("mode", "str", "fast", "How.", choices=("fast", "slow")),
+        Key("limit", "int", None, "At most.", nullable=True),
+        Key("on", "bool", True, "Switch."),
+    ))
+    table = docs.key_table(schema, "Test keys")
+    lines = table.splitlines()
+    assert lines[0] == "### Test keys"
+    assert "| key | type | default | meaning |" in lines
+    assert "| `alpha` | float | `0.5` | Mix a \\| b. |" in lines
+    assert '| `mode` | `"fast"` \\| `"slow"` | `"fast"` | How. |' in lines
+    assert "| `limit` | int or null | `null` | At most. |" in lines
+    assert "| `on` | bool | `true` | Switch. |" in lines
+
+
+class _ToyMethod:
+    name = "toy"
+    summary = "A toy method"
+    schema = Schema(keys=(Key("toy_strength", "float", 2.5, "How strong the toy is."),))
+
+
+class _ToyPlugin:
+    @hookimpl
+    def register_methods(self, register):
+        register(_ToyMethod)
+
+
+def test_a_new_method_gets_its_own_table():
+    block = docs.readme_tables(get_plugin_manager(entry_points=False, extra=[_ToyPlugin()]))
+    assert "distillation_method: toy" in block and "| `toy_strength` | float | `2.5` |" in block
+    assert "distillation_method: dmd" in block
+    assert docs.readme_tables() != block
+
+
+def test_docs_write_and_check(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    assert docs.main(["--check", str(readme)]) == 1  # absent
+    assert docs.main(["--write", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# simpletuner-dmd\n") and docs.BEGIN in text and docs.END in text
+    assert docs.main(["--check", str(readme)]) == 0
+
+    # prose around the block survives a rewrite; a stale block is replaced
+    stale = text.replace("`1000,757,522`", "`1000,500`").replace("| `fake_score_lr` |", "| `fake_lr` |")
+    readme.write_text("# Title\n\nIntro.\n\n" + stale.split("\n", 1)[1] + "\nMore prose.\n")
+    capsys.readouterr()
+    assert docs.main(["--check", str(readme)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "out of date" in err
+    assert docs.main(["--write", str(readme)]) == 0
+    new = readme.read_text()
+    assert new.startswith("# Title\n\nIntro.\n") and new.rstrip().endswith("More prose.")
+    assert "| `fake_score_lr` |" in new and "| `fake_lr` |" not in new
+    assert new.count(docs.BEGIN) == 1 and docs.check_readme(readme) is None
+    assert docs.main(["--write", str(readme)]) == 0 and readme.read_text() == new  # idempotent
+
+
+def test_docs_appends_the_markers_when_absent(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Project\n\nSome prose.\n")
+    assert docs.check_readme(readme) is not None
+    docs.write_readme(readme)
+    text = readme.read_text()
+    assert text.startswith("# Project\n\nSome prose.\n\n" + docs.BEGIN)
+    assert docs.check_readme(readme) is None
+
+
+# --------------------------------------------------------------------------- plugins
+
+
+def _module(name: str, **attrs) -> types.ModuleType:
+    module = types.ModuleType(name)
+    for key, value in attrs.items():
+        setattr(module, key, value)
+    return module
+
+
+def test_misspelled_hookimpl_fails_at_start_up():
+    @hookimpl
+    def distill_los(batch, step, host_loss):
+        return None
+
+    with pytest.raises(PluginError, match="distill_los") as info:
+        get_plugin_manager(entry_points=False, extra=[_module("typo_plugin", distill_los=distill_los)])
+    assert "typo_plugin" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_hookimpl_with_a_wrong_argument_fails_at_start_up():
+    @hookimpl
+    def distill_loss(batch, stepp):
+        return None
+
+    with pytest.raises(PluginError, match="stepp"):
+        get_plugin_manager(entry_points=False, extra=[_module("bad_args_plugin", distill_loss=distill_loss)])
+
+
+def _method_plugin(module_name: str, method_name: str) -> types.ModuleType:
+    cls = type("M", (), {"name": method_name, "summary": "x", "schema": Schema(keys=())})
+
+    @hookimpl
+    def register_methods(register):
+        register(cls)
+
+    return _module(module_name, register_methods=register_methods)
+
+
+def test_two_plugins_with_the_same_method_name_fail_naming_both():
+    pm = get_plugin_manager(entry_points=False,
+                            extra=[_method_plugin("plugin_alpha", "twin"), _method_plugin("plugin_beta", "twin")])
+    with pytest.raises(PluginError) as info:
+        registered_methods(pm)
+    message = str(info.value)
+    assert "'twin'" in message and "plugin_alpha" in message and "plugin_beta" in message
+
+
+def test_a_plugin_reusing_a_builtin_name_fails_naming_both():
+    pm = get_plugin_manager(entry_points=False, extra=[_method_plugin("plugin_gamma", "dmd")])
+    with pytest.raises(PluginError) as info:
+        registered_methods(pm)
+    message = str(info.value)
+    assert "simpletuner_dmd.methods.dmd.plugin" in message and "simpletuner-dmd" in message
+    assert "plugin_gamma" in message
+
+
+def _fake_distribution(root: Path, dist: str, ep_name: str, module: str, source: str) -> None:
+    info = root / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[simpletuner_dmd]\n{ep_name} = {module}\n")
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+
+
+@pytest.fixture
+def fresh_module_name():
+    name = f"stdmd_fake_{uuid.uuid4().hex[:8]}"
+    yield name
+    sys.modules.pop(name, None)
+
+
+FAMILY_PLUGIN = """
+    from simpletuner_dmd.hookspecs import hookimpl
+
+
+    class FakeFamily:
+        name = "fakefam"
+        summary = "a third-party test family"
+        causal = False
+
+
+    @hookimpl
+    def register_model_families(register):
+        register(FakeFamily)
+"""
+
+
+def test_an_installed_third_party_family_is_found(tmp_path, monkeypatch, fresh_module_name, capsys):
+    _fake_distribution(tmp_path, "fake-family-dist", "fakefam", fresh_module_name, FAMILY_PLUGIN)
+    assert "fakefam" not in registered_families(get_plugin_manager())  # not installed yet
+    monkeypatch.syspath_prepend(str(tmp_path))
+    families = registered_families(get_plugin_manager())
+    assert families["fakefam"].distribution == "fake-family-dist"
+    assert families["fakefam"].plugin == "fakefam"
+    assert families["fakefam"].cls.__module__ == fresh_module_name
+    assert families["wan"].distribution == "simpletuner-dmd"
+
+    # a config can select it, and the plugins command lists it with its distribution
+    from simpletuner_dmd.config import validate_config
+
+    rc = validate_config({"model_family": "fakefam", "max_train_steps": 1, "distillation_method": "dmd"},
+                         get_plugin_manager(), check_paths=False)
+    assert rc.family_cls is families["fakefam"].cls
+    from simpletuner_dmd.cli import main
+
+    capsys.readouterr()
+    assert main(["plugins"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["fakefam"])
+    assert row.split()[1] == "fake-family-dist"
+
+
+def test_a_plugin_that_fails_to_import_is_named_with_its_distribution(tmp_path, monkeypatch, fresh_module_name,
+                                                                      capsys):
+    _fake_distribution(tmp_path, "broken-family-dist", "brokenfam", fresh_module_name,
+                       "import simpletuner_dmd_no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PluginError) as info:
+        get_plugin_manager()
+    message = str(info.value)
+    assert "'brokenfam'" in message and "'broken-family-dist'" in message
+    assert "simpletuner_dmd_no_such_dependency_xyz" in message
+    assert isinstance(info.value, UserError)
+
+    from simpletuner_dmd.cli import main
+
+    capsys.readouterr()
+    assert main(["plugins"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: plugin 'brokenfam' from distribution 'broken-family-dist' failed to import")
+    assert get_plugin_manager(entry_points=False)  # the built-ins alone still load
