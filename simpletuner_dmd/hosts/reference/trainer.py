@@ -41,7 +41,9 @@ STUDENT_ADAPTER = "student"
 
 
 def log(message: str) -> None:
-    print(f"[simpletuner-dmd] {message}", flush=True)
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"[simpletuner-dmd] {message}")  # above the progress bar, not inside it
 
 
 @dataclass
