@@ -35,17 +35,27 @@ def _json_after(text: str, start_marker: str, end_marker: str | None = None) -> 
     return obj
 
 
+QUICKSTART = Path(__file__).resolve().parents[1] / "config_examples" / "wan-dmd-quickstart"
+
+
 @pytest.fixture(scope="module")
-def seed_text() -> str:
+def seed_config() -> dict:
+    """The seed quickstart's config.json, kept verbatim in config_examples/ (checked against the seed below)."""
+    return json.loads((QUICKSTART / "config.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def seed_advanced() -> dict:
+    return json.loads((QUICKSTART / "advanced_distillation_config.json").read_text(encoding="utf-8"))
+
+
+def test_vendored_quickstart_is_the_seed_verbatim(seed_config, seed_advanced):
     path = _seed_file()
     if path is None:
         pytest.skip(f"the seed quickstart {SEED_NAME} is not in ../shared/seed beside this repository")
-    return path.read_text(encoding="utf-8")
-
-
-@pytest.fixture(scope="module")
-def seed_config(seed_text) -> dict:
-    return _json_after(seed_text, "Edit your config/config.json:", "Key DMD Settings:")
+    text = path.read_text(encoding="utf-8")
+    assert seed_config == _json_after(text, "Edit your config/config.json:", "Key DMD Settings:")
+    assert seed_advanced == _json_after(text[text.index("Advanced Options"):], '"distillation_config":')
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +119,8 @@ def test_every_seed_key_is_known(seed_config):
     assert SEED_UNSUPPORTED <= set(SEED_KEYS_NOT_SUPPORTED)
 
 
-def test_seed_advanced_options_validate_and_warn_about_the_block_key(seed_text, seed_config, pm):
-    advanced = _json_after(seed_text[seed_text.index("Advanced Options"):], '"distillation_config":')
+def test_seed_advanced_options_validate_and_warn_about_the_block_key(seed_advanced, seed_config, pm):
+    advanced = seed_advanced
     assert advanced["dmd_denoising_steps"] == "1000,666,333"
     rc = validate_config({**seed_config, "distillation_config": advanced}, pm, check_paths=False)
     assert rc.method_config["dmd_denoising_steps"] == [1000, 666, 333]
@@ -391,3 +401,13 @@ def test_block_keys_do_not_warn_on_a_causal_family():
     rc = validate_config({**base(**NON_DEFAULT_BLOCK), "model_family": "causal-test"}, pm, check_paths=False)
     assert rc.family_cls is _CausalFamily
     assert rc.warnings == []
+
+
+def test_quickstart_backend_file_validates_with_warnings_for_unimplemented_keys():
+    from simpletuner_dmd.hosts.reference.data import load_backend_config
+
+    warned: list[str] = []
+    backends = load_backend_config(QUICKSTART / "multidatabackend.json", warn=warned.append)
+    assert [b["dataset_type"] for b in backends] == ["video", "text_embeds"]
+    for key in ("crop", "frame_interval", "minimum_image_size"):
+        assert sum(f"'{key}'" in w for w in warned) == 1, (key, warned)
