@@ -41,9 +41,7 @@ class Registered:
 
 def get_plugin_manager(*, entry_points: bool = True, extra: Iterable[object] = ()) -> pluggy.PluginManager:
     """A new plugin manager with the hookspecs, the built-ins, every ``simpletuner_dmd`` entry point and ``extra``."""
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
-    pm.add_hookspecs(hookspecs)
-    setattr(pm, _DISTRIBUTIONS, {})
+    pm = PluginManager()
     for module_name in BUILTIN_PLUGINS:
         _register(pm, importlib.import_module(module_name), module_name, DISTRIBUTION)
     if entry_points:
@@ -54,18 +52,23 @@ def get_plugin_manager(*, entry_points: bool = True, extra: Iterable[object] = (
         pm.check_pending()  # a misspelled hookimpl fails here, at start-up
     except pluggy.PluginValidationError as exc:
         name = pm.get_name(exc.plugin) or repr(exc.plugin)
-        dist = getattr(pm, _DISTRIBUTIONS).get(name) or _distribution_of(exc.plugin)
+        dist = pm.distributions.get(name) or _distribution_of(exc.plugin)
         raise PluginError(f"plugin {name!r} from distribution {dist!r} is broken: {_one_line(exc)}") from exc
     return pm
 
 
-# The distribution of each plugin registered by get_plugin_manager, by plugin name: an entry point knows its
-# distribution, which is more reliable than guessing from the module's top-level package (editable installs, a
-# distribution without a RECORD).
-_DISTRIBUTIONS = "_simpletuner_dmd_distributions"
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager with this project's hookspecs, plus the distribution of each plugin by name: an entry point
+    knows its distribution, which is more reliable than guessing from the module's top-level package (editable
+    installs, a distribution without a RECORD)."""
+
+    def __init__(self) -> None:
+        super().__init__(hookspecs.PROJECT)
+        self.add_hookspecs(hookspecs)
+        self.distributions: dict[str, str] = {}
 
 
-def _register(pm: pluggy.PluginManager, plugin: object, name: str | None, dist: str | None) -> None:
+def _register(pm: PluginManager, plugin: object, name: str | None, dist: str | None) -> None:
     try:
         name = pm.register(plugin, name=name)
     except pluggy.PluginValidationError as exc:  # e.g. a hookimpl whose arguments the hookspec does not have
@@ -73,7 +76,7 @@ def _register(pm: pluggy.PluginManager, plugin: object, name: str | None, dist: 
         raise PluginError(f"plugin {label!r} from distribution {dist or _distribution_of(plugin)!r} is broken: "
                           f"{_one_line(exc)}") from exc
     if name is not None and dist is not None:
-        getattr(pm, _DISTRIBUTIONS)[name] = dist
+        pm.distributions[name] = dist
 
 
 def _one_line(exc: BaseException) -> str:
@@ -113,7 +116,7 @@ def _collect(pm: pluggy.PluginManager, hook_name: str, kind: str) -> dict[str, R
             name = getattr(cls, "name", None)
             if not isinstance(name, str) or not name:
                 raise PluginError(f"{kind} class {cls!r} from plugin {impl.plugin_name!r} has no string 'name'")
-            dist = getattr(pm, _DISTRIBUTIONS, {}).get(impl.plugin_name) or _distribution_of(impl.plugin)
+            dist = getattr(pm, "distributions", {}).get(impl.plugin_name) or _distribution_of(impl.plugin)
             entry = Registered(name, cls, impl.plugin_name, dist)
             if name in found:
                 other = found[name]
