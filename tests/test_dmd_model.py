@@ -245,3 +245,33 @@ def test_lora_fake_score_needs_a_lora_student(tiny_wan):
 
     with pytest.raises(UserError, match="fake_score_type"):
         build(tiny_wan, host={"model_type": "full"}, dmd={"fake_score_type": "lora"})
+
+
+@pytest.mark.parametrize("guidance", [3.0, 1.0])
+def test_pass_counts_are_minimal(tiny_wan, guidance):
+    """Generator step: k+1 student forwards (one with grad) and one backward; one teacher forward (cond + uncond
+    batched); one no-grad fake forward; the critic's one forward + backward on the reused sample. Critic-only step: the
+    no-grad rollout and the critic, nothing else."""
+    run = build(tiny_wan, dmd={"generator_update_interval": 2, "real_score_guidance_scale": guidance})
+    for step in range(2):
+        result = run.method.distill_loss(batch=batch(b=2), step=step_info(step), host_loss=host_loss)
+        if result.loss is not None:
+            result.loss.backward()
+        run.method.distill_after_optimizer_step(step=step_info(step))
+        run.method.distill_metrics(step=step_info(step))
+        k = int(result.logs["dmd_exit_index"])
+        passes = run.method.last_step_passes
+        if step == 0:
+            assert passes == {
+                "student_forward": k + 1, "student_forward_samples": 2 * (k + 1), "student_forward_with_grad": 1,
+                "student_backward": 1,
+                "teacher_forward": 1, "teacher_forward_samples": 4 if guidance > 1 else 2,
+                "fake_score_forward": 2, "fake_score_forward_samples": 4, "fake_score_forward_with_grad": 1,
+                "fake_score_backward": 1,
+            }, passes
+        else:
+            assert passes == {
+                "student_forward": k + 1, "student_forward_samples": 2 * (k + 1),
+                "fake_score_forward": 1, "fake_score_forward_samples": 2, "fake_score_forward_with_grad": 1,
+                "fake_score_backward": 1,
+            }, passes

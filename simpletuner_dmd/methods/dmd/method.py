@@ -21,6 +21,7 @@ import torch
 from ...adapters import AdapterSwitch, adapter_parameters
 from ...errors import UserError
 from ...hookspecs import hookimpl
+from ...passes import PassCounter
 from ...types import Batch, RunContext, StepInfo, StepLoss
 from . import loss as L
 from .config import DMD_SCHEMA, block_key_warnings
@@ -56,6 +57,8 @@ class DMD:
         self.steps: list[int] = list(config["dmd_denoising_steps"])
         self._pending: list[_Stash] = []
         self._critic_logs: dict[str, float] = {}
+        self.passes = PassCounter()  # network passes by role in the current optimizer step
+        self.last_step_passes: dict[str, int] = {}
         self.generator_updates = 0
         self.critic_updates = 0
         real, fake = config["real_score_guidance_scale"], config["fake_score_guidance_scale"]
@@ -128,8 +131,10 @@ class DMD:
 
     # ------------------------------------------------------------------ the three networks
 
-    def _student_x0(self, cond: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def _student_x0(self, cond: Any, *, count: bool = True) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if count:  # validation sampling is not a training pass
+                self.passes.forward("student", x.shape[0], grad=torch.is_grad_enabled())
             return L.flow_to_x0(x, self.family.predict_flow(self.student, x, t, cond), t)
 
         return predict
@@ -138,6 +143,7 @@ class DMD:
         return self.switch.use(FAKE_ADAPTER) if self.fake_type == "lora" else _null()
 
     def _teacher_flow(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        self.passes.forward("teacher", x_t.shape[0], grad=torch.is_grad_enabled())
         if self.run.teacher is not None:
             return self.family.predict_flow(self.run.teacher, x_t, t, cond)
         with self.switch.disabled():
@@ -154,6 +160,7 @@ class DMD:
         return combine(x0_c, x0_u)
 
     def _fake_flow(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        self.passes.forward("fake_score", x_t.shape[0], grad=torch.is_grad_enabled())
         return self.family.predict_flow(self.fake_net, x_t, t, cond)
 
     def _draw_t(self, batch: int, denoised_from: float, denoised_to: float, device) -> torch.Tensor:
@@ -187,6 +194,7 @@ class DMD:
             return StepLoss(None, logs)
 
         x0_gen = roll.x0
+        self.passes.on_backward(x0_gen, "student")
         with torch.no_grad():
             t = self._draw_t(x0_gen.shape[0], roll.denoised_from, roll.denoised_to, x0_gen.device)
             x_t = L.add_noise(x0_gen.detach(), torch.randn_like(x0_gen), t).to(latents.dtype)
@@ -230,6 +238,7 @@ class DMD:
                 flow = self._fake_flow(x_t, t, item.cond)
                 critic_loss = L.critic_flow_loss(flow, x0, noise)
                 accelerator.backward(critic_loss * scale)
+                self.passes.backward("fake_score")
                 losses.append(float(critic_loss.detach()))
             clip = self.cfg["fake_score_grad_clip"]
             grad_norm = accelerator.clip_grad_norm_(self.fake_params, clip if clip > 0 else float("inf"))
@@ -245,14 +254,16 @@ class DMD:
 
     @hookimpl
     def distill_metrics(self, step: StepInfo) -> dict[str, float]:
-        return dict(self._critic_logs)
+        # Called once per optimizer step after the critic's turn: the step's passes are complete.
+        self.last_step_passes = self.passes.take()
+        return {**self._critic_logs, **{f"passes/{k}": float(v) for k, v in self.last_step_passes.items()}}
 
     # ------------------------------------------------------------------ sampling
 
     @hookimpl
     def distill_sampler(self):
         def sampler(noise, cond, uncond, guidance_scale, generator):
-            predict = self._student_x0(cond)
+            predict = self._student_x0(cond, count=False)
             if uncond is not None and guidance_scale not in (0.0, 1.0):
                 def predict(x, t, _cond=cond):  # noqa: F811 — CFG on the student when the host asks for it
                     both = self.family.concat_conditions([_cond, self.family.repeat_condition(uncond, x.shape[0])])
