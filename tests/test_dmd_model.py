@@ -34,7 +34,8 @@ def build(tiny_wan, *, host=None, dmd=None, negative="ugly, blurry"):
     family = WanFamily()
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
-    models = T._load_models(cfg, SimpleNamespace(method_cls=DMD), family, accelerator, torch.float32)
+    models = T.build_models(cfg, family, accelerator, distilling=True,
+                            new_network=lambda: T._fresh_network(cfg, family, torch.float32))
     method = DMD(dmd_cfg)
     method.distill_setup(RunContext(
         host_config=cfg, method_config=dmd_cfg, family=family, student=models.network, accelerator=accelerator,

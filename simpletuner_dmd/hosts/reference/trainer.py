@@ -99,7 +99,8 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
     empty_cond = encode_prompts([""])  # caption dropout in the host's own loss
 
     # ---- 3. the student
-    models = _load_models(host, rc, family, accelerator, weight_dtype)
+    new_network = lambda: _fresh_network(host, family, weight_dtype)  # noqa: E731
+    models = build_models(host, family, accelerator, new_network=new_network, distilling=rc.method_cls is not None)
 
     # ---- 4. the method
     method = None
@@ -111,7 +112,7 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
             accelerator=accelerator, encode_prompts=encode_prompts,
             negative_prompt=host["validation_negative_prompt"], output_dir=out, model_type=host["model_type"],
             student_adapter=STUDENT_ADAPTER if host["model_type"] == "lora" else None,
-            load_base=lambda: _fresh_network(host, family, weight_dtype).to(accelerator.device),
+            load_base=lambda: new_network().to(accelerator.device),
             teacher=models.teacher, seed=seed, warn=lambda m: log(f"warning: {m}"),
         ))
     components.text_encoder = None  # every prompt is encoded now; free the encoder
@@ -290,8 +291,12 @@ def _fresh_network(host, family, dtype) -> torch.nn.Module:
     return network
 
 
-def _load_models(host, rc, family, accelerator, dtype) -> Models:
-    network = _fresh_network(host, family, dtype)
+def build_models(host: dict, family, accelerator, *, new_network: Callable[[], torch.nn.Module],
+                 distilling: bool) -> Models:
+    """The student the host trains, from ``new_network()`` (a frozen copy of the base, e.g. loaded from the model
+    folder): quantized and given the student's LoRA (``model_type: lora``), or made trainable with a separate frozen
+    teacher when a method distils a full student. Benchmarks and tests build their students through this too."""
+    network = new_network()
     if host["quantize_via"] == "accelerator":
         network.to(accelerator.device)
     teacher = None
@@ -311,8 +316,8 @@ def _load_models(host, rc, family, accelerator, dtype) -> Models:
             log("warning: base_model_precision: ignored with model_type full (every weight trains)")
         network.requires_grad_(True)
         params = dict(network.named_parameters())
-        if rc.method_cls is not None:  # a distilled full student needs its teacher kept apart
-            teacher = _fresh_network(host, family, dtype).to(accelerator.device).eval()
+        if distilling:  # a distilled full student needs its teacher kept apart
+            teacher = new_network().to(accelerator.device).eval()
     for p in params.values():
         p.data = p.data.float()  # trainable weights stay fp32; compute runs in the autocast dtype
         p.requires_grad_(True)
