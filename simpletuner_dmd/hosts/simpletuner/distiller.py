@@ -1,0 +1,293 @@
+"""SimpleTuner's distiller interface, served by any method registered with this plugin.
+
+SimpleTuner's trainer (3.1.6) calls a distiller object in this order (``patch.py`` makes its factory build this one)::
+
+    construction                                   -> distill_setup(run)
+    on_load_checkpoint(dir)   (resume)             -> distill_load_state(dir)
+    per micro-batch:
+        prepare_batch, pre_training_step           (pass-through)
+        compute_distill_loss(batch, pred, loss)    -> distill_loss(batch, step, host_loss) → the loss SimpleTuner
+        generator_loss_step(batch, pred, loss)        back-propagates (pass-through: the work is done above)
+    once per optimizer step (after the student's optimizer.step and zero_grad, only when gradients sync):
+        discriminator_step(prepared_batch)         -> distill_after_optimizer_step(step) + distill_metrics(step)
+        post_training_step                         (pass-through)
+    on_save_checkpoint(step, dir)                  -> distill_save_state(dir)
+
+Nothing here imports SimpleTuner: the distiller talks to SimpleTuner's model object by duck typing (``model.config``,
+``model.accelerator``, ``model.get_trained_component()``, ``model.encode_text_batch``), so it can be exercised with a
+stand-in object of that shape (the equivalence test does).
+
+Metrics reach SimpleTuner's tracker because SimpleTuner keeps the very dict ``compute_distill_loss`` returns and merges
+it into its log line *after* ``discriminator_step``: the critic's metrics are added to that dict in place.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ...config import parse_distillation_config, select_method_section
+from ...errors import ConfigError, UserError
+from ...plugins import get_family_class, get_method_class, get_plugin_manager, registered_methods
+from ...types import Batch, RunContext, StepInfo, StepLoss
+
+STATE_FILE = "simpletuner_dmd_bridge.json"
+NEGATIVE_EMBEDS_ATTR = "_simpletuner_dmd_negative_embeds"  # set on SimpleTuner's model by patch.py
+
+
+def log(message: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"[simpletuner-dmd] {message}")  # above SimpleTuner's progress bar
+
+
+def method_config_for(config: Mapping[str, Any], method_name: str, pm) -> tuple[type, dict[str, Any]]:
+    """The method class and its validated config from SimpleTuner's config (``distillation_config`` as SimpleTuner
+    parsed it: a dict, or a string when it did not start with ``{``). Raises ``ConfigError`` with every problem."""
+    cls = get_method_class(pm, method_name)
+    section, problems = parse_distillation_config(config.get("distillation_config"))
+    if section is not None:
+        section, problems = select_method_section(method_name, section, registered_methods(pm))
+    if problems:
+        raise ConfigError(problems)
+    values, problems, _ = cls.schema.validate(section, prefix="distillation_config")
+    if problems:
+        raise ConfigError(problems)
+    return cls, values
+
+
+def negative_prompts_for(config: Mapping[str, Any], method_config: Mapping[str, Any]) -> list[str]:
+    """Every text a method may ask ``encode_prompts`` for at setup: the host's negative prompt and, when the method
+    config names its own (DMD's ``negative_prompt``), that one."""
+    texts = [config.get("validation_negative_prompt") or ""]
+    own = method_config.get("negative_prompt")
+    if isinstance(own, str) and own not in texts:
+        texts.append(own)
+    return texts
+
+
+def as_condition(encoded: Any) -> torch.Tensor:
+    """SimpleTuner's ``encode_text_batch`` output for Wan (``{"prompt_embeds", "attention_masks"}``, or the raw
+    ``(embeds, masks)``) → the ``(1, L, D)`` tensor its batches carry as ``encoder_hidden_states``."""
+    if isinstance(encoded, Mapping):
+        encoded = encoded["prompt_embeds"]
+    elif isinstance(encoded, (tuple, list)):
+        encoded = encoded[0]
+    if encoded.ndim == 2:
+        encoded = encoded.unsqueeze(0)
+    return encoded
+
+
+class PluginDistiller:
+    """One plugin method inside SimpleTuner's trainer. Built by the patched ``DistillerFactory.create_distiller`` with
+    the same arguments SimpleTuner gives its own distillers."""
+
+    def __init__(self, method_name: str, *, teacher_model, noise_scheduler=None, config: Mapping[str, Any],
+                 model_type: str = "lora", model_family: str | None = None, prediction_type: str | None = None,
+                 student_model=None, plugin_manager=None, load_base: Callable[[], torch.nn.Module] | None = None):
+        self.model = teacher_model  # SimpleTuner's model object (ImageModelFoundation); the student is its LoRA
+        self.config = config
+        self.method_name = method_name
+        self.pm = plugin_manager or get_plugin_manager()
+        if student_model is not None:
+            raise UserError("the simpletuner-dmd bridge expects SimpleTuner's single-model setup (student_model=None)")
+        if prediction_type not in (None, "flow_matching"):
+            raise UserError(f"distillation_method {method_name}: {model_family} predicts {prediction_type}; the "
+                            "plugin's methods need a flow-matching model family")
+        if model_type == "lora" and str(config.get("lora_type", "standard")).lower() != "standard":
+            raise UserError(f"lora_type {config.get('lora_type')!r}: the bridge supports standard (peft) LoRA only")
+
+        method_cls, self.method_config = method_config_for(config, method_name, self.pm)
+        family_cls = get_family_class(self.pm, str(model_family or config.get("model_family")))
+        for warning in getattr(method_cls, "config_warnings", lambda *a: [])(self.method_config, family_cls,
+                                                                             dict(config)):
+            log(f"warning: {warning}")
+        weight_dtype = config.get("weight_dtype") or torch.float32
+        self.family = family_cls(autocast_dtype=None if weight_dtype == torch.float32 else weight_dtype)
+        self.accelerator = teacher_model.accelerator
+        self.seed = int(config.get("seed") or 0)
+        self.accumulation = int(config.get("gradient_accumulation_steps") or 1)
+        self.global_step = 0  # optimizer steps completed (restored on resume)
+        self._micro = 0
+        self._logs: dict[str, float] = {}
+
+        student = teacher_model.get_trained_component()
+        self.student = student
+        adapter = None
+        if model_type == "lora":
+            names = list(getattr(student, "peft_config", {}) or {})
+            if len(names) != 1:
+                raise UserError(f"expected SimpleTuner's one LoRA adapter on the {type(student).__name__}, found "
+                                f"{names or 'none'}")
+            adapter = names[0]  # SimpleTuner's add_lora_adapter() names it "default"
+        trainable_before = {id(p) for p in student.parameters() if p.requires_grad}
+
+        if load_base is None:
+            def load_base():
+                net = self.family.load_network(str(config.get("pretrained_transformer_model_name_or_path")
+                                                   or config["pretrained_model_name_or_path"]), dtype=weight_dtype)
+                return net.requires_grad_(False).to(self.accelerator.device)
+
+        self.method = method_cls(self.method_config)
+        self.pm.register(self.method, name=f"method:{method_name}")
+        self.pm.hook.distill_setup(run=RunContext(
+            host_config=dict(config), method_config=self.method_config, family=self.family, student=student,
+            accelerator=self.accelerator, encode_prompts=self._encode_prompts,
+            negative_prompt=config.get("validation_negative_prompt") or "",
+            output_dir=Path(str(config.get("output_dir") or ".")), model_type=model_type, student_adapter=adapter,
+            load_base=load_base,
+            teacher=load_base().eval() if model_type == "full" else None,  # a full student needs a frozen teacher
+            seed=self.seed, warn=lambda m: log(f"warning: {m}"),
+        ))
+
+        # SimpleTuner's optimizer, gradient clip and max-gradient metric take every parameter of the trained
+        # component that requires a gradient (Trainer._get_trainable_parameters), and its optimizer is built after
+        # this constructor. Parameters the method made trainable on that component (DMD's fake-score adapter) belong
+        # to the method's own optimizer: patch.py filters them out of SimpleTuner's list (host_parameters).
+        method_ids = {id(p) for p in student.parameters() if p.requires_grad and id(p) not in trainable_before}
+        self.method_params = [p for p in student.parameters() if id(p) in method_ids]
+        self._method_param_ids = method_ids
+        self.student_params = self.host_parameters(student.parameters())
+        log(f"{method_name} serves SimpleTuner's distiller interface; family {self.family.name}; student "
+            f"{'adapter ' + repr(adapter) if adapter else 'full model'}: "
+            f"{sum(p.numel() for p in self.student_params):,} trainable parameters; "
+            f"{sum(p.numel() for p in self.method_params):,} parameters of the method's own on the same network")
+
+    def host_parameters(self, parameters) -> list[torch.nn.Parameter]:
+        """What SimpleTuner's optimizer and clip may hold: trainable parameters that are not the method's own."""
+        return [p for p in parameters if p.requires_grad and id(p) not in self._method_param_ids]
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _encode_prompts(self, texts: list[str]) -> torch.Tensor:
+        """SimpleTuner unloads its text encoder before it builds the distiller, so ``patch.py`` encodes the negative
+        prompt(s) with SimpleTuner's own encoder just before that unload and leaves them on the model object. When the
+        encoder is still loaded (e.g. ``train_text_encoder``) texts are encoded now."""
+        cached: dict[str, torch.Tensor] = getattr(self.model, NEGATIVE_EMBEDS_ATTR, None) or {}
+        out = []
+        for text in texts:
+            if text in cached:
+                cond = cached[text]
+            elif getattr(self.model, "text_encoders", None):
+                with torch.no_grad():
+                    cond = as_condition(self.model.encode_text_batch([text], is_negative_prompt=True))
+            else:
+                raise UserError(
+                    f"the text {text!r} was not encoded before SimpleTuner unloaded its text encoder; start training "
+                    "with `simpletuner-dmd simpletuner-train` (or `python -m simpletuner_dmd.hosts.simpletuner`), "
+                    "which encode the negative prompt with SimpleTuner's encoder before the unload")
+            out.append(cond.to(self.accelerator.device))
+        return torch.cat(out)
+
+    def _step_info(self, micro: int) -> StepInfo:
+        # The reference host's formula: the same seed, step and micro-batch give the same draws in both hosts.
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.global_step * 1_009 + micro)
+                                                  % (2 ** 63))
+        return StepInfo(self.global_step, micro, self.accumulation, bool(self.accelerator.sync_gradients), generator)
+
+    # ------------------------------------------------------------------ SimpleTuner's distiller interface
+
+    def compute_distill_loss(self, prepared_batch: dict, model_output: Any, original_loss: torch.Tensor):
+        batch = Batch(latents=prepared_batch["latents"], cond=prepared_batch["encoder_hidden_states"],
+                      captions=list(prepared_batch.get("prompts") or []), extras={"simpletuner": prepared_batch})
+        info = self._step_info(self._micro)
+        self._micro += 1
+        result: StepLoss | None = self.pm.hook.distill_loss(batch=batch, step=info, host_loss=lambda: original_loss)
+        logs: dict[str, float] = {}
+        self._logs = logs  # SimpleTuner keeps this dict: discriminator_step adds the critic's metrics to it
+        if result is None:  # the method lets SimpleTuner's own loss stand
+            return original_loss, logs
+        logs.update(result.logs)
+        if result.loss is None:
+            return self._no_student_update(original_loss), logs
+        return result.loss, logs
+
+    def _no_student_update(self, original_loss: torch.Tensor) -> torch.Tensor:
+        """SimpleTuner back-propagates whatever is returned and then always clips and steps its optimizer, so a
+        critic-only step cannot skip the student's update the way the reference host does. The loss returned is
+        ``0 * Σ student parameters``: graph-valid and cheap (no backward through the network), every student
+        gradient is an exact zero (so every process's DDP hook fires too). Leaving the gradients ``None`` instead
+        would crash SimpleTuner's default ``grad_clip_method: value`` (torch's ``clip_grad_value_`` fails on an empty
+        gradient list). With zero gradients, AdamW's momentum and weight decay still move the student on such steps
+        (see docs/simpletuner.md)."""
+        if not self.student_params:
+            return original_loss * 0.0
+        return sum(p.sum() for p in self.student_params).to(original_loss.dtype) * 0.0
+
+    def generator_loss_step(self, prepared_batch: dict, model_output: Any, current_loss: torch.Tensor):
+        return current_loss, {}
+
+    def discriminator_step(self, prepared_batch: dict | None = None, **kwargs: Any) -> None:
+        info = self._step_info(self.accumulation - 1)
+        self.pm.hook.distill_after_optimizer_step(step=info)
+        metrics: dict[str, float] = {}
+        for extra in self.pm.hook.distill_metrics(step=info):
+            metrics.update(extra or {})
+        self._logs.update(metrics)
+        self.global_step += 1
+        self._micro = 0
+        if self.accelerator.is_main_process:
+            shown = {k: v for k, v in self._logs.items() if "/" not in k}
+            log(f"step {self.global_step}: " + " ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items())))
+
+    def on_save_checkpoint(self, step: int, ckpt_dir: str) -> None:
+        folder = Path(ckpt_dir)
+        self.pm.hook.distill_save_state(checkpoint_dir=folder)
+        if self.accelerator.is_main_process:
+            (folder / STATE_FILE).write_text(json.dumps({"method": self.method_name, "global_step": self.global_step,
+                                                          "simpletuner_step": int(step)}))
+
+    def on_load_checkpoint(self, ckpt_dir: str) -> None:
+        folder = Path(ckpt_dir)
+        state_file = folder / STATE_FILE
+        if not state_file.is_file():
+            raise UserError(f"checkpoint {folder} has no {STATE_FILE}: it was not written by a "
+                            f"distillation_method {self.method_name} run through simpletuner-dmd")
+        state = json.loads(state_file.read_text())
+        if state.get("method") != self.method_name:
+            raise UserError(f"checkpoint {folder} was written by distillation_method {state.get('method')!r}, "
+                            f"this run uses {self.method_name!r}")
+        self.pm.hook.distill_load_state(checkpoint_dir=folder)
+        self.global_step = int(state["global_step"])
+        self._micro = 0
+        log(f"restored {self.method_name} state from {folder} at step {self.global_step}")
+
+    # ------------------------------------------------------------------ the rest of SimpleTuner's interface
+
+    def prepare_batch(self, batch, model, state):
+        return batch
+
+    def pre_training_step(self, model, step) -> None:
+        pass
+
+    def post_training_step(self, model, step) -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int) -> None:
+        pass
+
+    def requires_distillation_cache(self) -> bool:
+        return False
+
+    def get_required_distillation_cache_type(self):
+        return None
+
+    def get_ode_generator_provider(self):
+        return None
+
+    def consumes_caption_batches(self) -> bool:
+        return False
+
+    def get_scheduler(self, scheduler_name: str | None = None):
+        return None  # SimpleTuner's validation keeps its own scheduler (see docs/simpletuner.md)
+
+    def toggle_adapter(self, enable: bool = False) -> None:
+        component = self.model.get_trained_component()
+        component.enable_lora() if enable else component.disable_lora()
+
+
+__all__ = ["PluginDistiller", "STATE_FILE", "NEGATIVE_EMBEDS_ATTR", "method_config_for", "negative_prompts_for",
+           "as_condition"]
