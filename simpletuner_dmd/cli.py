@@ -1,4 +1,4 @@
-"""``simpletuner-dmd``: train, validate-config, plugins, make-example.
+"""``simpletuner-dmd``: train, validate-config, plugins, simpletuner-train, make-example.
 
 A user error (``UserError``) prints ``error: …`` lines and exits with status 2; anything else is a bug and keeps its
 traceback.
@@ -25,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-check-paths", action="store_true", help="do not require the model and data files to exist")
 
     sub.add_parser("plugins", help="list every method and model family and the distribution providing it")
+
+    p = sub.add_parser("simpletuner-train", help="run SimpleTuner's own trainer with this plugin's methods "
+                                                  "(SimpleTuner installed; see docs/simpletuner.md)")
+    p.add_argument("--config", type=Path, default=None, help="SimpleTuner's config.json (default: its own lookup)")
 
     p = sub.add_parser("make-example", help="build the tiny local Wan model and dataset of the embedded example")
     p.add_argument("workdir", type=Path, nargs="?", default=Path("work"))
@@ -64,6 +68,10 @@ def _run(args: argparse.Namespace) -> int:
                 summary = getattr(entry.cls, "summary", "")
                 print(f"  {name:<12} {entry.distribution:<24} {summary}")
         return 0
+    if args.command == "simpletuner-train":
+        from .hosts.simpletuner.launcher import run
+
+        return run(args.config)
     if args.command == "make-example":
         from .hosts.reference.tiny import make_example
 
