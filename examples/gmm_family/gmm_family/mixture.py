@@ -1,0 +1,136 @@
+"""A 2-D Gaussian mixture, its exact flow-matching teacher and a small MLP network.
+
+Flow matching convention of simpletuner-dmd: ``x_σ = (1 − σ)·x0 + σ·ε``, ``t = 1000·σ``, networks predict the flow
+``v = ε − x0``.
+
+Why the teacher is exact: for component k (mean μ_k, covariance s²·I) the noisy point is Gaussian too,
+``x_σ | k ~ N(a·μ_k, v·I)`` with ``a = 1 − σ`` and ``v = a²s² + σ²``. So the responsibilities ``r_k(x_σ)`` are a softmax
+of Gaussian log-densities, ``E[x0 | x_σ, k] = μ_k + (a·s²/v)(x_σ − a·μ_k)``, and with ``y = x_σ − a·μ_k`` the flow
+``(x_σ − E[x0 | x_σ, k]) / σ`` simplifies to ``y·(σ − a·s²)/v − μ_k`` (no division by σ, so it is finite at σ = 0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Mixture:
+    """Modes on a ring (``ring(...)``) or given explicitly; every component has covariance ``std²·I``."""
+
+    means: list[list[float]]
+    std: float = 0.1
+    weights: list[float] = field(default_factory=list)  # empty: equal weights
+
+    @classmethod
+    def ring(cls, modes: int = 8, radius: float = 1.0, std: float = 0.1) -> "Mixture":
+        angles = [2 * math.pi * k / modes for k in range(modes)]
+        return cls([[radius * math.cos(a), radius * math.sin(a)] for a in angles], std)
+
+    @property
+    def mu(self) -> torch.Tensor:
+        return torch.tensor(self.means, dtype=torch.float64)
+
+    @property
+    def pi(self) -> torch.Tensor:
+        w = torch.tensor(self.weights or [1.0] * len(self.means), dtype=torch.float64)
+        return w / w.sum()
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` exact samples, ``(n, 2)`` float32."""
+        k = torch.multinomial(self.pi, n, replacement=True, generator=generator)
+        eps = torch.randn(n, 2, generator=generator, dtype=torch.float64)
+        return (self.mu[k] + self.std * eps).float()
+
+    def flow(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The exact ``E[ε − x0 | x_σ]`` for ``x`` ``(B, 2)`` and ``sigma`` ``(B,)`` (computed in fp64)."""
+        x64, s = x.double(), sigma.double().clamp(0.0, 1.0)[:, None, None]  # (B, 1, 1)
+        mu = self.mu.to(x.device)[None]  # (1, K, 2)
+        a = 1.0 - s
+        var = a ** 2 * self.std ** 2 + s ** 2  # (B, 1, 1)
+        y = x64[:, None, :] - a * mu  # (B, K, 2)
+        logp = torch.log(self.pi.to(x.device))[None] - (y ** 2).sum(-1) / (2 * var[..., 0]) - torch.log(var[..., 0])
+        r = torch.softmax(logp, dim=1)[..., None]  # (B, K, 1)
+        flow_k = y * (s - a * self.std ** 2) / var - mu
+        return (r * flow_k).sum(1).to(x.dtype)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class ClosedFormTeacher(nn.Module):
+    """The exact teacher as a module: ``forward(x_t (B, 2, 1, 1, 1), t (B,)) → flow`` of the same shape."""
+
+    kind = "closed_form"
+
+    def __init__(self, mixture: Mixture):
+        super().__init__()
+        self.mixture = mixture
+        self.register_buffer("_device_anchor", torch.zeros(()), persistent=False)
+
+    def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        flat = x_t.reshape(x_t.shape[0], -1)
+        return self.mixture.flow(flat, timesteps.float() / 1000.0).reshape(x_t.shape)
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "mixture": self.mixture.to_json()}
+
+
+class FlowMLP(nn.Module):
+    """A small MLP flow predictor: ``[x, Fourier features of σ] → v``, for the student and the fake score."""
+
+    kind = "mlp"
+
+    def __init__(self, dim: int = 2, hidden: int = 256, layers: int = 3, frequencies: int = 16):
+        super().__init__()
+        self.dims = {"dim": dim, "hidden": hidden, "layers": layers, "frequencies": frequencies}
+        self.register_buffer("freqs", torch.pi * 2.0 ** torch.linspace(0, 6, frequencies), persistent=False)
+        blocks: list[nn.Module] = [nn.Linear(dim + 2 * frequencies + 1, hidden), nn.SiLU()]
+        for _ in range(layers - 1):
+            blocks += [nn.Linear(hidden, hidden), nn.SiLU()]
+        blocks.append(nn.Linear(hidden, dim))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        flat = x_t.reshape(x_t.shape[0], -1)
+        sigma = (timesteps.float() / 1000.0)[:, None]
+        angles = sigma * self.freqs[None]
+        feats = torch.cat([flat.float(), sigma, torch.sin(angles), torch.cos(angles)], dim=1)
+        return self.net(feats).reshape(x_t.shape).to(x_t.dtype)
+
+    def config(self) -> dict:
+        return {"kind": self.kind, **self.dims}
+
+
+def save_network(network: nn.Module, folder: str | Path) -> Path:
+    """A "model folder": ``config.json`` (+ ``model.safetensors`` for an MLP)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(network.config(), indent=1))
+    if isinstance(network, FlowMLP):
+        save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()},
+                  str(folder / "model.safetensors"))
+    return folder
+
+
+def load_network(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    kind = config.pop("kind")
+    if kind == ClosedFormTeacher.kind:
+        return ClosedFormTeacher(Mixture(**config["mixture"]))
+    if kind == FlowMLP.kind:
+        network = FlowMLP(**config)
+        network.load_state_dict(load_file(str(folder / "model.safetensors")))
+        return network.to(dtype)
+    raise ValueError(f"{folder}: unknown network kind {kind!r}")

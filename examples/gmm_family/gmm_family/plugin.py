@@ -1,0 +1,73 @@
+"""The plugin module named by the ``simpletuner_dmd`` entry point: one family class and its registration hook.
+
+Only what methods need (``predict_flow``, ``frame_axis``, condition batching) plus what a small host uses
+(``load_network``, ``euler_sampler``). Conditions are ignored by the mixture (it is unconditional); they travel as
+``(B, 1)`` tensors so that batching them works like any other family's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from simpletuner_dmd import hookimpl
+
+
+class GMMFamily:
+    name = "gmm"
+    summary = "2-D Gaussian mixture: exact flow-matching teacher, MLP student and fake score (example plugin)"
+    causal = False
+    lora_target_modules = ("net.0", "net.2", "net.4")
+
+    def __init__(self, *, autocast_dtype: torch.dtype | None = None):
+        self.autocast_dtype = autocast_dtype  # unused: everything is fp32/fp64
+
+    # ---- what every method uses
+    def predict_flow(self, network: torch.nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor, cond
+                     ) -> torch.Tensor:
+        """The flow ``ε − x0`` at ``t = 1000·σ``; ``x_t`` is ``(B, 2, 1, 1, 1)``."""
+        if timesteps.ndim != 1 or timesteps.shape[0] != x_t.shape[0]:
+            raise ValueError(f"one timestep per sample expected, got {tuple(timesteps.shape)} for {tuple(x_t.shape)}")
+        return network(x_t, timesteps)
+
+    def frame_axis(self) -> int:
+        return 2
+
+    def concat_conditions(self, conds: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(conds, dim=0)
+
+    def repeat_condition(self, cond: torch.Tensor, batch_size: int) -> torch.Tensor:
+        return cond.expand(batch_size, *cond.shape[1:])
+
+    # ---- what a host uses
+    def load_network(self, model_path: str | Path, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        from .mixture import load_network
+
+        return load_network(model_path, dtype)
+
+    def latent_shape(self) -> tuple[int, ...]:
+        return (2, 1, 1, 1)
+
+    def encode_prompts(self, texts: list[str]) -> torch.Tensor:
+        return torch.zeros(len(texts), 1)
+
+    def euler_sampler(self, network: torch.nn.Module, *, steps: int, shift: float = 1.0):
+        """Euler on the flow ODE over ``steps`` uniform (optionally shifted) σs from 1 to 0."""
+
+        def sample(noise, cond, uncond, guidance_scale, generator):
+            sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+            sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+            x = noise
+            with torch.no_grad():
+                for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+                    t = torch.full((x.shape[0],), s * 1000.0, device=x.device)
+                    x = x + (s_next - s) * self.predict_flow(network, x, t, cond)
+            return x
+
+        return sample
+
+
+@hookimpl
+def register_model_families(register):
+    register(GMMFamily)
