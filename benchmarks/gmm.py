@@ -1,0 +1,204 @@
+"""Case A: DMD on a 2-D Gaussian mixture with an exact teacher, through a third-party family plugin and the public hooks.
+
+The family (``examples/gmm_family``, installed with ``pip install -e examples/gmm_family``) is found through its
+``simpletuner_dmd`` entry point. ``distil`` below is a small host: it builds the plugin manager, takes the DMD class
+from ``registered_methods(pm)["dmd"]``, validates the method config with the class's schema, registers the instance and
+drives the step-loop hooks in the order the hookspecs document (``distill_setup``, then per optimizer step
+``distill_loss`` → backward → student step → ``distill_after_optimizer_step`` → ``distill_metrics``; then
+``distill_sampler`` for the samples). Nothing in ``simpletuner_dmd.methods`` is imported.
+
+``model_type: full``: the student is a trainable MLP, the fake score a full trainable copy made by ``run.load_base()``,
+and the real score ``run.teacher`` is the closed-form teacher. The student and the fake score start from ``base``, an
+MLP fitted to the mixture by ordinary flow matching (DMD2 starts both from the teacher's weights; a closed form has no
+weights, so this fitted MLP stands in for them).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from simpletuner_dmd.plugins import get_plugin_manager, registered_families, registered_methods
+from simpletuner_dmd.types import Batch, RunContext, StepInfo
+
+RING = {"modes": 8, "radius": 1.0, "std": 0.1}
+N_REFERENCE = 20_000
+N_SAMPLES = 10_000
+
+
+def family_and_mixture():
+    pm = get_plugin_manager()
+    families = registered_families(pm)
+    if "gmm" not in families:
+        raise SystemExit("the gmm family is not installed: pip install -e examples/gmm_family")
+    family = families["gmm"].cls()
+    from gmm_family import Mixture  # the plugin's own package (installed with it)
+
+    return family, Mixture.ring(**RING)
+
+
+# --------------------------------------------------------------------------- the teacher's weights (an MLP fit)
+
+
+def fit_base(folder: Path, *, steps: int = 3000, batch_size: int = 1024, seed: int = 0, log=print) -> Path:
+    """Fit a ``FlowMLP`` to the mixture by flow matching (cached in ``folder``); also save the exact teacher."""
+    from gmm_family import ClosedFormTeacher, FlowMLP, save_network
+
+    family, mixture = family_and_mixture()
+    base, teacher = folder / "base", folder / "teacher"
+    if (base / "model.safetensors").is_file() and (teacher / "config.json").is_file():
+        return folder
+    save_network(ClosedFormTeacher(mixture), teacher)
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    net = FlowMLP()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    start = time.time()
+    for _ in range(steps):
+        x0 = mixture.sample(batch_size, g).view(-1, 2, 1, 1, 1)
+        eps = torch.randn_like(x0)
+        sigma = torch.rand(x0.shape[0])
+        x_t = (1 - sigma.view(-1, 1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1, 1) * eps
+        loss = torch.mean((family.predict_flow(net, x_t, sigma * 1000, None) - (eps - x0)) ** 2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    save_network(net, base)
+    log(f"case A: fitted the base MLP by flow matching ({steps} steps, {time.time() - start:.0f} s): {base}")
+    return folder
+
+
+# --------------------------------------------------------------------------- the small host
+
+
+@dataclass
+class RunResult:
+    samples: torch.Tensor  # (N_SAMPLES, 2)
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def distil(folder: Path, dmd: dict[str, Any], *, seed: int, steps: int, batch_size: int = 256, lr: float = 1e-4,
+           betas: tuple[float, float] = (0.9, 0.999), n_samples: int = N_SAMPLES) -> RunResult:
+    """Distil the exact teacher with DMD through the hooks; return the student's samples and the loss curves."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # accelerate keeps a process-wide singleton
+    pm = get_plugin_manager()
+    family = registered_families(pm)["gmm"].cls()
+    method_cls = registered_methods(pm)["dmd"].cls
+    config, problems, unknown = method_cls.schema.validate(dmd, prefix="distillation_config")
+    if problems or unknown:
+        raise ValueError(f"bad DMD config: {problems} {unknown}")
+    method = method_cls(config)
+    pm.register(method, name="method:dmd")
+
+    torch.manual_seed(seed)
+    accelerator = Accelerator(cpu=True)
+    student = family.load_network(folder / "base").requires_grad_(True).train()
+    teacher = family.load_network(folder / "teacher").eval()
+    host = {"model_type": "full", "gradient_checkpointing": False, "seed": seed}
+    pm.hook.distill_setup(run=RunContext(
+        host_config=host, method_config=config, family=family, student=student, accelerator=accelerator,
+        encode_prompts=family.encode_prompts, negative_prompt="", output_dir=folder, model_type="full",
+        student_adapter=None, load_base=lambda: family.load_network(folder / "base"), teacher=teacher, seed=seed,
+    ))
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, betas=betas, weight_decay=0.0)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    _, mixture = family_and_mixture()
+    data = torch.Generator().manual_seed(10_000 + seed)
+    cond = family.encode_prompts([""] * batch_size)
+
+    def no_host_loss():
+        raise AssertionError("DMD proper never asks for the host's loss")
+
+    curves: dict[str, list[tuple[int, float]]] = {"dmd_loss": [], "fake_score_loss": []}
+    start = time.time()
+    for step in range(steps):
+        info = StepInfo(step, 0, 1, True, torch.Generator().manual_seed(seed * 1_000_003 + step))
+        # Real data only gives DMD the shape (DMD proper is data-free); a GAN term would read it.
+        batch = Batch(latents=mixture.sample(batch_size, data).view(-1, 2, 1, 1, 1), cond=cond)
+        result = pm.hook.distill_loss(batch=batch, step=info, host_loss=no_host_loss)
+        if result.loss is not None:
+            accelerator.backward(result.loss)
+            accelerator.clip_grad_norm_(student.parameters(), 1.0)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        pm.hook.distill_after_optimizer_step(step=info)
+        logs = dict(result.logs)
+        for extra in pm.hook.distill_metrics(step=info):
+            logs.update(extra or {})
+        for key in curves:
+            if key in logs:
+                curves[key].append((step, float(logs[key])))
+    seconds = time.time() - start
+    sampler = pm.hook.distill_sampler()
+    g = torch.Generator().manual_seed(99_000 + seed)
+    noise = torch.randn(n_samples, 2, 1, 1, 1, generator=g)
+    student.eval()
+    with torch.no_grad():
+        x = sampler(noise, family.encode_prompts([""] * n_samples), None, 1.0, g)
+    return RunResult(x.reshape(-1, 2).float(), curves, seconds)
+
+
+def teacher_samples(folder: Path, steps: int, seed: int, n: int = N_SAMPLES) -> torch.Tensor:
+    family, _ = family_and_mixture()
+    teacher = family.load_network(folder / "teacher")
+    g = torch.Generator().manual_seed(99_000 + seed)
+    noise = torch.randn(n, 2, 1, 1, 1, generator=g)
+    return family.euler_sampler(teacher, steps=steps)(noise, None, None, 1.0, g).reshape(-1, 2).float()
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _mean_cdist(a: torch.Tensor, b: torch.Tensor, *, same: bool) -> float:
+    total, chunk = 0.0, 2048
+    a, b = a.double(), b.double()
+    for i in range(0, a.shape[0], chunk):
+        total += float(torch.cdist(a[i:i + chunk], b).sum())
+    pairs = a.shape[0] * (b.shape[0] - 1) if same else a.shape[0] * b.shape[0]  # U-statistic: no self-pairs
+    return total / pairs
+
+
+class Metrics:
+    """Energy distance (unbiased U-statistic) against ``N_REFERENCE`` exact samples, precision, recall, mode-weight TV."""
+
+    def __init__(self, mixture, seed: int = 12345):
+        self.mixture = mixture
+        self.reference = mixture.sample(N_REFERENCE, torch.Generator().manual_seed(seed))
+        self.ref_self = _mean_cdist(self.reference, self.reference, same=True)
+
+    def __call__(self, x: torch.Tensor) -> dict[str, float]:
+        x = x[torch.isfinite(x).all(1)]
+        energy = 2 * _mean_cdist(x, self.reference, same=False) - _mean_cdist(x, x, same=True) - self.ref_self
+        mu, pi, std = self.mixture.mu.float(), self.mixture.pi.float(), self.mixture.std
+        dist, nearest = torch.cdist(x, mu).min(1)
+        precise = dist < 3 * std  # within 3 standard deviations of its nearest mode
+        counts = torch.bincount(nearest[precise], minlength=mu.shape[0]).float()
+        share = counts / x.shape[0]
+        weights = counts / counts.sum().clamp(min=1)
+        return {
+            "energy_distance": energy,
+            "precision": float(precise.float().mean()),
+            "recall": float((share >= 0.5 * pi).float().mean()),  # modes holding at least half their share
+            "mode_tv": float(0.5 * (weights - pi).abs().sum()),
+        }
+
+
+def summarise(values: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    out = {}
+    for key in values[0]:
+        xs = [v[key] for v in values]
+        mean = sum(xs) / len(xs)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+        out[key] = {"mean": mean, "sd": sd, "values": xs}
+    return out

@@ -1,0 +1,262 @@
+"""Quality benchmarks: does the DMD student match its teacher? ``python -m benchmarks.quality``.
+
+Case A (``benchmarks/gmm.py``): a 2-D Gaussian mixture whose teacher is exact, through the example family plugin
+(``pip install -e examples/gmm_family``) and the public hooks. Case B (``benchmarks/digits.py``): a small Wan transformer
+trained on scikit-learn's digits, distilled with the reference host trainer.
+
+Writes ``results.json``, ``results.md`` and PNG plots into ``--out`` (default ``benchmarks/results/quality``). Every row
+is run with ``--seeds`` seeds (default 3) and reported as mean ± sd. Not part of CI; ``tests/test_quality_smoke.py`` runs
+a reduced version of each case. Needs matplotlib (``pip install -r benchmarks/requirements.txt``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "quality"
+
+
+def log(message: str) -> None:
+    print(f"[quality] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------- case A
+
+
+# The students of the issue's rows, and the ablations that show what the defaults of the benchmark buy.
+# Every row shares: real_score_guidance_scale 1 (the mixture is unconditional), model_type full (MLPs).
+# Student lr 3e-4 and fake_score_lr 1e-3 (the critic faster than the student, as DMD2's two time-scale rule asks).
+CASE_A_TUNED = {"fake_score_lr": 1e-3, "generator_update_interval": 5}
+CASE_A_ROWS = {
+    "DMD 3-step (1000,757,522), interval 5": {"lr": 3e-4, "dmd": {**CASE_A_TUNED}},
+    "DMD 1-step (1000), interval 5": {"lr": 3e-4, "dmd": {**CASE_A_TUNED, "dmd_denoising_steps": [1000]}},
+    "DMD 3-step, interval 1": {"lr": 3e-4, "dmd": {**CASE_A_TUNED, "generator_update_interval": 1}},
+}
+CASE_A_ABLATIONS = {
+    "ablation: 3-step, schema defaults (fake_score_lr 1e-5, interval 1), student lr 1e-4": {"lr": 1e-4, "dmd": {}},
+    "ablation: 3-step, fake_score_lr 1e-4 = student lr 1e-4, interval 5": {
+        "lr": 1e-4, "dmd": {**CASE_A_TUNED, "fake_score_lr": 1e-4}},
+    "ablation: 3-step, student lr 1e-3, fake_score_lr 1e-3, interval 5": {"lr": 1e-3, "dmd": {**CASE_A_TUNED}},
+}
+
+
+def run_case_a(out: Path, *, seeds: int, steps: int, ablations: bool, cache: Path) -> dict:
+    from . import gmm
+
+    folder = gmm.fit_base(cache / "gmm", log=log)
+    _, mixture = gmm.family_and_mixture()
+    metrics = gmm.Metrics(mixture)
+    rows: dict[str, dict] = {}
+    scatter: dict[str, torch.Tensor] = {}
+    curves: dict[str, dict] = {}
+
+    rows["exact samples (noise floor of the metrics)"] = {"kind": "reference", "metrics": gmm.summarise(
+        [metrics(mixture.sample(gmm.N_SAMPLES, torch.Generator().manual_seed(500 + s))) for s in range(seeds)])}
+    for n in (50, 3, 1):
+        name = f"teacher Euler {n}"
+        samples = [gmm.teacher_samples(folder, n, s) for s in range(seeds)]
+        rows[name] = {"kind": "teacher", "steps": n, "metrics": gmm.summarise([metrics(x) for x in samples])}
+        scatter[name] = samples[0]
+        log(f"case A: {name}: {_fmt_row(rows[name]['metrics'])}")
+
+    todo = dict(CASE_A_ROWS)
+    if ablations:
+        todo.update(CASE_A_ABLATIONS)
+    for name, spec in todo.items():
+        dmd = {"real_score_guidance_scale": 1.0, **spec["dmd"]}
+        results = []
+        for s in range(seeds):
+            r = gmm.distil(folder, dmd, seed=s, steps=steps, lr=spec["lr"])
+            results.append(r)
+            log(f"case A: {name} seed {s}: {r.seconds:.0f} s, {_fmt_row(gmm.summarise([metrics(r.samples)]))}")
+        rows[name] = {"kind": "ablation" if name.startswith("ablation") else "student", "dmd_config": dmd,
+                      "student_lr": spec["lr"],
+                      "steps": steps, "seconds_per_run": sum(r.seconds for r in results) / len(results),
+                      "metrics": gmm.summarise([metrics(r.samples) for r in results])}
+        scatter[name] = results[0].samples
+        curves[name] = results[0].curves
+
+    _plot_scatter(out / "case_a_samples.png", scatter, mixture)
+    _plot_curves(out / "case_a_curves.png", curves)
+    return {"rows": rows, "targets": _case_a_targets(rows), "settings": {
+        "mixture": gmm.RING, "reference_samples": gmm.N_REFERENCE, "samples_per_run": gmm.N_SAMPLES,
+        "optimizer_steps": steps, "batch_size": 256, "seeds": seeds}}
+
+
+def _case_a_targets(rows: dict) -> dict:
+    def mean(row, key):
+        return rows[row]["metrics"][key]["mean"]
+
+    ed50, ed3 = mean("teacher Euler 50", "energy_distance"), mean("teacher Euler 3", "energy_distance")
+    out = {}
+    for name, row in rows.items():
+        if row["kind"] != "student":
+            continue
+        m = row["metrics"]
+        out[name] = {
+            "every mode covered (recall 1 on every seed)": all(v == 1.0 for v in m["recall"]["values"]),
+            "precision >= 0.9": m["precision"]["mean"] >= 0.9,
+            "energy <= 1.5x teacher-50": m["energy_distance"]["mean"] <= 1.5 * ed50,
+            "energy <= 0.3x teacher-3": m["energy_distance"]["mean"] <= 0.3 * ed3,
+            "energy / teacher-50": m["energy_distance"]["mean"] / ed50,
+            "energy / teacher-3": m["energy_distance"]["mean"] / ed3,
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- plots and tables
+
+
+def _plot_scatter(path: Path, samples: dict[str, torch.Tensor], mixture) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 4
+    rows = (len(samples) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.3 * rows), squeeze=False)
+    mu = mixture.mu.numpy()
+    for ax, (name, x) in zip(axes.flat, samples.items()):
+        x = x[:3000].numpy()
+        ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.3)
+        ax.scatter(mu[:, 0], mu[:, 1], s=12, c="red", marker="x")
+        ax.set_xlim(-1.8, 1.8)
+        ax.set_ylim(-1.8, 1.8)
+        ax.set_aspect("equal")
+        ax.set_title(name, fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in list(axes.flat)[len(samples):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_curves(path: Path, curves: dict[str, dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for name, c in curves.items():
+        for ax, key in zip(axes, ("dmd_loss", "fake_score_loss")):
+            if c.get(key):
+                steps, values = zip(*c[key])
+                ax.plot(steps, _smooth(values), label=name, lw=1)
+    for ax, key in zip(axes, ("dmd_loss", "fake_score_loss")):
+        ax.set_title(f"{key} (seed 0, moving average)")
+        ax.set_xlabel("optimizer step")
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _smooth(values, width: int = 50) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= width:
+            acc -= values[i - width]
+        out.append(acc / min(i + 1, width))
+    return out
+
+
+def _pm(stat: dict, digits: int = 3, sci: bool = False) -> str:
+    if sci:
+        return f"{stat['mean']:.2e} ± {stat['sd']:.1e}"
+    return f"{stat['mean']:.{digits}f} ± {stat['sd']:.{digits}f}"
+
+
+def _fmt_row(m: dict) -> str:
+    return ", ".join(f"{k} {_pm(v, sci=k == 'energy_distance')}" for k, v in m.items())
+
+
+def markdown(results: dict) -> str:
+    lines = [f"Command: `{results['command']}` ({results['machine']}, total {results['seconds']:.0f} s)", ""]
+    if "case_a" in results:
+        a = results["case_a"]
+        s = a["settings"]
+        lines += [
+            f"**Case A — 8-mode ring (radius 1, std 0.1), exact teacher, example `gmm` family plugin.** "
+            f"{s['seeds']} seeds per row, mean ± sd; {s['samples_per_run']:,} samples per run against "
+            f"{s['reference_samples']:,} exact samples; students trained {s['optimizer_steps']} optimizer steps "
+            f"(batch {s['batch_size']}; student lr 3e-4, fake_score_lr 1e-3 unless the row says otherwise).",
+            "",
+            "| row | energy distance ↓ | precision ↑ | recall ↑ | mode-weight TV ↓ |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for name, row in a["rows"].items():
+            m = row["metrics"]
+            lines.append(f"| {name} | {_pm(m['energy_distance'], sci=True)} | {_pm(m['precision'])} | "
+                         f"{_pm(m['recall'], 2)} | {_pm(m['mode_tv'])} |")
+        lines += ["", "Targets (students):", "", "| student | all modes | precision ≥ 0.9 | ED ≤ 1.5× teacher-50 | "
+                  "ED ≤ 0.3× teacher-3 |", "| --- | --- | --- | --- | --- |"]
+        for name, t in a["targets"].items():
+            lines.append(
+                f"| {name} | {_yes(t['every mode covered (recall 1 on every seed)'])} | {_yes(t['precision >= 0.9'])} | "
+                f"{_yes(t['energy <= 1.5x teacher-50'])} ({t['energy / teacher-50']:.1f}×) | "
+                f"{_yes(t['energy <= 0.3x teacher-3'])} ({t['energy / teacher-3']:.2f}×) |")
+        lines.append("")
+    if "case_b" in results:
+        from .digits import markdown as digits_markdown
+
+        lines += digits_markdown(results["case_b"])
+    return "\n".join(lines) + "\n"
+
+
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--cache", type=Path, default=HERE / ".cache", help="fitted/trained teachers (reused)")
+    parser.add_argument("--cases", default="a,b", help="a, b or a,b")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--gmm-steps", type=int, default=2000, help="case A optimizer steps per student")
+    parser.add_argument("--no-ablations", action="store_true", help="case A: only the issue's rows")
+    parser.add_argument("--digits-teacher-steps", type=int, default=1500)
+    parser.add_argument("--digits-student-steps", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (small nets run best on 1)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    results: dict = {"command": "python -m benchmarks.quality" + (f" {' '.join(argv)}" if argv else ""),
+                     "machine": f"{platform.machine()} CPU, torch {torch.__version__}, {args.threads} thread(s)"}
+    cases = set(args.cases.split(","))
+    if "a" in cases:
+        results["case_a"] = run_case_a(args.out, seeds=args.seeds, steps=args.gmm_steps,
+                                       ablations=not args.no_ablations, cache=args.cache)
+    if "b" in cases:
+        from . import digits
+
+        results["case_b"] = digits.run_case_b(args.out, seeds=args.seeds, cache=args.cache, log=log,
+                                               teacher_steps=args.digits_teacher_steps,
+                                               student_steps=args.digits_student_steps)
+    results["seconds"] = time.time() - start
+    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    (args.out / "results.md").write_text(markdown(results))
+    log(f"done in {results['seconds']:.0f} s: {args.out / 'results.md'}")
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
