@@ -281,6 +281,12 @@ class PluginDistiller:
     def consumes_caption_batches(self) -> bool:
         return False
 
+    def prepare_model_output(self, model_output) -> None:  # SimpleTuner 4.x calls it before compute_distill_loss
+        pass
+
+    def supports_special_scheduler_validation(self) -> bool:  # SimpleTuner 4.x
+        return False
+
     def get_scheduler(self, scheduler_name: str | None = None):
         return None  # SimpleTuner's validation keeps its own scheduler (see docs/simpletuner.md)
 
