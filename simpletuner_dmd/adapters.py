@@ -1,11 +1,13 @@
-"""Switching peft adapters on one shared base — exception-safe, and without losing ``requires_grad``.
+"""Switching peft adapters on one shared base — exception-safe, and without touching ``requires_grad``.
 
 peft's ``set_adapter``/``enable_adapters`` flip ``requires_grad`` of the adapters they deactivate. Switching between
-the student's forward and its ``backward()`` then leaves the student with no gradient and no error; with gradient
-checkpointing the recompute in ``backward()`` also runs with whatever adapter is active at that time. So every switch
-here is a context: inside it the named adapter (or none) is active; on exit — also on an exception — the previous
-active adapter, the enabled flag and every adapter weight's ``requires_grad`` are restored. Run a network's backward
-inside the same context as its forward.
+the student's forward and its ``backward()`` then leaves the student with no gradient and no error; they also walk every
+adapter weight, which made a switch cost as much as a small forward pass (measured by ``benchmarks/step_cost.py``).
+So a switch here only changes *which* adapter a LoRA layer's forward uses — each layer's active-adapter list and its
+disabled flag — and restores both on exit, also on an exception. Every adapter stays trainable; what isolates them is
+that each network's forward runs inside its own context (under ``no_grad`` where it must not learn) and that each
+optimizer holds only its own adapter's weights. With gradient checkpointing the recompute in ``backward()`` runs with
+whatever adapter is active at that time, so run a network's backward inside the same context as its forward.
 """
 
 from __future__ import annotations
@@ -25,58 +27,39 @@ class AdapterSwitch:
         self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
         if not self.layers:
             raise ValueError("the model has no peft adapter layers")
-        self.model = model
 
     def adapter_names(self) -> set[str]:
         names: set[str] = set()
         for layer in self.layers:
-            names.update(layer.lora_A.keys() if hasattr(layer, "lora_A") else [])
+            for attr in layer.adapter_layer_names:
+                names.update(getattr(layer, attr).keys())
         return names
 
-    def _snapshot(self):
-        active = [list(layer.active_adapters) for layer in self.layers]
-        disabled = [layer.disable_adapters for layer in self.layers]
-        grads = [(p, p.requires_grad) for layer in self.layers for p in _adapter_params(layer)]
-        return active, disabled, grads
-
-    def _restore(self, snapshot) -> None:
-        active, disabled, grads = snapshot
-        for layer, names, was_disabled in zip(self.layers, active, disabled):
-            layer.enable_adapters(True)
-            layer.set_adapter(names)
-            if was_disabled:
-                layer.enable_adapters(False)
-        for p, flag in grads:
-            p.requires_grad_(flag)
-
     @contextlib.contextmanager
-    def use(self, name: str) -> Iterator[None]:
-        """Only adapter ``name`` is active (and trainable) inside."""
-        snapshot = self._snapshot()
+    def _state(self, active: list[str] | None, disabled: bool) -> Iterator[None]:
+        # The attributes behind peft's `active_adapters` and `disable_adapters` properties: setting them directly is
+        # what keeps requires_grad as it is (see the module docstring). tests/test_dmd_model.py pins the behaviour.
+        saved = [(layer._active_adapter, layer._disable_adapters) for layer in self.layers]
         try:
             for layer in self.layers:
-                layer.enable_adapters(True)
-                layer.set_adapter(name)
+                if active is not None:
+                    layer._active_adapter = list(active)
+                layer._disable_adapters = disabled
             yield
         finally:
-            self._restore(snapshot)
+            for layer, (names, was_disabled) in zip(self.layers, saved):
+                layer._active_adapter = names
+                layer._disable_adapters = was_disabled
 
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
-        """Every adapter is off inside: the network is the frozen base (the teacher)."""
-        snapshot = self._snapshot()
-        try:
-            for layer in self.layers:
-                layer.enable_adapters(False)
-            yield
-        finally:
-            self._restore(snapshot)
+    def use(self, name: str):
+        """Only adapter ``name`` acts inside."""
+        if name not in self.adapter_names():
+            raise KeyError(f"no adapter named {name!r}; the model has {sorted(self.adapter_names())}")
+        return self._state([name], False)
 
-
-def _adapter_params(layer: torch.nn.Module) -> Iterator[torch.nn.Parameter]:
-    for attr in layer.adapter_layer_names:
-        for sub in getattr(layer, attr).values():
-            yield from sub.parameters() if isinstance(sub, torch.nn.Module) else [sub]
+    def disabled(self):
+        """No adapter acts inside: the network is the frozen base (the teacher)."""
+        return self._state(None, True)
 
 
 def adapter_parameters(model: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:

@@ -276,3 +276,26 @@ def test_pass_counts_are_minimal(tiny_wan, guidance):
                 "fake_score_forward": 1, "fake_score_forward_samples": 2, "fake_score_forward_with_grad": 1,
                 "fake_score_backward": 1,
             }, passes
+
+
+def test_adapter_switch_restores_state_on_error_and_keeps_requires_grad(tiny_wan):
+    from simpletuner_dmd.adapters import AdapterSwitch
+
+    run = build(tiny_wan)
+    net = run.models.network
+    switch = AdapterSwitch(net)
+    assert switch.adapter_names() == {"student", "fake_score"}
+    flags = {n: p.requires_grad for n, p in net.named_parameters()}
+    before = [(layer.active_adapters, layer.disable_adapters) for layer in switch.layers]
+    with pytest.raises(RuntimeError):
+        with switch.use("fake_score"):
+            assert all(layer.active_adapters == ["fake_score"] for layer in switch.layers)
+            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError):
+        with switch.disabled():
+            assert all(layer.disable_adapters for layer in switch.layers)
+            raise RuntimeError("boom")
+    assert [(layer.active_adapters, layer.disable_adapters) for layer in switch.layers] == before
+    assert {n: p.requires_grad for n, p in net.named_parameters()} == flags
+    with pytest.raises(KeyError):
+        switch.use("nope")

@@ -1,0 +1,153 @@
+"""Shared set-up of the cost benchmarks (CPU: ``step_cost.py``; GPU: ``gpu_cost.py``).
+
+Builds one training configuration from a Wan transformer config with random weights — no model folder, no download —
+through the reference host's own ``build_models`` and the DMD method's own hooks, and runs one optimizer step exactly
+as the reference host does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from simpletuner_dmd.families.wan import WanFamily
+from simpletuner_dmd.hosts.reference import trainer as T
+from simpletuner_dmd.hosts.reference.host_schema import HOST_SCHEMA
+from simpletuner_dmd.methods.dmd.config import DMD_SCHEMA
+from simpletuner_dmd.methods.dmd.method import DMD
+from simpletuner_dmd.types import Batch, RunContext, StepInfo
+
+# Wan 2.1's published transformer configs (diffusers' WanTransformer3DModel), and a mid-size one for CPUs.
+WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+WAN_14B = {**WAN_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
+CPU_MID = dict(patch_size=(1, 2, 2), num_attention_heads=8, attention_head_dim=64, in_channels=16, out_channels=16,
+               text_dim=256, freq_dim=256, ffn_dim=2048, num_layers=8, cross_attn_norm=True,
+               qk_norm="rms_norm_across_heads", rope_max_seq_len=64)  # 35M parameters: weights matter, as at scale
+TINY = dict(CPU_MID, num_attention_heads=2, attention_head_dim=16, ffn_dim=32, num_layers=2, text_dim=32)
+
+KINDS = ("lora", "dmd", "dmd_full")  # plain LoRA fine-tuning; DMD with the fake score as an adapter; as a full copy
+
+
+@dataclass
+class Setup:
+    kind: str
+    models: T.Models
+    family: WanFamily
+    method: DMD | None
+    optimizer: torch.optim.Optimizer
+    batch: Batch
+    loss_fn: Callable[[Batch], torch.Tensor]
+    accelerator: Any
+
+
+def build(kind: str, *, config: dict, latent_shape: tuple, text_shape: tuple, quantize: bool, checkpointing: bool,
+          rank: int, dtype: torch.dtype, device: str, seed: int = 0) -> Setup:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from diffusers import WanTransformer3DModel
+
+    AcceleratorState._reset_state(True)
+    accelerator = Accelerator(cpu=device == "cpu")
+    host = {**HOST_SCHEMA.defaults(), "lora_rank": rank, "lora_alpha": rank, "gradient_checkpointing": checkpointing,
+            "base_model_precision": "int8-quanto" if quantize else "no_change"}
+    family = WanFamily(autocast_dtype=None if dtype == torch.float32 else dtype)
+
+    def new_network() -> torch.nn.Module:
+        torch.manual_seed(seed)  # every copy starts from the same random weights
+        with torch.device(device):
+            network = WanTransformer3DModel(**config).to(dtype)
+        return network.requires_grad_(False)
+
+    models = T.build_models(host, family, accelerator, new_network=new_network, distilling=kind != "lora")
+    method = None
+    if kind != "lora":
+        cfg, problems, _ = DMD_SCHEMA.validate(
+            {"last_step_only": True, "fake_score_type": "full" if kind == "dmd_full" else "lora"},
+            prefix="distillation_config")
+        assert not problems, problems
+        method = DMD(cfg)
+        text = torch.zeros(1, *text_shape[1:], device=device)
+        method.distill_setup(run=RunContext(
+            host_config=host, method_config=cfg, family=family, student=models.network, accelerator=accelerator,
+            encode_prompts=lambda texts: text, negative_prompt="", output_dir=None, model_type="lora",
+            student_adapter=T.STUDENT_ADAPTER, load_base=new_network, teacher=None, seed=seed))
+    optimizer = torch.optim.AdamW(list(models.student_params.values()), lr=1e-5)
+    g = torch.Generator().manual_seed(seed)
+    batch = Batch(latents=torch.randn(latent_shape, generator=g).to(device, dtype),
+                  cond=torch.randn(text_shape, generator=g).to(device, dtype))
+    loss_fn = T._host_loss_fn(family, models.network, host, torch.zeros(text_shape, device=device, dtype=dtype))
+    return Setup(kind, models, family, method, optimizer, batch, loss_fn, accelerator)
+
+
+def train_step(setup: Setup, step: int = 0) -> None:
+    """One optimizer step as the reference host runs it (one micro-batch)."""
+    info = StepInfo(step, 0, 1, True, torch.Generator().manual_seed(step))
+    if setup.method is None:
+        loss = setup.loss_fn(setup.batch)
+    else:
+        loss = setup.method.distill_loss(batch=setup.batch, step=info, host_loss=lambda: setup.loss_fn(setup.batch)).loss
+    loss.backward()
+    setup.optimizer.step()
+    setup.optimizer.zero_grad(set_to_none=True)
+    if setup.method is not None:
+        setup.method.distill_after_optimizer_step(step=info)
+        setup.method.distill_metrics(step=info)
+
+
+def unavoidable_passes(setup: Setup) -> dict[str, Callable[[], None]]:
+    """Each pass a DMD iteration cannot do without, runnable alone (with the exit at the last of K steps):
+    K − 1 no-grad student forwards, one student forward + backward, one batched teacher forward (cond + uncond), one
+    no-grad fake-score forward, one fake-score forward + backward."""
+    m, b = setup.method, setup.batch
+    x, cond = b.latents, b.cond
+    t = torch.full((x.shape[0],), 500.0, device=x.device)
+
+    def student_nograd():
+        with torch.no_grad():
+            m._student_x0(cond, count=False)(x, t)
+
+    def student_grad():
+        m._student_x0(cond, count=False)(x, t).float().sum().backward()
+        setup.optimizer.zero_grad(set_to_none=True)
+
+    def teacher():
+        with torch.no_grad():
+            m._guided_x0(m._teacher_flow, x, t, cond, m._real_cfg)
+
+    def fake_nograd():
+        with torch.no_grad(), m._fake_context():
+            m._fake_flow(x, t, cond)
+
+    def fake_grad():
+        with m._fake_context():
+            m._fake_flow(x, t, cond).float().sum().backward()
+        m.fake_optimizer.zero_grad(set_to_none=True)
+
+    steps = len(m.steps)
+    return {"student forward, no grad": (student_nograd, steps - 1), "student forward + backward": (student_grad, 1),
+            "teacher forward (cond + uncond)": (teacher, 1), "fake score forward, no grad": (fake_nograd, 1),
+            "fake score forward + backward": (fake_grad, 1)}
+
+
+def timed(fn: Callable[[], None], device: str) -> float:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def quiet():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
