@@ -34,7 +34,7 @@ pytestmark = [
 def _venv_python(*args: str, log: Path, timeout: int = 600) -> tuple[int, str, float]:
     start = time.monotonic()
     with open(log, "w") as out:
-        proc = subprocess.run([str(PYTHON), str(RUNNER), *args], stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+        proc = subprocess.run([str(PYTHON), str(RUNNER), *args], stdout=out, stderr=subprocess.STDOUT, cwd=log.parent,
                               timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"})
     text = log.read_text(errors="replace").replace("\r", "\n")
     return proc.returncode, text, time.monotonic() - start
