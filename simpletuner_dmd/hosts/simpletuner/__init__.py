@@ -6,5 +6,5 @@ distiller interface, with no SimpleTuner file edited.
 - ``launcher`` runs SimpleTuner's ``train`` module with the patches applied: ``simpletuner-dmd simpletuner-train``
   or ``python -m simpletuner_dmd.hosts.simpletuner``.
 
-Nothing here imports SimpleTuner at import time. See ``the README, "Using with SimpleTuner"``.
+Nothing here imports SimpleTuner at import time. See the README section "Using with SimpleTuner".
 """

@@ -212,7 +212,7 @@ class PluginDistiller:
         gradient is an exact zero (so every process's DDP hook fires too). Leaving the gradients ``None`` instead
         would crash SimpleTuner's default ``grad_clip_method: value`` (torch's ``clip_grad_value_`` fails on an empty
         gradient list). With zero gradients, AdamW's momentum and weight decay still move the student on such steps
-        (see the README, "Using with SimpleTuner")."""
+        (see the README section Using with SimpleTuner)."""
         if not self.student_params:
             return original_loss * 0.0
         return sum(p.sum() for p in self.student_params).to(original_loss.dtype) * 0.0
@@ -288,7 +288,7 @@ class PluginDistiller:
         return False
 
     def get_scheduler(self, scheduler_name: str | None = None):
-        return None  # SimpleTuner's validation keeps its own scheduler (see the README, "Using with SimpleTuner")
+        return None  # SimpleTuner's validation keeps its own scheduler (see the README section Using with SimpleTuner)
 
     def toggle_adapter(self, enable: bool = False) -> None:
         component = self.model.get_trained_component()
