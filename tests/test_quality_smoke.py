@@ -1,0 +1,106 @@
+"""Reduced versions of the quality benchmarks (``python -m benchmarks.quality``): the third-party family is found
+through its entry point, a short DMD run through the public hooks beats the 1-step teacher, and the digits pipeline
+(teacher trained by the reference host, DMD student, digits-FD) runs end to end on a tiny budget."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "gmm_family"
+
+
+@pytest.fixture(scope="module")
+def gmm_installed(tmp_path_factory):
+    """The example package as pip would install it. If ``pip install -e examples/gmm_family`` was run, that install is
+    used; otherwise a distribution is made on a temporary ``sys.path`` entry from the example's own ``pyproject.toml``
+    (its name, version and entry points) — the same metadata ``importlib.metadata`` reads after a pip install."""
+    project = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]
+    try:
+        metadata.distribution(project["name"])
+        yield project
+        return
+    except metadata.PackageNotFoundError:
+        pass
+    site = tmp_path_factory.mktemp("site")
+    info = site / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
+    groups = project["entry-points"]
+    (info / "entry_points.txt").write_text("".join(
+        f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items()) for group, eps in groups.items()))
+    (site / "gmm_family.pth").write_text(str(EXAMPLE) + "\n")
+    sys.path[:0] = [str(site), str(EXAMPLE)]
+    importlib.invalidate_caches()
+    try:
+        yield project
+    finally:
+        sys.path.remove(str(site))
+        sys.path.remove(str(EXAMPLE))
+        importlib.invalidate_caches()
+
+
+def test_the_gmm_family_is_found_through_its_entry_point(gmm_installed):
+    from simpletuner_dmd.plugins import get_plugin_manager, registered_families
+
+    families = registered_families(get_plugin_manager())
+    assert "gmm" in families
+    assert families["gmm"].distribution == gmm_installed["name"]
+    assert families["gmm"].plugin == "gmm"  # the entry point's name, not a built-in
+
+
+def test_the_closed_form_teacher_is_exact(gmm_installed):
+    from gmm_family import Mixture
+
+    mixture = Mixture.ring()
+    x = torch.randn(64, 2)
+    # σ = 1: x is pure noise, so E[ε − x0 | x] = x − E[x0] = x (the ring's mean is 0)
+    assert torch.allclose(mixture.flow(x, torch.ones(64)), x, atol=1e-6)
+    # σ = 0: x = x0, so E[ε − x0 | x] = −x
+    assert torch.allclose(mixture.flow(x, torch.zeros(64)), -x, atol=1e-6)
+    # in between: against a Monte Carlo posterior mean for one point
+    sigma, point = 0.4, torch.tensor([[0.5, 0.2]])
+    x0 = mixture.sample(400_000, torch.Generator().manual_seed(0))
+    eps_density = torch.exp(-((point - (1 - sigma) * x0) ** 2).sum(1) / (2 * sigma ** 2))
+    x0_mean = (eps_density[:, None] * x0).sum(0) / eps_density.sum()
+    expected = (point[0] - x0_mean) / sigma
+    assert torch.allclose(mixture.flow(point, torch.tensor([sigma]))[0], expected, atol=2e-2)
+
+
+def test_a_short_dmd_run_beats_the_one_step_teacher(gmm_installed, tmp_path):
+    from benchmarks import gmm
+
+    torch.set_num_threads(1)
+    folder = gmm.fit_base(tmp_path / "gmm", steps=300, batch_size=256, log=lambda m: None)
+    _, mixture = gmm.family_and_mixture()
+    metrics = gmm.Metrics(mixture)
+    teacher = metrics(gmm.teacher_samples(folder, 1, 0, n=2000))
+    dmd = {"real_score_guidance_scale": 1.0, "dmd_denoising_steps": [1000], "fake_score_lr": 1e-3,
+           "generator_update_interval": 1}
+    result = gmm.distil(folder, dmd, seed=0, steps=150, batch_size=128, n_samples=2000)
+    student = metrics(result.samples)
+    assert teacher["precision"] < 0.05  # the 1-step teacher lands on the mixture's mean
+    assert student["precision"] > teacher["precision"] + 0.2, student
+    assert student["energy_distance"] < 0.5 * teacher["energy_distance"], student
+    assert len(result.curves["dmd_loss"]) == 150 and len(result.curves["fake_score_loss"]) == 150
+
+
+@pytest.mark.slow  # three reference-host runs: about 60-170 s on the shared 2-core machines
+def test_the_digits_pipeline_runs_end_to_end(tmp_path):
+    from benchmarks import digits
+
+    result = digits.run_case_b(tmp_path, seeds=1, cache=tmp_path / "cache", log=lambda m: None, teacher_steps=4,
+                               student_steps=2, n_eval=32, teacher_euler=(4, 1), plots=False,
+                               n_digits=120)
+    rows = result["rows"]
+    assert {"teacher Euler 4", "teacher Euler 1", "DMD 3-step (1000,757,522)", "DMD 1-step (1000)"} <= set(rows)
+    for row in rows.values():
+        assert row["metrics"]["digits_fd"]["mean"] >= 0
+        assert 0 <= row["metrics"]["class_coverage"]["mean"] <= 1
