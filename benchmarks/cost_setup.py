@@ -110,10 +110,10 @@ def unavoidable_passes(setup: Setup) -> dict[str, Callable[[], None]]:
 
     def student_nograd():
         with torch.no_grad():
-            m._student_x0(cond, count=False)(x, t)
+            m._student_x0(cond)(x, t)
 
     def student_grad():
-        m._student_x0(cond, count=False)(x, t).float().sum().backward()
+        m._student_x0(cond)(x, t).float().sum().backward()
         setup.optimizer.zero_grad(set_to_none=True)
 
     def teacher():

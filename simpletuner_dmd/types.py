@@ -41,6 +41,9 @@ class StepInfo:
     accumulation_steps: int
     sync_gradients: bool
     generator: torch.Generator
+    # The student network to call in this step: the host's prepared module (DDP-wrapped under several processes, so
+    # a backward through it all-reduces gradients). None: call the module given to distill_setup.
+    network: torch.nn.Module | None = None
 
 
 @dataclass

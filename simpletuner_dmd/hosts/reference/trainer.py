@@ -57,7 +57,7 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
     """Run a whole training job; returns ``output_dir``. ``overrides`` replace config keys and ``plugins`` are extra
     plugin objects to register (tests, benchmarks)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     pm = get_plugin_manager(extra=plugins)
     rc = _load(config_path, pm, overrides)
@@ -80,8 +80,10 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
         mixed_precision="no",  # autocast is per network call (see families), never one region around a step
         log_with=None if host["report_to"] == "none" else host["report_to"],
         project_dir=str(out),
+        # Two adapters share one wrapped network and each backward reaches one of them only.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
-    set_seed(seed)
+    set_seed(seed, device_specific=True)  # per-process noise; draws that must agree use StepInfo.generator
     family = rc.family_cls(autocast_dtype=None if weight_dtype == torch.float32 else weight_dtype)
 
     # ---- 2. data: latents and text embeddings, computed once into the cache
@@ -138,9 +140,11 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
 
     sampler = BucketBatchSampler(dataset, host["train_batch_size"], seed=seed)
     state = {"global_step": 0, "batches_consumed": 0}
-    resume_dir = resolve_resume(out, host["resume_from_checkpoint"]) if accelerator.is_main_process else None
+    # The main process resolves (it may clean up a crashed save's temporary folder) and tells the others.
+    resume_dir = _from_main(accelerator, resolve_resume(out, host["resume_from_checkpoint"])
+                            if accelerator.is_main_process else None)
     if resume_dir is not None:
-        state = _load_checkpoint(resume_dir, models, optimizer, scheduler, ema, pm, method)
+        state = _load_checkpoint(resume_dir, models, optimizer, scheduler, ema, pm, accelerator)
         log(f"resumed from {resume_dir} at step {state['global_step']}")
     elif host["resume_from_checkpoint"]:
         log(f"resume_from_checkpoint: no checkpoint in {out} yet; starting from step 0")
@@ -153,10 +157,11 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
     # ---- 6. the loop
     from tqdm.auto import tqdm
 
-    batches = _batches(dataset, sampler, state, accelerator.device)
+    batches = _batches(dataset, sampler, state, accelerator)
     loss_fn = _host_loss_fn(family, network, host, empty_cond)
-    validate = _validator(host, family, components, network, models, pm, method, ema, prompt_conds, negative_cond,
-                          dataset, accelerator, out, seed)
+    # validation runs on the main process alone: it calls the bare module, never the (DDP) wrapper
+    validate = _validator(host, family, components, models.network, models, pm, method, ema, prompt_conds,
+                          negative_cond, dataset, accelerator, out, seed)
     accum = host["gradient_accumulation_steps"]
     progress = tqdm(total=max_steps, initial=state["global_step"], desc="training",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
@@ -166,7 +171,7 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
         student_stepped = False
         for micro in range(accum):
             batch = next(batches)
-            info = _step_info(seed, state["global_step"], micro, accum, accelerator)
+            info = _step_info(seed, state["global_step"], micro, accum, accelerator, network)
             with accelerator.accumulate(network):
                 result: StepLoss | None = pm.hook.distill_loss(batch=batch, step=info,
                                                                host_loss=lambda b=batch: loss_fn(b))
@@ -182,7 +187,7 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
             _clip(accelerator, list(models.student_params.values()), host)
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        info = _step_info(seed, state["global_step"], accum - 1, accum, accelerator)
+        info = _step_info(seed, state["global_step"], accum - 1, accum, accelerator, network)
         pm.hook.distill_after_optimizer_step(step=info)
         scheduler.step()
         state["global_step"] += 1
@@ -334,21 +339,37 @@ def _max_steps(host: dict, dataset) -> int:
     return host["num_train_epochs"] * per_epoch
 
 
-def _batches(dataset, sampler, state: dict, device) -> Iterator[Batch]:
+def _batches(dataset, sampler, state: dict, accelerator) -> Iterator[Batch]:
+    """Batch after batch of one shared, seeded order; process r of W takes the batches r, r + W, … of it, so a resume
+    (which skips ``batches_consumed``, counted over all processes) sees the same batches on every process."""
     from .data import collate
 
+    rank, world = accelerator.process_index, accelerator.num_processes
     while True:
         for indices in sampler:
-            items = collate([dataset[i] for i in indices])
+            mine = state["batches_consumed"] % world == rank
             state["batches_consumed"] += 1
-            yield Batch(latents=items["latents"].to(device), cond=items["prompt_embeds"].to(device),
+            if not mine:
+                continue
+            items = collate([dataset[i] for i in indices])
+            yield Batch(latents=items["latents"].to(accelerator.device),
+                        cond=items["prompt_embeds"].to(accelerator.device),
                         captions=items["captions"], extras={"paths": items["paths"]})
 
 
-def _step_info(seed: int, global_step: int, micro: int, accum: int, accelerator) -> StepInfo:
+def _step_info(seed: int, global_step: int, micro: int, accum: int, accelerator, network) -> StepInfo:
     # Seeded from (seed, step, micro-batch) alone, so every process draws the same values from it.
     generator = torch.Generator().manual_seed((seed * 1_000_003 + global_step * 1_009 + micro) % (2 ** 63))
-    return StepInfo(global_step, micro, accum, accelerator.sync_gradients, generator)
+    return StepInfo(global_step, micro, accum, accelerator.sync_gradients, generator, network)
+
+
+def _from_main(accelerator, value):
+    """``value`` as the main process has it, on every process."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
 
 
 def _host_loss_fn(family, network, host, empty_cond) -> Callable[[Batch], torch.Tensor]:
@@ -391,31 +412,31 @@ def _save_checkpoint(out, state, models, optimizer, scheduler, ema, pm, accelera
     from .checkpoint import begin_checkpoint, commit_checkpoint
 
     accelerator.wait_for_everyone()
-    tmp = begin_checkpoint(out, state["global_step"]) if accelerator.is_main_process else None
+    tmp = _from_main(accelerator, begin_checkpoint(out, state["global_step"]) if accelerator.is_main_process else None)
+    save_state(tmp / f"rng-{accelerator.process_index}", rng_state())  # each process's own random streams
     if accelerator.is_main_process:
         save_file({n: p.detach().cpu().contiguous() for n, p in models.student_params.items()},
                   str(tmp / "student.safetensors"))
         save_state(tmp / "optimizer", optimizer.state_dict())
         save_state(tmp / "scheduler", scheduler.state_dict())
-        save_state(tmp / "rng", rng_state())
         if ema is not None:
             save_state(tmp / "ema", ema.state_dict())
         (tmp / "trainer_state.json").write_text(json.dumps(state))
         if host["model_type"] == "lora":  # every checkpoint also holds a loadable LoRA
             family.save_lora(_student_lora(models), tmp, models.network.peft_config[STUDENT_ADAPTER])
-    pm.hook.distill_save_state(checkpoint_dir=tmp if tmp is not None else out)
+    pm.hook.distill_save_state(checkpoint_dir=tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = commit_checkpoint(tmp, out, state["global_step"], host["checkpoints_total_limit"])
         log(f"checkpoint written: {final}")
 
 
-def _load_checkpoint(folder: Path, models, optimizer, scheduler, ema, pm, method) -> dict:
+def _load_checkpoint(folder: Path, models, optimizer, scheduler, ema, pm, accelerator) -> dict:
     from safetensors.torch import load_file
 
     from ...state_io import load_state, set_rng_state
 
-    for name in ("student.safetensors", "trainer_state.json", "optimizer.json", "scheduler.json", "rng.json"):
+    for name in ("student.safetensors", "trainer_state.json", "optimizer.json", "scheduler.json", "rng-0.json"):
         if not (folder / name).is_file():
             raise UserError(f"checkpoint {folder} is missing {name}")
     weights = load_file(str(folder / "student.safetensors"))
@@ -434,7 +455,12 @@ def _load_checkpoint(folder: Path, models, optimizer, scheduler, ema, pm, method
         ema.load_state_dict(load_state(folder / "ema"))
     state = json.loads((folder / "trainer_state.json").read_text())
     pm.hook.distill_load_state(checkpoint_dir=folder)
-    set_rng_state(load_state(folder / "rng"))
+    rng = folder / f"rng-{accelerator.process_index}"
+    if not rng.with_suffix(".json").is_file():  # resumed with more processes than saved: seed this one from rank 0's
+        log(f"warning: checkpoint {folder} has no random state for process {accelerator.process_index}; using "
+            "process 0's")
+        rng = folder / "rng-0"
+    set_rng_state(load_state(rng))
     return state
 
 

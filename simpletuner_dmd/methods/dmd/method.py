@@ -10,6 +10,7 @@ One optimizer step:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -74,7 +75,8 @@ class DMD:
         self.run = run
         self.family = run.family
         self.accelerator = run.accelerator
-        self.student = run.student
+        self.student = run.student  # the bare module: adapters, state, sampling
+        self._call = run.student  # the module to call for training passes (the host's prepared one, per step)
         fake_type = cfg["fake_score_type"]
         if fake_type == "auto":
             fake_type = "lora" if run.model_type == "lora" else "full"
@@ -131,23 +133,28 @@ class DMD:
 
     # ------------------------------------------------------------------ the three networks
 
-    def _student_x0(self, cond: Any, *, count: bool = True) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def _student_x0(self, cond: Any, *, sampling: bool = False) -> Callable[[torch.Tensor, torch.Tensor],
+                                                                           torch.Tensor]:
+        # Sampling (validation, on the main process only) calls the bare module: a DDP wrapper's forward on one rank
+        # would wait for the others. It is not a training pass, so it is not counted.
+        module = self.student if sampling else self._call
+
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if count:  # validation sampling is not a training pass
+            if not sampling:
                 self.passes.forward("student", x.shape[0], grad=torch.is_grad_enabled())
-            return L.flow_to_x0(x, self.family.predict_flow(self.student, x, t, cond), t)
+            return L.flow_to_x0(x, self.family.predict_flow(module, x, t, cond), t)
 
         return predict
 
     def _fake_context(self):
-        return self.switch.use(FAKE_ADAPTER) if self.fake_type == "lora" else _null()
+        return self.switch.use(FAKE_ADAPTER) if self.fake_type == "lora" else contextlib.nullcontext()
 
     def _teacher_flow(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         self.passes.forward("teacher", x_t.shape[0], grad=torch.is_grad_enabled())
         if self.run.teacher is not None:
             return self.family.predict_flow(self.run.teacher, x_t, t, cond)
         with self.switch.disabled():
-            return self.family.predict_flow(self.student, x_t, t, cond)
+            return self.family.predict_flow(self._call, x_t, t, cond)
 
     def _guided_x0(self, flow_fn, x_t: torch.Tensor, t: torch.Tensor, cond: Any, combine) -> torch.Tensor:
         """x̂0 of ``flow_fn``; with ``combine`` (a CFG form) cond and uncond run as one batch."""
@@ -161,7 +168,7 @@ class DMD:
 
     def _fake_flow(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         self.passes.forward("fake_score", x_t.shape[0], grad=torch.is_grad_enabled())
-        return self.family.predict_flow(self.fake_net, x_t, t, cond)
+        return self.family.predict_flow(self._call if self.fake_type == "lora" else self.fake_net, x_t, t, cond)
 
     def _draw_t(self, batch: int, denoised_from: float, denoised_to: float, device) -> torch.Tensor:
         cfg = self.cfg
@@ -179,6 +186,7 @@ class DMD:
     @hookimpl
     def distill_loss(self, batch: Batch, step: StepInfo, host_loss) -> StepLoss:
         cfg = self.cfg
+        self._call = step.network or self.student
         latents = batch.latents
         axis = self.family.frame_axis()
         frames = min(cfg["num_training_frames"], latents.shape[axis])
@@ -225,19 +233,24 @@ class DMD:
         pending, self._pending = self._pending, []
         if not pending:
             return
+        self._call = step.network or self.student
         accelerator = self.accelerator
         # accelerator.backward divides by its accumulation steps; rescale so the update is the mean over micro-batches
         scale = accelerator.gradient_accumulation_steps / len(pending)
         losses = []
+        fake_module = self._call if self.fake_type == "lora" else self.fake_net
         with self._fake_context():
-            for item in pending:
-                x0 = item.x0
-                t = self._draw_t(x0.shape[0], item.denoised_from, item.denoised_to, x0.device)
-                noise = torch.randn_like(x0)
-                x_t = L.add_noise(x0, noise, t)
-                flow = self._fake_flow(x_t, t, item.cond)
-                critic_loss = L.critic_flow_loss(flow, x0, noise)
-                accelerator.backward(critic_loss * scale)
+            for i, item in enumerate(pending):
+                # Under several processes only the last micro-batch's backward all-reduces the accumulated gradient.
+                sync = contextlib.nullcontext() if i == len(pending) - 1 else accelerator.no_sync(fake_module)
+                with sync:
+                    x0 = item.x0
+                    t = self._draw_t(x0.shape[0], item.denoised_from, item.denoised_to, x0.device)
+                    noise = torch.randn_like(x0)
+                    x_t = L.add_noise(x0, noise, t)
+                    flow = self._fake_flow(x_t, t, item.cond)
+                    critic_loss = L.critic_flow_loss(flow, x0, noise)
+                    accelerator.backward(critic_loss * scale)
                 self.passes.backward("fake_score")
                 losses.append(float(critic_loss.detach()))
             clip = self.cfg["fake_score_grad_clip"]
@@ -263,7 +276,7 @@ class DMD:
     @hookimpl
     def distill_sampler(self):
         def sampler(noise, cond, uncond, guidance_scale, generator):
-            predict = self._student_x0(cond, count=False)
+            predict = self._student_x0(cond, sampling=True)
             if uncond is not None and guidance_scale not in (0.0, 1.0):
                 def predict(x, t, _cond=cond):  # noqa: F811 — CFG on the student when the host asks for it
                     both = self.family.concat_conditions([_cond, self.family.repeat_condition(uncond, x.shape[0])])
@@ -327,8 +340,3 @@ class DMD:
             return {n: p for n, p in self.student.named_parameters() if f".{FAKE_ADAPTER}." in n and ".lora_" in n}
         return dict(self.accelerator.unwrap_model(self.fake_net).state_dict())
 
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
