@@ -51,11 +51,13 @@ class AdapterSwitch:
                 layer._active_adapter = names
                 layer._disable_adapters = was_disabled
 
-    def use(self, name: str):
-        """Only adapter ``name`` acts inside."""
-        if name not in self.adapter_names():
-            raise KeyError(f"no adapter named {name!r}; the model has {sorted(self.adapter_names())}")
-        return self._state([name], False)
+    def use(self, *names: str):
+        """Only the adapters ``names`` act inside (several: their LoRA deltas add up, e.g. DCM's detail expert on top of
+        its semantic expert)."""
+        unknown = [n for n in names if n not in self.adapter_names()]
+        if not names or unknown:
+            raise KeyError(f"no adapter named {unknown!r}; the model has {sorted(self.adapter_names())}")
+        return self._state(list(names), False)
 
     def disabled(self):
         """No adapter acts inside: the network is the frozen base (the teacher)."""

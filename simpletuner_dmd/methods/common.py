@@ -1,0 +1,113 @@
+"""What the consistency methods (LCM, DCM) share: the networks of a run on one frozen base, the teacher's guided flow
+with cond and uncond as one batch, and a second adapter on the student's base.
+
+Teacher: a separate frozen copy when the host has one (``model_type: full``), otherwise the student's base with every
+adapter disabled (``AdapterSwitch.disabled()``) — never a second copy of the model. Every call is counted by role in a
+``PassCounter`` so a method's cost can be stated in passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Callable
+
+import torch
+
+from ..adapters import AdapterSwitch, adapter_parameters
+from ..passes import PassCounter
+from ..types import RunContext
+
+Combine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Networks:
+    def __init__(self, run: RunContext, passes: PassCounter, *, negative_prompt: str | None = None):
+        self.run = run
+        self.family = run.family
+        self.student = run.student
+        self.passes = passes
+        self.switch: AdapterSwitch | None = AdapterSwitch(run.student) if run.model_type == "lora" else None
+        self.negative_prompt = negative_prompt if negative_prompt is not None else run.negative_prompt
+        self.uncond = run.encode_prompts([self.negative_prompt])  # once: hosts may free the encoder after setup
+
+    # ------------------------------------------------------------------ contexts
+
+    def adapters(self, *names: str):
+        """Only ``names`` act inside (no-op for a full student, which has no adapters)."""
+        return self.switch.use(*names) if self.switch is not None and names else contextlib.nullcontext()
+
+    def teacher_context(self):
+        if self.run.teacher is not None:
+            return contextlib.nullcontext()
+        return self.switch.disabled()
+
+    # ------------------------------------------------------------------ calls
+
+    def flow(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, *, role: str = "student") -> torch.Tensor:
+        """The student network's flow with whatever adapters are active (fp32)."""
+        self.passes.forward(role, x_t.shape[0], grad=torch.is_grad_enabled())
+        return self.family.predict_flow(self.student, x_t, t, cond).float()
+
+    def teacher_flow(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        self.passes.forward("teacher", x_t.shape[0], grad=torch.is_grad_enabled())
+        network = self.run.teacher if self.run.teacher is not None else self.student
+        with self.teacher_context():
+            return self.family.predict_flow(network, x_t, t, cond).float()
+
+    def guided(self, flow_fn: Callable[..., torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, cond: Any,
+               combine: Combine | None) -> torch.Tensor:
+        """``flow_fn``'s flow; with ``combine`` (a CFG form) on the cond and the negative prompt's uncond prediction,
+        run as one batch of 2B."""
+        if combine is None:
+            return flow_fn(x_t, t, cond)
+        batch = x_t.shape[0]
+        both = self.family.concat_conditions([cond, self.family.repeat_condition(self.uncond, batch)])
+        c, u = flow_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
+        return combine(c, u)
+
+    # ------------------------------------------------------------------ a second adapter
+
+    def add_adapter(self, name: str, rank: int | None) -> list[torch.nn.Parameter]:
+        """A new LoRA adapter ``name`` on the student's base (B = 0: it starts as a no-op), with the student adapter's
+        targets and scale; the student's adapter stays active and both stay trainable. Returns its parameters."""
+        from peft import LoraConfig
+
+        student_name = self.run.student_adapter
+        student_cfg = self.student.peft_config[student_name]
+        rank = rank or student_cfg.r
+        alpha = student_cfg.lora_alpha * rank / student_cfg.r
+        with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the design
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            self.student.add_adapter(
+                LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, lora_dropout=0.0,
+                           target_modules=sorted(student_cfg.target_modules)),
+                adapter_name=name,
+            )
+        self.student.set_adapter(student_name)  # diffusers' add_adapter activates the new one
+        params = adapter_parameters(self.student, name)
+        for p in params:
+            p.data = p.data.float()
+        for p in params + adapter_parameters(self.student, student_name):
+            p.requires_grad_(True)
+        self.switch = AdapterSwitch(self.student)  # the new adapter's layers
+        return params
+
+
+@contextlib.contextmanager
+def frozen(params: list[torch.nn.Parameter]):
+    """``requires_grad`` off for ``params`` inside (restored on exit): a forward run inside builds no graph to them, so
+    a loss of another network that shares their layers cannot reach them."""
+    saved = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, saved):
+            p.requires_grad_(flag)
+
+
+def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` → ``(B, 1, …)`` broadcastable against ``like`` (fp32, on its device)."""
+    return values.float().reshape(-1, *([1] * (like.ndim - 1))).to(like.device)

@@ -1,0 +1,143 @@
+"""LCM (latent consistency distillation) for flow-matching families, in the diffusers LCM-LoRA design.
+
+One micro-batch (``distill_loss``):
+  1. draw n ~ U{1, …, N} per sample on the skipping schedule (``num_ddim_timesteps`` points) and w ~ U[w_min, w_max];
+     ``x_n = (1 − σ_n)·x0 + σ_n·ε``;
+  2. under no_grad: the teacher (the base with adapters disabled) guided with w (cond + negative prompt as one batch),
+     one Euler step of its flow ODE to ``x_{n−1}``; the target ``f(x_{n−1}, t_{n−1})`` from the *student itself*
+     (adapters on) — no separate target network (diffusers' LCM-LoRA; an EMA target would be a full copy of the
+     adapter's effect that LCM-LoRA found unnecessary);
+  3. with grad: ``f(x_n, t_n)``; ``lcm_loss`` = l2 or pseudo-Huber between them. f applies the boundary scalings,
+     so ``f(x, 0) = x``.
+
+No state besides a counter; the validation sampler is the multi-step consistency sampler.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...errors import UserError
+from ...hookspecs import hookimpl
+from ...passes import PassCounter
+from ...types import Batch, RunContext, StepInfo, StepLoss
+from ..common import Networks
+from ..dmd.loss import add_noise, guided
+from . import loss as L
+from .config import LCM_SCHEMA
+
+
+class LCM:
+    name = "lcm"
+    summary = "Latent Consistency Model distillation (LCM-LoRA design): any-step student, no extra network"
+    schema = LCM_SCHEMA
+
+    def __init__(self, config: dict[str, Any]):
+        self.cfg = config
+        self.passes = PassCounter()
+        self.updates = 0
+        self._logs: dict[str, float] = {}
+
+    @hookimpl
+    def distill_setup(self, run: RunContext) -> None:
+        cfg = self.cfg
+        self.nets = Networks(run, self.passes, negative_prompt=cfg["negative_prompt"])
+        self.family = run.family
+        self.accelerator = run.accelerator
+        shift = cfg["shift"] if cfg["shift"] is not None else float(run.host_config.get("flow_schedule_shift", 1.0))
+        self.shift = shift
+        self.schedule = L.skipping_schedule(cfg["num_ddim_timesteps"], shift)  # t_0 = 0 … t_N = 1000
+        # w = 1 everywhere: cond only, and the uncond half of the teacher batch is never run
+        self._use_uncond = not (cfg["w_min"] == cfg["w_max"] == 1.0)
+
+    # ------------------------------------------------------------------ the consistency function
+
+    def f(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """The student's consistency function (boundary scalings applied), with grad if grad is enabled."""
+        return L.consistency_output(x_t, self.nets.flow(x_t, t, cond), t,
+                                    timestep_scaling=self.cfg["timestep_scaling_factor"])
+
+    @hookimpl
+    def distill_loss(self, batch: Batch, step: StepInfo, host_loss) -> StepLoss:
+        cfg = self.cfg
+        x0 = batch.latents
+        b, device = x0.shape[0], x0.device
+        n = torch.randint(1, cfg["num_ddim_timesteps"] + 1, (b,))
+        t_n, t_prev = self.schedule[n].to(device), self.schedule[n - 1].to(device)
+        w = (cfg["w_min"] + (cfg["w_max"] - cfg["w_min"]) * torch.rand(b)).to(device)
+        x_n = add_noise(x0, torch.randn_like(x0), t_n)
+
+        with torch.no_grad():
+            combine = (lambda c, u: L.guided_per_sample(c, u, w)) if self._use_uncond else None
+            v = self.nets.guided(self.nets.teacher_flow, x_n, t_n, batch.cond, combine)
+            x_prev = L.euler_step(x_n, v, t_n, t_prev).to(x0.dtype)
+            target = self.f(x_prev, t_prev, batch.cond)  # the student itself, adapters on (LCM-LoRA)
+        pred = self.f(x_n, t_n, batch.cond)
+        self.passes.on_backward(pred, "student")
+        loss = L.consistency_loss(pred, target, loss_type=cfg["loss_type"], huber_c=cfg["huber_c"])
+        return StepLoss(loss, {
+            "lcm_loss": float(loss.detach()),
+            "lcm_timestep": float(t_n.mean()),
+            "lcm_guidance": float(w.mean()),
+            "lcm_target_gap": float((pred.detach() - target).abs().mean()),
+        })
+
+    @hookimpl
+    def distill_after_optimizer_step(self, step: StepInfo) -> None:
+        self.updates += 1  # no target network to move (LCM-LoRA); only the count, for the checkpoint
+
+    @hookimpl
+    def distill_metrics(self, step: StepInfo) -> dict[str, float]:
+        return {f"passes/{k}": float(v) for k, v in self.passes.take().items()}
+
+    # ------------------------------------------------------------------ sampling
+
+    @hookimpl
+    def distill_sampler(self):
+        timesteps = L.sampling_timesteps(self.schedule, self.cfg["num_inference_steps"])
+
+        def sampler(noise, cond, uncond, guidance_scale, generator):
+            """Multi-step consistency sampling (LCM Alg. 3): x̂0 = f(x, τ_i), then re-noise to τ_{i+1}."""
+            use_cfg = uncond is not None and guidance_scale not in (0.0, 1.0)
+            x = noise
+            with torch.no_grad():
+                for i, tau in enumerate(timesteps):
+                    t = torch.full((x.shape[0],), tau, device=x.device)
+                    if use_cfg:
+                        both = self.family.concat_conditions([cond, self.family.repeat_condition(uncond, x.shape[0])])
+                        c, u = L.consistency_output(
+                            torch.cat([x, x]), self.family.predict_flow(self.nets.student, torch.cat([x, x]),
+                                                                        torch.cat([t, t]), both),
+                            torch.cat([t, t]), timestep_scaling=self.cfg["timestep_scaling_factor"]).chunk(2)
+                        x0 = guided(c, u, guidance_scale)
+                    else:
+                        x0 = L.consistency_output(x, self.family.predict_flow(self.nets.student, x, t, cond), t,
+                                                  timestep_scaling=self.cfg["timestep_scaling_factor"])
+                    if i + 1 < len(timesteps):
+                        eps = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
+                        x = add_noise(x0, eps, torch.full((x.shape[0],), timesteps[i + 1], device=x.device)
+                                      ).to(noise.dtype)
+            return x0
+
+        return sampler
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @hookimpl
+    def distill_save_state(self, checkpoint_dir: Path) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        folder = Path(checkpoint_dir) / "lcm"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "state.json").write_text(json.dumps({"updates": self.updates, "shift": self.shift}))
+
+    @hookimpl
+    def distill_load_state(self, checkpoint_dir: Path) -> None:
+        path = Path(checkpoint_dir) / "lcm" / "state.json"
+        if not path.is_file():
+            raise UserError(f"checkpoint {checkpoint_dir} has no lcm/state.json: it was not written by an LCM run")
+        self.updates = int(json.loads(path.read_text())["updates"])
