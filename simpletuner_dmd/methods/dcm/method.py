@@ -1,0 +1,332 @@
+"""DCM (dual-expert consistency model): phased consistency distillation with a semantic and a detail expert.
+
+The teacher's Euler schedule (``euler_timesteps`` points, shifted by ``dcm_shift``) is cut into ``multiphase`` phases.
+For a point j of phase [e_m, e_{m+1}): ``x_j`` from the data; under no_grad the guided teacher (base, adapters off)
+takes one Euler step to ``x_{j+1}`` and the expert of the phase maps it to the phase end ``e`` — the target
+(``x_{j+1}`` itself when j + 1 = e); with grad, the expert maps ``x_j`` to the phase end; the loss is their MSE.
+
+* ``mode: semantic`` — one expert, the student LoRA, on every phase (SimpleTuner's semantic mode).
+* ``mode: fine`` — the student LoRA is the semantic expert and trains (host's optimizer, ``distill_loss``) on the
+  first phase only (t > the boundary); a second LoRA, ``dcm_detail``, on top of it is the detail expert for the other
+  phases. The detail expert trains in ``distill_after_optimizer_step`` with its own optimizer: consistency + GAN hinge
+  + feature matching through the frozen teacher's features; then the discriminator (its own AdamW) takes its hinge
+  step. Each micro-batch belongs to one expert, drawn with the phases' share of the schedule.
+
+Isolation: the semantic expert's forward runs with only its adapter active; the detail expert's with both and the
+semantic adapter's ``requires_grad`` off, so no detail loss reaches it. Backward passes run inside the same adapter
+context as their forward (gradient checkpointing recomputes there); the generator's gradient through the teacher's
+features is taken with adapters off (``autograd.grad`` w.r.t. the sample) and then pushed through the detail expert.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...adapters import adapter_parameters
+from ...errors import UserError
+from ...hookspecs import hookimpl
+from ...passes import PassCounter
+from ...types import Batch, RunContext, StepInfo, StepLoss
+from ..common import Networks, frozen
+from ..dmd.loss import add_noise, guided
+from . import discriminator as D
+from . import loss as L
+from .config import DCM_SCHEMA, dcm_warnings
+
+DETAIL_ADAPTER = "dcm_detail"
+
+
+@dataclass
+class _Detail:
+    x_j: torch.Tensor
+    t_j: torch.Tensor
+    sigma_j: torch.Tensor
+    sigma_end: torch.Tensor
+    end: torch.Tensor
+    target: torch.Tensor
+    cond: Any
+
+
+class DCM:
+    name = "dcm"
+    summary = "Dual-expert consistency model: semantic + detail LoRA experts switched by timestep, GAN on the detail"
+    schema = DCM_SCHEMA
+
+    @staticmethod
+    def config_warnings(config: dict[str, Any], family_cls: type, host: dict[str, Any]) -> list[str]:
+        return dcm_warnings(config, family_cls.name, host)
+
+    def __init__(self, config: dict[str, Any]):
+        self.cfg = config
+        self.fine = config["mode"] == "fine"
+        self.sigmas = L.euler_sigmas(config["euler_timesteps"], config["dcm_shift"])
+        self.edges = L.phase_edges(config["euler_timesteps"], config["multiphase"])
+        self.boundary = L.boundary_timestep(self.sigmas, self.edges)
+        self.passes = PassCounter()
+        self._pending: list[_Detail] = []
+        self._logs: dict[str, float] = {}
+        self.semantic_batches = 0
+        self.detail_updates = 0
+        self.discriminator_updates = 0
+        scale = config["distill_cfg"]
+        self._combine = None if scale == 0.0 else (lambda c, u: L.guided_self_forcing(c, u, scale))
+
+    # ------------------------------------------------------------------ setup
+
+    @hookimpl
+    def distill_setup(self, run: RunContext) -> None:
+        cfg = self.cfg
+        if self.fine and run.model_type != "lora":
+            raise UserError("distillation_config.mode: 'fine' needs model_type 'lora' (the detail expert is a second "
+                            "adapter on the student's base)")
+        self.run = run
+        self.family = run.family
+        self.accelerator = run.accelerator
+        self.nets = Networks(run, self.passes, negative_prompt=cfg["negative_prompt"])
+        self.student_adapter = run.student_adapter
+        if not self.fine:
+            return
+        self.detail_params = self.nets.add_adapter(DETAIL_ADAPTER, cfg["detail_lora_rank"])
+        self.semantic_params = adapter_parameters(run.student, run.student_adapter)
+        lr = cfg["detail_lr"] or float(run.host_config.get("learning_rate", 1e-4))
+        self.detail_optimizer = self.accelerator.prepare_optimizer(torch.optim.AdamW(self.detail_params, lr=lr))
+
+        self.blocks = D.find_blocks(run.student)
+        try:
+            self.layers = D.feature_layers(len(self.blocks), cfg["discriminator_head_stride"],
+                                           cfg["discriminator_total_layers"])
+        except ValueError as exc:
+            raise UserError(f"distillation_config.discriminator_total_layers: {exc}") from None
+        width = D.hidden_width(self.blocks[0])
+        device = next(p for p in self.detail_params).device
+        self.discriminator = D.Discriminator(width, len(self.layers), cfg["discriminator_hidden_dim"]).to(device)
+        self.disc_optimizer = self.accelerator.prepare_optimizer(torch.optim.AdamW(
+            self.discriminator.parameters(), lr=cfg["discriminator_lr"], betas=tuple(cfg["discriminator_betas"]),
+            weight_decay=cfg["discriminator_weight_decay"]))
+
+    # ------------------------------------------------------------------ the experts
+
+    def _expert(self, semantic: bool):
+        """The adapter context of one expert."""
+        if not self.fine:
+            return self.nets.adapters()  # one expert: whatever the host made active (the student)
+        return self.nets.adapters(self.student_adapter) if semantic else self.nets.adapters(self.student_adapter,
+                                                                                              DETAIL_ADAPTER)
+
+    def _draw(self, b: int, step: StepInfo) -> tuple[bool, torch.Tensor]:
+        """The micro-batch's expert (same on every rank) and one Euler index per sample inside its phases."""
+        n, e1 = self.cfg["euler_timesteps"], self.edges[1]
+        if not self.fine:
+            return True, torch.randint(0, n, (b,))
+        semantic = bool(torch.rand(1, generator=step.generator).item() < e1 / n)
+        lo, hi = (0, e1) if semantic else (e1, n)
+        return semantic, torch.randint(lo, hi, (b,))
+
+    def _targets(self, x0: torch.Tensor, j: torch.Tensor, cond: Any, semantic: bool):
+        """x_j, its timestep, σ_j, the phase end (index, σ) and the no-grad target at the phase end."""
+        device = x0.device
+        j1 = j + 1
+        end = L.phase_end(j, self.edges)
+        sigma_j, sigma_j1, sigma_end = (self.sigmas[i].to(device) for i in (j, j1, end))
+        t_j, t_j1 = sigma_j * 1000.0, sigma_j1 * 1000.0
+        x_j = add_noise(x0, torch.randn_like(x0), t_j)
+        with torch.no_grad():
+            v_teacher = self.nets.guided(self.nets.teacher_flow, x_j, t_j, cond, self._combine)
+            x_j1 = L.phase_jump(x_j, v_teacher, sigma_j, sigma_j1).to(x0.dtype)
+            with self._expert(semantic):
+                v_target = self.nets.flow(x_j1, t_j1, cond, role="student" if semantic else "detail")
+            target = L.phase_jump(x_j1, v_target, sigma_j1, sigma_end)
+            at_end = (j1 == end).to(device).view(-1, *([1] * (x0.ndim - 1)))
+            target = torch.where(at_end, x_j1.float(), target)  # the boundary condition: f(x_e, σ_e) = x_e
+        return x_j, t_j, sigma_j, end, sigma_end, target
+
+    # ------------------------------------------------------------------ semantic expert (the host's student)
+
+    @hookimpl
+    def distill_loss(self, batch: Batch, step: StepInfo, host_loss) -> StepLoss:
+        x0 = batch.latents
+        semantic, j = self._draw(x0.shape[0], step)
+        x_j, t_j, sigma_j, end, sigma_end, target = self._targets(x0, j, batch.cond, semantic)
+        logs = {"dcm_timestep": float(t_j.mean()), "dcm_semantic_batch": float(semantic)}
+        if not semantic:  # the detail expert's turn comes after the student's optimizer step
+            self._pending.append(_Detail(x_j, t_j, sigma_j, sigma_end, end, target, batch.cond))
+            return StepLoss(None, logs)
+        with self._expert(True):
+            pred = L.phase_jump(x_j, self.nets.flow(x_j, t_j, batch.cond), sigma_j, sigma_end)
+        self.passes.on_backward(pred, "student")
+        loss = torch.mean((pred - target) ** 2)
+        self.semantic_batches += 1
+        logs["dcm_loss"] = logs["dcm_semantic_loss"] = float(loss.detach())
+        return StepLoss(loss, logs)
+
+    # ------------------------------------------------------------------ detail expert and discriminator
+
+    def _teacher_features(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> list[torch.Tensor]:
+        with D.capture(self.blocks, self.layers) as feats:
+            self.nets.teacher_flow(x, t, cond)
+        return list(feats)
+
+    @hookimpl
+    def distill_after_optimizer_step(self, step: StepInfo) -> None:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        cfg = self.cfg
+        scale = self.accelerator.gradient_accumulation_steps / len(pending)
+        cons_losses, g_losses, fm_losses, d_items = [], [], [], []
+        for item in pending:
+            noise = torch.randn_like(item.target)
+            sigma_adv = self.sigmas[L.adversarial_index(item.end, cfg["euler_timesteps"])].to(item.target.device)
+            t_adv = sigma_adv * 1000.0
+            real_adv = L.renoise(item.target, noise, item.sigma_end, sigma_adv).to(item.x_j.dtype)
+            with self._expert(False), frozen(self.semantic_params):
+                pred = L.phase_jump(item.x_j, self.nets.flow(item.x_j, item.t_j, item.cond, role="detail"),
+                                    item.sigma_j, item.sigma_end)
+                cons = torch.mean((pred - item.target) ** 2)
+                fake_adv = L.renoise(pred, noise, item.sigma_end, sigma_adv)
+                # The adversarial gradient w.r.t. the sample, through the frozen teacher (adapters off) ...
+                z = fake_adv.detach().to(item.x_j.dtype).requires_grad_(True)
+                with self.nets.teacher_context():  # its backward (and any recompute) with adapters off too
+                    with torch.no_grad():
+                        real_feats = self._teacher_features(real_adv, t_adv, item.cond)
+                    fake_feats = self._teacher_features(z, t_adv, item.cond)
+                    with frozen(list(self.discriminator.parameters())):
+                        g_hinge = L.hinge_g_loss(self.discriminator(fake_feats))
+                    fm = L.feature_matching(fake_feats, real_feats)
+                    adv = cfg["adv_weight"] * g_hinge + cfg["feature_matching_weight"] * fm
+                    (grad_z,) = torch.autograd.grad(adv, z) if adv.requires_grad else (torch.zeros_like(z),)
+                self.passes.backward("teacher")
+                # ... then through the detail expert, with its adapters active (recompute-safe)
+                surrogate = cons + (fake_adv * grad_z.float()).sum()
+                self.accelerator.backward(surrogate * scale)
+                self.passes.backward("detail")
+            cons_losses.append(float(cons.detach()))
+            g_losses.append(float(g_hinge.detach()))
+            fm_losses.append(float(fm.detach()))
+            d_items.append(([f.detach() for f in real_feats], [f.detach() for f in fake_feats]))
+        detail_norm = self.accelerator.clip_grad_norm_(self.detail_params, float(self.run.host_config.get(
+            "max_grad_norm", 1.0)) or float("inf"))
+        self.detail_optimizer.step()
+        self.detail_optimizer.zero_grad(set_to_none=True)
+        self.detail_updates += 1
+
+        d_losses = []
+        for real_feats, fake_feats in d_items:
+            d_loss = L.hinge_d_loss(self.discriminator(real_feats), self.discriminator(fake_feats))
+            self.accelerator.backward(d_loss * scale)
+            d_losses.append(float(d_loss.detach()))
+        clip = cfg["discriminator_grad_clip"]
+        d_norm = self.accelerator.clip_grad_norm_(list(self.discriminator.parameters()),
+                                                  clip if clip > 0 else float("inf"))
+        self.disc_optimizer.step()
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        self.discriminator_updates += 1
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        self._logs = {"dcm_detail_loss": mean(cons_losses), "dcm_gan_g_loss": mean(g_losses),
+                      "dcm_feature_matching": mean(fm_losses), "dcm_gan_d_loss": mean(d_losses),
+                      "dcm_detail_grad_norm": float(detail_norm), "dcm_discriminator_grad_norm": float(d_norm)}
+
+    @hookimpl
+    def distill_metrics(self, step: StepInfo) -> dict[str, float]:
+        logs, self._logs = self._logs, {}
+        return {**logs, **{f"passes/{k}": float(v) for k, v in self.passes.take().items()}}
+
+    # ------------------------------------------------------------------ sampling
+
+    @hookimpl
+    def distill_sampler(self):
+        starts = self.edges[:-1]
+
+        def sampler(noise, cond, uncond, guidance_scale, generator):
+            """One deterministic Euler jump per phase, from its start to its end, with the phase's expert."""
+            use_cfg = uncond is not None and guidance_scale not in (0.0, 1.0)
+            x = noise
+            with torch.no_grad():
+                for start, end in zip(starts, self.edges[1:]):
+                    sigma, sigma_end = self.sigmas[start].to(x.device), self.sigmas[end].to(x.device)
+                    t = torch.full((x.shape[0],), float(sigma) * 1000.0, device=x.device)
+                    with self._expert(bool(L.expert_of(t[:1], self.boundary).item())):
+                        if use_cfg:
+                            both = self.family.concat_conditions(
+                                [cond, self.family.repeat_condition(uncond, x.shape[0])])
+                            c, u = self.family.predict_flow(self.nets.student, torch.cat([x, x]), torch.cat([t, t]),
+                                                            both).float().chunk(2)
+                            v = guided(c, u, guidance_scale)
+                        else:
+                            v = self.family.predict_flow(self.nets.student, x, t, cond).float()
+                    x = L.phase_jump(x, v, sigma.expand(x.shape[0]), sigma_end.expand(x.shape[0])).to(noise.dtype)
+            return x
+
+        return sampler
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _counters(self) -> dict[str, Any]:
+        return {"mode": self.cfg["mode"], "semantic_batches": self.semantic_batches,
+                "detail_updates": self.detail_updates, "discriminator_updates": self.discriminator_updates}
+
+    def _detail_weights(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.run.student.named_parameters() if f".{DETAIL_ADAPTER}." in n and ".lora_" in n}
+
+    @hookimpl
+    def distill_save_state(self, checkpoint_dir: Path) -> None:
+        from safetensors.torch import save_file
+
+        from ...state_io import save_state
+
+        if not self.accelerator.is_main_process:
+            return
+        folder = Path(checkpoint_dir) / "dcm"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "state.json").write_text(json.dumps(self._counters()))
+        if not self.fine:
+            return
+        save_file({k: v.detach().cpu().contiguous() for k, v in self._detail_weights().items()},
+                  str(folder / "detail_expert.safetensors"))
+        save_state(folder / "detail_optimizer", self.detail_optimizer.state_dict())
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.discriminator.state_dict().items()},
+                  str(folder / "discriminator.safetensors"))
+        save_state(folder / "discriminator_optimizer", self.disc_optimizer.state_dict())
+        if hasattr(self.family, "save_lora"):  # the detail expert in the family's LoRA format, loadable on its own
+            from peft.utils import get_peft_model_state_dict
+
+            self.family.save_lora(get_peft_model_state_dict(self.run.student, adapter_name=DETAIL_ADAPTER),
+                                  folder / "detail_expert", self.run.student.peft_config[DETAIL_ADAPTER])
+
+    @hookimpl
+    def distill_load_state(self, checkpoint_dir: Path) -> None:
+        from safetensors.torch import load_file
+
+        from ...state_io import load_state
+
+        folder = Path(checkpoint_dir) / "dcm"
+        names = ["state.json"] + (["detail_expert.safetensors", "detail_optimizer.json", "discriminator.safetensors",
+                                   "discriminator_optimizer.json"] if self.fine else [])
+        for name in names:
+            if not (folder / name).is_file():
+                raise UserError(f"checkpoint {checkpoint_dir} has no dcm/{name}: it was not written by a DCM run "
+                                f"in mode {self.cfg['mode']!r}")
+        meta = json.loads((folder / "state.json").read_text())
+        if meta["mode"] != self.cfg["mode"]:
+            raise UserError(f"checkpoint {checkpoint_dir} is from DCM mode {meta['mode']!r}; this run uses "
+                            f"{self.cfg['mode']!r} (distillation_config.mode)")
+        self.semantic_batches = int(meta["semantic_batches"])
+        self.detail_updates = int(meta["detail_updates"])
+        self.discriminator_updates = int(meta["discriminator_updates"])
+        if not self.fine:
+            return
+        weights = load_file(str(folder / "detail_expert.safetensors"))
+        with torch.no_grad():
+            for name, tensor in self._detail_weights().items():
+                if name not in weights:
+                    raise UserError(f"checkpoint {checkpoint_dir}: detail expert weight {name} is missing")
+                tensor.copy_(weights[name].to(tensor.device, tensor.dtype))
+        self.discriminator.load_state_dict({k: v.to(next(self.discriminator.parameters()).device)
+                                            for k, v in load_file(str(folder / "discriminator.safetensors")).items()})
+        self.detail_optimizer.load_state_dict(load_state(folder / "detail_optimizer"))
+        self.disc_optimizer.load_state_dict(load_state(folder / "discriminator_optimizer"))

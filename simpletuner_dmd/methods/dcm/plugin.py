@@ -1,0 +1,10 @@
+"""Registers DCM — exactly as a third-party method plugin would."""
+
+from ...hookspecs import hookimpl
+
+
+@hookimpl
+def register_methods(register):
+    from .method import DCM
+
+    register(DCM)
