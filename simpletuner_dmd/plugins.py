@@ -25,6 +25,8 @@ from .errors import PluginError
 
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "simpletuner_dmd.methods.dmd.plugin",
+    "simpletuner_dmd.methods.lcm.plugin",
+    "simpletuner_dmd.methods.dcm.plugin",
     "simpletuner_dmd.families.wan",
 )
 

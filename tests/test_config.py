@@ -218,7 +218,8 @@ def test_unknown_method_suggests_the_close_one(pm):
     problems = problems_of({**base(), "distillation_method": "dmdd"}, pm)
     assert len(problems) == 1
     assert problems[0].startswith("config.distillation_method:")
-    assert "'dmdd'" in problems[0] and "did you mean 'dmd'" in problems[0] and "installed: dmd" in problems[0]
+    assert "'dmdd'" in problems[0] and "did you mean 'dmd'" in problems[0]
+    assert "installed: dcm, dmd, lcm" in problems[0]
 
 
 def test_unknown_family_suggests_the_close_one(pm):
