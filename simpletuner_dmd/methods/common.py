@@ -25,11 +25,16 @@ class Networks:
     def __init__(self, run: RunContext, passes: PassCounter, *, negative_prompt: str | None = None):
         self.run = run
         self.family = run.family
-        self.student = run.student
+        self.student = run.student  # the bare module: adapters, state, sampling
+        self.call = run.student  # the module training passes call: the host's prepared one, set per step
         self.passes = passes
         self.switch: AdapterSwitch | None = AdapterSwitch(run.student) if run.model_type == "lora" else None
         self.negative_prompt = negative_prompt if negative_prompt is not None else run.negative_prompt
         self.uncond = run.encode_prompts([self.negative_prompt])  # once: hosts may free the encoder after setup
+
+    def at(self, step) -> None:
+        """Training passes of this step go through ``step.network`` (DDP-wrapped under several processes)."""
+        self.call = step.network or self.student
 
     # ------------------------------------------------------------------ contexts
 
@@ -45,13 +50,15 @@ class Networks:
     # ------------------------------------------------------------------ calls
 
     def flow(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, *, role: str = "student") -> torch.Tensor:
-        """The student network's flow with whatever adapters are active (fp32)."""
+        """The student network's flow with whatever adapters are active (fp32), a training pass."""
         self.passes.forward(role, x_t.shape[0], grad=torch.is_grad_enabled())
-        return self.family.predict_flow(self.student, x_t, t, cond).float()
+        return self.family.predict_flow(self.call, x_t, t, cond).float()
 
-    def teacher_flow(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+    def teacher_flow(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, *, bare: bool = False) -> torch.Tensor:
+        """The teacher's flow. ``bare``: call the unwrapped module (a pass whose backward reaches no parameter, which
+        a DDP wrapper must not see)."""
         self.passes.forward("teacher", x_t.shape[0], grad=torch.is_grad_enabled())
-        network = self.run.teacher if self.run.teacher is not None else self.student
+        network = self.run.teacher if self.run.teacher is not None else (self.student if bare else self.call)
         with self.teacher_context():
             return self.family.predict_flow(network, x_t, t, cond).float()
 

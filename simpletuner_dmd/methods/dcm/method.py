@@ -20,6 +20,7 @@ features is taken with adapters off (``autograd.grad`` w.r.t. the sample) and th
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +150,7 @@ class DCM:
 
     @hookimpl
     def distill_loss(self, batch: Batch, step: StepInfo, host_loss) -> StepLoss:
+        self.nets.at(step)
         x0 = batch.latents
         semantic, j = self._draw(x0.shape[0], step)
         x_j, t_j, sigma_j, end, sigma_end, target = self._targets(x0, j, batch.cond, semantic)
@@ -167,8 +169,10 @@ class DCM:
     # ------------------------------------------------------------------ detail expert and discriminator
 
     def _teacher_features(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> list[torch.Tensor]:
+        # The bare module: the gradient of this pass goes to the sample only, never to a parameter (DDP must not wait
+        # for one).
         with D.capture(self.blocks, self.layers) as feats:
-            self.nets.teacher_flow(x, t, cond)
+            self.nets.teacher_flow(x, t, cond, bare=True)
         return list(feats)
 
     @hookimpl
@@ -177,14 +181,18 @@ class DCM:
         if not pending:
             return
         cfg = self.cfg
+        self.nets.at(step)
         scale = self.accelerator.gradient_accumulation_steps / len(pending)
         cons_losses, g_losses, fm_losses, d_items = [], [], [], []
-        for item in pending:
+        for i, item in enumerate(pending):
+            # Under several processes only the last micro-batch's backward all-reduces the accumulated gradient.
+            last = i == len(pending) - 1
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.nets.call)
             noise = torch.randn_like(item.target)
             sigma_adv = self.sigmas[L.adversarial_index(item.end, cfg["euler_timesteps"])].to(item.target.device)
             t_adv = sigma_adv * 1000.0
             real_adv = L.renoise(item.target, noise, item.sigma_end, sigma_adv).to(item.x_j.dtype)
-            with self._expert(False), frozen(self.semantic_params):
+            with sync, self._expert(False), frozen(self.semantic_params):
                 pred = L.phase_jump(item.x_j, self.nets.flow(item.x_j, item.t_j, item.cond, role="detail"),
                                     item.sigma_j, item.sigma_end)
                 cons = torch.mean((pred - item.target) ** 2)
@@ -213,6 +221,8 @@ class DCM:
             "max_grad_norm", 1.0)) or float("inf"))
         self.detail_optimizer.step()
         self.detail_optimizer.zero_grad(set_to_none=True)
+        for p in self.semantic_params:  # frozen above, so none should exist; the host's next step must start clean
+            p.grad = None
         self.detail_updates += 1
 
         d_losses = []
@@ -220,6 +230,10 @@ class DCM:
             d_loss = L.hinge_d_loss(self.discriminator(real_feats), self.discriminator(fake_feats))
             self.accelerator.backward(d_loss * scale)
             d_losses.append(float(d_loss.detach()))
+        if self.accelerator.num_processes > 1:  # the discriminator is not DDP-wrapped: average its gradient here
+            for p in self.discriminator.parameters():
+                if p.grad is not None:
+                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
         clip = cfg["discriminator_grad_clip"]
         d_norm = self.accelerator.clip_grad_norm_(list(self.discriminator.parameters()),
                                                   clip if clip > 0 else float("inf"))

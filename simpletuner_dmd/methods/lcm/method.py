@@ -64,6 +64,7 @@ class LCM:
     @hookimpl
     def distill_loss(self, batch: Batch, step: StepInfo, host_loss) -> StepLoss:
         cfg = self.cfg
+        self.nets.at(step)
         x0 = batch.latents
         b, device = x0.shape[0], x0.device
         n = torch.randint(1, cfg["num_ddim_timesteps"] + 1, (b,))
