@@ -41,6 +41,9 @@ STUDENT_ADAPTER = "student"
 
 
 def log(message: str) -> None:
+    """One line above the progress bar, from the main process only (launchers set RANK in every process)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     from tqdm.auto import tqdm
 
     tqdm.write(f"[simpletuner-dmd] {message}")  # above the progress bar, not inside it

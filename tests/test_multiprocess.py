@@ -1,0 +1,56 @@
+"""Two processes through ``accelerate launch`` (CPU, gloo): the plugin needs no change to run under several processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_train_e2e import job  # noqa: F401 — the config-writing fixture
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_two_processes_stay_identical_and_write_once(job, tmp_path):  # noqa: F811
+    config = job(max_train_steps=3, gradient_accumulation_steps=2, checkpoint_step_interval=2,
+                 checkpoints_total_limit=None, validation_step_interval=0, report_to="tensorboard")
+    witness = tmp_path / "witness"
+    # accelerate's CPU path: torchrun's launcher (--multi_gpu) with ACCELERATE_USE_CPU, which makes it gloo on CPU
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(HERE / "multiprocess" / "job.py"), str(config), str(witness)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    # the same trained weights on both ranks, and training really moved them
+    w0 = load_file(str(witness / "weights-rank0.safetensors"))
+    w1 = load_file(str(witness / "weights-rank1.safetensors"))
+    assert w0.keys() == w1.keys() and any(".fake_score." in k for k in w0) and any(".student." in k for k in w0)
+    for name in w0:
+        assert torch.equal(w0[name], w1[name]), name
+    assert any(w0[k].abs().sum() > 0 for k in w0 if ".lora_B.fake_score." in k)
+    assert any(w0[k].abs().sum() > 0 for k in w0 if ".lora_B.student." in k)
+
+    # shared draws agree; the data differs between ranks (each takes its own share of batches)
+    s0 = json.loads((witness / "seen-rank0.json").read_text())
+    s1 = json.loads((witness / "seen-rank1.json").read_text())
+    assert [(s["step"], s["micro"], s["generator_seed"]) for s in s0] == \
+           [(s["step"], s["micro"], s["generator_seed"]) for s in s1]
+    assert len(s0) == 6 and [s["latents_sum"] for s in s0] != [s["latents_sum"] for s in s1]
+
+    # written once, by the main process
+    out = Path(json.loads(config.read_text())["output_dir"])
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert (out / "checkpoint-3" / "rng-0.json").is_file() and (out / "checkpoint-3" / "rng-1.json").is_file()
+    events = list(out.rglob("events.out.tfevents.*"))  # …<time>.<host>.<pid>.<n>; add_hparams adds a second file
+    assert events and len({e.name.split(".")[-2] for e in events}) == 1  # all from one process
+    assert len(list((out / "validation").glob("step-*"))) == 1
+    logs = proc.stdout + proc.stderr
+    assert logs.count("student LoRA:") == 1 and logs.count("method: dmd;") == 1  # the host logs once
