@@ -119,7 +119,7 @@ def test_switching_only_distillation_method(job, method, example_method_installe
         assert any(k.startswith("passes/") for k in logged[-1])
 
 
-def test_dcm_resumes_its_detail_expert_and_discriminator(job):
+def test_dcm_resumes_its_detail_expert_and_discriminator_and_another_method_cannot(job):
     quick = {"distillation_method": "dcm", "validation_disable": True}
     out = train(job, overrides={**quick, "max_train_steps": 1})
     state = json.loads((out / "checkpoint-1" / "dcm" / "state.json").read_text())
@@ -128,12 +128,9 @@ def test_dcm_resumes_its_detail_expert_and_discriminator(job):
     assert resumed["mode"] == "fine"
     total = lambda s: s["semantic_batches"] + s["detail_updates"]  # noqa: E731 — one of the two per step
     assert total(state) == 1 and total(resumed) == 2
-
-
-def test_resuming_with_another_method_names_the_missing_file(job):
+    # the same checkpoint, resumed by another method: the missing file is named
     from simpletuner_dmd.errors import UserError
 
-    train(job, overrides={"distillation_method": "lcm", "max_train_steps": 1, "validation_disable": True})
-    with pytest.raises(UserError, match="dcm/state.json"):
-        train(job, overrides={"distillation_method": "dcm", "max_train_steps": 2, "resume_from_checkpoint": "latest",
-                              "validation_disable": True})
+    with pytest.raises(UserError, match="lcm/state.json"):
+        train(job, overrides={**quick, "distillation_method": "lcm", "max_train_steps": 3,
+                              "resume_from_checkpoint": "latest"})
