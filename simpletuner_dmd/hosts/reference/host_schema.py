@@ -77,6 +77,8 @@ HOST_SCHEMA = Schema(
         Key("train_batch_size", "int", 1, "Samples per micro-batch.", check=in_range(1)),
         Key("gradient_accumulation_steps", "int", 1, "Micro-batches per optimizer step.", check=in_range(1)),
         Key("max_grad_norm", "float", 1.0, "Student gradient clip (0: off).", check=in_range(0)),
+        Key("nonfinite_skip_limit", "int", 5, "Stop after this many optimizer steps in a row whose loss or gradient "
+            "is not finite in one turn (each such update is skipped and counted).", check=in_range(1)),
         Key("grad_clip_method", "str", "norm", "Clip the student's gradient by global norm or by value.",
             choices=("norm", "value")),
         Key("seed", "int", 0, "Seed of every random stream.", nullable=True),

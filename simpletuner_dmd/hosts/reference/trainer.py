@@ -34,6 +34,7 @@ import torch
 
 from ...config import RunConfig, load_config
 from ...errors import UserError
+from ...nonfinite import NonFiniteGuard
 from ...plugins import get_plugin_manager
 from ...types import Batch, RunContext, StepInfo, StepLoss
 
@@ -166,11 +167,13 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
     validate = _validator(host, family, components, models.network, models, pm, method, ema, prompt_conds,
                           negative_cond, dataset, accelerator, out, seed)
     accum = host["gradient_accumulation_steps"]
+    guard = NonFiniteGuard("student", host["nonfinite_skip_limit"])
     progress = tqdm(total=max_steps, initial=state["global_step"], desc="training",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
     network.train()
     while state["global_step"] < max_steps:
         step_logs: dict[str, list[float]] = {}
+        step_losses: list[torch.Tensor] = []
         student_stepped = False
         for micro in range(accum):
             batch = next(batches)
@@ -183,12 +186,17 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
                     result.logs["loss"] = float(result.loss.detach())
                 if result.loss is not None:
                     accelerator.backward(result.loss)
+                    step_losses.append(result.loss.detach())
                     student_stepped = True
             for key, value in result.logs.items():
                 step_logs.setdefault(key, []).append(value)
         if student_stepped:
-            _clip(accelerator, list(models.student_params.values()), host)
-            optimizer.step()
+            finite = guard.finite(models.student_params.values(), *step_losses)
+            guard.record(finite, state["global_step"])  # raises after too many in a row
+            if finite:
+                _clip(accelerator, list(models.student_params.values()), host)
+                optimizer.step()
+            student_stepped = finite
         optimizer.zero_grad(set_to_none=True)
         info = _step_info(seed, state["global_step"], accum - 1, accum, accelerator, network)
         pm.hook.distill_after_optimizer_step(step=info)
@@ -202,6 +210,7 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
             logs.update(extra or {})
         logs["lr"] = scheduler.get_last_lr()[0]
         logs["student_updated"] = float(student_stepped)
+        logs["nonfinite/student_skipped"] = float(guard.skipped)
         accelerator.log(logs, step=state["global_step"])
         progress.update(1)
         progress.set_postfix({k: f"{logs[k]:.4g}" for k in ("dmd_loss", "fake_score_loss", "loss", "lr")

@@ -22,6 +22,7 @@ import torch
 from ...adapters import AdapterSwitch, adapter_parameters
 from ...errors import UserError
 from ...hookspecs import hookimpl
+from ...nonfinite import DEFAULT_LIMIT, NonFiniteGuard
 from ...passes import PassCounter
 from ...types import Batch, RunContext, StepInfo, StepLoss
 from . import loss as L
@@ -84,6 +85,8 @@ class DMD:
             raise UserError("distillation_config.fake_score_type: 'lora' needs model_type 'lora' (the fake score is "
                             "an adapter on the student's frozen base)")
         self.fake_type = fake_type
+        self.guard = NonFiniteGuard("fake score (critic)", int(run.host_config.get("nonfinite_skip_limit",
+                                                                                   DEFAULT_LIMIT)))
 
         if run.model_type == "lora":
             self.switch: AdapterSwitch | None = AdapterSwitch(self.student)
@@ -237,7 +240,7 @@ class DMD:
         accelerator = self.accelerator
         # accelerator.backward divides by its accumulation steps; rescale so the update is the mean over micro-batches
         scale = accelerator.gradient_accumulation_steps / len(pending)
-        losses = []
+        critic_losses: list[torch.Tensor] = []
         fake_module = self._call if self.fake_type == "lora" else self.fake_net
         with self._fake_context():
             for i, item in enumerate(pending):
@@ -251,18 +254,23 @@ class DMD:
                     flow = self._fake_flow(x_t, t, item.cond)
                     critic_loss = L.critic_flow_loss(flow, x0, noise)
                     accelerator.backward(critic_loss * scale)
+                    critic_losses.append(critic_loss.detach())
                 self.passes.backward("fake_score")
-                losses.append(float(critic_loss.detach()))
-            clip = self.cfg["fake_score_grad_clip"]
-            grad_norm = accelerator.clip_grad_norm_(self.fake_params, clip if clip > 0 else float("inf"))
-            self.fake_optimizer.step()
+            finite = self.guard.finite(self.fake_params, *critic_losses)
+            self.guard.record(finite, step.global_step)  # raises after too many in a row
+            grad_norm = torch.tensor(float("nan"))
+            if finite:
+                clip = self.cfg["fake_score_grad_clip"]
+                grad_norm = accelerator.clip_grad_norm_(self.fake_params, clip if clip > 0 else float("inf"))
+                self.fake_optimizer.step()
+                self.critic_updates += 1
             self.fake_optimizer.zero_grad(set_to_none=True)
-        self.critic_updates += 1
         self._critic_logs = {
-            "fake_score_loss": sum(losses) / len(losses),
+            "fake_score_loss": float(torch.stack(critic_losses).mean()),
             "fake_score_grad_norm": float(grad_norm),
             "fake_score_lr": float(self.fake_optimizer.param_groups[0]["lr"]),
             "dmd_generator_updates": float(self.generator_updates),
+            "nonfinite/fake_score_skipped": float(self.guard.skipped),
         }
 
     @hookimpl
