@@ -31,6 +31,7 @@ import torch
 from ...adapters import adapter_parameters
 from ...errors import UserError
 from ...hookspecs import hookimpl
+from ...nonfinite import DEFAULT_LIMIT, NonFiniteGuard
 from ...passes import PassCounter
 from ...types import Batch, RunContext, StepInfo, StepLoss
 from ..common import Networks, frozen
@@ -94,6 +95,9 @@ class DCM:
             return
         self.detail_params = self.nets.add_adapter(DETAIL_ADAPTER, cfg["detail_lora_rank"])
         self.semantic_params = adapter_parameters(run.student, run.student_adapter)
+        limit = int(run.host_config.get("nonfinite_skip_limit", DEFAULT_LIMIT))
+        self.detail_guard = NonFiniteGuard("DCM detail expert", limit)
+        self.disc_guard = NonFiniteGuard("DCM discriminator", limit)
         lr = cfg["detail_lr"] or float(run.host_config.get("learning_rate", 1e-4))
         self.detail_optimizer = self.accelerator.prepare_optimizer(torch.optim.AdamW(self.detail_params, lr=lr))
 
@@ -217,13 +221,17 @@ class DCM:
             g_losses.append(float(g_hinge.detach()))
             fm_losses.append(float(fm.detach()))
             d_items.append(([f.detach() for f in real_feats], [f.detach() for f in fake_feats]))
-        detail_norm = self.accelerator.clip_grad_norm_(self.detail_params, float(self.run.host_config.get(
-            "max_grad_norm", 1.0)) or float("inf"))
-        self.detail_optimizer.step()
+        finite = self.detail_guard.finite(self.detail_params, *(torch.tensor(x) for x in cons_losses + g_losses))
+        self.detail_guard.record(finite, step.global_step)  # raises after too many in a row
+        detail_norm = torch.tensor(float("nan"))
+        if finite:
+            limit = float(self.run.host_config.get("max_grad_norm", 1.0)) or float("inf")
+            detail_norm = self.accelerator.clip_grad_norm_(self.detail_params, limit)
+            self.detail_optimizer.step()
+            self.detail_updates += 1
         self.detail_optimizer.zero_grad(set_to_none=True)
         for p in self.semantic_params:  # frozen above, so none should exist; the host's next step must start clean
             p.grad = None
-        self.detail_updates += 1
 
         d_losses = []
         for real_feats, fake_feats in d_items:
@@ -234,12 +242,16 @@ class DCM:
             for p in self.discriminator.parameters():
                 if p.grad is not None:
                     p.grad = self.accelerator.reduce(p.grad, reduction="mean")
-        clip = cfg["discriminator_grad_clip"]
-        d_norm = self.accelerator.clip_grad_norm_(list(self.discriminator.parameters()),
-                                                  clip if clip > 0 else float("inf"))
-        self.disc_optimizer.step()
+        d_params = list(self.discriminator.parameters())
+        finite = self.disc_guard.finite(d_params, *(torch.tensor(x) for x in d_losses))
+        self.disc_guard.record(finite, step.global_step)
+        d_norm = torch.tensor(float("nan"))
+        if finite:
+            clip = cfg["discriminator_grad_clip"]
+            d_norm = self.accelerator.clip_grad_norm_(d_params, clip if clip > 0 else float("inf"))
+            self.disc_optimizer.step()
+            self.discriminator_updates += 1
         self.disc_optimizer.zero_grad(set_to_none=True)
-        self.discriminator_updates += 1
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         self._logs = {"dcm_detail_loss": mean(cons_losses), "dcm_gan_g_loss": mean(g_losses),
                       "dcm_feature_matching": mean(fm_losses), "dcm_gan_d_loss": mean(d_losses),
