@@ -191,6 +191,8 @@ def read_json(path: str | Path, what: str) -> Any:
     except json.JSONDecodeError as exc:
         raise ConfigError([f"{what}: {path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"]
                           ) from None
+    except RecursionError:  # json's decoder recurses once per nesting level
+        raise ConfigError([f"{what}: {path} nests arrays or objects too deeply to read"]) from None
 
 
 def parse_distillation_config(raw: Any) -> tuple[dict[str, Any] | None, list[str]]:

@@ -28,6 +28,7 @@ import importlib.util
 import json
 import math
 import os
+import struct
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -81,6 +82,8 @@ def load_backend_config(path: str | Path, *, warn: Warn = warnings.warn) -> list
         raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:  # json's decoder recurses once per nesting level
+        raise UserError(f"{path}: the data backend config nests arrays or objects too deeply to read") from None
     if not isinstance(raw, list):
         raise UserError(f"{path}: expected a JSON list of backend objects, got a JSON {type(raw).__name__}")
     return validate_backends(raw, source=str(path), warn=warn)
@@ -232,9 +235,17 @@ def read_caption(media: Path) -> str:
         raise DataError(f"{media}: no caption file {caption_file.name} beside it (caption_strategy textfile)") from None
     except UnicodeDecodeError:
         raise DataError(f"{caption_file}: caption is not UTF-8 text") from None
+    except OSError as e:  # a folder, a dangling link's loop, no permission: the caption cannot be read
+        raise DataError(f"{caption_file}: cannot read the caption ({e.strerror or e})") from None
     if not caption:
         raise DataError(f"{media}: caption file {caption_file.name} is empty")
     return caption
+
+
+# What decoders raise on a damaged file: PIL raises OSError for truncated/unidentified files and SyntaxError for broken
+# GIF/PNG structure; a damaged GIF read frame by frame (imageio over PIL) also ends in IndexError (a colour table
+# index past its end), struct.error (a block shorter than its header says) or EOFError.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, IndexError, struct.error, EOFError, Image.DecompressionBombError)
 
 
 def load_media(path: Path, backend: dict) -> torch.Tensor:
@@ -246,9 +257,9 @@ def load_media(path: Path, backend: dict) -> torch.Tensor:
                 frames = [ImageOps.exif_transpose(im).convert("RGB")]
         else:
             frames = _read_video_frames(path, backend.get("num_frames"))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        # PIL raises OSError for truncated/unidentified files and SyntaxError for broken GIF/PNG structure.
-        raise DataError(f"{path}: cannot decode this file ({e}); it may be corrupt or truncated") from None
+    except _DECODE_ERRORS as e:
+        raise DataError(f"{path}: cannot decode this file ({type(e).__name__}: {e}); it may be corrupt or truncated"
+                        ) from None
     if not frames:
         raise DataError(f"{path}: the video has no frames")
     keep = 1 + (len(frames) - 1) // FRAME_STRIDE * FRAME_STRIDE
@@ -377,6 +388,12 @@ def build_cache(
         text_dir = Path(text_backend["cache_dir"])
     else:
         text_dir = Path(media_backends[0]["cache_dir"]) / "text_embeds"
+
+    for folder in {Path(b["cache_dir"]) for b in media_backends} | {text_dir}:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except (OSError, ValueError) as e:  # a file in the way, no permission, a NUL in the path
+            raise DataError(f"cannot create the cache folder {folder}: {getattr(e, 'strerror', None) or e}") from None
 
     # Captions and cache names first: a missing caption fails the run before any encoding.
     items: list[tuple[dict, Path, str, Path, Path]] = []

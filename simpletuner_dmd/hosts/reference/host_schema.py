@@ -30,6 +30,24 @@ def _frames_check(v: int) -> str | None:
     return None if v >= 1 and (v - 1) % 4 == 0 else f"must be 1 + 4k (1, 5, 9, …, 81, 121) for Wan's VAE, got {v}"
 
 
+def _tracker_name_check(v: str) -> str | None:
+    # accelerate's tensorboard tracker writes to output_dir/<tracker_project_name>: a name is one folder name, never a
+    # path that could leave output_dir
+    if not v.strip() or v.strip() in (".", "..") or any(c in v for c in "/\\\0"):
+        return f"must be a plain name (not empty, '.' or '..', no '/', '\\' or NUL character), got {v!r}"
+    return None
+
+
+def _path_check(v: str) -> str | None:
+    return f"must be a path without NUL characters, got {v!r}" if "\0" in v else None
+
+
+def _output_dir_check(v: str) -> str | None:
+    if not v.strip():
+        return "must name a folder (not empty)"
+    return _path_check(v)
+
+
 def _guidance_check(v: float) -> str | None:
     if v < 0 or 0 < v < 1:
         return f"must be 0 or 1 (off) or greater than 1, got {v}"
@@ -42,9 +60,9 @@ HOST_SCHEMA = Schema(
         Key("model_type", "str", "lora", "lora: the student is an adapter on a frozen base; full: all weights train.",
             choices=("lora", "full")),
         Key("pretrained_model_name_or_path", "str", None, "Local diffusers folder (or a hub id where a hub is "
-            "reachable) of the teacher/base model.", nullable=True),
+            "reachable) of the teacher/base model.", check=_path_check, nullable=True),
         Key("pretrained_t5_model_name_or_path", "str", None, "Where the text encoder and tokenizer live "
-            "(default: the model folder).", nullable=True),
+            "(default: the model folder).", check=_path_check, nullable=True),
         Key("lora_rank", "int", 16, "Rank of the student's LoRA.", check=in_range(1)),
         Key("lora_alpha", "float", None, "LoRA alpha (default: the rank).", check=in_range(0, lo_open=True),
             nullable=True),
@@ -90,7 +108,8 @@ HOST_SCHEMA = Schema(
         Key("checkpoint_step_interval", "int", 0, "Save a checkpoint every N optimizer steps (0: only at the end).",
             check=in_range(0)),
         Key("checkpoints_total_limit", "int", None, "Keep at most N checkpoints.", check=in_range(1), nullable=True),
-        Key("resume_from_checkpoint", "str", None, "latest, or a checkpoint folder name.", nullable=True),
+        Key("resume_from_checkpoint", "str", None, "latest, or a checkpoint folder name.", check=_path_check,
+            nullable=True),
         Key("validation_step_interval", "int", 0, "Validate every N optimizer steps (0: only at the end).",
             check=in_range(0)),
         Key("validation_disable", "bool", False, "Skip validation entirely."),
@@ -99,7 +118,7 @@ HOST_SCHEMA = Schema(
         Key("validation_prompt", "str", None, "Prompt of the validation samples.", nullable=True),
         Key("validation_negative_prompt", "str", "", "Negative prompt (also DMD's unconditional branch)."),
         Key("validation_prompt_library", "str", None, "JSON file {name: prompt} of extra validation prompts.",
-            nullable=True),
+            check=_path_check, nullable=True),
         Key("validation_seed", "int", None, "Seed of the validation noise (default: seed).", nullable=True),
         Key("validation_resolution", "any", (480, 480), "\"WxH\" or an int; multiples of 16.",
             parse=parse_resolution),
@@ -109,10 +128,11 @@ HOST_SCHEMA = Schema(
             check=_guidance_check),
         Key("report_to", "str", "none", "Tracker: wandb (offline unless WANDB_MODE says otherwise), tensorboard, "
             "none.", choices=("wandb", "tensorboard", "none")),
-        Key("tracker_project_name", "str", "simpletuner-dmd", "Tracker project."),
-        Key("tracker_run_name", "str", "run", "Tracker run name."),
-        Key("output_dir", "str", "output/models", "Where checkpoints, samples and the final LoRA go."),
-        Key("data_backend_config", "str", None, "The multidatabackend JSON file.", nullable=True),
+        Key("tracker_project_name", "str", "simpletuner-dmd", "Tracker project.", check=_tracker_name_check),
+        Key("tracker_run_name", "str", "run", "Tracker run name.", check=_tracker_name_check),
+        Key("output_dir", "str", "output/models", "Where checkpoints, samples and the final LoRA go.",
+            check=_output_dir_check),
+        Key("data_backend_config", "str", None, "The multidatabackend JSON file.", check=_path_check, nullable=True),
         Key("caption_dropout_probability", "float", 0.0, "Drop captions in the host's own loss (not in DMD).",
             check=in_range(0, 1)),
         Key("flow_schedule_shift", "float", 3.0, "Timestep shift of the host's flow-matching loss and default "
