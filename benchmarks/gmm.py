@@ -1,8 +1,10 @@
-"""Case A: DMD on a 2-D Gaussian mixture with an exact teacher, through a third-party family plugin and the public hooks.
+"""Case A: DMD (and LCM, DCM) on a 2-D Gaussian mixture with an exact teacher, through a third-party family plugin and
+the public hooks.
 
 The family (``examples/gmm_family``, installed with ``pip install -e examples/gmm_family``) is found through its
-``simpletuner_dmd`` entry point. ``distil`` below is a small host: it builds the plugin manager, takes the DMD class
-from ``registered_methods(pm)["dmd"]``, validates the method config with the class's schema, registers the instance and
+``simpletuner_dmd`` entry point. ``distil`` below is a small host: it builds the plugin manager, takes the method's
+class from ``registered_methods(pm)[method]`` (``"dmd"`` by default; ``"lcm"``, ``"dcm"``), validates the method config
+with the class's schema, registers the instance and
 drives the step-loop hooks in the order the hookspecs document (``distill_setup``, then per optimizer step
 ``distill_loss`` → backward → student step → ``distill_after_optimizer_step`` → ``distill_metrics``; then
 ``distill_sampler`` for the samples). Nothing in ``simpletuner_dmd.methods`` is imported.
@@ -10,7 +12,8 @@ drives the step-loop hooks in the order the hookspecs document (``distill_setup`
 ``model_type: full``: the student is a trainable MLP, the fake score a full trainable copy made by ``run.load_base()``,
 and the real score ``run.teacher`` is the closed-form teacher. The student and the fake score start from ``base``, an
 MLP fitted to the mixture by ordinary flow matching (DMD2 starts both from the teacher's weights; a closed form has no
-weights, so this fitted MLP stands in for them).
+weights, so this fitted MLP stands in for them). LCM and DCM (``mode: semantic``; ``fine`` needs a LoRA student) train
+the same full MLP student against the frozen ``run.teacher`` and read the real samples of each batch.
 """
 
 from __future__ import annotations
@@ -85,21 +88,26 @@ class RunResult:
     seconds: float = 0.0
 
 
+# The loss curves collected per method: keys of its ``StepLoss.logs`` / ``distill_metrics``.
+CURVES = {"dmd": ("dmd_loss", "fake_score_loss"), "lcm": ("lcm_loss",), "dcm": ("dcm_loss",)}
+
+
 def distil(folder: Path, dmd: dict[str, Any], *, seed: int, steps: int, batch_size: int = 256, lr: float = 1e-4,
-           betas: tuple[float, float] = (0.9, 0.999), n_samples: int = N_SAMPLES) -> RunResult:
-    """Distil the exact teacher with DMD through the hooks; return the student's samples and the loss curves."""
+           betas: tuple[float, float] = (0.9, 0.999), n_samples: int = N_SAMPLES, method: str = "dmd") -> RunResult:
+    """Distil the exact teacher with ``method`` (its ``distillation_config`` in ``dmd``, named so for DMD's callers)
+    through the hooks; return the student's samples and the loss curves."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(True)  # accelerate keeps a process-wide singleton
     pm = get_plugin_manager()
     family = registered_families(pm)["gmm"].cls()
-    method_cls = registered_methods(pm)["dmd"].cls
+    method_cls = registered_methods(pm)[method].cls
     config, problems, unknown = method_cls.schema.validate(dmd, prefix="distillation_config")
     if problems or unknown:
-        raise ValueError(f"bad DMD config: {problems} {unknown}")
-    method = method_cls(config)
-    pm.register(method, name="method:dmd")
+        raise ValueError(f"bad {method} config: {problems} {unknown}")
+    instance = method_cls(config)
+    pm.register(instance, name=f"method:{method}")
 
     torch.manual_seed(seed)
     accelerator = Accelerator(cpu=True)
@@ -118,13 +126,13 @@ def distil(folder: Path, dmd: dict[str, Any], *, seed: int, steps: int, batch_si
     cond = family.encode_prompts([""] * batch_size)
 
     def no_host_loss():
-        raise AssertionError("DMD proper never asks for the host's loss")
+        raise AssertionError(f"{method} never asks for the host's loss")
 
-    curves: dict[str, list[tuple[int, float]]] = {"dmd_loss": [], "fake_score_loss": []}
+    curves: dict[str, list[tuple[int, float]]] = {key: [] for key in CURVES.get(method, (f"{method}_loss",))}
     start = time.time()
     for step in range(steps):
         info = StepInfo(step, 0, 1, True, torch.Generator().manual_seed(seed * 1_000_003 + step))
-        # Real data only gives DMD the shape (DMD proper is data-free); a GAN term would read it.
+        # Real data only gives DMD the shape (DMD proper is data-free); LCM and DCM noise it to their timesteps.
         batch = Batch(latents=mixture.sample(batch_size, data).view(-1, 2, 1, 1, 1), cond=cond)
         result = pm.hook.distill_loss(batch=batch, step=info, host_loss=no_host_loss)
         if result.loss is not None:

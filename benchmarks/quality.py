@@ -1,7 +1,8 @@
 """Quality benchmarks: does the DMD student match its teacher? ``python -m benchmarks.quality``.
 
 Case A (``benchmarks/gmm.py``): a 2-D Gaussian mixture whose teacher is exact, through the example family plugin
-(``pip install -e examples/gmm_family``) and the public hooks. Case B (``benchmarks/digits.py``): a small Wan transformer
+(``pip install -e examples/gmm_family``) and the public hooks; DMD rows, and LCM and DCM rows for comparison
+(``--rows lcm,dcm`` runs only those). Case B (``benchmarks/digits.py``): a small Wan transformer
 trained on scikit-learn's digits, distilled with the reference host trainer.
 
 Writes ``results.json``, ``results.md`` and PNG plots into ``--out`` (default ``benchmarks/results/quality``). Every row
@@ -39,6 +40,15 @@ CASE_A_ROWS = {
     "DMD 1-step (1000), interval 5": {"lr": 3e-4, "dmd": {**CASE_A_TUNED, "dmd_denoising_steps": [1000]}},
     "DMD 3-step, interval 1": {"lr": 3e-4, "dmd": {**CASE_A_TUNED, "generator_update_interval": 1}},
 }
+# The other methods on the same mixture, seeds, steps, batch, student lr and metrics (``model_type: full``: the frozen
+# closed-form teacher is ``run.teacher``). Cond only (the mixture is unconditional), no timestep shift. DCM ``fine``
+# needs a LoRA student (its detail expert is a second adapter), so only ``semantic`` fits the MLP family.
+CASE_A_ROWS.update({
+    "LCM 3-step": {"lr": 3e-4, "method": "lcm", "config": {
+        "w_min": 1.0, "w_max": 1.0, "num_inference_steps": 3, "shift": 1.0}},
+    "DCM semantic, 3 phases": {"lr": 3e-4, "method": "dcm", "config": {
+        "mode": "semantic", "multiphase": 3, "distill_cfg": 0.0, "dcm_shift": 1.0}},
+})
 CASE_A_ABLATIONS = {
     "ablation: 3-step, schema defaults (fake_score_lr 1e-5, interval 1), student lr 1e-4": {"lr": 1e-4, "dmd": {}},
     "ablation: 3-step, fake_score_lr 1e-4 = student lr 1e-4, interval 5": {
@@ -47,7 +57,21 @@ CASE_A_ABLATIONS = {
 }
 
 
-def run_case_a(out: Path, *, seeds: int, steps: int, ablations: bool, cache: Path) -> dict:
+def select_rows(todo: dict[str, dict], rows: str | None) -> dict[str, dict]:
+    """``rows``: comma-separated method names (``dmd``, ``lcm``, ``dcm``) or parts of row names (case-insensitive);
+    ``None``: every row."""
+    if not rows:
+        return todo
+    tokens = [t.strip().lower() for t in rows.split(",") if t.strip()]
+    picked = {name: spec for name, spec in todo.items()
+              if any(t == spec.get("method", "dmd") or t in name.lower() for t in tokens)}
+    if not picked:
+        raise SystemExit(f"--rows {rows!r} matches none of: {', '.join(todo)}")
+    return picked
+
+
+def run_case_a(out: Path, *, seeds: int, steps: int, ablations: bool, cache: Path, rows_filter: str | None = None
+               ) -> dict:
     from . import gmm
 
     folder = gmm.fit_base(cache / "gmm", log=log)
@@ -69,14 +93,17 @@ def run_case_a(out: Path, *, seeds: int, steps: int, ablations: bool, cache: Pat
     todo = dict(CASE_A_ROWS)
     if ablations:
         todo.update(CASE_A_ABLATIONS)
+    todo = select_rows(todo, rows_filter)
     for name, spec in todo.items():
-        dmd = {"real_score_guidance_scale": 1.0, **spec["dmd"]}
+        method = spec.get("method", "dmd")
+        config = {"real_score_guidance_scale": 1.0, **spec["dmd"]} if method == "dmd" else dict(spec["config"])
         results = []
         for s in range(seeds):
-            r = gmm.distil(folder, dmd, seed=s, steps=steps, lr=spec["lr"])
+            r = gmm.distil(folder, config, seed=s, steps=steps, lr=spec["lr"], method=method)
             results.append(r)
             log(f"case A: {name} seed {s}: {r.seconds:.0f} s, {_fmt_row(gmm.summarise([metrics(r.samples)]))}")
-        rows[name] = {"kind": "ablation" if name.startswith("ablation") else "student", "dmd_config": dmd,
+        rows[name] = {"kind": "ablation" if name.startswith("ablation") else "student", "method": method,
+                      **({"dmd_config": config} if method == "dmd" else {"method_config": config}),
                       "student_lr": spec["lr"],
                       "steps": steps, "seconds_per_run": sum(r.seconds for r in results) / len(results),
                       "metrics": gmm.summarise([metrics(r.samples) for r in results])}
@@ -147,17 +174,22 @@ def _plot_curves(path: Path, curves: dict[str, dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    keys = [k for k in ("dmd_loss", "fake_score_loss", "lcm_loss", "dcm_loss")
+            if any(c.get(k) for c in curves.values())]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.8), squeeze=False)
+    axes = list(axes.flat)
     for name, c in curves.items():
-        for ax, key in zip(axes, ("dmd_loss", "fake_score_loss")):
+        for ax, key in zip(axes, keys):
             if c.get(key):
                 steps, values = zip(*c[key])
                 ax.plot(steps, _smooth(values), label=name, lw=1)
-    for ax, key in zip(axes, ("dmd_loss", "fake_score_loss")):
+    for ax, key in zip(axes, keys):
         ax.set_title(f"{key} (seed 0, moving average)")
         ax.set_xlabel("optimizer step")
         ax.set_yscale("log")
-    axes[0].legend(fontsize=6)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -192,7 +224,8 @@ def markdown(results: dict) -> str:
             f"**Case A — 8-mode ring (radius 1, std 0.1), exact teacher, example `gmm` family plugin.** "
             f"{s['seeds']} seeds per row, mean ± sd; {s['samples_per_run']:,} samples per run against "
             f"{s['reference_samples']:,} exact samples; students trained {s['optimizer_steps']} optimizer steps "
-            f"(batch {s['batch_size']}; student lr 3e-4, fake_score_lr 1e-3 unless the row says otherwise).",
+            f"(batch {s['batch_size']}; student lr 3e-4, fake_score_lr 1e-3 unless the row says otherwise; LCM and DCM "
+            f"rows: student lr 3e-4, no fake score).",
             "",
             "| row | energy distance ↓ | precision ↑ | recall ↑ | mode-weight TV ↓ |",
             "| --- | --- | --- | --- | --- |",
@@ -231,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--gmm-steps", type=int, default=2000, help="case A optimizer steps per student")
     parser.add_argument("--no-ablations", action="store_true", help="case A: only the issue's rows")
+    parser.add_argument("--rows", default=None, help="case A: only these student rows, comma-separated method names "
+                        "(dmd, lcm, dcm) or parts of row names, e.g. lcm,dcm (the teacher rows always run)")
     parser.add_argument("--digits-teacher-steps", type=int, default=1500)
     parser.add_argument("--digits-student-steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (small nets run best on 1)")
@@ -243,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = set(args.cases.split(","))
     if "a" in cases:
         results["case_a"] = run_case_a(args.out, seeds=args.seeds, steps=args.gmm_steps,
-                                       ablations=not args.no_ablations, cache=args.cache)
+                                       ablations=not args.no_ablations, cache=args.cache, rows_filter=args.rows)
     if "b" in cases:
         from . import digits
 

@@ -1,5 +1,6 @@
 """Reduced versions of the quality benchmarks (``python -m benchmarks.quality``): the third-party family is found
-through its entry point, a short DMD run through the public hooks beats the 1-step teacher, and the digits pipeline
+through its entry point, a short DMD run through the public hooks beats the 1-step teacher, so do short LCM and DCM
+runs (the benchmark's LCM and DCM rows), and the digits pipeline
 (teacher trained by the reference host, DMD student, digits-FD) runs end to end on a tiny budget."""
 
 from __future__ import annotations
@@ -90,6 +91,60 @@ def test_a_short_dmd_run_beats_the_one_step_teacher(gmm_installed, tmp_path):
     assert student["precision"] > teacher["precision"] + 0.2, student
     assert student["energy_distance"] < 0.5 * teacher["energy_distance"], student
     assert len(result.curves["dmd_loss"]) == 150 and len(result.curves["fake_score_loss"]) == 150
+
+
+@pytest.mark.parametrize("method, config, curve", [
+    ("lcm", {"w_min": 1.0, "w_max": 1.0, "num_inference_steps": 3, "shift": 1.0}, "lcm_loss"),
+    ("dcm", {"mode": "semantic", "multiphase": 3, "distill_cfg": 0.0, "dcm_shift": 1.0}, "dcm_loss"),
+])
+def test_a_short_consistency_run_goes_through_the_hooks(gmm_installed, tmp_path, method, config, curve):
+    """The benchmark's LCM and DCM rows, reduced: the method class comes from the registry, its hooks run (a loss curve
+    per step under its own name) and its sampler gives finite samples that beat the 1-step teacher."""
+    from benchmarks import gmm, quality
+    from simpletuner_dmd.plugins import get_plugin_manager
+
+    rows = {spec.get("method"): spec for spec in quality.CASE_A_ROWS.values()}
+    assert rows[method]["config"] == config  # the smoke runs the benchmark's own row
+
+    torch.set_num_threads(1)
+    folder = gmm.fit_base(tmp_path / "gmm", steps=300, batch_size=256, log=lambda m: None)
+    _, mixture = gmm.family_and_mixture()
+    metrics = gmm.Metrics(mixture)
+    teacher = metrics(gmm.teacher_samples(folder, 1, 0, n=2000))
+    calls = []
+    original = get_plugin_manager
+
+    def spying_manager(*args, **kwargs):
+        pm = original(*args, **kwargs)
+        pm.add_hookcall_monitoring(lambda name, impls, kw: calls.append((name, [pm.get_name(i.plugin) for i in impls])),
+                                   lambda *a: None)
+        return pm
+
+    gmm.get_plugin_manager = spying_manager
+    try:
+        result = gmm.distil(folder, config, seed=0, steps=40, batch_size=128, n_samples=2000, lr=3e-4, method=method)
+    finally:
+        gmm.get_plugin_manager = original
+    hooks = {name for name, impls in calls if f"method:{method}" in impls}
+    assert {"distill_setup", "distill_loss", "distill_after_optimizer_step", "distill_metrics",
+            "distill_sampler"} <= hooks, hooks
+    assert torch.isfinite(result.samples).all() and result.samples.shape == (2000, 2)
+    assert list(result.curves) == [curve] and len(result.curves[curve]) == 40
+    assert all(torch.isfinite(torch.tensor(v)) for _, v in result.curves[curve])
+    student = metrics(result.samples)
+    assert all(torch.isfinite(torch.tensor(v)) for v in student.values()), student
+    assert teacher["precision"] < 0.05
+    assert student["precision"] > teacher["precision"] + 0.2, student  # starting from the fitted MLP, not collapsed
+    assert student["energy_distance"] < 0.5 * teacher["energy_distance"], student
+
+
+def test_the_rows_option_selects_case_a_rows():
+    from benchmarks import quality
+
+    picked = quality.select_rows({**quality.CASE_A_ROWS, **quality.CASE_A_ABLATIONS}, "lcm,dcm")
+    assert list(picked) == ["LCM 3-step", "DCM semantic, 3 phases"]
+    with pytest.raises(SystemExit):
+        quality.select_rows(quality.CASE_A_ROWS, "nothing-like-this")
 
 
 @pytest.mark.slow  # three reference-host runs: about 60-170 s on the shared 2-core machines
