@@ -483,16 +483,34 @@ def _student_lora(models) -> dict[str, torch.Tensor]:
 
 
 def _export(out: Path, models, family, host, ema) -> None:
+    """The final student, each file or folder written beside its destination first and renamed into place, so a
+    crash never leaves a half-written export under its final name."""
     if host["model_type"] == "lora":
         config = models.network.peft_config[STUDENT_ADAPTER]
-        family.save_lora(_student_lora(models), out, config)
+        _atomically(out, "pytorch_lora_weights.safetensors",
+                    lambda tmp: family.save_lora(_student_lora(models), tmp, config))
         if ema is not None:
             with ema.swap_into():
-                family.save_lora(_student_lora(models), out / "ema", config)
+                _atomically(out / "ema", "pytorch_lora_weights.safetensors",
+                            lambda tmp: family.save_lora(_student_lora(models), tmp, config))
         log(f"student LoRA: {out / 'pytorch_lora_weights.safetensors'}")
     else:
-        models.network.save_pretrained(out / "transformer")
+        _atomically(out, "transformer", lambda tmp: models.network.save_pretrained(tmp / "transformer"))
         log(f"student transformer: {out / 'transformer'}")
+
+
+def _atomically(folder: Path, name: str, write: Callable[[Path], object]) -> None:
+    import shutil
+
+    tmp = folder / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    target, written = folder / name, tmp / name
+    if target.is_dir():  # os.replace cannot replace a non-empty folder
+        shutil.rmtree(target)
+    os.replace(written, target)
+    shutil.rmtree(tmp)
 
 
 # --------------------------------------------------------------------------- validation
