@@ -64,7 +64,8 @@ def test_sigkill_at_random_moments(job, tmp_path):  # noqa: F811
         before = _complete(out) if out.exists() else []
         log = tmp_path / f"run-{kill}.log"
         proc = _start(config, log)
-        started = _wait_for(lambda: "method: dmd" in log.read_text(), proc)
+        # wait until the run has resolved its resume point (which also clears a killed save's temporary folder)
+        started = _wait_for(lambda: any(m in log.read_text() for m in ("resumed from", "starting from step 0")), proc)
         assert started, log.read_text()[-3000:]
         if kill % 2:  # kill inside a checkpoint save: as soon as a temporary checkpoint folder appears
             _wait_for(lambda: any(out.glob(".checkpoint-*.tmp")), proc)
