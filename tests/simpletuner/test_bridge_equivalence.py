@@ -140,7 +140,7 @@ def _adapter(network, adapter):
 
 
 def _reference_step(h, step: int, latents, cond, optimizer):
-    info = T._step_info(SEED, step, 0, 1, h.accelerator)
+    info = T._step_info(SEED, step, 0, 1, h.accelerator, None)
     torch.manual_seed(100 + step)
     result = h.ref_pm.hook.distill_loss(batch=Batch(latents=latents, cond=cond), step=info,
                                         host_loss=lambda: torch.tensor(0.0))

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-VENV = Path(os.environ.get("SIMPLETUNER_VENV", REPO / "work" / "simpletuner-venv"))
+VENV = Path(os.environ.get("SIMPLETUNER_VENV", REPO / "work" / "simpletuner-venv")).resolve()  # runs use their own cwd
 PYTHON = VENV / "bin" / "python"
 RUNNER = Path(__file__).resolve().parent / "run_simpletuner.py"
 
