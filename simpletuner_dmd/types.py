@@ -46,6 +46,14 @@ class StepInfo:
     network: torch.nn.Module | None = None
 
 
+def step_generator(seed: int, global_step: int, micro_step: int) -> torch.Generator:
+    """``StepInfo.generator``: seeded from (seed, step, micro-batch) alone, so every process — and every host, the
+    reference trainer and the SimpleTuner bridge alike — draws the same values from it."""
+    import torch
+
+    return torch.Generator().manual_seed((seed * 1_000_003 + global_step * 1_009 + micro_step) % (2 ** 63))
+
+
 @dataclass
 class StepLoss:
     """What ``distill_loss`` returns: the student's loss (``None``: no student update on this micro-batch) and logs."""
@@ -109,4 +117,4 @@ class ModelFamily(Protocol):
         """The axis of latent frames (Wan: 2 in ``(B, C, F, H, W)``)."""
 
 
-__all__ = ["Batch", "StepInfo", "StepLoss", "RunContext", "Sampler", "ModelFamily"]
+__all__ = ["Batch", "StepInfo", "StepLoss", "RunContext", "Sampler", "ModelFamily", "step_generator"]

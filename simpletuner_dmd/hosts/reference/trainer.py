@@ -36,7 +36,7 @@ from ...config import RunConfig, load_config
 from ...errors import UserError
 from ...nonfinite import NonFiniteGuard
 from ...plugins import get_plugin_manager
-from ...types import Batch, RunContext, StepInfo, StepLoss
+from ...types import Batch, RunContext, StepInfo, StepLoss, step_generator
 
 STUDENT_ADAPTER = "student"
 
@@ -370,8 +370,7 @@ def _batches(dataset, sampler, state: dict, accelerator) -> Iterator[Batch]:
 
 
 def _step_info(seed: int, global_step: int, micro: int, accum: int, accelerator, network) -> StepInfo:
-    # Seeded from (seed, step, micro-batch) alone, so every process draws the same values from it.
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + global_step * 1_009 + micro) % (2 ** 63))
+    generator = step_generator(seed, global_step, micro)  # the same on every process
     return StepInfo(global_step, micro, accum, accelerator.sync_gradients, generator, network)
 
 

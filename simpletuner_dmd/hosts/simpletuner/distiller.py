@@ -32,7 +32,7 @@ import torch
 from ...config import parse_distillation_config, select_method_section
 from ...errors import ConfigError, UserError
 from ...plugins import get_family_class, get_method_class, get_plugin_manager, registered_methods
-from ...types import Batch, RunContext, StepInfo, StepLoss
+from ...types import Batch, RunContext, StepInfo, StepLoss, step_generator
 
 STATE_FILE = "simpletuner_dmd_bridge.json"
 NEGATIVE_EMBEDS_ATTR = "_simpletuner_dmd_negative_embeds"  # set on SimpleTuner's model by patch.py
@@ -183,9 +183,7 @@ class PluginDistiller:
         return torch.cat(out)
 
     def _step_info(self, micro: int) -> StepInfo:
-        # The reference host's formula: the same seed, step and micro-batch give the same draws in both hosts.
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.global_step * 1_009 + micro)
-                                                  % (2 ** 63))
+        generator = step_generator(self.seed, self.global_step, micro)  # the same draws as the reference host
         return StepInfo(self.global_step, micro, self.accumulation, bool(self.accelerator.sync_gradients), generator)
 
     # ------------------------------------------------------------------ SimpleTuner's distiller interface
