@@ -64,7 +64,41 @@ class AdapterSwitch:
         return self._state(None, True)
 
 
-def adapter_parameters(model: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:
-    """The parameters of adapter ``name`` (peft names them ``….lora_A.<name>.weight``)."""
+def named_adapter_parameters(model: torch.nn.Module, name: str) -> dict[str, torch.nn.Parameter]:
+    """The parameters of adapter ``name`` by their full names (peft names them ``….lora_A.<name>.weight``)."""
     marker = f".{name}."
-    return [p for n, p in model.named_parameters() if marker in n and (".lora_" in n)]
+    return {n: p for n, p in model.named_parameters() if marker in n and ".lora_" in n}
+
+
+def adapter_parameters(model: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:
+    """The parameters of adapter ``name``."""
+    return list(named_adapter_parameters(model, name).values())
+
+
+def add_adapter_beside(model: torch.nn.Module, existing: str, name: str, rank: int | None
+                       ) -> list[torch.nn.Parameter]:
+    """A new LoRA adapter ``name`` on ``model``'s base beside adapter ``existing`` (B = 0: it starts as a no-op), with
+    the same target modules and the same alpha/rank scale, trainable weights in fp32. ``existing`` stays the active
+    adapter and both stay trainable (each network's own context and optimizer isolate them). Returns the new
+    adapter's parameters. (DMD's fake score, DCM's detail expert.)"""
+    import warnings
+
+    from peft import LoraConfig
+
+    existing_cfg = model.peft_config[existing]
+    rank = rank or existing_cfg.r
+    alpha = existing_cfg.lora_alpha * rank / existing_cfg.r
+    with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the design
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        model.add_adapter(
+            LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, lora_dropout=0.0,
+                       target_modules=sorted(existing_cfg.target_modules)),
+            adapter_name=name,
+        )
+    model.set_adapter(existing)  # diffusers' add_adapter activates the new adapter
+    params = adapter_parameters(model, name)
+    for p in params:
+        p.data = p.data.float()  # like the student's: trainable weights in fp32, compute in the autocast dtype
+    for p in params + adapter_parameters(model, existing):
+        p.requires_grad_(True)
+    return params

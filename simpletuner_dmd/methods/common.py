@@ -9,12 +9,11 @@ adapter disabled (``AdapterSwitch.disabled()``) — never a second copy of the m
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Any, Callable
 
 import torch
 
-from ..adapters import AdapterSwitch, adapter_parameters
+from ..adapters import AdapterSwitch, add_adapter_beside
 from ..passes import PassCounter
 from ..types import RunContext
 
@@ -78,25 +77,7 @@ class Networks:
     def add_adapter(self, name: str, rank: int | None) -> list[torch.nn.Parameter]:
         """A new LoRA adapter ``name`` on the student's base (B = 0: it starts as a no-op), with the student adapter's
         targets and scale; the student's adapter stays active and both stay trainable. Returns its parameters."""
-        from peft import LoraConfig
-
-        student_name = self.run.student_adapter
-        student_cfg = self.student.peft_config[student_name]
-        rank = rank or student_cfg.r
-        alpha = student_cfg.lora_alpha * rank / student_cfg.r
-        with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the design
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            self.student.add_adapter(
-                LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, lora_dropout=0.0,
-                           target_modules=sorted(student_cfg.target_modules)),
-                adapter_name=name,
-            )
-        self.student.set_adapter(student_name)  # diffusers' add_adapter activates the new one
-        params = adapter_parameters(self.student, name)
-        for p in params:
-            p.data = p.data.float()
-        for p in params + adapter_parameters(self.student, student_name):
-            p.requires_grad_(True)
+        params = add_adapter_beside(self.student, self.run.student_adapter, name, rank)
         self.switch = AdapterSwitch(self.student)  # the new adapter's layers
         return params
 

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ...config import RunConfig, load_config
+from ...adapters import named_adapter_parameters
 from ...errors import UserError
 from ...nonfinite import NonFiniteGuard
 from ...plugins import get_plugin_manager
@@ -327,7 +328,7 @@ def build_models(host: dict, family, accelerator, *, new_network: Callable[[], t
                                        target_modules=list(family.lora_target_modules)),
                             adapter_name=STUDENT_ADAPTER)
         network.set_adapter(STUDENT_ADAPTER)
-        params = {n: p for n, p in network.named_parameters() if f".{STUDENT_ADAPTER}." in n and ".lora_" in n}
+        params = named_adapter_parameters(network, STUDENT_ADAPTER)
     else:
         if host["base_model_precision"] != "no_change":
             log("warning: base_model_precision: ignored with model_type full (every weight trains)")

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ...adapters import adapter_parameters
+from ...adapters import adapter_parameters, named_adapter_parameters
 from ...errors import UserError
 from ...hookspecs import hookimpl
 from ...nonfinite import DEFAULT_LIMIT, NonFiniteGuard
@@ -297,7 +297,7 @@ class DCM:
                 "detail_updates": self.detail_updates, "discriminator_updates": self.discriminator_updates}
 
     def _detail_weights(self) -> dict[str, torch.Tensor]:
-        return {n: p for n, p in self.run.student.named_parameters() if f".{DETAIL_ADAPTER}." in n and ".lora_" in n}
+        return named_adapter_parameters(self.run.student, DETAIL_ADAPTER)
 
     @hookimpl
     def distill_save_state(self, checkpoint_dir: Path) -> None:

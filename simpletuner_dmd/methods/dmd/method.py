@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from ...adapters import AdapterSwitch, adapter_parameters
+from ...adapters import AdapterSwitch, add_adapter_beside, named_adapter_parameters
 from ...errors import UserError
 from ...hookspecs import hookimpl
 from ...nonfinite import DEFAULT_LIMIT, NonFiniteGuard
@@ -93,9 +92,9 @@ class DMD:
         else:
             self.switch = None
         if fake_type == "lora":
-            self._add_fake_adapter(run)
+            params = add_adapter_beside(self.student, run.student_adapter, FAKE_ADAPTER,
+                                        self.cfg["fake_score_lora_rank"])
             self.fake_net = self.student
-            params = adapter_parameters(self.student, FAKE_ADAPTER)
         else:
             self.fake_net = run.load_base()
             self.fake_net.requires_grad_(True).train()
@@ -112,27 +111,6 @@ class DMD:
         self.negative_prompt = negative
         self.uncond = run.encode_prompts([negative])  # encoded once; the text encoder may be freed after setup
 
-    def _add_fake_adapter(self, run: RunContext) -> None:
-        from peft import LoraConfig
-
-        student_cfg = self.student.peft_config[run.student_adapter]
-        rank = self.cfg["fake_score_lora_rank"] or student_cfg.r
-        alpha = student_cfg.lora_alpha * rank / student_cfg.r  # same scale as the student's adapter
-        with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the design
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            self.student.add_adapter(
-                LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, lora_dropout=0.0,
-                           target_modules=sorted(student_cfg.target_modules)),
-                adapter_name=FAKE_ADAPTER,
-            )
-        # diffusers' add_adapter activates the new adapter: make the student active again, and keep both adapters
-        # trainable (separate optimizers and no_grad/detach isolate them; the switch restores the flags).
-        self.student.set_adapter(run.student_adapter)
-        for p in adapter_parameters(self.student, FAKE_ADAPTER):
-            p.data = p.data.float()  # like the student's: trainable weights in fp32, compute in the autocast dtype
-        for p in adapter_parameters(self.student, FAKE_ADAPTER) + adapter_parameters(self.student,
-                                                                                     run.student_adapter):
-            p.requires_grad_(True)
 
     # ------------------------------------------------------------------ the three networks
 
@@ -345,6 +323,6 @@ class DMD:
 
     def _fake_weights(self) -> dict[str, torch.Tensor]:
         if self.fake_type == "lora":
-            return {n: p for n, p in self.student.named_parameters() if f".{FAKE_ADAPTER}." in n and ".lora_" in n}
+            return named_adapter_parameters(self.student, FAKE_ADAPTER)
         return dict(self.accelerator.unwrap_model(self.fake_net).state_dict())
 
