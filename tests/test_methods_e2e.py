@@ -4,15 +4,13 @@ reference host with nothing changed but ``distillation_method``."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
-import sys
-import tomllib
-from importlib import metadata
 from pathlib import Path
 
 import pytest
+
+from tests.example_packages import installed_example
 
 from simpletuner_dmd import get_plugin_manager, registered_methods
 from simpletuner_dmd.hosts.reference.trainer import train
@@ -27,30 +25,8 @@ def example_method_installed(tmp_path_factory):
     """The example package as pip would install it (``pip install -e examples/method_plugin``): if it is not
     installed, a distribution made from its own ``pyproject.toml`` (name, version, entry points) on a temporary
     ``sys.path`` entry — the metadata ``importlib.metadata`` reads after a pip install."""
-    project = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]
-    try:
-        metadata.distribution(project["name"])
+    with installed_example(EXAMPLE, tmp_path_factory.mktemp("site"), "guidance_distill") as project:
         yield project
-        return
-    except metadata.PackageNotFoundError:
-        pass
-    site = tmp_path_factory.mktemp("site")
-    info = site / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
-    (info / "entry_points.txt").write_text("".join(
-        f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items())
-        for group, eps in project["entry-points"].items()))
-    sys.path[:0] = [str(site), str(EXAMPLE)]
-    importlib.invalidate_caches()
-    try:
-        yield project
-    finally:
-        sys.path.remove(str(site))
-        sys.path.remove(str(EXAMPLE))
-        importlib.invalidate_caches()
-        for name in [m for m in sys.modules if m.split(".")[0] == "guidance_distill"]:
-            del sys.modules[name]
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,11 @@ runs (the benchmark's LCM and DCM rows), and the digits pipeline
 
 from __future__ import annotations
 
-import importlib
-import sys
-import tomllib
-from importlib import metadata
 from pathlib import Path
 
 import pytest
+
+from tests.example_packages import installed_example
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,29 +21,8 @@ def gmm_installed(tmp_path_factory):
     """The example package as pip would install it. If ``pip install -e examples/gmm_family`` was run, that install is
     used; otherwise a distribution is made on a temporary ``sys.path`` entry from the example's own ``pyproject.toml``
     (its name, version and entry points) — the same metadata ``importlib.metadata`` reads after a pip install."""
-    project = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]
-    try:
-        metadata.distribution(project["name"])
+    with installed_example(EXAMPLE, tmp_path_factory.mktemp("site"), "gmm_family") as project:
         yield project
-        return
-    except metadata.PackageNotFoundError:
-        pass
-    site = tmp_path_factory.mktemp("site")
-    info = site / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
-    groups = project["entry-points"]
-    (info / "entry_points.txt").write_text("".join(
-        f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items()) for group, eps in groups.items()))
-    (site / "gmm_family.pth").write_text(str(EXAMPLE) + "\n")
-    sys.path[:0] = [str(site), str(EXAMPLE)]
-    importlib.invalidate_caches()
-    try:
-        yield project
-    finally:
-        sys.path.remove(str(site))
-        sys.path.remove(str(EXAMPLE))
-        importlib.invalidate_caches()
 
 
 def test_the_gmm_family_is_found_through_its_entry_point(gmm_installed):
