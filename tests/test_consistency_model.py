@@ -4,71 +4,19 @@ model."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from simpletuner_dmd.families.wan import WanFamily
-from simpletuner_dmd.hosts.reference import trainer as T
-from simpletuner_dmd.hosts.reference.host_schema import HOST_SCHEMA
 from simpletuner_dmd.methods.dcm.method import DCM, DETAIL_ADAPTER
 from simpletuner_dmd.methods.lcm import loss as LL
 from simpletuner_dmd.methods.lcm.method import LCM
-from simpletuner_dmd.types import RunContext
-from simpletuner_dmd.types import Batch, StepInfo
-
-
-def embed(texts: list[str]) -> torch.Tensor:
-    """A deterministic stand-in text encoder: each text → its own (1, 8, 32) embedding."""
-    import zlib
-
-    return torch.stack([torch.randn(8, 32, generator=torch.Generator().manual_seed(zlib.crc32(t.encode())))
-                        for t in texts])
-
-
-def perturb_adapters(network, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in network.named_parameters():
-            if ".lora_B." in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-
-
-def batch(b=2, frames=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return Batch(latents=torch.randn(b, 16, frames, 4, 4, generator=g), cond=torch.randn(b, 8, 32, generator=g))
-
-
-def step_info(step=0):
-    return StepInfo(step, 0, 1, True, torch.Generator().manual_seed(123 + step))
-
-
-def snapshot(network):
-    return {n: p.detach().clone() for n, p in network.named_parameters()}
+from simpletuner_dmd.types import Batch
+from tests.tiny_methods import batch, build_method, perturb_adapters, snapshot, step_info
 
 
 def build(tiny_wan, cls, method_cfg=None, *, host=None, new_network=None):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    cfg = {**HOST_SCHEMA.defaults(), "pretrained_model_name_or_path": str(tiny_wan), **(host or {})}
-    m_cfg, problems, _ = cls.schema.validate(method_cfg or {}, prefix="distillation_config")
-    assert not problems, problems
-    family = WanFamily()
-    accelerator = Accelerator(cpu=True)
-    torch.manual_seed(0)
-    new_network = new_network or (lambda: T._fresh_network(cfg, family, torch.float32))
-    models = T.build_models(cfg, family, accelerator, distilling=True, new_network=new_network)
-    method = cls(m_cfg)
-    method.distill_setup(run=RunContext(
-        host_config=cfg, method_config=m_cfg, family=family, student=models.network, accelerator=accelerator,
-        encode_prompts=embed, negative_prompt="ugly", output_dir=None, model_type=cfg["model_type"],
-        student_adapter=T.STUDENT_ADAPTER if cfg["model_type"] == "lora" else None, load_base=new_network,
-        teacher=models.teacher))
-    optimizer = torch.optim.AdamW(list(models.student_params.values()), lr=1e-3)
-    return SimpleNamespace(method=method, models=models, family=family, optimizer=optimizer, cfg=cfg)
+    return build_method(tiny_wan, cls, method_cfg, host=host, new_network=new_network)
 
 
 def changed(before, after):
