@@ -2,7 +2,12 @@
 full copy. One prepared command, about 8 minutes on one H100:
 
     python -m benchmarks.gpu_cost                         # Wan 1.3B and 14B, 480x832x81 (latents 16x21x60x104)
-    python -m benchmarks.gpu_cost --model tiny --device cpu --steps 1   # the same code path on a CPU, in seconds
+    python -m benchmarks.gpu_cost --memory-cap-gib 79.6   # on a bigger card: allow only what an 80 GB H100 has
+    python -m benchmarks.gpu_cost --run tiny:dmd --run tiny:lora --device cpu --steps 1   # the code path on a CPU
+
+The runs go in the order given (default: the most telling first — 14B DMD, 14B LoRA, then 1.3B, then the 14B full
+copy), each in its own process; ``--budget-s`` skips the runs that would start after it is spent, and the result files
+are rewritten after every run, so a run cut short still leaves what it measured.
 
 The weights are random, built directly on the device in bf16 from the published configs (no download); the base is
 int8 (optimum-quanto), the student and fake-score LoRAs have rank 128, gradient checkpointing is on. Each
@@ -35,7 +40,10 @@ KINDS = {"lora": "plain LoRA fine-tuning", "dmd": "DMD, fake score = adapter on 
 RESULTS = Path(__file__).parent / "results"
 
 
-def run_one(model: str, kind: str, steps: int, device: str, rank: int) -> dict:
+DEFAULT_RUNS = ("14b:dmd", "14b:lora", "1.3b:dmd", "1.3b:lora", "1.3b:dmd_full", "14b:dmd_full")
+
+
+def run_one(model: str, kind: str, steps: int, device: str, rank: int, memory_cap_gib: float | None = None) -> dict:
     """In a fresh process: build, one warm-up step, then ``steps`` timed steps."""
     config, latents, text = MODELS[model]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -43,6 +51,11 @@ def run_one(model: str, kind: str, steps: int, device: str, rank: int) -> dict:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         result["gpu"] = torch.cuda.get_device_name()
+        total = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+        result["gpu_memory_gib"] = total
+        if memory_cap_gib is not None and memory_cap_gib < total:  # the caching allocator refuses past the cap
+            torch.cuda.set_per_process_memory_fraction(memory_cap_gib / total)
+            result["memory_cap_gib"] = memory_cap_gib
     start = time.perf_counter()
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build the weights in bf16 directly: a fp32 14B would not fit beside its copy
@@ -53,6 +66,7 @@ def run_one(model: str, kind: str, steps: int, device: str, rank: int) -> dict:
     finally:
         torch.set_default_dtype(previous)
     result["build_s"] = time.perf_counter() - start
+    print(f"  built in {result['build_s']:.0f} s", file=sys.stderr, flush=True)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = []
     try:
@@ -61,6 +75,8 @@ def run_one(model: str, kind: str, steps: int, device: str, rank: int) -> dict:
             t0 = time.perf_counter()
             train_step(setup, step)
             sync()
+            print(f"  step {step}{' (warm-up)' if not step else ''}: {time.perf_counter() - t0:.1f} s", file=sys.stderr,
+                  flush=True)
             if step:
                 times.append(time.perf_counter() - t0)
     except torch.cuda.OutOfMemoryError as exc:  # a measured outcome: this configuration does not fit this device
@@ -76,55 +92,85 @@ def run_one(model: str, kind: str, steps: int, device: str, rank: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", choices=sorted(MODELS),
-                        help="repeatable; default: 1.3b and 14b")
-    parser.add_argument("--kind", action="append", choices=sorted(KINDS), help="repeatable; default: all")
+    parser.add_argument("--run", action="append", metavar="MODEL:KIND",
+                        help=f"repeatable, in order; MODEL in {sorted(MODELS)}, KIND in {sorted(KINDS)}; "
+                             f"default: {' '.join(DEFAULT_RUNS)}")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--memory-cap-gib", type=float, default=None,
+                        help="on a larger card, let each run allocate at most this much (79.6: an 80 GB H100)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no run after this many seconds, and stop a run that would end past it")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "KIND"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(args.one[0], args.one[1], args.steps, args.device, args.rank)), flush=True)
+        print(json.dumps(run_one(args.one[0], args.one[1], args.steps, args.device, args.rank, args.memory_cap_gib)),
+              flush=True)
         return 0
+    runs = []
+    for spec in args.run or DEFAULT_RUNS:
+        model, _, kind = spec.partition(":")
+        if model not in MODELS or kind not in KINDS:
+            parser.error(f"--run {spec}: want MODEL:KIND with MODEL in {sorted(MODELS)} and KIND in {sorted(KINDS)}")
+        runs.append((model, kind))
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: no CUDA device; use --device cpu --model tiny to try the code path", file=sys.stderr)
+        print("error: no CUDA device; use --device cpu --run tiny:dmd to try the code path", file=sys.stderr)
         return 2
 
-    rows = []
-    for model in args.model or ["1.3b", "14b"]:
-        for kind in args.kind or list(KINDS):
-            print(f"{model} / {KINDS[kind]} …", flush=True)
-            cmd = [sys.executable, "-m", "benchmarks.gpu_cost", "--one", model, kind, "--steps", str(args.steps),
-                   "--device", args.device, "--rank", str(args.rank)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    rows, start = [], time.monotonic()
+    for model, kind in runs:
+        left = None if args.budget_s is None else args.budget_s - (time.monotonic() - start)
+        if left is not None and left <= 0:
+            rows.append({"model": model, "kind": kind, "skipped": "time budget spent"})
+            print(f"{model} / {KINDS[kind]}: skipped (time budget spent)", flush=True)
+            continue
+        print(f"{model} / {KINDS[kind]} …", flush=True)
+        cmd = [sys.executable, "-m", "benchmarks.gpu_cost", "--one", model, kind, "--steps", str(args.steps),
+               "--device", args.device, "--rank", str(args.rank)]
+        if args.memory_cap_gib is not None:
+            cmd += ["--memory-cap-gib", str(args.memory_cap_gib)]
+        try:  # the child's progress goes straight to our stderr; its last stdout line is its result
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1], timeout=left)
+        except subprocess.TimeoutExpired:
+            row = {"model": model, "kind": kind, "skipped": "stopped: time budget spent during the run"}
+        else:
             if proc.returncode != 0:  # e.g. the process was killed building a configuration that cannot fit
-                row = {"model": model, "kind": kind, "failed": True, "returncode": proc.returncode,
-                       "stderr_tail": proc.stderr[-2000:]}
+                row = {"model": model, "kind": kind, "failed": True, "returncode": proc.returncode}
             else:
                 row = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(json.dumps({k: v for k, v in row.items() if k != "stderr_tail"}), flush=True)
-            rows.append(row)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        _write(args, rows)
+    _write(args, rows, echo=True)
+    return 0
 
+
+def _write(args: argparse.Namespace, rows: list[dict], echo: bool = False) -> None:
     device_name = next((r["gpu"] for r in rows if r.get("gpu")), args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "gpu_cost_" + "".join(c if c.isalnum() else "_" for c in device_name).strip("_").lower()
-    (args.out / f"{stem}.json").write_text(json.dumps({"device": device_name, "argv": argv or sys.argv[1:],
-                                                        "rows": rows}, indent=2))
-    lines = [f"{device_name}; bf16, int8-quanto base, LoRA rank {args.rank}, gradient checkpointing, latents "
-             f"{MODELS[(args.model or ['1.3b'])[0]][1]}; median of {args.steps} steps after one warm-up", "",
+    (args.out / f"{stem}.json").write_text(json.dumps({"device": device_name, "argv": sys.argv[1:],
+                                                        "memory_cap_gib": args.memory_cap_gib, "rows": rows}, indent=2))
+    cap = "" if args.memory_cap_gib is None else f", each run capped at {args.memory_cap_gib} GiB"
+    dtype = "bf16" if args.device == "cuda" else "fp32"
+    lines = [f"{device_name}{cap}; {dtype}, int8-quanto base, LoRA rank {args.rank}, gradient checkpointing, latents "
+             f"{MODELS[rows[0]['model']][1]}; median of {args.steps} steps after one warm-up", "",
              "| model | configuration | step (s) | max_memory_allocated (GiB) |", "| --- | --- | --- | --- |"]
     for r in rows:
         if r.get("failed"):
             lines.append(f"| {r['model']} | {KINDS[r['kind']]} | failed (exit {r['returncode']}) | — |")
             continue
+        if r.get("skipped"):
+            lines.append(f"| {r['model']} | {KINDS[r['kind']]} | not run ({r['skipped']}) | — |")
+            continue
         step = "OOM" if r["oom"] else f"{r['step_s']:.2f}"
         mem = f"{r['max_memory_allocated_gib']:.1f}" if "max_memory_allocated_gib" in r else "—"
         lines.append(f"| {r['model']} | {KINDS[r['kind']]} | {step} | {mem} |")
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    if echo:
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":
