@@ -128,3 +128,24 @@ def test_plain_lora_without_distillation(job):
     assert rec.calls[0] == "loss:0.0" and "setup" not in rec.calls
     assert (out / "checkpoint-2" / "student.safetensors").is_file()
     assert not (out / "checkpoint-2" / "dmd").exists()
+
+
+def test_tokenizer_max_length_sets_the_text_context(job, tmp_path):
+    """The host key reaches the family's encoder, and its embeddings are cached apart from the default length's."""
+
+    class Lengths:
+        def __init__(self):
+            self.seen: list[int] = []
+
+        @hookimpl(tryfirst=True)
+        def distill_loss(self, batch, step, host_loss):
+            self.seen.append(batch.cond.shape[1])
+
+    text_cache = tmp_path / "cache" / "text-embeds"
+    for length, expected in ((None, 512), (8, 8)):
+        rec = Lengths()
+        train(job(max_train_steps=1, checkpoint_step_interval=0, validation_disable=True,
+                  output_dir=str(tmp_path / f"out-{length}"), tokenizer_max_length=length), plugins=(rec,))
+        assert rec.seen and set(rec.seen) == {expected}
+    captions = {p.read_text() for p in (tmp_path / "data").glob("*.txt")}
+    assert len(list(text_cache.glob("*.safetensors"))) >= 2 * len(captions)  # one set per length

@@ -72,6 +72,9 @@ HOST_SCHEMA = Schema(
             "(optimum-quanto).", choices=("no_change", "int8-quanto")),
         Key("text_encoder_1_precision", "str", "no_change", "int8-quanto: quantize the text encoder.",
             choices=("no_change", "int8-quanto")),
+        Key("tokenizer_max_length", "int", None, "Text tokens per prompt, padded or cut to this length (default: "
+            "the family's own; Wan: 512, as WanPipeline; SimpleTuner's Wan always uses 512). Shorter is cheaper, "
+            "but a pretrained model was trained with its own length.", check=in_range(1), nullable=True),
         Key("quantize_via", "str", "cpu", "Quantize on the CPU before moving to the accelerator, or on it.",
             choices=("cpu", "accelerator")),
         Key("gradient_checkpointing", "bool", False, "Recompute activations in backward to save memory."),

@@ -98,7 +98,8 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
     _maybe_quantize(components.text_encoder, host["text_encoder_1_precision"], "text encoder")
     components.vae.to(accelerator.device)
     components.text_encoder.to(accelerator.device)
-    encode_prompts = lambda texts: family.encode_prompts(components, texts)  # noqa: E731
+    text_length = {} if host["tokenizer_max_length"] is None else {"max_length": host["tokenizer_max_length"]}
+    encode_prompts = lambda texts: family.encode_prompts(components, texts, **text_length)  # noqa: E731
     dataset = _build_dataset(host, family, components, encode_prompts, accelerator)
     prompts = _validation_prompts(host)
     prompt_conds = {name: encode_prompts([text]) for name, text in prompts.items()}
@@ -279,8 +280,14 @@ def _build_dataset(host, family, components, encode_prompts, accelerator):
         backend.setdefault("resolution_type", host["resolution_type"])
     with accelerator.main_process_first():
         return build_cache(backends, lambda px: family.encode_pixels(components, px), encode_prompts,
-                           vae_batch_size=host["vae_batch_size"], cache_tag=str(host["pretrained_model_name_or_path"]),
+                           vae_batch_size=host["vae_batch_size"], cache_tag=_cache_tag(host),
                            progress=accelerator.is_main_process, warn=lambda m: log(f"warning: {m}"))
+
+
+def _cache_tag(host: dict) -> str:
+    """What cached tensors depend on besides their file: the model and, when set, the text length."""
+    tag = str(host["pretrained_model_name_or_path"])
+    return tag if host["tokenizer_max_length"] is None else f"{tag}|tokens={host['tokenizer_max_length']}"
 
 
 def _validation_prompts(host: dict) -> dict[str, str]:
