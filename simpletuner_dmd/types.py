@@ -116,5 +116,9 @@ class ModelFamily(Protocol):
     def frame_axis(self) -> int:
         """The axis of latent frames (Wan: 2 in ``(B, C, F, H, W)``)."""
 
+    # Optional (not part of the runtime check): ``gan_feature_module(network) -> (module, width)``, the submodule of
+    # ``network`` whose output ``(B, width)`` or ``(B, tokens, width)`` DMD2's GAN classifier reads (Wan: the last
+    # transformer block). DMD's ``gan_loss_weight`` > 0 needs it and says so by name when a family lacks it.
+
 
 __all__ = ["Batch", "StepInfo", "StepLoss", "RunContext", "Sampler", "ModelFamily", "step_generator"]

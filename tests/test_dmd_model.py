@@ -60,8 +60,8 @@ def test_each_optimizer_changes_only_its_own_parameters(tiny_wan):
     assert all(torch.equal(before[n], after_critic[n]) for n in before if ".lora_" not in n)
 
 
-def _student_and_critic_grads(tiny_wan, checkpointing: bool):
-    run = build(tiny_wan, host={"gradient_checkpointing": checkpointing})
+def _student_and_critic_grads(tiny_wan, checkpointing: bool, dmd=None):
+    run = build(tiny_wan, host={"gradient_checkpointing": checkpointing}, dmd=dmd)
     perturb_adapters(run.models.network)
     torch.manual_seed(42)
     result = run.method.distill_loss(batch=batch(), step=step_info(), host_loss=host_loss)
@@ -86,6 +86,56 @@ def test_gradients_identical_with_and_without_gradient_checkpointing(tiny_wan):
     assert len(plain_c) == len(ckpt_c) > 0 and any(g.abs().sum() > 0 for g in plain_c.values())
     for i in plain_c:
         assert torch.allclose(plain_c[i], ckpt_c[i], atol=1e-7, rtol=1e-5), i
+
+
+def test_gan_term_reaches_the_student_the_same_with_and_without_gradient_checkpointing(tiny_wan):
+    # The generator's GAN gradient is taken inside the fake score's adapter context: a checkpointed recompute in the
+    # host's later backward would otherwise run the student's adapter and silently change it.
+    gan = {"gan_loss_weight": 0.5, "gan_classifier_loss_weight": 0.1}
+    plain_s, plain_c = _student_and_critic_grads(tiny_wan, checkpointing=False, dmd=gan)
+    ckpt_s, ckpt_c = _student_and_critic_grads(tiny_wan, checkpointing=True, dmd=gan)
+    without_s, without_c = _student_and_critic_grads(tiny_wan, checkpointing=False)
+    for name in plain_s:
+        assert torch.allclose(plain_s[name], ckpt_s[name], atol=1e-7, rtol=1e-5), name
+    assert any(not torch.allclose(plain_s[n], without_s[n]) for n in plain_s)  # the term is not a no-op
+    assert len(plain_c) == len(without_c) + 6  # the classifier head joins the critic (LayerNorm, two Linears)
+    for i in plain_c:
+        assert torch.allclose(plain_c[i], ckpt_c[i], atol=1e-6, rtol=1e-5), i
+
+
+def test_gan_generator_turn_leaves_no_gradient_on_the_fake_score_or_the_classifier(tiny_wan):
+    run = build(tiny_wan, dmd={"gan_loss_weight": 1.0})
+    perturb_adapters(run.models.network)
+    result = run.method.distill_loss(batch=batch(), step=step_info(), host_loss=host_loss)
+    result.loss.backward()
+    assert "gan_generator_loss" in result.logs
+    assert all(p.grad is None or not p.grad.any() for p in run.method.fake_params)
+    head = {n: p.detach().clone() for n, p in run.method.gan_head.named_parameters()}
+    run.method.distill_after_optimizer_step(step=step_info())
+    metrics = run.method.distill_metrics(step=step_info())
+    assert {"gan_classifier_loss", "gan_real_prob", "gan_fake_prob"} <= metrics.keys()
+    assert all(not torch.equal(head[n], p) for n, p in run.method.gan_head.named_parameters())  # the critic trains D
+
+
+def test_gan_head_travels_with_the_fake_score_in_checkpoints(tiny_wan, tmp_path):
+    run = build(tiny_wan, dmd={"gan_loss_weight": 1.0})
+    result = run.method.distill_loss(batch=batch(), step=step_info(), host_loss=host_loss)
+    result.loss.backward()
+    run.method.distill_after_optimizer_step(step=step_info())
+    run.method.distill_save_state(checkpoint_dir=tmp_path)
+    fresh = build(tiny_wan, dmd={"gan_loss_weight": 1.0})
+    fresh.method.distill_load_state(checkpoint_dir=tmp_path)
+    for (name, a), b in zip(run.method.gan_head.state_dict().items(), fresh.method.gan_head.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_gan_needs_a_family_that_names_its_features(tiny_wan, monkeypatch):
+    from simpletuner_dmd.errors import UserError
+    from simpletuner_dmd.families.wan import WanFamily
+
+    monkeypatch.setattr(WanFamily, "gan_feature_module", None)
+    with pytest.raises(UserError, match="gan_loss_weight.*gan_feature_module"):
+        build(tiny_wan, dmd={"gan_loss_weight": 1.0})
 
 
 def _record_calls(run):

@@ -52,7 +52,9 @@ def test_the_closed_form_teacher_is_exact(gmm_installed):
     assert torch.allclose(mixture.flow(point, torch.tensor([sigma]))[0], expected, atol=2e-2)
 
 
-def test_a_short_dmd_run_beats_the_one_step_teacher(gmm_installed, tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"gan_loss_weight": 1.0}], ids=["dmd", "dmd+gan"])
+def test_a_short_dmd_run_beats_the_one_step_teacher(gmm_installed, tmp_path, extra):
+    """With ``gan_loss_weight`` the classifier reads the third-party family's optional ``gan_feature_module``."""
     from benchmarks import gmm
 
     torch.set_num_threads(1)
@@ -61,13 +63,15 @@ def test_a_short_dmd_run_beats_the_one_step_teacher(gmm_installed, tmp_path):
     metrics = gmm.Metrics(mixture)
     teacher = metrics(gmm.teacher_samples(folder, 1, 0, n=2000))
     dmd = {"real_score_guidance_scale": 1.0, "dmd_denoising_steps": [1000], "fake_score_lr": 1e-3,
-           "generator_update_interval": 1}
+           "generator_update_interval": 1, **extra}
     result = gmm.distil(folder, dmd, seed=0, steps=150, batch_size=128, n_samples=2000)
     student = metrics(result.samples)
     assert teacher["precision"] < 0.05  # the 1-step teacher lands on the mixture's mean
     assert student["precision"] > teacher["precision"] + 0.2, student
     assert student["energy_distance"] < 0.5 * teacher["energy_distance"], student
     assert len(result.curves["dmd_loss"]) == 150 and len(result.curves["fake_score_loss"]) == 150
+    if extra:
+        assert len(result.curves["gan_generator_loss"]) == 150 and len(result.curves["gan_classifier_loss"]) == 150
 
 
 @pytest.mark.parametrize("method, config, curve", [

@@ -60,6 +60,10 @@ class WanFamily:
     def frame_axis(self) -> int:
         return 2
 
+    def gan_feature_module(self, network: torch.nn.Module) -> tuple[torch.nn.Module, int]:
+        """The last transformer block: its output ``(B, tokens, heads·head_dim)`` feeds DMD2's GAN classifier."""
+        return network.blocks[-1], network.config.num_attention_heads * network.config.attention_head_dim
+
     def concat_conditions(self, conds: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(conds, dim=0)
 
@@ -87,9 +91,12 @@ class WanFamily:
         return WanComponents(vae, text_encoder, tokenizer)
 
     @torch.no_grad()
-    def encode_prompts(self, components: WanComponents, texts: list[str]) -> torch.Tensor:
+    def encode_prompts(self, components: WanComponents, texts: list[str], *, max_length: int | None = None
+                       ) -> torch.Tensor:
+        """UMT5 embeddings ``(B, max_length, D)`` (default length: 512, as ``WanPipeline``), zeros past each prompt."""
         tok = components.tokenizer(
-            [t.strip() for t in texts], padding="max_length", max_length=self.max_sequence_length, truncation=True,
+            [t.strip() for t in texts], padding="max_length", max_length=max_length or self.max_sequence_length,
+            truncation=True,
             add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
         )
         device = next(components.text_encoder.parameters()).device

@@ -34,6 +34,10 @@ class GMMFamily:
     def frame_axis(self) -> int:
         return 2
 
+    def gan_feature_module(self, network: torch.nn.Module) -> tuple[torch.nn.Module, int]:
+        """Optional: the MLP's last hidden activation ``(B, hidden)``, for DMD2's GAN classifier."""
+        return network.net[-2], network.dims["hidden"]
+
     def concat_conditions(self, conds: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(conds, dim=0)
 

@@ -65,6 +65,11 @@ DMD_SCHEMA = Schema(
             check=in_range(1), nullable=True),
         Key("negative_prompt", "str", None, "Negative prompt of the teacher's unconditional branch (default: "
             "validation_negative_prompt).", nullable=True),
+        Key("gan_loss_weight", "float", 0.0, "DMD2's GAN term: weight of the student's softplus(-D(fake)) added to "
+            "dmd_loss, with D a classifier on the fake score's features trained on real vs generated samples (needs "
+            "the host's real batches and a family that names its features). 0: off.", check=in_range(0)),
+        Key("gan_classifier_loss_weight", "float", 1e-2, "Weight of the classifier's loss, softplus(D(fake)) + "
+            "softplus(-D(real)), in the fake score's loss (when gan_loss_weight > 0).", check=in_range(0)),
         Key("sft_loss_weight", "float", 0.0, "Weight of the host's own denoising loss added to dmd_loss (DMD "
             "proper: 0).", check=in_range(0)),
     ),

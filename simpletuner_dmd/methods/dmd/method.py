@@ -6,6 +6,9 @@ One optimizer step:
     all under no_grad, and ``dmd_loss`` for the host to back-propagate. x̂0_gen (detached) is stashed for the critic.
   * ``distill_after_optimizer_step``: the critic's turn — the fake score's flow loss on every stashed sample (gradient
     accumulation applies), its own clip and AdamW step.
+With ``gan_loss_weight`` > 0 (DMD2's GAN term, ``gan.py``) the generator's loss gains ``softplus(−D(x̂0_gen))`` and the
+critic's turn trains the classifier ``D`` on the fake score's features of the stashed sample and of the batch's real
+latents, noised alike, in one batched forward.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from ...hookspecs import hookimpl
 from ...nonfinite import DEFAULT_LIMIT, NonFiniteGuard
 from ...passes import PassCounter
 from ...types import Batch, RunContext, StepInfo, StepLoss
+from . import gan as G
 from . import loss as L
 from .config import DMD_SCHEMA, block_key_warnings
 from .rollout import backward_simulation, draw_exit_index, sample_with_schedule
@@ -35,6 +39,7 @@ FAKE_ADAPTER = "fake_score"
 class _Stash:
     x0: torch.Tensor  # the generator's sample, detached
     cond: Any
+    real: torch.Tensor | None  # the batch's real latents (the GAN classifier's real side), when the GAN term is on
     denoised_from: float
     denoised_to: float
 
@@ -102,6 +107,15 @@ class DMD:
                 self.fake_net.enable_gradient_checkpointing()
             params = list(self.fake_net.parameters())
             self.fake_net = self.accelerator.prepare_model(self.fake_net)
+        self.gan_head: G.GANHead | None = None
+        if cfg["gan_loss_weight"] > 0:
+            named = getattr(self.family, "gan_feature_module", None)
+            if named is None:
+                raise UserError(f"distillation_config.gan_loss_weight: the {self.family.name!r} family does not name "
+                                f"the fake score's features (gan_feature_module), so the GAN term cannot run with it")
+            _, width = named(self._bare_fake())
+            self.gan_head = G.GANHead(width).to(self.accelerator.device)  # fp32; trained with the fake score
+            params = params + list(self.gan_head.parameters())
         self.fake_params = params
         optimizer = torch.optim.AdamW(params, lr=cfg["fake_score_lr"], betas=tuple(cfg["fake_score_betas"]),
                                       eps=cfg["fake_score_eps"], weight_decay=cfg["fake_score_weight_decay"])
@@ -147,9 +161,37 @@ class DMD:
         x0_c, x0_u = L.flow_to_x0(x2, flow_fn(x2, t2, both), t2).chunk(2)
         return combine(x0_c, x0_u)
 
-    def _fake_flow(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+    def _fake_flow(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, *, module=None) -> torch.Tensor:
         self.passes.forward("fake_score", x_t.shape[0], grad=torch.is_grad_enabled())
-        return self.family.predict_flow(self._call if self.fake_type == "lora" else self.fake_net, x_t, t, cond)
+        if module is None:
+            module = self._call if self.fake_type == "lora" else self.fake_net
+        return self.family.predict_flow(module, x_t, t, cond)
+
+    def _bare_fake(self) -> torch.nn.Module:
+        """The fake score's module without a DDP wrapper (where the family's feature module lives)."""
+        return self.student if self.fake_type == "lora" else self.accelerator.unwrap_model(self.fake_net)
+
+    def _fake_flow_and_logits(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, *, module=None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fake score's flow and the GAN classifier's logits on its features (one forward)."""
+        feature_module, _ = self.family.gan_feature_module(self._bare_fake())
+        with G.captured_output(feature_module) as outputs:
+            flow = self._fake_flow(x_t, t, cond, module=module)
+        return flow, self.gan_head(outputs[-1])
+
+    def _gan_generator_grad(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: Any
+                            ) -> tuple[torch.Tensor, float]:
+        """``∂(gan_loss_weight · softplus(−D(x_t(x0))))/∂x0``, computed here inside the fake score's context (a
+        checkpointed recompute in the host's later backward would run the student's adapter instead), on the bare
+        module (no DDP reduction for a pass that trains nothing), with no gradient left on the fake score or D."""
+        leaf = x0.detach().requires_grad_(True)
+        x_t = L.add_noise(leaf, noise, t).to(x0.dtype)
+        with self._fake_context():
+            _, logits = self._fake_flow_and_logits(x_t, t, cond, module=self._bare_fake())
+            loss = G.generator_loss(logits)
+            (grad,) = torch.autograd.grad(loss * self.cfg["gan_loss_weight"], leaf)
+        self.passes.backward("fake_score")
+        return grad, float(loss.detach())
 
     def _draw_t(self, batch: int, denoised_from: float, denoised_to: float, device) -> torch.Tensor:
         cfg = self.cfg
@@ -177,7 +219,8 @@ class DMD:
         k = draw_exit_index(len(self.steps), last_step_only=cfg["last_step_only"], generator=step.generator)
         noise = torch.randn_like(latents)
         roll = backward_simulation(self._student_x0(batch.cond), noise, self.steps, k, with_grad=generator_turn)
-        self._pending.append(_Stash(roll.x0.detach(), batch.cond, roll.denoised_from, roll.denoised_to))
+        real = latents if self.gan_head is not None else None
+        self._pending.append(_Stash(roll.x0.detach(), batch.cond, real, roll.denoised_from, roll.denoised_to))
         logs = {"dmd_exit_index": float(k)}
         if not generator_turn:
             return StepLoss(None, logs)
@@ -186,7 +229,8 @@ class DMD:
         self.passes.on_backward(x0_gen, "student")
         with torch.no_grad():
             t = self._draw_t(x0_gen.shape[0], roll.denoised_from, roll.denoised_to, x0_gen.device)
-            x_t = L.add_noise(x0_gen.detach(), torch.randn_like(x0_gen), t).to(latents.dtype)
+            noise_t = torch.randn_like(x0_gen)
+            x_t = L.add_noise(x0_gen.detach(), noise_t, t).to(latents.dtype)
             with self._fake_context():
                 x0_fake = self._guided_x0(self._fake_flow, x_t, t, batch.cond, self._fake_cfg)
             x0_real = self._guided_x0(self._teacher_flow, x_t, t, batch.cond, self._real_cfg)
@@ -199,6 +243,10 @@ class DMD:
             dmd_timestep=float(t.mean()),
             dmd_teacher_fake_gap=float((x0_fake - x0_real).abs().mean()),
         )
+        if self.gan_head is not None:
+            gan_grad, gan_loss = self._gan_generator_grad(x0_gen, noise_t, t, batch.cond)
+            loss = loss + (x0_gen.float() * gan_grad.float()).sum()  # its gradient w.r.t. x̂0_gen is gan_grad
+            logs["gan_generator_loss"] = gan_loss
         if cfg["sft_loss_weight"] > 0:
             sft = host_loss()
             logs["sft_loss"] = float(sft.detach())
@@ -219,7 +267,9 @@ class DMD:
         # accelerator.backward divides by its accumulation steps; rescale so the update is the mean over micro-batches
         scale = accelerator.gradient_accumulation_steps / len(pending)
         critic_losses: list[torch.Tensor] = []
+        gan_logs: list[torch.Tensor] = []
         fake_module = self._call if self.fake_type == "lora" else self.fake_net
+        self.fake_optimizer.zero_grad(set_to_none=True)  # nothing from the generator's turn may reach this step
         with self._fake_context():
             for i, item in enumerate(pending):
                 # Under several processes only the last micro-batch's backward all-reduces the accumulated gradient.
@@ -229,14 +279,29 @@ class DMD:
                     t = self._draw_t(x0.shape[0], item.denoised_from, item.denoised_to, x0.device)
                     noise = torch.randn_like(x0)
                     x_t = L.add_noise(x0, noise, t)
-                    flow = self._fake_flow(x_t, t, item.cond)
-                    critic_loss = L.critic_flow_loss(flow, x0, noise)
+                    if self.gan_head is None:
+                        flow = self._fake_flow(x_t, t, item.cond)
+                        critic_loss = L.critic_flow_loss(flow, x0, noise)
+                    else:  # generated and real, noised alike, in one batch: one forward (one DDP reduction)
+                        x_real = L.add_noise(item.real, torch.randn_like(item.real), t).to(x_t.dtype)
+                        both = self.family.concat_conditions([item.cond, item.cond])
+                        flow, logits = self._fake_flow_and_logits(torch.cat([x_t, x_real]), torch.cat([t, t]), both)
+                        logits_fake, logits_real = logits.chunk(2)
+                        cls_loss = G.classifier_loss(logits_fake, logits_real)
+                        critic_loss = (L.critic_flow_loss(flow.chunk(2)[0], x0, noise)
+                                       + self.cfg["gan_classifier_loss_weight"] * cls_loss)
+                        gan_logs.append(torch.stack([cls_loss.detach(), torch.sigmoid(logits_real.detach()).mean(),
+                                                     torch.sigmoid(logits_fake.detach()).mean()]))
                     accelerator.backward(critic_loss * scale)
                     critic_losses.append(critic_loss.detach())
                 self.passes.backward("fake_score")
             finite = self.guard.finite(self.fake_params, *critic_losses)
             self.guard.record(finite, step.global_step)  # raises after too many in a row
             grad_norm = torch.tensor(float("nan"))
+            if finite and self.gan_head is not None and accelerator.num_processes > 1:
+                for p in self.gan_head.parameters():  # the head is not inside the DDP wrapper: average it here
+                    if p.grad is not None:
+                        p.grad = accelerator.reduce(p.grad, reduction="mean")
             if finite:
                 clip = self.cfg["fake_score_grad_clip"]
                 grad_norm = accelerator.clip_grad_norm_(self.fake_params, clip if clip > 0 else float("inf"))
@@ -250,6 +315,9 @@ class DMD:
             "dmd_generator_updates": float(self.generator_updates),
             "nonfinite/fake_score_skipped": float(self.guard.skipped),
         }
+        if gan_logs:
+            cls_loss, p_real, p_fake = torch.stack(gan_logs).mean(0).tolist()
+            self._critic_logs.update(gan_classifier_loss=cls_loss, gan_real_prob=p_real, gan_fake_prob=p_fake)
 
     @hookimpl
     def distill_metrics(self, step: StepInfo) -> dict[str, float]:
@@ -323,6 +391,10 @@ class DMD:
 
     def _fake_weights(self) -> dict[str, torch.Tensor]:
         if self.fake_type == "lora":
-            return named_adapter_parameters(self.student, FAKE_ADAPTER)
-        return dict(self.accelerator.unwrap_model(self.fake_net).state_dict())
+            weights = dict(named_adapter_parameters(self.student, FAKE_ADAPTER))
+        else:
+            weights = dict(self.accelerator.unwrap_model(self.fake_net).state_dict())
+        if self.gan_head is not None:  # trained with the fake score, saved with it
+            weights.update({f"gan_head.{k}": v for k, v in self.gan_head.state_dict().items()})
+        return weights
 
