@@ -5,7 +5,8 @@ The honest minimal route, and why: the Wan family and the reference host always 
 diffusers Wan pipeline folder whose VAE is the seeded, untrained tiny ``AutoencoderKLWan`` of
 ``simpletuner_dmd.hosts.reference.tiny`` and whose transformer is trained here; the data distribution the teacher
 learns is the distribution of that VAE's latents of the 1,797 digits (8x8 upsampled to 32x32 grey RGB PNGs →
-latents ``(16, 1, 4, 4)``). Everything is measured in that latent space:
+latents ``(16, 1, 4, 4)``), normalised by the VAE's ``latents_mean``/``latents_std``, which ``calibrate_vae`` sets to
+the digits' own latent statistics. Everything is measured in that latent space:
 
 - the teacher: a ``WanTransformer3DModel`` (4 layers, width 128, patch 1x1 → 16 tokens) trained by flow matching with
   the reference host itself (no ``distillation_method``: the host's own loss, ``model_type: full``);
@@ -28,9 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from simpletuner_dmd import hookimpl
+
 SIZE = 32
 CAPTION = "a digit"
 N_EVAL = 1797  # as many samples as real digits
+# One caption, a few tokens: 8 text tokens instead of Wan's 512 make the teacher's training about N× cheaper here
+# (the cross-attention and text projection dominate at 16 image tokens). A user key of the reference host.
+TEXT_TOKENS = 8
 
 
 def _transformer():
@@ -60,6 +66,28 @@ def make_data(folder: Path, n_digits: int = 1797) -> Path:
     return data
 
 
+def calibrate_vae(vae_folder: Path, data: Path) -> None:
+    """Set the VAE's ``latents_mean`` / ``latents_std`` to the per-channel statistics of its latents of the digits.
+
+    Wan's published values describe Wan's trained VAE on video; for the seeded tiny VAE the digits' latents vary by
+    about 0.02 around offsets of about 0.3 under them, so flow matching would see a blob far smaller than its unit
+    noise and the teacher would learn little more than the mean. Normalising with the data's own statistics is what
+    those published values are for a trained VAE."""
+    from diffusers import AutoencoderKLWan
+    from PIL import Image
+
+    vae = AutoencoderKLWan.from_pretrained(vae_folder).eval()
+    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 127.5 - 1.0)
+                          .permute(2, 0, 1)[:, None] for f in sorted(data.glob("*.png"))])
+    with torch.no_grad():
+        raw = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mode() for i in range(0, len(pixels), 256)])
+    config_file = vae_folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config["latents_mean"] = raw.mean(dim=(0, 2, 3, 4)).tolist()
+    config["latents_std"] = raw.std(dim=(0, 2, 3, 4)).tolist()
+    config_file.write_text(json.dumps(config, indent=2))
+
+
 def _write_config(folder: Path, name: str, model: Path, data: Path, **overrides) -> Path:
     backends = [
         {"id": "digits", "type": "local", "dataset_type": "image", "instance_data_dir": str(data),
@@ -74,7 +102,8 @@ def _write_config(folder: Path, name: str, model: Path, data: Path, **overrides)
         "data_backend_config": str(folder / "multidatabackend.json"), "output_dir": str(folder / name),
         "resolution": SIZE, "resolution_type": "pixel", "train_batch_size": 64, "learning_rate": 1e-4,
         "adam_weight_decay": 0.0, "flow_schedule_shift": 1.0, "report_to": "none", "validation_disable": True,
-        "checkpoint_step_interval": 0, "seed": 0, "vae_batch_size": 64, **overrides,
+        "checkpoint_step_interval": 0, "seed": 0, "vae_batch_size": 64, "tokenizer_max_length": TEXT_TOKENS,
+        **overrides,
     }
     path = folder / f"{name}.json"
     path.write_text(json.dumps(config, indent=1))
@@ -95,10 +124,14 @@ def train_teacher(folder: Path, *, steps: int = 3000, n_digits: int = 1797, log=
     data = make_data(folder, n_digits)
     init = folder / "init-pipeline"
     if not (init / "model_index.json").is_file():
-        make_tiny_wan(init, seed=0)
-        shutil.rmtree(init / "transformer")
+        tmp = folder / "init-pipeline.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        make_tiny_wan(tmp, seed=0)
+        shutil.rmtree(tmp / "transformer")
         torch.manual_seed(0)
-        _transformer().save_pretrained(init / "transformer")
+        _transformer().save_pretrained(tmp / "transformer")
+        calibrate_vae(tmp / "vae", data)
+        tmp.rename(init)
     start = time.time()
     config = _write_config(folder, "teacher-run", init, data, learning_rate=1e-3, lr_scheduler="cosine",
                            max_train_steps=steps, lr_warmup_steps=100)
@@ -122,7 +155,31 @@ STUDENTS = {
 }
 
 
-def train_student(folder: Path, teacher: Path, name: str, steps_list: list[int], *, seed: int, max_steps: int) -> Path:
+class CurveRecorder:
+    """A plugin beside the method: records ``dmd_loss`` (from the method's ``StepLoss``) and ``fake_score_loss``
+    (from its metrics) per optimizer step, as any third-party logger would."""
+
+    def __init__(self):
+        self.curves: dict[str, list[tuple[int, float]]] = {"dmd_loss": [], "fake_score_loss": []}
+
+    @hookimpl(wrapper=True)
+    def distill_loss(self, batch, step, host_loss):
+        result = yield
+        if result is not None and "dmd_loss" in result.logs:
+            self.curves["dmd_loss"].append((step.global_step, float(result.logs["dmd_loss"])))
+        return result
+
+    @hookimpl(wrapper=True)
+    def distill_metrics(self, step):
+        results = yield
+        for extra in results:
+            if extra and "fake_score_loss" in extra:
+                self.curves["fake_score_loss"].append((step.global_step, float(extra["fake_score_loss"])))
+        return results
+
+
+def train_student(folder: Path, teacher: Path, name: str, steps_list: list[int], *, seed: int, max_steps: int,
+                  recorder: "CurveRecorder | None" = None) -> Path:
     from simpletuner_dmd.hosts.reference.trainer import train
 
     tag = f"student-{len(steps_list)}step-seed{seed}"
@@ -130,7 +187,7 @@ def train_student(folder: Path, teacher: Path, name: str, steps_list: list[int],
                            distillation_config={**STUDENT_DMD, "dmd_denoising_steps": steps_list},
                            max_train_steps=max_steps, learning_rate=1e-4, train_batch_size=32, seed=seed)
     shutil.rmtree(folder / tag, ignore_errors=True)
-    return train(config) / "transformer"
+    return train(config, plugins=(recorder,) if recorder else ()) / "transformer"
 
 
 # --------------------------------------------------------------------------- sampling and metrics
@@ -143,7 +200,7 @@ class Evaluator:
         self.n_eval = n_eval
         self.family = WanFamily()
         components = self.family.load_components(str(teacher), text_encoder_path=None, dtype=torch.float32)
-        self.cond = self.family.encode_prompts(components, [CAPTION])
+        self.cond = self.family.encode_prompts(components, [CAPTION], max_length=TEXT_TOKENS)  # as in training
         from PIL import Image
         from sklearn.datasets import load_digits
 
@@ -263,7 +320,7 @@ def run_case_b(out: Path, *, seeds: int, cache: Path, log=print, teacher_steps: 
     ev = Evaluator(folder, teacher_dir, n_eval)
     log(f"case B: classifier held-out accuracy on real latents {ev.classifier.held_out_accuracy:.3f}")
     teacher = WanTransformer3DModel.from_pretrained(teacher_dir / "transformer").eval()
-    rows, grids = {}, {}
+    rows, grids, curves = {}, {}, {}
     half = len(ev.real) // 2  # the noise floor: one half of the real digits against the other
     rows["real digits (half vs other half)"] = {"kind": "reference", "metrics": summarise(
         [{**ev(ev.real[half:]), "digits_fd": _frechet(ev.real_feats[:half], ev.real_feats[half:])}])}
@@ -277,7 +334,11 @@ def run_case_b(out: Path, *, seeds: int, cache: Path, log=print, teacher_steps: 
         results, seconds = [], []
         for s in range(seeds):
             start = time.time()
-            path = train_student(folder, teacher_dir, name, steps_list, seed=s, max_steps=student_steps)
+            recorder = CurveRecorder() if s == 0 else None
+            path = train_student(folder, teacher_dir, name, steps_list, seed=s, max_steps=student_steps,
+                                 recorder=recorder)
+            if recorder is not None:
+                curves[name] = recorder.curves
             seconds.append(time.time() - start)
             student = WanTransformer3DModel.from_pretrained(path).eval()
             x = ev.student_samples(student, steps_list, s)
@@ -289,6 +350,9 @@ def run_case_b(out: Path, *, seeds: int, cache: Path, log=print, teacher_steps: 
                       "dmd_config": {**STUDENT_DMD, "dmd_denoising_steps": steps_list}, "steps": student_steps}
     if plots:
         _plot_grids(out / "case_b_samples.png", grids)
+        from .quality import plot_curves
+
+        plot_curves(out / "case_b_curves.png", curves)
     fd50 = rows[f"teacher Euler {max(teacher_euler)}"]["metrics"]["digits_fd"]["mean"]
     fd3 = rows[f"teacher Euler {3 if 3 in teacher_euler else min(teacher_euler)}"]["metrics"]["digits_fd"]["mean"]
     targets = {name: {"fd / teacher-50": r["metrics"]["digits_fd"]["mean"] / fd50,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -39,6 +40,11 @@ CASE_A_ROWS = {
     "DMD 3-step (1000,757,522), interval 5": {"lr": 3e-4, "dmd": {**CASE_A_TUNED}},
     "DMD 1-step (1000), interval 5": {"lr": 3e-4, "dmd": {**CASE_A_TUNED, "dmd_denoising_steps": [1000]}},
     "DMD 3-step, interval 1": {"lr": 3e-4, "dmd": {**CASE_A_TUNED, "generator_update_interval": 1}},
+    # DMD2's GAN term (off by default), at the weights the single-seed sweep in the README liked best.
+    "DMD 3-step + GAN (gan_loss_weight 1), interval 5": {
+        "lr": 3e-4, "dmd": {**CASE_A_TUNED, "gan_loss_weight": 1.0}},
+    "DMD 1-step + GAN (gan_loss_weight 0.3), interval 5": {
+        "lr": 3e-4, "dmd": {**CASE_A_TUNED, "dmd_denoising_steps": [1000], "gan_loss_weight": 0.3}},
 }
 # The other methods on the same mixture, seeds, steps, batch, student lr and metrics (``model_type: full``: the frozen
 # closed-form teacher is ``run.teacher``). Cond only (the mixture is unconditional), no timestep shift. DCM ``fine``
@@ -70,8 +76,36 @@ def select_rows(todo: dict[str, dict], rows: str | None) -> dict[str, dict]:
     return picked
 
 
-def run_case_a(out: Path, *, seeds: int, steps: int, ablations: bool, cache: Path, rows_filter: str | None = None
-               ) -> dict:
+_METRICS = {}  # one per process: building it measures the reference samples against themselves
+
+
+def _distil_task(task):
+    """One (row, seed) run and the metrics of its snapshots, in this process or a worker."""
+    from . import gmm
+
+    name, folder, config, seed, steps, lr, method, snapshots, threads = task
+    torch.set_num_threads(threads)
+    if "m" not in _METRICS:
+        _METRICS["m"] = gmm.Metrics(gmm.family_and_mixture()[1])
+    result = gmm.distil(folder, config, seed=seed, steps=steps, lr=lr, method=method, snapshot_steps=snapshots)
+    return name, seed, result, {k: _METRICS["m"](x) for k, x in result.snapshots.items()}
+
+
+def _map(fn, tasks: list, jobs: int):
+    """``fn`` over ``tasks``, in order, in ``jobs`` processes (1: here)."""
+    if jobs <= 1:
+        yield from map(fn, tasks)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs) as pool:
+        yield from pool.map(fn, tasks)
+
+
+def run_case_a(out: Path, *, seeds: int, steps: int, ablations: bool, cache: Path, rows_filter: str | None = None,
+               previous: dict | None = None, jobs: int = 1, threads: int = 1) -> dict:
+    """The case's rows; with ``rows_filter``, the student rows not selected are kept from ``previous`` (the stored
+    results of an earlier run with the same settings), so ``--rows`` adds or refreshes rows of one table."""
     from . import gmm
 
     folder = gmm.fit_base(cache / "gmm", log=log)
@@ -94,24 +128,38 @@ def run_case_a(out: Path, *, seeds: int, steps: int, ablations: bool, cache: Pat
     if ablations:
         todo.update(CASE_A_ABLATIONS)
     todo = select_rows(todo, rows_filter)
+    snapshots = tuple(steps * k // 4 for k in (1, 2, 3))  # precision along training, not only at its end
+    tasks = []
     for name, spec in todo.items():
         method = spec.get("method", "dmd")
         config = {"real_score_guidance_scale": 1.0, **spec["dmd"]} if method == "dmd" else dict(spec["config"])
-        results = []
-        for s in range(seeds):
-            r = gmm.distil(folder, config, seed=s, steps=steps, lr=spec["lr"], method=method)
-            results.append(r)
-            log(f"case A: {name} seed {s}: {r.seconds:.0f} s, {_fmt_row(gmm.summarise([metrics(r.samples)]))}")
+        tasks += [(name, folder, config, s, steps, spec["lr"], method, snapshots, threads) for s in range(seeds)]
+    done: dict[str, list] = {name: [] for name in todo}
+    measured: dict[str, list] = {name: [] for name in todo}
+    for name, seed, r, by_step in _map(_distil_task, tasks, jobs):
+        done[name].append(r)
+        measured[name].append(by_step)
+        log(f"case A: {name} seed {seed}: {r.seconds:.0f} s, {_fmt_row(gmm.summarise([by_step[steps]]))}")
+    for name, spec in todo.items():
+        results = done[name]
+        method = spec.get("method", "dmd")
+        config = next(t[2] for t in tasks if t[0] == name)
         rows[name] = {"kind": "ablation" if name.startswith("ablation") else "student", "method": method,
                       **({"dmd_config": config} if method == "dmd" else {"method_config": config}),
                       "student_lr": spec["lr"],
                       "steps": steps, "seconds_per_run": sum(r.seconds for r in results) / len(results),
-                      "metrics": gmm.summarise([metrics(r.samples) for r in results])}
+                      "metrics": gmm.summarise([m[steps] for m in measured[name]]),
+                      "by_step": {k: gmm.summarise([m[k] for m in measured[name]]) for k in sorted(measured[name][0])}}
         scatter[name] = results[0].samples
         curves[name] = results[0].curves
+    if rows_filter and previous and previous.get("settings", {}).get("optimizer_steps") == steps:
+        kept = {n: r for n, r in previous["rows"].items() if r["kind"] in ("student", "ablation") and n not in rows}
+        rows.update(kept)
+        log(f"case A: kept {len(kept)} rows of the stored results: {', '.join(kept)}")
 
     _plot_scatter(out / "case_a_samples.png", scatter, mixture)
-    _plot_curves(out / "case_a_curves.png", curves)
+    plot_curves(out / "case_a_curves.png", curves)
+    _plot_precision(out / "case_a_precision.png", rows)
     return {"rows": rows, "targets": _case_a_targets(rows), "settings": {
         "mixture": gmm.RING, "reference_samples": gmm.N_REFERENCE, "samples_per_run": gmm.N_SAMPLES,
         "optimizer_steps": steps, "batch_size": 256, "seeds": seeds}}
@@ -168,13 +216,35 @@ def _plot_scatter(path: Path, samples: dict[str, torch.Tensor], mixture) -> None
     plt.close(fig)
 
 
-def _plot_curves(path: Path, curves: dict[str, dict]) -> None:
+def _plot_precision(path: Path, rows: dict) -> None:
+    """Precision (mean over seeds) after each quarter of training, per student row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in ("dmd_loss", "fake_score_loss", "lcm_loss", "dcm_loss")
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, row in rows.items():
+        if row.get("by_step"):
+            steps = sorted(row["by_step"], key=int)
+            ax.plot([int(k) for k in steps], [row["by_step"][k]["precision"]["mean"] for k in steps], marker="o",
+                    lw=1, label=name)
+    ax.axhline(0.9, color="grey", ls="--", lw=0.8)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("precision (mean of seeds)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(path: Path, curves: dict[str, dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("dmd_loss", "fake_score_loss", "gan_generator_loss", "gan_classifier_loss", "lcm_loss", "dcm_loss")
             if any(c.get(k) for c in curves.values())]
     if not keys:
         return
@@ -215,12 +285,16 @@ def _fmt_row(m: dict) -> str:
     return ", ".join(f"{k} {_pm(v, sci=k == 'energy_distance')}" for k, v in m.items())
 
 
+def _provenance(case: dict) -> list[str]:
+    return [f"Command: `{case['command']}` ({case['machine']}; this case {case['seconds']:.0f} s)", ""]
+
+
 def markdown(results: dict) -> str:
-    lines = [f"Command: `{results['command']}` ({results['machine']}, total {results['seconds']:.0f} s)", ""]
+    lines = []
     if "case_a" in results:
         a = results["case_a"]
         s = a["settings"]
-        lines += [
+        lines += _provenance(a) + [
             f"**Case A — 8-mode ring (radius 1, std 0.1), exact teacher, example `gmm` family plugin.** "
             f"{s['seeds']} seeds per row, mean ± sd; {s['samples_per_run']:,} samples per run against "
             f"{s['reference_samples']:,} exact samples; students trained {s['optimizer_steps']} optimizer steps "
@@ -245,7 +319,7 @@ def markdown(results: dict) -> str:
     if "case_b" in results:
         from .digits import markdown as digits_markdown
 
-        lines += digits_markdown(results["case_b"])
+        lines += _provenance(results["case_b"]) + digits_markdown(results["case_b"])
     return "\n".join(lines) + "\n"
 
 
@@ -267,28 +341,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default=None, help="case A: only these student rows, comma-separated method names "
                         "(dmd, lcm, dcm) or parts of row names, e.g. lcm,dcm (the teacher rows always run)")
     parser.add_argument("--digits-teacher-steps", type=int, default=1500)
-    parser.add_argument("--digits-student-steps", type=int, default=300)
+    parser.add_argument("--digits-student-steps", type=int, default=600)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (small nets run best on 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="case A: runs (row, seed) in this many processes")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    results: dict = {"command": "python -m benchmarks.quality" + (f" {' '.join(argv)}" if argv else ""),
-                     "machine": f"{platform.machine()} CPU, torch {torch.__version__}, {args.threads} thread(s)"}
     cases = set(args.cases.split(","))
+    if not cases or not cases <= {"a", "b"}:
+        parser.error(f"--cases: a, b or a,b (got {args.cases!r})")
+    provenance = {"command": " ".join(["python -m benchmarks.quality", *(sys.argv[1:] if argv is None else argv)]),
+                  "machine": f"{platform.machine()} CPU, torch {torch.__version__}, {args.threads} thread(s)"}
+    # A case not run this time keeps its last results (each case records its own command, machine and time).
+    stored = args.out / "results.json"
+    results = {k: v for k, v in json.loads(stored.read_text()).items() if k in ("case_a", "case_b")} \
+        if stored.is_file() else {}
+    start = time.time()
     if "a" in cases:
         results["case_a"] = run_case_a(args.out, seeds=args.seeds, steps=args.gmm_steps,
-                                       ablations=not args.no_ablations, cache=args.cache, rows_filter=args.rows)
+                                       ablations=not args.no_ablations, cache=args.cache, rows_filter=args.rows,
+                                       previous=results.get("case_a"), jobs=args.jobs, threads=args.threads)
+        results["case_a"].update(provenance, seconds=time.time() - start)
     if "b" in cases:
         from . import digits
 
+        start_b = time.time()
         results["case_b"] = digits.run_case_b(args.out, seeds=args.seeds, cache=args.cache, log=log,
                                                teacher_steps=args.digits_teacher_steps,
                                                student_steps=args.digits_student_steps)
-    results["seconds"] = time.time() - start
-    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+        results["case_b"].update(provenance, seconds=time.time() - start_b)
+    stored.write_text(json.dumps(results, indent=1, default=float))
     (args.out / "results.md").write_text(markdown(results))
-    log(f"done in {results['seconds']:.0f} s: {args.out / 'results.md'}")
+    log(f"done in {time.time() - start:.0f} s: {args.out / 'results.md'}")
     print(markdown(results))
     return 0
 
