@@ -211,9 +211,7 @@ def _plot_scatter(path: Path, samples: dict[str, torch.Tensor], mixture) -> None
         ax.set_yticks([])
     for ax in list(axes.flat)[len(samples):]:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _plot_precision(path: Path, rows: dict) -> None:
@@ -233,9 +231,7 @@ def _plot_precision(path: Path, rows: dict) -> None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("precision (mean of seeds)")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_curves(path: Path, curves: dict[str, dict]) -> None:
@@ -244,8 +240,8 @@ def plot_curves(path: Path, curves: dict[str, dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in ("dmd_loss", "fake_score_loss", "gan_generator_loss", "gan_classifier_loss", "lcm_loss", "dcm_loss")
-            if any(c.get(k) for c in curves.values())]
+    names = ("dmd_loss", "fake_score_loss", "gan_generator_loss", "gan_classifier_loss", "lcm_loss", "dcm_loss")
+    keys = [k for k in names if any(c.get(k) for c in curves.values())]
     if not keys:
         return
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.8), squeeze=False)
@@ -260,6 +256,12 @@ def plot_curves(path: Path, curves: dict[str, dict]) -> None:
         ax.set_xlabel("optimizer step")
         ax.set_yscale("log")
         ax.legend(fontsize=6)
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
