@@ -17,9 +17,14 @@ from tests.test_train_e2e import job  # noqa: F401 — the config-writing fixtur
 HERE = Path(__file__).resolve().parent
 
 
-def test_two_processes_stay_identical_and_write_once(job, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("gan", [False, True], ids=["dmd", "dmd+gan"])
+def test_two_processes_stay_identical_and_write_once(job, tmp_path, gan):  # noqa: F811
     config = job(max_train_steps=3, gradient_accumulation_steps=2, checkpoint_step_interval=2,
                  checkpoints_total_limit=None, validation_step_interval=0, report_to="tensorboard")
+    if gan:  # DMD2's classifier head sits outside the DDP wrapper: its gradient must be averaged all the same
+        raw = json.loads(config.read_text())
+        raw["distillation_config"] = {**raw["distillation_config"], "gan_loss_weight": 0.5}
+        config.write_text(json.dumps(raw))
     witness = tmp_path / "witness"
     # accelerate's CPU path: torchrun's launcher (--multi_gpu) with ACCELERATE_USE_CPU, which makes it gloo on CPU
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -37,6 +42,7 @@ def test_two_processes_stay_identical_and_write_once(job, tmp_path):  # noqa: F8
         assert torch.equal(w0[name], w1[name]), name
     assert any(w0[k].abs().sum() > 0 for k in w0 if ".lora_B.fake_score." in k)
     assert any(w0[k].abs().sum() > 0 for k in w0 if ".lora_B.student." in k)
+    assert any(k.startswith("gan_head") for k in w0) == gan
 
     # shared draws agree; the data differs between ranks (each takes its own share of batches)
     s0 = json.loads((witness / "seen-rank0.json").read_text())

@@ -3,6 +3,7 @@ each process saw and, at the end, its own copy of every trained weight (student 
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -34,6 +35,11 @@ class Witness:
     def distill_metrics(self, step):
         rank = self.run.accelerator.process_index
         weights = {n: p.detach().cpu().contiguous() for n, p in self.run.student.named_parameters() if ".lora_" in n}
+        # DMD2's classifier head, when the GAN term is on: it lives outside the DDP wrapper (the method averages its
+        # gradient itself), and a plugin cannot reach another plugin's state, so it is found among live objects.
+        heads = [o for o in gc.get_objects() if type(o).__name__ == "GANHead"]
+        for i, head in enumerate(heads):
+            weights.update({f"gan_head{i}.{n}": p.detach().cpu().contiguous() for n, p in head.named_parameters()})
         save_file(weights, str(self.out / f"weights-rank{rank}.safetensors"))
         (self.out / f"seen-rank{rank}.json").write_text(json.dumps(self.seen))
 

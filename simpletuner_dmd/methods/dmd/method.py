@@ -114,7 +114,12 @@ class DMD:
                 raise UserError(f"distillation_config.gan_loss_weight: the {self.family.name!r} family does not name "
                                 f"the fake score's features (gan_feature_module), so the GAN term cannot run with it")
             _, width = named(self._bare_fake())
-            self.gan_head = G.GANHead(width).to(self.accelerator.device)  # fp32; trained with the fake score
+            # Seeded from the run seed, not the per-process stream: the head is outside the DDP wrapper, so nothing
+            # else would make it start equal on every process (the method averages its gradient itself).
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(run.seed)
+                head = G.GANHead(width)
+            self.gan_head = head.to(self.accelerator.device)  # fp32; trained with the fake score
             params = params + list(self.gan_head.parameters())
         self.fake_params = params
         optimizer = torch.optim.AdamW(params, lr=cfg["fake_score_lr"], betas=tuple(cfg["fake_score_betas"]),
