@@ -156,11 +156,18 @@ def run_case_a(out: Path, *, seeds: int, steps: int, ablations: bool, cache: Pat
         kept = {n: r for n, r in previous["rows"].items() if r["kind"] in ("student", "ablation") and n not in rows}
         rows.update(kept)
         log(f"case A: kept {len(kept)} rows of the stored results: {', '.join(kept)}")
+        order = [n for n in rows if rows[n]["kind"] in ("reference", "teacher")] + \
+            [n for n in {**CASE_A_ROWS, **CASE_A_ABLATIONS} if n in rows]
+        rows = {n: rows[n] for n in order + [n for n in rows if n not in order]}  # the table's usual order
+    else:
+        kept = {}
 
-    _plot_scatter(out / "case_a_samples.png", scatter, mixture)
-    plot_curves(out / "case_a_curves.png", curves)
-    _plot_precision(out / "case_a_precision.png", rows)
-    return {"rows": rows, "targets": _case_a_targets(rows), "settings": {
+    # A --rows run draws only its own rows: its plots get their own names and leave the full run's in place.
+    tag = "" if not rows_filter else ".rows-" + "".join(c if c.isalnum() else "-" for c in rows_filter)
+    _plot_scatter(out / f"case_a_samples{tag}.png", scatter, mixture)
+    plot_curves(out / f"case_a_curves{tag}.png", curves)
+    _plot_precision(out / "case_a_precision.png", rows)  # from the merged rows' recorded figures
+    return {"rows": rows, "targets": _case_a_targets(rows), "kept_rows": sorted(kept), "settings": {
         "mixture": gmm.RING, "reference_samples": gmm.N_REFERENCE, "samples_per_run": gmm.N_SAMPLES,
         "optimizer_steps": steps, "batch_size": 256, "seeds": seeds}}
 
@@ -360,10 +367,13 @@ def main(argv: list[str] | None = None) -> int:
         if stored.is_file() else {}
     start = time.time()
     if "a" in cases:
+        previous = results.get("case_a")
         results["case_a"] = run_case_a(args.out, seeds=args.seeds, steps=args.gmm_steps,
                                        ablations=not args.no_ablations, cache=args.cache, rows_filter=args.rows,
-                                       previous=results.get("case_a"), jobs=args.jobs, threads=args.threads)
+                                       previous=previous, jobs=args.jobs, threads=args.threads)
         results["case_a"].update(provenance, seconds=time.time() - start)
+        if results["case_a"].get("kept_rows"):  # say where the kept rows came from
+            results["case_a"]["command"] = f"{previous['command']}, then {provenance['command']}"
     if "b" in cases:
         from . import digits
 
