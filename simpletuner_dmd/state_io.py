@@ -61,6 +61,26 @@ def save_state(path_prefix: Path, state: Any) -> None:
     _atomic_write(json_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Named trained tensors (an adapter's, a head's) into one safetensors file, from whatever device they live on."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(path))
+
+
+def load_weights_into(live: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    """Copy a ``save_weights`` file into ``live`` by name, each tensor keeping its device and dtype. Every live name
+    must be in the file; a missing one is a UserError naming ``what``, raised before anything is copied."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path))
+    missing = sorted(set(live) - set(weights))
+    if missing:
+        raise UserError(f"{path}: the {what} does not match this model: missing {missing[0]} (and "
+                        f"{len(missing) - 1} more)")
+    with torch.no_grad():
+        for name, tensor in live.items():
+            tensor.copy_(weights[name].to(tensor.device, tensor.dtype))
+
+
 def load_state(path_prefix: Path) -> Any:
     """Read back what `save_state` wrote. Tensors come back on the CPU."""
     tensor_path, json_path = _paths(Path(path_prefix))

@@ -195,3 +195,16 @@ def test_checkpoint_code_never_uses_pickle():
     for path in [package / "state_io.py", *sorted((package / "hosts" / "reference").glob("*.py"))]:
         source = path.read_text()
         assert "torch.load" not in source and "import pickle" not in source, path
+
+
+def test_load_weights_into_checks_every_name_before_copying(tmp_path):
+    from simpletuner_dmd.state_io import load_weights_into, save_weights
+
+    save_weights({"a": torch.ones(2), "b": torch.full((3,), 2.0)}, tmp_path / "w.safetensors")
+    live = {"a": torch.zeros(2, dtype=torch.float64), "b": torch.zeros(3)}
+    load_weights_into(live, tmp_path / "w.safetensors", "test weights")
+    assert torch.equal(live["a"], torch.ones(2, dtype=torch.float64)) and live["a"].dtype == torch.float64
+    live = {"a": torch.zeros(2), "c": torch.zeros(1)}
+    with pytest.raises(UserError, match="test weights does not match this model: missing c"):
+        load_weights_into(live, tmp_path / "w.safetensors", "test weights")
+    assert not live["a"].any()  # nothing copied before the error

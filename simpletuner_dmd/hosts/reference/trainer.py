@@ -425,17 +425,14 @@ def _clip(accelerator, params, host) -> None:
 
 
 def _save_checkpoint(out, state, models, optimizer, scheduler, ema, pm, accelerator, host, family) -> None:
-    from safetensors.torch import save_file
-
-    from ...state_io import rng_state, save_state
+    from ...state_io import rng_state, save_state, save_weights
     from .checkpoint import begin_checkpoint, commit_checkpoint
 
     accelerator.wait_for_everyone()
     tmp = _from_main(accelerator, begin_checkpoint(out, state["global_step"]) if accelerator.is_main_process else None)
     save_state(tmp / f"rng-{accelerator.process_index}", rng_state())  # each process's own random streams
     if accelerator.is_main_process:
-        save_file({n: p.detach().cpu().contiguous() for n, p in models.student_params.items()},
-                  str(tmp / "student.safetensors"))
+        save_weights(models.student_params, tmp / "student.safetensors")
         save_state(tmp / "optimizer", optimizer.state_dict())
         save_state(tmp / "scheduler", scheduler.state_dict())
         if ema is not None:
@@ -451,21 +448,12 @@ def _save_checkpoint(out, state, models, optimizer, scheduler, ema, pm, accelera
 
 
 def _load_checkpoint(folder: Path, models, optimizer, scheduler, ema, pm, accelerator) -> dict:
-    from safetensors.torch import load_file
-
-    from ...state_io import load_state, set_rng_state
+    from ...state_io import load_state, load_weights_into, set_rng_state
 
     for name in ("student.safetensors", "trainer_state.json", "optimizer.json", "scheduler.json", "rng-0.json"):
         if not (folder / name).is_file():
             raise UserError(f"checkpoint {folder} is missing {name}")
-    weights = load_file(str(folder / "student.safetensors"))
-    missing = sorted(set(models.student_params) - set(weights))
-    if missing:
-        raise UserError(f"checkpoint {folder} does not match this model: missing {missing[0]} (and "
-                        f"{len(missing) - 1} more)")
-    with torch.no_grad():
-        for name, param in models.student_params.items():
-            param.copy_(weights[name].to(param.device, param.dtype))
+    load_weights_into(models.student_params, folder / "student.safetensors", "student's weights")
     optimizer.load_state_dict(load_state(folder / "optimizer"))
     scheduler.load_state_dict(load_state(folder / "scheduler"))
     if ema is not None:

@@ -301,9 +301,7 @@ class DCM:
 
     @hookimpl
     def distill_save_state(self, checkpoint_dir: Path) -> None:
-        from safetensors.torch import save_file
-
-        from ...state_io import save_state
+        from ...state_io import save_state, save_weights
 
         if not self.accelerator.is_main_process:
             return
@@ -312,11 +310,9 @@ class DCM:
         (folder / "state.json").write_text(json.dumps(self._counters()))
         if not self.fine:
             return
-        save_file({k: v.detach().cpu().contiguous() for k, v in self._detail_weights().items()},
-                  str(folder / "detail_expert.safetensors"))
+        save_weights(self._detail_weights(), folder / "detail_expert.safetensors")
         save_state(folder / "detail_optimizer", self.detail_optimizer.state_dict())
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.discriminator.state_dict().items()},
-                  str(folder / "discriminator.safetensors"))
+        save_weights(self.discriminator.state_dict(), folder / "discriminator.safetensors")
         save_state(folder / "discriminator_optimizer", self.disc_optimizer.state_dict())
         if hasattr(self.family, "save_lora"):  # the detail expert in the family's LoRA format, loadable on its own
             from peft.utils import get_peft_model_state_dict
@@ -328,7 +324,7 @@ class DCM:
     def distill_load_state(self, checkpoint_dir: Path) -> None:
         from safetensors.torch import load_file
 
-        from ...state_io import load_state
+        from ...state_io import load_state, load_weights_into
 
         folder = Path(checkpoint_dir) / "dcm"
         names = ["state.json"] + (["detail_expert.safetensors", "detail_optimizer.json", "discriminator.safetensors",
@@ -346,12 +342,7 @@ class DCM:
         self.discriminator_updates = int(meta["discriminator_updates"])
         if not self.fine:
             return
-        weights = load_file(str(folder / "detail_expert.safetensors"))
-        with torch.no_grad():
-            for name, tensor in self._detail_weights().items():
-                if name not in weights:
-                    raise UserError(f"checkpoint {checkpoint_dir}: detail expert weight {name} is missing")
-                tensor.copy_(weights[name].to(tensor.device, tensor.dtype))
+        load_weights_into(self._detail_weights(), folder / "detail_expert.safetensors", "detail expert's weights")
         self.discriminator.load_state_dict({k: v.to(next(self.discriminator.parameters()).device)
                                             for k, v in load_file(str(folder / "discriminator.safetensors")).items()})
         self.detail_optimizer.load_state_dict(load_state(folder / "detail_optimizer"))

@@ -352,16 +352,13 @@ class DMD:
 
     @hookimpl
     def distill_save_state(self, checkpoint_dir: Path) -> None:
-        from safetensors.torch import save_file
-
-        from ...state_io import save_state
+        from ...state_io import save_state, save_weights
 
         if not self.accelerator.is_main_process:
             return
         folder = Path(checkpoint_dir) / "dmd"
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self._fake_weights().items()},
-                  str(folder / "fake_score.safetensors"))
+        save_weights(self._fake_weights(), folder / "fake_score.safetensors")
         save_state(folder / "fake_score_optimizer", self.fake_optimizer.state_dict())
         (folder / "state.json").write_text(json.dumps({
             "generator_updates": self.generator_updates, "critic_updates": self.critic_updates,
@@ -370,9 +367,7 @@ class DMD:
 
     @hookimpl
     def distill_load_state(self, checkpoint_dir: Path) -> None:
-        from safetensors.torch import load_file
-
-        from ...state_io import load_state
+        from ...state_io import load_state, load_weights_into
 
         folder = Path(checkpoint_dir) / "dmd"
         for name in ("fake_score.safetensors", "fake_score_optimizer.json", "state.json"):
@@ -382,14 +377,7 @@ class DMD:
         if meta["fake_score_type"] != self.fake_type:
             raise UserError(f"checkpoint {checkpoint_dir} holds a {meta['fake_score_type']} fake score; this run "
                             f"uses {self.fake_type} (distillation_config.fake_score_type)")
-        weights = load_file(str(folder / "fake_score.safetensors"))
-        live = self._fake_weights()
-        missing = sorted(set(live) - set(weights))
-        if missing:
-            raise UserError(f"checkpoint {checkpoint_dir}: fake score weights missing {missing[:3]}…")
-        with torch.no_grad():
-            for name, tensor in live.items():
-                tensor.copy_(weights[name].to(tensor.device, tensor.dtype))
+        load_weights_into(self._fake_weights(), folder / "fake_score.safetensors", "fake score's weights")
         self.fake_optimizer.load_state_dict(load_state(folder / "fake_score_optimizer"))
         self.generator_updates = int(meta["generator_updates"])
         self.critic_updates = int(meta["critic_updates"])
