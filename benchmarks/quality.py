@@ -129,11 +129,11 @@ def run_case_a(out: Path, *, seeds: int, steps: int, ablations: bool, cache: Pat
         todo.update(CASE_A_ABLATIONS)
     todo = select_rows(todo, rows_filter)
     snapshots = tuple(steps * k // 4 for k in (1, 2, 3))  # precision along training, not only at its end
-    tasks = []
-    for name, spec in todo.items():
-        method = spec.get("method", "dmd")
-        config = {"real_score_guidance_scale": 1.0, **spec["dmd"]} if method == "dmd" else dict(spec["config"])
-        tasks += [(name, folder, config, s, steps, spec["lr"], method, snapshots, threads) for s in range(seeds)]
+    methods = {name: spec.get("method", "dmd") for name, spec in todo.items()}
+    configs = {name: {"real_score_guidance_scale": 1.0, **spec["dmd"]} if methods[name] == "dmd"
+               else dict(spec["config"]) for name, spec in todo.items()}
+    tasks = [(name, folder, configs[name], s, steps, spec["lr"], methods[name], snapshots, threads)
+             for name, spec in todo.items() for s in range(seeds)]
     done: dict[str, list] = {name: [] for name in todo}
     measured: dict[str, list] = {name: [] for name in todo}
     for name, seed, r, by_step in _map(_distil_task, tasks, jobs):
@@ -141,9 +141,7 @@ def run_case_a(out: Path, *, seeds: int, steps: int, ablations: bool, cache: Pat
         measured[name].append(by_step)
         log(f"case A: {name} seed {seed}: {r.seconds:.0f} s, {_fmt_row(gmm.summarise([by_step[steps]]))}")
     for name, spec in todo.items():
-        results = done[name]
-        method = spec.get("method", "dmd")
-        config = next(t[2] for t in tasks if t[0] == name)
+        results, method, config = done[name], methods[name], configs[name]
         rows[name] = {"kind": "ablation" if name.startswith("ablation") else "student", "method": method,
                       **({"dmd_config": config} if method == "dmd" else {"method_config": config}),
                       "student_lr": spec["lr"],
