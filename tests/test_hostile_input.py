@@ -39,6 +39,7 @@ from simpletuner_dmd.cli import main
 from simpletuner_dmd.errors import DataError
 from simpletuner_dmd.hosts.reference.host_schema import HOST_SCHEMA
 from simpletuner_dmd.methods.dmd.config import DMD_SCHEMA
+from tests.repo_tree import repo_files
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "config_examples" / "tiny-wan-dmd"
@@ -591,17 +592,6 @@ def test_mutated_dataset_exits_2(data, arena, empty_cwd, tiny_wan, small_dataset
 
 
 # --------------------------------------------------------------------------- the figures
-
-
-REPO_IGNORED = (".git", "__pycache__", ".pytest_cache", ".hypothesis", "work", ".venv")
-
-
-def repo_files() -> set[str]:
-    found = set()
-    for dirpath, dirnames, filenames in os.walk(REPO):
-        dirnames[:] = [d for d in dirnames if d not in REPO_IGNORED and not d.endswith(".egg-info")]
-        found.update(os.path.relpath(os.path.join(dirpath, f), REPO) for f in filenames)
-    return found
 
 
 @pytest.fixture(scope="module", autouse=True)

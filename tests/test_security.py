@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from simpletuner_dmd.cli import main
+from tests.repo_tree import repo_files
 from tests.test_train_e2e import job  # noqa: F401  (the fixture: a config with every path inside tmp_path)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,16 +140,6 @@ def test_names_that_are_paths_are_config_errors(key, value, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- real runs: where files land
-
-REPO_IGNORED = (".git", "__pycache__", ".pytest_cache", ".hypothesis", "work", ".venv")
-
-
-def repo_files() -> set[str]:
-    found = set()
-    for dirpath, dirnames, filenames in os.walk(REPO):
-        dirnames[:] = [d for d in dirnames if d not in REPO_IGNORED and not d.endswith(".egg-info")]
-        found.update(os.path.relpath(os.path.join(dirpath, f), REPO) for f in filenames)
-    return found
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
