@@ -27,6 +27,7 @@ bridge maps SimpleTuner's distiller calls onto the same order)::
         distill_metrics(step) -> dict           merged into the host's log line
         distill_save_state(checkpoint_dir)      on checkpoint steps, into the host's (temporary) checkpoint folder
         distill_sampler(...)                    on validation steps, to make samples with the method's schedule
+                                                (a host that samples with a stock pipeline asks distill_scheduler())
     distill_save_state(checkpoint_dir)          once more at the end with the final checkpoint
 
 Contract for every step-loop hook: exceptions propagate (a host never wraps them); the hook leaves the student's
@@ -138,6 +139,17 @@ def distill_sampler() -> Sampler | None:
 
     A ``Sampler`` is a callable ``sampler(noise, cond, uncond, guidance_scale, generator) -> x0 latents``; a few-step
     method samples with its own schedule (DMD: ``dmd_denoising_steps``). ``firstresult``.
+    """
+
+
+@hookspec(firstresult=True)
+def distill_scheduler() -> object | None:
+    """A diffusers scheduler with which a *stock* pipeline samples the student the way the method does, or ``None``
+    when the method has none (the host keeps its own). ``firstresult``.
+
+    Hosts that validate through a diffusers pipeline instead of ``distill_sampler`` ask for it after
+    ``distill_setup``: the SimpleTuner bridge answers SimpleTuner's ``get_scheduler()`` with it. DMD returns a
+    ``simpletuner_dmd.fewstep_scheduler.FewStepFlowScheduler`` over its ``dmd_denoising_steps``.
     """
 
 

@@ -17,7 +17,8 @@ What happens, top to bottom:
        LR schedule step, EMA update, distill_metrics → tracker and progress bar
        checkpoint (distill_save_state) and validation (distill_sampler) on their intervals
 
-7. Final checkpoint, validation and the student's LoRA in the diffusers format in ``output_dir``.
+7. Final checkpoint, validation and the student's LoRA in the diffusers format in ``output_dir``, with the method's
+   scheduler for stock pipelines (``distill_scheduler``) in ``output_dir/scheduler`` when it has one.
 
 No exception in the loop is caught: a user error stops the run with one line (``cli.py``), a bug with its traceback.
 """
@@ -229,7 +230,7 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
 
     # ---- 7. the student, in a format users load with diffusers
     if accelerator.is_main_process:
-        _export(out, models, family, host, ema)
+        _export(out, models, family, host, ema, pm)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     log(f"done: {state['global_step']} steps; student written to {out}")
@@ -477,9 +478,13 @@ def _student_lora(models) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(models.network, adapter_name=STUDENT_ADAPTER)
 
 
-def _export(out: Path, models, family, host, ema) -> None:
+def _export(out: Path, models, family, host, ema, pm) -> None:
     """The final student, each file or folder written beside its destination first and renamed into place, so a
-    crash never leaves a half-written export under its final name."""
+    crash never leaves a half-written export under its final name. The method's scheduler for stock pipelines, when
+    it has one, goes to ``scheduler/`` beside the weights."""
+    scheduler = pm.hook.distill_scheduler()
+    if scheduler is not None:
+        _atomically(out, "scheduler", lambda tmp: scheduler.save_config(tmp / "scheduler"))
     if host["model_type"] == "lora":
         config = models.network.peft_config[STUDENT_ADAPTER]
         _atomically(out, "pytorch_lora_weights.safetensors",

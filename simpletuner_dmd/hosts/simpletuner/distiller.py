@@ -1,7 +1,12 @@
 """SimpleTuner's distiller interface, served by any method registered with this plugin.
 
-SimpleTuner's trainer (3.1.6) calls a distiller object in this order (``patch.py`` makes its factory build this one)::
+SimpleTuner's trainer (3.1.6 and 4.10.1) calls a distiller object in this order (``patch.py`` makes its factory build
+this one)::
 
+    class hooks, 4.x (safety_check, data set-up, collate, before PEFT):
+        adapter_dropout_override()                 -> None: lora_dropout stays as the user set it
+        training_batch_requirements(config)        -> set(): no cached input beyond SimpleTuner's own
+        prepare_model_for_adapter(model, config)   (nothing: the methods add their adapters in distill_setup)
     construction                                   -> distill_setup(run)
     on_load_checkpoint(dir)   (resume)             -> distill_load_state(dir)
     per micro-batch:
@@ -12,6 +17,7 @@ SimpleTuner's trainer (3.1.6) calls a distiller object in this order (``patch.py
         discriminator_step(prepared_batch)         -> distill_after_optimizer_step(step) + distill_metrics(step)
         post_training_step                         (pass-through)
     on_save_checkpoint(step, dir)                  -> distill_save_state(dir)
+    validation (4.x): supports_special_scheduler_validation(), get_scheduler()  -> distill_scheduler()
 
 Nothing here imports SimpleTuner: the distiller talks to SimpleTuner's model object by duck typing (``model.config``,
 ``model.accelerator``, ``model.get_trained_component()``, ``model.encode_text_batch``), so it can be exercised with a
@@ -85,6 +91,26 @@ class PluginDistiller:
     """One plugin method inside SimpleTuner's trainer. Built by the patched ``DistillerFactory.create_distiller`` with
     the same arguments SimpleTuner gives its own distillers."""
 
+    # ------------------------------------------------------------------ SimpleTuner 4.x's class hooks
+
+    @classmethod
+    def adapter_dropout_override(cls, *, method_name: str) -> float | None:
+        """None: SimpleTuner's ``safety_check`` leaves ``lora_dropout`` as the user set it. (SimpleTuner forces 0 for
+        its own methods.) None of the plugin's methods needs a particular value: the teacher is the base with every
+        adapter off, so dropout never reaches it, and the fake score's adapter copies the student's settings."""
+        return None
+
+    @classmethod
+    def training_batch_requirements(cls, config: Mapping[str, Any], *, method_name: str) -> set[str]:
+        """No cached input beyond SimpleTuner's latents and prompt embeddings: DMD's (and LCM's, DCM's) negative prompt
+        is encoded once at set-up, before SimpleTuner unloads its text encoder (``patch.py``), not per batch."""
+        return set()
+
+    @classmethod
+    def prepare_model_for_adapter(cls, model, config: Mapping[str, Any], *, method_name: str) -> None:
+        """Nothing: the methods add their adapters (DMD's fake score) in ``distill_setup``, after SimpleTuner's PEFT
+        set-up, as a second adapter beside the student's."""
+
     def __init__(self, method_name: str, *, teacher_model, noise_scheduler=None, config: Mapping[str, Any],
                  model_type: str = "lora", model_family: str | None = None, prediction_type: str | None = None,
                  student_model=None, plugin_manager=None, load_base: Callable[[], torch.nn.Module] | None = None):
@@ -131,6 +157,10 @@ class PluginDistiller:
                                                    or config["pretrained_model_name_or_path"]), dtype=weight_dtype)
                 return net.requires_grad_(False).to(self.accelerator.device)
 
+        dropout = config.get("lora_dropout")
+        if model_type == "lora" and dropout:
+            log(f"lora_dropout {dropout} kept as set ({method_name} needs no particular value)")
+
         self.method = method_cls(self.method_config)
         self.pm.register(self.method, name=f"method:{method_name}")
         self.pm.hook.distill_setup(run=RunContext(
@@ -151,14 +181,55 @@ class PluginDistiller:
         self.method_params = [p for p in student.parameters() if id(p) in method_ids]
         self._method_param_ids = method_ids
         self.student_params = self.host_parameters(student.parameters())
+        from .patch import HOST_PARAMETERS_ATTR
+
+        setattr(teacher_model, HOST_PARAMETERS_ATTR, self.host_parameters)  # for determine_params_to_optimize
+        # Critic-only optimizer steps: SimpleTuner steps its optimizer whatever the loss was. Right before that step
+        # the student's gradients are set to None, so AdamW leaves those parameters (and their moments) untouched.
+        self._student_ids = {id(p) for p in self.student_params}
+        self._student_loss_this_step = False
+        self.skipped_student_steps = 0
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        self._pre_step_hook = register_optimizer_step_pre_hook(self._before_optimizer_step)
         log(f"{method_name} serves SimpleTuner's distiller interface; family {self.family.name}; student "
             f"{'adapter ' + repr(adapter) if adapter else 'full model'}: "
             f"{sum(p.numel() for p in self.student_params):,} trainable parameters; "
             f"{sum(p.numel() for p in self.method_params):,} parameters of the method's own on the same network")
 
-    def host_parameters(self, parameters) -> list[torch.nn.Parameter]:
-        """What SimpleTuner's optimizer and clip may hold: trainable parameters that are not the method's own."""
-        return [p for p in parameters if p.requires_grad and id(p) not in self._method_param_ids]
+    def host_parameters(self, parameters) -> list:
+        """What SimpleTuner's optimizer and clip may hold: trainable parameters that are not the method's own.
+        Parameter groups (dicts with ``params``) keep their settings and lose the method's parameters."""
+        out = []
+        for entry in parameters:
+            if isinstance(entry, Mapping):
+                kept = self.host_parameters(entry.get("params", []))
+                if kept:
+                    out.append({**entry, "params": kept})
+            elif entry.requires_grad and id(entry) not in self._method_param_ids:
+                out.append(entry)
+        return out
+
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        """Torch's global pre-step hook, until it meets SimpleTuner's optimizer (the one holding the student's
+        parameters; the distiller is built before it): from then on a hook on that optimizer alone."""
+        if not any(id(p) in self._student_ids for group in optimizer.param_groups for p in group["params"]):
+            return  # the method's own optimizer, or another one
+        self._pre_step_hook.remove()
+        self._pre_step_hook = optimizer.register_step_pre_hook(self._skip_student_step)
+        self._skip_student_step(optimizer, args, kwargs)
+
+    def _skip_student_step(self, optimizer, args, kwargs) -> None:
+        """On an optimizer step whose micro-batches returned no student loss (DMD's critic-only steps), the student's
+        gradients are set to None right before SimpleTuner's ``optimizer.step()``: torch's optimizers skip such
+        parameters entirely — no step, no momentum, no weight decay."""
+        if self._student_loss_this_step or not self.accelerator.sync_gradients:
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) in self._student_ids:
+                    p.grad = None
+        self.skipped_student_steps += 1
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -197,20 +268,20 @@ class PluginDistiller:
         logs: dict[str, float] = {}
         self._logs = logs  # SimpleTuner keeps this dict: discriminator_step adds the critic's metrics to it
         if result is None:  # the method lets SimpleTuner's own loss stand
+            self._student_loss_this_step = True
             return original_loss, logs
         logs.update(result.logs)
         if result.loss is None:
             return self._no_student_update(original_loss), logs
+        self._student_loss_this_step = True
         return result.loss, logs
 
     def _no_student_update(self, original_loss: torch.Tensor) -> torch.Tensor:
-        """SimpleTuner back-propagates whatever is returned and then always clips and steps its optimizer, so a
-        critic-only step cannot skip the student's update the way the reference host does. The loss returned is
-        ``0 * Σ student parameters``: graph-valid and cheap (no backward through the network), every student
-        gradient is an exact zero (so every process's DDP hook fires too). Leaving the gradients ``None`` instead
-        would crash SimpleTuner's default ``grad_clip_method: value`` (torch's ``clip_grad_value_`` fails on an empty
-        gradient list). With zero gradients, AdamW's momentum and weight decay still move the student on such steps
-        (see the README section Using with SimpleTuner)."""
+        """SimpleTuner back-propagates whatever is returned and then always clips and steps its optimizer. The loss
+        returned is ``0 * Σ student parameters``: graph-valid and cheap (no backward through the network), every
+        student gradient an exact zero (so every process's DDP hook fires, and SimpleTuner's default
+        ``grad_clip_method: value`` finds gradients to clip). ``_before_optimizer_step`` then sets those gradients to
+        None, so the student does not move at all on this step."""
         if not self.student_params:
             return original_loss * 0.0
         return sum(p.sum() for p in self.student_params).to(original_loss.dtype) * 0.0
@@ -225,6 +296,7 @@ class PluginDistiller:
         for extra in self.pm.hook.distill_metrics(step=info):
             metrics.update(extra or {})
         self._logs.update(metrics)
+        self._student_loss_this_step = False
         self.global_step += 1
         self._micro = 0
         if self.accelerator.is_main_process:
@@ -283,10 +355,13 @@ class PluginDistiller:
         pass
 
     def supports_special_scheduler_validation(self) -> bool:  # SimpleTuner 4.x
-        return False
+        """True when the method samples with a schedule of its own (DMD), so SimpleTuner validates with it."""
+        return self.get_scheduler() is not None
 
     def get_scheduler(self, scheduler_name: str | None = None):
-        return None  # SimpleTuner's validation keeps its own scheduler (see the README section Using with SimpleTuner)
+        """SimpleTuner 4.x's validation puts this scheduler into its pipeline: DMD's few-step schedule and sampler
+        (``distill_scheduler``). None (LCM, DCM, a method without one): SimpleTuner keeps its own scheduler."""
+        return self.pm.hook.distill_scheduler()
 
     def toggle_adapter(self, enable: bool = False) -> None:
         component = self.model.get_trained_component()

@@ -1,21 +1,28 @@
-"""The take-over points in SimpleTuner (3.1.x), applied in memory — no SimpleTuner file is edited.
+"""The take-over points in SimpleTuner (3.1.x and 4.x), applied in memory — no SimpleTuner file is edited.
 
-``install()`` does four things, each idempotent:
+``install()`` does these things, each idempotent, and leaves every method name the plugin does not register to
+SimpleTuner:
 
 1. **Argument parser.** SimpleTuner's ``--distillation_method`` is a closed choice list built from its field registry
    (``simpletuner_sdk/server/services/field_registry``) and cached (``helpers/configuration/cmd_args._ARG_PARSER_CACHE``).
    Every method registered with this plugin is added to the choices and the cached parser is dropped. Must run before
    SimpleTuner's ``Trainer`` is constructed (it parses the config there).
-2. **Distiller factory.** ``DistillerFactory.create_distiller`` (``helpers/distillation/factory.py``) is wrapped: a
-   method this plugin registers (``dmd`` included — the plugin's DMD replaces SimpleTuner's own port) is served by
-   ``PluginDistiller``; any other name (``lcm``, ``dcm``, ``self_forcing``) goes to SimpleTuner's factory unchanged.
-3. **The student's parameters.** SimpleTuner's optimizer, gradient clip and max-gradient metric take every parameter
-   of the trained component that requires a gradient (``Trainer._get_trainable_parameters``). That method is wrapped
-   to leave out the parameters a plugin method added to the same network (DMD's fake-score adapter), which the
-   method's own optimizer trains.
+2. **Distiller factory.** ``DistillerFactory.create_distiller`` (``helpers/distillation/factory.py``) builds
+   ``PluginDistiller`` for a method this plugin registers (``dmd``, ``lcm`` and ``dcm`` included: the plugin's methods
+   replace SimpleTuner's own ports). On 4.x the factory's class hooks — ``prepare_model_for_adapter``,
+   ``adapter_dropout_override``, ``training_batch_requirements``, which all call ``DistillationMethod.from_string`` and
+   so raise for a name outside SimpleTuner's enum — answer with ``PluginDistiller``'s class hooks for those names.
+3. **The student's parameters.** SimpleTuner builds its optimizer from ``determine_params_to_optimize``
+   (``helpers/training/optimizer_param.py``, imported by name into the trainer module) and clips and measures gradients
+   over ``Trainer._get_trainable_parameters``: both take every parameter of the trained component that requires a
+   gradient. Both are wrapped to leave out the parameters a plugin method added to that network (DMD's fake-score
+   adapter), which the method's own optimizer trains.
 4. **Negative prompt.** SimpleTuner unloads its text encoder (``Trainer.init_unload_text_encoder``) before it builds
    the distiller. That step is wrapped: for a plugin method, the negative prompt(s) are first encoded with SimpleTuner's
    own ``model.encode_text_batch`` and left on the model object for ``PluginDistiller``.
+
+The critic-only steps (the student takes no step) are handled in ``distiller.py`` with a torch optimizer pre-step hook:
+SimpleTuner's loop offers no way to skip its optimizer's step.
 """
 
 from __future__ import annotations
@@ -23,12 +30,18 @@ from __future__ import annotations
 from typing import Any
 
 MARK = "_simpletuner_dmd_patched"
+HOST_PARAMETERS_ATTR = "_simpletuner_dmd_host_parameters"  # PluginDistiller.host_parameters, on SimpleTuner's model
+
+
+def served_methods() -> dict:
+    """Every method registered with the plugin (built-ins and entry points), by name, with its distribution."""
+    from ...plugins import get_plugin_manager, registered_methods
+
+    return registered_methods(get_plugin_manager())
 
 
 def plugin_method_names() -> list[str]:
-    from ...plugins import get_plugin_manager, registered_methods
-
-    return list(registered_methods(get_plugin_manager()))
+    return list(served_methods())
 
 
 def install() -> list[str]:
@@ -36,9 +49,18 @@ def install() -> list[str]:
     served = plugin_method_names()
     _extend_method_choices(served)
     _route_factory(served)
+    _filter_optimizer_parameters()
     _filter_trainable_parameters()
     _encode_negative_before_unload(served)
     return served
+
+
+def _served_name(method: Any, served: list[str]) -> str | None:
+    """The plugin's method name for SimpleTuner's ``method`` argument (a string or its enum), or None."""
+    name = getattr(method, "value", method)
+    if isinstance(name, str) and name.strip().lower() in served:
+        return name.strip().lower()
+    return None
 
 
 def _extend_method_choices(served: list[str]) -> None:
@@ -63,11 +85,11 @@ def _route_factory(served: list[str]) -> None:
 
     def create_distiller(method, teacher_model, noise_scheduler, config, model_type="lora", model_family=None,
                          prediction_type=None, student_model=None):
-        name = getattr(method, "value", method)
-        if isinstance(name, str) and name.lower() in served:
+        name = _served_name(method, served)
+        if name is not None:
             from .distiller import PluginDistiller
 
-            return PluginDistiller(name.lower(), teacher_model=teacher_model, noise_scheduler=noise_scheduler,
+            return PluginDistiller(name, teacher_model=teacher_model, noise_scheduler=noise_scheduler,
                                    config=config, model_type=model_type, model_family=model_family,
                                    prediction_type=prediction_type, student_model=student_model)
         return original(method, teacher_model, noise_scheduler, config, model_type=model_type,
@@ -75,6 +97,52 @@ def _route_factory(served: list[str]) -> None:
 
     setattr(create_distiller, MARK, True)
     DistillerFactory.create_distiller = staticmethod(create_distiller)
+
+    # SimpleTuner 4.x's class hooks; 3.1.x has none of them.
+    from .distiller import PluginDistiller
+
+    def route(hook: str, answer):
+        current = DistillerFactory.__dict__.get(hook)
+        if current is None:
+            return
+        original = current.__func__ if isinstance(current, staticmethod) else current
+
+        def routed(method, *args, **kwargs):
+            name = _served_name(method, served)
+            if name is None:
+                return original(method, *args, **kwargs)
+            return answer(name, *args, **kwargs)
+
+        setattr(routed, MARK, True)
+        setattr(DistillerFactory, hook, staticmethod(routed))
+
+    route("prepare_model_for_adapter", lambda name, model, config: PluginDistiller.prepare_model_for_adapter(
+        model, config, method_name=name))
+    route("adapter_dropout_override", lambda name: PluginDistiller.adapter_dropout_override(method_name=name))
+    route("training_batch_requirements", lambda name, config: PluginDistiller.training_batch_requirements(
+        config, method_name=name))
+
+
+def _filter_optimizer_parameters() -> None:
+    """Route ``determine_params_to_optimize`` (the list SimpleTuner's optimizer is built from) through the distiller's
+    ``host_parameters`` filter. The trainer module imported the function by name, so its binding there is replaced
+    too."""
+    from simpletuner.helpers.training import optimizer_param, trainer
+
+    current = optimizer_param.determine_params_to_optimize
+    if getattr(current, MARK, False):
+        return
+
+    def determine_params_to_optimize(*args: Any, **kwargs: Any):
+        params = current(*args, **kwargs)
+        model = kwargs.get("model", args[1] if len(args) > 1 else None)
+        keep = getattr(model, HOST_PARAMETERS_ATTR, None)  # set by PluginDistiller on SimpleTuner's model object
+        return params if keep is None else keep(params)
+
+    setattr(determine_params_to_optimize, MARK, True)
+    optimizer_param.determine_params_to_optimize = determine_params_to_optimize
+    if getattr(trainer, "determine_params_to_optimize", None) is current:
+        trainer.determine_params_to_optimize = determine_params_to_optimize
 
 
 def _filter_trainable_parameters() -> None:
@@ -127,4 +195,4 @@ def stash_negative_embeds(model, config: dict, method: str) -> None:
     log(f"negative prompt encoded with SimpleTuner's text encoder before it is unloaded: {texts}")
 
 
-__all__ = ["install", "plugin_method_names", "stash_negative_embeds"]
+__all__ = ["HOST_PARAMETERS_ATTR", "install", "plugin_method_names", "served_methods", "stash_negative_embeds"]

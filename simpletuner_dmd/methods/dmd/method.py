@@ -348,6 +348,12 @@ class DMD:
 
         return sampler
 
+    @hookimpl
+    def distill_scheduler(self):
+        from ...fewstep_scheduler import FewStepFlowScheduler
+
+        return FewStepFlowScheduler(few_step_timesteps=list(self.steps))
+
     # ------------------------------------------------------------------ checkpoints
 
     @hookimpl
