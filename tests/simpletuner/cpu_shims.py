@@ -1,14 +1,18 @@
-"""Test-only shims that let SimpleTuner 3.1.6 run on a CPU-only torch wheel. Never imported by runtime code.
+"""Test-only shims that let SimpleTuner run on a machine without a GPU. Never imported by runtime code.
 
-Applied first by ``run_simpletuner.py`` (the integration test's entry point in the SimpleTuner venv):
+Applied first by ``run_simpletuner.py`` (the integration test's entry point in the SimpleTuner venv), and — for the
+``simpletuner train`` runs, whose processes ``accelerate launch`` starts — by a ``sitecustomize`` the test puts on
+``PYTHONPATH``:
 
-1. SimpleTuner's PyPI torchvision wheel links CUDA libraries that a CPU torch lacks, so its C++ ops are never
-   registered and ``import torchvision`` fails at ``torchvision::nms``. Defining the two op schemas it checks for lets
-   the pure-Python parts import (nothing in a Wan LoRA run calls them).
-2. The torchaudio wheel's ``lib/*.so`` fail to load beside the CPU torch and torchaudio re-raises; an import hook makes
-   its ``_load_lib`` report "extension not available" instead, so torchaudio falls back to pure Python (no file of
-   the venv is changed).
-3. SimpleTuner's collate calls ``.pin_memory()`` unconditionally, which raises without CUDA: a no-op there.
+1. Only beside a CPU-only torch wheel (3.1.6's venv): SimpleTuner's PyPI torchvision wheel links CUDA libraries that
+   torch lacks, so its C++ ops are never registered and ``import torchvision`` fails at ``torchvision::nms``. Defining
+   the two op schemas it checks for lets the pure-Python parts import (nothing in a Wan LoRA run calls them). Beside a
+   CUDA build of torch with the matching torchvision (4.10.1's venv) the ops exist and defining them again would abort
+   the process, so nothing is done there.
+2. Only beside a CPU-only torch: the torchaudio wheel's ``lib/*.so`` fail to load and torchaudio re-raises; an import
+   hook makes its ``_load_lib`` report "extension not available" instead, so torchaudio falls back to pure Python (no
+   file of the venv is changed).
+3. SimpleTuner's collate calls ``.pin_memory()`` unconditionally, which raises without a GPU: a no-op there.
 """
 
 from __future__ import annotations
@@ -53,9 +57,26 @@ def apply() -> None:
     global _TORCHVISION_LIB
     if torch.cuda.is_available():
         return
-    if _TORCHVISION_LIB is None:
+    if torch.version.cuda is None and _TORCHVISION_LIB is None:  # a CPU-only torch wheel
         _TORCHVISION_LIB = torch.library.Library("torchvision", "DEF")
         _TORCHVISION_LIB.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
         _TORCHVISION_LIB.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
         sys.meta_path.insert(0, _TorchaudioLibFinder())
     torch.Tensor.pin_memory = lambda self, *args, **kwargs: self  # noqa: ARG005
+
+
+def stringify_tensorboard_config() -> None:
+    """SimpleTuner 4.10.1 hands its whole config to the tracker, and accelerate's tensorboard tracker refuses
+    dict-valued entries (``epoch_batches_schedule``, the parsed ``distillation_config``): plain LoRA training with
+    ``report_to: tensorboard`` stops at ``init_trackers`` there. Test-only: such values are stored as strings."""
+    from accelerate.tracking import TensorBoardTracker
+
+    store = TensorBoardTracker.store_init_configuration
+    if getattr(store, "_stringified", False):
+        return
+
+    def store_init_configuration(self, values):
+        return store(self, {k: (str(v) if isinstance(v, (dict, list, tuple)) else v) for k, v in values.items()})
+
+    store_init_configuration._stringified = True
+    TensorBoardTracker.store_init_configuration = store_init_configuration

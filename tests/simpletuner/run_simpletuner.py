@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cpu_shims  # noqa: E402
 
 cpu_shims.apply()
+cpu_shims.stringify_tensorboard_config()
 
 
 def main(argv: list[str]) -> int:

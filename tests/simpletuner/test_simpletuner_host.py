@@ -1,11 +1,14 @@
-"""Integration: the real SimpleTuner 3.1.6 from PyPI trains DMD through the bridge on CPU, with a tiny local Wan model.
+"""Integration: the real SimpleTuner from PyPI — 4.10.1 (Python 3.12) or 3.1.6 (Python 3.11), whichever venv
+``SIMPLETUNER_VENV`` points at — trains the plugin's methods through the bridge on CPU, with a tiny local Wan model.
 
-SimpleTuner needs older diffusers/transformers than this project's environment, so it lives in its own venv, made by
-``scripts/install_simpletuner_env.sh`` (about 2.5 minutes, 2.8 GB). These tests skip when that venv is absent; point
-``SIMPLETUNER_VENV`` at another one to use it. Each run goes through ``run_simpletuner.py`` in that venv, which applies
-the test-only CPU shims (``cpu_shims.py``) first.
+Each SimpleTuner release lives in its own venv, made by ``scripts/install_simpletuner_env.sh --version V`` (the plugin
+installed there as a regular package, so its ``simpletuner train`` import hook is in place); ``scripts/
+test_simpletuner.sh`` makes both and runs this file against each. These tests skip when the venv is absent. Runs go
+through ``run_simpletuner.py`` in that venv (the launcher, or SimpleTuner's ``train`` module untouched) or through
+SimpleTuner's own ``simpletuner train`` command; both apply the test-only CPU shims (``cpu_shims.py``) first.
 
-SimpleTuner's own ``train.py`` exits 0 even when training crashed, so every assertion is on files and log markers.
+SimpleTuner 3.1.6's own ``train.py`` exits 0 even when training crashed (4.10.1 re-raises), so the assertions are on
+files and log markers, and on exit statuses only where they mean something.
 """
 
 from __future__ import annotations
@@ -20,24 +23,44 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-VENV = Path(os.environ.get("SIMPLETUNER_VENV", REPO / "work" / "simpletuner-venv")).resolve()  # runs use their own cwd
+VENV = Path(os.environ.get("SIMPLETUNER_VENV", REPO / "work" / "simpletuner-4.10.1")).resolve()  # runs use own cwd
 PYTHON = VENV / "bin" / "python"
 RUNNER = Path(__file__).resolve().parent / "run_simpletuner.py"
+SITE = Path(__file__).resolve().parent / "site"  # sitecustomize: the CPU shims in every `simpletuner train` process
+MARKER = VENV / ".simpletuner-version"
+VERSION = MARKER.read_text().strip() if MARKER.is_file() else ("3.1.6" if PYTHON.is_file() else "")
+V4 = VERSION.startswith("4.")
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not PYTHON.is_file(), reason=f"no SimpleTuner venv at {VENV}: run "
-                       "scripts/install_simpletuner_env.sh (about 2.5 min, 2.8 GB) or set SIMPLETUNER_VENV"),
+                       "scripts/install_simpletuner_env.sh (3-5 min) or set SIMPLETUNER_VENV"),
 ]
+needs_v4 = pytest.mark.skipif(not V4, reason=f"SimpleTuner {VERSION}: this is a 4.x feature")
 
 
-def _venv_python(*args: str, log: Path, timeout: int = 600) -> tuple[int, str, float]:
+def _venv_python(*args: str, log: Path, timeout: int = 600, **env: str) -> tuple[int, str, float]:
     start = time.monotonic()
     with open(log, "w") as out:
         proc = subprocess.run([str(PYTHON), str(RUNNER), *args], stdout=out, stderr=subprocess.STDOUT, cwd=log.parent,
-                              timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"})
+                              timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", **env})
     text = log.read_text(errors="replace").replace("\r", "\n")
     return proc.returncode, text, time.monotonic() - start
+
+
+def _simpletuner_train(folder: Path, config: dict, *, timeout: int = 600, **env: str) -> tuple[int, str, float]:
+    """SimpleTuner's own command, as a user runs it: ``config.json`` in the working folder, ``simpletuner train``
+    (which runs ``accelerate launch …/train.py``); the plugin's import hook does the rest. CPU: no mixed precision."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    log = folder / "simpletuner-train.log"
+    start = time.monotonic()
+    run_env = {**os.environ, "PATH": f"{VENV / 'bin'}:{os.environ['PATH']}", "PYTHONPATH": str(SITE),
+               "MIXED_PRECISION": "no", "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", **env}
+    with open(log, "w") as out:
+        proc = subprocess.run([str(VENV / "bin" / "simpletuner"), "train"], stdout=out, stderr=subprocess.STDOUT,
+                              cwd=folder, timeout=timeout, env=run_env)
+    return proc.returncode, log.read_text(errors="replace").replace("\r", "\n"), time.monotonic() - start
 
 
 def _assert_clean(text: str, what: str) -> None:
@@ -45,10 +68,20 @@ def _assert_clean(text: str, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory, tiny_dataset):
+def installed():
+    """This checkout's plugin (and the example third-party method) installed in the venv as regular packages, so the
+    runs test what is here, with the ``.pth`` hook a ``pip install`` puts in place (a few seconds)."""
+    for package in (REPO, REPO / "examples" / "method_plugin"):
+        proc = subprocess.run([str(PYTHON), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall",
+                               str(package)], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tiny_dataset, installed):
     """A tiny Wan pipeline saved by the SimpleTuner venv's own diffusers/transformers (this project's newer versions
-    write a tokenizer config SimpleTuner's transformers 4.57 cannot load), four captioned 64 px images, and a writer
-    of SimpleTuner config files."""
+    write a tokenizer config SimpleTuner 3.1.6's transformers 4.57 cannot load), four captioned 64 px images, and a
+    writer of SimpleTuner config files."""
     root = tmp_path_factory.mktemp("simpletuner-job")
     code, text, _ = _venv_python("--make-tiny-wan", str(root / "tiny-wan"), log=root / "make-tiny-wan.log")
     assert code == 0 and (root / "tiny-wan" / "model_index.json").is_file(), text[-3000:]
@@ -78,9 +111,13 @@ def job(tmp_path_factory, tiny_dataset):
 
     def write(name: str, **overrides) -> Path:
         path = root / f"{name}.json"
-        path.write_text(json.dumps({**base, **overrides}, indent=1))
+        path.write_text(json.dumps(config(**overrides), indent=1))
         return path
 
+    def config(**overrides) -> dict:
+        return {**base, **overrides}
+
+    write.config = config
     return root, write
 
 
@@ -102,11 +139,24 @@ def test_plain_lora_baseline_runs(job):
     out = root / "out-plain"
     code, text, seconds = _venv_python("--plain", "--config", str(write("plain", output_dir=str(out),
                                                                         max_train_steps=3)),
-                                       log=root / "plain.log")
+                                       log=root / "plain.log", SIMPLETUNER_DMD_DISABLE="1")
     _assert_clean(text, "plain LoRA")
+    assert "[simpletuner-dmd]" not in text  # SimpleTuner as installed: the hook is off
     assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "checkpoint-2").is_dir(), text[-3000:]
     assert _scalars(out, "train_loss"), "SimpleTuner logged no train_loss"
     print(f"plain LoRA, 3 steps: {seconds:.0f} s")
+
+
+def _student(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "pytorch_lora_weights.safetensors"))
+
+
+def _same(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_dmd_through_the_bridge_checkpoints_and_resumes(job):
@@ -115,33 +165,42 @@ def test_dmd_through_the_bridge_checkpoints_and_resumes(job):
     root, write = job
     out = root / "out-dmd"
     dmd = "{'dmd': {'generator_update_interval': 2, 'fake_score_lr': 1e-3}}"  # a string: SimpleTuner drops objects
-    config = write("dmd", output_dir=str(out), max_train_steps=3, distillation_method="dmd", distillation_config=dmd)
+    config = write("dmd", output_dir=str(out), max_train_steps=3, checkpoint_step_interval=1, distillation_method="dmd",
+                   distillation_config=dmd)
     code, text, seconds = _venv_python("--config", str(config), log=root / "dmd.log")
     _assert_clean(text, "DMD through the bridge")
-    assert code == 0, text[-3000:]  # the launcher's exit status is meaningful (SimpleTuner's is always 0)
+    assert code == 0, text[-3000:]  # the launcher's exit status is meaningful (3.1.6's own is always 0)
     assert "[simpletuner-dmd] negative prompt encoded with SimpleTuner's text encoder" in text
     assert "student adapter 'default'" in text
+    # SimpleTuner's optimizer was built from the student's 32 LoRA tensors only (determine_params_to_optimize)
+    assert "[simpletuner-dmd] SimpleTuner's optimizer holds the student's 32 tensors; the method's own 32 are left" \
+        in text, text[-3000:]
     for step in (1, 2, 3):
         assert f"[simpletuner-dmd] step {step}: " in text, text[-3000:]
     # the metrics reached SimpleTuner's own tracker: dmd_loss on generator steps, fake_score_loss on every step
     dmd_loss, fake_loss = _scalars(out, "dmd_loss"), _scalars(out, "fake_score_loss")
     assert sorted(dmd_loss) == [1, 3] and sorted(fake_loss) == [1, 2, 3], (dmd_loss, fake_loss)
     assert all(v == v for v in [*dmd_loss.values(), *fake_loss.values()])  # no NaN
+    # step 2 is critic-only: through SimpleTuner's real loop (its AdamW steps every time) the student did not move at
+    # all — no momentum, no weight decay — while the fake score trained; step 3 (a generator step) moved it
+    students = {n: _student(out / f"checkpoint-{n}") for n in (1, 2, 3)}
+    fakes = {n: load_file(str(out / f"checkpoint-{n}" / "dmd" / "fake_score.safetensors")) for n in (1, 2)}
+    assert _same(students[1], students[2]), "the student moved on a critic-only step"
+    assert not _same(students[2], students[3]) and not _same(fakes[1], fakes[2])
     # SimpleTuner's checkpoint holds the fake score's state next to its own
     ckpt = out / "checkpoint-2"
-    assert (ckpt / "pytorch_lora_weights.safetensors").is_file()
-    fake = load_file(str(ckpt / "dmd" / "fake_score.safetensors"))
+    fake = fakes[2]
     assert fake and all(".fake_score." in k for k in fake)
     assert (ckpt / "dmd" / "fake_score_optimizer.json").is_file()
     assert json.loads((ckpt / "dmd" / "state.json").read_text())["critic_updates"] == 2
     assert json.loads((ckpt / "simpletuner_dmd_bridge.json").read_text())["global_step"] == 2
-    student = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    student = _student(out)
     assert student and not any("fake_score" in k for k in student)  # SimpleTuner's LoRA is the student's only
-    print(f"DMD through the bridge, 3 steps: {seconds:.0f} s")
+    print(f"SimpleTuner {VERSION}, DMD through the bridge, 3 steps: {seconds:.0f} s")
 
     # resume from checkpoint-2 and train to step 4: the fake score's state is restored, its counters continue
-    config = write("dmd-resume", output_dir=str(out), max_train_steps=4, distillation_method="dmd",
-                   distillation_config=dmd, resume_from_checkpoint="checkpoint-2")
+    config = write("dmd-resume", output_dir=str(out), max_train_steps=4, checkpoint_step_interval=2,
+                   distillation_method="dmd", distillation_config=dmd, resume_from_checkpoint="checkpoint-2")
     code, text, seconds = _venv_python("--config", str(config), log=root / "dmd-resume.log")
     _assert_clean(text, "DMD resume")
     assert code == 0, text[-3000:]
@@ -149,13 +208,172 @@ def test_dmd_through_the_bridge_checkpoints_and_resumes(job):
     assert "[simpletuner-dmd] step 3: " in text and "[simpletuner-dmd] step 4: " in text
     state = json.loads((out / "checkpoint-4" / "dmd" / "state.json").read_text())
     assert state == {"generator_updates": 2, "critic_updates": 4, "fake_score_type": "lora"}
-    print(f"DMD resume, 2 more steps: {seconds:.0f} s")
+    print(f"SimpleTuner {VERSION}, DMD resume, 2 more steps: {seconds:.0f} s")
 
 
-def test_a_crash_inside_simpletuner_is_a_failing_exit_status(job):
+def test_a_user_error_inside_simpletuner_is_a_failing_exit_status(job):
     root, write = job
     config = write("bad", output_dir=str(root / "out-bad"), max_train_steps=1, distillation_method="dmd",
                    distillation_config="{'dmd': {'fake_score_guidance_scale': -1.0}}")
     code, text, _ = _venv_python("--config", str(config), log=root / "bad.log")
-    assert code == 1, text[-3000:]
-    assert "fake_score_guidance_scale" in text and "[simpletuner-dmd] error: SimpleTuner's training did not finish" in text
+    assert "distillation_config.fake_score_guidance_scale: must be in [0, inf], got -1.0" in text, text[-3000:]
+    if V4:  # 4.x re-raises: the launcher prints the plugin's user error as one line and exits 2, no traceback
+        assert code == 2 and "Traceback" not in text, text[-3000:]
+    else:  # 3.1.6's train.py swallows it; the launcher still fails
+        assert code == 1 and "[simpletuner-dmd] error: SimpleTuner's training did not finish" in text, text[-3000:]
+
+
+# --------------------------------------------------------------------------- SimpleTuner's own `simpletuner train`
+
+
+def test_the_import_hook_is_lazy_and_routes_only_the_plugins_names(job):
+    """At interpreter start the hook imports nothing heavy; once SimpleTuner's trainer module is imported, the plugin's
+    names (the example third-party method's included) are served by the bridge — SimpleTuner 4.x's class hooks too —
+    and SimpleTuner's own names stay SimpleTuner's. ``SIMPLETUNER_DMD_DISABLE=1`` leaves SimpleTuner untouched."""
+    root, _ = job
+    probe = "import sys; print(sorted(m for m in ('torch', 'simpletuner', 'simpletuner_dmd') if m in sys.modules))"
+    start = subprocess.run([str(PYTHON), "-c", probe], capture_output=True, text=True, timeout=120)
+    assert start.returncode == 0 and start.stdout.strip() == "[]", start.stdout + start.stderr
+    check = """
+import json
+from simpletuner.helpers.training.trainer import Trainer
+from simpletuner.helpers.distillation.factory import DistillerFactory as F
+from simpletuner.simpletuner_sdk.server.services.field_registry.registry import field_registry
+choices = [c.get("value") if isinstance(c, dict) else c for c in field_registry._fields["distillation_method"].choices]
+out = {"choices": choices, "patched": bool(getattr(F.create_distiller, "_simpletuner_dmd_patched", False))}
+if hasattr(F, "adapter_dropout_override"):  # SimpleTuner 4.x
+    out["dropout"] = {m: F.adapter_dropout_override(m) for m in ("dmd", "guidance_distill", "perflow")}
+    out["requirements"] = {m: sorted(F.training_batch_requirements(m, {})) for m in ("dmd", "guidance_distill")}
+    F.prepare_model_for_adapter("guidance_distill", None, {})
+print("RESULT " + json.dumps(out))
+"""
+    env = {**os.environ, "PYTHONPATH": str(SITE)}
+    served = subprocess.run([str(PYTHON), "-c", check], capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    result = json.loads(served.stdout.split("RESULT ", 1)[1]) if "RESULT " in served.stdout else None
+    assert result is not None, served.stdout[-3000:] + served.stderr[-3000:]
+    assert result["patched"] and {"dmd", "lcm", "dcm", "guidance_distill"} <= set(result["choices"])
+    assert served.stdout.count("[simpletuner-dmd] serving distillation_method ") == 1
+    assert "guidance_distill (simpletuner-dmd-guidance-distill 0.1.0)" in served.stdout
+    if V4:
+        # the plugin leaves lora_dropout alone; SimpleTuner's own perflow still forces 0
+        assert result["dropout"] == {"dmd": None, "guidance_distill": None, "perflow": 0.0}
+        assert result["requirements"] == {"dmd": [], "guidance_distill": []}
+    off = subprocess.run([str(PYTHON), "-c", check], capture_output=True, text=True, timeout=300,
+                         env={**env, "SIMPLETUNER_DMD_DISABLE": "1"}, cwd=root)
+    assert "RESULT " in off.stdout, off.stdout[-2000:] + off.stderr[-3000:]
+    result = json.loads(off.stdout.split("RESULT ", 1)[1])
+    assert not result["patched"] and "guidance_distill" not in result["choices"]
+    assert "[simpletuner-dmd]" not in off.stdout
+
+METHOD_CONFIGS = {  # strings: SimpleTuner drops JSON objects from config.json on 3.1.6, and 4.10.1's tracker refuses them
+    "lcm": "{'lcm': {'num_ddim_timesteps': 50, 'w_min': 1.0, 'w_max': 3.0}}",
+    "dcm": "{'dcm': {'multiphase': 3}}",
+    "guidance_distill": "{'guidance_distill': {'guidance_scale': 3.0}}",
+}
+METHOD_STATE = {"lcm": "lcm", "dcm": "dcm", "guidance_distill": None}  # the folder each method saves, if any
+
+
+@needs_v4
+def test_simpletuner_train_runs_dmd_validates_with_its_schedule_and_resumes(job):
+    """``simpletuner train`` — SimpleTuner's own command, no launcher — runs the plugin's DMD through the import hook.
+    SimpleTuner validates the student with DMD's own few-step schedule (``get_scheduler``) and saves the samples as
+    usual; a second ``simpletuner train`` resumes from the latest checkpoint."""
+    root, write = job
+    run = root / "st-train-dmd"
+    out = run / "out"
+    config = write.config(output_dir=str(out), max_train_steps=2, checkpoint_step_interval=1,
+                          distillation_method="dmd", distillation_config="{'dmd': {'dmd_denoising_steps': '1000,757,522'}}",
+                          validation_disable=False, validation_step_interval=2, validation_prompt="a digit",
+                          validation_num_inference_steps=3, validation_resolution="64x64", validation_guidance=1.0,
+                          num_validation_images=1, validation_num_video_frames=1, validation_seed=0)
+    code, text, seconds = _simpletuner_train(run, config)
+    _assert_clean(text, "simpletuner train, DMD")
+    assert code == 0, text[-3000:]
+    assert text.count("[simpletuner-dmd] serving distillation_method ") == 1  # the hook said so, once
+    assert "[simpletuner-dmd] step 2: " in text and (out / "checkpoint-2" / "dmd" / "fake_score.safetensors").is_file()
+    assert "[simpletuner-dmd] validation samples with dmd's own schedule: FewStepFlowScheduler, timesteps " \
+           "[1000, 757, 522]" in text, text[-3000:]
+    samples = [p for p in out.rglob("*") if p.suffix in (".png", ".mp4", ".gif") and "validation" in str(p).lower()]
+    assert samples, f"SimpleTuner saved no validation sample under {out}"
+    print(f"simpletuner train, DMD, 2 steps with validation: {seconds:.0f} s")
+
+    config.update(max_train_steps=3, resume_from_checkpoint="latest", validation_disable=True)
+    code, text, seconds = _simpletuner_train(run, config)
+    _assert_clean(text, "simpletuner train, DMD resume")
+    assert code == 0, text[-3000:]
+    assert f"[simpletuner-dmd] restored dmd state from {out / 'checkpoint-2'} at step 2" in text, text[-3000:]
+    assert json.loads((out / "checkpoint-3" / "dmd" / "state.json").read_text())["critic_updates"] == 3
+    print(f"simpletuner train, DMD resume, 1 more step: {seconds:.0f} s")
+
+
+@needs_v4
+@pytest.mark.parametrize("method", sorted(METHOD_CONFIGS))
+def test_simpletuner_train_runs_every_plugin_method(job, method):
+    """LCM, DCM and the example third-party method (installed as its own distribution) through ``simpletuner train``,
+    two steps with a checkpoint each; then a resume through the launcher to step 3."""
+    root, write = job
+    run = root / f"st-train-{method}"
+    out = run / "out"
+    config = write.config(output_dir=str(out), max_train_steps=2, checkpoint_step_interval=1,
+                          distillation_method=method, distillation_config=METHOD_CONFIGS[method])
+    code, text, seconds = _simpletuner_train(run, config)
+    _assert_clean(text, f"simpletuner train, {method}")
+    assert code == 0, text[-3000:]
+    assert f"[simpletuner-dmd] {method} serves SimpleTuner's distiller interface" in text, text[-3000:]
+    assert "[simpletuner-dmd] step 2: " in text and f"{method}_loss=" in text.split("[simpletuner-dmd] step 2: ")[1]
+    for step in (1, 2):
+        ckpt = out / f"checkpoint-{step}"
+        assert json.loads((ckpt / "simpletuner_dmd_bridge.json").read_text())["method"] == method
+        if METHOD_STATE[method]:
+            assert (ckpt / METHOD_STATE[method] / "state.json").is_file()
+    assert not _same(_student(out / "checkpoint-1"), _student(out / "checkpoint-2"))
+    print(f"simpletuner train, {method}, 2 steps: {seconds:.0f} s")
+
+    resume = write(f"{method}-resume", **{**config, "max_train_steps": 3, "resume_from_checkpoint": "latest"})
+    code, text, seconds = _venv_python("--config", str(resume), log=run / "resume.log")
+    _assert_clean(text, f"{method} resume")
+    assert code == 0, text[-3000:]
+    assert f"[simpletuner-dmd] restored {method} state from {out / 'checkpoint-2'} at step 2" in text, text[-3000:]
+    assert "[simpletuner-dmd] step 3: " in text and (out / "checkpoint-3").is_dir()
+    print(f"{method} resume through the launcher, 1 more step: {seconds:.0f} s")
+
+
+@needs_v4
+def test_simpletuner_train_exits_non_zero_with_one_line_on_a_user_error(job):
+    root, write = job
+    config = write.config(output_dir=str(root / "st-train-bad" / "out"), max_train_steps=1,
+                          distillation_method="dmd", distillation_config="{'dmd': {'generator_update_interval': 0}}")
+    code, text, _ = _simpletuner_train(root / "st-train-bad", config)
+    assert code != 0, text[-3000:]
+    errors = [line for line in text.splitlines() if "error: distillation_config.generator_update_interval" in line]
+    assert errors and "Traceback" not in text, text[-3000:]
+
+
+@needs_v4
+def test_two_processes_inside_simpletuner_train(job, tmp_path):
+    """``simpletuner train`` with 2 CPU processes (accelerate's torchrun path with gloo): DMD through the bridge on
+    each, the same weights on both ranks afterwards (student and fake score), checkpoints and metrics written once."""
+    from safetensors.torch import load_file
+    import torch
+
+    root, write = job
+    run = root / "st-train-2proc"
+    out = run / "out"
+    witness = tmp_path / "witness"
+    config = write.config(output_dir=str(out), max_train_steps=2, checkpoint_step_interval=2,
+                          distillation_method="dmd", distillation_config="{'dmd': {'fake_score_lr': 1e-3}}")
+    code, text, seconds = _simpletuner_train(run, config, timeout=900, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1",
+                                             TRAINING_NUM_PROCESSES="2", ACCELERATE_EXTRA_ARGS="--multi_gpu",
+                                             SIMPLETUNER_DMD_TEST_WITNESS=str(witness))
+    _assert_clean(text, "simpletuner train, 2 processes")
+    assert code == 0, text[-3000:]
+    w0 = load_file(str(witness / "weights-rank0.safetensors"))
+    w1 = load_file(str(witness / "weights-rank1.safetensors"))
+    assert any(".fake_score." in k for k in w0) and any(".default." in k for k in w0)
+    assert _same(w0, w1), [k for k in w0 if not torch.equal(w0[k], w1[k])][:5]
+    assert any(w0[k].abs().sum() > 0 for k in w0 if "lora_B.default" in k)  # the student trained
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert (out / "checkpoint-2" / "dmd" / "fake_score.safetensors").is_file()
+    assert text.count("[simpletuner-dmd] serving distillation_method ") == 1  # said once, by the main process
+    assert text.count("[simpletuner-dmd] step 2: ") == 1
+    print(f"simpletuner train, DMD, 2 processes, 2 steps: {seconds:.0f} s")

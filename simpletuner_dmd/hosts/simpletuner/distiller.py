@@ -75,6 +75,11 @@ def negative_prompts_for(config: Mapping[str, Any], method_config: Mapping[str, 
     return texts
 
 
+def parameter_count(parameters) -> int:
+    """How many tensors a parameter list (or a list of parameter groups) holds."""
+    return sum(len(e.get("params", [])) if isinstance(e, Mapping) else 1 for e in parameters)
+
+
 def as_condition(encoded: Any) -> torch.Tensor:
     """SimpleTuner's ``encode_text_batch`` output for Wan (``{"prompt_embeds", "attention_masks"}``, or the raw
     ``(embeds, masks)``) → the ``(1, L, D)`` tensor its batches carry as ``encoder_hidden_states``."""
@@ -189,6 +194,7 @@ class PluginDistiller:
         self._student_ids = {id(p) for p in self.student_params}
         self._student_loss_this_step = False
         self.skipped_student_steps = 0
+        self._scheduler_logged = False
         from torch.optim.optimizer import register_optimizer_step_pre_hook
 
         self._pre_step_hook = register_optimizer_step_pre_hook(self._before_optimizer_step)
@@ -361,7 +367,12 @@ class PluginDistiller:
     def get_scheduler(self, scheduler_name: str | None = None):
         """SimpleTuner 4.x's validation puts this scheduler into its pipeline: DMD's few-step schedule and sampler
         (``distill_scheduler``). None (LCM, DCM, a method without one): SimpleTuner keeps its own scheduler."""
-        return self.pm.hook.distill_scheduler()
+        scheduler = self.pm.hook.distill_scheduler()
+        if scheduler is not None and not self._scheduler_logged:
+            self._scheduler_logged = True
+            log(f"validation samples with {self.method_name}'s own schedule: {type(scheduler).__name__}, timesteps "
+                f"{[int(t) for t in scheduler.timesteps]}")
+        return scheduler
 
     def toggle_adapter(self, enable: bool = False) -> None:
         component = self.model.get_trained_component()
@@ -369,4 +380,4 @@ class PluginDistiller:
 
 
 __all__ = ["PluginDistiller", "STATE_FILE", "NEGATIVE_EMBEDS_ATTR", "method_config_for", "negative_prompts_for",
-           "as_condition"]
+           "as_condition", "parameter_count"]

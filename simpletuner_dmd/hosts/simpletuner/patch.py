@@ -137,7 +137,14 @@ def _filter_optimizer_parameters() -> None:
         params = current(*args, **kwargs)
         model = kwargs.get("model", args[1] if len(args) > 1 else None)
         keep = getattr(model, HOST_PARAMETERS_ATTR, None)  # set by PluginDistiller on SimpleTuner's model object
-        return params if keep is None else keep(params)
+        if keep is None:
+            return params
+        kept = keep(params)
+        from .distiller import log, parameter_count
+
+        log(f"SimpleTuner's optimizer holds the student's {parameter_count(kept)} tensors; the method's own "
+            f"{parameter_count(params) - parameter_count(kept)} are left to its optimizer")
+        return kept
 
     setattr(determine_params_to_optimize, MARK, True)
     optimizer_param.determine_params_to_optimize = determine_params_to_optimize

@@ -1,0 +1,72 @@
+"""Guidance distillation (Meng et al., "On Distillation of Guided Diffusion Models", 2023, stage one) for
+flow-matching families: the student, called once on the prompt, learns the teacher's classifier-free-guided flow
+``u + w·(c − u)``, so sampling needs one network call per step instead of two.
+
+One micro-batch: ``t`` drawn (shifted) per sample, ``x_t = (1 − σ)·x0 + σ·ε``; under no_grad the teacher's cond and
+uncond flows as one batch of 2B; with grad the student's flow on the prompt; ``guidance_distill_loss`` = their MSE.
+The teacher is the host's separate frozen copy when there is one (``model_type: full``), otherwise the student's base
+with its adapters switched off — no copy of the model. No state of its own; validation uses the host's Euler sampler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from simpletuner_dmd import Key, Schema, StepLoss, hookimpl
+from simpletuner_dmd.config import in_range
+
+SCHEMA = Schema(keys=(
+    Key("guidance_scale", "float", 5.0, "Teacher CFG to distil, standard form u + w(c - u).", check=in_range(1)),
+    Key("timestep_shift", "float", 3.0, "Shift s of the timestep draw, sigma' = s*sigma/(1+(s-1)*sigma).",
+        check=in_range(0, lo_open=True)),
+    Key("negative_prompt", "str", None, "Negative prompt of the unconditional branch (default: "
+        "validation_negative_prompt).", nullable=True),
+))
+
+
+class GuidanceDistill:
+    name = "guidance_distill"
+    summary = "Guidance distillation: the student learns the teacher's CFG flow in one call (example plugin)"
+    schema = SCHEMA
+
+    def __init__(self, config: dict[str, Any]):
+        self.cfg = config
+
+    @hookimpl
+    def distill_setup(self, run) -> None:
+        self.run = run
+        negative = self.cfg["negative_prompt"] if self.cfg["negative_prompt"] is not None else run.negative_prompt
+        self.uncond = run.encode_prompts([negative])  # once: the host may free its text encoder after setup
+        if run.teacher is None:
+            from simpletuner_dmd.adapters import AdapterSwitch  # switches adapters without touching requires_grad
+
+            self._switch = AdapterSwitch(run.student)
+
+    def _teacher(self):
+        if self.run.teacher is not None:
+            return self.run.teacher, contextlib.nullcontext()
+        return self.run.student, self._switch.disabled()
+
+    @hookimpl
+    def distill_loss(self, batch, step, host_loss):
+        family, x0 = self.run.family, batch.latents
+        b = x0.shape[0]
+        s = self.cfg["timestep_shift"]
+        u = torch.rand(b)
+        sigma = (s * u / (1 + (s - 1) * u)).to(x0.device)
+        view = sigma.view(-1, *([1] * (x0.ndim - 1)))
+        noise = torch.randn_like(x0)
+        x_t = ((1 - view) * x0.float() + view * noise.float()).to(x0.dtype)
+        t = sigma * 1000.0
+        with torch.no_grad():
+            network, context = self._teacher()
+            both = family.concat_conditions([batch.cond, family.repeat_condition(self.uncond, b)])
+            with context:
+                c, un = family.predict_flow(network, torch.cat([x_t, x_t]), torch.cat([t, t]), both).float().chunk(2)
+            target = un + self.cfg["guidance_scale"] * (c - un)
+        flow = family.predict_flow(self.run.student, x_t, t, batch.cond).float()
+        loss = torch.mean((flow - target) ** 2)
+        return StepLoss(loss, {"guidance_distill_loss": float(loss.detach()), "guidance_distill_t": float(t.mean())})
