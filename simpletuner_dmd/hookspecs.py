@@ -27,8 +27,9 @@ bridge maps SimpleTuner's distiller calls onto the same order)::
         distill_metrics(step) -> dict           merged into the host's log line
         distill_save_state(checkpoint_dir)      on checkpoint steps, into the host's (temporary) checkpoint folder
         distill_sampler(...)                    on validation steps, to make samples with the method's schedule
-                                                (a host that samples with a stock pipeline asks distill_scheduler())
     distill_save_state(checkpoint_dir)          once more at the end with the final checkpoint
+    distill_scheduler()                         at the export, saved beside the student for stock pipelines (a host
+                                                that validates with a stock pipeline asks it at validation instead)
 
 Contract for every step-loop hook: exceptions propagate (a host never wraps them); the hook leaves the student's
 adapter active and every adapter's ``requires_grad`` as it found them.

@@ -106,6 +106,14 @@ def test_hook_order_checkpoint_lora_and_resume(job, tiny_wan, tmp_path):
     pipe.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
     lora = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
     assert not torch.equal(plain, lora)
+    # DMD's few-step scheduler is saved beside the student and drives the stock pipeline through its timesteps
+    from simpletuner_dmd.fewstep_scheduler import FewStepFlowScheduler
+
+    pipe.scheduler = FewStepFlowScheduler.from_pretrained(str(out / "scheduler"))
+    steps = json.loads((tmp_path / "config.json").read_text())["distillation_config"]["dmd_denoising_steps"]
+    assert pipe.scheduler.timesteps.tolist() == [float(t) for t in str(steps).split(",")]
+    few = pipe(generator=torch.Generator().manual_seed(0), **{**kwargs, "num_inference_steps": 3}).frames
+    assert few.shape == lora.shape and torch.isfinite(few).all()
 
     # resume from latest: the method's state comes back and training goes on at step 2
     rec = Recorder()

@@ -226,6 +226,14 @@ def test_a_user_error_inside_simpletuner_is_a_failing_exit_status(job):
 # --------------------------------------------------------------------------- SimpleTuner's own `simpletuner train`
 
 
+def _result(proc: subprocess.CompletedProcess) -> dict:
+    import re
+
+    found = re.search(r"RESULT<(.*?)>RESULT", proc.stdout)
+    assert found, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(found.group(1))
+
+
 def test_the_import_hook_is_lazy_and_routes_only_the_plugins_names(job):
     """At interpreter start the hook imports nothing heavy; once SimpleTuner's trainer module is imported, the plugin's
     names (the example third-party method's included) are served by the bridge — SimpleTuner 4.x's class hooks too —
@@ -241,16 +249,15 @@ from simpletuner.helpers.distillation.factory import DistillerFactory as F
 from simpletuner.simpletuner_sdk.server.services.field_registry.registry import field_registry
 choices = [c.get("value") if isinstance(c, dict) else c for c in field_registry._fields["distillation_method"].choices]
 out = {"choices": choices, "patched": bool(getattr(F.create_distiller, "_simpletuner_dmd_patched", False))}
-if hasattr(F, "adapter_dropout_override"):  # SimpleTuner 4.x
+if hasattr(F, "adapter_dropout_override") and out["patched"]:  # SimpleTuner 4.x, hook on
     out["dropout"] = {m: F.adapter_dropout_override(m) for m in ("dmd", "guidance_distill", "perflow")}
     out["requirements"] = {m: sorted(F.training_batch_requirements(m, {})) for m in ("dmd", "guidance_distill")}
     F.prepare_model_for_adapter("guidance_distill", None, {})
-print("RESULT " + json.dumps(out))
+print("RESULT<" + json.dumps(out) + ">RESULT")
 """
     env = {**os.environ, "PYTHONPATH": str(SITE)}
     served = subprocess.run([str(PYTHON), "-c", check], capture_output=True, text=True, timeout=300, env=env, cwd=root)
-    result = json.loads(served.stdout.split("RESULT ", 1)[1]) if "RESULT " in served.stdout else None
-    assert result is not None, served.stdout[-3000:] + served.stderr[-3000:]
+    result = _result(served)
     assert result["patched"] and {"dmd", "lcm", "dcm", "guidance_distill"} <= set(result["choices"])
     assert served.stdout.count("[simpletuner-dmd] serving distillation_method ") == 1
     assert "guidance_distill (simpletuner-dmd-guidance-distill 0.1.0)" in served.stdout
@@ -260,8 +267,7 @@ print("RESULT " + json.dumps(out))
         assert result["requirements"] == {"dmd": [], "guidance_distill": []}
     off = subprocess.run([str(PYTHON), "-c", check], capture_output=True, text=True, timeout=300,
                          env={**env, "SIMPLETUNER_DMD_DISABLE": "1"}, cwd=root)
-    assert "RESULT " in off.stdout, off.stdout[-2000:] + off.stderr[-3000:]
-    result = json.loads(off.stdout.split("RESULT ", 1)[1])
+    result = _result(off)
     assert not result["patched"] and "guidance_distill" not in result["choices"]
     assert "[simpletuner-dmd]" not in off.stdout
 

@@ -1,10 +1,12 @@
 """The bridge into SimpleTuner's own trainer: every method registered with this plugin is served through SimpleTuner's
 distiller interface, with no SimpleTuner file edited.
 
-- ``patch.install()`` applies the take-over points to an installed SimpleTuner (3.1.x) in memory;
+- ``patch.install()`` applies the take-over points to an installed SimpleTuner (3.1.x, 4.x) in memory;
 - ``distiller.PluginDistiller`` maps SimpleTuner's distiller calls onto the plugin's hooks;
-- ``launcher`` runs SimpleTuner's ``train`` module with the patches applied: ``simpletuner-dmd simpletuner-train``
-  or ``python -m simpletuner_dmd.hosts.simpletuner``.
+- ``autoload.apply()`` is what the import hook (``simpletuner_dmd_autoload``, run from a ``.pth`` file at interpreter
+  start) calls once SimpleTuner's trainer module is imported: this is how ``simpletuner train`` serves the methods;
+- ``launcher`` runs SimpleTuner's ``train`` module with the patches applied, in one process: ``simpletuner-dmd
+  simpletuner-train`` or ``python -m simpletuner_dmd.hosts.simpletuner``.
 
 Nothing here imports SimpleTuner at import time. See the README section "Using with SimpleTuner".
 """

@@ -1,13 +1,15 @@
 """Run SimpleTuner's own trainer with the plugin's methods: ``simpletuner-dmd simpletuner-train [--config FILE]``
 (or ``python -m simpletuner_dmd.hosts.simpletuner``).
 
-It applies ``patch.install()`` and then runs SimpleTuner's ``simpletuner.train`` module as ``__main__`` — exactly what
-SimpleTuner's own ``simpletuner train`` runs in each process — so every SimpleTuner option works as usual. Without
-``--config``, SimpleTuner finds its config as it always does (``CONFIG_BACKEND``/``CONFIG_PATH``, ``ENV``, or
-``config/config.json``).
+The alternative to SimpleTuner's own ``simpletuner train``, which serves the plugin through the import hook
+(``simpletuner_dmd_autoload``) once ``simpletuner-dmd`` is installed beside it. The launcher applies
+``patch.install()`` and then runs SimpleTuner's ``simpletuner.train`` module as ``__main__`` — what ``simpletuner
+train`` runs in each process — in this one process, so every SimpleTuner option works as usual. Without ``--config``,
+SimpleTuner finds its config as it always does (``CONFIG_BACKEND``/``CONFIG_PATH``, ``ENV``, or ``config/config.json``).
 
-SimpleTuner's ``train.py`` catches every exception, prints it and exits 0. This launcher exits 1 when SimpleTuner's
-training did not return normally, so scripts and CI see a failure.
+Exit status: 0 when SimpleTuner's training returned normally. A user error of the plugin's (SimpleTuner 4.x re-raises
+it) prints ``error: …`` lines and exits 2. SimpleTuner 3.1.6's ``train.py`` catches every exception, prints it and
+exits 0: the launcher then exits 1, so scripts and CI see the failure. Any other exception keeps its traceback.
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ def run(config: Path | None = None) -> int:
     finally:
         sys.argv = argv
     if not finished:
-        print("[simpletuner-dmd] error: SimpleTuner's training did not finish (its traceback is above; SimpleTuner's "
-              "own train.py exits 0 even then)", file=sys.stderr)
+        print("[simpletuner-dmd] error: SimpleTuner's training did not finish (its traceback is above; SimpleTuner "
+              "3.1.6's own train.py exits 0 even then)", file=sys.stderr)
         return 1
     return 0
 
@@ -75,9 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args.config)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    except Exception as exc:
+        from .autoload import user_error_in
+
+        error = user_error_in(exc)  # SimpleTuner 4.x re-raises it, possibly wrapped
+        if error is None:
+            raise
+        for line in str(error).splitlines() or [type(error).__name__]:
+            print(f"error: {line}", file=sys.stderr)
+        return error.exit_code
 
 
 __all__ = ["main", "run"]
