@@ -237,7 +237,8 @@ def _result(proc: subprocess.CompletedProcess) -> dict:
 def test_the_import_hook_is_lazy_and_routes_only_the_plugins_names(job):
     """At interpreter start the hook imports nothing heavy; once SimpleTuner's trainer module is imported, the plugin's
     names (the example third-party method's included) are served by the bridge — SimpleTuner 4.x's class hooks too —
-    and SimpleTuner's own names stay SimpleTuner's. ``SIMPLETUNER_DMD_DISABLE=1`` leaves SimpleTuner untouched."""
+    and SimpleTuner's own names stay SimpleTuner's. (``SIMPLETUNER_DMD_DISABLE=1``, which leaves SimpleTuner untouched,
+    is what the plain-LoRA baseline runs with.)"""
     root, _ = job
     probe = "import sys; print(sorted(m for m in ('torch', 'simpletuner', 'simpletuner_dmd') if m in sys.modules))"
     start = subprocess.run([str(PYTHON), "-c", probe], capture_output=True, text=True, timeout=120)
@@ -265,11 +266,6 @@ print("RESULT<" + json.dumps(out) + ">RESULT")
         # the plugin leaves lora_dropout alone; SimpleTuner's own perflow still forces 0
         assert result["dropout"] == {"dmd": None, "guidance_distill": None, "perflow": 0.0}
         assert result["requirements"] == {"dmd": [], "guidance_distill": []}
-    off = subprocess.run([str(PYTHON), "-c", check], capture_output=True, text=True, timeout=300,
-                         env={**env, "SIMPLETUNER_DMD_DISABLE": "1"}, cwd=root)
-    result = _result(off)
-    assert not result["patched"] and "guidance_distill" not in result["choices"]
-    assert "[simpletuner-dmd]" not in off.stdout
 
 METHOD_CONFIGS = {  # strings: SimpleTuner drops JSON objects from config.json on 3.1.6, and 4.10.1's tracker refuses them
     "lcm": "{'lcm': {'num_ddim_timesteps': 50, 'w_min': 1.0, 'w_max': 3.0}}",
@@ -279,29 +275,33 @@ METHOD_CONFIGS = {  # strings: SimpleTuner drops JSON objects from config.json o
 METHOD_STATE = {"lcm": "lcm", "dcm": "dcm", "guidance_distill": None}  # the folder each method saves, if any
 
 
-@needs_v4
 def test_simpletuner_train_runs_dmd_validates_with_its_schedule_and_resumes(job):
-    """``simpletuner train`` — SimpleTuner's own command, no launcher — runs the plugin's DMD through the import hook.
-    SimpleTuner validates the student with DMD's own few-step schedule (``get_scheduler``) and saves the samples as
-    usual; a second ``simpletuner train`` resumes from the latest checkpoint."""
+    """``simpletuner train`` — SimpleTuner's own command, no launcher — runs the plugin's DMD through the import hook;
+    a second ``simpletuner train`` resumes from the latest checkpoint. On 4.x SimpleTuner validates the student with
+    DMD's own few-step schedule (``get_scheduler``) and saves the samples as usual. (3.1.6 never asks a distiller for
+    a scheduler, and its exit status is always 0: there the markers and files tell.)"""
     root, write = job
     run = root / "st-train-dmd"
     out = run / "out"
+    validation = dict(validation_disable=False, validation_step_interval=2, validation_prompt="a digit",
+                      validation_num_inference_steps=3, validation_resolution="64x64", validation_guidance=1.0,
+                      num_validation_images=1, validation_num_video_frames=1, validation_seed=0) if V4 else {}
     config = write.config(output_dir=str(out), max_train_steps=2, checkpoint_step_interval=1,
                           distillation_method="dmd", distillation_config="{'dmd': {'dmd_denoising_steps': '1000,757,522'}}",
-                          validation_disable=False, validation_step_interval=2, validation_prompt="a digit",
-                          validation_num_inference_steps=3, validation_resolution="64x64", validation_guidance=1.0,
-                          num_validation_images=1, validation_num_video_frames=1, validation_seed=0)
+                          **validation)
     code, text, seconds = _simpletuner_train(run, config)
     _assert_clean(text, "simpletuner train, DMD")
     assert code == 0, text[-3000:]
     assert text.count("[simpletuner-dmd] serving distillation_method ") == 1  # the hook said so, once
     assert "[simpletuner-dmd] step 2: " in text and (out / "checkpoint-2" / "dmd" / "fake_score.safetensors").is_file()
-    assert "[simpletuner-dmd] validation samples with dmd's own schedule: FewStepFlowScheduler, timesteps " \
-           "[1000, 757, 522]" in text, text[-3000:]
-    samples = [p for p in out.rglob("*") if p.suffix in (".png", ".mp4", ".gif") and "validation" in str(p).lower()]
-    assert samples, f"SimpleTuner saved no validation sample under {out}"
-    print(f"simpletuner train, DMD, 2 steps with validation: {seconds:.0f} s")
+    if V4:
+        assert "[simpletuner-dmd] validation samples with dmd's own schedule: FewStepFlowScheduler, timesteps " \
+               "[1000, 757, 522]" in text, text[-3000:]
+        samples = [p for p in out.rglob("*") if p.suffix in (".png", ".mp4", ".gif") and "validation" in str(p).lower()]
+        assert samples, f"SimpleTuner saved no validation sample under {out}"
+    print(f"simpletuner train ({VERSION}), DMD, 2 steps{' with validation' if V4 else ''}: {seconds:.0f} s")
+    if not V4:
+        return  # the resume is the launcher test's on 3.1.6
 
     config.update(max_train_steps=3, resume_from_checkpoint="latest", validation_disable=True)
     code, text, seconds = _simpletuner_train(run, config)
@@ -352,7 +352,11 @@ def test_simpletuner_train_exits_non_zero_with_one_line_on_a_user_error(job):
     code, text, _ = _simpletuner_train(root / "st-train-bad", config)
     assert code != 0, text[-3000:]
     errors = [line for line in text.splitlines() if "error: distillation_config.generator_update_interval" in line]
-    assert errors and "Traceback" not in text, text[-3000:]
+    assert len(errors) == 1, text[-3000:]
+    # the training process printed the one line and no traceback; the only traceback is accelerate launch's own
+    # report that its child failed (CalledProcessError), which it prints for every failed run
+    tracebacks = text.split("Traceback (most recent call last):")[1:]
+    assert all("accelerate/commands/launch.py" in t and "CalledProcessError" in t for t in tracebacks), text[-3000:]
 
 
 @needs_v4
