@@ -386,4 +386,5 @@ def test_two_processes_inside_simpletuner_train(job, tmp_path):
     assert (out / "checkpoint-2" / "dmd" / "fake_score.safetensors").is_file()
     assert text.count("[simpletuner-dmd] serving distillation_method ") == 1  # said once, by the main process
     assert text.count("[simpletuner-dmd] step 2: ") == 1
+    assert text.count("[simpletuner-dmd] find_unused_parameters: true for DDP") == 1  # set for the fake score
     print(f"simpletuner train, DMD, 2 processes, 2 steps: {seconds:.0f} s")

@@ -261,7 +261,11 @@ class PluginDistiller:
 
     def _step_info(self, micro: int) -> StepInfo:
         generator = step_generator(self.seed, self.global_step, micro)  # the same draws as the reference host
-        return StepInfo(self.global_step, micro, self.accumulation, bool(self.accelerator.sync_gradients), generator)
+        # Training passes go through SimpleTuner's prepared module (DDP-wrapped under several processes, so the
+        # student's gradients are averaged); the bare one would leave every process training on its own.
+        network = self.model.get_trained_component(unwrap_model=False)
+        return StepInfo(self.global_step, micro, self.accumulation, bool(self.accelerator.sync_gradients), generator,
+                        network=network)
 
     # ------------------------------------------------------------------ SimpleTuner's distiller interface
 

@@ -17,7 +17,11 @@ SimpleTuner:
    over ``Trainer._get_trainable_parameters``: both take every parameter of the trained component that requires a
    gradient. Both are wrapped to leave out the parameters a plugin method added to that network (DMD's fake-score
    adapter), which the method's own optimizer trains.
-4. **Negative prompt.** SimpleTuner unloads its text encoder (``Trainer.init_unload_text_encoder``) before it builds
+4. **DDP.** A plugin method adds its own adapter to the trained network (DMD's fake score), which the student's
+   backward never reaches: under several processes DDP needs ``find_unused_parameters``. SimpleTuner 4.x resolves it
+   in ``Trainer._resolve_ddp_find_unused_parameters`` (config key ``find_unused_parameters``, else the model family's
+   default); for a plugin method left unset it answers True, said in one line. A user's explicit value stands.
+5. **Negative prompt.** SimpleTuner unloads its text encoder (``Trainer.init_unload_text_encoder``) before it builds
    the distiller. That step is wrapped: for a plugin method, the negative prompt(s) are first encoded with SimpleTuner's
    own ``model.encode_text_batch`` and left on the model object for ``PluginDistiller``.
 
@@ -27,6 +31,7 @@ SimpleTuner's loop offers no way to skip its optimizer's step.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 MARK = "_simpletuner_dmd_patched"
@@ -51,6 +56,7 @@ def install() -> list[str]:
     _route_factory(served)
     _filter_optimizer_parameters()
     _filter_trainable_parameters()
+    _find_unused_parameters(served)
     _encode_negative_before_unload(served)
     return served
 
@@ -168,6 +174,28 @@ def _filter_trainable_parameters() -> None:
 
     setattr(_get_trainable_parameters, MARK, True)
     Trainer._get_trainable_parameters = _get_trainable_parameters
+
+
+def _find_unused_parameters(served: list[str]) -> None:
+    from simpletuner.helpers.training.trainer import Trainer
+
+    current = getattr(Trainer, "_resolve_ddp_find_unused_parameters", None)  # SimpleTuner 4.x
+    if current is None or getattr(current, MARK, False):
+        return
+
+    def _resolve_ddp_find_unused_parameters(self, *args: Any, **kwargs: Any):
+        if (getattr(self.config, "find_unused_parameters", None) is None
+                and _served_name(getattr(self.config, "distillation_method", None), served) is not None):
+            from .distiller import log
+
+            if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and os.environ.get("RANK", "0") in ("", "0"):
+                log("find_unused_parameters: true for DDP (the method's own adapter sits on the trained network, "
+                    "outside the student's backward)")
+            return True
+        return current(self, *args, **kwargs)
+
+    setattr(_resolve_ddp_find_unused_parameters, MARK, True)
+    Trainer._resolve_ddp_find_unused_parameters = _resolve_ddp_find_unused_parameters
 
 
 def _encode_negative_before_unload(served: list[str]) -> None:
