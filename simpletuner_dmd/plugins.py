@@ -89,7 +89,8 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
     # One by one (not pm.load_setuptools_entrypoints) so a broken plugin is reported with its name.
     for ep in metadata.entry_points(group=hookspecs.PROJECT):
         dist = ep.dist.name if ep.dist is not None else "(unknown distribution)"
-        if pm.has_plugin(ep.name) or pm.is_registered(ep.value):
+        # already there: an entry point of the same name, or one naming a built-in module (registered by module name)
+        if pm.has_plugin(ep.name) or pm.has_plugin(ep.value):
             continue
         try:
             plugin = ep.load()

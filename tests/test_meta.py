@@ -290,6 +290,17 @@ def test_an_installed_third_party_family_is_found(tmp_path, monkeypatch, fresh_m
     assert row.split()[1] == "fake-family-dist"
 
 
+def test_an_entry_point_naming_a_built_in_module_is_not_registered_twice(tmp_path, monkeypatch):
+    """A distribution that declares a built-in plugin module as its entry point (a repackaging, a vendored copy)
+    must not make DMD "registered twice": the built-in is already registered under its module name."""
+    info = tmp_path / "repackaged_dmd-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: repackaged-dmd\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[simpletuner_dmd]\ndmd_again = simpletuner_dmd.methods.dmd.plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert registered_methods(get_plugin_manager())["dmd"].distribution == "simpletuner-dmd"
+
+
 def test_a_plugin_that_fails_to_import_is_named_with_its_distribution(tmp_path, monkeypatch, fresh_module_name,
                                                                       capsys):
     _fake_distribution(tmp_path, "broken-family-dist", "brokenfam", fresh_module_name,

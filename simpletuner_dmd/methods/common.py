@@ -14,14 +14,25 @@ from typing import Any, Callable
 import torch
 
 from ..adapters import AdapterSwitch, add_adapter_beside
+from ..errors import UserError
 from ..passes import PassCounter
 from ..types import RunContext
 
 Combine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def require_teacher(run: RunContext, method_name: str) -> None:
+    """A method whose teacher is the student's base with its adapters off needs ``model_type: lora``; a full student
+    needs the host's separate frozen teacher. Refuse a context that can do neither, at setup, in one line."""
+    if run.model_type != "lora" and run.teacher is None:
+        raise UserError(f"distillation_method {method_name}: model_type {run.model_type!r} trains the base itself, so "
+                        "the teacher must be a separate frozen copy, and this host gave none (RunContext.teacher)")
+
+
 class Networks:
-    def __init__(self, run: RunContext, passes: PassCounter, *, negative_prompt: str | None = None):
+    def __init__(self, run: RunContext, passes: PassCounter, *, negative_prompt: str | None = None,
+                 method_name: str = "this method"):
+        require_teacher(run, method_name)
         self.run = run
         self.family = run.family
         self.student = run.student  # the bare module: adapters, state, sampling

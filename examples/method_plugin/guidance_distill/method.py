@@ -37,6 +37,9 @@ class GuidanceDistill:
 
     @hookimpl
     def distill_setup(self, run) -> None:
+        from simpletuner_dmd.methods.common import require_teacher
+
+        require_teacher(run, self.name)  # a full student needs the host's separate frozen teacher
         self.run = run
         negative = self.cfg["negative_prompt"] if self.cfg["negative_prompt"] is not None else run.negative_prompt
         self.uncond = run.encode_prompts([negative])  # once: the host may free its text encoder after setup
@@ -67,6 +70,7 @@ class GuidanceDistill:
             with context:
                 c, un = family.predict_flow(network, torch.cat([x_t, x_t]), torch.cat([t, t]), both).float().chunk(2)
             target = un + self.cfg["guidance_scale"] * (c - un)
-        flow = family.predict_flow(self.run.student, x_t, t, batch.cond).float()
+        # step.network: the host's prepared module (DDP-wrapped under several processes, so gradients are averaged)
+        flow = family.predict_flow(step.network or self.run.student, x_t, t, batch.cond).float()
         loss = torch.mean((flow - target) ** 2)
         return StepLoss(loss, {"guidance_distill_loss": float(loss.detach()), "guidance_distill_t": float(t.mean())})

@@ -89,7 +89,7 @@ class DCM:
         self.run = run
         self.family = run.family
         self.accelerator = run.accelerator
-        self.nets = Networks(run, self.passes, negative_prompt=cfg["negative_prompt"])
+        self.nets = Networks(run, self.passes, negative_prompt=cfg["negative_prompt"], method_name=self.name)
         self.student_adapter = run.student_adapter
         if not self.fine:
             return

@@ -27,6 +27,7 @@ from ...hookspecs import hookimpl
 from ...nonfinite import DEFAULT_LIMIT, NonFiniteGuard
 from ...passes import PassCounter
 from ...types import Batch, RunContext, StepInfo, StepLoss
+from ..common import require_teacher
 from . import gan as G
 from . import loss as L
 from .config import DMD_SCHEMA, block_key_warnings
@@ -77,6 +78,7 @@ class DMD:
     @hookimpl
     def distill_setup(self, run: RunContext) -> None:
         cfg = self.cfg
+        require_teacher(run, self.name)
         self.run = run
         self.family = run.family
         self.accelerator = run.accelerator

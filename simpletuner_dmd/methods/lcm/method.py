@@ -45,7 +45,7 @@ class LCM:
     @hookimpl
     def distill_setup(self, run: RunContext) -> None:
         cfg = self.cfg
-        self.nets = Networks(run, self.passes, negative_prompt=cfg["negative_prompt"])
+        self.nets = Networks(run, self.passes, negative_prompt=cfg["negative_prompt"], method_name=self.name)
         self.family = run.family
         self.accelerator = run.accelerator
         shift = cfg["shift"] if cfg["shift"] is not None else float(run.host_config.get("flow_schedule_shift", 1.0))
