@@ -226,7 +226,7 @@ class Evaluator:
         return self._batched(lambda noise, g: sampler(noise, self._cond(len(noise)), None, 1.0, g), seed)
 
     def student_samples(self, network, timesteps: list[int], seed: int) -> torch.Tensor:
-        from simpletuner_dmd.methods.dmd.loss import flow_to_x0
+        from simpletuner_dmd.flow import flow_to_x0
         from simpletuner_dmd.methods.dmd.rollout import sample_with_schedule
 
         def run(noise, g):

@@ -7,6 +7,7 @@ import torch
 
 from simpletuner_dmd.config import select_method_section, validate_config
 from simpletuner_dmd.errors import ConfigError
+from simpletuner_dmd import flow
 from simpletuner_dmd.methods.dcm import discriminator as D
 from simpletuner_dmd.methods.dcm import loss as DL
 from simpletuner_dmd.methods.dcm.config import DCM_SCHEMA
@@ -51,13 +52,13 @@ def test_boundary_condition_makes_f_the_identity_at_t0():
 def test_euler_step_is_exact_on_the_straight_path():
     x0, eps = torch.randn(3, 4, 2, 2, 2), torch.randn(3, 4, 2, 2, 2)
     t_from, t_to = torch.tensor([1000.0, 600.0, 20.0]), torch.tensor([980.0, 300.0, 0.0])
-    stepped = LL.euler_step(path_point(x0, eps, t_from), eps - x0, t_from, t_to)
+    stepped = flow.euler_step(path_point(x0, eps, t_from), eps - x0, flow.sigma_of(t_from), flow.sigma_of(t_to))
     assert torch.allclose(stepped, path_point(x0, eps, t_to), atol=1e-6)
 
 
 def test_guidance_per_sample_is_the_standard_form():
     c, u = torch.randn(2, 3), torch.randn(2, 3)
-    out = LL.guided_per_sample(c, u, torch.tensor([1.0, 4.0]))
+    out = flow.guided_per_sample(c, u, torch.tensor([1.0, 4.0]))
     assert torch.allclose(out[0], c[0]) and torch.allclose(out[1], u[1] + 4.0 * (c[1] - u[1]))
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from simpletuner_dmd.fewstep_scheduler import FewStepFlowScheduler
-from simpletuner_dmd.methods.dmd.loss import flow_to_x0
+from simpletuner_dmd.flow import flow_to_x0
 from simpletuner_dmd.methods.dmd.rollout import sample_with_schedule
 
 STEPS = [1000, 757, 522]

@@ -147,14 +147,14 @@ class WanFamily:
 
     def euler_sampler(self, network: torch.nn.Module, *, steps: int, shift: float):
         """The host's default sampler (the teacher's): Euler on the flow ODE over ``steps`` shifted σs, standard CFG."""
-        from ..methods.dmd.loss import guided, shift_sigma
+        from ..flow import T_MAX, euler_step, guided, shift_sigma
 
         def sample(noise, cond, uncond, guidance_scale, generator):
             sigmas = shift_sigma(torch.linspace(1.0, 0.0, steps + 1), shift).tolist()
             x = noise
             use_cfg = uncond is not None and guidance_scale not in (0.0, 1.0)
             for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-                t = torch.full((x.shape[0],), s * 1000.0, device=x.device)
+                t = torch.full((x.shape[0],), s * T_MAX, device=x.device)
                 if use_cfg:
                     both = self.predict_flow(network, torch.cat([x, x]), torch.cat([t, t]),
                                              self.concat_conditions([cond, self.repeat_condition(uncond, x.shape[0])]))
@@ -162,7 +162,7 @@ class WanFamily:
                     v = guided(c, u, guidance_scale)
                 else:
                     v = self.predict_flow(network, x, t, cond).float()
-                x = (x.float() + (s_next - s) * v).to(noise.dtype)
+                x = euler_step(x, v, s, s_next).to(noise.dtype)
             return x
 
         return sample

@@ -105,8 +105,3 @@ def frozen(params: list[torch.nn.Parameter]):
     finally:
         for p, flag in zip(params, saved):
             p.requires_grad_(flag)
-
-
-def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` → ``(B, 1, …)`` broadcastable against ``like`` (fp32, on its device)."""
-    return values.float().reshape(-1, *([1] * (like.ndim - 1))).to(like.device)

@@ -394,7 +394,7 @@ def _from_main(accelerator, value):
 
 def _host_loss_fn(family, network, host, empty_cond) -> Callable[[Batch], torch.Tensor]:
     """The host's own loss: flow matching on the batch (what plain LoRA fine-tuning optimises)."""
-    from ...methods.dmd.loss import add_noise, shift_sigma
+    from ...flow import add_noise, shift_sigma
 
     def loss_fn(batch: Batch) -> torch.Tensor:
         x0 = batch.latents

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..common import per_sample
-from ..dmd.loss import shift_sigma
-
-T_MAX = 1000.0
+from ...flow import T_MAX, euler_step, per_sample, shift_sigma
 ADV_OFFSET = 0.7  # the adversarial re-noise point lies 70% of the schedule above the phase end (SimpleTuner: 35 of 50)
 
 
@@ -50,12 +47,7 @@ def expert_of(timesteps: torch.Tensor, boundary: float) -> torch.Tensor:
 def phase_jump(x: torch.Tensor, flow: torch.Tensor, sigma_from: torch.Tensor, sigma_to: torch.Tensor) -> torch.Tensor:
     """``x + (σ_to − σ_from)·v`` (fp32): an Euler step of the flow ODE, and — with ``σ_to`` the phase end — PCM's
     consistency function of that phase."""
-    return x.float() + per_sample(sigma_to - sigma_from, x) * flow.float()
-
-
-def guided_self_forcing(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """DCM's and SimpleTuner's ``distill_cfg`` form ``c + s·(c − u)`` (= the standard form at ``s + 1``)."""
-    return cond.float() + scale * (cond.float() - uncond.float())
+    return euler_step(x, flow, sigma_from, sigma_to)
 
 
 def renoise(x_end: torch.Tensor, noise: torch.Tensor, sigma_end: torch.Tensor, sigma_adv: torch.Tensor

@@ -35,7 +35,7 @@ from ...nonfinite import DEFAULT_LIMIT, NonFiniteGuard
 from ...passes import PassCounter
 from ...types import Batch, RunContext, StepInfo, StepLoss
 from ..common import Networks, frozen
-from ..dmd.loss import add_noise, guided
+from ...flow import add_noise, guided, guided_self_forcing
 from . import discriminator as D
 from . import loss as L
 from .config import DCM_SCHEMA, dcm_warnings
@@ -76,7 +76,7 @@ class DCM:
         self.detail_updates = 0
         self.discriminator_updates = 0
         scale = config["distill_cfg"]
-        self._combine = None if scale == 0.0 else (lambda c, u: L.guided_self_forcing(c, u, scale))
+        self._combine = None if scale == 0.0 else (lambda c, u: guided_self_forcing(c, u, scale))
 
     # ------------------------------------------------------------------ setup
 

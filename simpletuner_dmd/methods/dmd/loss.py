@@ -3,47 +3,17 @@
 
 References: Yin et al., "Improved Distribution Matching Distillation for Fast Image Synthesis" (DMD2, 2024), §3 and
 Alg. 1; Huang et al., "Self Forcing" (2025), its DMD loss and timestep rule. Where they differ the choice is the one in
-``shared/notes/dmd-algorithm.md``.
+``shared/notes/dmd-algorithm.md``. The flow math shared with every method (noising, x̂0, σ, both CFG forms) is in
+``simpletuner_dmd/flow.py``.
 """
 
 from __future__ import annotations
 
 import torch
 
-T_MAX = 1000.0
-
-
-def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
-    """``σ' = s·σ / (1 + (s − 1)·σ)`` (fp32)."""
-    sigma = sigma.float()
-    return shift * sigma / (1.0 + (shift - 1.0) * sigma)
-
-
-def unshift_sigma(sigma_shifted: torch.Tensor, shift: float) -> torch.Tensor:
-    """The inverse of ``shift_sigma``: the u with ``shift_sigma(u) = σ'``."""
-    s = sigma_shifted.float()
-    return s / (shift - (shift - 1.0) * s)
-
-
-def sigma_of(timesteps: torch.Tensor) -> torch.Tensor:
-    """σ by value (never by indexing a descending table with t, which inverts the noise level)."""
-    return timesteps.float() / T_MAX
-
-
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """``x_σ = (1 − σ)·x0 + σ·ε`` with one σ per sample, broadcast over every other axis; computed in fp32."""
-    sigma = _per_sample(sigma_of(timesteps), x0)
-    return ((1.0 - sigma) * x0.float() + sigma * noise.float()).to(x0.dtype)
-
-
-def flow_to_x0(x_t: torch.Tensor, flow: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """``x̂0 = x_σ − σ·v`` (fp32 result)."""
-    sigma = _per_sample(sigma_of(timesteps), x_t)
-    return x_t.float() - sigma * flow.float()
-
-
-def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.device)
+from ...flow import T_MAX, shift_sigma, unshift_sigma
+# Re-exported for DMD's own modules (``L.add_noise``, ``L.guided``, …): the shared flow math lives in ``flow.py``.
+from ...flow import add_noise, flow_to_x0, guided, guided_self_forcing, sigma_of  # noqa: F401
 
 
 def dmd_timestep_bounds(
@@ -75,20 +45,6 @@ def sample_dmd_timesteps(
     if shift > 1.0:
         t = shift_sigma(t / T_MAX, shift) * T_MAX
     return t.clamp(min_ratio * T_MAX, max_ratio * T_MAX).to(device)
-
-
-def guided(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Standard (Ho & Salimans / diffusers) CFG: ``u + s·(c − u)``; ``s`` of 0 or 1 (or no uncond) means cond only."""
-    if uncond is None or scale in (0.0, 1.0):
-        return cond
-    return uncond + scale * (cond - uncond)
-
-
-def guided_self_forcing(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Self-Forcing / FastVideo CFG: ``c + s·(c − u)`` (= the standard form at ``s + 1``); 0 means cond only."""
-    if uncond is None or scale == 0.0:
-        return cond
-    return cond + scale * (cond - uncond)
 
 
 def dmd_gradient(x0_gen: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> tuple[torch.Tensor,

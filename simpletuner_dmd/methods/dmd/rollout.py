@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from ...flow import T_MAX
+
 PredictX0 = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -44,7 +46,7 @@ def backward_simulation(predict_x0: PredictX0, noise: torch.Tensor, timesteps: l
         t = torch.full((batch,), float(timesteps[i]), device=noise.device)
         with torch.no_grad():
             x0 = predict_x0(x, t)
-            sigma_next = timesteps[i + 1] / 1000.0
+            sigma_next = timesteps[i + 1] / T_MAX
             x = ((1.0 - sigma_next) * x0.float() + sigma_next * torch.randn_like(x0, dtype=torch.float32)
                  ).to(noise.dtype)
     t = torch.full((batch,), float(timesteps[exit_index]), device=noise.device)
@@ -64,7 +66,7 @@ def sample_with_schedule(predict_x0: PredictX0, noise: torch.Tensor, timesteps: 
             t = torch.full((batch,), float(step), device=noise.device)
             x0 = predict_x0(x, t)
             if i + 1 < len(timesteps):
-                sigma_next = timesteps[i + 1] / 1000.0
+                sigma_next = timesteps[i + 1] / T_MAX
                 eps = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
                 x = ((1.0 - sigma_next) * x0.float() + sigma_next * eps).to(noise.dtype)
     return x0

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..common import per_sample
-from ..dmd.loss import shift_sigma
-
-T_MAX = 1000.0
+from ...flow import T_MAX, per_sample, shift_sigma
 
 
 def skipping_schedule(num_points: int, shift: float) -> torch.Tensor:
@@ -42,19 +39,6 @@ def consistency_output(x_t: torch.Tensor, flow: torch.Tensor, timesteps: torch.T
     sigma = per_sample(timesteps / T_MAX, x_t)
     x0 = x_t.float() - sigma * flow.float()
     return per_sample(c_skip, x_t) * x_t.float() + per_sample(c_out, x_t) * x0
-
-
-def euler_step(x_t: torch.Tensor, flow: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor) -> torch.Tensor:
-    """One Euler step of the flow ODE ``dx/dσ = v`` from ``σ = t_from/1000`` to ``t_to/1000`` (fp32)."""
-    d_sigma = per_sample((t_to.float() - t_from.float()) / T_MAX, x_t)
-    return x_t.float() + d_sigma * flow.float()
-
-
-def guided_per_sample(cond: torch.Tensor, uncond: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Standard CFG ``u + w·(c − u)`` with one ``w`` per sample. diffusers' LCM scripts use the LCM paper's
-    ``c + w'·(c − u)``, which is this form at ``w = w' + 1``."""
-    w = per_sample(w, cond)
-    return uncond.float() + w * (cond.float() - uncond.float())
 
 
 def consistency_loss(pred: torch.Tensor, target: torch.Tensor, *, loss_type: str, huber_c: float) -> torch.Tensor:

@@ -26,7 +26,7 @@ from ...hookspecs import hookimpl
 from ...passes import PassCounter
 from ...types import Batch, RunContext, StepInfo, StepLoss
 from ..common import Networks
-from ..dmd.loss import add_noise, guided
+from ...flow import add_noise, euler_step, guided, guided_per_sample, sigma_of
 from . import loss as L
 from .config import LCM_SCHEMA
 
@@ -73,9 +73,9 @@ class LCM:
         x_n = add_noise(x0, torch.randn_like(x0), t_n)
 
         with torch.no_grad():
-            combine = (lambda c, u: L.guided_per_sample(c, u, w)) if self._use_uncond else None
+            combine = (lambda c, u: guided_per_sample(c, u, w)) if self._use_uncond else None
             v = self.nets.guided(self.nets.teacher_flow, x_n, t_n, batch.cond, combine)
-            x_prev = L.euler_step(x_n, v, t_n, t_prev).to(x0.dtype)
+            x_prev = euler_step(x_n, v, sigma_of(t_n), sigma_of(t_prev)).to(x0.dtype)
             target = self.f(x_prev, t_prev, batch.cond)  # the student itself, adapters on (LCM-LoRA)
         pred = self.f(x_n, t_n, batch.cond)
         self.passes.on_backward(pred, "student")
