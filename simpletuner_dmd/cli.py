@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("plugins", help="list every method and model family and the distribution providing it")
 
     p = sub.add_parser("simpletuner-train", help="run SimpleTuner's own trainer with this plugin's methods "
-                                                  "(SimpleTuner installed; see the README section Using with SimpleTuner)")
+                                                  "(SimpleTuner installed; see docs/simpletuner.md)")
     p.add_argument("--config", type=Path, default=None, help="SimpleTuner's config.json (default: its own lookup)")
 
     p = sub.add_parser("make-example", help="build the tiny local Wan model and dataset of the embedded example")

@@ -1,8 +1,8 @@
-"""The README's key tables, generated from the schemas so they never drift from the code.
+"""The key tables of ``docs/config.md``, generated from the schemas so they never drift from the code.
 
-``python -m simpletuner_dmd.docs --write README.md`` replaces the block between the markers below (appending it when
-the markers are absent; creating a minimal README when the file is absent). ``--check README.md`` exits 1 with one line
-when the README's block is not what the schemas produce (a test runs the same check).
+``python -m simpletuner_dmd.docs --write docs/config.md`` replaces the block between the markers below (appending it
+when the markers are absent; creating a minimal file when it is absent). ``--check docs/config.md`` exits 1 with one
+line when the file's block is not what the schemas produce (a test runs the same check).
 
 Every registered *built-in* method gets its own table (so a new method's keys appear without touching this file), then
 the reference host's keys, then the seed keys the host accepts but ignores.
@@ -20,7 +20,7 @@ from .config import Key, Schema, parse_betas, parse_timestep_list
 
 BEGIN = "<!-- BEGIN GENERATED KEY TABLES -->"
 END = "<!-- END GENERATED KEY TABLES -->"
-COMMAND = "python -m simpletuner_dmd.docs --write README.md"
+COMMAND = "python -m simpletuner_dmd.docs --write docs/config.md"
 
 _KIND = {"int": "int", "float": "float", "bool": "bool", "str": "string", "list": "list", "any": "any",
          "dict": "object"}
@@ -80,7 +80,7 @@ def key_table(schema: Schema, title: str) -> str:
 def readme_tables(pm: Any = None) -> str:
     """Every built-in method's ``distillation_config`` table and the reference host's tables, between the markers.
 
-    Entry-point plugins are not consulted: the README documents this distribution, whatever else is installed.
+    Entry-point plugins are not consulted: the docs document this distribution, whatever else is installed.
     """
     from .hosts.reference.host_schema import HOST_SCHEMA, SEED_KEYS_NOT_SUPPORTED
     from .plugins import get_plugin_manager, registered_methods
@@ -115,7 +115,7 @@ def replace_block(text: str, block: str) -> str:
 
 
 def check_readme(path: str | Path, block: str | None = None) -> str | None:
-    """None when the README's generated block is current, else a one-line problem."""
+    """None when the file's generated block is current, else a one-line problem."""
     path = Path(path)
     if not path.is_file():
         return f"{path}: not found; run `{COMMAND}`"
@@ -131,7 +131,7 @@ def check_readme(path: str | Path, block: str | None = None) -> str | None:
 
 
 def write_readme(path: str | Path, block: str | None = None) -> bool:
-    """Write the current block into the README (creating a minimal one); True when the file changed."""
+    """Write the current block into the file (creating a minimal one); True when the file changed."""
     path = Path(path)
     block = readme_tables() if block is None else block
     old = path.read_text(encoding="utf-8") if path.is_file() else None
@@ -145,8 +145,9 @@ def write_readme(path: str | Path, block: str | None = None) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simpletuner_dmd.docs", description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--write", type=Path, metavar="README", help="replace the generated block in README")
-    group.add_argument("--check", type=Path, metavar="README", help="exit 1 when README's generated block is stale")
+    group.add_argument("--write", type=Path, metavar="FILE",
+                       help="replace the generated block in FILE (docs/config.md)")
+    group.add_argument("--check", type=Path, metavar="FILE", help="exit 1 when FILE's generated block is stale")
     args = parser.parse_args(argv)
     if args.check is not None:
         problem = check_readme(args.check)

@@ -93,7 +93,7 @@ def test_every_key_has_help():
 
 
 def test_readme_block_is_current():
-    problem = docs.check_readme(REPO / "README.md")
+    problem = docs.check_readme(REPO / "docs" / "config.md")
     assert problem is None, problem
 
 
@@ -320,3 +320,17 @@ def test_a_plugin_that_fails_to_import_is_named_with_its_distribution(tmp_path, 
     err = capsys.readouterr().err
     assert err.startswith("error: plugin 'brokenfam' from distribution 'broken-family-dist' failed to import")
     assert get_plugin_manager(entry_points=False)  # the built-ins alone still load
+
+
+def test_the_readmes_minimal_config_validates_and_the_readme_stays_short():
+    import json
+
+    from simpletuner_dmd.config import validate_config
+
+    text = (REPO / "README.md").read_text()
+    block = text.split("## A minimal config", 1)[1].split("```json", 1)[1].split("```", 1)[0]
+    rc = validate_config(json.loads(block), get_plugin_manager(entry_points=False), check_paths=False)
+    assert rc.method_name == "dmd" and rc.method_config["generator_update_interval"] == 5
+    assert len(text.splitlines()) <= 250, "the README is a pitch, the two commands and links: details go to docs/"
+    for link in re.findall(r"\]\((docs/[^)#]+)\)", text):
+        assert (REPO / link).is_file(), link

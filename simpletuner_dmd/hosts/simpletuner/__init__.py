@@ -8,5 +8,5 @@ distiller interface, with no SimpleTuner file edited.
 - ``launcher`` runs SimpleTuner's ``train`` module with the patches applied, in one process: ``simpletuner-dmd
   simpletuner-train`` or ``python -m simpletuner_dmd.hosts.simpletuner``.
 
-Nothing here imports SimpleTuner at import time. See the README section "Using with SimpleTuner".
+Nothing here imports SimpleTuner at import time. See docs/simpletuner.md.
 """

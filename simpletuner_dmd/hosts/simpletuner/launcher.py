@@ -32,7 +32,7 @@ def run(config: Path | None = None) -> int:
     try:
         import simpletuner  # noqa: F401
     except ImportError:
-        raise UserError("SimpleTuner is not installed in this environment (see the README section Using with SimpleTuner: "
+        raise UserError("SimpleTuner is not installed in this environment (see docs/simpletuner.md: "
                         "scripts/install_simpletuner_env.sh creates one)") from None
 
     from .distiller import log
