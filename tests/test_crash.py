@@ -12,8 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from simpletuner_dmd.hosts.reference.checkpoint import MARKER
 from tests.test_train_e2e import job  # noqa: F401 — the config-writing fixture
+
+pytestmark = pytest.mark.slow  # SIGKILL ten real runs: `pytest -m slow` or .ci/run
 
 KILLS = 10
 REQUIRED = ("student.safetensors", "optimizer.json", "optimizer.safetensors", "scheduler.json", "rng-0.json",

@@ -41,6 +41,8 @@ from simpletuner_dmd.hosts.reference.host_schema import HOST_SCHEMA
 from simpletuner_dmd.methods.dmd.config import DMD_SCHEMA
 from tests.repo_tree import repo_files
 
+pytestmark = pytest.mark.slow  # about 2 minutes of property-based cases: `pytest -m slow` or .ci/run
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "config_examples" / "tiny-wan-dmd"
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0

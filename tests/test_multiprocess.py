@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 from tests.test_train_e2e import job  # noqa: F401 — the config-writing fixture
 
+pytestmark = pytest.mark.slow  # two accelerate launches: `pytest -m slow` or .ci/run
+
 HERE = Path(__file__).resolve().parent
 
 
