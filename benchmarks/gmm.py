@@ -130,7 +130,7 @@ def distil(folder: Path, dmd: dict[str, Any], *, seed: int, steps: int, batch_si
     host = {"model_type": "full", "gradient_checkpointing": False, "seed": seed}
     pm.hook.distill_setup(run=RunContext(
         host_config=host, method_config=config, family=family, student=student, accelerator=accelerator,
-        encode_prompts=family.encode_prompts, negative_prompt="", output_dir=folder, model_type="full",
+        encode_prompts=family.embed_prompts, negative_prompt="", output_dir=folder, model_type="full",
         student_adapter=None, load_base=lambda: family.load_network(folder / "base"), teacher=teacher, seed=seed,
     ))
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, betas=betas, weight_decay=0.0)
@@ -141,7 +141,7 @@ def distil(folder: Path, dmd: dict[str, Any], *, seed: int, steps: int, batch_si
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if lr_schedule == "cosine" else None
     _, mixture = family_and_mixture()
     data = torch.Generator().manual_seed(10_000 + seed)
-    cond = family.encode_prompts([""] * batch_size)
+    cond = family.embed_prompts([""] * batch_size)
 
     def no_host_loss():
         raise AssertionError(f"{method} never asks for the host's loss")
@@ -183,7 +183,7 @@ def _student_samples(pm, family, student, seed: int, n: int) -> torch.Tensor:
     noise = torch.randn(n, 2, 1, 1, 1, generator=g)
     student.eval()
     with torch.no_grad():
-        x = sampler(noise, family.encode_prompts([""] * n), None, 1.0, g)
+        x = sampler(noise, family.embed_prompts([""] * n), None, 1.0, g)
     student.train()
     return x.reshape(-1, 2).float()
 

@@ -5,12 +5,13 @@ from .config import Key, Schema, load_config, validate_config
 from .errors import ConfigError, DataError, PluginError, UserError
 from .hookspecs import hookimpl
 from .plugins import get_plugin_manager, registered_families, registered_methods
-from .types import Batch, ModelFamily, RunContext, Sampler, StepInfo, StepLoss
+from .types import (HOST_KEYS_FOR_METHODS, Batch, LoadingFamily, Method, ModelFamily, RunContext, Sampler, StepInfo,
+                    StepLoss)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Batch", "ConfigError", "DataError", "Key", "ModelFamily", "PluginError", "RunContext", "Sampler", "Schema",
+    "Batch", "ConfigError", "DataError", "HOST_KEYS_FOR_METHODS", "Key", "LoadingFamily", "Method", "ModelFamily", "PluginError", "RunContext", "Sampler", "Schema",
     "StepInfo", "StepLoss", "UserError", "get_plugin_manager", "hookimpl", "load_config", "registered_families",
     "registered_methods", "validate_config", "__version__",
 ]

@@ -62,10 +62,42 @@ class StepLoss:
     logs: dict[str, float] = field(default_factory=dict)
 
 
+# The host keys a method may read from ``RunContext.host_config``, with these meanings (the reference host's schema
+# gives their defaults). A method reads nothing else of the host's config, and reads each with a default: a host may
+# lack one (SimpleTuner has no nonfinite_skip_limit). tests/test_protocols.py checks the built-in methods.
+HOST_KEYS_FOR_METHODS: dict[str, str] = {
+    "seed": "the run seed (int)",
+    "learning_rate": "the student's learning rate (a method's own optimizer may follow it)",
+    "max_grad_norm": "the student's gradient clip (a method's own optimizer may follow it)",
+    "gradient_checkpointing": "whether the host checkpoints the student's activations (a full-copy network should too)",
+    "flow_schedule_shift": "the family's σ shift for training and sampling (a method's default for its own shift)",
+    "nonfinite_skip_limit": "how many non-finite updates in a row stop the run",
+    "validation_num_inference_steps": "the host's step count for the teacher's reference sample",
+    "model_type": "lora or full, as RunContext.model_type",
+}
+
+
 @dataclass
 class RunContext:
-    """Everything ``distill_setup`` may use. Built by the host."""
+    """Everything ``distill_setup`` may use. Built by the host; valid for the run, except ``encode_prompts``.
 
+    ``host_config``: the host's config; a method reads only the keys in ``HOST_KEYS_FOR_METHODS``.
+    ``method_config``: the method's validated ``distillation_config`` section (its schema's keys, defaults filled in).
+    ``family``: the model family's instance (``ModelFamily``).
+    ``student``: the bare trainable network — with the student's adapter already added when ``model_type`` is
+    ``lora`` — for adding adapters, saving state and sampling; training passes call ``StepInfo.network``.
+    ``accelerator``: the host's accelerate ``Accelerator`` (prepare the method's own models and optimizers with it).
+    ``encode_prompts(texts) -> cond``: the family's condition for a batch of texts; valid during ``distill_setup``
+    only (hosts may free the text encoder afterwards), so encode the negative prompt there.
+    ``negative_prompt``: the host's negative prompt text (the unconditional branch of CFG).
+    ``output_dir``: the run's output folder (None in tests and benchmarks that write nothing).
+    ``model_type``: ``lora`` (the student is an adapter on a frozen base; the teacher is that base with every adapter
+    off) or ``full`` (the student's weights are trained; then ``teacher`` must be a separate frozen copy).
+    ``student_adapter``: the student's adapter name when ``model_type`` is ``lora``.
+    ``load_base()``: a fresh copy of the base network (for full copies).
+    ``teacher``: the separate frozen teacher for ``model_type: full``; None with ``lora``.
+    ``seed``: the run seed. ``warn(message)``: the host's way to show a warning.
+    """
     host_config: Mapping[str, Any]
     method_config: Mapping[str, Any]
     family: ModelFamily
@@ -83,6 +115,15 @@ class RunContext:
 
 
 class Sampler(Protocol):
+    """What ``distill_sampler`` returns (and a family's ``euler_sampler`` builds): samples x̂0 from noise.
+
+    ``noise``: the starting latents ``(B, …)`` in the family's layout; ``cond``: the batch's condition (B rows);
+    ``uncond``: the negative prompt's condition with *one* row (the sampler repeats it with
+    ``family.repeat_condition``), or None; ``guidance_scale``: standard CFG ``u + s·(c − u)``, 0 or 1 meaning cond only;
+    ``generator``: the CPU generator for any fresh noise the sampler draws (None: the global RNG). Returns the final
+    latents, under no_grad.
+    """
+
     def __call__(
         self,
         noise: torch.Tensor,
@@ -95,17 +136,23 @@ class Sampler(Protocol):
 
 @runtime_checkable
 class ModelFamily(Protocol):
-    """What a method needs to know about a model family (flow-matching, rectified-flow convention).
+    """What every method needs to know about a model family (flow matching, rectified-flow convention):
+    ``x_σ = (1 − σ)·x0 + σ·ε``; the network predicts the flow ``v = ε − x0`` at timestep ``t = 1000·σ``
+    (``simpletuner_dmd.flow``).
 
-    ``x_σ = (1 − σ)·x0 + σ·ε``; the network predicts the flow ``v = ε − x0`` at timestep ``t = 1000·σ``.
+    A family class is registered with ``register_model_families`` and constructed by hosts as
+    ``FamilyClass(autocast_dtype=dtype)``: ``autocast_dtype`` is the compute dtype of the network's forward
+    (``torch.bfloat16`` or ``torch.float16`` for mixed precision on a GPU; None for fp32).
     """
 
-    name: str
+    name: str  # the value of model_family
+    summary: str  # one line for `simpletuner-dmd plugins`
     causal: bool  # True when the family's network can run a block-causal (self-forcing) rollout
 
     def predict_flow(self, network: torch.nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Any
                      ) -> torch.Tensor:
-        """The flow prediction of ``network`` (any instance of the family's network: student, copy, teacher)."""
+        """The flow prediction of ``network`` (any instance of the family's network: student, copy, teacher) for
+        latents ``x_t`` at ``timesteps`` (one per sample, ``t = 1000·σ``) under condition ``cond``."""
 
     def concat_conditions(self, conds: list[Any]) -> Any:
         """Concatenate conditions along the batch axis (the teacher's cond + uncond run as one batch)."""
@@ -114,11 +161,62 @@ class ModelFamily(Protocol):
         """A batch-1 condition (the negative prompt) repeated to ``batch_size``."""
 
     def frame_axis(self) -> int:
-        """The axis of latent frames (Wan: 2 in ``(B, C, F, H, W)``)."""
+        """The axis of latent frames in the family's latent layout (Wan: 2 in ``(B, C, F, H, W)``)."""
 
     # Optional (not part of the runtime check): ``gan_feature_module(network) -> (module, width)``, the submodule of
     # ``network`` whose output ``(B, width)`` or ``(B, tokens, width)`` DMD2's GAN classifier reads (Wan: the last
     # transformer block). DMD's ``gan_loss_weight`` > 0 needs it and says so by name when a family lacks it.
 
 
-__all__ = ["Batch", "StepInfo", "StepLoss", "RunContext", "Sampler", "ModelFamily", "step_generator"]
+@runtime_checkable
+class LoadingFamily(ModelFamily, Protocol):
+    """What a host that loads models and media from disk (the reference host) needs of a family, on top of
+    ``ModelFamily``. ``components`` is whatever ``load_components`` returns (Wan: VAE, text encoder, tokenizer)."""
+
+    lora_target_modules: tuple[str, ...]  # the module names the student's (and every second) adapter targets
+    max_sequence_length: int  # the text encoder's default token length (host key tokenizer_max_length overrides)
+
+    def load_network(self, model_path: str, *, dtype: torch.dtype) -> torch.nn.Module:
+        """The denoising network from a local diffusers folder (or hub id), in ``dtype``, frozen."""
+
+    def load_components(self, model_path: str, *, text_encoder_path: str | None, dtype: torch.dtype) -> Any:
+        """Everything else the host needs to encode data and decode samples (VAE, text encoder, tokenizer)."""
+
+    def encode_prompts(self, components: Any, texts: list[str], *, max_length: int | None = None) -> Any:
+        """The condition for ``texts`` (Wan: UMT5 embeddings ``(B, L, D)``, zero-padded as ``WanPipeline`` does)."""
+
+    def encode_pixels(self, components: Any, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels ``(B, 3, F, H, W)`` in [-1, 1] → the network's normalised latents."""
+
+    def decode_latents(self, components: Any, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``encode_pixels``: latents → pixels ``(B, 3, F, H, W)`` in [-1, 1]."""
+
+    def latent_shape(self, components: Any, *, width: int, height: int, frames: int) -> tuple[int, ...]:
+        """The latent shape (without the batch axis) of a ``frames``-frame clip of ``width`` × ``height``."""
+
+    def save_lora(self, lora_state: dict[str, torch.Tensor], folder: Path, peft_config: Any) -> Path:
+        """Write a student's adapter weights in the format the family's stock pipeline loads; returns the file."""
+
+    def euler_sampler(self, network: torch.nn.Module, *, steps: int, shift: float) -> Sampler:
+        """The host's default sampler (the teacher's): Euler on the flow ODE over ``steps`` shifted σs."""
+
+
+@runtime_checkable
+class Method(Protocol):
+    """A distillation method class, as ``register_methods`` hands it over. Hosts build one instance per run as
+    ``MethodClass(config)`` with the validated ``distillation_config`` section and register it with the plugin
+    manager; the instance implements the step-loop hooks of ``hookspecs`` with ``@hookimpl`` (``distill_setup`` and
+    ``distill_loss`` at least).
+
+    Optional: ``config_warnings(config, family_cls, host) -> list[str]``, a static method returning one warning per
+    key that does not apply with that family or host config (hosts show them at start-up)."""
+
+    name: str  # the value of distillation_method
+    summary: str  # one line for `simpletuner-dmd plugins` and the docs' key tables
+    schema: Any  # a simpletuner_dmd.Schema of every key of the method's distillation_config
+
+    def __init__(self, config: Mapping[str, Any]) -> None: ...
+
+
+__all__ = ["Batch", "HOST_KEYS_FOR_METHODS", "LoadingFamily", "Method", "ModelFamily", "RunContext", "Sampler",
+           "StepInfo", "StepLoss", "step_generator"]

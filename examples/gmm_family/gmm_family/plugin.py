@@ -1,7 +1,7 @@
 """The plugin module named by the ``simpletuner_dmd`` entry point: one family class and its registration hook.
 
-Only what methods need (``predict_flow``, ``frame_axis``, condition batching) plus what a small host uses
-(``load_network``, ``euler_sampler``). Conditions are ignored by the mixture (it is unconditional); they travel as
+Only what methods need (``simpletuner_dmd.ModelFamily``: ``predict_flow``, ``frame_axis``, condition batching) plus
+two members of ``LoadingFamily`` that the quality benchmark, a small host, uses (``load_network``, ``euler_sampler``). Conditions are ignored by the mixture (it is unconditional); they travel as
 ``(B, 1)`` tensors so that batching them works like any other family's.
 """
 
@@ -50,10 +50,10 @@ class GMMFamily:
 
         return load_network(model_path, dtype)
 
-    def latent_shape(self) -> tuple[int, ...]:
-        return (2, 1, 1, 1)
+    sample_shape = (2, 1, 1, 1)  # one sample's latent shape (a point of the plane)
 
-    def encode_prompts(self, texts: list[str]) -> torch.Tensor:
+    def embed_prompts(self, texts: list[str]) -> torch.Tensor:
+        """A ``RunContext.encode_prompts`` for the mixture: it is unconditional, so every text is one zero row."""
         return torch.zeros(len(texts), 1)
 
     def euler_sampler(self, network: torch.nn.Module, *, steps: int, shift: float = 1.0):
