@@ -159,17 +159,28 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_dmd_through_the_bridge_checkpoints_and_resumes(job):
+def test_dmd_through_simpletuner_train_checkpoints_validates_and_resumes(job):
+    """DMD through SimpleTuner's own ``simpletuner train`` (the import hook; no launcher): metrics in SimpleTuner's
+    tensorboard, the fake score in its checkpoints, SimpleTuner's optimizer holding the student only, a critic-only step
+    that leaves the student bit-identical, and — on 4.x — validation with DMD's own few-step schedule, samples saved by
+    SimpleTuner. Then a resume: through ``simpletuner train`` again on 4.x; through the launcher on 3.1.6, whose own
+    ``train.py`` exits 0 whatever happens (so there the first run's markers and files tell, and the launcher's exit
+    status is checked on the resume)."""
     from safetensors.torch import load_file
 
     root, write = job
-    out = root / "out-dmd"
-    dmd = "{'dmd': {'generator_update_interval': 2, 'fake_score_lr': 1e-3}}"  # a string: SimpleTuner drops objects
-    config = write("dmd", output_dir=str(out), max_train_steps=3, checkpoint_step_interval=1, distillation_method="dmd",
-                   distillation_config=dmd)
-    code, text, seconds = _venv_python("--config", str(config), log=root / "dmd.log")
-    _assert_clean(text, "DMD through the bridge")
-    assert code == 0, text[-3000:]  # the launcher's exit status is meaningful (3.1.6's own is always 0)
+    run = root / "st-train-dmd"
+    out = run / "out"
+    dmd = "{'dmd': {'generator_update_interval': 2, 'fake_score_lr': 1e-3}}"  # a string: see docs/simpletuner.md
+    validation = dict(validation_disable=False, validation_step_interval=3, validation_prompt="a digit",
+                      validation_num_inference_steps=3, validation_resolution="64x64", validation_guidance=1.0,
+                      num_validation_images=1, validation_num_video_frames=1, validation_seed=0) if V4 else {}
+    config = write.config(output_dir=str(out), max_train_steps=3, checkpoint_step_interval=1, distillation_method="dmd",
+                          distillation_config=dmd, **validation)
+    code, text, seconds = _simpletuner_train(run, config)
+    _assert_clean(text, "simpletuner train, DMD")
+    assert code == 0, text[-3000:]
+    assert text.count("[simpletuner-dmd] serving distillation_method ") == 1  # the hook said so, once
     assert "[simpletuner-dmd] negative prompt encoded with SimpleTuner's text encoder" in text
     assert "student adapter 'default'" in text
     # SimpleTuner's optimizer was built from the student's 32 LoRA tensors only (determine_params_to_optimize)
@@ -187,28 +198,34 @@ def test_dmd_through_the_bridge_checkpoints_and_resumes(job):
     fakes = {n: load_file(str(out / f"checkpoint-{n}" / "dmd" / "fake_score.safetensors")) for n in (1, 2)}
     assert _same(students[1], students[2]), "the student moved on a critic-only step"
     assert not _same(students[2], students[3]) and not _same(fakes[1], fakes[2])
-    # SimpleTuner's checkpoint holds the fake score's state next to its own
+    assert fakes[2] and all(".fake_score." in k for k in fakes[2])
     ckpt = out / "checkpoint-2"
-    fake = fakes[2]
-    assert fake and all(".fake_score." in k for k in fake)
     assert (ckpt / "dmd" / "fake_score_optimizer.json").is_file()
     assert json.loads((ckpt / "dmd" / "state.json").read_text())["critic_updates"] == 2
     assert json.loads((ckpt / "simpletuner_dmd_bridge.json").read_text())["global_step"] == 2
     student = _student(out)
     assert student and not any("fake_score" in k for k in student)  # SimpleTuner's LoRA is the student's only
-    print(f"SimpleTuner {VERSION}, DMD through the bridge, 3 steps: {seconds:.0f} s")
+    if V4:
+        assert "[simpletuner-dmd] validation samples with dmd's own schedule: FewStepFlowScheduler, timesteps " \
+               "[1000, 757, 522]" in text, text[-3000:]
+        samples = [p for p in out.rglob("*") if p.suffix in (".png", ".mp4", ".gif") and "validation" in str(p).lower()]
+        assert samples, f"SimpleTuner saved no validation sample under {out}"
+    print(f"simpletuner train ({VERSION}), DMD, 3 steps{' with validation' if V4 else ''}: {seconds:.0f} s")
 
     # resume from checkpoint-2 and train to step 4: the fake score's state is restored, its counters continue
-    config = write("dmd-resume", output_dir=str(out), max_train_steps=4, checkpoint_step_interval=2,
-                   distillation_method="dmd", distillation_config=dmd, resume_from_checkpoint="checkpoint-2")
-    code, text, seconds = _venv_python("--config", str(config), log=root / "dmd-resume.log")
+    config.update(max_train_steps=4, checkpoint_step_interval=2, resume_from_checkpoint="checkpoint-2",
+                  validation_disable=True)
+    if V4:
+        code, text, seconds = _simpletuner_train(run, config)
+    else:
+        code, text, seconds = _venv_python("--config", str(write("dmd-resume", **config)), log=run / "resume.log")
     _assert_clean(text, "DMD resume")
     assert code == 0, text[-3000:]
     assert f"[simpletuner-dmd] restored dmd state from {ckpt} at step 2" in text, text[-3000:]
     assert "[simpletuner-dmd] step 3: " in text and "[simpletuner-dmd] step 4: " in text
     state = json.loads((out / "checkpoint-4" / "dmd" / "state.json").read_text())
     assert state == {"generator_updates": 2, "critic_updates": 4, "fake_score_type": "lora"}
-    print(f"SimpleTuner {VERSION}, DMD resume, 2 more steps: {seconds:.0f} s")
+    print(f"DMD resume ({'simpletuner train' if V4 else 'launcher'}), 2 more steps: {seconds:.0f} s")
 
 
 def test_a_user_error_inside_simpletuner_is_a_failing_exit_status(job):
@@ -273,43 +290,6 @@ METHOD_CONFIGS = {  # strings: SimpleTuner drops JSON objects from config.json o
     "guidance_distill": "{'guidance_distill': {'guidance_scale': 3.0}}",
 }
 METHOD_STATE = {"lcm": "lcm", "dcm": "dcm", "guidance_distill": None}  # the folder each method saves, if any
-
-
-def test_simpletuner_train_runs_dmd_validates_with_its_schedule_and_resumes(job):
-    """``simpletuner train`` — SimpleTuner's own command, no launcher — runs the plugin's DMD through the import hook;
-    a second ``simpletuner train`` resumes from the latest checkpoint. On 4.x SimpleTuner validates the student with
-    DMD's own few-step schedule (``get_scheduler``) and saves the samples as usual. (3.1.6 never asks a distiller for
-    a scheduler, and its exit status is always 0: there the markers and files tell.)"""
-    root, write = job
-    run = root / "st-train-dmd"
-    out = run / "out"
-    validation = dict(validation_disable=False, validation_step_interval=2, validation_prompt="a digit",
-                      validation_num_inference_steps=3, validation_resolution="64x64", validation_guidance=1.0,
-                      num_validation_images=1, validation_num_video_frames=1, validation_seed=0) if V4 else {}
-    config = write.config(output_dir=str(out), max_train_steps=2, checkpoint_step_interval=1,
-                          distillation_method="dmd", distillation_config="{'dmd': {'dmd_denoising_steps': '1000,757,522'}}",
-                          **validation)
-    code, text, seconds = _simpletuner_train(run, config)
-    _assert_clean(text, "simpletuner train, DMD")
-    assert code == 0, text[-3000:]
-    assert text.count("[simpletuner-dmd] serving distillation_method ") == 1  # the hook said so, once
-    assert "[simpletuner-dmd] step 2: " in text and (out / "checkpoint-2" / "dmd" / "fake_score.safetensors").is_file()
-    if V4:
-        assert "[simpletuner-dmd] validation samples with dmd's own schedule: FewStepFlowScheduler, timesteps " \
-               "[1000, 757, 522]" in text, text[-3000:]
-        samples = [p for p in out.rglob("*") if p.suffix in (".png", ".mp4", ".gif") and "validation" in str(p).lower()]
-        assert samples, f"SimpleTuner saved no validation sample under {out}"
-    print(f"simpletuner train ({VERSION}), DMD, 2 steps{' with validation' if V4 else ''}: {seconds:.0f} s")
-    if not V4:
-        return  # the resume is the launcher test's on 3.1.6
-
-    config.update(max_train_steps=3, resume_from_checkpoint="latest", validation_disable=True)
-    code, text, seconds = _simpletuner_train(run, config)
-    _assert_clean(text, "simpletuner train, DMD resume")
-    assert code == 0, text[-3000:]
-    assert f"[simpletuner-dmd] restored dmd state from {out / 'checkpoint-2'} at step 2" in text, text[-3000:]
-    assert json.loads((out / "checkpoint-3" / "dmd" / "state.json").read_text())["critic_updates"] == 3
-    print(f"simpletuner train, DMD resume, 1 more step: {seconds:.0f} s")
 
 
 @needs_v4
