@@ -49,7 +49,7 @@ def _run(args: argparse.Namespace) -> int:
         train(args.config)
         return 0
     if args.command == "validate-config":
-        from .config import load_config
+        from .hosts.reference.run_config import load_config
         from .plugins import get_plugin_manager
 
         rc = load_config(args.path, get_plugin_manager(), check_paths=not args.no_check_paths)

@@ -239,73 +239,38 @@ def select_method_section(method: str, raw: dict[str, Any], method_names: Iterab
 
 
 @dataclass
-class RunConfig:
-    """A validated run: host keys, the selected method (or None for plain fine-tuning) and its config."""
+class MethodSelection:
+    """A method chosen by ``distillation_method`` with its validated ``distillation_config`` section."""
 
-    path: Path | None
-    host: dict[str, Any]
-    method_name: str | None
-    method_cls: type | None
-    method_config: dict[str, Any]
-    family_cls: type
+    name: str
+    cls: type
+    config: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
 
 
-def load_config(path: str | Path, pm: Any, *, check_paths: bool = True) -> RunConfig:
-    """Read and validate a host config file. Raises ``ConfigError`` with every problem, one line each."""
-    raw = read_json(path, "config")
-    return validate_config(raw, pm, path=Path(path), check_paths=check_paths)
+def validate_method_config(method_name: Any, distillation_config: Any, pm: Any, *, family_cls: type | None = None,
+                           host: Mapping[str, Any] | None = None) -> tuple[MethodSelection | None, list[str]]:
+    """The one method-config validation every host calls: the method registered as ``method_name``, its section of
+    ``distillation_config`` (an object or a string holding one; flat or keyed by method, never mixed) validated by
+    the method's schema, and the method's ``config_warnings`` for ``family_cls`` and the ``host`` config when given.
 
-
-def validate_config(raw: Any, pm: Any, *, path: Path | None = None, check_paths: bool = True) -> RunConfig:
-    from .hosts.reference.host_schema import HOST_SCHEMA, check_host_paths, host_key_warnings
-    from .plugins import registered_families, registered_methods
-
-    if not isinstance(raw, dict):
-        raise ConfigError([f"config: must be a JSON object, got {type(raw).__name__}"])
-    problems: list[str] = []
-    warnings: list[str] = []
-
-    host_raw = {k: v for k, v in raw.items() if k not in ("distillation_method", "distillation_config")}
-    host, host_problems, unknown = HOST_SCHEMA.validate(host_raw, prefix="config", unknown="collect")
-    problems += host_problems
-    warnings += host_key_warnings(host_raw, unknown)
-
-    families = registered_families(pm)
-    family_name = host.get("model_family")
-    family_cls = None
-    if family_name not in families:
-        problems.append(f"config.model_family: unknown family {family_name!r}{suggest(str(family_name), families)}; "
-                        f"installed: {', '.join(families) or 'none'}")
-    else:
-        family_cls = families[family_name].cls
+    Returns (the selection or None, every problem as one line naming its key)."""
+    from .plugins import registered_methods
 
     methods = registered_methods(pm)
-    method_name = raw.get("distillation_method")
-    method_cls = None
-    method_config: dict[str, Any] = {}
-    if method_name in (None, "", "none"):
-        method_name = None
-        if raw.get("distillation_config"):
-            warnings.append("distillation_config is set but distillation_method is not: the config has no effect")
-    elif not isinstance(method_name, str) or method_name not in methods:
-        problems.append(f"config.distillation_method: unknown method {method_name!r}"
-                        f"{suggest(str(method_name), methods)}; installed: {', '.join(methods) or 'none'}")
-    else:
-        method_cls = methods[method_name].cls
-        section, sec_problems = parse_distillation_config(raw.get("distillation_config"))
-        problems += sec_problems
-        if section is not None:
-            section, sec_problems = select_method_section(method_name, section, methods)
-            problems += sec_problems
-        if section is not None:
-            method_config, m_problems, _ = method_cls.schema.validate(section, prefix="distillation_config")
-            problems += m_problems
-            if not m_problems and hasattr(method_cls, "config_warnings") and family_cls is not None:
-                warnings += method_cls.config_warnings(method_config, family_cls, host)
-
-    if check_paths and not problems:
-        problems += check_host_paths(host)
+    if not isinstance(method_name, str) or method_name not in methods:
+        return None, [f"config.distillation_method: unknown method {method_name!r}"
+                      f"{suggest(str(method_name), methods)}; installed: {', '.join(methods) or 'none'}"]
+    cls = methods[method_name].cls
+    section, problems = parse_distillation_config(distillation_config)
+    if section is not None:
+        section, problems = select_method_section(method_name, section, methods)
     if problems:
-        raise ConfigError(problems)
-    return RunConfig(path, host, method_name, method_cls, method_config, family_cls, warnings)
+        return None, problems
+    values, problems, _ = cls.schema.validate(section, prefix="distillation_config")
+    if problems:
+        return None, problems
+    warnings = []
+    if family_cls is not None and hasattr(cls, "config_warnings"):
+        warnings = list(cls.config_warnings(values, family_cls, dict(host or {})))
+    return MethodSelection(method_name, cls, values, warnings), []

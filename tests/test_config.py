@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from simpletuner_dmd.config import load_config, validate_config
+from simpletuner_dmd.hosts.reference.run_config import load_config, validate_config
 from simpletuner_dmd.errors import ConfigError, UserError
 from simpletuner_dmd.hookspecs import hookimpl
 from simpletuner_dmd.hosts.reference.host_schema import HOST_SCHEMA, SEED_KEYS_NOT_SUPPORTED

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from simpletuner_dmd.config import select_method_section, validate_config
+from simpletuner_dmd.config import select_method_section
+from simpletuner_dmd.hosts.reference.run_config import validate_config
 from simpletuner_dmd.errors import ConfigError
 from simpletuner_dmd import flow
 from simpletuner_dmd.methods.dcm import discriminator as D

@@ -277,7 +277,7 @@ def test_an_installed_third_party_family_is_found(tmp_path, monkeypatch, fresh_m
     assert families["wan"].distribution == "simpletuner-dmd"
 
     # a config can select it, and the plugins command lists it with its distribution
-    from simpletuner_dmd.config import validate_config
+    from simpletuner_dmd.hosts.reference.run_config import validate_config
 
     rc = validate_config({"model_family": "fakefam", "max_train_steps": 1, "distillation_method": "dmd"},
                          get_plugin_manager(), check_paths=False)
@@ -325,7 +325,7 @@ def test_a_plugin_that_fails_to_import_is_named_with_its_distribution(tmp_path, 
 def test_the_readmes_minimal_config_validates_and_the_readme_stays_short():
     import json
 
-    from simpletuner_dmd.config import validate_config
+    from simpletuner_dmd.hosts.reference.run_config import validate_config
 
     text = (REPO / "README.md").read_text()
     block = text.split("## A minimal config", 1)[1].split("```json", 1)[1].split("```", 1)[0]

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ...config import RunConfig, load_config
+from .run_config import RunConfig, load_config
 from ...adapters import named_adapter_parameters
 from ...errors import UserError
 from ...nonfinite import NonFiniteGuard
@@ -243,7 +243,8 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
 def _load(config_path, pm, overrides) -> RunConfig:
     if not overrides:
         return load_config(config_path, pm)
-    from ...config import read_json, validate_config
+    from ...config import read_json
+    from .run_config import validate_config
 
     raw = read_json(config_path, "config")
     raw.update(overrides)

@@ -35,9 +35,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ...config import parse_distillation_config, select_method_section
+from ...config import MethodSelection, validate_method_config
 from ...errors import ConfigError, UserError
-from ...plugins import get_family_class, get_method_class, get_plugin_manager, registered_methods
+from ...plugins import get_family_class, get_plugin_manager
 from ...types import Batch, RunContext, StepInfo, StepLoss, step_generator
 
 STATE_FILE = "simpletuner_dmd_bridge.json"
@@ -50,19 +50,16 @@ def log(message: str) -> None:
     tqdm.write(f"[simpletuner-dmd] {message}")  # above SimpleTuner's progress bar
 
 
-def method_config_for(config: Mapping[str, Any], method_name: str, pm) -> tuple[type, dict[str, Any]]:
-    """The method class and its validated config from SimpleTuner's config (``distillation_config`` as SimpleTuner
-    parsed it: a dict, or a string when it did not start with ``{``). Raises ``ConfigError`` with every problem."""
-    cls = get_method_class(pm, method_name)
-    section, problems = parse_distillation_config(config.get("distillation_config"))
-    if section is not None:
-        section, problems = select_method_section(method_name, section, registered_methods(pm))
+def method_config_for(config: Mapping[str, Any], method_name: str, pm, *, family_cls: type | None = None
+                      ) -> MethodSelection:
+    """The method and its validated config from SimpleTuner's config (``distillation_config`` as SimpleTuner parsed
+    it: a dict, or a string), through the core's ``validate_method_config`` as every host. Raises ``ConfigError``
+    with every problem."""
+    selection, problems = validate_method_config(method_name, config.get("distillation_config"), pm,
+                                                 family_cls=family_cls, host=config)
     if problems:
         raise ConfigError(problems)
-    values, problems, _ = cls.schema.validate(section, prefix="distillation_config")
-    if problems:
-        raise ConfigError(problems)
-    return cls, values
+    return selection
 
 
 def negative_prompts_for(config: Mapping[str, Any], method_config: Mapping[str, Any]) -> list[str]:
@@ -131,10 +128,10 @@ class PluginDistiller:
         if model_type == "lora" and str(config.get("lora_type", "standard")).lower() != "standard":
             raise UserError(f"lora_type {config.get('lora_type')!r}: the bridge supports standard (peft) LoRA only")
 
-        method_cls, self.method_config = method_config_for(config, method_name, self.pm)
         family_cls = get_family_class(self.pm, str(model_family or config.get("model_family")))
-        for warning in getattr(method_cls, "config_warnings", lambda *a: [])(self.method_config, family_cls,
-                                                                             dict(config)):
+        selection = method_config_for(config, method_name, self.pm, family_cls=family_cls)
+        method_cls, self.method_config = selection.cls, selection.config
+        for warning in selection.warnings:
             log(f"warning: {warning}")
         weight_dtype = config.get("weight_dtype") or torch.float32
         self.family = family_cls(autocast_dtype=None if weight_dtype == torch.float32 else weight_dtype)

@@ -222,8 +222,7 @@ def stash_negative_embeds(model, config: dict, method: str) -> None:
     from ...plugins import get_plugin_manager
     from .distiller import NEGATIVE_EMBEDS_ATTR, as_condition, log, method_config_for, negative_prompts_for
 
-    _, method_config = method_config_for(config, method, get_plugin_manager())
-    texts = negative_prompts_for(config, method_config)
+    texts = negative_prompts_for(config, method_config_for(config, method, get_plugin_manager()).config)
     with torch.no_grad():
         embeds = {t: as_condition(model.encode_text_batch([t], is_negative_prompt=True)).detach() for t in texts}
     setattr(model, NEGATIVE_EMBEDS_ATTR, embeds)

@@ -1,0 +1,82 @@
+"""The reference host's whole config: its own keys (``host_schema.HOST_SCHEMA``), the model family and the selected
+method's section (validated by the core's ``config.validate_method_config``, as every host does). All problems are
+reported together, one line each, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ...config import read_json, suggest, validate_method_config
+from ...errors import ConfigError
+from ...plugins import registered_families
+from .host_schema import HOST_SCHEMA, check_host_paths, host_key_warnings
+
+
+@dataclass
+class RunConfig:
+    """A validated run: host keys, the selected method (or None for plain fine-tuning) and its config."""
+
+    path: Path | None
+    host: dict[str, Any]
+    method_name: str | None
+    method_cls: type | None
+    method_config: dict[str, Any]
+    family_cls: type
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_config(path: str | Path, pm: Any, *, check_paths: bool = True) -> RunConfig:
+    """Read and validate a host config file. Raises ``ConfigError`` with every problem, one line each."""
+    raw = read_json(path, "config")
+    return validate_config(raw, pm, path=Path(path), check_paths=check_paths)
+
+
+def validate_config(raw: Any, pm: Any, *, path: Path | None = None, check_paths: bool = True) -> RunConfig:
+    """Validate a whole reference-host config: the host's keys (``HOST_SCHEMA``), the model family, and the method's
+    section through the core ``validate_method_config``. Raises ``ConfigError`` with every problem, one line each."""
+
+    if not isinstance(raw, dict):
+        raise ConfigError([f"config: must be a JSON object, got {type(raw).__name__}"])
+    problems: list[str] = []
+    warnings: list[str] = []
+
+    host_raw = {k: v for k, v in raw.items() if k not in ("distillation_method", "distillation_config")}
+    host, host_problems, unknown = HOST_SCHEMA.validate(host_raw, prefix="config", unknown="collect")
+    problems += host_problems
+    warnings += host_key_warnings(host_raw, unknown)
+
+    families = registered_families(pm)
+    family_name = host.get("model_family")
+    family_cls = None
+    if family_name not in families:
+        problems.append(f"config.model_family: unknown family {family_name!r}{suggest(str(family_name), families)}; "
+                        f"installed: {', '.join(families) or 'none'}")
+    else:
+        family_cls = families[family_name].cls
+
+    method_name = raw.get("distillation_method")
+    method_cls = None
+    method_config: dict[str, Any] = {}
+    if method_name in (None, "", "none"):
+        method_name = None
+        if raw.get("distillation_config"):
+            warnings.append("distillation_config is set but distillation_method is not: the config has no effect")
+    else:
+        selection, method_problems = validate_method_config(method_name, raw.get("distillation_config"), pm,
+                                                            family_cls=family_cls, host=host)
+        problems += method_problems
+        if selection is not None:
+            method_cls, method_config = selection.cls, selection.config
+            warnings += selection.warnings
+
+    if check_paths and not problems:
+        problems += check_host_paths(host)
+    if problems:
+        raise ConfigError(problems)
+    return RunConfig(path, host, method_name, method_cls, method_config, family_cls, warnings)
+
+
+__all__ = ["RunConfig", "load_config", "validate_config"]
