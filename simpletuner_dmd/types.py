@@ -209,7 +209,8 @@ class Method(Protocol):
     ``distill_loss`` at least).
 
     Optional: ``config_warnings(config, family_cls, host) -> list[str]``, a static method returning one warning per
-    key that does not apply with that family or host config (hosts show them at start-up)."""
+    key that does not apply with that family or host config (hosts show them at start-up); ``progress_metrics``, a
+    tuple of the log names a host's progress bar shows (DMD: ``dmd_loss``, ``fake_score_loss``)."""
 
     name: str  # the value of distillation_method
     summary: str  # one line for `simpletuner-dmd plugins` and the docs' key tables

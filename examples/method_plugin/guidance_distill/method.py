@@ -31,6 +31,7 @@ class GuidanceDistill:
     name = "guidance_distill"
     summary = "Guidance distillation: the student learns the teacher's CFG flow in one call (example plugin)"
     schema = SCHEMA
+    progress_metrics = ("guidance_distill_loss",)  # the logs the host's progress bar shows
 
     def __init__(self, config: dict[str, Any]):
         self.cfg = config

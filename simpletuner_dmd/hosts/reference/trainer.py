@@ -113,6 +113,7 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
 
     # ---- 4. the method
     method = None
+    shown = tuple(getattr(rc.method_cls, "progress_metrics", ()))  # the method names what its progress bar shows
     if rc.method_cls is not None:
         method = rc.method_cls(rc.method_config)
         pm.register(method, name=f"method:{rc.method_name}")
@@ -216,8 +217,7 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
         logs["nonfinite/student_skipped"] = float(guard.skipped)
         accelerator.log(logs, step=state["global_step"])
         progress.update(1)
-        progress.set_postfix({k: f"{logs[k]:.4g}" for k in ("dmd_loss", "fake_score_loss", "loss", "lr")
-                              if k in logs})
+        progress.set_postfix({k: f"{logs[k]:.4g}" for k in (*shown, "loss", "lr") if k in logs})
 
         step = state["global_step"]
         final = step == max_steps

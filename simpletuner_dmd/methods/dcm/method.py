@@ -58,6 +58,7 @@ class DCM:
     name = "dcm"
     summary = "Dual-expert consistency model: semantic + detail LoRA experts switched by timestep, GAN on the detail"
     schema = DCM_SCHEMA
+    progress_metrics = ("dcm_loss",)  # the logs the host's progress bar shows
 
     @staticmethod
     def config_warnings(config: dict[str, Any], family_cls: type, host: dict[str, Any]) -> list[str]:

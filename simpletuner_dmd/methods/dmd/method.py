@@ -49,6 +49,7 @@ class DMD:
     name = "dmd"
     summary = "Distribution Matching Distillation (DMD2 / Self-Forcing): few-step student, fake score as an adapter"
     schema = DMD_SCHEMA
+    progress_metrics = ("dmd_loss", "fake_score_loss")  # the logs the host's progress bar shows
 
     @staticmethod
     def config_warnings(config: dict[str, Any], family_cls: type, host: dict[str, Any]) -> list[str]:

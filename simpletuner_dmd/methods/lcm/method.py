@@ -35,6 +35,7 @@ class LCM:
     name = "lcm"
     summary = "Latent Consistency Model distillation (LCM-LoRA design): any-step student, no extra network"
     schema = LCM_SCHEMA
+    progress_metrics = ("lcm_loss",)  # the logs the host's progress bar shows
 
     def __init__(self, config: dict[str, Any]):
         self.cfg = config
