@@ -30,7 +30,7 @@ def test_teacher_is_bit_identical_to_the_frozen_base(tiny_wan, precision):
     x, t, cond = torch.randn(2, 16, 3, 4, 4), torch.tensor([900.0, 300.0]), torch.randn(2, 8, 32)
     with torch.no_grad():
         expected = run.family.predict_flow(base, x, t, cond)
-        teacher = run.method._teacher_flow(x, t, cond)
+        teacher = run.method.nets.teacher_flow(x, t, cond)
         student = run.family.predict_flow(run.models.network, x, t, cond)
         with run.method._fake_context():
             fake = run.method._fake_flow(x, t, cond)

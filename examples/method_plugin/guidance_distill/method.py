@@ -38,7 +38,7 @@ class GuidanceDistill:
 
     @hookimpl
     def distill_setup(self, run) -> None:
-        from simpletuner_dmd.methods.common import require_teacher
+        from simpletuner_dmd.networks import require_teacher
 
         require_teacher(run, self.name)  # a full student needs the host's separate frozen teacher
         self.run = run

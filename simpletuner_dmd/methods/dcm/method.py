@@ -34,7 +34,7 @@ from ...hookspecs import hookimpl
 from ...nonfinite import DEFAULT_LIMIT, NonFiniteGuard
 from ...passes import PassCounter
 from ...types import Batch, RunContext, StepInfo, StepLoss
-from ..common import Networks, frozen
+from ...networks import Networks, frozen
 from ...flow import add_noise, guided, guided_self_forcing
 from . import discriminator as D
 from . import loss as L

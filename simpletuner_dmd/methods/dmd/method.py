@@ -21,13 +21,14 @@ from typing import Any, Callable
 
 import torch
 
-from ...adapters import AdapterSwitch, add_adapter_beside, named_adapter_parameters
+from ...adapters import named_adapter_parameters
+from ...flow import flow_to_x0
 from ...errors import UserError
 from ...hookspecs import hookimpl
 from ...nonfinite import DEFAULT_LIMIT, NonFiniteGuard
+from ...networks import Networks
 from ...passes import PassCounter
 from ...types import Batch, RunContext, StepInfo, StepLoss
-from ..common import require_teacher
 from . import gan as G
 from . import loss as L
 from .config import DMD_SCHEMA, block_key_warnings
@@ -79,12 +80,13 @@ class DMD:
     @hookimpl
     def distill_setup(self, run: RunContext) -> None:
         cfg = self.cfg
-        require_teacher(run, self.name)
+        # the student, the teacher (base, adapters off) and the fake score's adapter, called through one helper;
+        # it refuses a full student without a separate teacher, and encodes the negative prompt once
+        self.nets = Networks(run, self.passes, negative_prompt=cfg["negative_prompt"], method_name=self.name)
         self.run = run
         self.family = run.family
         self.accelerator = run.accelerator
         self.student = run.student  # the bare module: adapters, state, sampling
-        self._call = run.student  # the module to call for training passes (the host's prepared one, per step)
         fake_type = cfg["fake_score_type"]
         if fake_type == "auto":
             fake_type = "lora" if run.model_type == "lora" else "full"
@@ -95,13 +97,8 @@ class DMD:
         self.guard = NonFiniteGuard("fake score (critic)", int(run.host_config.get("nonfinite_skip_limit",
                                                                                    DEFAULT_LIMIT)))
 
-        if run.model_type == "lora":
-            self.switch: AdapterSwitch | None = AdapterSwitch(self.student)
-        else:
-            self.switch = None
         if fake_type == "lora":
-            params = add_adapter_beside(self.student, run.student_adapter, FAKE_ADAPTER,
-                                        self.cfg["fake_score_lora_rank"])
+            params = self.nets.add_adapter(FAKE_ADAPTER, cfg["fake_score_lora_rank"])
             self.fake_net = self.student
         else:
             self.fake_net = run.load_base()
@@ -129,51 +126,32 @@ class DMD:
                                       eps=cfg["fake_score_eps"], weight_decay=cfg["fake_score_weight_decay"])
         self.fake_optimizer = self.accelerator.prepare_optimizer(optimizer)
 
-        negative = cfg["negative_prompt"] if cfg["negative_prompt"] is not None else run.negative_prompt
-        self.negative_prompt = negative
-        self.uncond = run.encode_prompts([negative])  # encoded once; the text encoder may be freed after setup
-
+        self.negative_prompt = self.nets.negative_prompt
+        self.uncond = self.nets.uncond  # encoded once; the text encoder may be freed after setup
 
     # ------------------------------------------------------------------ the three networks
 
     def _student_x0(self, cond: Any, *, sampling: bool = False) -> Callable[[torch.Tensor, torch.Tensor],
                                                                            torch.Tensor]:
-        # Sampling (validation, on the main process only) calls the bare module: a DDP wrapper's forward on one rank
-        # would wait for the others. It is not a training pass, so it is not counted.
-        module = self.student if sampling else self._call
+        flow = self.nets.sample_flow if sampling else self.nets.flow
 
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if not sampling:
-                self.passes.forward("student", x.shape[0], grad=torch.is_grad_enabled())
-            return L.flow_to_x0(x, self.family.predict_flow(module, x, t, cond), t)
+            return flow_to_x0(x, flow(x, t, cond), t)
 
         return predict
 
     def _fake_context(self):
-        return self.switch.use(FAKE_ADAPTER) if self.fake_type == "lora" else contextlib.nullcontext()
-
-    def _teacher_flow(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-        self.passes.forward("teacher", x_t.shape[0], grad=torch.is_grad_enabled())
-        if self.run.teacher is not None:
-            return self.family.predict_flow(self.run.teacher, x_t, t, cond)
-        with self.switch.disabled():
-            return self.family.predict_flow(self._call, x_t, t, cond)
+        return self.nets.adapters(FAKE_ADAPTER) if self.fake_type == "lora" else contextlib.nullcontext()
 
     def _guided_x0(self, flow_fn, x_t: torch.Tensor, t: torch.Tensor, cond: Any, combine) -> torch.Tensor:
-        """x̂0 of ``flow_fn``; with ``combine`` (a CFG form) cond and uncond run as one batch."""
-        if combine is None:
-            return L.flow_to_x0(x_t, flow_fn(x_t, t, cond), t)
-        batch = x_t.shape[0]
-        both = self.family.concat_conditions([cond, self.family.repeat_condition(self.uncond, batch)])
-        x2, t2 = torch.cat([x_t, x_t]), torch.cat([t, t])
-        x0_c, x0_u = L.flow_to_x0(x2, flow_fn(x2, t2, both), t2).chunk(2)
-        return combine(x0_c, x0_u)
+        """x̂0 of ``flow_fn``, guided with ``combine`` (a CFG form; cond and uncond as one batch) when given. CFG is
+        linear, so combining flows and then taking x̂0 is combining x̂0s."""
+        return flow_to_x0(x_t, self.nets.guided(flow_fn, x_t, t, cond, combine), t)
 
     def _fake_flow(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, *, module=None) -> torch.Tensor:
-        self.passes.forward("fake_score", x_t.shape[0], grad=torch.is_grad_enabled())
-        if module is None:
-            module = self._call if self.fake_type == "lora" else self.fake_net
-        return self.family.predict_flow(module, x_t, t, cond)
+        if module is None and self.fake_type != "lora":
+            module = self.fake_net
+        return self.nets.flow(x_t, t, cond, role="fake_score", module=module)
 
     def _bare_fake(self) -> torch.nn.Module:
         """The fake score's module without a DDP wrapper (where the family's feature module lives)."""
@@ -217,7 +195,7 @@ class DMD:
     @hookimpl
     def distill_loss(self, batch: Batch, step: StepInfo, host_loss) -> StepLoss:
         cfg = self.cfg
-        self._call = step.network or self.student
+        self.nets.at(step)
         latents = batch.latents
         axis = self.family.frame_axis()
         frames = min(cfg["num_training_frames"], latents.shape[axis])
@@ -241,7 +219,7 @@ class DMD:
             x_t = L.add_noise(x0_gen.detach(), noise_t, t).to(latents.dtype)
             with self._fake_context():
                 x0_fake = self._guided_x0(self._fake_flow, x_t, t, batch.cond, self._fake_cfg)
-            x0_real = self._guided_x0(self._teacher_flow, x_t, t, batch.cond, self._real_cfg)
+            x0_real = self._guided_x0(self.nets.teacher_flow, x_t, t, batch.cond, self._real_cfg)
             grad, normaliser = L.dmd_gradient(x0_gen, x0_real, x0_fake)
         loss = L.dmd_loss(x0_gen, grad)
         logs.update(
@@ -270,13 +248,13 @@ class DMD:
         pending, self._pending = self._pending, []
         if not pending:
             return
-        self._call = step.network or self.student
+        self.nets.at(step)
         accelerator = self.accelerator
         # accelerator.backward divides by its accumulation steps; rescale so the update is the mean over micro-batches
         scale = accelerator.gradient_accumulation_steps / len(pending)
         critic_losses: list[torch.Tensor] = []
         gan_logs: list[torch.Tensor] = []
-        fake_module = self._call if self.fake_type == "lora" else self.fake_net
+        fake_module = self.nets.call if self.fake_type == "lora" else self.fake_net
         self.fake_optimizer.zero_grad(set_to_none=True)  # nothing from the generator's turn may reach this step
         with self._fake_context():
             for i, item in enumerate(pending):
@@ -342,11 +320,8 @@ class DMD:
             if uncond is not None and guidance_scale not in (0.0, 1.0):
                 def predict(x, t, _cond=cond):  # noqa: F811 — CFG on the student when the host asks for it
                     both = self.family.concat_conditions([_cond, self.family.repeat_condition(uncond, x.shape[0])])
-                    x0 = L.flow_to_x0(torch.cat([x, x]), self.family.predict_flow(self.student, torch.cat([x, x]),
-                                                                                    torch.cat([t, t]), both),
-                                      torch.cat([t, t]))
-                    c, u = x0.chunk(2)
-                    return L.guided(c, u, guidance_scale)
+                    c, u = self.nets.sample_flow(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+                    return flow_to_x0(x, L.guided(c, u, guidance_scale), t)
             return sample_with_schedule(predict, noise, self.steps, generator)
 
         return sampler

@@ -25,7 +25,7 @@ from ...errors import UserError
 from ...hookspecs import hookimpl
 from ...passes import PassCounter
 from ...types import Batch, RunContext, StepInfo, StepLoss
-from ..common import Networks
+from ...networks import Networks
 from ...flow import add_noise, euler_step, guided, guided_per_sample, sigma_of
 from . import loss as L
 from .config import LCM_SCHEMA

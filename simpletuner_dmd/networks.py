@@ -1,9 +1,12 @@
-"""What the consistency methods (LCM, DCM) share: the networks of a run on one frozen base, the teacher's guided flow
-with cond and uncond as one batch, and a second adapter on the student's base.
+"""The networks of a run, for method authors: the student, the teacher and any second adapter on one frozen base, each
+call counted by role, and the teacher's guided flow with cond and uncond as one batch. DMD, LCM, DCM and the example
+method plugin all call their networks through ``Networks``; a third-party method should too (it is public API).
 
 Teacher: a separate frozen copy when the host has one (``model_type: full``), otherwise the student's base with every
-adapter disabled (``AdapterSwitch.disabled()``) — never a second copy of the model. Every call is counted by role in a
-``PassCounter`` so a method's cost can be stated in passes.
+adapter disabled (``AdapterSwitch.disabled()``) — never a second copy of the model. Training passes go through
+``StepInfo.network`` (the host's prepared module, DDP-wrapped under several processes, so gradients are averaged):
+call ``at(step)`` at the start of each step hook. Every call is counted by role in a ``PassCounter`` so a method's cost
+can be stated in passes.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ from typing import Any, Callable
 
 import torch
 
-from ..adapters import AdapterSwitch, add_adapter_beside
-from ..errors import UserError
-from ..passes import PassCounter
-from ..types import RunContext
+from .adapters import AdapterSwitch, add_adapter_beside
+from .errors import UserError
+from .passes import PassCounter
+from .types import RunContext
 
 Combine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -59,10 +62,18 @@ class Networks:
 
     # ------------------------------------------------------------------ calls
 
-    def flow(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, *, role: str = "student") -> torch.Tensor:
-        """The student network's flow with whatever adapters are active (fp32), a training pass."""
+    def flow(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, *, role: str = "student",
+             module: torch.nn.Module | None = None) -> torch.Tensor:
+        """The student network's flow with whatever adapters are active (fp32), a training pass counted as ``role``.
+        ``module``: another network to call (a full-copy fake score), or the bare module for a pass whose backward
+        must not reach a DDP wrapper."""
         self.passes.forward(role, x_t.shape[0], grad=torch.is_grad_enabled())
-        return self.family.predict_flow(self.call, x_t, t, cond).float()
+        return self.family.predict_flow(self.call if module is None else module, x_t, t, cond).float()
+
+    def sample_flow(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """The student's flow for sampling (validation): the bare module — a DDP wrapper's forward on the one process
+        that validates would wait for the others — and not counted (it is not a training pass)."""
+        return self.family.predict_flow(self.student, x_t, t, cond).float()
 
     def teacher_flow(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, *, bare: bool = False) -> torch.Tensor:
         """The teacher's flow. ``bare``: call the unwrapped module (a pass whose backward reaches no parameter, which
