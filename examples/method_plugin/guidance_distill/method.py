@@ -10,7 +10,6 @@ with its adapters switched off — no copy of the model. No state of its own; va
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -38,25 +37,18 @@ class GuidanceDistill:
 
     @hookimpl
     def distill_setup(self, run) -> None:
-        from simpletuner_dmd.networks import require_teacher
+        from simpletuner_dmd.networks import Networks
+        from simpletuner_dmd.passes import PassCounter
 
-        require_teacher(run, self.name)  # a full student needs the host's separate frozen teacher
-        self.run = run
-        negative = self.cfg["negative_prompt"] if self.cfg["negative_prompt"] is not None else run.negative_prompt
-        self.uncond = run.encode_prompts([negative])  # once: the host may free its text encoder after setup
-        if run.teacher is None:
-            from simpletuner_dmd.adapters import AdapterSwitch  # switches adapters without touching requires_grad
-
-            self._switch = AdapterSwitch(run.student)
-
-    def _teacher(self):
-        if self.run.teacher is not None:
-            return self.run.teacher, contextlib.nullcontext()
-        return self.run.student, self._switch.disabled()
+        # The run's networks through the public helper: the teacher is the host's frozen copy (model_type full) or
+        # the student's base with its adapters off (a full student without a teacher is refused here, in one line);
+        # the negative prompt is encoded once (the host may free its text encoder after setup).
+        self.nets = Networks(run, PassCounter(), negative_prompt=self.cfg["negative_prompt"], method_name=self.name)
 
     @hookimpl
     def distill_loss(self, batch, step, host_loss):
-        family, x0 = self.run.family, batch.latents
+        nets, x0 = self.nets, batch.latents
+        nets.at(step)  # training passes through step.network: DDP-wrapped under several processes
         b = x0.shape[0]
         s = self.cfg["timestep_shift"]
         u = torch.rand(b)
@@ -65,13 +57,9 @@ class GuidanceDistill:
         noise = torch.randn_like(x0)
         x_t = ((1 - view) * x0.float() + view * noise.float()).to(x0.dtype)
         t = sigma * 1000.0
-        with torch.no_grad():
-            network, context = self._teacher()
-            both = family.concat_conditions([batch.cond, family.repeat_condition(self.uncond, b)])
-            with context:
-                c, un = family.predict_flow(network, torch.cat([x_t, x_t]), torch.cat([t, t]), both).float().chunk(2)
-            target = un + self.cfg["guidance_scale"] * (c - un)
-        # step.network: the host's prepared module (DDP-wrapped under several processes, so gradients are averaged)
-        flow = family.predict_flow(step.network or self.run.student, x_t, t, batch.cond).float()
+        w = self.cfg["guidance_scale"]
+        with torch.no_grad():  # the teacher's cond and uncond flows as one batch of 2B, combined u + w(c - u)
+            target = nets.guided(nets.teacher_flow, x_t, t, batch.cond, lambda c, un: un + w * (c - un))
+        flow = nets.flow(x_t, t, batch.cond)
         loss = torch.mean((flow - target) ** 2)
         return StepLoss(loss, {"guidance_distill_loss": float(loss.detach()), "guidance_distill_t": float(t.mean())})
