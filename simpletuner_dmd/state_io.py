@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import struct
 import uuid
@@ -35,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from simpletuner_dmd.errors import UserError
+from simpletuner_dmd.atomic import write_file
 
 FORMAT = "simpletuner-dmd-state"
 FORMAT_VERSION = 1
@@ -56,9 +56,9 @@ def save_state(path_prefix: Path, state: Any) -> None:
     tensor_path, json_path = _paths(path_prefix)
     tensor_path.parent.mkdir(parents=True, exist_ok=True)
     # Tensors first: a crash before the JSON is replaced leaves an id mismatch, which load reports.
-    _atomic_write(tensor_path, lambda tmp: save_file(tensors, tmp, metadata={"state_id": state_id}))
+    write_file(tensor_path, lambda tmp: save_file(tensors, tmp, metadata={"state_id": state_id}))
     text = json.dumps(document, indent=1, allow_nan=False)
-    _atomic_write(json_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_file(json_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
@@ -110,22 +110,6 @@ def load_state(path_prefix: Path) -> Any:
 def _paths(path_prefix: Path) -> tuple[Path, Path]:
     # Append rather than with_suffix(): a prefix like "optimizer.rank0" must keep its dot part.
     return path_prefix.with_name(path_prefix.name + ".safetensors"), path_prefix.with_name(path_prefix.name + ".json")
-
-
-def _atomic_write(final: Path, write) -> None:
-    """Let `write(tmp_path)` fill a temp file beside `final`, fsync it, then rename it over `final`."""
-    # A unique name rather than mkstemp: mkstemp creates the file 0600, which would survive the rename.
-    tmp = str(final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.tmp"))
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
-    finally:
-        # Only reached with the temp file still there when `write` or the rename failed; the
-        # exception keeps propagating, we just do not leave litter behind.
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # --------------------------------------------------------------------------- encoding

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from simpletuner_dmd.errors import UserError
+from simpletuner_dmd.atomic import fsync_dir, fsync_tree
 
 MARKER = "checkpoint.json"
 FORMAT = "simpletuner-dmd-checkpoint"
@@ -52,7 +53,7 @@ def commit_checkpoint(tmp_dir: Path, output_dir: Path, step: int, total_limit: i
     tmp_dir, output_dir = Path(tmp_dir), Path(output_dir)
     marker = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "time": time.time()}
     (tmp_dir / MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")
-    _fsync_tree(tmp_dir)
+    fsync_tree(tmp_dir)
 
     final = output_dir / f"checkpoint-{step}"
     if final.exists():
@@ -67,7 +68,7 @@ def commit_checkpoint(tmp_dir: Path, output_dir: Path, step: int, total_limit: i
         shutil.rmtree(aside)
     else:
         os.replace(tmp_dir, final)
-    _fsync_dir(output_dir)
+    fsync_dir(output_dir)
 
     if total_limit:
         _prune(output_dir, total_limit, keep=final)
@@ -194,22 +195,3 @@ def _problem(folder: Path) -> str | None:
 def _check_step(step: int) -> None:
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"checkpoint step must be an int >= 0, got {step!r}")
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file and folder under `folder` so the rename never publishes unwritten data."""
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as handle:
-                os.fsync(handle.fileno())
-        _fsync_dir(Path(root))
-
-
-def _fsync_dir(folder: Path) -> None:
-    if os.name != "posix":  # Windows cannot open a folder to fsync it; NTFS renames are journaled
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -27,9 +27,7 @@ import hashlib
 import importlib.util
 import json
 import math
-import os
 import struct
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +42,7 @@ from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
 from simpletuner_dmd.errors import ConfigError, DataError, UserError
+from simpletuner_dmd.atomic import write_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 VIDEO_EXTENSIONS = (".gif", ".mp4", ".webm")
@@ -343,15 +342,7 @@ def _describe(backend: dict) -> str:
 
 def _save_atomic(tensors: dict[str, torch.Tensor], dest: Path) -> None:
     # A killed run must never leave a half-written file under the final name: it would be "reused" next time.
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        os.unlink(tmp)  # tidy up, then let the error propagate
-        raise
+    write_file(dest, lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp))
 
 
 def _cached_shape(file: str, key: str) -> tuple[int, ...]:

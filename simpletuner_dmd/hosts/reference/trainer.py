@@ -33,12 +33,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .run_config import RunConfig, load_config
 from ...adapters import named_adapter_parameters
+from ...atomic import write_into
 from ...errors import UserError
 from ...nonfinite import NonFiniteGuard
 from ...plugins import get_plugin_manager
 from ...types import Batch, RunContext, StepInfo, StepLoss, step_generator
+from .run_config import RunConfig, load_config
 
 STUDENT_ADAPTER = "student"
 
@@ -485,33 +486,19 @@ def _export(out: Path, models, family, host, ema, pm) -> None:
     it has one, goes to ``scheduler/`` beside the weights."""
     scheduler = pm.hook.distill_scheduler()
     if scheduler is not None:
-        _atomically(out, "scheduler", lambda tmp: scheduler.save_config(tmp / "scheduler"))
+        write_into(out, "scheduler", lambda tmp: scheduler.save_config(tmp / "scheduler"))
     if host["model_type"] == "lora":
         config = models.network.peft_config[STUDENT_ADAPTER]
-        _atomically(out, "pytorch_lora_weights.safetensors",
+        write_into(out, "pytorch_lora_weights.safetensors",
                     lambda tmp: family.save_lora(_student_lora(models), tmp, config))
         if ema is not None:
             with ema.swap_into():
-                _atomically(out / "ema", "pytorch_lora_weights.safetensors",
+                write_into(out / "ema", "pytorch_lora_weights.safetensors",
                             lambda tmp: family.save_lora(_student_lora(models), tmp, config))
         log(f"student LoRA: {out / 'pytorch_lora_weights.safetensors'}")
     else:
-        _atomically(out, "transformer", lambda tmp: models.network.save_pretrained(tmp / "transformer"))
+        write_into(out, "transformer", lambda tmp: models.network.save_pretrained(tmp / "transformer"))
         log(f"student transformer: {out / 'transformer'}")
-
-
-def _atomically(folder: Path, name: str, write: Callable[[Path], object]) -> None:
-    import shutil
-
-    tmp = folder / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    target, written = folder / name, tmp / name
-    if target.is_dir():  # os.replace cannot replace a non-empty folder
-        shutil.rmtree(target)
-    os.replace(written, target)
-    shutil.rmtree(tmp)
 
 
 # --------------------------------------------------------------------------- validation

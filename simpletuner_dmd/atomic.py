@@ -1,0 +1,74 @@
+"""Every file and folder the project writes goes through here: written beside its final name first, flushed, then
+renamed into place, so a crash (or a full disk) never leaves a half-written file or folder under the final name.
+
+Temp names are unique (``.NAME.<random>.tmp``) rather than ``mkstemp``'s, whose 0600 mode would survive the rename.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable
+
+
+def write_file(final: str | Path, write: Callable[[str], object]) -> None:
+    """``write(tmp_path)`` fills a temp file beside ``final``; it is fsynced and renamed over ``final``. On any error
+    the temp file is removed and the error propagates (``final`` keeps its old content, if any)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = str(final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.tmp"))
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):  # only when `write` or the rename failed
+            os.unlink(tmp)
+    fsync_dir(final.parent)
+
+
+def write_into(folder: str | Path, name: str, write: Callable[[Path], object]) -> None:
+    """``write(tmp_dir)`` writes ``tmp_dir/name`` (a file or a folder) inside a temp folder beside ``folder/name``;
+    everything is fsynced and ``name`` is renamed into ``folder`` (replacing an older one). On any error the temp
+    folder is removed and the error propagates."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(f".{name}.*.tmp"):  # left by a run killed while writing
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder / f".{name}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        fsync_tree(tmp)
+        target, written = folder / name, tmp / name
+        if target.is_dir():  # os.replace cannot replace a non-empty folder
+            shutil.rmtree(target)
+        os.replace(written, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    fsync_dir(folder)
+
+
+def fsync_tree(folder: str | Path) -> None:
+    """Flush every file and folder under ``folder`` so a rename never publishes unwritten data."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        fsync_dir(Path(root))
+
+
+def fsync_dir(folder: str | Path) -> None:
+    if os.name != "posix":  # Windows cannot open a folder to fsync it; NTFS renames are journaled
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+__all__ = ["fsync_dir", "fsync_tree", "write_file", "write_into"]
