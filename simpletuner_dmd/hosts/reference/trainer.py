@@ -40,6 +40,7 @@ from ...nonfinite import NonFiniteGuard
 from ...plugins import get_plugin_manager
 from ...types import Batch, RunContext, StepInfo, StepLoss, step_generator
 from .run_config import RunConfig, load_config
+from .validation import Validator
 
 STUDENT_ADAPTER = "student"
 
@@ -169,8 +170,9 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
     batches = _batches(dataset, sampler, state, accelerator)
     loss_fn = _host_loss_fn(family, network, host, empty_cond)
     # validation runs on the main process alone: it calls the bare module, never the (DDP) wrapper
-    validate = _validator(host, family, components, models.network, models, pm, method, ema, prompt_conds,
-                          negative_cond, dataset, accelerator, out, seed)
+    validate = Validator(host=host, family=family, components=components, models=models, pm=pm,
+                         distilling=method is not None, ema=ema, prompt_conds=prompt_conds, negative_cond=negative_cond,
+                         accelerator=accelerator, out=out, seed=seed)
     accum = host["gradient_accumulation_steps"]
     guard = NonFiniteGuard("student", host["nonfinite_skip_limit"])
     progress = tqdm(total=max_steps, initial=state["global_step"], desc="training",
@@ -226,7 +228,9 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
             _save_checkpoint(out, state, models, optimizer, scheduler, ema, pm, accelerator, host, family)
         if not host["validation_disable"] and (
                 final or (host["validation_step_interval"] and step % host["validation_step_interval"] == 0)):
-            validate(step)
+            folder = validate(step)
+            if folder is not None:
+                log(f"validation samples: {folder}")
     progress.close()
 
     # ---- 7. the student, in a format users load with diffusers
@@ -502,89 +506,6 @@ def _export(out: Path, models, family, host, ema, pm) -> None:
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _validator(host, family, components, network, models, pm, method, ema, prompt_conds, negative_cond, dataset,
-               accelerator, out, seed):
-    """Samples for each validation prompt with the method's sampler (or the host's Euler sampler), saved as PNG
-    frames and a GIF under ``output_dir/validation/step-N`` and logged to the tracker. The teacher's reference sample
-    (Euler, ``validation_num_inference_steps``) is made once, at the first validation."""
-    from .media import save_sample
-
-    width, height = host["validation_resolution"]
-    frames = host["validation_num_video_frames"]
-    shape = family.latent_shape(components, width=width, height=height, frames=frames)
-    guidance = host["validation_guidance"]
-    done_teacher = False
-
-    def sample(sampler, cond) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(host["validation_seed"] if host["validation_seed"] is not None
-                                                  else seed)
-        noise = torch.randn((1, *shape), generator=generator).to(accelerator.device)
-        return sampler(noise, cond, negative_cond, guidance, generator)
-
-    def teacher_sampler():
-        euler = family.euler_sampler(models.teacher or network, steps=host["validation_num_inference_steps"],
-                                     shift=host["flow_schedule_shift"])
-        if models.teacher is not None or host["model_type"] != "lora":
-            return euler
-        from ...adapters import AdapterSwitch
-
-        switch = AdapterSwitch(network)
-
-        def run(*args):
-            with switch.disabled():
-                return euler(*args)
-
-        return run
-
-    def validate(step: int) -> None:
-        nonlocal done_teacher
-        if not accelerator.is_main_process or not prompt_conds:
-            return
-        network.eval()
-        student_sampler = pm.hook.distill_sampler() or family.euler_sampler(
-            network, steps=host["validation_num_inference_steps"], shift=host["flow_schedule_shift"])
-        variants = {"student": student_sampler}
-        if ema is not None and host["ema_validation"] in ("ema_only", "comparison"):
-            def ema_sampler(*args):
-                with ema.swap_into():
-                    return student_sampler(*args)
-
-            variants = {"ema": ema_sampler} if host["ema_validation"] == "ema_only" else {**variants,
-                                                                                            "ema": ema_sampler}
-        if not done_teacher and method is not None:
-            variants["teacher"] = teacher_sampler()
-            done_teacher = True
-        folder = out / "validation" / f"step-{step}"
-        images = {}
-        with torch.no_grad():
-            for prompt_name, cond in prompt_conds.items():
-                for variant, sampler in variants.items():
-                    pixels = family.decode_latents(components, sample(sampler, cond))
-                    images[f"validation/{prompt_name}/{variant}"] = save_sample(
-                        pixels[0], folder / prompt_name / variant)
-        network.train()
-        _log_media(accelerator, images, step)
-        log(f"validation samples: {folder}")
-
-    return validate
-
-
-def _log_media(accelerator, images: dict[str, Path], step: int) -> None:
-    for tracker in accelerator.trackers:
-        if tracker.name == "wandb":
-            import wandb
-
-            tracker.log({key: (wandb.Video(str(path), format="gif") if path.suffix == ".gif"
-                               else wandb.Image(str(path))) for key, path in images.items()}, step=step)
-        elif tracker.name == "tensorboard":
-            import numpy as np
-            from PIL import Image
-
-            for key, path in images.items():
-                first = np.asarray(Image.open(path).convert("RGB"))
-                tracker.writer.add_image(key, first, step, dataformats="HWC")
 
 
 def _loggable(host: dict, rc: RunConfig) -> dict:
