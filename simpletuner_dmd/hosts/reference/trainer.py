@@ -61,6 +61,22 @@ class Models:
     student_params: dict[str, torch.nn.Parameter]  # what the student's optimizer trains, by name
 
 
+@dataclass
+class Job:
+    """What the checkpoint and export helpers need of a run: its config, family, plugins, accelerator and output
+    folder, and the student's trained state (network and parameters, optimizer, LR schedule, EMA)."""
+
+    host: dict
+    family: Any
+    pm: Any
+    accelerator: Any
+    out: Path
+    models: Models
+    optimizer: Any
+    scheduler: Any
+    ema: Any
+
+
 def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, plugins: tuple = ()) -> Path:
     """Run a whole training job; returns ``output_dir``. ``overrides`` replace config keys and ``plugins`` are extra
     plugin objects to register (tests, benchmarks)."""
@@ -153,8 +169,10 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
     # The main process resolves (it may clean up a crashed save's temporary folder) and tells the others.
     resume_dir = _from_main(accelerator, resolve_resume(out, host["resume_from_checkpoint"])
                             if accelerator.is_main_process else None)
+    job = Job(host=host, family=family, pm=pm, accelerator=accelerator, out=out, models=models, optimizer=optimizer,
+              scheduler=scheduler, ema=ema)
     if resume_dir is not None:
-        state = _load_checkpoint(resume_dir, models, optimizer, scheduler, ema, pm, accelerator)
+        state = _load_checkpoint(job, resume_dir)
         log(f"resumed from {resume_dir} at step {state['global_step']}")
     elif host["resume_from_checkpoint"]:
         log(f"resume_from_checkpoint: no checkpoint in {out} yet; starting from step 0")
@@ -167,7 +185,7 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
     # ---- 6. the loop
     from tqdm.auto import tqdm
 
-    batches = _batches(dataset, sampler, state, accelerator)
+    batches = _batches(dataset, sampler, state["batches_consumed"], accelerator)
     loss_fn = _host_loss_fn(family, network, host, empty_cond)
     # validation runs on the main process alone: it calls the bare module, never the (DDP) wrapper
     validate = Validator(host=host, family=family, components=components, models=models, pm=pm,
@@ -183,7 +201,7 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
         step_losses: list[torch.Tensor] = []
         student_stepped = False
         for micro in range(accum):
-            batch = next(batches)
+            state["batches_consumed"], batch = next(batches)
             info = _step_info(seed, state["global_step"], micro, accum, accelerator, network)
             with accelerator.accumulate(network):
                 result: StepLoss | None = pm.hook.distill_loss(batch=batch, step=info,
@@ -225,7 +243,7 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
         step = state["global_step"]
         final = step == max_steps
         if final or (host["checkpoint_step_interval"] and step % host["checkpoint_step_interval"] == 0):
-            _save_checkpoint(out, state, models, optimizer, scheduler, ema, pm, accelerator, host, family)
+            _save_checkpoint(job, state)
         if not host["validation_disable"] and (
                 final or (host["validation_step_interval"] and step % host["validation_step_interval"] == 0)):
             folder = validate(step)
@@ -235,7 +253,7 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
 
     # ---- 7. the student, in a format users load with diffusers
     if accelerator.is_main_process:
-        _export(out, models, family, host, ema, pm)
+        _export(job)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     log(f"done: {state['global_step']} steps; student written to {out}")
@@ -366,22 +384,23 @@ def _max_steps(host: dict, dataset) -> int:
     return host["num_train_epochs"] * per_epoch
 
 
-def _batches(dataset, sampler, state: dict, accelerator) -> Iterator[Batch]:
-    """Batch after batch of one shared, seeded order; process r of W takes the batches r, r + W, … of it, so a resume
-    (which skips ``batches_consumed``, counted over all processes) sees the same batches on every process."""
+def _batches(dataset, sampler, consumed: int, accelerator) -> Iterator[tuple[int, Batch]]:
+    """``(batches consumed so far, batch)``, batch after batch of one shared, seeded order; process r of W takes the
+    batches r, r + W, … of it, so a resume (which skips ``batches_consumed``, counted over all processes) sees the
+    same batches on every process. The count goes into the state the checkpoint saves."""
     from .data import collate
 
     rank, world = accelerator.process_index, accelerator.num_processes
     while True:
         for indices in sampler:
-            mine = state["batches_consumed"] % world == rank
-            state["batches_consumed"] += 1
+            mine = consumed % world == rank
+            consumed += 1
             if not mine:
                 continue
             items = collate([dataset[i] for i in indices])
-            yield Batch(latents=items["latents"].to(accelerator.device),
-                        cond=items["prompt_embeds"].to(accelerator.device),
-                        captions=items["captions"], extras={"paths": items["paths"]})
+            yield consumed, Batch(latents=items["latents"].to(accelerator.device),
+                                  cond=items["prompt_embeds"].to(accelerator.device),
+                                  captions=items["captions"], extras={"paths": items["paths"]})
 
 
 def _step_info(seed: int, global_step: int, micro: int, accum: int, accelerator, network) -> StepInfo:
@@ -431,9 +450,13 @@ def _clip(accelerator, params, host) -> None:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _save_checkpoint(out, state, models, optimizer, scheduler, ema, pm, accelerator, host, family) -> None:
+def _save_checkpoint(job: Job, state: dict) -> None:
+    """Everything a resume needs, in a temporary folder made complete and renamed by ``checkpoint.py``."""
     from ...state_io import rng_state, save_state, save_weights
     from .checkpoint import begin_checkpoint, commit_checkpoint
+
+    host, family, pm, accelerator, out, models = job.host, job.family, job.pm, job.accelerator, job.out, job.models
+    optimizer, scheduler, ema = job.optimizer, job.scheduler, job.ema
 
     accelerator.wait_for_everyone()
     tmp = _from_main(accelerator, begin_checkpoint(out, state["global_step"]) if accelerator.is_main_process else None)
@@ -454,8 +477,12 @@ def _save_checkpoint(out, state, models, optimizer, scheduler, ema, pm, accelera
         log(f"checkpoint written: {final}")
 
 
-def _load_checkpoint(folder: Path, models, optimizer, scheduler, ema, pm, accelerator) -> dict:
+def _load_checkpoint(job: Job, folder: Path) -> dict:
+    """Restore what ``_save_checkpoint`` wrote (and the method's state); returns the trainer state."""
     from ...state_io import load_state, load_weights_into, set_rng_state
+
+    pm, accelerator, models, optimizer, scheduler, ema = (job.pm, job.accelerator, job.models, job.optimizer,
+                                                          job.scheduler, job.ema)
 
     for name in ("student.safetensors", "trainer_state.json", "optimizer.json", "scheduler.json", "rng-0.json"):
         if not (folder / name).is_file():
@@ -484,28 +511,29 @@ def _student_lora(models) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(models.network, adapter_name=STUDENT_ADAPTER)
 
 
-def _export(out: Path, models, family, host, ema, pm) -> None:
+def _export(job: Job) -> None:
     """The final student, each file or folder written beside its destination first and renamed into place, so a
     crash never leaves a half-written export under its final name. The method's scheduler for stock pipelines, when
     it has one, goes to ``scheduler/`` beside the weights."""
-    scheduler = pm.hook.distill_scheduler()
+    out, models, family, host, ema = job.out, job.models, job.family, job.host, job.ema
+    scheduler = job.pm.hook.distill_scheduler()
     if scheduler is not None:
         write_into(out, "scheduler", lambda tmp: scheduler.save_config(tmp / "scheduler"))
     if host["model_type"] == "lora":
         config = models.network.peft_config[STUDENT_ADAPTER]
         write_into(out, "pytorch_lora_weights.safetensors",
-                    lambda tmp: family.save_lora(_student_lora(models), tmp, config))
+                   lambda tmp: family.save_lora(_student_lora(models), tmp, config))
         if ema is not None:
             with ema.swap_into():
                 write_into(out / "ema", "pytorch_lora_weights.safetensors",
-                            lambda tmp: family.save_lora(_student_lora(models), tmp, config))
+                           lambda tmp: family.save_lora(_student_lora(models), tmp, config))
         log(f"student LoRA: {out / 'pytorch_lora_weights.safetensors'}")
     else:
         write_into(out, "transformer", lambda tmp: models.network.save_pretrained(tmp / "transformer"))
         log(f"student transformer: {out / 'transformer'}")
 
 
-# --------------------------------------------------------------------------- validation
+# --------------------------------------------------------------------------- trackers
 
 
 def _loggable(host: dict, rc: RunConfig) -> dict:
