@@ -175,6 +175,8 @@ class LoadingFamily(ModelFamily, Protocol):
 
     lora_target_modules: tuple[str, ...]  # the module names the student's (and every second) adapter targets
     max_sequence_length: int  # the text encoder's default token length (host key tokenizer_max_length overrides)
+    frame_stride: int  # a clip has 1 + frame_stride·k pixel frames (Wan: 4); hosts trim videos to that
+    size_multiple: int  # pixel widths and heights are multiples of it (Wan: 16); hosts crop media to that
 
     def load_network(self, model_path: str, *, dtype: torch.dtype) -> torch.nn.Module:
         """The denoising network from a local diffusers folder (or hub id), in ``dtype``, frozen."""

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from simpletuner_dmd.errors import ConfigError, DataError, UserError
+from simpletuner_dmd.families.wan import WanFamily
 from simpletuner_dmd.hosts.reference.data import (
     BucketBatchSampler,
     bucket_batches,
@@ -21,6 +22,8 @@ from simpletuner_dmd.hosts.reference.data import (
     load_media,
     validate_backends,
 )
+
+WAN_MEDIA = {"frame_stride": WanFamily.frame_stride, "size_multiple": WanFamily.size_multiple}
 
 
 class FakeEncoders:
@@ -52,7 +55,7 @@ def backends(data_dir: Path, cache: Path, **media) -> list[dict]:
 
 def build(config, enc=None, **kwargs):
     enc = enc or FakeEncoders()
-    return build_cache(config, enc.encode_pixels, enc.encode_prompts, progress=False, **kwargs), enc
+    return build_cache(config, enc.encode_pixels, enc.encode_prompts, progress=False, **WAN_MEDIA, **kwargs), enc
 
 
 @pytest.fixture
@@ -156,19 +159,21 @@ def test_warnings_default_to_warnings_warn(tmp_path):
 
 def test_gif_loads_as_c_f_h_w_with_c_not_f(tiny_dataset):
     backend = validate_backends(backends(tiny_dataset, tiny_dataset / "cache"))[1]
-    pixels = load_media(tiny_dataset / "video_000.gif", backend)
+    pixels = load_media(tiny_dataset / "video_000.gif", backend, **WAN_MEDIA)
     assert pixels.shape == (3, 9, 64, 64)
     assert pixels.dtype == torch.float32 and pixels.min() >= -1 and pixels.max() <= 1
     # frames differ (the digit moves) and channels hold colour: the layout is not transposed
     assert not torch.equal(pixels[:, 0], pixels[:, -1])
-    image = load_media(tiny_dataset / "image_000.png", validate_backends(backends(tiny_dataset, tiny_dataset / "c"))[0])
+    image = load_media(tiny_dataset / "image_000.png", validate_backends(backends(tiny_dataset, tiny_dataset / "c"))[0],
+                       **WAN_MEDIA)
     assert image.shape == (3, 1, 64, 64)
 
 
 def test_frames_are_trimmed_to_one_plus_four_k(tiny_dataset):
     backend = validate_backends(backends(tiny_dataset, tiny_dataset / "cache"))[1]
     for num_frames, kept in [(None, 9), (8, 5), (4, 1), (5, 5)]:
-        assert load_media(tiny_dataset / "video_001.gif", dict(backend, num_frames=num_frames)).shape[1] == kept
+        pixels = load_media(tiny_dataset / "video_001.gif", dict(backend, num_frames=num_frames), **WAN_MEDIA)
+        assert pixels.shape[1] == kept
 
 
 @pytest.mark.parametrize("resolution_type, size", [("pixel_area", (80, 48)), ("pixel", (96, 64))])
@@ -177,7 +182,7 @@ def test_resize_keeps_aspect_and_crops_to_multiples_of_16(tmp_path, resolution_t
     red[..., 0] = 255
     Image.fromarray(red).save(tmp_path / "red.png")
     backend = dict(validate_backends(backends(tmp_path, tmp_path / "cache"))[0], resolution_type=resolution_type)
-    pixels = load_media(tmp_path / "red.png", backend)
+    pixels = load_media(tmp_path / "red.png", backend, **WAN_MEDIA)
     assert pixels.shape == (3, 1, size[1], size[0])
     assert torch.allclose(pixels[0], torch.ones(())) and torch.allclose(pixels[1:], -torch.ones(()))
 
@@ -295,7 +300,8 @@ def test_real_tiny_vae_and_text_encoder(tiny_wan, tiny_dataset, tmp_path):
     def encode_prompts(captions):
         return pipe.encode_prompt(captions, do_classifier_free_guidance=False, max_sequence_length=32)[0]
 
-    dataset = build_cache(backends(tiny_dataset, tmp_path / "cache"), encode_pixels, encode_prompts, progress=False)
+    dataset = build_cache(backends(tiny_dataset, tmp_path / "cache"), encode_pixels, encode_prompts, progress=False,
+                          **WAN_MEDIA)
     assert sorted({e.shape for e in dataset.entries}) == [(16, 1, 8, 8), (16, 3, 8, 8)]
     batch = collate([dataset[i] for i in range(2)])
     assert batch["latents"].shape == (2, 16, 1, 8, 8) and batch["prompt_embeds"].shape == (2, 32, 32)

@@ -37,9 +37,12 @@ from hypothesis import strategies as st
 
 from simpletuner_dmd.cli import main
 from simpletuner_dmd.errors import DataError
+from simpletuner_dmd.families.wan import WanFamily
 from simpletuner_dmd.hosts.reference.host_schema import HOST_SCHEMA
 from simpletuner_dmd.methods.dmd.config import DMD_SCHEMA
 from tests.repo_tree import repo_files
+
+WAN_MEDIA = {"frame_stride": WanFamily.frame_stride, "size_multiple": WanFamily.size_multiple}
 
 pytestmark = pytest.mark.slow  # about 2 minutes of property-based cases: `pytest -m slow` or .ci/run
 
@@ -505,7 +508,7 @@ def _still_decodes(path: Path) -> bool:
     backend = {"dataset_type": "image" if path.suffix == ".png" else "video", "resolution": 64,
                "resolution_type": "pixel_area", "num_frames": 9}
     try:
-        load_media(path, backend)
+        load_media(path, backend, **WAN_MEDIA)
     except DataError:
         return False
     return True  # any other exception escapes and fails the case: it is a bug

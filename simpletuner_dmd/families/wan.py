@@ -35,6 +35,8 @@ class WanFamily:
     summary = "Wan 2.1 T2V (diffusers WanTransformer3DModel), bidirectional, flow matching"
     causal = False
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    frame_stride = 4  # the VAE compresses time 4x: clips of 1 + 4k frames become 1 + k latent frames
+    size_multiple = 16  # the VAE downsamples 8x and the transformer patches 2x2 latents
     max_sequence_length = 512
 
     def __init__(self, *, autocast_dtype: torch.dtype | None = None):

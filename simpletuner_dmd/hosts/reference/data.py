@@ -14,7 +14,8 @@ Any other key is ignored with one warning naming it and its backend; unsupported
 paths are taken from the current directory, as SimpleTuner does.
 
 Media become float pixels in [-1, 1] laid out (C, F, H, W) (an image has F=1). Each side is resized, then centre-cropped
-down to a multiple of 16 (Wan: VAE 8x times patch 2), and a video keeps 1+4k frames (Wan's VAE compresses time 4x
+down to a multiple of the family's `size_multiple` (Wan: 16, VAE 8x times patch 2), and a video keeps
+1 + `frame_stride`·k frames (Wan: 1+4k, its VAE compresses time 4x
 after the first frame). The model family's encoders turn pixels and captions into latents and embeddings once; each
 is stored as a `.safetensors` file named by a hash of what it depends on, so a second run encodes nothing.
 """
@@ -46,8 +47,6 @@ from simpletuner_dmd.atomic import write_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 VIDEO_EXTENSIONS = (".gif", ".mp4", ".webm")
-SIZE_MULTIPLE = 16  # VAE downsamples 8x, the transformer patches 2x2 latents
-FRAME_STRIDE = 4  # Wan's VAE: 1+4k frames -> 1+k latent frames
 
 _MEDIA_KEYS = {
     "id", "type", "dataset_type", "instance_data_dir", "caption_strategy", "cache_dir", "cache_dir_vae",
@@ -163,8 +162,8 @@ def _validate_media(backend: dict, dataset_type: str, errors: list[str], warn: W
     elif len(set(caches)) > 1:
         errors.append("cache_dir_vae and cache_dir name different folders; give one")
     resolution = backend.get("resolution")
-    if resolution is not None and not _is_int(resolution, minimum=SIZE_MULTIPLE):
-        errors.append(f"resolution must be a whole number of pixels >= {SIZE_MULTIPLE}, got {resolution!r}")
+    if resolution is not None and not _is_int(resolution, minimum=1):
+        errors.append(f"resolution must be a whole number of pixels >= 1, got {resolution!r}")
     resolution_type = backend.get("resolution_type", "pixel_area")
     if resolution_type not in _RESOLUTION_TYPES:
         errors.append(f"resolution_type {resolution_type!r} is not supported (supported: pixel_area, pixel)")
@@ -247,7 +246,7 @@ def read_caption(media: Path) -> str:
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, IndexError, struct.error, EOFError, Image.DecompressionBombError)
 
 
-def load_media(path: Path, backend: dict) -> torch.Tensor:
+def load_media(path: Path, backend: dict, *, frame_stride: int, size_multiple: int) -> torch.Tensor:
     """Decode, resize, crop and trim one file to float pixels (C, F, H, W) in [-1, 1]."""
     try:
         if backend["dataset_type"] == "image":
@@ -261,9 +260,10 @@ def load_media(path: Path, backend: dict) -> torch.Tensor:
                         ) from None
     if not frames:
         raise DataError(f"{path}: the video has no frames")
-    keep = 1 + (len(frames) - 1) // FRAME_STRIDE * FRAME_STRIDE
+    keep = 1 + (len(frames) - 1) // frame_stride * frame_stride
     frames = frames[:keep]
-    size, crop = _fit(frames[0].size, backend.get("resolution"), backend.get("resolution_type", "pixel_area"), path)
+    size, crop = _fit(frames[0].size, backend.get("resolution"), backend.get("resolution_type", "pixel_area"), path,
+                      size_multiple)
     frames = [f.resize(size, Image.LANCZOS).crop(crop) if f.size != size else f.crop(crop) for f in frames]
     pixels = torch.from_numpy(np.stack([np.asarray(f) for f in frames]))  # (F, H, W, C) uint8
     return pixels.permute(3, 0, 1, 2).float().div(127.5).sub(1.0).contiguous()
@@ -280,8 +280,9 @@ def _read_video_frames(path: Path, num_frames: int | None) -> list[Image.Image]:
     return frames
 
 
-def _fit(size: tuple[int, int], resolution: int | None, resolution_type: str, path: Path):
-    """Resize target (w, h) keeping the aspect, and the centred crop box that makes both sides multiples of 16."""
+def _fit(size: tuple[int, int], resolution: int | None, resolution_type: str, path: Path, multiple: int):
+    """Resize target (w, h) keeping the aspect, and the centred crop box that makes both sides multiples of the
+    family's ``size_multiple``."""
     w, h = size
     if resolution is None:
         scale = 1.0
@@ -290,9 +291,9 @@ def _fit(size: tuple[int, int], resolution: int | None, resolution_type: str, pa
     else:
         scale = resolution / min(w, h)
     rw, rh = max(1, round(w * scale)), max(1, round(h * scale))
-    cw, ch = rw // SIZE_MULTIPLE * SIZE_MULTIPLE, rh // SIZE_MULTIPLE * SIZE_MULTIPLE
+    cw, ch = rw // multiple * multiple, rh // multiple * multiple
     if cw == 0 or ch == 0:
-        raise DataError(f"{path}: {w}x{h} resizes to {rw}x{rh}, a side under {SIZE_MULTIPLE} pixels")
+        raise DataError(f"{path}: {w}x{h} resizes to {rw}x{rh}, a side under {multiple} pixels")
     left, top = (rw - cw) // 2, (rh - ch) // 2
     return (rw, rh), (left, top, left + cw, top + ch)
 
@@ -358,6 +359,8 @@ def build_cache(
     encode_pixels: Callable[[torch.Tensor], torch.Tensor],
     encode_prompts: Callable[[list[str]], torch.Tensor],
     *,
+    frame_stride: int,
+    size_multiple: int,
     vae_batch_size: int = 1,
     text_batch_size: int = 16,
     cache_tag: str = "",
@@ -367,8 +370,9 @@ def build_cache(
     """Encode every enabled backend's media and captions that are not cached yet; return the cached dataset.
 
     `encode_pixels((B, 3, F, H, W) in [-1, 1]) -> (B, C', F', H', W')` and `encode_prompts(list[str]) -> (B, L, D)`
-    come from the model family. `cache_tag` (e.g. the model's name) goes into every cache name, so two models
-    never share cached tensors.
+    come from the model family, and so do `frame_stride` (videos are trimmed to 1 + stride·k frames) and
+    `size_multiple` (media are cropped to multiples of it). `cache_tag` (e.g. the model's name) goes into every cache
+    name, so two models never share cached tensors.
     """
     backends = validate_backends(backends, warn=warn)
     media_backends = [b for b in backends if b["dataset_type"] != "text_embeds"]  # disabled ones are gone
@@ -404,7 +408,8 @@ def build_cache(
         raise DataError(f"the dataset is empty: no media found in {looked}")
 
     with torch.no_grad():  # caching must not build autograd graphs through the encoders
-        _encode_missing_latents(items, encode_pixels, vae_batch_size, progress)
+        _encode_missing_latents(items, encode_pixels, vae_batch_size, progress,
+                                media={"frame_stride": frame_stride, "size_multiple": size_multiple})
         _encode_missing_prompts(items, encode_prompts, text_batch_size, progress)
 
     entries = []
@@ -415,7 +420,7 @@ def build_cache(
     return CachedDataset(entries)
 
 
-def _encode_missing_latents(items, encode_pixels, batch_size: int, progress: bool) -> None:
+def _encode_missing_latents(items, encode_pixels, batch_size: int, progress: bool, *, media: dict) -> None:
     todo = [(backend, path, file) for backend, path, _, file, _ in items if not file.exists()]
     pending: dict[tuple, list[tuple[torch.Tensor, Path]]] = {}  # same-shape pixels wait to fill a batch
 
@@ -428,7 +433,7 @@ def _encode_missing_latents(items, encode_pixels, batch_size: int, progress: boo
             _save_atomic({"latents": latent}, file)
 
     for backend, path, file in tqdm(todo, desc="caching latents", unit="file", disable=not progress):
-        pixels = load_media(path, backend)
+        pixels = load_media(path, backend, **media)
         pending.setdefault(tuple(pixels.shape), []).append((pixels, file))
         if len(pending[tuple(pixels.shape)]) >= batch_size:
             flush(tuple(pixels.shape))

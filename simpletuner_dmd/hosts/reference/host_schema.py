@@ -14,20 +14,20 @@ from ...config import Key, Schema, in_range, suggest
 
 
 def parse_resolution(value: Any) -> tuple[int, int]:
-    """"1280x704" (width x height) or a single int (square) → (width, height), each a multiple of 16."""
+    """"1280x704" (width x height) or a single int (square) → (width, height)."""
     if isinstance(value, int) and not isinstance(value, bool):
         w = h = value
     elif isinstance(value, str) and re.fullmatch(r"\s*\d+\s*[xX]\s*\d+\s*", value):
         w, h = (int(p) for p in re.split(r"[xX]", value))
     else:
         raise ValueError(f"must be \"WIDTHxHEIGHT\" like \"1280x704\" or an integer, got {value!r}")
-    if w < 16 or h < 16 or w % 16 or h % 16:
-        raise ValueError(f"width and height must be multiples of 16 and at least 16, got {w}x{h}")
-    return (w, h)
+    if w < 1 or h < 1:
+        raise ValueError(f"width and height must be at least 1, got {w}x{h}")
+    return (w, h)  # the family's size_multiple is checked once the family is known (run_config.family_key_problems)
 
 
 def _frames_check(v: int) -> str | None:
-    return None if v >= 1 and (v - 1) % 4 == 0 else f"must be 1 + 4k (1, 5, 9, …, 81, 121) for Wan's VAE, got {v}"
+    return None if v >= 1 else f"must be at least 1, got {v}"  # the family's 1 + stride·k rule: run_config
 
 
 def _tracker_name_check(v: str) -> str | None:
@@ -123,9 +123,9 @@ HOST_SCHEMA = Schema(
         Key("validation_prompt_library", "str", None, "JSON file {name: prompt} of extra validation prompts.",
             check=_path_check, nullable=True),
         Key("validation_seed", "int", None, "Seed of the validation noise (default: seed).", nullable=True),
-        Key("validation_resolution", "any", (480, 480), "\"WxH\" or an int; multiples of 16.",
+        Key("validation_resolution", "any", (480, 480), "\"WxH\" or an int; multiples of the family's size_multiple (Wan: 16).",
             parse=parse_resolution),
-        Key("validation_num_video_frames", "int", 1, "Pixel frames of validation videos (1 + 4k).",
+        Key("validation_num_video_frames", "int", 1, "Pixel frames of validation videos: 1 + frame_stride·k (Wan: 1 + 4k).",
             check=_frames_check),
         Key("validation_guidance", "float", 1.0, "CFG scale of validation sampling (standard form; 1: off).",
             check=_guidance_check),

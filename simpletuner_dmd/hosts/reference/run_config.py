@@ -57,6 +57,9 @@ def validate_config(raw: Any, pm: Any, *, path: Path | None = None, check_paths:
     else:
         family_cls = families[family_name].cls
 
+    if family_cls is not None and not host_problems:
+        problems += family_key_problems(host, family_cls)
+
     method_name = raw.get("distillation_method")
     method_cls = None
     method_config: dict[str, Any] = {}
@@ -79,4 +82,21 @@ def validate_config(raw: Any, pm: Any, *, path: Path | None = None, check_paths:
     return RunConfig(path, host, method_name, method_cls, method_config, family_cls, warnings)
 
 
-__all__ = ["RunConfig", "load_config", "validate_config"]
+def family_key_problems(host: dict, family_cls: type) -> list[str]:
+    """The host keys whose valid values depend on the model family's media rules (``LoadingFamily.size_multiple``,
+    ``frame_stride``): the validation sample's size and frame count."""
+    problems = []
+    multiple, stride = getattr(family_cls, "size_multiple", 1), getattr(family_cls, "frame_stride", 1)
+    w, h = host["validation_resolution"]  # (a family without the rules cannot run in this host: it loads nothing)
+    if w % multiple or h % multiple or w < multiple or h < multiple:
+        problems.append(f"config.validation_resolution: width and height must be multiples of {multiple} for the "
+                        f"{family_cls.name} family, got {w}x{h}")
+    frames = host["validation_num_video_frames"]
+    if (frames - 1) % stride:
+        examples = ", ".join(str(1 + stride * k) for k in range(4))
+        problems.append(f"config.validation_num_video_frames: must be 1 + {stride}k ({examples}, …) for the "
+                        f"{family_cls.name} family, got {frames}")
+    return problems
+
+
+__all__ = ["RunConfig", "family_key_problems", "load_config", "validate_config"]

@@ -305,6 +305,7 @@ def _build_dataset(host, family, components, encode_prompts, accelerator):
         backend.setdefault("resolution_type", host["resolution_type"])
     with accelerator.main_process_first():
         return build_cache(backends, lambda px: family.encode_pixels(components, px), encode_prompts,
+                           frame_stride=family.frame_stride, size_multiple=family.size_multiple,
                            vae_batch_size=host["vae_batch_size"], cache_tag=_cache_tag(host),
                            progress=accelerator.is_main_process, warn=lambda m: log(f"warning: {m}"))
 
