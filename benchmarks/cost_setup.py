@@ -49,10 +49,8 @@ class Setup:
 def build(kind: str, *, config: dict, latent_shape: tuple, text_shape: tuple, quantize: bool, checkpointing: bool,
           rank: int, dtype: torch.dtype, device: str, seed: int = 0) -> Setup:
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from diffusers import WanTransformer3DModel
 
-    AcceleratorState._reset_state(True)
     accelerator = Accelerator(cpu=device == "cpu")
     host = {**HOST_SCHEMA.defaults(), "lora_rank": rank, "lora_alpha": rank, "gradient_checkpointing": checkpointing,
             "base_model_precision": "int8-quanto" if quantize else "no_change"}
@@ -118,7 +116,7 @@ def unavoidable_passes(setup: Setup) -> dict[str, Callable[[], None]]:
 
     def teacher():
         with torch.no_grad():
-            m._guided_x0(m._teacher_flow, x, t, cond, m._real_cfg)
+            m._guided_x0(m.nets.teacher_flow, x, t, cond, m._real_cfg)
 
     def fake_nograd():
         with torch.no_grad(), m._fake_context():

@@ -111,9 +111,7 @@ def distil(folder: Path, dmd: dict[str, Any], *, seed: int, steps: int, batch_si
     """Distil the exact teacher with ``method`` (its ``distillation_config`` in ``dmd``, named so for DMD's callers)
     through the hooks; return the student's samples, the loss curves and samples after each of ``snapshot_steps``."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
-    AcceleratorState._reset_state(True)  # accelerate keeps a process-wide singleton
     pm = get_plugin_manager()
     family = registered_families(pm)["gmm"].cls()
     method_cls = registered_methods(pm)[method].cls

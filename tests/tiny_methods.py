@@ -22,9 +22,7 @@ def embed(texts: list[str]) -> torch.Tensor:
 def build_method(tiny_wan, cls, method_cfg=None, *, host=None, negative="ugly", new_network=None):
     """``cls`` validated, built and set up on the tiny Wan (student LoRA from the host's own ``build_models``)."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
-    AcceleratorState._reset_state(True)  # accelerate keeps a process-wide singleton
     cfg = {**HOST_SCHEMA.defaults(), "pretrained_model_name_or_path": str(tiny_wan), **(host or {})}
     m_cfg, problems, _ = cls.schema.validate(method_cfg or {}, prefix="distillation_config")
     assert not problems, problems

@@ -70,11 +70,9 @@ def _copy_adapter(src_net, src: str, dst_net, dst: str) -> None:
 def hosts(tiny_wan, tmp_path):
     """The reference host's student and method, and the bridge's, with identical weights."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from peft import LoraConfig
 
     dmd = {"real_score_guidance_scale": 3.0, "generator_update_interval": 2, "fake_score_lr": 1e-3}
-    AcceleratorState._reset_state(True)
     accelerator = Accelerator(cpu=True)
     family = WanFamily()
     host = {**HOST_SCHEMA.defaults(), "pretrained_model_name_or_path": str(tiny_wan), "lora_rank": 4,
