@@ -40,12 +40,12 @@ def test_sigma_by_value_matches_diffusers_schedule(shift):
     # the scheduler's timesteps are σ·1000 of its shifted σs: σ by value must give back the same σ
     for t, sigma in zip(sched.timesteps, sched.sigmas[:-1]):
         assert float(L.sigma_of(t.reshape(1))) == pytest.approx(float(sigma), abs=1e-6)
-    # and our shift formula reproduces its shifted schedule from the unshifted one
-    unshifted = torch.linspace(1.0, 1.0 / 1000, 1000)
-    ours = L.shift_sigma(unshifted, shift)
-    theirs = shift * unshifted / (1 + (shift - 1) * unshifted)
-    assert torch.allclose(ours, theirs)
-    assert torch.allclose(L.unshift_sigma(ours, shift), unshifted, atol=1e-6)
+    # and our shift reproduces diffusers' shifted training schedule from its unshifted one (an independent
+    # implementation: the schedulers' σ tables as built, before set_timesteps)
+    unshifted = FlowMatchEulerDiscreteScheduler(shift=1.0).sigmas.float()
+    shifted = FlowMatchEulerDiscreteScheduler(shift=shift).sigmas.float()
+    assert torch.allclose(L.shift_sigma(unshifted, shift), shifted, atol=1e-6)
+    assert torch.allclose(L.unshift_sigma(shifted, shift), unshifted, atol=1e-6)
 
 
 def test_sigma_not_inverted_at_the_ends():
@@ -114,17 +114,21 @@ def test_non_exit_rollout_steps_build_no_graph():
     weight = torch.nn.Parameter(torch.tensor(0.5))
     seen = []
 
+    inputs = []
+
     def predict(x, t):
         seen.append((torch.is_grad_enabled(), x.requires_grad, float(t[0])))
+        inputs.append(x.detach().clone())
         return x * weight
 
     roll = backward_simulation(predict, torch.randn(2, 16, 3, 4, 4), [1000, 757, 522], 2, with_grad=True)
     assert seen == [(False, False, 1000.0), (False, False, 757.0), (True, False, 522.0)]
     assert roll.x0.requires_grad and roll.student_forwards == 3
     assert (roll.denoised_from, roll.denoised_to) == (522.0, 0.0)
-    # the only path to the weight is the exit step: its gradient is exactly that step's input summed
+    # the only path to the weight is the exit step: its gradient is exactly that step's input summed (a graph
+    # through the earlier steps would add their inputs' contributions, since each feeds the next)
     roll.x0.sum().backward()
-    assert weight.grad is not None
+    assert torch.allclose(weight.grad, inputs[-1].sum()) and not torch.allclose(weight.grad, inputs[0].sum())
     seen.clear()
     roll = backward_simulation(predict, torch.randn(1, 16, 3, 4, 4), [1000, 757, 522], 0, with_grad=False)
     assert seen == [(False, False, 1000.0)] and not roll.x0.requires_grad

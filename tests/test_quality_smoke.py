@@ -137,6 +137,10 @@ def test_the_digits_pipeline_runs_end_to_end(tmp_path):
                                n_digits=120)
     rows = result["rows"]
     assert {"teacher Euler 4", "teacher Euler 1", "DMD 3-step (1000,757,522)", "DMD 1-step (1000)"} <= set(rows)
-    for row in rows.values():
-        assert row["metrics"]["digits_fd"]["mean"] >= 0
+    floor = rows.pop("real digits (half vs other half)")["metrics"]["digits_fd"]["mean"]
+    assert floor > 0
+    for name, row in rows.items():
+        # on this budget nothing is trained far: every generated set is farther from the real digits than one half
+        # of the real digits is from the other (the metric tells generated from real)
+        assert row["metrics"]["digits_fd"]["mean"] > floor, (name, row["metrics"]["digits_fd"], floor)
         assert 0 <= row["metrics"]["class_coverage"]["mean"] <= 1
