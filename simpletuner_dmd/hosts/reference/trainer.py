@@ -25,6 +25,8 @@ No exception in the loop is caught: a user error stops the run with one line (``
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 from dataclasses import dataclass
@@ -196,64 +198,68 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
     progress = tqdm(total=max_steps, initial=state["global_step"], desc="training",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
     network.train()
-    while state["global_step"] < max_steps:
-        step_logs: dict[str, list[float]] = {}
-        step_losses: list[torch.Tensor] = []
-        student_stepped = False
-        for micro in range(accum):
-            state["batches_consumed"], batch = next(batches)
-            info = _step_info(seed, state["global_step"], micro, accum, accelerator, network)
-            with accelerator.accumulate(network):
-                result: StepLoss | None = pm.hook.distill_loss(batch=batch, step=info,
-                                                               host_loss=lambda b=batch: loss_fn(b))
-                if result is None:  # no method, or the method lets the host's loss stand
-                    result = StepLoss(loss_fn(batch))
-                    result.logs["loss"] = float(result.loss.detach())
-                if result.loss is not None:
-                    accelerator.backward(result.loss)
-                    step_losses.append(result.loss.detach())
-                    student_stepped = True
-            for key, value in result.logs.items():
-                step_logs.setdefault(key, []).append(value)
-        if student_stepped:
-            finite = guard.finite(models.student_params.values(), *step_losses)
-            guard.record(finite, state["global_step"])  # raises after too many in a row
-            if finite:
-                _clip(accelerator, list(models.student_params.values()), host)
-                optimizer.step()
-            student_stepped = finite
-        optimizer.zero_grad(set_to_none=True)
-        info = _step_info(seed, state["global_step"], accum - 1, accum, accelerator, network)
-        pm.hook.distill_after_optimizer_step(step=info)
-        scheduler.step()
-        state["global_step"] += 1
-        if ema is not None:
-            ema.update(state["global_step"])
+    try:  # the bar is closed on the way out too, so an error line starts on a line of its own
+        while state["global_step"] < max_steps:
+            step_logs: dict[str, list[float]] = {}
+            step_losses: list[torch.Tensor] = []
+            student_stepped = False
+            for micro in range(accum):
+                state["batches_consumed"], batch = next(batches)
+                info = _step_info(seed, state["global_step"], micro, accum, accelerator, network)
+                with accelerator.accumulate(network):
+                    result: StepLoss | None = pm.hook.distill_loss(batch=batch, step=info,
+                                                                   host_loss=lambda b=batch: loss_fn(b))
+                    if result is None:  # no method, or the method lets the host's loss stand
+                        result = StepLoss(loss_fn(batch))
+                        result.logs["loss"] = float(result.loss.detach())
+                    if result.loss is not None:
+                        accelerator.backward(result.loss)
+                        step_losses.append(result.loss.detach())
+                        student_stepped = True
+                for key, value in result.logs.items():
+                    step_logs.setdefault(key, []).append(value)
+            if student_stepped:
+                finite = guard.finite(models.student_params.values(), *step_losses)
+                guard.record(finite, state["global_step"])  # raises after too many in a row
+                if finite:
+                    _clip(accelerator, list(models.student_params.values()), host)
+                    optimizer.step()
+                student_stepped = finite
+            optimizer.zero_grad(set_to_none=True)
+            info = _step_info(seed, state["global_step"], accum - 1, accum, accelerator, network)
+            pm.hook.distill_after_optimizer_step(step=info)
+            scheduler.step()
+            state["global_step"] += 1
+            if ema is not None:
+                ema.update(state["global_step"])
 
-        logs = {key: sum(values) / len(values) for key, values in step_logs.items()}
-        for extra in pm.hook.distill_metrics(step=info):
-            logs.update(extra or {})
-        logs["lr"] = scheduler.get_last_lr()[0]
-        logs["student_updated"] = float(student_stepped)
-        logs["nonfinite/student_skipped"] = float(guard.skipped)
-        accelerator.log(logs, step=state["global_step"])
-        progress.update(1)
-        progress.set_postfix({k: f"{logs[k]:.4g}" for k in (*shown, "loss", "lr") if k in logs})
+            logs = {key: sum(values) / len(values) for key, values in step_logs.items()}
+            for extra in pm.hook.distill_metrics(step=info):
+                logs.update(extra or {})
+            logs["lr"] = scheduler.get_last_lr()[0]
+            logs["student_updated"] = float(student_stepped)
+            logs["nonfinite/student_skipped"] = float(guard.skipped)
+            accelerator.log(logs, step=state["global_step"])
+            progress.update(1)
+            progress.set_postfix({k: f"{logs[k]:.4g}" for k in (*shown, "loss", "lr") if k in logs})
 
-        step = state["global_step"]
-        final = step == max_steps
-        if final or (host["checkpoint_step_interval"] and step % host["checkpoint_step_interval"] == 0):
-            _save_checkpoint(job, state)
-        if not host["validation_disable"] and (
-                final or (host["validation_step_interval"] and step % host["validation_step_interval"] == 0)):
-            folder = validate(step)
-            if folder is not None:
-                log(f"validation samples: {folder}")
-    progress.close()
+            step = state["global_step"]
+            final = step == max_steps
+            if final or (host["checkpoint_step_interval"] and step % host["checkpoint_step_interval"] == 0):
+                with _disk_space(f"checkpoint-{step}", out):
+                    _save_checkpoint(job, state)
+            if not host["validation_disable"] and (
+                    final or (host["validation_step_interval"] and step % host["validation_step_interval"] == 0)):
+                folder = validate(step)
+                if folder is not None:
+                    log(f"validation samples: {folder}")
+    finally:
+        progress.close()
 
     # ---- 7. the student, in a format users load with diffusers
     if accelerator.is_main_process:
-        _export(job)
+        with _disk_space("the final export", out):
+            _export(job)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     log(f"done: {state['global_step']} steps; student written to {out}")
@@ -504,6 +510,32 @@ def _load_checkpoint(job: Job, folder: Path) -> dict:
         rng = folder / "rng-0"
     set_rng_state(load_state(rng))
     return state
+
+
+@contextlib.contextmanager
+def _disk_space(what: str, out: Path):
+    """A full disk while writing ``what`` becomes one user error naming the last complete checkpoint, from which the
+    same command resumes once there is space (checkpoints and the export are written beside their final names and
+    renamed into place, so nothing under a final name is half-written). Every other error propagates unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        if not _is_disk_full(exc):
+            raise
+        from .checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(out)
+        resume = f"run again to resume from {last.name}" if last is not None else "run again (no checkpoint yet)"
+        raise UserError(f"no space left on the device of {out} while writing {what}: free space and {resume}"
+                        ) from exc
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC or EDQUOT, also when a library reports the OS error in its own exception (safetensors does)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return any(marker in text for marker in ("No space left on device", "os error 28", "Disk quota exceeded"))
 
 
 def _student_lora(models) -> dict[str, torch.Tensor]:
