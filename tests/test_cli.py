@@ -148,6 +148,26 @@ def test_validate_config_checks_paths(capsys, tmp_path, cli_tiny_wan):
     assert rc == 0, err
 
 
+def test_validate_config_reads_the_data_backend_file(capsys, tmp_path, cli_tiny_wan):
+    """Every problem of the backend file is reported by validate-config (the trainer checks the same before it loads
+    any model), all at once."""
+    backends = json.loads((EXAMPLE / "multidatabackend.json").read_text())
+    for backend in backends:
+        if backend.get("dataset_type") != "text_embeds":
+            backend["resolution_type"] = "pixel_volume"
+            backend["crop_style"] = 3
+    file = tmp_path / "backends.json"
+    file.write_text(json.dumps(backends))
+    cfg = example_config()
+    cfg.update(pretrained_model_name_or_path=str(cli_tiny_wan), pretrained_t5_model_name_or_path=str(cli_tiny_wan),
+               data_backend_config=str(file))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(cfg))
+    rc, out, err = run_cli(capsys, "validate-config", config)
+    assert rc == 2 and "resolution_type 'pixel_volume' is not supported" in err, err
+    assert len([line for line in err.splitlines() if line.startswith("error: ")]) >= 2, err  # all at once
+
+
 @pytest.mark.parametrize("overrides, keys", [
     ({"learning_rate": "fast"}, ["config.learning_rate"]),
     ({"distillation_config": {"generator_update_interval": 0, "fake_score_betas": [0.9]}, "model_family": "wann"},

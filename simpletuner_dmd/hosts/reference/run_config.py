@@ -77,9 +77,27 @@ def validate_config(raw: Any, pm: Any, *, path: Path | None = None, check_paths:
 
     if check_paths and not problems:
         problems += check_host_paths(host)
+    if check_paths and not problems:
+        problems += backend_file_problems(host["data_backend_config"])
     if problems:
         raise ConfigError(problems)
     return RunConfig(path, host, method_name, method_cls, method_config, family_cls, warnings)
+
+
+def backend_file_problems(path: str) -> list[str]:
+    """Every problem of the data backend file, read and checked here — by ``validate-config`` and before the trainer
+    loads any model — rather than only once the VAE and text encoder are loaded. (Its warnings come when the run
+    builds the dataset.)"""
+    from ...errors import UserError
+    from .data import load_backend_config
+
+    try:
+        load_backend_config(path, warn=lambda message: None)
+    except ConfigError as exc:
+        return list(exc.problems)
+    except UserError as exc:
+        return [str(exc)]
+    return []
 
 
 def family_key_problems(host: dict, family_cls: type) -> list[str]:
@@ -99,4 +117,4 @@ def family_key_problems(host: dict, family_cls: type) -> list[str]:
     return problems
 
 
-__all__ = ["RunConfig", "family_key_problems", "load_config", "validate_config"]
+__all__ = ["RunConfig", "backend_file_problems", "family_key_problems", "load_config", "validate_config"]
