@@ -34,11 +34,13 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ...config import MethodSelection, validate_method_config
 from ...errors import ConfigError, UserError
 from ...plugins import get_family_class, get_plugin_manager
 from ...types import Batch, RunContext, StepInfo, StepLoss, step_generator
+from .patch import HOST_PARAMETERS_ATTR
 
 STATE_FILE = "simpletuner_dmd_bridge.json"
 NEGATIVE_EMBEDS_ATTR = "_simpletuner_dmd_negative_embeds"  # set on SimpleTuner's model by patch.py
@@ -183,8 +185,6 @@ class PluginDistiller:
         self.method_params = [p for p in student.parameters() if id(p) in method_ids]
         self._method_param_ids = method_ids
         self.student_params = self.host_parameters(student.parameters())
-        from .patch import HOST_PARAMETERS_ATTR
-
         setattr(teacher_model, HOST_PARAMETERS_ATTR, self.host_parameters)  # for determine_params_to_optimize
         # Critic-only optimizer steps: SimpleTuner steps its optimizer whatever the loss was. Right before that step
         # the student's gradients are set to None, so AdamW leaves those parameters (and their moments) untouched.
@@ -192,8 +192,6 @@ class PluginDistiller:
         self._student_loss_this_step = False
         self.skipped_student_steps = 0
         self._scheduler_logged = False
-        from torch.optim.optimizer import register_optimizer_step_pre_hook
-
         self._pre_step_hook = register_optimizer_step_pre_hook(self._before_optimizer_step)
         log(f"{method_name} serves SimpleTuner's distiller interface; family {self.family.name}; student "
             f"{'adapter ' + repr(adapter) if adapter else 'full model'}: "
