@@ -82,51 +82,43 @@ def _extend_method_choices(served: list[str]) -> None:
 
 
 def _route_factory(served: list[str]) -> None:
+    """Each of the factory's static methods that takes a method name answers with ``PluginDistiller`` for the plugin's
+    names and calls SimpleTuner's original for every other name."""
     from simpletuner.helpers.distillation.factory import DistillerFactory
 
-    current = DistillerFactory.__dict__["create_distiller"]
-    if getattr(current, MARK, False):
-        return
-    original = current.__func__ if isinstance(current, staticmethod) else current
-
-    def create_distiller(method, teacher_model, noise_scheduler, config, model_type="lora", model_family=None,
-                         prediction_type=None, student_model=None):
-        name = _served_name(method, served)
-        if name is not None:
-            from .distiller import PluginDistiller
-
-            return PluginDistiller(name, teacher_model=teacher_model, noise_scheduler=noise_scheduler,
-                                   config=config, model_type=model_type, model_family=model_family,
-                                   prediction_type=prediction_type, student_model=student_model)
-        return original(method, teacher_model, noise_scheduler, config, model_type=model_type,
-                        model_family=model_family, prediction_type=prediction_type, student_model=student_model)
-
-    setattr(create_distiller, MARK, True)
-    DistillerFactory.create_distiller = staticmethod(create_distiller)
-
-    # SimpleTuner 4.x's class hooks; 3.1.x has none of them.
     from .distiller import PluginDistiller
 
-    def route(hook: str, answer):
+    def create_distiller(name, teacher_model, noise_scheduler, config, model_type="lora", model_family=None,
+                         prediction_type=None, student_model=None):
+        return PluginDistiller(name, teacher_model=teacher_model, noise_scheduler=noise_scheduler, config=config,
+                               model_type=model_type, model_family=model_family, prediction_type=prediction_type,
+                               student_model=student_model)
+
+    answers = {
+        "create_distiller": create_distiller,
+        # SimpleTuner 4.x's class hooks; 3.1.x has none of them
+        "prepare_model_for_adapter": lambda name, model, config: PluginDistiller.prepare_model_for_adapter(
+            model, config, method_name=name),
+        "adapter_dropout_override": lambda name: PluginDistiller.adapter_dropout_override(method_name=name),
+        "training_batch_requirements": lambda name, config: PluginDistiller.training_batch_requirements(
+            config, method_name=name),
+    }
+    for hook, answer in answers.items():
         current = DistillerFactory.__dict__.get(hook)
-        if current is None:
-            return
-        original = current.__func__ if isinstance(current, staticmethod) else current
+        if current is None or getattr(current, MARK, False):
+            continue
+        setattr(DistillerFactory, hook, staticmethod(_routed(current, answer, served)))
 
-        def routed(method, *args, **kwargs):
-            name = _served_name(method, served)
-            if name is None:
-                return original(method, *args, **kwargs)
-            return answer(name, *args, **kwargs)
 
-        setattr(routed, MARK, True)
-        setattr(DistillerFactory, hook, staticmethod(routed))
+def _routed(current, answer, served: list[str]):
+    original = current.__func__ if isinstance(current, staticmethod) else current
 
-    route("prepare_model_for_adapter", lambda name, model, config: PluginDistiller.prepare_model_for_adapter(
-        model, config, method_name=name))
-    route("adapter_dropout_override", lambda name: PluginDistiller.adapter_dropout_override(method_name=name))
-    route("training_batch_requirements", lambda name, config: PluginDistiller.training_batch_requirements(
-        config, method_name=name))
+    def routed(method, *args, **kwargs):
+        name = _served_name(method, served)
+        return original(method, *args, **kwargs) if name is None else answer(name, *args, **kwargs)
+
+    setattr(routed, MARK, True)
+    return routed
 
 
 def _filter_optimizer_parameters() -> None:
