@@ -6,6 +6,8 @@ The CLI prints `error: <message>` for those and exits 2. Anything else is a bug 
 
 from __future__ import annotations
 
+import sys
+
 
 class UserError(Exception):
     """A problem the user can fix: bad config, missing file, corrupt media, unknown plugin name."""
@@ -30,3 +32,10 @@ class DataError(UserError):
 
 class PluginError(UserError):
     """A plugin is unknown, duplicated or broken."""
+
+
+def print_user_error(error: UserError) -> None:
+    """``error: …`` on stderr, one line per problem (a ``ConfigError`` holds several): how every front end — the CLI,
+    the SimpleTuner launcher and the ``simpletuner train`` hook — shows a user error."""
+    for line in str(error).splitlines() or [type(error).__name__]:
+        print(f"error: {line}", file=sys.stderr, flush=True)

@@ -11,7 +11,7 @@ import os
 import sys
 from importlib import metadata
 
-from ...errors import UserError
+from ...errors import UserError, print_user_error
 
 _applied: list[str] = []
 
@@ -22,19 +22,20 @@ def apply() -> list[str]:
     from .distiller import log
     from .patch import install, served_methods
 
-    served = install()
+    entries = served_methods()
+    served = install(list(entries))
     if not _applied:
         _applied.extend(served)
         install_user_error_hook()
-        if _is_main_process():
-            entries = served_methods()
+        if is_main_process():
             log("serving distillation_method " + ", ".join(
                 f"{name} ({entry.distribution} {_version(entry.distribution)})" for name, entry in entries.items())
                 + " in SimpleTuner's trainer; other names stay SimpleTuner's (SIMPLETUNER_DMD_DISABLE=1 turns this off)")
     return served
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
+    """The process of rank 0 (or the only one): launchers set RANK, and LOCAL_RANK, in every process."""
     return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) in ("", "0")
 
 
@@ -68,11 +69,10 @@ def install_user_error_hook() -> None:
         error = user_error_in(value)
         if error is None:
             return previous(kind, value, tb)
-        for line in str(error).splitlines() or [type(error).__name__]:
-            print(f"error: {line}", file=sys.stderr, flush=True)
+        print_user_error(error)
 
     excepthook._simpletuner_dmd = True
     sys.excepthook = excepthook
 
 
-__all__ = ["apply", "install_user_error_hook", "user_error_in"]
+__all__ = ["apply", "install_user_error_hook", "is_main_process", "user_error_in"]

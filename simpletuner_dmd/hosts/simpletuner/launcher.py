@@ -20,7 +20,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from ...errors import UserError
+from ...errors import UserError, print_user_error
 
 
 def run(config: Path | None = None) -> int:
@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         error = user_error_in(exc)  # SimpleTuner 4.x re-raises it, possibly wrapped
         if error is None:
             raise
-        for line in str(error).splitlines() or [type(error).__name__]:
-            print(f"error: {line}", file=sys.stderr)
+        print_user_error(error)
         return error.exit_code
 
 

@@ -49,9 +49,10 @@ def plugin_method_names() -> list[str]:
     return list(served_methods())
 
 
-def install() -> list[str]:
-    """Apply every take-over point to the installed SimpleTuner; returns the method names the plugin serves."""
-    served = plugin_method_names()
+def install(served: list[str] | None = None) -> list[str]:
+    """Apply every take-over point to the installed SimpleTuner; returns the method names the plugin serves
+    (``served``, when the caller has looked them up already)."""
+    served = plugin_method_names() if served is None else served
     _extend_method_choices(served)
     _route_factory(served)
     _filter_optimizer_parameters()
@@ -178,9 +179,10 @@ def _find_unused_parameters(served: list[str]) -> None:
     def _resolve_ddp_find_unused_parameters(self, *args: Any, **kwargs: Any):
         if (getattr(self.config, "find_unused_parameters", None) is None
                 and _served_name(getattr(self.config, "distillation_method", None), served) is not None):
+            from .autoload import is_main_process
             from .distiller import log
 
-            if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and os.environ.get("RANK", "0") in ("", "0"):
+            if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and is_main_process():
                 log("find_unused_parameters: true for DDP (the method's own adapter sits on the trained network, "
                     "outside the student's backward)")
             return True
