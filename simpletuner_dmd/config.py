@@ -24,9 +24,10 @@ Check = Callable[[Any], "str | None"]
 
 @dataclass(frozen=True)
 class Key:
-    """One config key. ``kind`` is one of "int", "float", "bool", "str", "list", "any"; ``parse`` turns an accepted
-    alternative spelling into the canonical value (e.g. "1000,757,522" into a list of ints) and raises ValueError with
-    a message on bad input; ``check`` returns a problem (without the key name) or None."""
+    """One config key. ``kind`` is one of "int", "float", "bool", "str", "list", "dict", "any"; ``parse`` turns an
+    accepted alternative spelling into the canonical value (e.g. "1000,757,522" into a list of ints) and raises
+    ValueError with a message on bad input; ``check`` returns a problem (without the key name) or None. A
+    ``required`` key has no default: leaving it out is a problem that quotes its help."""
 
     name: str
     kind: str
@@ -36,6 +37,7 @@ class Key:
     parse: Callable[[Any], Any] | None = None
     choices: tuple[Any, ...] | None = None
     nullable: bool = False
+    required: bool = False
 
     def coerce(self, value: Any) -> Any:
         """The canonical value, or raise ValueError(problem)."""
@@ -132,6 +134,9 @@ class Schema:
                 values[name] = key.coerce(value)
             except ValueError as exc:
                 problems.append(f"{prefix}.{name}: {exc}")
+        for key in self.keys:
+            if key.required and key.name not in raw:
+                problems.append(f"{prefix}.{key.name}: required ({key.help.rstrip('.')})")
         if not problems:
             for cross in self.cross_checks:
                 problems.extend(f"{prefix}.{p}" for p in cross(values))

@@ -45,6 +45,8 @@ def _json(value: Any) -> str:
 
 def format_default(key: Key) -> str:
     """The default as the user would write it in config.json."""
+    if key.required:
+        return "required"
     value = key.default
     if value is not None and key.parse is parse_timestep_list:
         return f'`"{",".join(str(int(v)) for v in value)}"`'
@@ -100,6 +102,10 @@ def readme_tables(pm: Any = None) -> str:
             "| key | why |", "| --- | --- |"]
     rows += [f"| `{name}` | {_cell(why)} |" for name, why in sorted(SEED_KEYS_NOT_SUPPORTED.items())]
     sections.append("\n".join(rows) + "\n")
+    from .hosts.reference.data import MEDIA_BACKEND_SCHEMA, TEXT_BACKEND_SCHEMA
+
+    sections.append(key_table(MEDIA_BACKEND_SCHEMA, "Data backend file: an image or video backend"))
+    sections.append(key_table(TEXT_BACKEND_SCHEMA, "Data backend file: the `text_embeds` backend"))
     sections.append(END + "\n")
     return "\n".join(sections)
 

@@ -164,7 +164,7 @@ def test_validate_config_reads_the_data_backend_file(capsys, tmp_path, cli_tiny_
     config = tmp_path / "config.json"
     config.write_text(json.dumps(cfg))
     rc, out, err = run_cli(capsys, "validate-config", config)
-    assert rc == 2 and "resolution_type 'pixel_volume' is not supported" in err, err
+    assert rc == 2 and "resolution_type: must be one of 'pixel_area', 'pixel', got 'pixel_volume'" in err, err
     assert len([line for line in err.splitlines() if line.startswith("error: ")]) >= 2, err  # all at once
 
 

@@ -102,12 +102,15 @@ def test_missing_and_non_list_configs_are_user_errors(tmp_path):
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("dataset_type", "image_embeds", "backend 'images': dataset_type 'image_embeds' is not supported"),
-        ("type", "aws", "type 'aws' is not supported"),
-        ("caption_strategy", "filename", "caption_strategy 'filename' is not supported"),
-        ("resolution_type", "area", "resolution_type 'area' is not supported"),
-        ("resolution", 1.0, "resolution must be a whole number"),
-        ("repeats", -1, "repeats must be a whole number >= 0"),
+        ("dataset_type", "image_embeds", "backend 'images'.dataset_type: must be one of 'image', 'video', "
+         "'text_embeds', got 'image_embeds'"),
+        ("type", "aws", r"backend 'images'.type: must be one of 'local', got 'aws'"),
+        ("caption_strategy", "filename", "backend 'images'.caption_strategy: must be one of 'textfile', got "
+         "'filename'"),
+        ("resolution_type", "area", r"backend 'images'.resolution_type: must be one of 'pixel_area', 'pixel', got "
+         "'area'"),
+        ("resolution", 1.0, "backend 'images'.resolution: must be an integer, got float 1.0"),
+        ("repeats", -1, r"backend 'images'.repeats: must be in \[0, inf\], got -1"),
     ],
 )
 def test_unsupported_values_are_config_errors(tmp_path, key, value, message):

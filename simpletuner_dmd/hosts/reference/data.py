@@ -1,17 +1,10 @@
 """The reference host's data pipeline: a SimpleTuner-style backend list -> cached latents and text embeddings.
 
-Config: a JSON list of backend objects, as in SimpleTuner's `multidatabackend.json`. Implemented keys:
-
-- media backends (`dataset_type` "image" or "video"): `id`, `type` ("local"), `dataset_type`, `instance_data_dir`,
-  `caption_strategy` ("textfile": `photo.png` is captioned by `photo.txt`), `cache_dir_vae` (or `cache_dir`),
-  `resolution` (pixels), `resolution_type` ("pixel_area": area ~ resolution^2 with the aspect kept; "pixel": the
-  shorter side = resolution), `num_frames` (or SimpleTuner's `video: {"num_frames": N}`; most frames taken from a
-  video), `repeats` (extra passes per epoch), `disabled`;
-- one `dataset_type: "text_embeds"` backend whose `cache_dir` holds the text embeddings
-  (default `<first media cache dir>/text_embeds`).
-
-Any other key is ignored with one warning naming it and its backend; unsupported values are `ConfigError`s. Relative
-paths are taken from the current directory, as SimpleTuner does.
+Config: a JSON list of backend objects, as in SimpleTuner's `multidatabackend.json`: image or video backends
+(`MEDIA_BACKEND_SCHEMA`) and one `dataset_type: "text_embeds"` backend (`TEXT_BACKEND_SCHEMA`) whose `cache_dir`
+holds the text embeddings. docs/config.md lists their keys, generated from those schemas. Any other key is ignored
+with one warning naming it and its backend; bad values are `ConfigError`s, all reported at once. Relative paths are
+taken from the current directory, as SimpleTuner does.
 
 Media become float pixels in [-1, 1] laid out (C, F, H, W) (an image has F=1). Each side is resized, then centre-cropped
 down to a multiple of the family's `size_multiple` (Wan: 16, VAE 8x times patch 2), and a video keeps
@@ -22,7 +15,6 @@ is stored as a `.safetensors` file named by a hash of what it depends on, so a s
 
 from __future__ import annotations
 
-import difflib
 import functools
 import hashlib
 import importlib.util
@@ -42,19 +34,73 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
+from simpletuner_dmd.config import Key, Schema, in_range, suggest
 from simpletuner_dmd.errors import ConfigError, DataError, UserError
 from simpletuner_dmd.atomic import write_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 VIDEO_EXTENSIONS = (".gif", ".mp4", ".webm")
 
-_MEDIA_KEYS = {
-    "id", "type", "dataset_type", "instance_data_dir", "caption_strategy", "cache_dir", "cache_dir_vae",
-    "resolution", "resolution_type", "num_frames", "video", "repeats", "disabled",
-}  # fmt: skip
-_TEXT_KEYS = {"id", "type", "dataset_type", "cache_dir", "disabled", "default"}
 _DATASET_TYPES = ("image", "video", "text_embeds")
-_RESOLUTION_TYPES = ("pixel_area", "pixel")
+
+
+def _nonempty(v: str) -> str | None:
+    return "must not be empty" if not v else None
+
+
+def _video_check(v: dict) -> str | None:
+    frames = v.get("num_frames")
+    if frames is not None and not (isinstance(frames, int) and not isinstance(frames, bool) and frames >= 1):
+        return f"num_frames must be a whole number >= 1, got {frames!r}"
+    return None
+
+
+_COMMON_KEYS = (
+    Key("id", "str", None, "The backend's name, unique in the file.", check=_nonempty, required=True),
+    Key("type", "str", "local", "Where the files are: only local folders are implemented.", choices=("local",)),
+    Key("dataset_type", "str", "image", "image, video or text_embeds.", choices=_DATASET_TYPES),
+    Key("disabled", "bool", False, "A disabled backend is skipped without being checked (as in SimpleTuner)."),
+)
+
+
+def _media_cross_checks(v: dict) -> list[str]:
+    problems = []
+    if v["cache_dir_vae"] is None and v["cache_dir"] is None:
+        problems.append("cache_dir_vae: required (a latent cache folder: 'cache_dir_vae' or 'cache_dir')")
+    elif None not in (v["cache_dir_vae"], v["cache_dir"]) and v["cache_dir_vae"] != v["cache_dir"]:
+        problems.append("cache_dir_vae: cache_dir_vae and cache_dir name different folders; give one")
+    video_frames = v["video"].get("num_frames")
+    if None not in (v["num_frames"], video_frames) and v["num_frames"] != video_frames:
+        problems.append("num_frames: num_frames and video.num_frames disagree")
+    return problems
+
+
+MEDIA_BACKEND_SCHEMA = Schema(
+    keys=_COMMON_KEYS + (
+        Key("instance_data_dir", "str", None, "The folder of media and captions.", check=_nonempty, required=True),
+        Key("caption_strategy", "str", "textfile", "textfile: `photo.png` is captioned by `photo.txt`.",
+            choices=("textfile",)),
+        Key("cache_dir_vae", "str", None, "The latent cache folder.", check=_nonempty, nullable=True),
+        Key("cache_dir", "str", None, "Another name for `cache_dir_vae`.", check=_nonempty, nullable=True),
+        Key("resolution", "int", None, "Pixels (default: the config's `resolution`).", check=in_range(1),
+            nullable=True),
+        Key("resolution_type", "str", None, "pixel_area: area ~ resolution² with the aspect kept; pixel: the "
+            "shorter side = resolution (default: the config's).", choices=("pixel_area", "pixel"), nullable=True),
+        Key("num_frames", "int", None, "Most frames taken from a video (default: every frame).", check=in_range(1),
+            nullable=True),
+        Key("video", "dict", {}, "SimpleTuner's form: `{\"num_frames\": N}`.", check=_video_check),
+        Key("repeats", "int", 0, "Extra passes over this backend per epoch.", check=in_range(0)),
+    ),
+    cross_checks=(_media_cross_checks,),
+)
+
+TEXT_BACKEND_SCHEMA = Schema(
+    keys=_COMMON_KEYS + (
+        Key("cache_dir", "str", None, "The text-embedding cache folder (default: `<first media cache dir>/"
+            "text_embeds`).", check=_nonempty, nullable=True),
+        Key("default", "bool", True, "Accepted for SimpleTuner's files; there is one text backend."),
+    ),
+)
 
 Warn = Callable[[str], None]
 
@@ -88,7 +134,8 @@ def load_backend_config(path: str | Path, *, warn: Warn = warnings.warn) -> list
 
 
 def validate_backends(raw: list, *, source: str = "data backend config", warn: Warn = warnings.warn) -> list[dict]:
-    """Check every enabled backend, report all problems at once as a `ConfigError`, return them normalized.
+    """Check every enabled backend against ``MEDIA_BACKEND_SCHEMA`` or ``TEXT_BACKEND_SCHEMA``, report all problems
+    at once as a `ConfigError`, return them normalized.
 
     Normalizing is idempotent (the output holds only implemented keys), so `build_cache` re-validates for free.
     """
@@ -103,44 +150,21 @@ def validate_backends(raw: list, *, source: str = "data backend config", warn: W
             continue  # as in SimpleTuner: a disabled backend (say, an S3 one in a shared file) is not even checked
         bid = backend.get("id")
         where = f"{source}: backend '{bid}'" if isinstance(bid, str) and bid else f"{source}: entry {i}"
-        errors: list[str] = []
-        if not isinstance(bid, str) or not bid:
-            errors.append("needs an 'id' (a non-empty string)")
-        elif bid in seen_ids:
-            errors.append("this id is used by another backend")
+        schema = TEXT_BACKEND_SCHEMA if backend.get("dataset_type") == "text_embeds" else MEDIA_BACKEND_SCHEMA
+        values, errors, unknown = schema.validate(backend, prefix=where, unknown="collect")
+        for key in unknown:
+            warn(f"{where}: key {key!r} is not implemented by the reference host and is ignored"
+                 f"{suggest(key, schema.by_name)}")
+        if isinstance(bid, str) and bid in seen_ids:
+            errors.append(f"{where}.id: this id is used by another backend")
         if isinstance(bid, str):
             seen_ids.add(bid)
-
-        dataset_type = backend.get("dataset_type", "image")
-        if dataset_type not in _DATASET_TYPES:
-            errors.append(f"dataset_type {dataset_type!r} is not supported (supported: {', '.join(_DATASET_TYPES)})")
-            problems += [f"{where}: {e}" for e in errors]
-            continue
-        known = _TEXT_KEYS if dataset_type == "text_embeds" else _MEDIA_KEYS
-        for key in backend:
-            if key not in known:
-                hint = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
-                did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-                warn(f"{where}: key {key!r} is not implemented by the reference host and is ignored{did_you_mean}")
-        if backend.get("type", "local") != "local":
-            errors.append(f"type {backend['type']!r} is not supported (only 'local')")
-        disabled = backend.get("disabled", False)
-        if not isinstance(disabled, bool):
-            errors.append("disabled must be true or false")
-
-        if dataset_type == "text_embeds":
-            cache_dir = backend.get("cache_dir")
-            if cache_dir is not None and not (isinstance(cache_dir, str) and cache_dir):
-                errors.append("cache_dir must be a non-empty path")
-            normalized = {
-                "id": bid, "type": "local", "dataset_type": dataset_type,
-                "cache_dir": _absolute(cache_dir) if isinstance(cache_dir, str) and cache_dir else None,
-                "disabled": disabled, "default": backend.get("default", True),
-            }  # fmt: skip
-        else:
-            normalized = _validate_media(backend, dataset_type, errors, warn, where)
-        problems += [f"{where}: {e}" for e in errors]
-        out.append(normalized)
+        problems += errors
+        if schema is MEDIA_BACKEND_SCHEMA:
+            for key in values["video"]:
+                if key != "num_frames":
+                    warn(f"{where}: key 'video.{key}' is not implemented by the reference host and is ignored")
+        out.append(_normalized(values, schema))
 
     enabled_text = [b["id"] for b in out if b["dataset_type"] == "text_embeds"]
     if len(enabled_text) > 1:
@@ -150,53 +174,24 @@ def validate_backends(raw: list, *, source: str = "data backend config", warn: W
     return out
 
 
-def _validate_media(backend: dict, dataset_type: str, errors: list[str], warn: Warn, where: str) -> dict:
-    data_dir = backend.get("instance_data_dir")
-    if not (isinstance(data_dir, str) and data_dir):
-        errors.append("needs 'instance_data_dir' (the folder of media and captions)")
-    if backend.get("caption_strategy", "textfile") != "textfile":
-        errors.append(f"caption_strategy {backend['caption_strategy']!r} is not supported (only 'textfile')")
-    caches = [backend[k] for k in ("cache_dir_vae", "cache_dir") if backend.get(k) is not None]
-    if not caches or not all(isinstance(c, str) and c for c in caches):
-        errors.append("needs a latent cache folder: 'cache_dir_vae' (or 'cache_dir')")
-    elif len(set(caches)) > 1:
-        errors.append("cache_dir_vae and cache_dir name different folders; give one")
-    resolution = backend.get("resolution")
-    if resolution is not None and not _is_int(resolution, minimum=1):
-        errors.append(f"resolution must be a whole number of pixels >= 1, got {resolution!r}")
-    resolution_type = backend.get("resolution_type", "pixel_area")
-    if resolution_type not in _RESOLUTION_TYPES:
-        errors.append(f"resolution_type {resolution_type!r} is not supported (supported: pixel_area, pixel)")
-    video = backend.get("video", {})
-    if not isinstance(video, dict):
-        errors.append("video must be an object such as {\"num_frames\": 81}")
-        video = {}
-    for key in video:
-        if key != "num_frames":
-            warn(f"{where}: key 'video.{key}' is not implemented by the reference host and is ignored")
-    num_frames = backend.get("num_frames", video.get("num_frames"))
-    if "num_frames" in backend and "num_frames" in video and backend["num_frames"] != video["num_frames"]:
-        errors.append("num_frames and video.num_frames disagree")
-    if num_frames is not None and not _is_int(num_frames, minimum=1):
-        errors.append(f"num_frames must be a whole number >= 1, got {num_frames!r}")
-    repeats = backend.get("repeats", 0)
-    if not _is_int(repeats, minimum=0):
-        errors.append(f"repeats must be a whole number >= 0, got {repeats!r}")
-    cache = caches[0] if caches else None
-    normalized = {
-        "id": backend.get("id"), "type": "local", "dataset_type": dataset_type,
-        "instance_data_dir": _absolute(data_dir) if isinstance(data_dir, str) and data_dir else None,
-        "caption_strategy": "textfile", "cache_dir": _absolute(cache) if isinstance(cache, str) and cache else None,
-        "repeats": repeats, "disabled": backend.get("disabled", False),
-    }  # fmt: skip
-    # Size settings the user left out stay out, so a host can `setdefault` its own config-wide values.
-    given = {"resolution": resolution, "resolution_type": backend.get("resolution_type"), "num_frames": num_frames}
-    normalized.update({k: v for k, v in given.items() if v is not None})
-    return normalized
-
-
-def _is_int(value, *, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+def _normalized(values: dict, schema: Schema) -> dict:
+    """Implemented keys only, absolute paths, ``cache_dir_vae`` as ``cache_dir``, ``video.num_frames`` as
+    ``num_frames``; size settings the user left out stay out, so a host can ``setdefault`` its own values."""
+    keep = {"id": values["id"], "type": "local", "dataset_type": values["dataset_type"], "disabled": values["disabled"]}
+    if schema is TEXT_BACKEND_SCHEMA:
+        cache = values["cache_dir"]
+        return {**keep, "cache_dir": _absolute(cache) if cache else None, "default": values["default"]}
+    cache = values["cache_dir_vae"] or values["cache_dir"]
+    data_dir = values["instance_data_dir"]
+    keep.update({
+        "instance_data_dir": _absolute(data_dir) if data_dir else None, "caption_strategy": "textfile",
+        "cache_dir": _absolute(cache) if cache else None, "repeats": values["repeats"],
+    })  # fmt: skip
+    given = {"resolution": values["resolution"], "resolution_type": values["resolution_type"],
+             "num_frames": values["num_frames"] if values["num_frames"] is not None
+             else values["video"].get("num_frames")}
+    keep.update({k: v for k, v in given.items() if v is not None})
+    return keep
 
 
 def _absolute(path: str) -> str:

@@ -56,7 +56,8 @@ def _guidance_check(v: float) -> str | None:
 
 HOST_SCHEMA = Schema(
     keys=(
-        Key("model_family", "str", "wan", "Model family (a registered family name)."),
+        Key("model_family", "str", None, "Model family: a registered family name (`simpletuner-dmd plugins` lists "
+            "them).", required=True),
         Key("model_type", "str", "lora", "lora: the student is an adapter on a frozen base; full: all weights train.",
             choices=("lora", "full")),
         Key("pretrained_model_name_or_path", "str", None, "Local diffusers folder (or a hub id where a hub is "

@@ -51,7 +51,9 @@ def validate_config(raw: Any, pm: Any, *, path: Path | None = None, check_paths:
     families = registered_families(pm)
     family_name = host.get("model_family")
     family_cls = None
-    if family_name not in families:
+    if family_name is None:
+        pass  # reported by HOST_SCHEMA as required
+    elif family_name not in families:
         problems.append(f"config.model_family: unknown family {family_name!r}{suggest(str(family_name), families)}; "
                         f"installed: {', '.join(families) or 'none'}")
     else:
