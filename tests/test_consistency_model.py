@@ -35,7 +35,7 @@ def test_lcm_teacher_is_the_base_and_the_target_is_the_student(tiny_wan, monkeyp
 
     def spy(network, x_t, t, cond):
         layer = run.method.nets.switch.layers[0]
-        calls.append((x_t.shape[0], layer._disable_adapters, list(layer._active_adapter), torch.is_grad_enabled()))
+        calls.append((x_t.shape[0], layer.disable_adapters, list(layer.active_adapters), torch.is_grad_enabled()))
         return original(network, x_t, t, cond)
 
     run.family.predict_flow = spy
@@ -141,7 +141,7 @@ def test_dcm_sampler_switches_experts_by_timestep(tiny_wan):
     layer = run.method.nets.switch.layers[0]
 
     def spy(network, x_t, t, cond):
-        seen.append((round(float(t[0]), 1), list(layer._active_adapter)))
+        seen.append((round(float(t[0]), 1), list(layer.active_adapters)))
         return original(network, x_t, t, cond)
 
     run.family.predict_flow = spy
@@ -150,7 +150,7 @@ def test_dcm_sampler_switches_experts_by_timestep(tiny_wan):
     assert seen[0] == (1000.0, ["student"])  # the semantic expert on the high-noise phase
     assert all(active == ["student", DETAIL_ADAPTER] for _, active in seen[1:])  # the detail expert below
     assert all(t <= run.method.boundary + 0.1 for t, _ in seen[1:])  # t rounded to 0.1
-    assert list(layer._active_adapter) == ["student"]  # left as found
+    assert list(layer.active_adapters) == ["student"]  # left as found
 
 
 def test_dcm_runs_on_another_model_size(tiny_wan):

@@ -25,15 +25,14 @@ def host_loss():
 def test_teacher_is_bit_identical_to_the_frozen_base(tiny_wan, precision):
     run = build(tiny_wan, host={"base_model_precision": precision})
     perturb_adapters(run.models.network)
-    base = T._fresh_network(run.cfg, run.family, torch.float32)
-    T._maybe_quantize(base, precision, "reference base")
+    base = T.frozen_base(run.cfg, run.family, torch.float32)
+    T.quantize_frozen(base, precision, "reference base")
     x, t, cond = torch.randn(2, 16, 3, 4, 4), torch.tensor([900.0, 300.0]), torch.randn(2, 8, 32)
     with torch.no_grad():
         expected = run.family.predict_flow(base, x, t, cond)
         teacher = run.method.nets.teacher_flow(x, t, cond)
         student = run.family.predict_flow(run.models.network, x, t, cond)
-        with run.method._fake_context():
-            fake = run.method._fake_flow(x, t, cond)
+        fake = run.method.fake_score_flow(x, t, cond)
     assert torch.equal(teacher, expected)
     assert not torch.equal(student, expected) and not torch.equal(fake, expected) and not torch.equal(fake, student)
 
@@ -206,8 +205,15 @@ def test_critic_reuses_the_generator_sample_and_interval_counts_optimizer_steps(
 
 def test_num_training_frames_crops_the_frame_axis(tiny_wan):
     run = build(tiny_wan, dmd={"num_training_frames": 2})
+    shapes = []
+    original = run.family.predict_flow
+    run.family.predict_flow = lambda network, x_t, t, cond: shapes.append(tuple(x_t.shape)) or original(
+        network, x_t, t, cond)
     run.method.distill_loss(batch=batch(frames=5), step=step_info(), host_loss=host_loss)
-    assert run.method._pending[0].x0.shape == (2, 16, 2, 4, 4)
+    assert shapes and all(shape[2] == 2 for shape in shapes)  # the rollout and the KL run on 2 of the 5 frames
+    shapes.clear()
+    run.method.distill_after_optimizer_step(step=step_info())
+    assert shapes == [(2, 16, 2, 4, 4)]  # and the critic trains on that clip
 
 
 def test_sft_weight_adds_the_host_loss(tiny_wan):
@@ -226,7 +232,7 @@ def test_full_copy_fake_score(tiny_wan):
     assert run.method.critic_updates == 1
     after = snapshot(run.models.network)
     assert all(torch.equal(before[n], after[n]) for n in before)  # only the copy moved
-    base = T._fresh_network(run.cfg, run.family, torch.float32)
+    base = T.frozen_base(run.cfg, run.family, torch.float32)
     assert sum(p.numel() for p in run.method.fake_params) == sum(p.numel() for p in base.parameters())
 
 

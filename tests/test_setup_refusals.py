@@ -24,7 +24,7 @@ def test_a_full_student_without_a_teacher_is_refused_at_setup(tiny_wan, cls):
     method_cfg, problems, _ = cls.schema.validate({}, prefix="distillation_config")
     assert not problems
     family = WanFamily()
-    network = T._fresh_network(cfg, family, torch.float32)
+    network = T.frozen_base(cfg, family, torch.float32)
     run = RunContext(host_config=cfg, method_config=method_cfg, family=family, student=network,
                      accelerator=Accelerator(cpu=True), encode_prompts=embed, negative_prompt="", output_dir=None,
                      model_type="full", student_adapter=None, load_base=lambda: network, teacher=None)

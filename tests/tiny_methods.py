@@ -29,7 +29,7 @@ def build_method(tiny_wan, cls, method_cfg=None, *, host=None, negative="ugly", 
     family = WanFamily()
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
-    new_network = new_network or (lambda: T._fresh_network(cfg, family, torch.float32))
+    new_network = new_network or (lambda: T.frozen_base(cfg, family, torch.float32))
     models = T.build_models(cfg, family, accelerator, distilling=True, new_network=new_network)
     method = cls(m_cfg)
     method.distill_setup(run=RunContext(

@@ -81,7 +81,7 @@ def hosts(tiny_wan, tmp_path):
     assert not problems
 
     # ---- the reference host (its own build_models, RunContext and plugin manager)
-    new_network = lambda: T._fresh_network(host, family, torch.float32)  # noqa: E731
+    new_network = lambda: T.frozen_base(host, family, torch.float32)  # noqa: E731
     models = T.build_models(host, family, accelerator, new_network=new_network, distilling=True)
     ref_pm = get_plugin_manager()
     ref_method = get_method_class(ref_pm, "dmd")(dmd_cfg)

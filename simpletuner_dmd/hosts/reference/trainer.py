@@ -116,7 +116,7 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
     components = family.load_components(host["pretrained_model_name_or_path"],
                                         text_encoder_path=host["pretrained_t5_model_name_or_path"],
                                         dtype=weight_dtype)
-    _maybe_quantize(components.text_encoder, host["text_encoder_1_precision"], "text encoder")
+    quantize_frozen(components.text_encoder, host["text_encoder_1_precision"], "text encoder")
     components.vae.to(accelerator.device)
     components.text_encoder.to(accelerator.device)
     text_length = {} if host["tokenizer_max_length"] is None else {"max_length": host["tokenizer_max_length"]}
@@ -128,7 +128,7 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
     empty_cond = encode_prompts([""])  # caption dropout in the host's own loss
 
     # ---- 3. the student
-    new_network = lambda: _fresh_network(host, family, weight_dtype)  # noqa: E731
+    new_network = lambda: frozen_base(host, family, weight_dtype)  # noqa: E731
     models = build_models(host, family, accelerator, new_network=new_network, distilling=rc.method_cls is not None)
 
     # ---- 4. the method
@@ -290,7 +290,9 @@ def _configure_wandb(host: dict, out: Path) -> None:
     log(f"wandb: mode {os.environ['WANDB_MODE']}, files in {os.environ['WANDB_DIR']}")
 
 
-def _maybe_quantize(module: torch.nn.Module, precision: str, what: str) -> None:
+def quantize_frozen(module: torch.nn.Module, precision: str, what: str) -> None:
+    """Quantize a frozen module's weights to int8 with optimum-quanto when ``precision`` is "int8-quanto" (the
+    host's ``base_model_precision`` / ``text_encoder_1_precision`` values); any other value leaves it as it is."""
     if precision != "int8-quanto":
         return
     from optimum.quanto import freeze, qint8, quantize
@@ -342,7 +344,8 @@ def _safe_name(name: str) -> str:
     return cleaned or "prompt"
 
 
-def _fresh_network(host, family, dtype) -> torch.nn.Module:
+def frozen_base(host, family, dtype) -> torch.nn.Module:
+    """A fresh copy of the base network from ``pretrained_model_name_or_path``, every parameter frozen."""
     network = family.load_network(host["pretrained_model_name_or_path"], dtype=dtype)
     network.requires_grad_(False)
     return network
@@ -358,7 +361,7 @@ def build_models(host: dict, family, accelerator, *, new_network: Callable[[], t
         network.to(accelerator.device)
     teacher = None
     if host["model_type"] == "lora":
-        _maybe_quantize(network, host["base_model_precision"], "base model")
+        quantize_frozen(network, host["base_model_precision"], "base model")
         from peft import LoraConfig
 
         rank = host["lora_rank"]

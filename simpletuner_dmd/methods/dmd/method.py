@@ -140,6 +140,12 @@ class DMD:
 
         return predict
 
+    def fake_score_flow(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """The fake score's flow prediction (the critic's view of the student's distribution), as the loss uses it:
+        for benchmarks and tests; it counts as a fake-score pass."""
+        with self._fake_context():
+            return self._fake_flow(x_t, t, cond)
+
     def _fake_context(self):
         return self.nets.adapters(FAKE_ADAPTER) if self.fake_type == "lora" else contextlib.nullcontext()
 
