@@ -175,20 +175,20 @@ KEYED = {"dmd": {"generator_update_interval": 5}, "lcm": {"w_max": 8.0}, "dcm": 
                                               ("dcm", "mode", "fine")])
 def test_keyed_config_selects_the_chosen_methods_section(method, key, value):
     pm = get_plugin_manager(entry_points=False)
-    rc = validate_config({"distillation_method": method, "distillation_config": KEYED}, pm, check_paths=False)
+    rc = validate_config({"model_family": "wan", "distillation_method": method, "distillation_config": KEYED}, pm, check_paths=False)
     assert rc.method_name == method and rc.method_config[key] == value
 
 
 def test_mixing_flat_and_keyed_forms_is_an_error_with_lcm_and_dcm():
     pm = get_plugin_manager(entry_points=False)
     with pytest.raises(ConfigError) as info:
-        validate_config({"distillation_method": "lcm",
+        validate_config({"model_family": "wan", "distillation_method": "lcm",
                          "distillation_config": {"lcm": {"w_max": 8.0}, "huber_c": 0.01}}, pm, check_paths=False)
     assert "mixes the flat form (keys huber_c)" in str(info.value)
     section, problems = select_method_section("dcm", {"dcm": {"mode": "fine"}, "lcm": {}}, ["dcm", "lcm"])
     assert section == {"mode": "fine"} and not problems
     # a flat config of one method, given to another, is named key by key
     with pytest.raises(ConfigError) as info:
-        validate_config({"distillation_method": "lcm", "distillation_config": {"generator_update_interval": 5}},
+        validate_config({"model_family": "wan", "distillation_method": "lcm", "distillation_config": {"generator_update_interval": 5}},
                         pm, check_paths=False)
     assert "distillation_config.generator_update_interval: unknown key" in str(info.value)
