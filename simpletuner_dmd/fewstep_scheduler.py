@@ -1,49 +1,64 @@
-"""A diffusers scheduler that makes a stock pipeline sample a few-step student the way DMD trained it.
+"""A diffusers scheduler that makes a stock pipeline sample a few-step student the way its method trained it.
 
 Stock pipelines (``WanPipeline`` and the others) take no σ list: they call ``scheduler.set_timesteps(n)`` and then
 ``scheduler.step(flow, t, x)`` once per timestep. No stock scheduler setting gives DMD's schedule with DMD's sampler
-(predict x̂0, re-noise to the next σ with fresh noise — ``methods/dmd/rollout.sample_with_schedule``). This one does:
+(predict x̂0, re-noise to the next σ with fresh noise). This one holds the student's schedule and step rule in its
+config (``scheduler/scheduler_config.json`` beside the LoRA), so ``FewStepFlowScheduler.from_pretrained(output_dir,
+subfolder="scheduler")`` brings both::
 
-    timesteps  t_0 … t_{K−1} from its config (``few_step_timesteps``), σ_i = t_i / 1000
-    step i     x̂0 = x − σ_i·v;  x ← (1 − σ_{i+1})·x̂0 + σ_{i+1}·ε  with fresh ε  (the last step returns x̂0)
+    timesteps  t_0 … t_{K−1} = few_step_timesteps, σ_i = t_i / 1000, σ_K = 0
+    x0_renoise x̂0 = x − σ_i·v (or LCM's c_skip·x + c_out·x̂0 with consistency_timestep_scaling);
+               x ← (1 − σ_{i+1})·x̂0 + σ_{i+1}·ε with fresh ε; the last step returns x̂0        (DMD, LCM)
+    euler      x ← x + (σ_{i+1} − σ_i)·v                                                      (DCM)
 
-It subclasses ``FlowMatchEulerDiscreteScheduler`` so that everything else a pipeline or a trainer reads from a flow
-scheduler (``config.num_train_timesteps``, ``sigmas``, ``order``, ``set_begin_index``) is there.
+The fresh noise of ``x0_renoise`` comes from the ``generator`` given to ``step``, else from ``scheduler.generator``
+when set (stock pipelines pass none: set it to reproduce a sample exactly), else from torch's global generator.
+
+A student is trained for its K steps: ``set_timesteps(n)`` with n ≠ K raises ``ValueError`` naming K (a pipeline's
+default of 50 steps would otherwise run a schedule the student never saw). It subclasses
+``FlowMatchEulerDiscreteScheduler`` so that everything else a pipeline or a trainer reads from a flow scheduler
+(``config.num_train_timesteps``, ``sigmas``, ``order``, ``set_begin_index``) is there.
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 
-logger = logging.getLogger(__name__)
+from .flow import consistency_output, euler_step
+
+STEP_RULES = ("x0_renoise", "euler")
 
 
 class FewStepFlowScheduler(FlowMatchEulerDiscreteScheduler):
     @register_to_config
-    def __init__(self, few_step_timesteps: tuple[int, ...] | list[int] = (1000, 757, 522),
+    def __init__(self, few_step_timesteps: tuple[float, ...] | list[float] = (1000, 757, 522),
+                 step_rule: str = "x0_renoise", consistency_timestep_scaling: float | None = None,
                  num_train_timesteps: int = 1000, **kwargs):
         super().__init__(num_train_timesteps=num_train_timesteps, **kwargs)
         steps = [float(t) for t in few_step_timesteps]
-        if not steps or any(not 0 < t <= num_train_timesteps for t in steps) or steps != sorted(steps, reverse=True):
-            raise ValueError(f"few_step_timesteps must be decreasing values in (0, {num_train_timesteps}]: "
+        if not steps or any(not 0 < t <= num_train_timesteps for t in steps) or any(
+                a <= b for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"few_step_timesteps must be strictly decreasing values in (0, {num_train_timesteps}]: "
                              f"{list(few_step_timesteps)}")
-        self._warned_steps: int | None = None
+        if step_rule not in STEP_RULES:
+            raise ValueError(f"step_rule must be one of {', '.join(STEP_RULES)}, got {step_rule!r}")
+        if consistency_timestep_scaling is not None and step_rule != "x0_renoise":
+            raise ValueError("consistency_timestep_scaling applies to step_rule 'x0_renoise' only")
+        self.generator: torch.Generator | None = None
         self.set_timesteps()
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       **ignored) -> None:
-        """Always the configured timesteps: the student was trained for them. A different ``num_inference_steps``
-        is logged once and not followed (``len(few_step_timesteps)`` is the step count to pass)."""
+        """The configured timesteps. ``num_inference_steps`` must be None or their count."""
         steps = [float(t) for t in self.config.few_step_timesteps]
-        if num_inference_steps not in (None, len(steps)) and self._warned_steps != num_inference_steps:
-            logger.warning("FewStepFlowScheduler: num_inference_steps=%s ignored; the student samples its %d trained "
-                           "timesteps %s", num_inference_steps, len(steps), [int(t) for t in steps])
-            self._warned_steps = num_inference_steps
+        if num_inference_steps not in (None, len(steps)):
+            raise ValueError(
+                f"FewStepFlowScheduler: this student was trained for {len(steps)} steps (timesteps "
+                f"{', '.join(f'{t:g}' for t in steps)}); pass num_inference_steps={len(steps)}, not "
+                f"{num_inference_steps}")
         n = float(self.config.num_train_timesteps)
         self.timesteps = torch.tensor(steps, dtype=torch.float32, device=device)
         self.sigmas = torch.tensor([t / n for t in steps] + [0.0], dtype=torch.float32, device=device)
@@ -58,15 +73,24 @@ class FewStepFlowScheduler(FlowMatchEulerDiscreteScheduler):
             self._init_step_index(timestep)
         sigma = float(self.sigmas[self.step_index])
         sigma_next = float(self.sigmas[self.step_index + 1])
-        x0 = sample.float() - sigma * model_output.float()
-        if sigma_next > 0:
-            eps = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
-            prev = (1.0 - sigma_next) * x0 + sigma_next * eps
+        if self.config.step_rule == "euler":
+            prev = euler_step(sample, model_output, sigma, sigma_next)
         else:
-            prev = x0
+            t = torch.full((sample.shape[0],), sigma * float(self.config.num_train_timesteps), device=sample.device)
+            scaling = self.config.consistency_timestep_scaling
+            if scaling is None:
+                x0 = sample.float() - sigma * model_output.float()
+            else:
+                x0 = consistency_output(sample, model_output, t, timestep_scaling=scaling)
+            if sigma_next > 0:
+                generator = generator if generator is not None else self.generator
+                eps = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
+                prev = (1.0 - sigma_next) * x0 + sigma_next * eps
+            else:
+                prev = x0
         self._step_index += 1
         prev = prev.to(sample.dtype)
         return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
 
-__all__ = ["FewStepFlowScheduler"]
+__all__ = ["STEP_RULES", "FewStepFlowScheduler"]

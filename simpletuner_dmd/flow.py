@@ -81,5 +81,24 @@ def guided_self_forcing(cond: torch.Tensor, uncond: torch.Tensor | None, scale: 
     return cond + scale * (cond - uncond)
 
 
-__all__ = ["T_MAX", "add_noise", "euler_step", "flow_to_x0", "guided", "guided_per_sample", "guided_self_forcing",
+def boundary_scalings(timesteps: torch.Tensor, *, timestep_scaling: float, sigma_data: float = 0.5
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The consistency models' ``c_skip(t)`` and ``c_out(t)`` at ``t·timestep_scaling`` (LCM): ``c_skip(0) = 1``,
+    ``c_out(0) = 0``, so the consistency function is the identity at the boundary (``f(x, 0) = x``)."""
+    scaled = timestep_scaling * timesteps.float()
+    c_skip = sigma_data ** 2 / (scaled ** 2 + sigma_data ** 2)
+    c_out = scaled / (scaled ** 2 + sigma_data ** 2) ** 0.5
+    return c_skip, c_out
+
+
+def consistency_output(x_t: torch.Tensor, flow: torch.Tensor, timesteps: torch.Tensor, *, timestep_scaling: float
+                       ) -> torch.Tensor:
+    """``f(x_t, t) = c_skip(t)·x_t + c_out(t)·x̂0`` with ``x̂0 = x_t − σ·v`` (fp32): LCM's student output, and the
+    x̂0 rule of the few-step scheduler that samples an LCM student in stock pipelines."""
+    c_skip, c_out = boundary_scalings(timesteps, timestep_scaling=timestep_scaling)
+    x0 = flow_to_x0(x_t, flow, timesteps)
+    return per_sample(c_skip, x_t) * x_t.float() + per_sample(c_out, x_t) * x0
+
+
+__all__ = ["boundary_scalings", "consistency_output", "T_MAX", "add_noise", "euler_step", "flow_to_x0", "guided", "guided_per_sample", "guided_self_forcing",
            "per_sample", "shift_sigma", "sigma_of", "unshift_sigma"]

@@ -29,9 +29,9 @@ def test_its_loop_equals_dmds_sampler_for_the_same_noise():
     assert torch.allclose(x, ref, atol=1e-6)
 
 
-def test_it_always_samples_its_trained_timesteps(tmp_path, caplog):
+def test_it_samples_its_trained_timesteps_and_saves_them(tmp_path):
     scheduler = FewStepFlowScheduler(few_step_timesteps=STEPS)
-    scheduler.set_timesteps(30)  # a pipeline's default step count: not followed, said once
+    scheduler.set_timesteps(3)
     assert scheduler.timesteps.tolist() == [float(t) for t in STEPS]
     assert scheduler.sigmas.tolist() == pytest.approx([1.0, 0.757, 0.522, 0.0])
     scheduler.save_config(tmp_path)
@@ -43,3 +43,48 @@ def test_it_always_samples_its_trained_timesteps(tmp_path, caplog):
 def test_bad_timesteps_are_refused(steps):
     with pytest.raises(ValueError, match="few_step_timesteps"):
         FewStepFlowScheduler(few_step_timesteps=steps)
+
+
+def test_a_pipeline_step_count_other_than_the_trained_one_is_a_clear_error():
+    scheduler = FewStepFlowScheduler(few_step_timesteps=STEPS)
+    with pytest.raises(ValueError, match="trained for 3 steps .*pass num_inference_steps=3, not 50"):
+        scheduler.set_timesteps(50)  # a stock pipeline's default
+
+
+def test_its_generator_attribute_stands_in_for_the_one_stock_pipelines_do_not_pass():
+    noise = torch.randn(1, 4, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for _ in range(2):
+        scheduler = FewStepFlowScheduler(few_step_timesteps=STEPS)
+        scheduler.generator = torch.Generator().manual_seed(5)
+        torch.manual_seed(len(runs))  # the global generator differs between the runs
+        x = noise
+        for t in scheduler.timesteps:
+            x = scheduler.step(_flow(x, t.expand(1)), t, x, return_dict=False)[0]
+        runs.append(x)
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("method, config", [("dmd", {}), ("lcm", {"num_inference_steps": 4}),
+                                            ("dcm", {"multiphase": 3})])
+def test_every_methods_scheduler_reproduces_its_own_sampler(tiny_wan, method, config):
+    """The loop of a stock pipeline (``set_timesteps(K)``, the student's flow, ``step``) over the method's
+    ``distill_scheduler`` gives its ``distill_sampler``'s sample for the same noise and generator."""
+    from simpletuner_dmd.plugins import get_plugin_manager, registered_methods
+    from tests.tiny_methods import build_method, perturb_adapters
+
+    cls = registered_methods(get_plugin_manager(entry_points=False))[method].cls
+    run = build_method(tiny_wan, cls, config)
+    perturb_adapters(run.models.network)
+    noise = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    cond = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = run.method.distill_sampler()(noise, cond, None, 1.0, torch.Generator().manual_seed(9))
+        scheduler = run.method.distill_scheduler()
+        scheduler.set_timesteps(len(scheduler.config.few_step_timesteps))
+        scheduler.generator = torch.Generator().manual_seed(9)
+        x = noise
+        for t in scheduler.timesteps:
+            flow = run.family.predict_flow(run.models.network, x, t.expand(x.shape[0]), cond)
+            x = scheduler.step(flow, t, x, return_dict=False)[0]
+    assert torch.allclose(x, expected, atol=1e-5), (x - expected).abs().max()

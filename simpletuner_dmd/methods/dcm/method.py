@@ -266,6 +266,15 @@ class DCM:
     # ------------------------------------------------------------------ sampling
 
     @hookimpl
+    def distill_scheduler(self):
+        """One Euler jump per phase (``distill_sampler``'s rule). With ``mode: fine`` a stock pipeline also has to
+        switch to the detail expert at the boundary (docs/using-the-student.md); the schedule is the same."""
+        from ...fewstep_scheduler import FewStepFlowScheduler
+
+        return FewStepFlowScheduler(few_step_timesteps=[float(self.sigmas[i]) * 1000.0 for i in self.edges[:-1]],
+                                    step_rule="euler")
+
+    @hookimpl
     def distill_sampler(self):
         starts = self.edges[:-1]
 

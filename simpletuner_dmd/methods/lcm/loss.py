@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ...flow import T_MAX, per_sample, shift_sigma
+from ...flow import T_MAX, boundary_scalings, consistency_output, per_sample, shift_sigma  # noqa: F401 (re-exported)
 
 
 def skipping_schedule(num_points: int, shift: float) -> torch.Tensor:
@@ -20,25 +20,6 @@ def skipping_schedule(num_points: int, shift: float) -> torch.Tensor:
     one solver step of size ``k = 1000/N`` apart before the shift (LCM's skipping step)."""
     u = torch.arange(num_points + 1, dtype=torch.float32) / num_points
     return shift_sigma(u, shift) * T_MAX
-
-
-def boundary_scalings(timesteps: torch.Tensor, *, timestep_scaling: float, sigma_data: float = 0.5
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """LCM's ``c_skip(t)`` and ``c_out(t)`` at ``t·timestep_scaling``: ``c_skip(0) = 1``, ``c_out(0) = 0``, so the
-    consistency function is the identity at the boundary (``f(x, 0) = x``)."""
-    scaled = timestep_scaling * timesteps.float()
-    c_skip = sigma_data ** 2 / (scaled ** 2 + sigma_data ** 2)
-    c_out = scaled / (scaled ** 2 + sigma_data ** 2) ** 0.5
-    return c_skip, c_out
-
-
-def consistency_output(x_t: torch.Tensor, flow: torch.Tensor, timesteps: torch.Tensor, *, timestep_scaling: float
-                       ) -> torch.Tensor:
-    """``f(x_t, t) = c_skip(t)·x_t + c_out(t)·x̂0`` with ``x̂0 = x_t − σ·v`` (fp32)."""
-    c_skip, c_out = boundary_scalings(timesteps, timestep_scaling=timestep_scaling)
-    sigma = per_sample(timesteps / T_MAX, x_t)
-    x0 = x_t.float() - sigma * flow.float()
-    return per_sample(c_skip, x_t) * x_t.float() + per_sample(c_out, x_t) * x0
 
 
 def consistency_loss(pred: torch.Tensor, target: torch.Tensor, *, loss_type: str, huber_c: float) -> torch.Tensor:

@@ -99,6 +99,16 @@ class LCM:
     # ------------------------------------------------------------------ sampling
 
     @hookimpl
+    def distill_scheduler(self):
+        """Stock pipelines sample the student with ``distill_sampler``'s schedule and rule (x̂0 through the boundary
+        scalings, then re-noise)."""
+        from ...fewstep_scheduler import FewStepFlowScheduler
+
+        return FewStepFlowScheduler(
+            few_step_timesteps=L.sampling_timesteps(self.schedule, self.cfg["num_inference_steps"]),
+            consistency_timestep_scaling=self.cfg["timestep_scaling_factor"])
+
+    @hookimpl
     def distill_sampler(self):
         timesteps = L.sampling_timesteps(self.schedule, self.cfg["num_inference_steps"])
 
