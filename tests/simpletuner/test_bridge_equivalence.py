@@ -239,3 +239,15 @@ def test_a_checkpoint_without_the_bridge_state_is_refused(hosts, tmp_path):
 
     with pytest.raises(UserError, match=STATE_FILE):
         hosts.distiller.on_load_checkpoint(str(tmp_path))
+
+
+def test_a_validation_step_count_the_student_was_not_trained_for_is_refused_up_front(hosts):
+    from simpletuner_dmd.hosts.simpletuner.distiller import validation_steps_problem
+
+    scheduler = hosts.distiller.get_scheduler()
+    assert validation_steps_problem("dmd", scheduler, {"validation_num_inference_steps": 3}) is None
+    assert validation_steps_problem("dmd", scheduler, {"validation_num_inference_steps": 30,
+                                                       "validation_disable": True}) is None
+    problem = validation_steps_problem("dmd", scheduler, {"validation_num_inference_steps": 30})
+    assert problem == ("validation_num_inference_steps: the dmd student samples its 3 trained steps; set "
+                       "validation_num_inference_steps to 3 (got 30)")

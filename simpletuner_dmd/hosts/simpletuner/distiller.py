@@ -91,6 +91,19 @@ def as_condition(encoded: Any) -> torch.Tensor:
     return encoded
 
 
+def validation_steps_problem(method_name: str, scheduler: Any, config: Mapping[str, Any]) -> str | None:
+    """SimpleTuner's validation asks the method's scheduler for ``validation_num_inference_steps``: a count the student
+    was not trained for is refused before training (the scheduler would refuse it at the first validation)."""
+    asked = config.get("validation_num_inference_steps")
+    if scheduler is None or asked is None or config.get("validation_disable"):
+        return None
+    trained = len(scheduler.config.few_step_timesteps)
+    if int(asked) == trained:
+        return None
+    return (f"validation_num_inference_steps: the {method_name} student samples its {trained} trained steps; set "
+            f"validation_num_inference_steps to {trained} (got {asked})")
+
+
 class PluginDistiller:
     """One plugin method inside SimpleTuner's trainer. Built by the patched ``DistillerFactory.create_distiller`` with
     the same arguments SimpleTuner gives its own distillers."""
@@ -192,6 +205,7 @@ class PluginDistiller:
         self._student_loss_this_step = False
         self.skipped_student_steps = 0
         self._scheduler_logged = False
+        self._check_validation_steps(config)
         self._pre_step_hook = register_optimizer_step_pre_hook(self._before_optimizer_step)
         log(f"{method_name} serves SimpleTuner's distiller interface; family {self.family.name}; student "
             f"{'adapter ' + repr(adapter) if adapter else 'full model'}: "
@@ -353,6 +367,11 @@ class PluginDistiller:
     def get_ode_generator_provider(self):
         return None
 
+    def _check_validation_steps(self, config: Mapping[str, Any]) -> None:
+        problem = validation_steps_problem(self.method_name, self.pm.hook.distill_scheduler(), config)
+        if problem:
+            raise UserError(problem)
+
     def consumes_caption_batches(self) -> bool:
         return False
 
@@ -364,13 +383,13 @@ class PluginDistiller:
         return self.get_scheduler() is not None
 
     def get_scheduler(self, scheduler_name: str | None = None):
-        """SimpleTuner 4.x's validation puts this scheduler into its pipeline: DMD's few-step schedule and sampler
-        (``distill_scheduler``). None (LCM, DCM, a method without one): SimpleTuner keeps its own scheduler."""
+        """SimpleTuner 4.x's validation puts this scheduler into its pipeline: the method's few-step schedule and
+        step rule (``distill_scheduler``). None (a method without one): SimpleTuner keeps its own scheduler."""
         scheduler = self.pm.hook.distill_scheduler()
         if scheduler is not None and not self._scheduler_logged:
             self._scheduler_logged = True
             log(f"validation samples with {self.method_name}'s own schedule: {type(scheduler).__name__}, timesteps "
-                f"{[int(t) for t in scheduler.timesteps]}")
+                f"{', '.join(f'{float(t):g}' for t in scheduler.timesteps)}")
         return scheduler
 
     def toggle_adapter(self, enable: bool = False) -> None:
@@ -379,4 +398,4 @@ class PluginDistiller:
 
 
 __all__ = ["PluginDistiller", "STATE_FILE", "NEGATIVE_EMBEDS_ATTR", "method_config_for", "negative_prompts_for",
-           "as_condition", "parameter_count"]
+           "as_condition", "parameter_count", "validation_steps_problem"]
