@@ -202,6 +202,12 @@ class LoadingFamily(ModelFamily, Protocol):
     def euler_sampler(self, network: torch.nn.Module, *, steps: int, shift: float) -> Sampler:
         """The host's default sampler (the teacher's): Euler on the flow ODE over ``steps`` shifted σs."""
 
+    # Optional (not part of the runtime check): ``original_lora_state(lora_state, peft_config) -> dict``, the
+    # adapter in the key layout of the model's original code (Wan: ``diffusion_model.blocks.N.self_attn.q.lora_down``
+    # / ``lora_up`` / ``alpha``, which ComfyUI and published LoRAs use), raising ValueError for a module that layout
+    # cannot name; the reference host writes it beside the diffusers file. ``pipeline_class``: the name of the stock
+    # diffusers pipeline that loads the student (model cards use it; default ``DiffusionPipeline``).
+
 
 @runtime_checkable
 class Method(Protocol):
@@ -212,7 +218,9 @@ class Method(Protocol):
 
     Optional: ``config_warnings(config, family_cls, host) -> list[str]``, a static method returning one warning per
     key that does not apply with that family or host config (hosts show them at start-up); ``progress_metrics``, a
-    tuple of the log names a host's progress bar shows (DMD: ``dmd_loss``, ``fake_score_loss``)."""
+    tuple of the log names a host's progress bar shows (DMD: ``dmd_loss``, ``fake_score_loss``); ``usage_notes(config)
+    -> list[str]``, a static method returning what a user of the exported student must know beyond its schedule
+    (model cards show each as a paragraph)."""
 
     name: str  # the value of distillation_method
     summary: str  # one line for `simpletuner-dmd plugins` and the docs' key tables

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from simpletuner_dmd.hosts.reference.checkpoint import MARKER
-from tests.test_train_e2e import job  # noqa: F401 — the config-writing fixture
 
 pytestmark = pytest.mark.slow  # SIGKILL ten real runs: `pytest -m slow` or .ci/run
 

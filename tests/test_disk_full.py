@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train_e2e import job  # noqa: F401 — the config-writing fixture
 
 pytestmark = pytest.mark.slow  # three real runs on the tiny model
 

@@ -17,7 +17,7 @@ from simpletuner_dmd import docs, hookspecs, plugins
 from simpletuner_dmd.config import Key, Schema
 from simpletuner_dmd.errors import PluginError, UserError
 from simpletuner_dmd.hookspecs import hookimpl
-from simpletuner_dmd.hosts.reference import trainer, validation
+from simpletuner_dmd.hosts.reference import export, trainer, validation
 from simpletuner_dmd.hosts.reference.host_schema import HOST_SCHEMA
 from simpletuner_dmd.plugins import get_plugin_manager, registered_families, registered_methods
 
@@ -66,7 +66,8 @@ def test_hookspec_is_in_the_call_order_block(name):
 
 @pytest.mark.parametrize("name", HOOKS)
 def test_hookspec_is_used_by_the_reference_trainer(name):
-    source = inspect.getsource(trainer) + inspect.getsource(validation)  # the host's loop and its validation
+    # the host's loop, its validation and its export
+    source = inspect.getsource(trainer) + inspect.getsource(validation) + inspect.getsource(export)
     if name in REGISTRATION_HOOKS:
         # called through plugins.registered_* (which the trainer's load_config uses), and named in the trainer
         assert re.search(rf"\b{name}\b", source), name

@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_train_e2e import job  # noqa: F401 — the config-writing fixture
 
 pytestmark = pytest.mark.slow  # two accelerate launches: `pytest -m slow` or .ci/run
 

@@ -15,7 +15,6 @@ from simpletuner_dmd.cli import main
 from simpletuner_dmd.hosts.reference.trainer import train
 from simpletuner_dmd.methods.dmd import loss as L
 from simpletuner_dmd.nonfinite import NonFiniteError
-from tests.test_train_e2e import job  # noqa: F401 — the config-writing fixture
 
 
 class Logs:

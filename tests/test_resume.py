@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 
 from simpletuner_dmd import hookimpl
 from simpletuner_dmd.hosts.reference.trainer import train
-from tests.test_train_e2e import job  # noqa: F401 — the config-writing fixture
 
 N = 3
 

@@ -24,7 +24,6 @@ import pytest
 
 from simpletuner_dmd.cli import main
 from tests.repo_tree import repo_files
-from tests.test_train_e2e import job  # noqa: F401  (the fixture: a config with every path inside tmp_path)
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "simpletuner_dmd"

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -49,30 +47,6 @@ class Recorder:
     @hookimpl(tryfirst=True)
     def distill_sampler(self):
         self.calls.append("sampler")
-
-
-@pytest.fixture()
-def job(tmp_path, tiny_wan, tiny_dataset):
-    """Write a config shaped like the example, with every path inside tmp_path; returns a writer of overrides."""
-    data = tmp_path / "data"
-    shutil.copytree(tiny_dataset, data)
-    backends = json.loads((REPO / "config_examples/tiny-wan-dmd/multidatabackend.json").read_text())
-    for b in backends:
-        if "instance_data_dir" in b:
-            b["instance_data_dir"] = str(data)
-        b["cache_dir"] = str(tmp_path / "cache" / b["id"])
-    (tmp_path / "backends.json").write_text(json.dumps(backends))
-    base = json.loads((REPO / "config_examples/tiny-wan-dmd/config.json").read_text())
-    base.update(pretrained_model_name_or_path=str(tiny_wan), pretrained_t5_model_name_or_path=str(tiny_wan),
-                data_backend_config=str(tmp_path / "backends.json"), output_dir=str(tmp_path / "out"),
-                report_to="none", validation_num_video_frames=5, validation_resolution="32x32")
-
-    def write(**overrides) -> Path:
-        path = tmp_path / "config.json"
-        path.write_text(json.dumps({**base, **overrides}))
-        return path
-
-    return write
 
 
 def test_hook_order_checkpoint_lora_and_resume(job, tiny_wan, tmp_path):

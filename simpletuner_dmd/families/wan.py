@@ -30,10 +30,38 @@ class WanComponents:
     tokenizer: Any
 
 
+_ORIGINAL_PARTS = {"attn1": "self_attn", "attn2": "cross_attn", "to_q": "q", "to_k": "k", "to_v": "v",
+                   "to_out.0": "o", "add_k_proj": "k_img", "add_v_proj": "v_img", "ffn.net.0.proj": "ffn.0",
+                   "ffn.net.2": "ffn.2"}
+
+
+def _original_name(module: str) -> str | None:
+    """``blocks.3.attn1.to_out.0`` → ``blocks.3.self_attn.o``; ``blocks.3.ffn.net.0.proj`` → ``blocks.3.ffn.0``."""
+    import re
+
+    m = re.fullmatch(r"blocks\.(\d+)\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0|add_k_proj|add_v_proj)", module)
+    if m:
+        return f"blocks.{m[1]}.{_ORIGINAL_PARTS[m[2]]}.{_ORIGINAL_PARTS[m[3]]}"
+    m = re.fullmatch(r"blocks\.(\d+)\.(ffn\.net\.0\.proj|ffn\.net\.2)", module)
+    if m:
+        return f"blocks.{m[1]}.{_ORIGINAL_PARTS[m[2]]}"
+    return None
+
+
+def _peft_scale(peft_config: Any) -> float:
+    """The factor peft multiplies ``B·A`` by: ``alpha / r`` (``alpha / √r`` with rsLoRA); per-module rank or alpha
+    patterns are refused (the written ``alpha`` is one number per module, computed from the one scale)."""
+    if getattr(peft_config, "rank_pattern", None) or getattr(peft_config, "alpha_pattern", None):
+        raise ValueError("per-module rank_pattern/alpha_pattern: the original-layout export supports one rank")
+    r, alpha = peft_config.r, peft_config.lora_alpha
+    return alpha / r ** 0.5 if getattr(peft_config, "use_rslora", False) else alpha / r
+
+
 class WanFamily:
     name = "wan"
     summary = "Wan 2.1 T2V (diffusers WanTransformer3DModel), bidirectional, flow matching"
     causal = False
+    pipeline_class = "WanPipeline"  # the stock diffusers pipeline that loads the student (model cards name it)
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
     frame_stride = 4  # the VAE compresses time 4x: clips of 1 + 4k frames become 1 + k latent frames
     size_multiple = 16  # the VAE downsamples 8x and the transformer patches 2x2 latents
@@ -146,6 +174,29 @@ class WanFamily:
         WanPipeline.save_lora_weights(str(folder), transformer_lora_layers=lora_state,
                                       transformer_lora_adapter_metadata=metadata)
         return Path(folder) / "pytorch_lora_weights.safetensors"
+
+    def original_lora_state(self, lora_state: dict[str, torch.Tensor], peft_config: Any) -> dict[str, torch.Tensor]:
+        """The adapter in the original Wan layout that ComfyUI and most published Wan LoRAs use:
+        ``diffusion_model.blocks.N.self_attn.q.lora_down.weight`` / ``lora_up.weight`` / ``alpha`` (a scalar, so
+        that ``alpha / rank`` is peft's scale). diffusers converts it on load (``_convert_non_diffusers_wan_lora_to_
+        diffusers``). A module with no original name (outside the blocks' attention and feed-forward layers) raises
+        ``ValueError`` naming it."""
+        scale = _peft_scale(peft_config)
+        out: dict[str, torch.Tensor] = {}
+        for key, tensor in lora_state.items():
+            module, sep, tail = key.partition(".lora_A.") if ".lora_A." in key else key.partition(".lora_B.")
+            if not sep or tail != "weight":
+                raise ValueError(f"{key}: not a LoRA A/B weight; the original Wan layout has no name for it")
+            original = _original_name(module)
+            if original is None:
+                raise ValueError(f"{module}: no original Wan name for this module (the original layout covers the "
+                                 "blocks' attention and feed-forward layers)")
+            if ".lora_A." in key:
+                out[f"diffusion_model.{original}.lora_down.weight"] = tensor
+                out[f"diffusion_model.{original}.alpha"] = torch.tensor(scale * tensor.shape[0], dtype=torch.float32)
+            else:
+                out[f"diffusion_model.{original}.lora_up.weight"] = tensor
+        return out
 
     def euler_sampler(self, network: torch.nn.Module, *, steps: int, shift: float):
         """The host's default sampler (the teacher's): Euler on the flow ODE over ``steps`` shifted σs, standard CFG."""

@@ -42,6 +42,7 @@ from ...nonfinite import NonFiniteGuard
 from ...plugins import get_plugin_manager
 from ...types import Batch, RunContext, StepInfo, StepLoss, step_generator
 from .run_config import RunConfig, load_config
+from .export import Export, export_student
 from .validation import Validator
 
 STUDENT_ADAPTER = "student"
@@ -198,6 +199,7 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
     progress = tqdm(total=max_steps, initial=state["global_step"], desc="training",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
     network.train()
+    logs: dict[str, float] = {}
     try:  # the bar is closed on the way out too, so an error line starts on a line of its own
         while state["global_step"] < max_steps:
             step_logs: dict[str, list[float]] = {}
@@ -256,10 +258,15 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
     finally:
         progress.close()
 
-    # ---- 7. the student, in a format users load with diffusers
+    # ---- 7. the student, in the formats users load (diffusers, the original layout), with its model card
     if accelerator.is_main_process:
+        export = Export(method_name=rc.method_name, method_cls=rc.method_cls, method_config=rc.method_config,
+                        steps=state["global_step"], final_logs=logs,
+                        sample=validate.last_student_sample, student_lora=lambda: _student_lora(models),
+                        peft_config=models.network.peft_config.get(STUDENT_ADAPTER)
+                        if host["model_type"] == "lora" else None)
         with _disk_space("the final export", out):
-            _export(job)
+            export_student(job, export, log=log)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     log(f"done: {state['global_step']} steps; student written to {out}")
@@ -545,28 +552,6 @@ def _student_lora(models) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
     return get_peft_model_state_dict(models.network, adapter_name=STUDENT_ADAPTER)
-
-
-def _export(job: Job) -> None:
-    """The final student, each file or folder written beside its destination first and renamed into place, so a
-    crash never leaves a half-written export under its final name. The method's scheduler for stock pipelines, when
-    it has one, goes to ``scheduler/`` beside the weights."""
-    out, models, family, host, ema = job.out, job.models, job.family, job.host, job.ema
-    scheduler = job.pm.hook.distill_scheduler()
-    if scheduler is not None:
-        write_into(out, "scheduler", lambda tmp: scheduler.save_config(tmp / "scheduler"))
-    if host["model_type"] == "lora":
-        config = models.network.peft_config[STUDENT_ADAPTER]
-        write_into(out, "pytorch_lora_weights.safetensors",
-                   lambda tmp: family.save_lora(_student_lora(models), tmp, config))
-        if ema is not None:
-            with ema.swap_into():
-                write_into(out / "ema", "pytorch_lora_weights.safetensors",
-                           lambda tmp: family.save_lora(_student_lora(models), tmp, config))
-        log(f"student LoRA: {out / 'pytorch_lora_weights.safetensors'}")
-    else:
-        write_into(out, "transformer", lambda tmp: models.network.save_pretrained(tmp / "transformer"))
-        log(f"student transformer: {out / 'transformer'}")
 
 
 # --------------------------------------------------------------------------- trackers

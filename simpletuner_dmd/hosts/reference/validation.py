@@ -1,6 +1,7 @@
 """The reference host's validation: samples for each validation prompt with the method's sampler (``distill_sampler``,
 or the host's Euler sampler for plain fine-tuning), saved as PNG frames and a GIF under
-``output_dir/validation/step-N/<prompt>/<student|ema|teacher>/`` and logged to the trackers.
+``output_dir/validation/step-N/<prompt>/<student|ema|teacher>/`` (with the undecoded ``latents.safetensors``) and
+logged to the trackers.
 
 The teacher's reference sample (Euler, ``validation_num_inference_steps``, the base with its adapters off) is made
 once, at the first validation of a distillation run. Validation runs on the main process alone and calls the bare
@@ -31,6 +32,7 @@ class Validator:
                                          height=host["validation_resolution"][1],
                                          frames=host["validation_num_video_frames"])
         self.teacher_pending = distilling  # the teacher's reference sample, once
+        self.last_student_sample: Path | None = None  # the latest round's first student (or EMA) sample
 
     def __call__(self, step: int) -> Path | None:
         """The folder the samples went to (None on the other processes, or with no validation prompt)."""
@@ -40,12 +42,18 @@ class Validator:
         network.eval()
         folder = self.out / "validation" / f"step-{step}"
         images = {}
+        first_student = None
         with torch.no_grad():
             for prompt_name, cond in self.prompt_conds.items():
                 for variant, sampler in self._samplers().items():
-                    pixels = self.family.decode_latents(self.components, self._sample(sampler, cond))
+                    latents = self._sample(sampler, cond)
+                    target = folder / prompt_name / variant
                     images[f"validation/{prompt_name}/{variant}"] = save_sample(
-                        pixels[0], folder / prompt_name / variant)
+                        self.family.decode_latents(self.components, latents)[0], target)
+                    save_latents(target / "latents.safetensors", latents, seed=self.seed)
+                    if first_student is None and variant != "teacher":
+                        first_student = images[f"validation/{prompt_name}/{variant}"]
+        self.last_student_sample = first_student
         self.teacher_pending = False
         network.train()
         log_media(self.accelerator, images, step)
@@ -90,6 +98,16 @@ class Validator:
         return sampler(noise, cond, self.negative_cond, self.host["validation_guidance"], generator)
 
 
+def save_latents(path: Path, latents: torch.Tensor, *, seed: int) -> None:
+    """The sample's final latents (``latents``, before decoding) and its seed, to compare other samplers against."""
+    from safetensors.torch import save_file
+
+    from ...atomic import write_file
+
+    write_file(path, lambda tmp: save_file({"latents": latents.detach().float().cpu().contiguous()}, tmp,
+                                           metadata={"seed": str(seed)}))
+
+
 def log_media(accelerator, images: dict[str, Path], step: int) -> None:
     """The saved samples to the trackers: wandb (images, GIFs as videos) and tensorboard (the first frame)."""
     for tracker in accelerator.trackers:
@@ -107,4 +125,4 @@ def log_media(accelerator, images: dict[str, Path], step: int) -> None:
                 tracker.writer.add_image(key, first, step, dataformats="HWC")
 
 
-__all__ = ["Validator", "log_media"]
+__all__ = ["Validator", "log_media", "save_latents"]

@@ -265,6 +265,15 @@ class DCM:
 
     # ------------------------------------------------------------------ sampling
 
+    @staticmethod
+    def usage_notes(config) -> list[str]:
+        """What a user of the exported student must know beyond its schedule (the model card shows it)."""
+        if config.get("mode") != "fine":
+            return []
+        return ["`mode: fine` trained a second (detail) adapter for the phases after the boundary. A stock pipeline "
+                "with this LoRA alone samples the semantic expert throughout; the reference host's validation samples "
+                "switch to the detail expert at the boundary as training did."]
+
     @hookimpl
     def distill_scheduler(self):
         """One Euler jump per phase (``distill_sampler``'s rule). With ``mode: fine`` a stock pipeline also has to

@@ -1,0 +1,220 @@
+"""The reference host's final export: what a user takes away from ``output_dir``.
+
+- ``scheduler/``: the method's scheduler for stock pipelines (``distill_scheduler``), when it has one;
+- ``pytorch_lora_weights.safetensors``: the student in the diffusers layout (``WanPipeline.load_lora_weights``);
+- ``<family>_<method>_<K>step_lora_rank<r>.safetensors``: the same student in the family's original layout (ComfyUI
+  and most published LoRAs), when the family writes one (``original_lora_state``);
+- ``ema/``: both files again for the EMA weights;
+- ``README.md``: the model card (hub format, YAML metadata first).
+
+Every file or folder is written beside its destination and renamed into place (``atomic``), so a crash never leaves a
+half-written export under its final name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ...atomic import write_file, write_into
+from ...flow import boundary_scalings
+
+
+@dataclass
+class Export:
+    """What a run hands over to be exported (besides the trained networks in ``job``)."""
+
+    method_name: str | None
+    method_cls: type | None
+    method_config: dict[str, Any]
+    steps: int  # optimizer steps trained
+    student_lora: Callable[[], dict[str, torch.Tensor]] | None = None  # the student adapter's state (model_type lora)
+    peft_config: Any = None  # and its peft config
+    final_logs: dict[str, float] = field(default_factory=dict)
+    sample: Path | None = None  # the last validation sample of the student (GIF or PNG), if any
+
+
+def export_student(job: Any, export: Export, *, log=print) -> list[Path]:
+    """Write everything listed in the module docstring; returns the files and folders written."""
+    out, models, family, host, ema = job.out, job.models, job.family, job.host, job.ema
+    written: list[Path] = []
+    scheduler = job.pm.hook.distill_scheduler()
+    if scheduler is not None:
+        write_into(out, "scheduler", lambda tmp: scheduler.save_config(tmp / "scheduler"))
+        written.append(out / "scheduler")
+    original_name = None
+    if host["model_type"] == "lora":
+        config = export.peft_config
+        original_name = original_lora_name(family.name, export.method_name, scheduler, config.r)
+        variants = [(out, None)] + ([(out / "ema", ema)] if ema is not None else [])
+        for folder, swap in variants:
+            with (swap.swap_into() if swap is not None else _nothing()):
+                state = export.student_lora()
+                write_into(folder, "pytorch_lora_weights.safetensors",
+                           lambda tmp: family.save_lora(state, tmp, config))
+                written.append(folder / "pytorch_lora_weights.safetensors")
+                if original_name and _write_original(family, state, config, folder / original_name, export, log):
+                    written.append(folder / original_name)
+        if original_name and not (out / original_name).is_file():
+            original_name = None
+        log(f"student LoRA: {out / 'pytorch_lora_weights.safetensors'}"
+            + (f" (original layout: {original_name})" if original_name else ""))
+    else:
+        write_into(out, "transformer", lambda tmp: models.network.save_pretrained(tmp / "transformer"))
+        written.append(out / "transformer")
+        log(f"student transformer: {out / 'transformer'}")
+    card = model_card(host=host, family=family, export=export, scheduler=scheduler, original_name=original_name,
+                      out=out, has_ema=ema is not None)
+    write_file(out / "README.md", lambda tmp: Path(tmp).write_text(card, encoding="utf-8"))
+    written.append(out / "README.md")
+    return written
+
+
+def original_lora_name(family_name: str, method_name: str | None, scheduler: Any, rank: int) -> str:
+    """Named like the published few-step LoRAs: family, method, steps, rank (``wan_dmd_3step_lora_rank16``)."""
+    parts = [family_name.replace(" ", "_")]
+    if method_name:
+        parts.append(method_name)
+    if scheduler is not None:
+        parts.append(f"{len(scheduler.config.few_step_timesteps)}step")
+    return "_".join(parts) + f"_lora_rank{rank}.safetensors"
+
+
+def _write_original(family, state, config, path: Path, export: Export, log) -> bool:
+    convert = getattr(family, "original_lora_state", None)
+    if convert is None:
+        return False
+    try:
+        original = convert(state, config)
+    except ValueError as exc:  # a module the original layout has no name for: the diffusers file still serves
+        log(f"warning: no original-layout LoRA ({exc})")
+        return False
+    from safetensors.torch import save_file
+
+    metadata = {"format": "pt", "simpletuner_dmd_method": export.method_name or "none"}
+    write_file(path, lambda tmp: save_file({k: v.contiguous() for k, v in original.items()}, tmp, metadata=metadata))
+    return True
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --------------------------------------------------------------------------- the model card
+
+
+def _yaml_list(items: list[str]) -> str:
+    return "\n".join(f"- {json.dumps(item)}" for item in items)
+
+
+def model_card(*, host: dict, family: Any, export: Export, scheduler: Any, original_name: str | None, out: Path,
+               has_ema: bool) -> str:
+    """The hub's model card format: YAML metadata, then how to use the student (diffusers and ComfyUI), its
+    schedule, the validation sample and the training figures."""
+    base = host["pretrained_model_name_or_path"] or ""
+    method = export.method_name
+    video = host["validation_num_video_frames"] > 1
+    tags = ["lora" if host["model_type"] == "lora" else "full-finetune", "diffusers", "simpletuner-dmd",
+            "text-to-video" if video else "text-to-image", family.name]
+    if method:
+        tags += ["distillation", method]
+    lines = ["---", f"base_model: {json.dumps(base)}", "library_name: diffusers", "license: other",
+             f"pipeline_tag: {'text-to-video' if video else 'text-to-image'}", "tags:", _yaml_list(tags), "---", ""]
+    title = f"{family.name} {method.upper() if method else 'LoRA'} student" + (
+        f", {len(scheduler.config.few_step_timesteps)} steps" if scheduler is not None else "")
+    lines += [f"# {title}", "", f"Trained with [simpletuner-dmd](https://pypi.org/project/simpletuner-dmd/) from "
+              f"`{base}` ({export.steps} optimizer steps" + (f", `distillation_method: {method}`" if method else "")
+              + ").", ""]
+
+    if scheduler is not None:
+        cfg = scheduler.config
+        timesteps = [float(t) for t in cfg.few_step_timesteps]
+        sigmas = [t / float(cfg.num_train_timesteps) for t in timesteps] + [0.0]
+        rule = {"x0_renoise": "predict x̂0, then re-noise to the next σ with fresh noise (the last step returns x̂0)",
+                "euler": "one Euler step of the flow ODE from each σ to the next"}[cfg.step_rule]
+        lines += ["## Sampling settings", "", "| setting | value |", "| --- | --- |",
+                  f"| steps | {len(timesteps)} (no other count: the student was trained for these) |",
+                  f"| timesteps | {', '.join(f'{t:g}' for t in timesteps)} |",
+                  f"| σ list | {', '.join(f'{s:.4g}' for s in sigmas)} |",
+                  "| shift | none: the σ list above is explicit (σ = t / 1000); a scheduler's shift must not be "
+                  "applied on top |",
+                  f"| step rule | {rule} |",
+                  "| guidance | 1 (CFG off: the teacher's guidance is distilled into the student) |",
+                  "| LoRA strength | 1.0 |"]
+        if cfg.consistency_timestep_scaling is not None:
+            c_skip, _ = boundary_scalings(torch.tensor([min(timesteps)]),
+                                          timestep_scaling=float(cfg.consistency_timestep_scaling))
+            lines.append(f"| x̂0 rule | LCM's boundary scalings at timestep_scaling "
+                         f"{cfg.consistency_timestep_scaling:g} (c_skip ≤ {float(c_skip):.2g} at these timesteps) |")
+        lines += [""]
+        notes = getattr(export.method_cls, "usage_notes", None)
+        for note in (notes(export.method_config) if notes else []):
+            lines += [note, ""]
+
+    pipeline_cls = getattr(family, "pipeline_class", "DiffusionPipeline")
+    lines += ["## Use it in diffusers", "", "```python", "import torch", f"from diffusers import {pipeline_cls}"]
+    if scheduler is not None:
+        lines.append("from simpletuner_dmd.fewstep_scheduler import FewStepFlowScheduler")
+    lines += ["", f"pipe = {pipeline_cls}.from_pretrained({json.dumps(base)})",
+              'pipe.load_lora_weights("path/to/this/folder")  # pytorch_lora_weights.safetensors']
+    call = [f'    prompt={json.dumps(host["validation_prompt"] or "a prompt")},']
+    if scheduler is not None:
+        lines.append('pipe.scheduler = FewStepFlowScheduler.from_pretrained("path/to/this/folder", '
+                     'subfolder="scheduler")')
+        call += [f"    num_inference_steps={len(scheduler.config.few_step_timesteps)},", "    guidance_scale=1.0,"]
+    w, h = host["validation_resolution"]
+    call += [f"    width={w}, height={h},"] + ([f"    num_frames={host['validation_num_video_frames']},"] if video
+                                               else [])
+    lines += ["frames = pipe(", *call, ").frames[0]", "```", ""]
+    if scheduler is not None:
+        lines += ["Stock pipelines pass no generator to the scheduler's fresh noise: set `pipe.scheduler.generator = "
+                  "torch.Generator().manual_seed(…)` to make a sample reproducible.", ""]
+
+    lines += ["## Use it in ComfyUI", ""]
+    if original_name:
+        lines += [f"Load `{original_name}` (the original key layout of the model's own code) with *LoraLoaderModelOnly*, strength 1.0."]
+        if scheduler is not None:
+            sampler = "lcm" if scheduler.config.step_rule == "x0_renoise" else "euler"
+            lines += [f"Sample with *SamplerCustom*: sampler `{sampler}` (its step is this student's step rule), "
+                      f"cfg 1.0, and the σ list above as the sigmas (a manual-sigmas node), so that no shift or "
+                      "scheduler reshapes it."]
+        lines += ["", "(This layout is the one diffusers converts on load, which the tests check; ComfyUI itself was "
+                  "not run where this was made.)", ""]
+    else:
+        lines += ["No original-layout file was written for this student (see the training log).", ""]
+
+    if export.sample is not None:
+        rel = export.sample.relative_to(out) if export.sample.is_relative_to(out) else export.sample
+        lines += ["## Validation sample", "", f"![validation sample]({rel.as_posix()})", "",
+                  f"Prompt: {json.dumps(host['validation_prompt'])}, seed "
+                  f"{host['validation_seed'] if host['validation_seed'] is not None else host['seed']}.", ""]
+
+    lines += ["## Training", "", "| setting | value |", "| --- | --- |",
+              f"| family | {family.name} |", f"| model_type | {host['model_type']} |",
+              f"| LoRA rank / alpha | {host['lora_rank']} / {host['lora_alpha'] or host['lora_rank']} |",
+              f"| optimizer steps | {export.steps} |", f"| learning rate | {host['learning_rate']:g} |",
+              f"| batch size × accumulation | {host['train_batch_size']} × {host['gradient_accumulation_steps']} |"]
+    for key, value in sorted(export.method_config.items()):
+        lines.append(f"| {method}.{key} | {_cell(value)} |")
+    if export.final_logs:
+        lines += ["", "Last step's figures:", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.5g} |" for k, v in sorted(export.final_logs.items()) if not k.startswith("passes/")]
+    if has_ema:
+        lines += ["", "`ema/` holds the EMA weights in both layouts."]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    text = ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+    return text.replace("|", "\\|")
+
+
+__all__ = ["Export", "export_student", "model_card", "original_lora_name"]

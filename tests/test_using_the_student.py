@@ -1,0 +1,133 @@
+"""The student where users run it: stock diffusers with the saved scheduler reproduces the reference host's validation
+sample, the original-layout LoRA loads through diffusers' own converter with the same outputs, and the model card's
+code runs."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from simpletuner_dmd.fewstep_scheduler import FewStepFlowScheduler
+from simpletuner_dmd.hosts.reference.trainer import train
+
+EXACT = dict(base_model_precision="no_change", mixed_precision="no", optimizer="adamw", validation_guidance=1.0,
+             validation_seed=42)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_wan, tiny_dataset):
+    """One DMD run of 2 steps with EMA and a validation at the end (fp32 base, so the stock pipeline's base is the
+    student's own)."""
+    import shutil
+
+    from tests.conftest import REPO
+
+    root = tmp_path_factory.mktemp("student")
+    shutil.copytree(tiny_dataset, root / "data")
+    backends = json.loads((REPO / "config_examples/tiny-wan-dmd/multidatabackend.json").read_text())
+    for b in backends:
+        if "instance_data_dir" in b:
+            b["instance_data_dir"] = str(root / "data")
+        b["cache_dir"] = str(root / "cache" / b["id"])
+    (root / "backends.json").write_text(json.dumps(backends))
+    config = json.loads((REPO / "config_examples/tiny-wan-dmd/config.json").read_text())
+    config.update(pretrained_model_name_or_path=str(tiny_wan), pretrained_t5_model_name_or_path=str(tiny_wan),
+                  data_backend_config=str(root / "backends.json"), output_dir=str(root / "out"), report_to="none",
+                  validation_num_video_frames=5, validation_resolution="32x32", max_train_steps=2,
+                  checkpoint_step_interval=0, validation_step_interval=0, use_ema=True, ema_update_interval=1,
+                  ema_validation="comparison", lr_warmup_steps=0, learning_rate=1e-2, **EXACT)
+    (root / "config.json").write_text(json.dumps(config))
+    out = train(root / "config.json")
+    return out, config
+
+
+def _pipe(tiny_wan):
+    from diffusers import WanPipeline
+
+    return WanPipeline.from_pretrained(str(tiny_wan))
+
+
+def test_stock_wan_pipeline_with_the_saved_scheduler_reproduces_the_validation_sample(trained, tiny_wan):
+    out, config = trained
+    folder = out / "validation" / "step-2" / "validation" / "student"
+    expected = load_file(str(folder / "latents.safetensors"))["latents"]
+
+    pipe = _pipe(tiny_wan)
+    pipe.load_lora_weights(str(out))
+    pipe.scheduler = FewStepFlowScheduler.from_pretrained(str(out), subfolder="scheduler")
+    generator = torch.Generator().manual_seed(config["validation_seed"])  # what the validation draws, in order:
+    noise = torch.randn(expected.shape, generator=generator)  # the starting noise, then each re-noise
+    pipe.scheduler.generator = generator
+    kwargs = dict(prompt=config["validation_prompt"], guidance_scale=1.0, num_inference_steps=3, width=32, height=32,
+                  num_frames=5)
+    latents = pipe(latents=noise, output_type="latent", **kwargs).frames
+    assert latents.shape == expected.shape
+    assert torch.allclose(latents, expected, atol=1e-5, rtol=0), (latents - expected).abs().max()
+
+    # decoded, it is the saved frames up to their 8-bit rounding
+    generator = torch.Generator().manual_seed(config["validation_seed"])
+    noise = torch.randn(expected.shape, generator=generator)
+    pipe.scheduler.generator = generator
+    video = pipe(latents=noise, output_type="np", **kwargs).frames[0]  # (F, H, W, 3) in [0, 1]
+    saved = np.stack([np.asarray(Image.open(folder / f"frame-{i:03d}.png").convert("RGB")) for i in range(5)])
+    assert np.abs(video * 255 - saved.astype(np.float64)).max() <= 0.5 + 1e-3
+
+    # another step count is a clear error, never a silent guess
+    with pytest.raises(ValueError, match="trained for 3 steps"):
+        pipe(latents=noise, output_type="latent", **{**kwargs, "num_inference_steps": 50})
+
+
+def _transformer_output(pipe):
+    g = torch.Generator().manual_seed(0)
+    x, cond = torch.randn(1, 16, 2, 4, 4, generator=g), torch.randn(1, 8, 32, generator=g)
+    with torch.no_grad():
+        return pipe.transformer(hidden_states=x, timestep=torch.tensor([700.0]), encoder_hidden_states=cond,
+                                return_dict=False)[0]
+
+
+@pytest.mark.parametrize("variant", ["", "ema"])
+def test_the_original_layout_loads_through_diffusers_with_the_same_outputs(trained, tiny_wan, variant):
+    out, config = trained
+    folder = out / variant if variant else out
+    name = f"wan_dmd_3step_lora_rank{config['lora_rank']}.safetensors"
+    original = load_file(str(folder / name))
+    assert original and all(k.startswith("diffusion_model.blocks.") for k in original)
+    assert any(k.endswith(".self_attn.q.lora_down.weight") for k in original)
+    assert all(original[k].item() == config["lora_alpha"] for k in original if k.endswith(".alpha"))
+
+    base = _transformer_output(_pipe(tiny_wan))
+    outputs = {}
+    for weight_name in ("pytorch_lora_weights.safetensors", name):
+        pipe = _pipe(tiny_wan)
+        pipe.load_lora_weights(str(folder), weight_name=weight_name)
+        outputs[weight_name] = _transformer_output(pipe)
+    diffusers_out, original_out = outputs.values()
+    assert not torch.allclose(diffusers_out, base, atol=1e-4)  # the LoRA does something
+    assert torch.allclose(original_out, diffusers_out, atol=1e-6, rtol=0), (original_out - diffusers_out).abs().max()
+
+
+def test_the_model_card_has_hub_metadata_and_code_that_runs(trained, tiny_wan):
+    import yaml
+
+    out, config = trained
+    card = (out / "README.md").read_text()
+    front, body = card.split("---\n", 2)[1:]
+    meta = yaml.safe_load(front)
+    assert meta["base_model"] == str(tiny_wan) and meta["library_name"] == "diffusers"
+    assert {"lora", "distillation", "dmd", "text-to-video"} <= set(meta["tags"])
+    for text in ("| steps | 3", "| timesteps | 1000, 757, 522 |", "| σ list | 1, 0.757, 0.522, 0 |",
+                 "| guidance | 1", "| LoRA strength | 1.0 |", "wan_dmd_3step_lora_rank16.safetensors", "sampler `lcm`",
+                 "![validation sample](validation/step-2/validation/student/sample.gif)", "| dmd.dmd_denoising_steps |"):
+        assert text in body, text
+    assert (out / "validation/step-2/validation/student/sample.gif").is_file()
+
+    code = re.search(r"```python\n(.*?)```", body, re.S).group(1).replace("path/to/this/folder", str(out))
+    scope: dict = {}
+    exec(compile(code, "model-card", "exec"), scope)  # noqa: S102 — the card's own example, on the tiny model
+    assert scope["frames"].shape == (5, 32, 32, 3)
