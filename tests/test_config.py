@@ -87,11 +87,7 @@ def problems_of(raw, pm) -> list[str]:
 
 
 # Written out, not derived from SEED_KEYS_NOT_SUPPORTED: the seed keys this host does not implement.
-SEED_UNSUPPORTED = {
-    "aspect_bucket_rounding", "compress_disk_cache", "delete_problematic_images", "disable_benchmark",
-    "disable_bucket_pruning", "hub_model_id", "ignore_final_epochs", "minimum_image_size",
-    "push_checkpoints_to_hub", "push_to_hub", "webhook_config",
-}
+SEED_UNSUPPORTED = {"hub_model_id", "push_checkpoints_to_hub", "push_to_hub", "webhook_config"}
 
 
 def test_seed_config_validates_with_exactly_the_expected_warnings(seed_config, pm):
@@ -410,5 +406,5 @@ def test_quickstart_backend_file_validates_with_warnings_for_unimplemented_keys(
     warned: list[str] = []
     backends = load_backend_config(QUICKSTART / "multidatabackend.json", warn=warned.append)
     assert [b["dataset_type"] for b in backends] == ["video", "text_embeds"]
-    for key in ("crop", "frame_interval", "minimum_image_size"):
+    for key in ("crop", "frame_interval"):
         assert sum(f"'{key}'" in w for w in warned) == 1, (key, warned)

@@ -136,13 +136,13 @@ def test_all_problems_are_reported_at_once(tmp_path):
 
 
 def test_unimplemented_keys_warn_once_each_naming_key_and_backend(tmp_path):
-    config = backends(tmp_path, tmp_path / "cache", crop=True, minimum_image_size=32, metadata_backend="discovery")
+    config = backends(tmp_path, tmp_path / "cache", crop=True, frame_interval=2, metadata_backend="discovery")
     config[1]["video"] = {"num_frames": 9, "min_frames": 9}
     config[2]["write_batch_size"] = 128
     config[0]["resolutoin"] = 64
     messages: list[str] = []
     validate_backends(config, warn=messages.append)
-    for backend, key in [("images", "'crop'"), ("videos", "'crop'"), ("images", "'minimum_image_size'"),
+    for backend, key in [("images", "'crop'"), ("videos", "'crop'"), ("images", "'frame_interval'"),
                          ("videos", "'metadata_backend'"), ("videos", "'video.min_frames'"),
                          ("text", "'write_batch_size'")]:  # fmt: skip
         assert sum(f"backend '{backend}'" in m and key in m for m in messages) == 1, (backend, key, messages)
@@ -190,18 +190,56 @@ def test_resize_keeps_aspect_and_crops_to_multiples_of_16(tmp_path, resolution_t
     assert torch.allclose(pixels[0], torch.ones(())) and torch.allclose(pixels[1:], -torch.ones(()))
 
 
-def test_truncated_png_is_a_data_error_naming_the_file(dataset_copy, tmp_path):
-    png = dataset_copy / "image_002.png"
+@pytest.mark.parametrize("delete", [False, True])
+def test_damaged_files_are_skipped_reported_and_deleted_only_when_asked(dataset_copy, tmp_path, delete):
+    png, gif = dataset_copy / "image_002.png", dataset_copy / "video_003.gif"
     png.write_bytes(png.read_bytes()[:200])
-    with pytest.raises(DataError, match=r"image_002\.png: cannot decode"):
-        build(backends(dataset_copy, tmp_path / "cache"))
-
-
-def test_truncated_gif_is_a_data_error_naming_the_file(dataset_copy, tmp_path):
-    gif = dataset_copy / "video_003.gif"
     gif.write_bytes(gif.read_bytes()[:20])
-    with pytest.raises(DataError, match=r"video_003\.gif: cannot decode"):
-        build(backends(dataset_copy, tmp_path / "cache"))
+    warned: list[str] = []
+    dataset, _ = build(backends(dataset_copy, tmp_path / "cache"), warn=warned.append, delete_problematic=delete)
+    assert len(dataset) == 8 and str(png) not in {e.path for e in dataset.entries}
+    report = {Path(item["path"]).name: item for item in dataset.skipped}
+    assert set(report) == {"image_002.png", "video_003.gif"}
+    assert all("cannot decode" in item["reason"] and item["deleted"] is delete for item in report.values())
+    assert png.exists() is not delete and gif.exists() is not delete
+    assert sum("skipped" in w and "image_002.png" in w for w in warned) == 1
+
+
+def test_minimum_image_size_skips_small_media_and_never_deletes_them(dataset_copy, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (40, 24), "red").save(dataset_copy / "small.png")
+    (dataset_copy / "small.txt").write_text("a small red image")
+    dataset, _ = build(backends(dataset_copy, tmp_path / "cache"), warn=lambda m: None, delete_problematic=True)
+    assert len(dataset) == 11  # nothing skipped without a minimum
+    config = backends(dataset_copy, tmp_path / "cache", minimum_image_size=32)  # √(40·24) ≈ 31 < 32 ≤ 64
+    dataset, _ = build(config, warn=lambda m: None, delete_problematic=True)
+    assert len(dataset) == 10 and [Path(i["path"]).name for i in dataset.skipped] == ["small.png"]
+    assert "under minimum_image_size 32" in dataset.skipped[0]["reason"] and not dataset.skipped[0]["deleted"]
+    assert (dataset_copy / "small.png").exists()
+
+
+def test_compressed_cache_round_trips_and_either_form_is_reused(dataset_copy, tmp_path):
+    plain, enc = build(backends(dataset_copy, tmp_path / "plain"))
+    packed, _ = build(backends(dataset_copy, tmp_path / "packed"), compress=True)
+    assert all(e.latents_file.endswith(".safetensors.gz") for e in packed.entries)
+    for a, b in zip(plain, packed):
+        assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["prompt_embeds"], b["prompt_embeds"])
+    again, enc2 = build(backends(dataset_copy, tmp_path / "packed"))  # compress off: the .gz files are reused
+    assert enc2.pixel_calls == 0 and all(e.latents_file.endswith(".gz") for e in again.entries)
+
+
+def test_aspect_bucket_rounding_puts_near_equal_aspects_in_one_bucket(tmp_path):
+    from simpletuner_dmd.hosts.reference.data import _fit
+
+    def cropped(size, **kwargs):
+        left, top, right, bottom = _fit(size, 480, "pixel_area", tmp_path, 16, **kwargs)[1]
+        return right - left, bottom - top
+
+    sizes = [(1750, 1000), (1840, 1000)]  # aspects 1.75 and 1.84: both 1.8 at one decimal
+    assert len({cropped(s) for s in sizes}) == 2
+    assert len({cropped(s, aspect_rounding=1) for s in sizes}) == 1
+    assert len({cropped(s, aspect_rounding=2) for s in sizes}) == 2
 
 
 def test_missing_caption_is_a_data_error_naming_the_file(dataset_copy, tmp_path):

@@ -54,7 +54,7 @@ def test_hook_order_checkpoint_lora_and_resume(job, tiny_wan, tmp_path):
     out = train(job(max_train_steps=2, gradient_accumulation_steps=2, checkpoint_step_interval=1,
                     checkpoints_total_limit=1, validation_step_interval=0, report_to="wandb"), plugins=(rec,))
     assert rec.calls == [
-        "setup",
+        "setup", "sampler",  # the baseline validation before training (disable_benchmark: false)
         "loss:0.0", "loss:0.1", "after_opt:0", "metrics:0", "save",
         "loss:1.0", "loss:1.1", "after_opt:1", "metrics:1", "save", "sampler",
     ]
@@ -69,6 +69,7 @@ def test_hook_order_checkpoint_lora_and_resume(job, tiny_wan, tmp_path):
     assert fake and all(".fake_score." in k for k in fake)
     assert any(v.abs().sum() > 0 for k, v in fake.items() if ".lora_B." in k)  # the critic has trained
     assert list((out / "validation" / "step-2" / "validation").glob("*/sample.gif"))
+    assert list((out / "validation" / "step-0" / "validation").glob("*/sample.gif"))  # the baseline
     assert list(out.glob("wandb/offline-run-*"))  # wandb ran offline, inside output_dir
 
     # the student's LoRA loads into the diffusers pipeline and changes its output
@@ -107,7 +108,7 @@ def test_plain_lora_without_distillation(job):
     rec = Recorder()
     out = train(config, plugins=(rec,))
     # no method registered: the host's hooks still fire for other plugins, and its own loss trains the student
-    assert rec.calls[0] == "loss:0.0" and "setup" not in rec.calls
+    assert rec.calls[:2] == ["sampler", "loss:0.0"] and "setup" not in rec.calls  # the baseline, then training
     assert (out / "checkpoint-2" / "student.safetensors").is_file()
     assert not (out / "checkpoint-2" / "dmd").exists()
 

@@ -38,6 +38,16 @@ from simpletuner_dmd.config import Key, Schema, in_range, suggest
 from simpletuner_dmd.errors import ConfigError, DataError, UserError
 from simpletuner_dmd.atomic import write_file
 
+class ProblematicFile(DataError):
+    """A media file the run skips (and lists in its data report): it cannot be decoded, has no frames, or is smaller
+    than ``minimum_image_size``. ``deletable``: a damaged file, which ``delete_problematic_images`` removes; a small
+    one is only skipped."""
+
+    def __init__(self, path: Path, reason: str, *, deletable: bool):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason, self.deletable = path, reason, deletable
+
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 VIDEO_EXTENSIONS = (".gif", ".mp4", ".webm")
 
@@ -90,6 +100,9 @@ MEDIA_BACKEND_SCHEMA = Schema(
             nullable=True),
         Key("video", "dict", {}, "SimpleTuner's form: `{\"num_frames\": N}`.", check=_video_check),
         Key("repeats", "int", 0, "Extra passes over this backend per epoch.", check=in_range(0)),
+        Key("minimum_image_size", "int", None, "Skip media whose shorter side (resolution_type pixel) or √area "
+            "(pixel_area) is under this many pixels (default: the config's; 0: no minimum).", check=in_range(0),
+            nullable=True),
     ),
     cross_checks=(_media_cross_checks,),
 )
@@ -188,6 +201,7 @@ def _normalized(values: dict, schema: Schema) -> dict:
         "cache_dir": _absolute(cache) if cache else None, "repeats": values["repeats"],
     })  # fmt: skip
     given = {"resolution": values["resolution"], "resolution_type": values["resolution_type"],
+             "minimum_image_size": values["minimum_image_size"],
              "num_frames": values["num_frames"] if values["num_frames"] is not None
              else values["video"].get("num_frames")}
     keep.update({k: v for k, v in given.items() if v is not None})
@@ -242,7 +256,8 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, IndexError, struct.error, EO
 
 
 def load_media(path: Path, backend: dict, *, frame_stride: int, size_multiple: int) -> torch.Tensor:
-    """Decode, resize, crop and trim one file to float pixels (C, F, H, W) in [-1, 1]."""
+    """Decode, resize, crop and trim one file to float pixels (C, F, H, W) in [-1, 1]. A file that cannot be
+    decoded or has no frames raises ``ProblematicFile``."""
     try:
         if backend["dataset_type"] == "image":
             with Image.open(path) as im:
@@ -251,14 +266,15 @@ def load_media(path: Path, backend: dict, *, frame_stride: int, size_multiple: i
         else:
             frames = _read_video_frames(path, backend.get("num_frames"))
     except _DECODE_ERRORS as e:
-        raise DataError(f"{path}: cannot decode this file ({type(e).__name__}: {e}); it may be corrupt or truncated"
-                        ) from None
+        raise ProblematicFile(path, f"cannot decode this file ({type(e).__name__}: {e}); it may be corrupt or "
+                              "truncated", deletable=True) from None
     if not frames:
-        raise DataError(f"{path}: the video has no frames")
+        raise ProblematicFile(path, "the video has no frames", deletable=True)
+    resolution_type = backend.get("resolution_type", "pixel_area")
     keep = 1 + (len(frames) - 1) // frame_stride * frame_stride
     frames = frames[:keep]
-    size, crop = _fit(frames[0].size, backend.get("resolution"), backend.get("resolution_type", "pixel_area"), path,
-                      size_multiple)
+    size, crop = _fit(frames[0].size, backend.get("resolution"), resolution_type, path, size_multiple,
+                      aspect_rounding=backend.get("aspect_bucket_rounding"))
     frames = [f.resize(size, Image.LANCZOS).crop(crop) if f.size != size else f.crop(crop) for f in frames]
     pixels = torch.from_numpy(np.stack([np.asarray(f) for f in frames]))  # (F, H, W, C) uint8
     return pixels.permute(3, 0, 1, 2).float().div(127.5).sub(1.0).contiguous()
@@ -275,17 +291,61 @@ def _read_video_frames(path: Path, num_frames: int | None) -> list[Image.Image]:
     return frames
 
 
-def _fit(size: tuple[int, int], resolution: int | None, resolution_type: str, path: Path, multiple: int):
-    """Resize target (w, h) keeping the aspect, and the centred crop box that makes both sides multiples of the
-    family's ``size_multiple``."""
+def check_minimum_size(path: Path, backend: dict) -> None:
+    """Raise ``ProblematicFile`` when the file is under the backend's ``minimum_image_size`` (read from its header,
+    before any cache is consulted, so that raising the minimum takes effect on cached files too)."""
+    minimum = backend.get("minimum_image_size") or 0
+    if not minimum:
+        return
+    try:
+        if path.suffix.lower() in (".gif",) + IMAGE_EXTENSIONS:
+            with Image.open(path) as im:
+                size = ImageOps.exif_transpose(im).size if backend["dataset_type"] == "image" else im.size
+        else:
+            import imageio.v3 as iio
+
+            shape = iio.improps(path).shape  # (frames, H, W, C)
+            size = (shape[-2], shape[-3])
+    except _DECODE_ERRORS as e:
+        raise ProblematicFile(path, f"cannot read this file's size ({type(e).__name__}: {e}); it may be corrupt or "
+                              "truncated", deletable=True) from None
+    resolution_type = backend.get("resolution_type", "pixel_area")
+    measured = _measure(size, resolution_type)
+    if measured < minimum:
+        what = "shorter side" if resolution_type == "pixel" else "√area"
+        raise ProblematicFile(path, f"{size[0]}x{size[1]} is under minimum_image_size {minimum} ({what} "
+                              f"{measured:.0f})", deletable=False)
+
+
+def _measure(size: tuple[int, int], resolution_type: str) -> float:
+    """The size ``minimum_image_size`` is compared with: the shorter side (pixel) or √(w·h) (pixel_area)."""
     w, h = size
-    if resolution is None:
-        scale = 1.0
-    elif resolution_type == "pixel_area":
-        scale = resolution / math.sqrt(w * h)
+    return float(min(w, h)) if resolution_type == "pixel" else math.sqrt(w * h)
+
+
+def _fit(size: tuple[int, int], resolution: int | None, resolution_type: str, path: Path, multiple: int, *,
+         aspect_rounding: int | None = None):
+    """Resize target (w, h) keeping the aspect — rounded to ``aspect_rounding`` decimals when given, so that media of
+    nearly equal aspect share a bucket — and the centred crop box that makes both sides multiples of the family's
+    ``size_multiple``."""
+    w, h = size
+    if aspect_rounding is None:
+        if resolution is None:
+            scale = 1.0
+        elif resolution_type == "pixel_area":
+            scale = resolution / math.sqrt(w * h)
+        else:
+            scale = resolution / min(w, h)
+        rw, rh = max(1, round(w * scale)), max(1, round(h * scale))
     else:
-        scale = resolution / min(w, h)
-    rw, rh = max(1, round(w * scale)), max(1, round(h * scale))
+        aspect = max(round(w / h, aspect_rounding), 10.0 ** -aspect_rounding)
+        if resolution is None:
+            area = w * h
+        elif resolution_type == "pixel_area":
+            area = resolution * resolution
+        else:
+            area = resolution * resolution * (aspect if aspect >= 1 else 1 / aspect)
+        rw, rh = max(1, round(math.sqrt(area * aspect))), max(1, round(math.sqrt(area / aspect)))
     cw, ch = rw // multiple * multiple, rh // multiple * multiple
     if cw == 0 or ch == 0:
         raise DataError(f"{path}: {w}x{h} resizes to {rw}x{rh}, a side under {multiple} pixels")
@@ -328,6 +388,8 @@ def latents_key(path: Path, backend: dict, tag: str = "") -> str:
         path=str(path.absolute()), size=stat.st_size, mtime_ns=stat.st_mtime_ns,
         dataset_type=backend["dataset_type"], resolution=backend.get("resolution"),
         resolution_type=backend.get("resolution_type", "pixel_area"), num_frames=backend.get("num_frames"), tag=tag,
+        **({"aspect_bucket_rounding": backend["aspect_bucket_rounding"]}
+           if backend.get("aspect_bucket_rounding") is not None else {}),
     )  # fmt: skip
 
 
@@ -336,12 +398,26 @@ def _describe(backend: dict) -> str:
     return f"{backend['dataset_type']} files {'/'.join(extensions)}"
 
 
+COMPRESSED = ".safetensors.gz"  # compress_disk_cache: the safetensors bytes, gzip-compressed
+
+
 def _save_atomic(tensors: dict[str, torch.Tensor], dest: Path) -> None:
     # A killed run must never leave a half-written file under the final name: it would be "reused" next time.
-    write_file(dest, lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    if str(dest).endswith(COMPRESSED):
+        import gzip
+
+        from safetensors.torch import save
+
+        data = gzip.compress(save(tensors), compresslevel=6)
+        write_file(dest, lambda tmp: Path(tmp).write_bytes(data))
+    else:
+        write_file(dest, lambda tmp: save_file(tensors, tmp))
 
 
 def _cached_shape(file: str, key: str) -> tuple[int, ...]:
+    if file.endswith(COMPRESSED):
+        return tuple(_load(file, key).shape)
     try:
         with safe_open(file, framework="pt") as f:
             return tuple(f.get_slice(key).get_shape())
@@ -361,13 +437,20 @@ def build_cache(
     cache_tag: str = "",
     progress: bool = True,
     warn: Warn = warnings.warn,
+    compress: bool = False,
+    delete_problematic: bool = False,
 ) -> "CachedDataset":
     """Encode every enabled backend's media and captions that are not cached yet; return the cached dataset.
 
     `encode_pixels((B, 3, F, H, W) in [-1, 1]) -> (B, C', F', H', W')` and `encode_prompts(list[str]) -> (B, L, D)`
     come from the model family, and so do `frame_stride` (videos are trimmed to 1 + stride·k frames) and
     `size_multiple` (media are cropped to multiples of it). `cache_tag` (e.g. the model's name) goes into every cache
-    name, so two models never share cached tensors.
+    name, so two models never share cached tensors. ``compress`` writes new cache files gzip-compressed
+    (``compress_disk_cache``).
+
+    A problematic file (damaged, no frames, under ``minimum_image_size``) is skipped with one warning and listed in
+    the dataset's ``skipped`` report; a damaged one is deleted only when ``delete_problematic`` is true
+    (``delete_problematic_images``), and the report says so.
     """
     backends = validate_backends(backends, warn=warn)
     media_backends = [b for b in backends if b["dataset_type"] != "text_embeds"]  # disabled ones are gone
@@ -385,7 +468,17 @@ def build_cache(
         except (OSError, ValueError) as e:  # a file in the way, no permission, a NUL in the path
             raise DataError(f"cannot create the cache folder {folder}: {getattr(e, 'strerror', None) or e}") from None
 
+    skipped: list[dict] = []
+
+    def skip(problem: ProblematicFile) -> None:
+        deleted = problem.deletable and delete_problematic
+        if deleted:
+            problem.path.unlink(missing_ok=True)
+        skipped.append({"path": str(problem.path), "reason": problem.reason, "deleted": deleted})
+        warn(f"skipped {problem.path}: {problem.reason}" + (" (deleted: delete_problematic_images)" if deleted else ""))
+
     # Captions and cache names first: a missing caption fails the run before any encoding.
+    suffix = COMPRESSED if compress else ".safetensors"
     items: list[tuple[dict, Path, str, Path, Path]] = []
     for backend in media_backends:
         found = find_media(backend)
@@ -394,17 +487,27 @@ def build_cache(
         for path in found:
             if backend["dataset_type"] == "video":
                 _check_video_support(path)
+            try:
+                check_minimum_size(path, backend)
+            except ProblematicFile as problem:
+                skip(problem)
+                continue
             caption = read_caption(path)
-            latents_file = Path(backend["cache_dir"]) / f"{latents_key(path, backend, cache_tag)}.safetensors"
-            embeds_file = text_dir / f"{_digest(caption=caption, tag=cache_tag)}.safetensors"
+            key = latents_key(path, backend, cache_tag)
+            latents_file = _existing(Path(backend["cache_dir"]) / key, suffix)
+            embeds_file = _existing(text_dir / _digest(caption=caption, tag=cache_tag), suffix)
             items.append((backend, path, caption, latents_file, embeds_file))
-    if not items:
-        looked = "; ".join(f"{b['instance_data_dir']} ({_describe(b)})" for b in media_backends)
-        raise DataError(f"the dataset is empty: no media found in {looked}")
 
     with torch.no_grad():  # caching must not build autograd graphs through the encoders
-        _encode_missing_latents(items, encode_pixels, vae_batch_size, progress,
-                                media={"frame_stride": frame_stride, "size_multiple": size_multiple})
+        failed = _encode_missing_latents(items, encode_pixels, vae_batch_size, progress, skip=skip,
+                                         media={"frame_stride": frame_stride, "size_multiple": size_multiple})
+        items = [item for item in items if item[1] not in failed]
+        if not items:
+            looked = "; ".join(f"{b['instance_data_dir']} ({_describe(b)})" for b in media_backends)
+            shown = "; ".join(f"{item['path']}: {item['reason']}" for item in skipped[:3])
+            found_some = f" ({len(skipped)} skipped: {shown}{'; …' if len(skipped) > 3 else ''})" if skipped else ""
+            raise DataError(f"the dataset is empty: no {'usable ' if skipped else ''}media found in {looked}"
+                            f"{found_some}")
         _encode_missing_prompts(items, encode_prompts, text_batch_size, progress)
 
     entries = []
@@ -412,11 +515,23 @@ def build_cache(
         shape = _cached_shape(str(latents_file), "latents")
         entry = CacheEntry(str(path), caption, str(latents_file), str(embeds_file), shape)
         entries += [entry] * (1 + backend["repeats"])
-    return CachedDataset(entries)
+    return CachedDataset(entries, skipped=skipped)
 
 
-def _encode_missing_latents(items, encode_pixels, batch_size: int, progress: bool, *, media: dict) -> None:
+def _existing(stem: Path, suffix: str) -> Path:
+    """The cache file for ``stem``: one already written in either form (plain or compressed), else ``suffix``'s."""
+    for candidate in (suffix, ".safetensors", COMPRESSED):
+        path = stem.with_name(stem.name + candidate)
+        if path.exists():
+            return path
+    return stem.with_name(stem.name + suffix)
+
+
+def _encode_missing_latents(items, encode_pixels, batch_size: int, progress: bool, *, media: dict,
+                            skip: Callable[[ProblematicFile], None]) -> set[Path]:
+    """Encode what is not cached yet; returns the media that could not be decoded (each passed to ``skip``)."""
     todo = [(backend, path, file) for backend, path, _, file, _ in items if not file.exists()]
+    failed: set[Path] = set()
     pending: dict[tuple, list[tuple[torch.Tensor, Path]]] = {}  # same-shape pixels wait to fill a batch
 
     def flush(shape):
@@ -428,12 +543,18 @@ def _encode_missing_latents(items, encode_pixels, batch_size: int, progress: boo
             _save_atomic({"latents": latent}, file)
 
     for backend, path, file in tqdm(todo, desc="caching latents", unit="file", disable=not progress):
-        pixels = load_media(path, backend, **media)
+        try:
+            pixels = load_media(path, backend, **media)
+        except ProblematicFile as problem:
+            skip(problem)
+            failed.add(path)
+            continue
         pending.setdefault(tuple(pixels.shape), []).append((pixels, file))
         if len(pending[tuple(pixels.shape)]) >= batch_size:
             flush(tuple(pixels.shape))
     for shape in list(pending):
         flush(shape)
+    return failed
 
 
 def _encode_missing_prompts(items, encode_prompts, batch_size: int, progress: bool) -> None:
@@ -457,8 +578,9 @@ def _encode_missing_prompts(items, encode_prompts, batch_size: int, progress: bo
 class CachedDataset(Dataset):
     """Cached latents and text embeddings; `repeats` are already expanded, so index i is one training sample."""
 
-    def __init__(self, entries: list[CacheEntry]):
+    def __init__(self, entries: list[CacheEntry], *, skipped: list[dict] | None = None):
         self.entries = list(entries)
+        self.skipped = list(skipped or [])  # the problematic media left out: {"path", "reason", "deleted"}
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
@@ -479,8 +601,14 @@ class CachedDataset(Dataset):
 
 def _load(file: str, key: str) -> torch.Tensor:
     try:
+        if file.endswith(COMPRESSED):
+            import gzip
+
+            from safetensors.torch import load
+
+            return load(gzip.decompress(Path(file).read_bytes()))[key]
         return load_file(file)[key]
-    except (OSError, SafetensorError, KeyError) as e:
+    except (OSError, SafetensorError, KeyError, EOFError) as e:  # gzip raises OSError/EOFError on a damaged file
         raise DataError(f"{file}: unreadable cache file ({e}); delete it to rebuild") from None
 
 

@@ -121,7 +121,10 @@ HOST_SCHEMA = Schema(
             check=in_range(1)),
         Key("validation_prompt", "str", None, "Prompt of the validation samples.", nullable=True),
         Key("validation_negative_prompt", "str", "", "Negative prompt (also DMD's unconditional branch)."),
-        Key("validation_prompt_library", "str", None, "JSON file {name: prompt} of extra validation prompts.",
+        Key("validation_prompt_library", "str", None, "JSON file of extra validation prompts in SimpleTuner's "
+            "prompt-library format ({name: prompt} or {name: {\"prompt\": …}}); each name is its samples' folder.",
+            check=_path_check, nullable=True),
+        Key("user_prompt_library", "str", None, "SimpleTuner's key for the same kind of file; both may be given.",
             check=_path_check, nullable=True),
         Key("validation_seed", "int", None, "Seed of the validation noise (default: seed).", nullable=True),
         Key("validation_resolution", "any", (480, 480),
@@ -137,6 +140,22 @@ HOST_SCHEMA = Schema(
         Key("output_dir", "str", "output/models", "Where checkpoints, samples and the final LoRA go.",
             check=_output_dir_check),
         Key("data_backend_config", "str", None, "The multidatabackend JSON file.", check=_path_check, nullable=True),
+        Key("minimum_image_size", "int", None, "Skip media whose shorter side (resolution_type pixel) or √area "
+            "(pixel_area) is under this many pixels; each skipped file is listed in output_dir/data_report.json "
+            "(0 or null: no minimum; a backend's own key overrides it).", check=in_range(0), nullable=True),
+        Key("delete_problematic_images", "bool", False, "A media file that cannot be decoded is always skipped and "
+            "listed in output_dir/data_report.json; true also deletes it (the report says which)."),
+        Key("aspect_bucket_rounding", "int", None, "Round each media file's aspect ratio to this many decimals "
+            "before sizing it, so nearly equal aspects share a bucket (null: exact).", check=in_range(1, 9),
+            nullable=True),
+        Key("disable_bucket_pruning", "bool", False, "Keep the incomplete batch of each bucket (false, as in "
+            "SimpleTuner: a bucket's remainder smaller than train_batch_size is dropped each epoch)."),
+        Key("compress_disk_cache", "bool", False, "Write new latent and text-embedding cache files gzip-compressed "
+            "(.safetensors.gz); files already cached in either form are reused."),
+        Key("disable_benchmark", "bool", False, "Skip the baseline validation before training (false: a fresh run "
+            "validates at step 0, so the untrained student's samples sit beside the trained ones)."),
+        Key("ignore_final_epochs", "bool", True, "With both max_train_steps and num_train_epochs set, train "
+            "max_train_steps (true) or stop at whichever ends first (false)."),
         Key("caption_dropout_probability", "float", 0.0, "Drop captions in the host's own loss (not in DMD).",
             check=in_range(0, 1)),
         Key("flow_schedule_shift", "float", 3.0, "Timestep shift of the host's flow-matching loss and default "
@@ -153,14 +172,7 @@ HOST_SCHEMA = Schema(
 
 # Keys of the seed quickstart this host does not implement, and what that means for the user.
 SEED_KEYS_NOT_SUPPORTED: dict[str, str] = {
-    "aspect_bucket_rounding": "aspect buckets are exact shapes here",
-    "compress_disk_cache": "the cache is uncompressed safetensors",
-    "delete_problematic_images": "a problematic file stops the run with its name instead",
-    "disable_benchmark": "no start-up benchmark exists",
-    "disable_bucket_pruning": "buckets are never pruned",
     "hub_model_id": "nothing is pushed to a hub",
-    "ignore_final_epochs": "training stops at max_train_steps",
-    "minimum_image_size": "every image is used",
     "push_checkpoints_to_hub": "nothing is pushed to a hub",
     "push_to_hub": "nothing is pushed to a hub",
     "webhook_config": "no webhooks are sent",

@@ -81,6 +81,11 @@ def validate_config(raw: Any, pm: Any, *, path: Path | None = None, check_paths:
         problems += check_host_paths(host)
     if check_paths and not problems:
         problems += backend_file_problems(host["data_backend_config"])
+        from .prompt_library import library_prompts
+
+        _, library_problems, library_warnings = library_prompts(host)
+        problems += library_problems
+        warnings += library_warnings
     if problems:
         raise ConfigError(problems)
     return RunConfig(path, host, method_name, method_cls, method_config, family_cls, warnings)

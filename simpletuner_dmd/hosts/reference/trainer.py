@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ...adapters import named_adapter_parameters
-from ...atomic import write_into
+from ...atomic import write_file, write_into
 from ...errors import UserError
 from ...nonfinite import NonFiniteGuard
 from ...plugins import get_plugin_manager
@@ -154,7 +154,11 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
     from ...schedules import build_lr_lambda
     from .ema import EMA
 
-    max_steps = _max_steps(host, dataset)
+    from .data import BucketBatchSampler
+
+    sampler = BucketBatchSampler(dataset, host["train_batch_size"], seed=seed,
+                                 drop_last=not host["disable_bucket_pruning"])
+    max_steps = _max_steps(host, sampler)
     optimizer = torch.optim.AdamW(list(models.student_params.values()), lr=host["learning_rate"],
                                   betas=(host["adam_beta1"], host["adam_beta2"]), eps=host["adam_epsilon"],
                                   weight_decay=host["adam_weight_decay"])
@@ -165,9 +169,7 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
     ema = EMA(dict(models.student_params), host["ema_decay"], host["ema_update_interval"]) if host["use_ema"] else None
 
     from .checkpoint import resolve_resume
-    from .data import BucketBatchSampler
 
-    sampler = BucketBatchSampler(dataset, host["train_batch_size"], seed=seed)
     state = {"global_step": 0, "batches_consumed": 0}
     # The main process resolves (it may clean up a crashed save's temporary folder) and tells the others.
     resume_dir = _from_main(accelerator, resolve_resume(out, host["resume_from_checkpoint"])
@@ -200,6 +202,10 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
     network.train()
     logs: dict[str, float] = {}
+    if not host["validation_disable"] and not host["disable_benchmark"] and state["global_step"] == 0:
+        folder = validate(0)  # the baseline (SimpleTuner's "benchmark"): the untrained student beside the teacher
+        if folder is not None:
+            log(f"baseline samples before training: {folder}")
     try:  # the bar is closed on the way out too, so an error line starts on a line of its own
         while state["global_step"] < max_steps:
             step_logs: dict[str, list[float]] = {}
@@ -318,11 +324,23 @@ def _build_dataset(host, family, components, encode_prompts, accelerator):
             continue
         backend.setdefault("resolution", host["resolution"])
         backend.setdefault("resolution_type", host["resolution_type"])
+        backend.setdefault("minimum_image_size", host["minimum_image_size"])
+        backend["aspect_bucket_rounding"] = host["aspect_bucket_rounding"]
     with accelerator.main_process_first():
-        return build_cache(backends, lambda px: family.encode_pixels(components, px), encode_prompts,
-                           frame_stride=family.frame_stride, size_multiple=family.size_multiple,
-                           vae_batch_size=host["vae_batch_size"], cache_tag=_cache_tag(host),
-                           progress=accelerator.is_main_process, warn=lambda m: log(f"warning: {m}"))
+        dataset = build_cache(backends, lambda px: family.encode_pixels(components, px), encode_prompts,
+                              frame_stride=family.frame_stride, size_multiple=family.size_multiple,
+                              vae_batch_size=host["vae_batch_size"], cache_tag=_cache_tag(host),
+                              progress=accelerator.is_main_process, warn=lambda m: log(f"warning: {m}"),
+                              compress=host["compress_disk_cache"],
+                              delete_problematic=host["delete_problematic_images"] and accelerator.is_main_process)
+    if dataset.skipped and accelerator.is_main_process:
+        report = Path(host["output_dir"]) / "data_report.json"
+        report.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"skipped": dataset.skipped}, indent=1)
+        write_file(report, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        deleted = sum(1 for item in dataset.skipped if item["deleted"])
+        log(f"{len(dataset.skipped)} media files skipped ({deleted} deleted); the list: {report}")
+    return dataset
 
 
 def _cache_tag(host: dict) -> str:
@@ -332,23 +350,20 @@ def _cache_tag(host: dict) -> str:
 
 
 def _validation_prompts(host: dict) -> dict[str, str]:
+    """Folder name → prompt: ``validation_prompt`` (folder ``validation``) and the prompt-library files' entries
+    (checked already, with every problem, when the config was validated)."""
+    from .prompt_library import library_prompts
+
     prompts: dict[str, str] = {}
     if host["validation_prompt"]:
         prompts["validation"] = host["validation_prompt"]
-    library = host["validation_prompt_library"]
-    if library:
-        from ...config import read_json
+    library, problems, _ = library_prompts(host)
+    if problems:
+        from ...errors import ConfigError
 
-        data = read_json(library, "validation_prompt_library")
-        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-            raise UserError(f"validation_prompt_library: {library} must hold a JSON object of name → prompt")
-        prompts.update({_safe_name(k): v for k, v in data.items()})
+        raise ConfigError(problems)
+    prompts.update(library)
     return prompts
-
-
-def _safe_name(name: str) -> str:
-    cleaned = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:64]
-    return cleaned or "prompt"
 
 
 def frozen_base(host, family, dtype) -> torch.nn.Module:
@@ -394,11 +409,16 @@ def build_models(host: dict, family, accelerator, *, new_network: Callable[[], t
     return Models(network, teacher, params)
 
 
-def _max_steps(host: dict, dataset) -> int:
+def _max_steps(host: dict, sampler) -> int:
+    """``max_train_steps``, or ``num_train_epochs`` of the sampler's batches; with both set, ``max_train_steps``
+    unless ``ignore_final_epochs`` is false, when the first to end stops the run."""
+    per_epoch = max(1, len(sampler) // host["gradient_accumulation_steps"])
+    epochs = host["num_train_epochs"] * per_epoch
     if host["max_train_steps"]:
+        if host["num_train_epochs"] and not host["ignore_final_epochs"]:
+            return min(host["max_train_steps"], epochs)
         return host["max_train_steps"]
-    per_epoch = max(1, len(dataset) // (host["train_batch_size"] * host["gradient_accumulation_steps"]))
-    return host["num_train_epochs"] * per_epoch
+    return epochs
 
 
 def _batches(dataset, sampler, consumed: int, accelerator) -> Iterator[tuple[int, Batch]]:
