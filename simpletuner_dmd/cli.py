@@ -54,6 +54,8 @@ def _run(args: argparse.Namespace) -> int:
         rc = load_config(args.path, get_plugin_manager(), check_paths=not args.no_check_paths)
         for warning in rc.warnings:
             print(f"warning: {warning}")
+        if not rc.warnings:
+            print("every key of this config is in effect: none is ignored")
         method = rc.method_name or "none"
         print(f"ok: {args.path} (method: {method}, {len(rc.method_config)} method keys; family: {rc.family_cls.name})")
         return 0

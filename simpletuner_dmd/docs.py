@@ -101,6 +101,8 @@ def readme_tables(pm: Any = None) -> str:
     rows = ["### Seed keys the reference host accepts and ignores (one warning each)", "",
             "| key | why |", "| --- | --- |"]
     rows += [f"| `{name}` | {_cell(why)} |" for name, why in sorted(SEED_KEYS_NOT_SUPPORTED.items())]
+    if not SEED_KEYS_NOT_SUPPORTED:
+        rows.append("| (none) | every key of the seed config is in effect |")
     sections.append("\n".join(rows) + "\n")
     from .hosts.reference.data import MEDIA_BACKEND_SCHEMA, TEXT_BACKEND_SCHEMA
 

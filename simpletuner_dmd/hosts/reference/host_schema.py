@@ -140,6 +140,14 @@ HOST_SCHEMA = Schema(
         Key("output_dir", "str", "output/models", "Where checkpoints, samples and the final LoRA go.",
             check=_output_dir_check),
         Key("data_backend_config", "str", None, "The multidatabackend JSON file.", check=_path_check, nullable=True),
+        Key("webhook_config", "any", None, "SimpleTuner's webhook targets (a JSON file, an object or a list of them; "
+            "discord or raw): start, checkpoints, validation samples, finish and errors; a failure never stops "
+            "training.", nullable=True),
+        Key("push_to_hub", "bool", False, "Upload the final output (LoRA files, scheduler, model card, samples) to "
+            "hub_model_id; a failed upload exits non-zero after everything is saved locally."),
+        Key("push_checkpoints_to_hub", "bool", False, "Upload each checkpoint in the background as it is written "
+            "(a failure is one warning, retried with the next)."),
+        Key("hub_model_id", "str", None, "The hub repository (name or namespace/name) to push to.", nullable=True),
         Key("minimum_image_size", "int", None, "Skip media whose shorter side (resolution_type pixel) or √area "
             "(pixel_area) is under this many pixels; each skipped file is listed in output_dir/data_report.json "
             "(0 or null: no minimum; a backend's own key overrides it).", check=in_range(0), nullable=True),
@@ -167,15 +175,14 @@ HOST_SCHEMA = Schema(
     cross_checks=(
         lambda v: (["max_train_steps: one of max_train_steps and num_train_epochs must be > 0"]
                    if v["max_train_steps"] == 0 and v["num_train_epochs"] == 0 else []),
+        lambda v: ([f"hub_model_id: {'push_to_hub' if v['push_to_hub'] else 'push_checkpoints_to_hub'} needs the "
+                    "hub repository to push to"]
+                   if (v["push_to_hub"] or v["push_checkpoints_to_hub"]) and not v["hub_model_id"] else []),
     ),
 )
 
 # Keys of the seed quickstart this host does not implement, and what that means for the user.
 SEED_KEYS_NOT_SUPPORTED: dict[str, str] = {
-    "hub_model_id": "nothing is pushed to a hub",
-    "push_checkpoints_to_hub": "nothing is pushed to a hub",
-    "push_to_hub": "nothing is pushed to a hub",
-    "webhook_config": "no webhooks are sent",
 }
 
 

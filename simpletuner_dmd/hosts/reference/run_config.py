@@ -86,6 +86,13 @@ def validate_config(raw: Any, pm: Any, *, path: Path | None = None, check_paths:
         _, library_problems, library_warnings = library_prompts(host)
         problems += library_problems
         warnings += library_warnings
+        if host["webhook_config"]:
+            from .webhooks import load_webhook_config
+
+            try:
+                load_webhook_config(host["webhook_config"])
+            except ConfigError as exc:
+                problems += list(exc.problems)
     if problems:
         raise ConfigError(problems)
     return RunConfig(path, host, method_name, method_cls, method_config, family_cls, warnings)

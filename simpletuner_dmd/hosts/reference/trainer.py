@@ -43,6 +43,7 @@ from ...plugins import get_plugin_manager
 from ...types import Batch, RunContext, StepInfo, StepLoss, step_generator
 from .run_config import RunConfig, load_config
 from .export import Export, export_student
+from .notify import Notifier
 from .validation import Validator
 
 STUDENT_ADAPTER = "student"
@@ -82,12 +83,25 @@ class Job:
 
 def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, plugins: tuple = ()) -> Path:
     """Run a whole training job; returns ``output_dir``. ``overrides`` replace config keys and ``plugins`` are extra
-    plugin objects to register (tests, benchmarks)."""
+    plugin objects to register (tests, benchmarks). Webhooks hear of its start, checkpoints, validations, end and
+    any error (which is then raised as it was); the hub receives checkpoints and the final output when asked."""
+    pm = get_plugin_manager(extra=plugins)
+    rc = _load(config_path, pm, overrides)
+    notify = Notifier(rc.host, log=log)
+    try:
+        return _run(rc, pm, notify)
+    except BaseException as exc:
+        notify.failed(exc)
+        raise
+    finally:
+        notify.close()
+
+
+def _run(rc: RunConfig, pm, notify: Notifier) -> Path:
+    """The recipe: set-up, data, student, method, optimizer and resume, the loop, the export."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-    pm = get_plugin_manager(extra=plugins)
-    rc = _load(config_path, pm, overrides)
     host = rc.host
     for warning in rc.warnings:
         log(f"warning: {warning}")
@@ -110,6 +124,7 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
         # Two adapters share one wrapped network and each backward reaches one of them only.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    notify.main = accelerator.is_main_process  # only the main process talks to webhooks and the hub
     set_seed(seed, device_specific=True)  # per-process noise; draws that must agree use StepInfo.generator
     family = rc.family_cls(autocast_dtype=None if weight_dtype == torch.float32 else weight_dtype)
 
@@ -187,6 +202,10 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
         accelerator.init_trackers(host["tracker_project_name"], config=_loggable(host, rc),
                                   init_kwargs={"wandb": {"name": host["tracker_run_name"], "dir": str(out)}})
 
+    notify.started(f"training started: {rc.method_name or 'plain fine-tuning'} on {family.name} "
+                   f"({host['pretrained_model_name_or_path']}), steps {state['global_step']} → {max_steps}",
+                   step=state["global_step"])
+
     # ---- 6. the loop
     from tqdm.auto import tqdm
 
@@ -206,6 +225,7 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
         folder = validate(0)  # the baseline (SimpleTuner's "benchmark"): the untrained student beside the teacher
         if folder is not None:
             log(f"baseline samples before training: {folder}")
+            notify.validated(folder, 0)
     try:  # the bar is closed on the way out too, so an error line starts on a line of its own
         while state["global_step"] < max_steps:
             step_logs: dict[str, list[float]] = {}
@@ -256,11 +276,13 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
             if final or (host["checkpoint_step_interval"] and step % host["checkpoint_step_interval"] == 0):
                 with _disk_space(f"checkpoint-{step}", out):
                     _save_checkpoint(job, state)
+                notify.checkpoint(out / f"checkpoint-{step}", step)
             if not host["validation_disable"] and (
                     final or (host["validation_step_interval"] and step % host["validation_step_interval"] == 0)):
                 folder = validate(step)
                 if folder is not None:
                     log(f"validation samples: {folder}")
+                    notify.validated(folder, step)
     finally:
         progress.close()
 
@@ -276,6 +298,7 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
     accelerator.wait_for_everyone()
     accelerator.end_training()
     log(f"done: {state['global_step']} steps; student written to {out}")
+    notify.finished(out, state["global_step"])  # the hub's final upload (a failure: one line, non-zero exit)
     return out
 
 
