@@ -1,4 +1,4 @@
-"""``simpletuner-dmd``: train, validate-config, plugins, simpletuner-train, make-example.
+"""``simpletuner-dmd``: train, sample, validate-config, plugins, simpletuner-train, make-example.
 
 A user error (``UserError``) prints ``error: …`` lines and exits with status 2; anything else is a bug and keeps its
 traceback.
@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import UserError, print_user_error
+from .errors import ConfigError, UserError, print_user_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +19,22 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("train", help="run the reference host trainer on a SimpleTuner config.json")
     p.add_argument("--config", required=True, type=Path)
+
+    p = sub.add_parser("sample", help="sample a student output folder through the stock diffusers pipeline")
+    p.add_argument("--base", required=True, help="the base pipeline folder (or a hub id)")
+    p.add_argument("--student", required=True, type=Path, help="the student output folder (output_dir)")
+    p.add_argument("--out", required=True, type=Path, help="where the samples go")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompt-library", type=Path, help="a JSON file {name: prompt} (SimpleTuner's format)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--frames", type=int)
+    p.add_argument("--negative-prompt", default=None, help="the teacher's negative prompt (default: training's)")
+    p.add_argument("--teacher-steps", type=int, default=0, help="also sample the base at N steps (0: no)")
+    p.add_argument("--teacher-guidance", type=float, default=5.0)
+    p.add_argument("--ema", action="store_true", help="sample the EMA weights (ema/)")
+    p.add_argument("--device", default=None)
 
     p = sub.add_parser("validate-config", help="validate a config.json (and its distillation_config) only")
     p.add_argument("path", type=Path)
@@ -46,6 +62,32 @@ def _run(args: argparse.Namespace) -> int:
         from .hosts.reference.trainer import train
 
         train(args.config)
+        return 0
+    if args.command == "sample":
+        from .sample import SampleRequest, sample, student_info
+
+        info = student_info(args.student)
+        prompts = {f"prompt-{i}": text for i, text in enumerate(args.prompt)}
+        if args.prompt_library:
+            from .hosts.reference.prompt_library import read_prompt_library
+
+            library, problems, _ = read_prompt_library(str(args.prompt_library), "prompt-library")
+            if problems:
+                raise ConfigError(problems)
+            prompts.update(library)
+        if not prompts and info.get("validation_prompt"):
+            prompts = {"validation": info["validation_prompt"]}
+        if not prompts:
+            raise UserError("sample: give --prompt or --prompt-library (the student folder names no prompt)")
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise UserError(f"--seeds: comma-separated integers, got {args.seeds!r}") from None
+        negative = args.negative_prompt if args.negative_prompt is not None else info.get("negative_prompt") or ""
+        sample(SampleRequest(base=args.base, student=args.student, out=args.out, prompts=prompts, seeds=seeds,
+                             width=args.width, height=args.height, frames=args.frames, negative_prompt=negative,
+                             teacher_steps=args.teacher_steps, teacher_guidance=args.teacher_guidance, ema=args.ema,
+                             device=args.device))
         return 0
     if args.command == "validate-config":
         from .hosts.reference.run_config import load_config

@@ -131,3 +131,41 @@ def test_the_model_card_has_hub_metadata_and_code_that_runs(trained, tiny_wan):
     scope: dict = {}
     exec(compile(code, "model-card", "exec"), scope)  # noqa: S102 — the card's own example, on the tiny model
     assert scope["frames"].shape == (5, 32, 32, 3)
+
+
+def test_sample_command_writes_frames_gif_mp4_and_a_sheet_beside_the_teacher(trained, tiny_wan, tmp_path, capsys):
+    import imageio.v3 as iio
+
+    from simpletuner_dmd.cli import main
+
+    out, config = trained
+    info = json.loads((out / "simpletuner_dmd.json").read_text())
+    assert (info["family"], info["steps"], info["width"], info["frames"]) == ("wan", 3, 32, 5)
+    samples = tmp_path / "samples"
+    code = main(["sample", "--base", str(tiny_wan), "--student", str(out), "--out", str(samples),
+                 "--seeds", f"{config['validation_seed']},7", "--teacher-steps", "4", "--teacher-guidance", "3"])
+    assert code == 0, capsys.readouterr().err
+    for seed in (config["validation_seed"], 7):
+        for variant in ("student", "teacher"):
+            folder = samples / "validation" / f"seed-{seed}" / variant
+            assert len(list(folder.glob("frame-*.png"))) == 5 and (folder / "sample.gif").is_file()
+            assert iio.imread(folder / "sample.mp4").shape[0] == 5  # an mp4 a player opens
+    sheet = Image.open(samples / "validation" / "sheet.png")
+    assert sheet.size == (2 * 32, 2 * 32)  # rows: seeds; columns: teacher | student
+
+    # the validation prompt at the validation seed is the reference host's validation sample, frame for frame
+    ours = samples / "validation" / f"seed-{config['validation_seed']}" / "student"
+    theirs = out / "validation" / "step-2" / "validation" / "student"
+    for i in range(5):
+        a = np.asarray(Image.open(ours / f"frame-{i:03d}.png"), dtype=np.int16)
+        b = np.asarray(Image.open(theirs / f"frame-{i:03d}.png"), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1
+
+
+def test_sample_refuses_a_folder_that_is_not_a_student_output(tiny_wan, tmp_path, capsys):
+    from simpletuner_dmd.cli import main
+
+    assert main(["sample", "--base", str(tiny_wan), "--student", str(tmp_path), "--out", str(tmp_path / "s"),
+                 "--prompt", "x"]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert "not a student LoRA output folder (no pytorch_lora_weights.safetensors)" in line

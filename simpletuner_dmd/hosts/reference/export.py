@@ -5,7 +5,8 @@
 - ``<family>_<method>_<K>step_lora_rank<r>.safetensors``: the same student in the family's original layout (ComfyUI
   and most published LoRAs), when the family writes one (``original_lora_state``);
 - ``ema/``: both files again for the EMA weights;
-- ``README.md``: the model card (hub format, YAML metadata first).
+- ``README.md``: the model card (hub format, YAML metadata first);
+- ``simpletuner_dmd.json``: what ``simpletuner-dmd sample`` reads (family, base, steps, the validation shape).
 
 Every file or folder is written beside its destination and renamed into place (``atomic``), so a crash never leaves a
 half-written export under its final name.
@@ -22,6 +23,7 @@ import torch
 
 from ...atomic import write_file, write_into
 from ...flow import boundary_scalings
+from ...sample import STUDENT_FILE
 
 
 @dataclass
@@ -67,6 +69,15 @@ def export_student(job: Any, export: Export, *, log=print) -> list[Path]:
         write_into(out, "transformer", lambda tmp: models.network.save_pretrained(tmp / "transformer"))
         written.append(out / "transformer")
         log(f"student transformer: {out / 'transformer'}")
+    w, h = host["validation_resolution"]
+    info = {"family": family.name, "base_model": host["pretrained_model_name_or_path"], "method": export.method_name,
+            "model_type": host["model_type"], "optimizer_steps": export.steps,
+            "steps": len(scheduler.config.few_step_timesteps) if scheduler is not None else None,
+            "width": w, "height": h, "frames": host["validation_num_video_frames"],
+            "validation_prompt": host["validation_prompt"], "negative_prompt": host["validation_negative_prompt"],
+            "original_lora": original_name, "ema": ema is not None}
+    write_file(out / STUDENT_FILE, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1), encoding="utf-8"))
+    written.append(out / STUDENT_FILE)
     card = model_card(host=host, family=family, export=export, scheduler=scheduler, original_name=original_name,
                       out=out, has_ema=ema is not None)
     write_file(out / "README.md", lambda tmp: Path(tmp).write_text(card, encoding="utf-8"))

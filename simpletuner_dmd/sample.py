@@ -1,0 +1,194 @@
+"""``simpletuner-dmd sample``: the student as users run it, through the stock diffusers pipeline.
+
+It loads the base pipeline folder (or a hub id where a hub is reachable), puts the student's LoRA into it
+(``pytorch_lora_weights.safetensors``, or ``ema/`` with ``--ema``) and the student's own scheduler
+(``scheduler/``, with its trained step count and guidance 1), and generates every prompt × seed. Each sample is
+written as PNG frames, a GIF and (for videos) an mp4 under ``OUT/<prompt name>/seed-<seed>/student/``. With
+``--teacher-steps N`` the base pipeline without the LoRA, at its own scheduler, ``N`` steps and
+``--teacher-guidance``, samples the same noise beside it (``…/teacher/``), and each prompt gets ``sheet.png``:
+one row per seed, teacher | student, first frames.
+
+The fresh noise a few-step scheduler draws comes from ``scheduler.generator``, seeded per sample, so a seed gives
+the same sample on every run (and the same as the reference host's validation for its seed).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+STUDENT_FILE = "simpletuner_dmd.json"  # written by the reference host's export: what `sample` reads by default
+
+
+@dataclass
+class SampleRequest:
+    base: str
+    student: Path
+    out: Path
+    prompts: dict[str, str]
+    seeds: list[int]
+    width: int | None = None
+    height: int | None = None
+    frames: int | None = None
+    negative_prompt: str = ""
+    teacher_steps: int = 0  # 0: no teacher samples
+    teacher_guidance: float = 5.0
+    ema: bool = False
+    device: str | None = None
+    fps: int = 16
+
+
+def student_info(folder: Path) -> dict[str, Any]:
+    """The export's description of a student folder; a folder without a student is one clear error."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a folder")
+    info_file = folder / STUDENT_FILE
+    weights = folder / "pytorch_lora_weights.safetensors"
+    if not weights.is_file():
+        what = "a full transformer (transformer/); load it with the pipeline directly" if (
+            folder / "transformer").is_dir() else "no pytorch_lora_weights.safetensors"
+        raise UserError(f"{folder}: not a student LoRA output folder ({what})")
+    if info_file.is_file():
+        try:
+            return json.loads(info_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{info_file}: not valid JSON ({exc.msg})") from None
+    return {}
+
+
+def _save(frames, folder: Path, fps: int) -> Path:
+    """``frames`` (F, H, W, 3) floats in [0, 1] → PNGs, a GIF and an mp4 (F > 1); returns the file to show."""
+    import imageio.v3 as iio
+    import numpy as np
+    from PIL import Image
+
+    from .atomic import write_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = (np.clip(np.asarray(frames, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
+    images = [Image.fromarray(frame) for frame in pixels]
+    for i, image in enumerate(images):
+        write_file(folder / f"frame-{i:03d}.png", lambda tmp, im=image: im.save(tmp, format="PNG"))
+    if len(images) == 1:
+        return folder / "frame-000.png"
+    write_file(folder / "sample.gif", lambda tmp: images[0].save(
+        tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0))
+    even = pixels[:, : pixels.shape[1] // 2 * 2, : pixels.shape[2] // 2 * 2]  # yuv420p needs even sides
+    write_file(folder / "sample.mp4", lambda tmp: iio.imwrite(tmp, even, extension=".mp4", fps=fps,
+                                                             codec="libx264", plugin="pyav")
+               if _has_pyav() else _ffmpeg_mp4(tmp, even, fps))
+    return folder / "sample.gif"
+
+
+def _has_pyav() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("av") is not None
+
+
+def _ffmpeg_mp4(path: str, pixels, fps: int) -> None:
+    import imageio_ffmpeg
+
+    writer = imageio_ffmpeg.write_frames(path, (pixels.shape[2], pixels.shape[1]), fps=fps, codec="libx264",
+                                         pix_fmt_out="yuv420p", output_params=["-f", "mp4"], quality=8)
+    writer.send(None)
+    for frame in pixels:
+        writer.send(frame.tobytes())
+    writer.close()
+
+
+def _sheet(rows: list[list[Path]], path: Path) -> None:
+    """A grid of the first frames: one row per seed, one column per variant."""
+    from PIL import Image
+
+    from .atomic import write_file
+
+    first = [[Image.open(p.parent / "frame-000.png").convert("RGB") for p in row] for row in rows]
+    w, h = first[0][0].size
+    sheet = Image.new("RGB", (w * len(first[0]), h * len(first)), "white")
+    for r, row in enumerate(first):
+        for c, image in enumerate(row):
+            sheet.paste(image, (c * w, r * h))
+    write_file(path, lambda tmp: sheet.save(tmp, format="PNG"))
+
+
+def sample(request: SampleRequest, *, log=print) -> list[Path]:
+    """Generate every prompt × seed (and the teacher's beside it when asked); returns the sheets written (or the
+    student samples when there is no teacher)."""
+    import torch
+    from diffusers import DiffusionPipeline
+    from tqdm.auto import tqdm
+
+    info = student_info(request.student)
+    lora_folder = request.student / "ema" if request.ema else request.student
+    if request.ema and not (lora_folder / "pytorch_lora_weights.safetensors").is_file():
+        raise UserError(f"{request.student}: --ema, but the run kept no EMA (no ema/pytorch_lora_weights.safetensors)")
+    width = request.width or info.get("width")
+    height = request.height or info.get("height")
+    frames = request.frames or info.get("frames")
+    if not (width and height and frames):
+        raise UserError("sample: --width, --height and --frames are needed (the student folder does not say them)")
+    device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(request.base)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"sample: cannot load the base pipeline {request.base}: {str(exc).splitlines()[0]}") from None
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    teacher_scheduler = pipe.scheduler
+    pipe.load_lora_weights(str(lora_folder), adapter_name="student")
+    scheduler_dir = request.student / "scheduler"
+    student_kwargs: dict[str, Any] = {}
+    student_scheduler = teacher_scheduler
+    if scheduler_dir.is_dir():
+        from .fewstep_scheduler import FewStepFlowScheduler
+
+        student_scheduler = FewStepFlowScheduler.from_pretrained(str(scheduler_dir))
+        student_kwargs = {"num_inference_steps": len(student_scheduler.config.few_step_timesteps),
+                          "guidance_scale": 1.0}
+    else:
+        student_kwargs = {"num_inference_steps": info.get("steps") or 30, "guidance_scale": 1.0}
+    shape = dict(width=int(width), height=int(height), num_frames=int(frames))
+
+    def run(prompt: str, seed: int, *, teacher: bool):
+        generator = torch.Generator().manual_seed(seed)
+        if teacher:
+            pipe.scheduler = teacher_scheduler
+            pipe.disable_lora()
+            kwargs = {"num_inference_steps": request.teacher_steps, "guidance_scale": request.teacher_guidance,
+                      "negative_prompt": request.negative_prompt or None}
+        else:
+            pipe.scheduler = student_scheduler
+            pipe.enable_lora()
+            kwargs = dict(student_kwargs)
+        if hasattr(pipe.scheduler, "generator"):
+            pipe.scheduler.generator = generator  # the starting noise first, then each re-noise, as validation does
+        with torch.no_grad():
+            return pipe(prompt=prompt, generator=generator, output_type="np", **shape, **kwargs).frames[0]
+
+    jobs = [(name, prompt, seed) for name, prompt in request.prompts.items() for seed in request.seeds]
+    written: list[Path] = []
+    by_prompt: dict[str, list[list[Path]]] = {}
+    for name, prompt, seed in tqdm(jobs, desc="sampling", unit="sample"):
+        folder = request.out / name / f"seed-{seed}"
+        row = []
+        if request.teacher_steps:
+            row.append(_save(run(prompt, seed, teacher=True), folder / "teacher", request.fps))
+        row.append(_save(run(prompt, seed, teacher=False), folder / "student", request.fps))
+        by_prompt.setdefault(name, []).append(row)
+        written.append(row[-1])
+    if request.teacher_steps:
+        written = []
+        for name, rows in by_prompt.items():
+            _sheet(rows, request.out / name / "sheet.png")
+            written.append(request.out / name / "sheet.png")
+    log(f"samples: {request.out}")
+    return written
+
+
+__all__ = ["STUDENT_FILE", "SampleRequest", "sample", "student_info"]
