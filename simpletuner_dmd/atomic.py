@@ -52,6 +52,31 @@ def write_into(folder: str | Path, name: str, write: Callable[[Path], object]) -
     fsync_dir(folder)
 
 
+def write_together(folder: str | Path, write: Callable[[Path], object], *, tag: str = "together") -> list[str]:
+    """``write(tmp_dir)`` writes several files and folders into a temp folder beside them; only once all are written
+    and fsynced is each renamed into ``folder`` (replacing older ones). A full disk or a crash while writing leaves
+    none of them under its final name; renames do not need space. Returns the names published."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(f".{tag}.*.tmp"):  # left by a run killed while writing
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder / f".{tag}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        fsync_tree(tmp)
+        names = sorted(p.name for p in tmp.iterdir())
+        for name in names:
+            target = folder / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(tmp / name, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    fsync_dir(folder)
+    return names
+
+
 def fsync_tree(folder: str | Path) -> None:
     """Flush every file and folder under ``folder`` so a rename never publishes unwritten data."""
     for root, _dirs, files in os.walk(folder):
@@ -71,4 +96,4 @@ def fsync_dir(folder: str | Path) -> None:
         os.close(fd)
 
 
-__all__ = ["fsync_dir", "fsync_tree", "write_file", "write_into"]
+__all__ = ["fsync_dir", "fsync_tree", "write_file", "write_into", "write_together"]

@@ -8,8 +8,8 @@
 - ``README.md``: the model card (hub format, YAML metadata first);
 - ``simpletuner_dmd.json``: what ``simpletuner-dmd sample`` reads (family, base, steps, the validation shape).
 
-Every file or folder is written beside its destination and renamed into place (``atomic``), so a crash never leaves a
-half-written export under its final name.
+Everything is written into a temp folder beside them and renamed into place once all of it is complete
+(``atomic.write_together``), so a crash or a full disk never leaves a half-written export under its final names.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from ...atomic import write_file, write_into
+from ...atomic import write_together
 from ...flow import boundary_scalings
 from ...sample import STUDENT_FILE
 
@@ -41,34 +41,39 @@ class Export:
 
 
 def export_student(job: Any, export: Export, *, log=print) -> list[Path]:
-    """Write everything listed in the module docstring; returns the files and folders written."""
-    out, models, family, host, ema = job.out, job.models, job.family, job.host, job.ema
-    written: list[Path] = []
+    """Write everything listed in the module docstring; returns the files and folders written. All of it is written
+    into a temp folder first and renamed into ``output_dir`` only once complete (``atomic.write_together``)."""
+    out = job.out
+    notes: list[str] = []
+    names = write_together(out, lambda stage: _write_export(job, export, stage, notes), tag="export")
+    for note in notes:
+        log(note)
+    return [out / name for name in names]
+
+
+def _write_export(job: Any, export: Export, stage: Path, notes: list[str]) -> None:
+    models, family, host, ema, out = job.models, job.family, job.host, job.ema, job.out
     scheduler = job.pm.hook.distill_scheduler()
     if scheduler is not None:
-        write_into(out, "scheduler", lambda tmp: scheduler.save_config(tmp / "scheduler"))
-        written.append(out / "scheduler")
+        scheduler.save_config(stage / "scheduler")
     original_name = None
     if host["model_type"] == "lora":
         config = export.peft_config
         original_name = original_lora_name(family.name, export.method_name, scheduler, config.r)
-        variants = [(out, None)] + ([(out / "ema", ema)] if ema is not None else [])
+        variants = [(stage, None)] + ([(stage / "ema", ema)] if ema is not None else [])
         for folder, swap in variants:
+            folder.mkdir(parents=True, exist_ok=True)
             with (swap.swap_into() if swap is not None else _nothing()):
                 state = export.student_lora()
-                write_into(folder, "pytorch_lora_weights.safetensors",
-                           lambda tmp: family.save_lora(state, tmp, config))
-                written.append(folder / "pytorch_lora_weights.safetensors")
-                if original_name and _write_original(family, state, config, folder / original_name, export, log):
-                    written.append(folder / original_name)
-        if original_name and not (out / original_name).is_file():
-            original_name = None
-        log(f"student LoRA: {out / 'pytorch_lora_weights.safetensors'}"
-            + (f" (original layout: {original_name})" if original_name else ""))
+                family.save_lora(state, folder, config)
+                if original_name and not _write_original(family, state, config, folder / original_name, export,
+                                                         notes):
+                    original_name = None
+        notes.append(f"student LoRA: {out / 'pytorch_lora_weights.safetensors'}"
+                     + (f" (original layout: {original_name})" if original_name else ""))
     else:
-        write_into(out, "transformer", lambda tmp: models.network.save_pretrained(tmp / "transformer"))
-        written.append(out / "transformer")
-        log(f"student transformer: {out / 'transformer'}")
+        models.network.save_pretrained(stage / "transformer")
+        notes.append(f"student transformer: {out / 'transformer'}")
     w, h = host["validation_resolution"]
     info = {"family": family.name, "base_model": host["pretrained_model_name_or_path"], "method": export.method_name,
             "model_type": host["model_type"], "optimizer_steps": export.steps,
@@ -76,13 +81,10 @@ def export_student(job: Any, export: Export, *, log=print) -> list[Path]:
             "width": w, "height": h, "frames": host["validation_num_video_frames"],
             "validation_prompt": host["validation_prompt"], "negative_prompt": host["validation_negative_prompt"],
             "original_lora": original_name, "ema": ema is not None}
-    write_file(out / STUDENT_FILE, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1), encoding="utf-8"))
-    written.append(out / STUDENT_FILE)
+    (stage / STUDENT_FILE).write_text(json.dumps(info, indent=1), encoding="utf-8")
     card = model_card(host=host, family=family, export=export, scheduler=scheduler, original_name=original_name,
                       out=out, has_ema=ema is not None)
-    write_file(out / "README.md", lambda tmp: Path(tmp).write_text(card, encoding="utf-8"))
-    written.append(out / "README.md")
-    return written
+    (stage / "README.md").write_text(card, encoding="utf-8")
 
 
 def original_lora_name(family_name: str, method_name: str | None, scheduler: Any, rank: int) -> str:
@@ -95,19 +97,19 @@ def original_lora_name(family_name: str, method_name: str | None, scheduler: Any
     return "_".join(parts) + f"_lora_rank{rank}.safetensors"
 
 
-def _write_original(family, state, config, path: Path, export: Export, log) -> bool:
+def _write_original(family, state, config, path: Path, export: Export, notes: list[str]) -> bool:
     convert = getattr(family, "original_lora_state", None)
     if convert is None:
         return False
     try:
         original = convert(state, config)
     except ValueError as exc:  # a module the original layout has no name for: the diffusers file still serves
-        log(f"warning: no original-layout LoRA ({exc})")
+        notes.append(f"warning: no original-layout LoRA ({exc})")
         return False
     from safetensors.torch import save_file
 
     metadata = {"format": "pt", "simpletuner_dmd_method": export.method_name or "none"}
-    write_file(path, lambda tmp: save_file({k: v.contiguous() for k, v in original.items()}, tmp, metadata=metadata))
+    save_file({k: v.contiguous() for k, v in original.items()}, str(path), metadata=metadata)
     return True
 
 
