@@ -14,18 +14,15 @@ from typing import Any, Callable
 
 import torch
 
-from simpletuner_dmd.families.wan import WanFamily
+from simpletuner_dmd.families.wan import WAN21_1_3B, WAN21_14B, WanFamily
 from simpletuner_dmd.hosts.reference import trainer as T
 from simpletuner_dmd.hosts.reference.host_schema import HOST_SCHEMA
 from simpletuner_dmd.methods.dmd.config import DMD_SCHEMA
 from simpletuner_dmd.methods.dmd.method import DMD
 from simpletuner_dmd.types import Batch, RunContext, StepInfo
 
-# Wan 2.1's published transformer configs (diffusers' WanTransformer3DModel), and a mid-size one for CPUs.
-WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
-WAN_14B = {**WAN_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
+# Wan 2.1's published transformer configs (the family's, which `estimate` reads too), and a mid-size one for CPUs.
+WAN_1_3B, WAN_14B = WAN21_1_3B, WAN21_14B
 CPU_MID = dict(patch_size=(1, 2, 2), num_attention_heads=8, attention_head_dim=64, in_channels=16, out_channels=16,
                text_dim=256, freq_dim=256, ffn_dim=2048, num_layers=8, cross_attn_norm=True,
                qk_norm="rms_norm_across_heads", rope_max_seq_len=64)  # 35M parameters: weights matter, as at scale
@@ -83,18 +80,25 @@ def build(kind: str, *, config: dict, latent_shape: tuple, text_shape: tuple, qu
     return Setup(kind, models, family, method, optimizer, batch, loss_fn, accelerator)
 
 
-def train_step(setup: Setup, step: int = 0) -> None:
-    """One optimizer step as the reference host runs it (one micro-batch)."""
+def train_step(setup: Setup, step: int = 0, *, offload: bool = False) -> None:
+    """One optimizer step as the reference host runs it (one micro-batch); ``offload``: with the host's
+    ``activation_offload`` around the student's and the critic's passes."""
+    from simpletuner_dmd.offload import ActivationOffload
+
+    around = ActivationOffload if offload else contextlib.nullcontext
     info = StepInfo(step, 0, 1, True, torch.Generator().manual_seed(step))
-    if setup.method is None:
-        loss = setup.loss_fn(setup.batch)
-    else:
-        loss = setup.method.distill_loss(batch=setup.batch, step=info, host_loss=lambda: setup.loss_fn(setup.batch)).loss
-    loss.backward()
+    with around():
+        if setup.method is None:
+            loss = setup.loss_fn(setup.batch)
+        else:
+            loss = setup.method.distill_loss(batch=setup.batch, step=info,
+                                             host_loss=lambda: setup.loss_fn(setup.batch)).loss
+        loss.backward()
     setup.optimizer.step()
     setup.optimizer.zero_grad(set_to_none=True)
     if setup.method is not None:
-        setup.method.distill_after_optimizer_step(step=info)
+        with around():
+            setup.method.distill_after_optimizer_step(step=info)
         setup.method.distill_metrics(step=info)
 
 

@@ -43,11 +43,12 @@ RESULTS = Path(__file__).parent / "results"
 DEFAULT_RUNS = ("14b:dmd", "14b:lora", "1.3b:dmd", "1.3b:lora", "1.3b:dmd_full", "14b:dmd_full")
 
 
-def run_one(model: str, kind: str, steps: int, device: str, rank: int, memory_cap_gib: float | None = None) -> dict:
+def run_one(model: str, kind: str, steps: int, device: str, rank: int, memory_cap_gib: float | None = None,
+            offload: bool = False) -> dict:
     """In a fresh process: build, one warm-up step, then ``steps`` timed steps."""
     config, latents, text = MODELS[model]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    result = {"model": model, "kind": kind, "device": device}
+    result = {"model": model, "kind": kind, "device": device, "offload": offload}
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         result["gpu"] = torch.cuda.get_device_name()
@@ -73,7 +74,7 @@ def run_one(model: str, kind: str, steps: int, device: str, rank: int, memory_ca
         for step in range(steps + 1):  # the first step warms up kernels and creates optimizer state
             sync()
             t0 = time.perf_counter()
-            train_step(setup, step)
+            train_step(setup, step, offload=offload)
             sync()
             print(f"  step {step}{' (warm-up)' if not step else ''}: {time.perf_counter() - t0:.1f} s", file=sys.stderr,
                   flush=True)
@@ -92,8 +93,9 @@ def run_one(model: str, kind: str, steps: int, device: str, rank: int, memory_ca
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", action="append", metavar="MODEL:KIND",
-                        help=f"repeatable, in order; MODEL in {sorted(MODELS)}, KIND in {sorted(KINDS)}; "
+    parser.add_argument("--run", action="append", metavar="MODEL:KIND[+offload][@CAP]",
+                        help=f"repeatable, in order; MODEL in {sorted(MODELS)}, KIND in {sorted(KINDS)}; +offload: "
+                             f"with activation_offload; @CAP: this run's memory cap in GiB (39.5: a 40 GB A100); "
                              f"default: {' '.join(DEFAULT_RUNS)}")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     parser.add_argument("--rank", type=int, default=128)
@@ -103,41 +105,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no run after this many seconds, and stop a run that would end past it")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "KIND"), help=argparse.SUPPRESS)
+    parser.add_argument("--offload", action="store_true", help=argparse.SUPPRESS)  # with --one
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(args.one[0], args.one[1], args.steps, args.device, args.rank, args.memory_cap_gib)),
-              flush=True)
+        print(json.dumps(run_one(args.one[0], args.one[1], args.steps, args.device, args.rank, args.memory_cap_gib,
+                                 offload=args.offload)), flush=True)
         return 0
     runs = []
     for spec in args.run or DEFAULT_RUNS:
-        model, _, kind = spec.partition(":")
-        if model not in MODELS or kind not in KINDS:
-            parser.error(f"--run {spec}: want MODEL:KIND with MODEL in {sorted(MODELS)} and KIND in {sorted(KINDS)}")
-        runs.append((model, kind))
+        head, _, cap = spec.partition("@")
+        model, _, kind = head.partition(":")
+        kind, plus, option = kind.partition("+")
+        try:
+            cap_gib = float(cap) if cap else args.memory_cap_gib
+        except ValueError:
+            cap_gib = -1.0
+        if model not in MODELS or kind not in KINDS or (plus and option != "offload") or (cap_gib or 0) < 0:
+            parser.error(f"--run {spec}: want MODEL:KIND[+offload][@CAP] with MODEL in {sorted(MODELS)} and KIND in "
+                         f"{sorted(KINDS)}")
+        runs.append((model, kind, bool(plus), cap_gib))
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA device; use --device cpu --run tiny:dmd to try the code path", file=sys.stderr)
         return 2
 
     rows, start = [], time.monotonic()
-    for model, kind in runs:
+    for model, kind, offload, cap_gib in runs:
         left = None if args.budget_s is None else args.budget_s - (time.monotonic() - start)
         if left is not None and left <= 0:
             rows.append({"model": model, "kind": kind, "skipped": "time budget spent"})
             print(f"{model} / {KINDS[kind]}: skipped (time budget spent)", flush=True)
             continue
-        print(f"{model} / {KINDS[kind]} …", flush=True)
+        print(f"{model} / {KINDS[kind]}{' + offload' if offload else ''} …", flush=True)
         cmd = [sys.executable, "-m", "benchmarks.gpu_cost", "--one", model, kind, "--steps", str(args.steps),
-               "--device", args.device, "--rank", str(args.rank)]
-        if args.memory_cap_gib is not None:
-            cmd += ["--memory-cap-gib", str(args.memory_cap_gib)]
+               "--device", args.device, "--rank", str(args.rank)] + (["--offload"] if offload else [])
+        if cap_gib is not None:
+            cmd += ["--memory-cap-gib", str(cap_gib)]
         try:  # the child's progress goes straight to our stderr; its last stdout line is its result
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1], timeout=left)
         except subprocess.TimeoutExpired:
-            row = {"model": model, "kind": kind, "skipped": "stopped: time budget spent during the run"}
+            row = {"model": model, "kind": kind, "offload": offload, "skipped": "stopped: time budget spent during the run"}
         else:
             if proc.returncode != 0:  # e.g. the process was killed building a configuration that cannot fit
-                row = {"model": model, "kind": kind, "failed": True, "returncode": proc.returncode}
+                row = {"model": model, "kind": kind, "offload": offload, "failed": True, "returncode": proc.returncode}
             else:
                 row = json.loads(proc.stdout.strip().splitlines()[-1])
         print(json.dumps(row), flush=True)
@@ -157,17 +167,20 @@ def _write(args: argparse.Namespace, rows: list[dict], echo: bool = False) -> No
     dtype = "bf16" if args.device == "cuda" else "fp32"
     lines = [f"{device_name}{cap}; {dtype}, int8-quanto base, LoRA rank {args.rank}, gradient checkpointing, latents "
              f"{MODELS[rows[0]['model']][1]}; median of {args.steps} steps after one warm-up", "",
-             "| model | configuration | step (s) | max_memory_allocated (GiB) |", "| --- | --- | --- | --- |"]
+             "| model | configuration | cap (GiB) | step (s) | max_memory_allocated (GiB) |",
+             "| --- | --- | --- | --- | --- |"]
     for r in rows:
+        what = KINDS[r["kind"]] + (", activation offload" if r.get("offload") else "")
+        cap = r.get("memory_cap_gib", "—")
         if r.get("failed"):
-            lines.append(f"| {r['model']} | {KINDS[r['kind']]} | failed (exit {r['returncode']}) | — |")
+            lines.append(f"| {r['model']} | {what} | {cap} | failed (exit {r['returncode']}) | — |")
             continue
         if r.get("skipped"):
-            lines.append(f"| {r['model']} | {KINDS[r['kind']]} | not run ({r['skipped']}) | — |")
+            lines.append(f"| {r['model']} | {what} | {cap} | not run ({r['skipped']}) | — |")
             continue
         step = "OOM" if r["oom"] else f"{r['step_s']:.2f}"
         mem = f"{r['max_memory_allocated_gib']:.1f}" if "max_memory_allocated_gib" in r else "—"
-        lines.append(f"| {r['model']} | {KINDS[r['kind']]} | {step} | {mem} |")
+        lines.append(f"| {r['model']} | {what} | {cap} | {step} | {mem} |")
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     if echo:
         print("\n".join(lines))

@@ -1,4 +1,4 @@
-"""``simpletuner-dmd``: train, sample, validate-config, plugins, simpletuner-train, make-example.
+"""``simpletuner-dmd``: train, sample, estimate, validate-config, plugins, simpletuner-train, make-example.
 
 A user error (``UserError``) prints ``error: …`` lines and exits with status 2; anything else is a bug and keeps its
 traceback.
@@ -35,6 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-guidance", type=float, default=5.0)
     p.add_argument("--ema", action="store_true", help="sample the EMA weights (ema/)")
     p.add_argument("--device", default=None)
+
+    p = sub.add_parser("estimate", help="predict a config's peak GPU memory and passes per step (loads no weights)")
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--gpu-memory", type=float, default=None, help="the card's usable memory in GiB (say whether it fits)")
+    p.add_argument("--width", type=int, help="training sample width (default: validation_resolution's)")
+    p.add_argument("--height", type=int, help="training sample height (default: validation_resolution's)")
+    p.add_argument("--frames", type=int, help="frames per training sample (default: validation_num_video_frames)")
 
     p = sub.add_parser("validate-config", help="validate a config.json (and its distillation_config) only")
     p.add_argument("path", type=Path)
@@ -89,6 +96,10 @@ def _run(args: argparse.Namespace) -> int:
                              teacher_steps=args.teacher_steps, teacher_guidance=args.teacher_guidance, ema=args.ema,
                              device=args.device))
         return 0
+    if args.command == "estimate":
+        from .estimate import print_estimate
+
+        return print_estimate(args)
     if args.command == "validate-config":
         from .hosts.reference.run_config import load_config
         from .plugins import get_plugin_manager

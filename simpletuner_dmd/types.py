@@ -207,6 +207,9 @@ class LoadingFamily(ModelFamily, Protocol):
     # / ``lora_up`` / ``alpha``, which ComfyUI and published LoRAs use), raising ValueError for a module that layout
     # cannot name; the reference host writes it beside the diffusers file. ``pipeline_class``: the name of the stock
     # diffusers pipeline that loads the student (model cards use it; default ``DiffusionPipeline``).
+    # For ``simpletuner-dmd estimate``: ``published_configs`` (hub id → the network's config), ``meta_network(config)``
+    # (the network on the meta device, to count parameters) and ``activation_shape(config, width=, height=, frames=)``
+    # → ``{"tokens", "hidden", "ffn", "blocks"}`` per sample.
 
 
 @runtime_checkable
@@ -220,7 +223,9 @@ class Method(Protocol):
     key that does not apply with that family or host config (hosts show them at start-up); ``progress_metrics``, a
     tuple of the log names a host's progress bar shows (DMD: ``dmd_loss``, ``fake_score_loss``); ``usage_notes(config)
     -> list[str]``, a static method returning what a user of the exported student must know beyond its schedule
-    (model cards show each as a paragraph)."""
+    (model cards show each as a paragraph); ``memory_plan(config, host) -> dict``, a static method saying what
+    ``simpletuner-dmd estimate`` needs: ``second_network`` (``{"kind": "lora" | "full", "rank": r}`` or None) and
+    ``passes_per_step`` (network passes per optimizer step by role, averaged)."""
 
     name: str  # the value of distillation_method
     summary: str  # one line for `simpletuner-dmd plugins` and the docs' key tables

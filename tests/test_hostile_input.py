@@ -159,8 +159,10 @@ class Case:
     def cleanup(self) -> None:
         for dirpath, dirnames, _ in os.walk(self.dir):  # undo chmod 000 before deleting (non-root runs)
             for d in dirnames:
-                with contextlib.suppress(OSError):
-                    os.chmod(os.path.join(dirpath, d), 0o755, follow_symlinks=False)
+                path = os.path.join(dirpath, d)
+                if not os.path.islink(path):
+                    with contextlib.suppress(OSError):
+                        os.chmod(path, 0o755)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -587,13 +589,41 @@ def dataset_mutation(draw, case: Case) -> str:
 
 @settings(max_examples=N_DATASET, **HYPOTHESIS)
 @given(data=st.data())
-def test_mutated_dataset_exits_2(data, arena, empty_cwd, tiny_wan, small_dataset):
+def test_mutated_dataset_exits_2_or_skips_the_damaged_file(data, arena, empty_cwd, tiny_wan, small_dataset):
+    """A damaged media file is skipped and listed in data_report.json (and kept: delete_problematic_images is off),
+    and the run trains on the rest; every other mutation exits 2 with one clear line."""
     case = Case(arena, tiny_wan, small_dataset)
     try:
-        note(data.draw(dataset_mutation(case), label="mutation"))
-        run_case("dataset", case, ["train", "--config", str(case.config_path)], empty_cwd)
+        mutation = data.draw(dataset_mutation(case), label="mutation")
+        note(mutation)
+        kind, name = mutation.split(" ")[:2]
+        argv = ["train", "--config", str(case.config_path)]
+        if kind in DAMAGED_KINDS:
+            run_skipped_case(case, argv, empty_cwd, case.dir / "data" / name)
+        else:
+            run_case("dataset", case, argv, empty_cwd)
     finally:
         case.cleanup()
+
+
+DAMAGED_KINDS = ("truncate", "overwrite", "random_bytes", "zero_bytes")
+
+
+def run_skipped_case(case: Case, argv: list[str], cwd: Path, damaged: Path) -> None:
+    model_before = snapshot(case.model)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with wandb_env(case.out), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = main(argv)
+    TRIED["dataset"] += 1
+    out, err = stdout.getvalue(), stderr.getvalue()
+    assert rc == 0, f"exit status {rc}\nstdout:\n{out}\nstderr:\n{err}"
+    assert "Traceback" not in err and "Traceback" not in out
+    report = json.loads((case.out / "data_report.json").read_text())["skipped"]
+    assert [Path(item["path"]).name for item in report] == [damaged.name], report
+    assert report[0]["deleted"] is False and damaged.exists()
+    assert (case.out / "pytorch_lora_weights.safetensors").is_file()
+    assert snapshot(case.model) == model_before, "the model folder changed"
+    assert not os.listdir(cwd), f"files appeared in the current directory: {os.listdir(cwd)}"
 
 
 # --------------------------------------------------------------------------- the figures

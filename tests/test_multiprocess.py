@@ -58,6 +58,6 @@ def test_two_processes_stay_identical_and_write_once(job, tmp_path, gan):  # noq
     assert (out / "checkpoint-3" / "rng-0.json").is_file() and (out / "checkpoint-3" / "rng-1.json").is_file()
     events = list(out.rglob("events.out.tfevents.*"))  # …<time>.<host>.<pid>.<n>; add_hparams adds a second file
     assert events and len({e.name.split(".")[-2] for e in events}) == 1  # all from one process
-    assert len(list((out / "validation").glob("step-*"))) == 1
+    assert len(list((out / "validation").glob("step-*"))) == 2  # the baseline (step-0) and the last step
     logs = proc.stdout + proc.stderr
     assert logs.count("student LoRA:") == 1 and logs.count("method: dmd;") == 1  # the host logs once

@@ -30,6 +30,15 @@ class WanComponents:
     tokenizer: Any
 
 
+# Wan 2.1's published transformer configs (diffusers' WanTransformer3DModel), by hub id: `estimate` reads them
+# without a download, and the cost benchmarks build random-weight networks from them.
+WAN21_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                  out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                  qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+WAN21_14B = {**WAN21_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
+PUBLISHED_CONFIGS = {"Wan-AI/Wan2.1-T2V-1.3B-Diffusers": WAN21_1_3B, "Wan-AI/Wan2.1-T2V-14B-Diffusers": WAN21_14B}
+
+
 _ORIGINAL_PARTS = {"attn1": "self_attn", "attn2": "cross_attn", "to_q": "q", "to_k": "k", "to_v": "v",
                    "to_out.0": "o", "add_k_proj": "k_img", "add_v_proj": "v_img", "ffn.net.0.proj": "ffn.0",
                    "ffn.net.2": "ffn.2"}
@@ -62,6 +71,7 @@ class WanFamily:
     summary = "Wan 2.1 T2V (diffusers WanTransformer3DModel), bidirectional, flow matching"
     causal = False
     pipeline_class = "WanPipeline"  # the stock diffusers pipeline that loads the student (model cards name it)
+    published_configs = PUBLISHED_CONFIGS  # hub id → transformer config, for `simpletuner-dmd estimate`
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
     frame_stride = 4  # the VAE compresses time 4x: clips of 1 + 4k frames become 1 + k latent frames
     size_multiple = 16  # the VAE downsamples 8x and the transformer patches 2x2 latents
@@ -163,6 +173,28 @@ class WanFamily:
         spatial = 2 ** len(cfg.temperal_downsample)
         temporal = 2 ** sum(bool(x) for x in cfg.temperal_downsample)
         return (cfg.z_dim, 1 + (frames - 1) // temporal, height // spatial, width // spatial)
+
+    @staticmethod
+    def meta_network(transformer_config: dict) -> torch.nn.Module:
+        """The network built on the ``meta`` device from its config: its parameters counted, nothing allocated."""
+        from diffusers import WanTransformer3DModel
+
+        import inspect
+
+        known = set(inspect.signature(WanTransformer3DModel.__init__).parameters)
+        with torch.device("meta"):
+            return WanTransformer3DModel(**{k: v for k, v in transformer_config.items() if k in known})
+
+    @staticmethod
+    def activation_shape(transformer_config: dict, *, width: int, height: int, frames: int) -> dict[str, int]:
+        """What one sample's activations scale with: ``tokens`` (latent frames 1 + (F − 1)/4, the VAE's 8× spatial
+        compression, then the patch), the ``hidden`` width, the feed-forward width ``ffn`` and the ``blocks``."""
+        p_t, p_h, p_w = transformer_config.get("patch_size", (1, 2, 2))
+        latent_frames = 1 + (frames - 1) // 4
+        tokens = (latent_frames // p_t) * (height // 8 // p_h) * (width // 8 // p_w)
+        hidden = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
+        return {"tokens": tokens, "hidden": hidden, "ffn": transformer_config["ffn_dim"],
+                "blocks": transformer_config["num_layers"]}
 
     def save_lora(self, lora_state: dict[str, torch.Tensor], folder: Path, peft_config: Any) -> Path:
         """Write ``pytorch_lora_weights.safetensors`` that ``WanPipeline.load_lora_weights(folder)`` loads (rank and

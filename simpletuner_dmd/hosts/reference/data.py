@@ -103,6 +103,8 @@ MEDIA_BACKEND_SCHEMA = Schema(
         Key("minimum_image_size", "int", None, "Skip media whose shorter side (resolution_type pixel) or √area "
             "(pixel_area) is under this many pixels (default: the config's; 0: no minimum).", check=in_range(0),
             nullable=True),
+        Key("aspect_bucket_rounding", "int", None, "Decimals of the aspect ratio media are sized by (default: the "
+            "config's; null there: exact).", check=in_range(1, 9), nullable=True),
     ),
     cross_checks=(_media_cross_checks,),
 )
@@ -202,6 +204,7 @@ def _normalized(values: dict, schema: Schema) -> dict:
     })  # fmt: skip
     given = {"resolution": values["resolution"], "resolution_type": values["resolution_type"],
              "minimum_image_size": values["minimum_image_size"],
+             "aspect_bucket_rounding": values["aspect_bucket_rounding"],
              "num_frames": values["num_frames"] if values["num_frames"] is not None
              else values["video"].get("num_frames")}
     keep.update({k: v for k, v in given.items() if v is not None})

@@ -79,6 +79,9 @@ HOST_SCHEMA = Schema(
         Key("quantize_via", "str", "cpu", "Quantize on the CPU before moving to the accelerator, or on it.",
             choices=("cpu", "accelerator")),
         Key("gradient_checkpointing", "bool", False, "Recompute activations in backward to save memory."),
+        Key("activation_offload", "bool", False, "Keep the tensors saved for the student's and the critic's backward "
+            "(with gradient_checkpointing: each block's input) in pinned CPU memory instead of on the GPU; the "
+            "gradients are the same. `simpletuner-dmd estimate` says how much it saves."),
         Key("mixed_precision", "str", "no", "bf16/fp16 on a GPU; CPU runs fp32.", choices=("no", "bf16", "fp16")),
         Key("attention_mechanism", "str", "diffusers", "Only diffusers' default attention is used.",
             choices=("diffusers",)),

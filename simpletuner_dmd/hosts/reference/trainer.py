@@ -44,6 +44,7 @@ from ...types import Batch, RunContext, StepInfo, StepLoss, step_generator
 from .run_config import RunConfig, load_config
 from .export import Export, export_student
 from .notify import Notifier
+from ...offload import ActivationOffload
 from .validation import Validator
 
 STUDENT_ADAPTER = "student"
@@ -221,6 +222,8 @@ def _run(rc: RunConfig, pm, notify: Notifier) -> Path:
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
     network.train()
     logs: dict[str, float] = {}
+    # activation_offload: what the student's and the critic's forwards save for their backward lives on the CPU
+    offload = ActivationOffload if host["activation_offload"] else contextlib.nullcontext
     if not host["validation_disable"] and not host["disable_benchmark"] and state["global_step"] == 0:
         folder = validate(0)  # the baseline (SimpleTuner's "benchmark"): the untrained student beside the teacher
         if folder is not None:
@@ -234,7 +237,7 @@ def _run(rc: RunConfig, pm, notify: Notifier) -> Path:
             for micro in range(accum):
                 state["batches_consumed"], batch = next(batches)
                 info = _step_info(seed, state["global_step"], micro, accum, accelerator, network)
-                with accelerator.accumulate(network):
+                with accelerator.accumulate(network), offload() as saved:
                     result: StepLoss | None = pm.hook.distill_loss(batch=batch, step=info,
                                                                    host_loss=lambda b=batch: loss_fn(b))
                     if result is None:  # no method, or the method lets the host's loss stand
@@ -246,6 +249,8 @@ def _run(rc: RunConfig, pm, notify: Notifier) -> Path:
                         student_stepped = True
                 for key, value in result.logs.items():
                     step_logs.setdefault(key, []).append(value)
+                if saved is not None:
+                    step_logs.setdefault("activation_offload_gib", []).append(saved.offloaded_bytes / 2 ** 30)
             if student_stepped:
                 finite = guard.finite(models.student_params.values(), *step_losses)
                 guard.record(finite, state["global_step"])  # raises after too many in a row
@@ -255,7 +260,8 @@ def _run(rc: RunConfig, pm, notify: Notifier) -> Path:
                 student_stepped = finite
             optimizer.zero_grad(set_to_none=True)
             info = _step_info(seed, state["global_step"], accum - 1, accum, accelerator, network)
-            pm.hook.distill_after_optimizer_step(step=info)
+            with offload():  # the critic's forward and backward
+                pm.hook.distill_after_optimizer_step(step=info)
             scheduler.step()
             state["global_step"] += 1
             if ema is not None:
@@ -348,7 +354,7 @@ def _build_dataset(host, family, components, encode_prompts, accelerator):
         backend.setdefault("resolution", host["resolution"])
         backend.setdefault("resolution_type", host["resolution_type"])
         backend.setdefault("minimum_image_size", host["minimum_image_size"])
-        backend["aspect_bucket_rounding"] = host["aspect_bucket_rounding"]
+        backend.setdefault("aspect_bucket_rounding", host["aspect_bucket_rounding"])
     with accelerator.main_process_first():
         dataset = build_cache(backends, lambda px: family.encode_pixels(components, px), encode_prompts,
                               frame_stride=family.frame_stride, size_multiple=family.size_multiple,

@@ -61,6 +61,30 @@ class DMD:
                        f"{host['validation_num_inference_steps']} applies to the teacher's reference sample only")
         return out
 
+    @staticmethod
+    def memory_plan(config: dict[str, Any], host: dict[str, Any]) -> dict[str, Any]:
+        """What ``simpletuner-dmd estimate`` needs to know of a DMD run: its second trainable network (the fake
+        score: an adapter of ``fake_score_lora_rank`` on the shared base, or a full copy) and its network passes per
+        optimizer step, averaged over ``generator_update_interval`` steps (as ``test_pass_counts_are_minimal``
+        counts them: a rollout of k + 1 student forwards every step, k uniform over the steps unless
+        ``last_step_only``; on a generator step one student backward, one teacher forward — cond and uncond in one
+        batch when guided — and one no-grad fake forward; every step the critic's forward and backward)."""
+        k_steps = len(config["dmd_denoising_steps"])
+        interval = config["generator_update_interval"]
+        forwards = k_steps if config["last_step_only"] else (k_steps + 1) / 2
+        fake = config["fake_score_type"]
+        if fake == "auto":
+            fake = "lora" if host.get("model_type", "lora") == "lora" else "full"
+        return {
+            "second_network": {"kind": fake, "rank": config["fake_score_lora_rank"] or host.get("lora_rank")},
+            "passes_per_step": {
+                "student_forward": forwards, "student_backward": 1 / interval,
+                "teacher_forward": 1 / interval,
+                "teacher_forward_samples": (2 if config["real_score_guidance_scale"] > 1 else 1) / interval,
+                "fake_score_forward": 1 + 1 / interval, "fake_score_backward": 1.0,
+            },
+        }
+
     def __init__(self, config: dict[str, Any]):
         self.cfg = config
         self.steps: list[int] = list(config["dmd_denoising_steps"])

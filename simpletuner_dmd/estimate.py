@@ -1,0 +1,240 @@
+"""``simpletuner-dmd estimate``: will this config fit my GPU? Peak memory, passes per step and a step-time range,
+from the config alone — no weights are loaded (the network is built on PyTorch's ``meta`` device to count its
+parameters, from the local folder's ``transformer/config.json`` or the family's published config for a hub id).
+
+The peak is the larger of the two phases of an optimizer step (the student's backward, then the critic's):
+
+    frozen weights       Linear weights at 1 byte (int8-quanto) or 2 (bf16) or 4 (fp32), other parameters at 2
+    adapter states       per trainable LoRA parameter: weight 4 B (fp32) + Adam moments (8 B; bf16: 4; 8-bit: 2),
+                         plus its gradient (4 B) in its own phase; a full trainable copy: weight 2 B + moments 4 B,
+                         plus its gradient (2 B) in its phase
+    activations          with gradient checkpointing, each block's input: tokens × hidden × blocks × 2 B × batch
+                         (without it, every block's saved tensors: blocks × the transient below); 0 on the GPU with
+                         activation_offload (one block's input in flight, twice, stays)
+    transient            one block's recompute and backward: tokens × (A·hidden + B·ffn) × 2 B × batch
+
+``A`` and ``B`` are the only fitted numbers: calibrated on the two plain-LoRA rows of the recorded H200 run
+(``benchmarks/results/gpu_cost_nvidia_h200.json``); ``tests/test_estimate.py`` checks every recorded row against
+this model, within 10%. The model covers the training step of the denoising network: a host also holds its VAE
+(and briefly its text encoder), and the validation decode needs its own memory; ``--gpu-memory`` should be the
+card's usable memory (about 39.5 GiB for a 40 GB A100, 44.5 for a 48 GB card, 79.6 for an 80 GB H100).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+GIB = 2 ** 30
+# The fitted transient coefficients (see the module docstring): d-sized and ffn-sized tensors per token of one block.
+TRANSIENT_HIDDEN = 27.04
+TRANSIENT_FFN = 2.604
+RECORDED = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "gpu_cost_nvidia_h200.json"
+MOMENT_BYTES = {"fp32": 8, "bf16": 4, "8bit": 2}
+# The recorded runs' networks (Wan 2.1 1.3B and 14B: parameters) and sample (480×832×81: tokens).
+RECORDED_PARAMETERS = {"1.3b": 1_418_996_800, "14b": 14_288_491_584}
+RECORDED_TOKENS = 32760
+
+
+@dataclass
+class Estimate:
+    parts: dict[str, float]  # GiB, in the peak phase
+    peak_gib: float
+    phase: str  # which phase peaks
+    passes: dict[str, float] | None
+    notes: list[str] = field(default_factory=list)
+    shape: dict[str, int] = field(default_factory=dict)
+    parameters: dict[str, int] = field(default_factory=dict)
+
+
+def transformer_config(family: Any, model: str) -> dict:
+    """The network's config: ``<model>/transformer/config.json`` (or ``<model>/config.json``), else the family's
+    published config for a hub id."""
+    folder = Path(model)
+    for candidate in (folder / "transformer" / "config.json", folder / "config.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text(encoding="utf-8"))
+    published = getattr(family, "published_configs", {}) or {}
+    if model in published:
+        return dict(published[model])
+    known = ", ".join(published) or "none"
+    raise UserError(f"estimate: no transformer config for {model!r}: not a local model folder, and not a published "
+                    f"{family.name} model this package knows (known: {known})")
+
+
+def count_parameters(family: Any, config: dict, target_modules: tuple[str, ...], rank: int) -> dict[str, int]:
+    import torch
+
+    network = family.meta_network(config)
+    linear = other = lora = 0
+    for name, module in network.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            linear += module.weight.numel()
+            other += module.bias.numel() if module.bias is not None else 0
+            if any(name == t or name.endswith("." + t) for t in target_modules):
+                lora += rank * (module.in_features + module.out_features)
+    total = sum(p.numel() for p in network.parameters())
+    return {"total": total, "linear": linear, "other": total - linear, "lora_per_rank": lora // max(rank, 1)}
+
+
+def estimate(*, family: Any, config: dict, host: dict, method_plan: dict | None, width: int, height: int,
+             frames: int, offload: bool | None = None, moments: str | None = None) -> Estimate:
+    """The peak memory of one optimizer step of ``host`` (the reference host's keys) with ``method_plan`` (a method's
+    ``memory_plan``; None: plain LoRA fine-tuning)."""
+    batch = host["train_batch_size"]
+    rank = host["lora_rank"]
+    offload = host.get("activation_offload", False) if offload is None else offload
+    moments = moments or "fp32"  # what torch AdamW keeps; "bf16" / "8bit" are what-ifs (not host options yet)
+    params = count_parameters(family, config, tuple(family.lora_target_modules), rank)
+    shape = family.activation_shape(config, width=width, height=height, frames=frames)
+    tokens, hidden, ffn, blocks = shape["tokens"], shape["hidden"], shape["ffn"], shape["blocks"]
+    notes: list[str] = []
+
+    linear_bytes = {"int8-quanto": 1, "no_change": 2}.get(host["base_model_precision"], 2)
+    if host.get("mixed_precision", "bf16") == "no" and host["base_model_precision"] != "int8-quanto":
+        linear_bytes = 4
+    full_student = host["model_type"] == "full"
+    frozen = params["linear"] * linear_bytes + params["other"] * 2
+    moment = MOMENT_BYTES[moments]
+    transient = tokens * (TRANSIENT_HIDDEN * hidden + TRANSIENT_FFN * ffn) * 2 * batch
+    if host.get("gradient_checkpointing", True):
+        activations = tokens * hidden * blocks * 2 * batch
+        if offload:
+            activations = 2 * tokens * hidden * 2 * batch  # one block's input in flight, double-buffered
+    else:
+        activations = transient * blocks
+        if offload:
+            notes.append("activation_offload without gradient_checkpointing still keeps each block's working set")
+
+    if full_student:
+        student_states, student_grads = params["total"] * (2 + 4), params["total"] * 2
+        notes.append("model_type full: the student is a full bf16 copy with its own frozen teacher")
+        frozen += params["linear"] * linear_bytes
+    else:
+        lora = params["lora_per_rank"] * rank
+        student_states, student_grads = lora * (4 + moment), lora * 4
+    fake_states = fake_grads = 0
+    second = (method_plan or {}).get("second_network")
+    if second:
+        if second["kind"] == "lora":
+            lora = params["lora_per_rank"] * int(second["rank"] or rank)
+            fake_states, fake_grads = lora * (4 + moment), lora * 4
+        else:
+            fake_states, fake_grads = params["total"] * (2 + 4), params["total"] * 2
+    states = student_states + fake_states
+    student_phase = frozen + states + student_grads + activations + transient
+    if second and second["kind"] == "full":
+        # a full copy's gradients grow as the backward frees the activations: the peak is the larger of the two
+        critic_phase = frozen + states + max(activations + transient, fake_grads + transient)
+    else:
+        critic_phase = frozen + states + fake_grads + activations + transient
+    phase = "student" if student_phase >= critic_phase or not second else "critic"
+    peak = max(student_phase, critic_phase) if second else student_phase
+    grads = student_grads if phase == "student" else fake_grads
+    parts = {"frozen weights": frozen / GIB, "adapter and optimizer states": states / GIB,
+             f"{phase} gradients": grads / GIB, "activations": activations / GIB, "transient": transient / GIB}
+    passes = (method_plan or {}).get("passes_per_step") if method_plan is not None else {
+        "student_forward": 1, "student_backward": 1}
+    return Estimate(parts, peak / GIB, phase, passes, notes, shape, params)
+
+
+def recorded_rows(path: Path = RECORDED) -> list[dict]:
+    if not path.is_file():
+        return []
+    return json.loads(path.read_text(encoding="utf-8"))["rows"]
+
+
+def step_time_range(est: Estimate, family: Any, method_plan: dict | None) -> str | None:
+    """A range from the recorded GPU runs, scaled by tokens × parameters from the nearest recorded model."""
+    rows = [r for r in recorded_rows() if not r.get("oom") and r.get("step_s")]
+    if not rows:
+        return None
+    sizes = RECORDED_PARAMETERS
+    kind = "lora" if method_plan is None else ("dmd_full" if (method_plan.get("second_network") or {}).get(
+        "kind") == "full" else "dmd")
+    work = est.parameters["total"] * est.shape["tokens"]
+    best = None
+    for row in rows:
+        if row["kind"] != kind or row["model"] not in sizes:
+            continue
+        recorded_work = sizes[row["model"]] * RECORDED_TOKENS
+        ratio = work / recorded_work
+        if best is None or abs(ratio - 1) < abs(best[1] - 1):
+            best = (row, ratio)
+    if best is None:
+        return None
+    row, ratio = best
+    seconds = row["step_s"] * ratio
+    return (f"{0.8 * seconds:.0f}–{1.3 * seconds:.0f} s per step on an {row['gpu']}-class GPU (recorded: "
+            f"{row['step_s']:.1f} s for Wan {row['model']} {row['kind']} at 480×832×81, scaled by parameters × tokens "
+            f"{ratio:.2f}×)")
+
+
+def advice(est: Estimate, gpu_gib: float, host: dict) -> list[str]:
+    """What to change when it does not fit, largest saving first."""
+    tips = []
+    if est.parts["activations"] > 1 and not host.get("activation_offload"):
+        tips.append(f"activation_offload: true (saves about {est.parts['activations']:.1f} GiB)")
+    if host["base_model_precision"] != "int8-quanto":
+        tips.append("base_model_precision: int8-quanto (the frozen Linear weights at 1 byte)")
+    if not host.get("gradient_checkpointing", True):
+        tips.append("gradient_checkpointing: true")
+    tips.append("a lower resolution or fewer frames (activations scale with tokens), or a lower lora_rank")
+    return tips
+
+
+def print_estimate(args) -> int:
+    """The ``estimate`` command: validate the config (paths not required), estimate, print; 0 when it fits (or no
+    ``--gpu-memory`` was given), 1 when it does not."""
+    from .hosts.reference.run_config import load_config
+    from .plugins import get_plugin_manager
+
+    rc = load_config(args.config, get_plugin_manager(), check_paths=False)
+    host, family = rc.host, rc.family_cls(autocast_dtype=None)
+    for member in ("meta_network", "activation_shape"):
+        if not hasattr(family, member):
+            raise UserError(f"estimate: the {family.name} family does not describe its memory ({member})")
+    plan = None
+    if rc.method_cls is not None:
+        make_plan = getattr(rc.method_cls, "memory_plan", None)
+        plan = make_plan(rc.method_config, host) if make_plan else {}
+    width = args.width or host["validation_resolution"][0]
+    height = args.height or host["validation_resolution"][1]
+    frames = args.frames or host["validation_num_video_frames"]
+    config = transformer_config(family, str(host["pretrained_model_name_or_path"]))
+    est = estimate(family=family, config=config, host=host, method_plan=plan, width=width, height=height,
+                   frames=frames)
+    method = rc.method_name or "plain LoRA fine-tuning"
+    print(f"{family.name} ({est.parameters['total'] / 1e9:.2f}B parameters), {method}; sample {width}×{height}×"
+          f"{frames} → {est.shape['tokens']:,} tokens, batch {host['train_batch_size']}, LoRA rank "
+          f"{host['lora_rank']}, base {host['base_model_precision']}, gradient checkpointing "
+          f"{'on' if host['gradient_checkpointing'] else 'off'}, activation offload "
+          f"{'on' if host['activation_offload'] else 'off'}")
+    print(f"peak GPU memory ≈ {est.peak_gib:.1f} GiB (the {est.phase}'s backward):")
+    for name, gib in est.parts.items():
+        print(f"  {name:<30} {gib:7.2f} GiB")
+    if rc.method_cls is not None and not plan:
+        print(f"  note: {rc.method_name} declares no memory plan; its own networks and passes are not counted")
+    if est.passes:
+        print("network passes per optimizer step: " + ", ".join(f"{k} {v:g}" for k, v in est.passes.items()))
+    timing = step_time_range(est, family, plan if rc.method_cls is not None else None)
+    if timing:
+        print(f"step time: {timing}")
+    for note in est.notes:
+        print(f"note: {note}")
+    if args.gpu_memory is None:
+        return 0
+    if est.peak_gib <= args.gpu_memory:
+        print(f"fits in {args.gpu_memory:g} GiB ({args.gpu_memory - est.peak_gib:.1f} GiB to spare)")
+        return 0
+    print(f"does not fit in {args.gpu_memory:g} GiB (over by {est.peak_gib - args.gpu_memory:.1f} GiB); change:")
+    for tip in advice(est, args.gpu_memory, host):
+        print(f"  - {tip}")
+    return 1
+
+
+__all__ = ["print_estimate", "Estimate", "advice", "estimate", "recorded_rows", "step_time_range", "transformer_config"]
