@@ -107,7 +107,8 @@ CURVES = {"dmd": ("dmd_loss", "fake_score_loss", "gan_generator_loss", "gan_clas
 
 def distil(folder: Path, dmd: dict[str, Any], *, seed: int, steps: int, batch_size: int = 256, lr: float = 1e-4,
            betas: tuple[float, float] = (0.9, 0.999), n_samples: int = N_SAMPLES, method: str = "dmd",
-           snapshot_steps: tuple[int, ...] = (), lr_schedule: str = "constant") -> RunResult:
+           snapshot_steps: tuple[int, ...] = (), lr_schedule: str = "constant", optimizer: str = "adamw"
+           ) -> RunResult:
     """Distil the exact teacher with ``method`` (its ``distillation_config`` in ``dmd``, named so for DMD's callers)
     through the hooks; return the student's samples, the loss curves and samples after each of ``snapshot_steps``."""
     from accelerate import Accelerator
@@ -125,13 +126,15 @@ def distil(folder: Path, dmd: dict[str, Any], *, seed: int, steps: int, batch_si
     accelerator = Accelerator(cpu=True)
     student = family.load_network(folder / "base").requires_grad_(True).train()
     teacher = family.load_network(folder / "teacher").eval()
-    host = {"model_type": "full", "gradient_checkpointing": False, "seed": seed}
+    host = {"model_type": "full", "gradient_checkpointing": False, "seed": seed, "optimizer": optimizer}
     pm.hook.distill_setup(run=RunContext(
         host_config=host, method_config=config, family=family, student=student, accelerator=accelerator,
         encode_prompts=family.embed_prompts, negative_prompt="", output_dir=folder, model_type="full",
         student_adapter=None, load_base=lambda: family.load_network(folder / "base"), teacher=teacher, seed=seed,
     ))
-    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, betas=betas, weight_decay=0.0)
+    from simpletuner_dmd.optimizers import adamw
+
+    optimizer = adamw(student.parameters(), kind=optimizer, lr=lr, betas=betas, weight_decay=0.0)
     student, optimizer = accelerator.prepare(student, optimizer)
     if lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"lr_schedule: constant or cosine, got {lr_schedule!r}")

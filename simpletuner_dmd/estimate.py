@@ -88,7 +88,9 @@ def estimate(*, family: Any, config: dict, host: dict, method_plan: dict | None,
     batch = host["train_batch_size"]
     rank = host["lora_rank"]
     offload = host.get("activation_offload", False) if offload is None else offload
-    moments = moments or "fp32"  # what torch AdamW keeps; "bf16" / "8bit" are what-ifs (not host options yet)
+    from .optimizers import moments_of
+
+    moments = moments or moments_of(host.get("optimizer", "adamw"))  # "bf16": a what-if (no host option)
     params = count_parameters(family, config, tuple(family.lora_target_modules), rank)
     shape = family.activation_shape(config, width=width, height=height, frames=frames)
     tokens, hidden, ffn, blocks = shape["tokens"], shape["hidden"], shape["ffn"], shape["blocks"]

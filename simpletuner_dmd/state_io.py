@@ -14,6 +14,12 @@ cannot say natively. Every JSON object in the skeleton is such a tagged node:
     {"$float": "0x7ff0..."}     inf / nan, as the IEEE-754 bits so even nan payloads survive
     {"$tensor": key}            torch.Tensor, loaded back on the CPU
     {"$ndarray": key, "dtype": "<u4", "shape": [624]}   numpy array, stored as raw bytes
+    {"$subclass": "torchao.optim.subclass_8bit.OptimState8bit", "inner": {...}, "meta": [...]}
+                                a tensor subclass from ``SUBCLASSES`` only (8-bit optimizer moments), as its
+                                inner tensors and attributes (``__tensor_flatten__``), rebuilt with
+                                ``__tensor_unflatten__``; any other subclass is refused, so a file never names
+                                code to run
+    {"$dtype": "float32"}       a torch.dtype
 
 Finite floats are written with Python's shortest round-tripping repr, so they come back bit-exact.
 """
@@ -35,6 +41,9 @@ from safetensors.torch import save_file
 
 from simpletuner_dmd.errors import UserError
 from simpletuner_dmd.atomic import write_file
+
+# The tensor subclasses a state may hold (module, class): the 8-bit moments of optimizer ao-adamw8bit.
+SUBCLASSES = {"torchao.optim.subclass_8bit.OptimState8bit"}
 
 FORMAT = "simpletuner-dmd-state"
 FORMAT_VERSION = 1
@@ -128,8 +137,12 @@ class _Encoder:
             return int(value)
         if isinstance(value, float):
             return float(value) if math.isfinite(value) else {"$float": _float_bits(value)}
+        if isinstance(value, torch.Tensor) and type(value) not in (torch.Tensor, torch.nn.Parameter):
+            return self._encode_subclass(value, path)
         if isinstance(value, torch.Tensor):
             return {"$tensor": self._add(path, self._own(value))}
+        if isinstance(value, torch.dtype):
+            return {"$dtype": str(value).removeprefix("torch.")}
         if isinstance(value, np.ndarray):
             if value.dtype.hasobject:
                 raise TypeError(f"state at {path or '<root>'}: numpy arrays of Python objects cannot be saved")
@@ -143,6 +156,15 @@ class _Encoder:
         if isinstance(value, list):
             return [self.encode(item, f"{path}/{i}") for i, item in enumerate(value)]
         raise TypeError(f"state at {path or '<root>'}: cannot save a {type(value).__qualname__}")
+
+    def _encode_subclass(self, value: torch.Tensor, path: str) -> dict:
+        name = f"{type(value).__module__}.{type(value).__qualname__}"
+        if name not in SUBCLASSES or not hasattr(value, "__tensor_flatten__"):
+            raise TypeError(f"state at {path or '<root>'}: cannot save a tensor of type {name}")
+        attrs, meta = value.__tensor_flatten__()
+        inner = {attr: {"$tensor": self._add(f"{path}/{attr}", self._own(getattr(value, attr)))} for attr in attrs}
+        return {"$subclass": name, "inner": inner, "meta": self.encode(list(meta), f"{path}/meta"),
+                "size": list(value.shape), "stride": list(value.stride())}
 
     def _encode_dict(self, value: dict, path: str) -> dict:
         for key in value:
@@ -194,10 +216,34 @@ def _decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return _float_from_bits(node["$float"])
     if "$tensor" in node:
         return tensors[node["$tensor"]]
+    if "$dtype" in node:
+        dtype = getattr(torch, str(node["$dtype"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise UserError(f"state skeleton names an unknown dtype {node['$dtype']!r}; the file is damaged")
+        return dtype
+    if "$subclass" in node:
+        return _decode_subclass(node, tensors)
     if "$ndarray" in node:
         raw = tensors[node["$ndarray"]].numpy().tobytes()
         return np.frombuffer(raw, dtype=np.dtype(node["dtype"])).reshape(node["shape"]).copy()
     raise UserError(f"state skeleton holds an unknown node {sorted(node)}; the file is damaged or newer")
+
+
+def _decode_subclass(node: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    import importlib
+
+    name = str(node["$subclass"])
+    if name not in SUBCLASSES:
+        raise UserError(f"state skeleton holds a tensor of type {name!r}, which this version does not load")
+    module, _, cls_name = name.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), cls_name)
+    except ImportError:
+        raise UserError(f"this checkpoint holds {cls_name} optimizer state: install {module.split('.')[0]} to "
+                        "resume it") from None
+    inner = {attr: _decode(item, tensors) for attr, item in node["inner"].items()}
+    return cls.__tensor_unflatten__(inner, _decode(node["meta"], tensors), torch.Size(node["size"]),
+                                    tuple(node["stride"]))
 
 
 def _float_bits(value: float) -> str:

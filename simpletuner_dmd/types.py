@@ -74,6 +74,7 @@ HOST_KEYS_FOR_METHODS: dict[str, str] = {
     "nonfinite_skip_limit": "how many non-finite updates in a row stop the run",
     "validation_num_inference_steps": "the host's step count for the teacher's reference sample",
     "model_type": "lora or full, as RunContext.model_type",
+    "optimizer": "the optimizer kind (simpletuner_dmd.optimizers.adamw builds it): a method's own optimizers follow it",
 }
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ...config import Key, Schema, in_range, suggest
+from ...optimizers import CHOICES as OPTIMIZER_CHOICES
 
 
 def parse_resolution(value: Any) -> tuple[int, int]:
@@ -86,8 +87,9 @@ HOST_SCHEMA = Schema(
         Key("attention_mechanism", "str", "diffusers", "Only diffusers' default attention is used.",
             choices=("diffusers",)),
         Key("optimizer", "str", "adamw", "adamw / torch-adamw: torch AdamW; adamw_bf16: torch AdamW on the "
-            "run's weight dtype (no bf16 stochastic rounding in this stack).",
-            choices=("adamw", "torch-adamw", "adamw_bf16")),
+            "run's weight dtype (no bf16 stochastic rounding in this stack); ao-adamw8bit: torchao's AdamW8bit, "
+            "8-bit moments (needs torchao). A method's own optimizers (DMD's fake score) follow it.",
+            choices=OPTIMIZER_CHOICES),
         Key("learning_rate", "float", 1e-4, "Student learning rate.", check=in_range(0, lo_open=True)),
         Key("adam_beta1", "float", 0.9, "Student AdamW beta1.", check=in_range(0, 1, hi_open=True)),
         Key("adam_beta2", "float", 0.999, "Student AdamW beta2.", check=in_range(0, 1, hi_open=True)),

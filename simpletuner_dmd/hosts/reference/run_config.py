@@ -61,6 +61,12 @@ def validate_config(raw: Any, pm: Any, *, path: Path | None = None, check_paths:
 
     if family_cls is not None and not host_problems:
         problems += family_key_problems(host, family_cls)
+    if not host_problems:
+        from ...optimizers import check_available
+
+        missing = check_available(host["optimizer"])
+        if missing:
+            problems.append(f"config.{missing}")
 
     method_name = raw.get("distillation_method")
     method_cls = None

@@ -45,6 +45,7 @@ from .run_config import RunConfig, load_config
 from .export import Export, export_student
 from .notify import Notifier
 from ...offload import ActivationOffload
+from ...optimizers import adamw
 from .validation import Validator
 
 STUDENT_ADAPTER = "student"
@@ -175,9 +176,9 @@ def _run(rc: RunConfig, pm, notify: Notifier) -> Path:
     sampler = BucketBatchSampler(dataset, host["train_batch_size"], seed=seed,
                                  drop_last=not host["disable_bucket_pruning"])
     max_steps = _max_steps(host, sampler)
-    optimizer = torch.optim.AdamW(list(models.student_params.values()), lr=host["learning_rate"],
-                                  betas=(host["adam_beta1"], host["adam_beta2"]), eps=host["adam_epsilon"],
-                                  weight_decay=host["adam_weight_decay"])
+    optimizer = adamw(models.student_params.values(), kind=host["optimizer"], lr=host["learning_rate"],
+                      betas=(host["adam_beta1"], host["adam_beta2"]), eps=host["adam_epsilon"],
+                      weight_decay=host["adam_weight_decay"])
     lr_lambda = build_lr_lambda(host["lr_scheduler"], warmup_steps=host["lr_warmup_steps"], total_steps=max_steps,
                                 min_lr_ratio=host["lr_end"] / host["learning_rate"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)

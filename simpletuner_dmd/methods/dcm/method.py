@@ -32,6 +32,7 @@ from ...adapters import adapter_parameters, named_adapter_parameters
 from ...errors import UserError
 from ...hookspecs import hookimpl
 from ...nonfinite import DEFAULT_LIMIT, NonFiniteGuard
+from ...optimizers import adamw
 from ...passes import PassCounter
 from ...types import Batch, RunContext, StepInfo, StepLoss
 from ...networks import Networks, frozen
@@ -100,7 +101,8 @@ class DCM:
         self.detail_guard = NonFiniteGuard("DCM detail expert", limit)
         self.disc_guard = NonFiniteGuard("DCM discriminator", limit)
         lr = cfg["detail_lr"] or float(run.host_config.get("learning_rate", 1e-4))
-        self.detail_optimizer = self.accelerator.prepare_optimizer(torch.optim.AdamW(self.detail_params, lr=lr))
+        kind = run.host_config.get("optimizer", "adamw")
+        self.detail_optimizer = self.accelerator.prepare_optimizer(adamw(self.detail_params, kind=kind, lr=lr))
 
         self.blocks = D.find_blocks(run.student)
         try:
@@ -111,8 +113,9 @@ class DCM:
         width = D.hidden_width(self.blocks[0])
         device = next(p for p in self.detail_params).device
         self.discriminator = D.Discriminator(width, len(self.layers), cfg["discriminator_hidden_dim"]).to(device)
-        self.disc_optimizer = self.accelerator.prepare_optimizer(torch.optim.AdamW(
-            self.discriminator.parameters(), lr=cfg["discriminator_lr"], betas=tuple(cfg["discriminator_betas"]),
+        self.disc_optimizer = self.accelerator.prepare_optimizer(adamw(
+            self.discriminator.parameters(), kind=run.host_config.get("optimizer", "adamw"),
+            lr=cfg["discriminator_lr"], betas=tuple(cfg["discriminator_betas"]),
             weight_decay=cfg["discriminator_weight_decay"]))
 
     # ------------------------------------------------------------------ the experts

@@ -27,6 +27,7 @@ from ...errors import UserError
 from ...hookspecs import hookimpl
 from ...nonfinite import DEFAULT_LIMIT, NonFiniteGuard
 from ...networks import Networks
+from ...optimizers import adamw
 from ...passes import PassCounter
 from ...types import Batch, RunContext, StepInfo, StepLoss
 from . import gan as G
@@ -146,8 +147,9 @@ class DMD:
             self.gan_head = head.to(self.accelerator.device)  # fp32; trained with the fake score
             params = params + list(self.gan_head.parameters())
         self.fake_params = params
-        optimizer = torch.optim.AdamW(params, lr=cfg["fake_score_lr"], betas=tuple(cfg["fake_score_betas"]),
-                                      eps=cfg["fake_score_eps"], weight_decay=cfg["fake_score_weight_decay"])
+        optimizer = adamw(params, kind=run.host_config.get("optimizer", "adamw"), lr=cfg["fake_score_lr"],
+                          betas=tuple(cfg["fake_score_betas"]), eps=cfg["fake_score_eps"],
+                          weight_decay=cfg["fake_score_weight_decay"])
         self.fake_optimizer = self.accelerator.prepare_optimizer(optimizer)
 
         self.negative_prompt = self.nets.negative_prompt
