@@ -99,3 +99,13 @@ def test_a_model_it_cannot_describe_is_one_clear_line(tmp_path, capsys):
     assert main(["estimate", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "no transformer config for 'someone/unknown-model'" in err and "Wan-AI/Wan2.1-T2V-14B-Diffusers" in err
+
+
+def test_the_8bit_optimizer_counts_its_moments_at_2_bytes():
+    host, plan = _recorded_setup("dmd")
+    fp32 = estimate(family=WanFamily(), config=WAN21_14B, host=host, method_plan=plan, width=832, height=480,
+                    frames=81)
+    eight = estimate(family=WanFamily(), config=WAN21_14B, host={**host, "optimizer": "ao-adamw8bit"},
+                     method_plan=plan, width=832, height=480, frames=81)
+    states = fp32.parts["adapter and optimizer states"]
+    assert eight.parts["adapter and optimizer states"] == pytest.approx(states * (4 + 2) / (4 + 8))
