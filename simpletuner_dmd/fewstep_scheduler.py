@@ -15,7 +15,9 @@ The fresh noise of ``x0_renoise`` comes from the ``generator`` given to ``step``
 when set (stock pipelines pass none: set it to reproduce a sample exactly), else from torch's global generator.
 
 A student is trained for its K steps: ``set_timesteps(n)`` with n ≠ K raises ``ValueError`` naming K (a pipeline's
-default of 50 steps would otherwise run a schedule the student never saw). It subclasses
+default of 50 steps would otherwise run a schedule the student never saw). A consistency student (LCM) is defined on
+its whole skipping schedule: with ``sampling_schedule`` in its config, any n from 1 to N picks n of its points evenly
+from the top, exactly as the method's own sampler does for ``num_inference_steps: n``. It subclasses
 ``FlowMatchEulerDiscreteScheduler`` so that everything else a pipeline or a trainer reads from a flow scheduler
 (``config.num_train_timesteps``, ``sigmas``, ``order``, ``set_begin_index``) is there.
 """
@@ -27,7 +29,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 
-from .flow import consistency_output, euler_step
+from .flow import consistency_output, euler_step, sampling_timesteps
 
 STEP_RULES = ("x0_renoise", "euler")
 
@@ -36,7 +38,7 @@ class FewStepFlowScheduler(FlowMatchEulerDiscreteScheduler):
     @register_to_config
     def __init__(self, few_step_timesteps: tuple[float, ...] | list[float] = (1000, 757, 522),
                  step_rule: str = "x0_renoise", consistency_timestep_scaling: float | None = None,
-                 num_train_timesteps: int = 1000, **kwargs):
+                 sampling_schedule: list[float] | None = None, num_train_timesteps: int = 1000, **kwargs):
         super().__init__(num_train_timesteps=num_train_timesteps, **kwargs)
         steps = [float(t) for t in few_step_timesteps]
         if not steps or any(not 0 < t <= num_train_timesteps for t in steps) or any(
@@ -47,14 +49,24 @@ class FewStepFlowScheduler(FlowMatchEulerDiscreteScheduler):
             raise ValueError(f"step_rule must be one of {', '.join(STEP_RULES)}, got {step_rule!r}")
         if consistency_timestep_scaling is not None and step_rule != "x0_renoise":
             raise ValueError("consistency_timestep_scaling applies to step_rule 'x0_renoise' only")
+        if sampling_schedule is not None and (len(sampling_schedule) < 2 or any(
+                a >= b for a, b in zip(sampling_schedule, sampling_schedule[1:]))):
+            raise ValueError("sampling_schedule must be an increasing list of timesteps t_0 … t_N")
         self.generator: torch.Generator | None = None
         self.set_timesteps()
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       **ignored) -> None:
-        """The configured timesteps. ``num_inference_steps`` must be None or their count."""
+        """The configured timesteps; another ``num_inference_steps`` only for a student with a ``sampling_schedule``
+        (LCM: any count up to its N, picked as its sampler picks them)."""
         steps = [float(t) for t in self.config.few_step_timesteps]
-        if num_inference_steps not in (None, len(steps)):
+        schedule = self.config.sampling_schedule
+        if schedule is not None and num_inference_steps not in (None, len(steps)):
+            if not 1 <= num_inference_steps <= len(schedule) - 1:
+                raise ValueError(f"FewStepFlowScheduler: num_inference_steps must be 1 to {len(schedule) - 1} for "
+                                 f"this student, got {num_inference_steps}")
+            steps = sampling_timesteps(schedule, num_inference_steps)
+        elif num_inference_steps not in (None, len(steps)):
             raise ValueError(
                 f"FewStepFlowScheduler: this student was trained for {len(steps)} steps (timesteps "
                 f"{', '.join(f'{t:g}' for t in steps)}); pass num_inference_steps={len(steps)}, not "

@@ -100,5 +100,13 @@ def consistency_output(x_t: torch.Tensor, flow: torch.Tensor, timesteps: torch.T
     return per_sample(c_skip, x_t) * x_t.float() + per_sample(c_out, x_t) * x0
 
 
-__all__ = ["boundary_scalings", "consistency_output", "T_MAX", "add_noise", "euler_step", "flow_to_x0", "guided", "guided_per_sample", "guided_self_forcing",
+def sampling_timesteps(schedule: torch.Tensor | list[float], steps: int) -> list[float]:
+    """``steps`` points of a schedule ``t_0 … t_N`` (ascending), evenly spaced from its top (LCMScheduler's choice
+    of origin timesteps): for N = 50 and 4 steps, the points n = 50, 38, 25, 13."""
+    values = [float(t) for t in schedule]
+    n = len(values) - 1
+    return [values[n - (i * n) // steps] for i in range(steps)]
+
+
+__all__ = ["boundary_scalings", "consistency_output", "sampling_timesteps", "T_MAX", "add_noise", "euler_step", "flow_to_x0", "guided", "guided_per_sample", "guided_self_forcing",
            "per_sample", "shift_sigma", "sigma_of", "unshift_sigma"]

@@ -88,3 +88,32 @@ def test_every_methods_scheduler_reproduces_its_own_sampler(tiny_wan, method, co
             flow = run.family.predict_flow(run.models.network, x, t.expand(x.shape[0]), cond)
             x = scheduler.step(flow, t, x, return_dict=False)[0]
     assert torch.allclose(x, expected, atol=1e-5), (x - expected).abs().max()
+
+
+def test_an_lcm_students_scheduler_takes_any_step_count_as_its_sampler_would(tiny_wan):
+    """LCM is defined on its whole skipping schedule: the scheduler saved for 4 steps, asked for 2, samples exactly
+    what the method's own sampler samples with num_inference_steps 2."""
+    from simpletuner_dmd.methods.lcm.method import LCM
+    from tests.tiny_methods import build_method, perturb_adapters
+
+    noise = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    cond = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(4))
+    saved = None
+    for steps in (4, 2):
+        run = build_method(tiny_wan, LCM, {"num_inference_steps": steps})
+        perturb_adapters(run.models.network)
+        if saved is None:
+            saved = run.method.distill_scheduler()  # the 4-step student's export
+            continue
+        with torch.no_grad():
+            expected = run.method.distill_sampler()(noise, cond, None, 1.0, torch.Generator().manual_seed(9))
+            saved.set_timesteps(2)
+            assert saved.timesteps.tolist() == run.method.distill_scheduler().timesteps.tolist()
+            saved.generator = torch.Generator().manual_seed(9)
+            x = noise
+            for t in saved.timesteps:
+                flow = run.family.predict_flow(run.models.network, x, t.expand(1), cond)
+                x = saved.step(flow, t, x, return_dict=False)[0]
+        assert torch.allclose(x, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="num_inference_steps must be 1 to 50"):
+        saved.set_timesteps(51)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ...flow import T_MAX, boundary_scalings, consistency_output, per_sample, shift_sigma  # noqa: F401 (re-exported)
+from ...flow import (  # noqa: F401 (re-exported: LCM's math, shared with the few-step scheduler)
+    T_MAX, boundary_scalings, consistency_output, per_sample, sampling_timesteps, shift_sigma)
 
 
 def skipping_schedule(num_points: int, shift: float) -> torch.Tensor:
@@ -31,11 +32,3 @@ def consistency_loss(pred: torch.Tensor, target: torch.Tensor, *, loss_type: str
     if loss_type == "huber":
         return torch.mean(torch.sqrt(diff ** 2 + huber_c ** 2) - huber_c)
     raise ValueError(f"unknown loss_type {loss_type!r}")
-
-
-def sampling_timesteps(schedule: torch.Tensor, steps: int) -> list[float]:
-    """``steps`` points of the skipping schedule, evenly spaced from its top (LCMScheduler's choice of origin
-    timesteps): for N = 50 and 4 steps, the points n = 50, 38, 25, 13."""
-    n = schedule.shape[0] - 1
-    indices = [n - (i * n) // steps for i in range(steps)]
-    return [float(schedule[i]) for i in indices]

@@ -106,7 +106,8 @@ class LCM:
 
         return FewStepFlowScheduler(
             few_step_timesteps=L.sampling_timesteps(self.schedule, self.cfg["num_inference_steps"]),
-            consistency_timestep_scaling=self.cfg["timestep_scaling_factor"])
+            consistency_timestep_scaling=self.cfg["timestep_scaling_factor"],
+            sampling_schedule=[float(t) for t in self.schedule])
 
     @hookimpl
     def distill_sampler(self):
