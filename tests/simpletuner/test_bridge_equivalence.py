@@ -251,3 +251,15 @@ def test_a_validation_step_count_the_student_was_not_trained_for_is_refused_up_f
     problem = validation_steps_problem("dmd", scheduler, {"validation_num_inference_steps": 30})
     assert problem == ("validation_num_inference_steps: the dmd student samples its 3 trained steps; set "
                        "validation_num_inference_steps to 3 (got 30)")
+
+
+def test_an_lcm_student_validates_at_any_count_its_schedule_holds():
+    from simpletuner_dmd.fewstep_scheduler import FewStepFlowScheduler
+    from simpletuner_dmd.hosts.simpletuner.distiller import validation_steps_problem
+
+    schedule = [float(t) for t in range(0, 1001, 20)]  # 50 skipping steps
+    lcm = FewStepFlowScheduler(few_step_timesteps=[1000, 760, 500, 260], sampling_schedule=schedule,
+                               consistency_timestep_scaling=10.0)
+    assert validation_steps_problem("lcm", lcm, {"validation_num_inference_steps": 8}) is None
+    assert validation_steps_problem("lcm", lcm, {"validation_num_inference_steps": 60}) == (
+        "validation_num_inference_steps: the lcm student samples 1 to 50 steps; got 60")

@@ -98,8 +98,12 @@ def validation_steps_problem(method_name: str, scheduler: Any, config: Mapping[s
     if scheduler is None or asked is None or config.get("validation_disable"):
         return None
     trained = len(scheduler.config.few_step_timesteps)
-    if int(asked) == trained:
+    schedule = getattr(scheduler.config, "sampling_schedule", None)  # LCM: any count from 1 to its N
+    if int(asked) == trained or (schedule is not None and 1 <= int(asked) <= len(schedule) - 1):
         return None
+    if schedule is not None:
+        return (f"validation_num_inference_steps: the {method_name} student samples 1 to {len(schedule) - 1} steps; "
+                f"got {asked}")
     return (f"validation_num_inference_steps: the {method_name} student samples its {trained} trained steps; set "
             f"validation_num_inference_steps to {trained} (got {asked})")
 
