@@ -6,11 +6,12 @@ Temp names are unique (``.NAME.<random>.tmp``) rather than ``mkstemp``'s, whose 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 
 def write_file(final: str | Path, write: Callable[[str], object]) -> None:
@@ -30,26 +31,38 @@ def write_file(final: str | Path, write: Callable[[str], object]) -> None:
     fsync_dir(final.parent)
 
 
+@contextlib.contextmanager
+def _staging(folder: Path, tag: str) -> Iterator[Path]:
+    """A fresh temp folder ``folder/.TAG.<random>.tmp`` (stale ones of ``tag``, left by a killed run, removed first),
+    removed again on the way out whatever happened."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(f".{tag}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder / f".{tag}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    fsync_dir(folder)
+
+
+def _publish(tmp: Path, folder: Path, name: str) -> None:
+    target = folder / name
+    if target.is_dir() and not target.is_symlink():  # os.replace cannot replace a non-empty folder
+        shutil.rmtree(target)
+    os.replace(tmp / name, target)
+
+
 def write_into(folder: str | Path, name: str, write: Callable[[Path], object]) -> None:
     """``write(tmp_dir)`` writes ``tmp_dir/name`` (a file or a folder) inside a temp folder beside ``folder/name``;
     everything is fsynced and ``name`` is renamed into ``folder`` (replacing an older one). On any error the temp
     folder is removed and the error propagates."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(f".{name}.*.tmp"):  # left by a run killed while writing
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = folder / f".{name}.{uuid.uuid4().hex[:12]}.tmp"
-    tmp.mkdir()
-    try:
+    with _staging(folder, name) as tmp:
         write(tmp)
         fsync_tree(tmp)
-        target, written = folder / name, tmp / name
-        if target.is_dir():  # os.replace cannot replace a non-empty folder
-            shutil.rmtree(target)
-        os.replace(written, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    fsync_dir(folder)
+        _publish(tmp, folder, name)
 
 
 def write_together(folder: str | Path, write: Callable[[Path], object], *, tag: str = "together") -> list[str]:
@@ -57,23 +70,12 @@ def write_together(folder: str | Path, write: Callable[[Path], object], *, tag: 
     and fsynced is each renamed into ``folder`` (replacing older ones). A full disk or a crash while writing leaves
     none of them under its final name; renames do not need space. Returns the names published."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(f".{tag}.*.tmp"):  # left by a run killed while writing
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = folder / f".{tag}.{uuid.uuid4().hex[:12]}.tmp"
-    tmp.mkdir()
-    try:
+    with _staging(folder, tag) as tmp:
         write(tmp)
         fsync_tree(tmp)
         names = sorted(p.name for p in tmp.iterdir())
         for name in names:
-            target = folder / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(tmp / name, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    fsync_dir(folder)
+            _publish(tmp, folder, name)
     return names
 
 
