@@ -154,7 +154,7 @@ def model_card(*, host: dict, family: Any, export: Export, scheduler: Any, origi
         rule = {"x0_renoise": "predict x̂0, then re-noise to the next σ with fresh noise (the last step returns x̂0)",
                 "euler": "one Euler step of the flow ODE from each σ to the next"}[cfg.step_rule]
         lines += ["## Sampling settings", "", "| setting | value |", "| --- | --- |",
-                  f"| steps | {len(timesteps)} (no other count: the student was trained for these) |",
+                  f"| steps | {_steps_cell(cfg, len(timesteps))} |",
                   f"| timesteps | {', '.join(f'{t:g}' for t in timesteps)} |",
                   f"| σ list | {', '.join(f'{s:.4g}' for s in sigmas)} |",
                   "| shift | none: the σ list above is explicit (σ = t / 1000); a scheduler's shift must not be "
@@ -223,6 +223,14 @@ def model_card(*, host: dict, family: Any, export: Export, scheduler: Any, origi
     if has_ema:
         lines += ["", "`ema/` holds the EMA weights in both layouts."]
     return "\n".join(lines) + "\n"
+
+
+def _steps_cell(cfg: Any, count: int) -> str:
+    schedule = getattr(cfg, "sampling_schedule", None)
+    if schedule is not None:  # a consistency student: any count its skipping schedule holds
+        return (f"{count} (or any count from 1 to {len(schedule) - 1}: the scheduler picks the points as the "
+                "method's own sampler does)")
+    return f"{count} (no other count: the student was trained for these)"
 
 
 def _cell(value: Any) -> str:
