@@ -14,6 +14,7 @@ Everything is written into a temp folder beside them and renamed into place once
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +64,7 @@ def _write_export(job: Any, export: Export, stage: Path, notes: list[str]) -> No
         variants = [(stage, None)] + ([(stage / "ema", ema)] if ema is not None else [])
         for folder, swap in variants:
             folder.mkdir(parents=True, exist_ok=True)
-            with (swap.swap_into() if swap is not None else _nothing()):
+            with (swap.swap_into() if swap is not None else contextlib.nullcontext()):
                 state = export.student_lora()
                 family.save_lora(state, folder, config)
                 if original_name and not _write_original(family, state, config, folder / original_name, export,
@@ -111,14 +112,6 @@ def _write_original(family, state, config, path: Path, export: Export, notes: li
     metadata = {"format": "pt", "simpletuner_dmd_method": export.method_name or "none"}
     save_file({k: v.contiguous() for k, v in original.items()}, str(path), metadata=metadata)
     return True
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --------------------------------------------------------------------------- the model card
