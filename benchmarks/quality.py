@@ -7,19 +7,30 @@ trained on scikit-learn's digits, distilled with the reference host trainer.
 
 Writes ``results.json``, ``results.md`` and PNG plots into ``--out`` (default ``benchmarks/results/quality``). Every row
 is run with ``--seeds`` seeds (default 3) and reported as mean ± sd. Not part of CI; ``tests/test_quality_smoke.py`` runs
-a reduced version of each case. Needs matplotlib (``pip install -r benchmarks/requirements.txt``).
+a reduced version of each case.
+
+Needs the ``bench`` extra (matplotlib for the plots, scipy for case B: ``pip install -e '.[bench]'``) and, for case A,
+the example family (``pip install -e examples/gmm_family``). Both are checked before any work: a missing one is one
+``error:`` line with the pip command, exit status 2. ``--no-plots`` writes the tables without matplotlib.
+
+The results survive the run: ``results.json`` and ``results.md`` are rewritten (atomically) after every finished row,
+marked partial until the run ends; the plots are drawn last, and a failed plot loses no result.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
+
+from simpletuner_dmd.atomic import write_file
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "quality"
@@ -111,12 +122,30 @@ def _map(fn, tasks: list, jobs: int):
         yield from pool.map(fn, tasks)
 
 
+def case_a_todo(ablations: bool, rows_filter: str | None) -> dict[str, dict]:
+    """The student rows a case A run trains (``--no-ablations``, ``--rows``)."""
+    todo = dict(CASE_A_ROWS)
+    if ablations:
+        todo.update(CASE_A_ABLATIONS)
+    return select_rows(todo, rows_filter)
+
+
+CASE_A_FIXED_ROWS = 4  # the exact samples and the three teacher rows, measured on every run
+
+
 def run_case_a(out: Path, *, seeds: int, steps: int, ablations: bool, cache: Path, rows_filter: str | None = None,
-               previous: dict | None = None, jobs: int = 1, threads: int = 1) -> dict:
+               previous: dict | None = None, jobs: int = 1, threads: int = 1,
+               on_row: Callable[[str, dict], object] | None = None, plots: list | None = None) -> dict:
     """The case's rows; with ``rows_filter``, the student rows not selected are kept from ``previous`` (the stored
-    results of an earlier run with the same settings), so ``--rows`` adds or refreshes rows of one table."""
+    results of an earlier run with the same settings), so ``--rows`` adds or refreshes rows of one table.
+
+    ``on_row(name, row)`` is called as each row is finished (a student row once all its seeds are done). The plots are
+    not drawn here: with a ``plots`` list, ``(path, draw)`` pairs are appended to it for the caller to draw after the
+    results are written."""
     from . import gmm
 
+    report = on_row or (lambda name, row: None)
+    todo = case_a_todo(ablations, rows_filter)
     folder = gmm.fit_base(cache / "gmm", log=log)
     _, mixture = gmm.family_and_mixture()
     metrics = gmm.Metrics(mixture)
@@ -124,19 +153,18 @@ def run_case_a(out: Path, *, seeds: int, steps: int, ablations: bool, cache: Pat
     scatter: dict[str, torch.Tensor] = {}
     curves: dict[str, dict] = {}
 
-    rows["exact samples (noise floor of the metrics)"] = {"kind": "reference", "metrics": gmm.summarise(
+    name = "exact samples (noise floor of the metrics)"
+    rows[name] = {"kind": "reference", "metrics": gmm.summarise(
         [metrics(mixture.sample(gmm.N_SAMPLES, torch.Generator().manual_seed(500 + s))) for s in range(seeds)])}
+    report(name, rows[name])
     for n in (50, 3, 1):
         name = f"teacher Euler {n}"
         samples = [gmm.teacher_samples(folder, n, s) for s in range(seeds)]
         rows[name] = {"kind": "teacher", "steps": n, "metrics": gmm.summarise([metrics(x) for x in samples])}
         scatter[name] = samples[0]
         log(f"case A: {name}: {_fmt_row(rows[name]['metrics'])}")
+        report(name, rows[name])
 
-    todo = dict(CASE_A_ROWS)
-    if ablations:
-        todo.update(CASE_A_ABLATIONS)
-    todo = select_rows(todo, rows_filter)
     snapshots = tuple(steps * k // 4 for k in (1, 2, 3))  # precision along training, not only at its end
     methods = {name: spec.get("method", "dmd") for name, spec in todo.items()}
     configs = {name: {"real_score_guidance_scale": 1.0, **spec["dmd"]} if methods[name] == "dmd"
@@ -149,8 +177,10 @@ def run_case_a(out: Path, *, seeds: int, steps: int, ablations: bool, cache: Pat
         done[name].append(r)
         measured[name].append(by_step)
         log(f"case A: {name} seed {seed}: {r.seconds:.0f} s, {_fmt_row(gmm.summarise([by_step[steps]]))}")
-    for name, spec in todo.items():
-        results, method, config = done[name], methods[name], configs[name]
+        if len(done[name]) < seeds:
+            continue
+        # the row's last seed: its mean ± sd is final
+        spec, results, method, config = todo[name], done[name], methods[name], configs[name]
         rows[name] = {"kind": "ablation" if name.startswith("ablation") else "student", "method": method,
                       **({"dmd_config": config} if method == "dmd" else {"method_config": config}),
                       "student_lr": spec["lr"], "optimizer": spec.get("optimizer", "adamw"),
@@ -159,6 +189,7 @@ def run_case_a(out: Path, *, seeds: int, steps: int, ablations: bool, cache: Pat
                       "by_step": {k: gmm.summarise([m[k] for m in measured[name]]) for k in sorted(measured[name][0])}}
         scatter[name] = results[0].samples
         curves[name] = results[0].curves
+        report(name, rows[name])
     if rows_filter and previous and previous.get("settings", {}).get("optimizer_steps") == steps:
         kept = {n: r for n, r in previous["rows"].items() if r["kind"] in ("student", "ablation") and n not in rows}
         rows.update(kept)
@@ -169,11 +200,15 @@ def run_case_a(out: Path, *, seeds: int, steps: int, ablations: bool, cache: Pat
     else:
         kept = {}
 
-    # A --rows run draws only its own rows: its plots get their own names and leave the full run's in place.
-    tag = "" if not rows_filter else ".rows-" + "".join(c if c.isalnum() else "-" for c in rows_filter)
-    _plot_scatter(out / f"case_a_samples{tag}.png", scatter, mixture)
-    plot_curves(out / f"case_a_curves{tag}.png", curves)
-    _plot_precision(out / "case_a_precision.png", rows)  # from the merged rows' recorded figures
+    if plots is not None:
+        # A --rows run draws only its own rows: its plots get their own names and leave the full run's in place.
+        tag = "" if not rows_filter else ".rows-" + "".join(c if c.isalnum() else "-" for c in rows_filter)
+        merged = dict(rows)
+        plots += [(out / f"case_a_samples{tag}.png", lambda: _plot_scatter(out / f"case_a_samples{tag}.png", scatter,
+                                                                          mixture)),
+                  (out / f"case_a_curves{tag}.png", lambda: plot_curves(out / f"case_a_curves{tag}.png", curves)),
+                  # from the merged rows' recorded figures
+                  (out / "case_a_precision.png", lambda: _plot_precision(out / "case_a_precision.png", merged))]
     return {"rows": rows, "targets": _case_a_targets(rows), "kept_rows": sorted(kept), "settings": {
         "mixture": gmm.RING, "reference_samples": gmm.N_REFERENCE, "samples_per_run": gmm.N_SAMPLES,
         "optimizer_steps": steps, "batch_size": 256, "seeds": seeds}}
@@ -305,42 +340,199 @@ def _provenance(case: dict) -> list[str]:
     return [f"Command: `{case['command']}` ({case['machine']}; this case {case['seconds']:.0f} s)", ""]
 
 
-def markdown(results: dict) -> str:
-    lines = []
-    if "case_a" in results:
-        a = results["case_a"]
-        s = a["settings"]
-        lines += _provenance(a) + [
-            f"**Case A — 8-mode ring (radius 1, std 0.1), exact teacher, example `gmm` family plugin.** "
-            f"{s['seeds']} seeds per row, mean ± sd; {s['samples_per_run']:,} samples per run against "
-            f"{s['reference_samples']:,} exact samples; students trained {s['optimizer_steps']} optimizer steps "
-            f"(batch {s['batch_size']}; student lr 3e-4, fake_score_lr 1e-3 unless the row says otherwise; LCM and DCM "
-            f"rows: student lr 3e-4, no fake score).",
-            "",
-            "| row | energy distance ↓ | precision ↑ | recall ↑ | mode-weight TV ↓ |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for name, row in a["rows"].items():
-            m = row["metrics"]
-            lines.append(f"| {name} | {_pm(m['energy_distance'], sci=True)} | {_pm(m['precision'])} | "
-                         f"{_pm(m['recall'], 2)} | {_pm(m['mode_tv'])} |")
-        lines += ["", "Targets (students):", "", "| student | all modes | precision ≥ 0.9 | ED ≤ 1.5× teacher-50 | "
-                  "ED ≤ 0.3× teacher-3 |", "| --- | --- | --- | --- | --- |"]
-        for name, t in a["targets"].items():
-            lines.append(
-                f"| {name} | {_yes(t['every mode covered (recall 1 on every seed)'])} | {_yes(t['precision >= 0.9'])} | "
-                f"{_yes(t['energy <= 1.5x teacher-50'])} ({t['energy / teacher-50']:.1f}×) | "
-                f"{_yes(t['energy <= 0.3x teacher-3'])} ({t['energy / teacher-3']:.2f}×) |")
-        lines.append("")
-    if "case_b" in results:
-        from .digits import markdown as digits_markdown
+def _partial_line(label: str, case: dict) -> str:
+    of = f" of {case['rows_expected']}" if case.get("rows_expected") else ""
+    state = f"the run stopped ({case['stopped']})" if case.get("stopped") else \
+        "still running when this was written (the finished run removes this line)"
+    return f"partial: {label}: {len(case['rows'])}{of} rows done, {state}"
 
-        lines += _provenance(results["case_b"]) + digits_markdown(results["case_b"])
+
+def _rows_section(title: str, case: dict, note: str) -> list[str]:
+    """A case's rows in one table of whatever metrics they hold (mean ± sd): a running or stopped case's finished
+    rows, or stored rows its own table cannot render."""
+    keys = list(dict.fromkeys(k for row in case.get("rows", {}).values() for k in row.get("metrics", {})))
+    seconds = f"{case['seconds']:.0f} s" + (" so far" if case.get("partial") else "") if "seconds" in case else "?"
+    lines = [f"Command: `{case.get('command', '?')}` ({case.get('machine', '?')}; this case {seconds})", "",
+             f"**{title} ({note}).**", "", "| row | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
+    for name, row in case.get("rows", {}).items():
+        m = row.get("metrics", {})
+        lines.append(f"| {name} | " + " | ".join(
+            _pm(m[k], sci=k == "energy_distance") if k in m else "" for k in keys) + " |")
+    return lines + [""]
+
+
+def _case_a_markdown(a: dict) -> list[str]:
+    s = a["settings"]
+    lines = _provenance(a) + [
+        f"**Case A — 8-mode ring (radius 1, std 0.1), exact teacher, example `gmm` family plugin.** "
+        f"{s['seeds']} seeds per row, mean ± sd; {s['samples_per_run']:,} samples per run against "
+        f"{s['reference_samples']:,} exact samples; students trained {s['optimizer_steps']} optimizer steps "
+        f"(batch {s['batch_size']}; student lr 3e-4, fake_score_lr 1e-3 unless the row says otherwise; LCM and DCM "
+        f"rows: student lr 3e-4, no fake score).",
+        "",
+        "| row | energy distance ↓ | precision ↑ | recall ↑ | mode-weight TV ↓ |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, row in a["rows"].items():
+        m = row["metrics"]
+        lines.append(f"| {name} | {_pm(m['energy_distance'], sci=True)} | {_pm(m['precision'])} | "
+                     f"{_pm(m['recall'], 2)} | {_pm(m['mode_tv'])} |")
+    lines += ["", "Targets (students):", "", "| student | all modes | precision ≥ 0.9 | ED ≤ 1.5× teacher-50 | "
+              "ED ≤ 0.3× teacher-3 |", "| --- | --- | --- | --- | --- |"]
+    for name, t in a["targets"].items():
+        lines.append(
+            f"| {name} | {_yes(t['every mode covered (recall 1 on every seed)'])} | {_yes(t['precision >= 0.9'])} | "
+            f"{_yes(t['energy <= 1.5x teacher-50'])} ({t['energy / teacher-50']:.1f}×) | "
+            f"{_yes(t['energy <= 0.3x teacher-3'])} ({t['energy / teacher-3']:.2f}×) |")
+    return lines + [""]
+
+
+def _case_b_markdown(b: dict) -> list[str]:
+    from .digits import markdown as digits_markdown
+
+    return _provenance(b) + digits_markdown(b)
+
+
+CASES = {  # key in results.json: (label, title, its own table)
+    "case_a": ("case A", "Case A — 8-mode ring, exact teacher", _case_a_markdown),
+    "case_b": ("case B", "Case B — digits through the Wan family", _case_b_markdown),
+}
+
+
+def markdown(results: dict) -> str:
+    lines = [_partial_line(label, results[k]) for k, (label, _, _) in CASES.items()
+             if results.get(k, {}).get("partial")]
+    lines += [""] if lines else []
+    for key, (_, title, table) in CASES.items():
+        case = results.get(key)
+        if not case:
+            continue
+        if case.get("partial"):
+            lines += _rows_section(title, case, "partial")
+            continue
+        try:
+            lines += table(case)
+        except Exception as exc:  # stored by another version of the benchmark: its rows still show
+            lines += _rows_section(title, case, f"its table failed: {type(exc).__name__}: {exc}")
     return "\n".join(lines) + "\n"
 
 
 def _yes(ok: bool) -> str:
     return "yes" if ok else "**no**"
+
+
+# --------------------------------------------------------------------------- start-up checks
+
+BENCH_INSTALL = "pip install -e '.[bench]'"
+GMM_INSTALL = "pip install -e examples/gmm_family"
+
+
+def _import_problem(module: str) -> str | None:
+    try:
+        __import__(module)
+    except Exception as exc:  # not installed, or installed and broken
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _gmm_family_problem() -> str | None:
+    """Case A's family, found as ``benchmarks/gmm.py`` finds it: the ``gmm`` family registered through the
+    ``simpletuner_dmd`` entry points, and its own package."""
+    try:
+        from simpletuner_dmd.plugins import get_plugin_manager, registered_families
+
+        if "gmm" not in registered_families(get_plugin_manager()):
+            return "no simpletuner_dmd entry point registers it"
+    except Exception as exc:  # a plugin that fails to import (PluginError names it)
+        return f"{type(exc).__name__}: {exc}"
+    return _import_problem("gmm_family")
+
+
+def missing_requirements(cases: set[str], plots: bool) -> list[tuple[str, str, str]]:
+    """``(what, why, pip command)`` for each thing the selected cases and outputs need and cannot import."""
+    missing = []
+    if plots and _import_problem("matplotlib"):
+        missing.append(("matplotlib", "the plots; --no-plots skips them", BENCH_INSTALL))
+    if "b" in cases and _import_problem("scipy.linalg"):
+        missing.append(("scipy", "case B's digits FD", BENCH_INSTALL))
+    if "a" in cases:
+        problem = _gmm_family_problem()
+        if problem:
+            missing.append(("the gmm family plugin", f"case A; {' '.join(problem.split())}", GMM_INSTALL))
+    return missing
+
+
+def missing_line(missing: list[tuple[str, str, str]]) -> str:
+    """One line: what is missing, for what, and the pip command(s) that install it."""
+    what = "; ".join(f"{name} ({why})" for name, why, _ in missing)
+    commands = " && ".join(dict.fromkeys(command for _, _, command in missing))
+    return f"error: python -m benchmarks.quality cannot start, missing: {what}. Install with: {commands}"
+
+
+# --------------------------------------------------------------------------- results, written as they come
+
+
+class ResultsFile:
+    """``results.json`` and ``results.md`` in ``out``, rewritten atomically (a temp file beside each, then
+    ``os.replace``) after every finished row. A case being run is stored as ``"partial": true`` with the rows it has
+    finished (and ``last_complete_run``, the complete results it replaces, so a run that dies loses nothing) until its
+    ``finish``; results.md then starts with a ``partial: …`` line."""
+
+    def __init__(self, out: Path, results: dict):
+        self.out, self.results = out, results
+        self.running: str | None = None
+
+    def start(self, case: str, *, expected: int | None, provenance: dict) -> Callable[[str, dict], None]:
+        """The ``on_row(name, row)`` callback of ``case``. Nothing is written until its first row."""
+        stored = self.results.get(case)
+        last = stored.get("last_complete_run") if stored and stored.get("partial") else stored
+        self.running, self.started = case, time.time()
+        self.partial = {"partial": True, "rows": {}, "rows_expected": expected, **provenance, "seconds": 0.0,
+                        **({"last_complete_run": last} if last else {})}
+
+        def on_row(name: str, row: dict) -> None:
+            self.partial["rows"][name] = row
+            self.partial["seconds"] = time.time() - self.started
+            self.results[case] = self.partial
+            try:
+                self.write()
+            except Exception as exc:  # e.g. a full disk: the run goes on, and the next row or the end writes again
+                print(f"error: could not write the results after row {name!r}: {type(exc).__name__}: {exc}",
+                      file=sys.stderr)
+
+        return on_row
+
+    def finish(self, case: str, entry: dict) -> None:
+        self.results[case] = entry
+        self.running = None
+        self.write()
+
+    def stopped(self, reason: str) -> None:
+        """The running case stops (an error, Ctrl-C): its finished rows stay, marked as stopped."""
+        if self.running and self.results.get(self.running) is self.partial:
+            self.partial["stopped"] = reason
+            self.partial["seconds"] = time.time() - self.started
+            self.write()
+        self.running = None
+
+    def write(self) -> None:
+        results = dict(self.results)
+        if any(isinstance(v, dict) and v.get("partial") for v in results.values()):
+            results = {"partial": True, **results}
+        text, md = json.dumps(results, indent=1, default=float), markdown(self.results)
+        write_file(self.out / "results.json", lambda tmp: Path(tmp).write_text(text))
+        write_file(self.out / "results.md", lambda tmp: Path(tmp).write_text(md))
+
+
+def _case_b_expected(run_case_b) -> int | None:
+    """Case B's row count with its defaults (the reference row, one per teacher step count, one per student)."""
+    try:
+        from . import digits
+
+        euler = inspect.signature(run_case_b).parameters["teacher_euler"].default
+        return 1 + len(euler) + len(digits.STUDENTS)
+    except Exception:  # digits.py changed shape: the partial line then says only how many rows are done
+        return None
 
 
 # --------------------------------------------------------------------------- main
@@ -360,40 +552,69 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--digits-student-steps", type=int, default=600)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (small nets run best on 1)")
     parser.add_argument("--jobs", type=int, default=1, help="case A: runs (row, seed) in this many processes")
+    parser.add_argument("--no-plots", action="store_true", help="only results.json and results.md (no matplotlib)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
     cases = set(args.cases.split(","))
     if not cases or not cases <= {"a", "b"}:
         parser.error(f"--cases: a, b or a,b (got {args.cases!r})")
+    missing = missing_requirements(cases, plots=not args.no_plots)
+    if missing:  # before any work, not after it
+        print(missing_line(missing), file=sys.stderr)
+        return 2
+    todo_a = case_a_todo(not args.no_ablations, args.rows) if "a" in cases else {}  # a bad --rows stops here
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
     provenance = {"command": " ".join(["python -m benchmarks.quality", *(sys.argv[1:] if argv is None else argv)]),
                   "machine": f"{platform.machine()} CPU, torch {torch.__version__}, {args.threads} thread(s)"}
     # A case not run this time keeps its last results (each case records its own command, machine and time).
     stored = args.out / "results.json"
     results = {k: v for k, v in json.loads(stored.read_text()).items() if k in ("case_a", "case_b")} \
         if stored.is_file() else {}
+    writer = ResultsFile(args.out, results)
+    plots: list = []  # (path, draw): drawn last, once every result is written
     start = time.time()
-    if "a" in cases:
-        previous = results.get("case_a")
-        results["case_a"] = run_case_a(args.out, seeds=args.seeds, steps=args.gmm_steps,
-                                       ablations=not args.no_ablations, cache=args.cache, rows_filter=args.rows,
-                                       previous=previous, jobs=args.jobs, threads=args.threads)
-        results["case_a"].update(provenance, seconds=time.time() - start)
-        if results["case_a"].get("kept_rows"):  # say where the kept rows came from
-            results["case_a"]["command"] = f"{previous['command']}, then {provenance['command']}"
-    if "b" in cases:
-        from . import digits
+    try:
+        if "a" in cases:
+            previous = results.get("case_a")
+            if previous and previous.get("partial"):  # --rows merges with the last complete results
+                previous = previous.get("last_complete_run")
+            on_row = writer.start("case_a", expected=CASE_A_FIXED_ROWS + len(todo_a), provenance=provenance)
+            case_a = run_case_a(args.out, seeds=args.seeds, steps=args.gmm_steps, ablations=not args.no_ablations,
+                                cache=args.cache, rows_filter=args.rows, previous=previous, jobs=args.jobs,
+                                threads=args.threads, on_row=on_row, plots=None if args.no_plots else plots)
+            case_a.update(provenance, seconds=time.time() - start)
+            if case_a.get("kept_rows"):  # say where the kept rows came from
+                case_a["command"] = f"{previous['command']}, then {provenance['command']}"
+            writer.finish("case_a", case_a)
+        if "b" in cases:
+            from . import digits
 
-        start_b = time.time()
-        results["case_b"] = digits.run_case_b(args.out, seeds=args.seeds, cache=args.cache, log=log,
-                                               teacher_steps=args.digits_teacher_steps,
-                                               student_steps=args.digits_student_steps)
-        results["case_b"].update(provenance, seconds=time.time() - start_b)
-    stored.write_text(json.dumps(results, indent=1, default=float))
-    (args.out / "results.md").write_text(markdown(results))
+            start_b = time.time()
+            on_row = writer.start("case_b", expected=_case_b_expected(digits.run_case_b), provenance=provenance)
+            # run_case_b draws its own plots (after its rows are reported, when it takes on_row)
+            extra = {"on_row": on_row} if "on_row" in inspect.signature(digits.run_case_b).parameters else {}
+            case_b = digits.run_case_b(args.out, seeds=args.seeds, cache=args.cache, log=log,
+                                       teacher_steps=args.digits_teacher_steps,
+                                       student_steps=args.digits_student_steps, plots=not args.no_plots, **extra)
+            case_b.update(provenance, seconds=time.time() - start_b)
+            writer.finish("case_b", case_b)
+    except BaseException as exc:  # Ctrl-C or an error: the finished rows stay, and say the run stopped
+        try:
+            writer.stopped(type(exc).__name__ + (f": {' '.join(str(exc).split())}" if str(exc) else ""))
+        except Exception as write_error:  # e.g. a full disk: the rows written so far stay as they were
+            print(f"error: could not mark the results as stopped: {write_error}", file=sys.stderr)
+        raise
+    status = 0
+    for path, draw in plots:
+        try:
+            draw()
+        except Exception as exc:  # the results are already written
+            print(f"error: plot {path} failed ({type(exc).__name__}: {exc}); results.json and results.md are "
+                  f"complete", file=sys.stderr)
+            status = 1
     log(f"done in {time.time() - start:.0f} s: {args.out / 'results.md'}")
     print(markdown(results))
-    return 0
+    return status
 
 
 if __name__ == "__main__":
