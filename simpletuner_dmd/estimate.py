@@ -128,7 +128,9 @@ def estimate(*, family: Any, config: dict, host: dict, method_plan: dict | None,
         else:
             fake_states, fake_grads = params["total"] * (2 + 4), params["total"] * 2
     states = student_states + fake_states
-    student_phase = frozen + states + student_grads + activations + transient
+    # a method whose student loss holds several forward graphs at its backward (DMD's regression term) saves each
+    graphs = (method_plan or {}).get("student_graphs", 1)
+    student_phase = frozen + states + student_grads + activations * graphs + transient
     if second and second["kind"] == "full":
         # a full copy's gradients grow as the backward frees the activations: the peak is the larger of the two
         critic_phase = frozen + states + max(activations + transient, fake_grads + transient)
@@ -137,8 +139,9 @@ def estimate(*, family: Any, config: dict, host: dict, method_plan: dict | None,
     phase = "student" if student_phase >= critic_phase or not second else "critic"
     peak = max(student_phase, critic_phase) if second else student_phase
     grads = student_grads if phase == "student" else fake_grads
+    held = activations * graphs if phase == "student" else activations
     parts = {"frozen weights": frozen / GIB, "adapter and optimizer states": states / GIB,
-             f"{phase} gradients": grads / GIB, "activations": activations / GIB, "transient": transient / GIB}
+             f"{phase} gradients": grads / GIB, "activations": held / GIB, "transient": transient / GIB}
     passes = (method_plan or {}).get("passes_per_step") if method_plan is not None else {
         "student_forward": 1, "student_backward": 1}
     return Estimate(parts, peak / GIB, phase, passes, notes, shape, params)

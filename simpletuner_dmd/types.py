@@ -75,6 +75,11 @@ HOST_KEYS_FOR_METHODS: dict[str, str] = {
     "validation_num_inference_steps": "the host's step count for the teacher's reference sample",
     "model_type": "lora or full, as RunContext.model_type",
     "optimizer": "the optimizer kind (simpletuner_dmd.optimizers.adamw builds it): a method's own optimizers follow it",
+    "validation_prompt": "the host's validation prompt: a method's default prompt for what it generates itself (DMD's "
+                         "teacher ODE pairs)",
+    "cache_dir": "a folder for what a method computes once and reuses across runs (DMD's teacher ODE pairs); "
+                 "absent: RunContext.output_dir/cache",
+    "pretrained_model_name_or_path": "the base model's folder or hub id: the teacher's identity in a method's caches",
 }
 
 
@@ -226,7 +231,8 @@ class Method(Protocol):
     -> list[str]``, a static method returning what a user of the exported student must know beyond its schedule
     (model cards show each as a paragraph); ``memory_plan(config, host) -> dict``, a static method saying what
     ``simpletuner-dmd estimate`` needs: ``second_network`` (``{"kind": "lora" | "full", "rank": r}`` or None) and
-    ``passes_per_step`` (network passes per optimizer step by role, averaged)."""
+    ``passes_per_step`` (network passes per optimizer step by role, averaged), and optionally ``student_graphs``
+    (the forward graphs the student's backward holds at once: default 1)."""
 
     name: str  # the value of distillation_method
     summary: str  # one line for `simpletuner-dmd plugins` and the docs' key tables

@@ -144,6 +144,9 @@ HOST_SCHEMA = Schema(
         Key("tracker_run_name", "str", "run", "Tracker run name.", check=_tracker_name_check),
         Key("output_dir", "str", "output/models", "Where checkpoints, samples and the final LoRA go.",
             check=_output_dir_check),
+        Key("cache_dir", "str", None, "Where a method keeps what it computes once and reuses across runs (DMD's "
+            "teacher ODE pairs, in cache_dir/ode_pairs); default: output_dir/cache.", check=_output_dir_check,
+            nullable=True),
         Key("data_backend_config", "str", None, "The multidatabackend JSON file.", check=_path_check, nullable=True),
         Key("webhook_config", "any", None, "SimpleTuner's webhook targets (a JSON file, an object or a list of them; "
             "discord or raw): start, checkpoints, validation samples, finish and errors; a failure never stops "

@@ -14,6 +14,27 @@ def _guidance(v: float) -> str | None:
     return None
 
 
+REGRESSION_METRICS = ("l2", "l1", "pseudo_huber")
+
+
+def parse_prompts(value: Any) -> list[str]:
+    """A text or a non-empty list of texts → a list of texts."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"must be a text or a non-empty list of texts, got {value!r}")
+    return list(value)
+
+
+def parse_latent_shape(value: Any) -> list[int]:
+    """A list of positive integers (one sample's latent shape, without the batch axis)."""
+    ok = (isinstance(value, (list, tuple)) and value
+          and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value))
+    if not ok:
+        raise ValueError(f"must be a list of positive integers like [16, 21, 60, 104], got {value!r}")
+    return list(value)
+
+
 def _ratio_window(values: dict[str, Any]) -> list[str]:
     lo, hi = values["min_timestep_ratio"], values["max_timestep_ratio"]
     if not lo < hi:
@@ -72,6 +93,23 @@ DMD_SCHEMA = Schema(
             "softplus(-D(real)), in the fake score's loss (when gan_loss_weight > 0).", check=in_range(0)),
         Key("sft_loss_weight", "float", 0.0, "Weight of the host's own denoising loss added to dmd_loss (DMD "
             "proper: 0).", check=in_range(0)),
+        Key("regression_loss_weight", "float", 0.0, "DMD v1's regression term: weight of metric(x̂0 of the student "
+            "fed the teacher's ODE state at a student step, the teacher's ODE solution) added to dmd_loss, on "
+            "regression_num_pairs pairs the guided teacher generates once into the host's cache_dir (default "
+            "output_dir/cache). 0: off.", check=in_range(0)),
+        Key("regression_metric", "str", "l2", "Latent distance of the regression term: l2 mean((x̂0 - x0)²), l1 "
+            "mean|x̂0 - x0|, pseudo_huber sqrt(mean((x̂0 - x0)²) + c²) - c per sample (c = 0.00054).",
+            choices=REGRESSION_METRICS),
+        Key("regression_num_pairs", "int", 1024, "Teacher ODE pairs generated for the regression term (on disk: "
+            "K + 2 latents each).", check=in_range(1)),
+        Key("regression_teacher_steps", "int", 50, "Euler steps of the teacher's ODE solve (its schedule shifted by "
+            "the host's flow_schedule_shift, with the dmd_denoising_steps inserted).", check=in_range(1)),
+        Key("regression_prompts", "any", None, "Prompts the pairs are generated for (a list of texts; pair j uses "
+            "prompt j mod their count). Default: the host's validation_prompt.", parse=parse_prompts,
+            nullable=True),
+        Key("regression_latent_shape", "any", None, "One pair's latent shape without the batch axis, e.g. [16, 21, "
+            "60, 104]: pairs generated at set-up. Default: the first training batch's (pairs generated at the first "
+            "generator step).", parse=parse_latent_shape, nullable=True),
     ),
     cross_checks=(_ratio_window,),
 )

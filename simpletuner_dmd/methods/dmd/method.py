@@ -9,12 +9,16 @@ One optimizer step:
 With ``gan_loss_weight`` > 0 (DMD2's GAN term, ``gan.py``) the generator's loss gains ``softplus(−D(x̂0_gen))`` and the
 critic's turn trains the classifier ``D`` on the fake score's features of the stashed sample and of the batch's real
 latents, noised alike, in one batched forward.
+With ``regression_loss_weight`` > 0 (DMD v1's regression term) the generator's loss gains
+``weight · metric(G(x_{t_k}, t_k), x0)`` on the teacher's ODE pairs (``simpletuner_dmd.ode_pairs``): the guided
+teacher's Euler solution ``x0`` from noise and its ODE state ``x_{t_k}`` at a student step, generated once and cached.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +31,7 @@ from ...errors import UserError
 from ...hookspecs import hookimpl
 from ...nonfinite import DEFAULT_LIMIT, NonFiniteGuard
 from ...networks import Networks
+from ...ode_pairs import ODEPairs, ODEPairSpec, ODEPairStream, dtype_name, prepare_ode_pairs
 from ...optimizers import adamw
 from ...passes import PassCounter
 from ...types import Batch, RunContext, StepInfo, StepLoss
@@ -36,6 +41,7 @@ from .config import DMD_SCHEMA, block_key_warnings
 from .rollout import backward_simulation, draw_exit_index, sample_with_schedule
 
 FAKE_ADAPTER = "fake_score"
+SHARD_BYTES = 256 * 2 ** 20  # the regression pairs' shard files hold at most this much (one is in memory at a time)
 
 
 @dataclass
@@ -69,22 +75,29 @@ class DMD:
         optimizer step, averaged over ``generator_update_interval`` steps (as ``test_pass_counts_are_minimal``
         counts them: a rollout of k + 1 student forwards every step, k uniform over the steps unless
         ``last_step_only``; on a generator step one student backward, one teacher forward — cond and uncond in one
-        batch when guided — and one no-grad fake forward; every step the critic's forward and backward)."""
+        batch when guided — and one no-grad fake forward; every step the critic's forward and backward). With
+        ``regression_loss_weight`` > 0 a generator step adds one student forward and backward (the regression term),
+        whose graph the student's backward holds beside the rollout's: ``student_graphs`` 2. The pairs' one-time
+        generation (regression_num_pairs × regression_teacher_steps guided teacher passes) is not a per-step cost."""
         k_steps = len(config["dmd_denoising_steps"])
         interval = config["generator_update_interval"]
         forwards = k_steps if config["last_step_only"] else (k_steps + 1) / 2
+        regression = 1 if config["regression_loss_weight"] > 0 else 0
         fake = config["fake_score_type"]
         if fake == "auto":
             fake = "lora" if host.get("model_type", "lora") == "lora" else "full"
-        return {
+        plan = {
             "second_network": {"kind": fake, "rank": config["fake_score_lora_rank"] or host.get("lora_rank")},
             "passes_per_step": {
-                "student_forward": forwards, "student_backward": 1 / interval,
+                "student_forward": forwards + regression / interval, "student_backward": (1 + regression) / interval,
                 "teacher_forward": 1 / interval,
                 "teacher_forward_samples": (2 if config["real_score_guidance_scale"] > 1 else 1) / interval,
                 "fake_score_forward": 1 + 1 / interval, "fake_score_backward": 1.0,
             },
         }
+        if regression:
+            plan["student_graphs"] = 2
+        return plan
 
     def __init__(self, config: dict[str, Any]):
         self.cfg = config
@@ -154,6 +167,86 @@ class DMD:
 
         self.negative_prompt = self.nets.negative_prompt
         self.uncond = self.nets.uncond  # encoded once; the text encoder may be freed after setup
+        self.pairs: ODEPairs | None = None
+        self._pair_stream: ODEPairStream | None = None
+        self._pair_shape: tuple[int, ...] | None = None  # the pairs' latent shape, once known (kept in checkpoints)
+        if cfg["regression_loss_weight"] > 0:
+            self._setup_regression(run)
+
+    # ------------------------------------------------------------------ the regression term's pairs
+
+    def _setup_regression(self, run: RunContext) -> None:
+        """Encode the pairs' prompts (``encode_prompts`` is valid only now) and find the cache folder; generate the
+        pairs now when ``regression_latent_shape`` is given, else at the first generator step (its batch's shape)."""
+        cfg = self.cfg
+        prompts = cfg["regression_prompts"]
+        if prompts is None and run.host_config.get("validation_prompt"):
+            prompts = [run.host_config.get("validation_prompt")]
+        if not prompts:
+            raise UserError("distillation_config.regression_prompts: regression_loss_weight > 0 generates the "
+                            "teacher's ODE pairs for prompts; set regression_prompts (a list of texts) or the host's "
+                            "validation_prompt")
+        cache = run.host_config.get("cache_dir")
+        if cache:
+            root = Path(cache)
+        elif run.output_dir is not None:
+            root = Path(run.output_dir) / "cache"
+        else:
+            raise UserError("distillation_config.regression_loss_weight: the teacher's ODE pairs need a cache folder; "
+                            "set the host's cache_dir")
+        self._pair_root = root / "ode_pairs"
+        self._pair_prompts = tuple(prompts)
+        self._pair_conds = [run.encode_prompts([text]) for text in prompts]  # batch-1 each, by index
+        if cfg["regression_latent_shape"] is not None:
+            self.pairs = self._prepare_pairs(tuple(cfg["regression_latent_shape"]))
+
+    def _prepare_pairs(self, shape: tuple[int, ...]) -> ODEPairs:
+        """The pairs of the guided teacher (real score, its CFG on the negative prompt) for ``shape``: generated
+        once (every process its share; the main process's shape decides), cached, reused. Not counted as passes."""
+        cfg, run = self.cfg, self.run
+        self._pair_shape = shape
+        dtype = getattr(self.family, "autocast_dtype", None) or torch.float32
+        per_pair = (len(self.steps) + 2) * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        teacher_module = run.teacher if run.teacher is not None else self.student
+        spec = ODEPairSpec(
+            teacher_id=f"{self.family.name}:{run.host_config.get('pretrained_model_name_or_path') or ''}:"
+                       f"{type(teacher_module).__name__}",
+            prompts=self._pair_prompts, shape=shape, count=cfg["regression_num_pairs"], seed=run.seed,
+            student_steps=tuple(self.steps), teacher_steps=cfg["regression_teacher_steps"],
+            shift=float(run.host_config.get("flow_schedule_shift", 1.0)),
+            guidance_scale=cfg["real_score_guidance_scale"], negative_prompt=self.negative_prompt,
+            dtype=dtype_name(dtype), shard_size=max(1, min(256, SHARD_BYTES // per_pair)))
+
+        def teacher(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+            bare = lambda x_, t_, c_: self.nets.teacher_flow(x_, t_, c_, bare=True)  # noqa: E731
+            return self.nets.guided(bare, x, t, cond, self._real_cfg)
+
+        counted, self.nets.passes = self.nets.passes, PassCounter()  # a one-time cost, not the step's passes
+        try:
+            return prepare_ode_pairs(spec, teacher, self._pair_conds, family=self.family, cache_dir=self._pair_root,
+                                     accelerator=self.accelerator, batch_size=max(1, min(64, 2 ** 22 //
+                                                                                       math.prod(shape))),
+                                     device=self.accelerator.device)
+        finally:
+            self.nets.passes = counted
+
+    def _regression(self, step: StepInfo, latents: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """``metric(G(x_{t_k}, t_k), x0)`` on the next batch of pairs (as many as the micro-batch), k drawn as the
+        rollout's exit index is (after it, from the step's generator), with a graph to the student."""
+        cfg = self.cfg
+        if self.pairs is None:  # a resumed run keeps the shape its first run took from its first batch
+            self.pairs = self._prepare_pairs(self._pair_shape or tuple(latents.shape[1:]))
+        if self._pair_stream is None:  # a new order after a resume; another on each process
+            seed = (self.run.seed * 1_000_003 + step.global_step) * 64 + self.accelerator.process_index
+            self._pair_stream = self.pairs.stream(latents.shape[0], seed=seed, device=latents.device)
+        pairs = self._pair_stream.take(latents.shape[0])
+        k = draw_exit_index(len(self.steps), last_step_only=cfg["last_step_only"], generator=step.generator)
+        t = torch.full((len(pairs),), float(self.steps[k]), device=latents.device)
+        cond = self.family.concat_conditions([self._pair_conds[i] for i in pairs.cond_index.tolist()])
+        x0 = self._student_x0(cond)(pairs.states[:, k].to(latents.dtype), t)
+        self.passes.on_backward(x0, "student")
+        loss = L.regression_loss(x0, pairs.x0, cfg["regression_metric"])
+        return loss, {"regression_loss": float(loss.detach()), "regression_index": float(k)}
 
     # ------------------------------------------------------------------ the three networks
 
@@ -269,6 +362,10 @@ class DMD:
             sft = host_loss()
             logs["sft_loss"] = float(sft.detach())
             loss = loss + cfg["sft_loss_weight"] * sft
+        if cfg["regression_loss_weight"] > 0:  # last: the terms above draw exactly what they draw without it
+            regression, regression_logs = self._regression(step, latents)
+            loss = loss + cfg["regression_loss_weight"] * regression
+            logs.update(regression_logs)
         return StepLoss(loss, logs)
 
     # ------------------------------------------------------------------ critic turn
@@ -379,6 +476,7 @@ class DMD:
         (folder / "state.json").write_text(json.dumps({
             "generator_updates": self.generator_updates, "critic_updates": self.critic_updates,
             "fake_score_type": self.fake_type,
+            "regression_latent_shape": None if self._pair_shape is None else list(self._pair_shape),
         }))
 
     @hookimpl
@@ -397,6 +495,8 @@ class DMD:
         self.fake_optimizer.load_state_dict(load_state(folder / "fake_score_optimizer"))
         self.generator_updates = int(meta["generator_updates"])
         self.critic_updates = int(meta["critic_updates"])
+        if self.pairs is None and meta.get("regression_latent_shape"):
+            self._pair_shape = tuple(int(n) for n in meta["regression_latent_shape"])
 
     def _fake_weights(self) -> dict[str, torch.Tensor]:
         if self.fake_type == "lora":
