@@ -368,3 +368,13 @@ def test_estimate_counts_the_regression_pass_and_its_second_graph():
     assert on.passes["student_forward"] == off.passes["student_forward"] + 1
     assert on.passes["student_backward"] == off.passes["student_backward"] + 1
     assert on.phase == "student" and on.parts["activations"] == pytest.approx(2 * off.parts["activations"])
+
+
+def test_regression_metrics():
+    student = torch.zeros(2, 4, 1, 1, 1)
+    teacher = torch.cat([torch.ones(1, 4, 1, 1, 1), 3 * torch.ones(1, 4, 1, 1, 1)])
+    assert L.regression_loss(student, teacher, "l2").item() == pytest.approx(5.0)
+    assert L.regression_loss(student, teacher, "l1").item() == pytest.approx(2.0)
+    c = L.PSEUDO_HUBER_C
+    expected = ((1 + c * c) ** 0.5 - c + (9 + c * c) ** 0.5 - c) / 2
+    assert L.regression_loss(student, teacher, "pseudo_huber").item() == pytest.approx(expected)
