@@ -79,7 +79,8 @@ def markdown(results: dict) -> str:
         f"`{results['command']}` — {s['optimizer_steps']} optimizer steps, {s['seeds']} seeds, batch 256, student lr "
         f"{STUDENT_LR}, fake_score_lr 1e-3, generator_update_interval 5, guidance 1; pairs: "
         f"{PAIRS['regression_num_pairs']} per seed, {PAIRS['regression_teacher_steps']} Euler steps of the exact "
-        f"teacher (generated in {s['pair_generation_seconds']:.1f} s for all seeds and students). Mean ± sd over the "
+        f"teacher (this run spent {s['pair_generation_seconds']:.1f} s making the caches it did not find). Mean ± sd "
+        "over the "
         "seeds; mapping RMSE: distance to the 50-step teacher's sample from the same noise."
         + (" **Partial: rows still running.**" if results.get("partial") else ""),
         "",
