@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   "(SimpleTuner installed; see docs/simpletuner.md)")
     p.add_argument("--config", type=Path, default=None, help="SimpleTuner's config.json (default: its own lookup)")
 
-    p = sub.add_parser("make-example", help="build the tiny local Wan model and dataset of the embedded example")
+    p = sub.add_parser("make-example", help="build (once) the embedded example: the digits, a tiny Wan teacher trained "
+                                            "to draw them, and the digits FD's feature space")
     p.add_argument("workdir", type=Path, nargs="?", default=Path("work"))
 
     args = parser.parse_args(argv)
@@ -127,9 +128,9 @@ def _run(args: argparse.Namespace) -> int:
 
         return run(args.config)
     if args.command == "make-example":
-        from .hosts.reference.tiny import make_example
+        from .hosts.reference.digits_example import make_digits_example
 
-        make_example(args.workdir)
+        make_digits_example(args.workdir)
         return 0
     raise AssertionError(args.command)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from simpletuner_dmd.hosts.reference.tiny import make_example, make_tiny_wan
+from simpletuner_dmd.hosts.reference.tiny import make_tiny_wan
 
 
 def test_pipeline_reloads_and_runs_offline(tiny_wan):
@@ -79,11 +79,3 @@ def test_tiny_dataset_holds_captioned_images_and_gifs(tiny_dataset):
         assert not np.array_equal(frames[0], frames[-1])  # the digit moves
         caption = gif.with_suffix(".txt").read_text().strip()
         assert re.fullmatch(r"an? \w+ digit \d moving (left|right|up|down)", caption)
-
-
-def test_make_example_prints_one_line_per_thing(tmp_path, capsys):
-    paths = make_example(tmp_path)
-    assert paths == {"model": tmp_path / "tiny-wan", "dataset": tmp_path / "tiny-dataset"}
-    assert (paths["model"] / "model_index.json").is_file()
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 and str(paths["model"]) in lines[0] and str(paths["dataset"]) in lines[1]

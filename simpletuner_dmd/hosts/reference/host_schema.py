@@ -49,6 +49,18 @@ def _output_dir_check(v: str) -> str | None:
     return _path_check(v)
 
 
+def _step_counts(value: Any) -> list[int]:
+    """\"50,3\", 50 or [50, 3] → [50, 3]: positive step counts."""
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    try:
+        counts = [int(str(v).strip()) for v in items]
+    except ValueError:
+        raise ValueError(f"must be step counts like \"50,3\", got {value!r}") from None
+    if not counts or any(c < 1 for c in counts) or len(set(counts)) != len(counts):
+        raise ValueError(f"must be distinct positive step counts like \"50,3\", got {value!r}")
+    return counts
+
+
 def _guidance_check(v: float) -> str | None:
     if v < 0 or 0 < v < 1:
         return f"must be 0 or 1 (off) or greater than 1, got {v}"
@@ -109,6 +121,9 @@ HOST_SCHEMA = Schema(
         Key("grad_clip_method", "str", "norm", "Clip the student's gradient by global norm or by value.",
             choices=("norm", "value")),
         Key("seed", "int", 0, "Seed of every random stream.", nullable=True),
+        Key("torch_num_threads", "int", None, "CPU threads of torch's operators (default: torch's own, one per "
+            "core). Networks as small as the embedded example's run several times faster on 1.", check=in_range(1),
+            nullable=True),
         Key("use_ema", "bool", False, "Keep an EMA of the student's trainable weights."),
         Key("ema_update_interval", "int", 1, "Update the EMA every N optimizer steps.", check=in_range(1)),
         Key("ema_decay", "float", 0.995, "EMA decay per update.", check=in_range(0, 1, lo_open=True, hi_open=True)),
@@ -138,6 +153,18 @@ HOST_SCHEMA = Schema(
             "Pixel frames of validation videos: 1 + frame_stride·k (Wan: 1 + 4k).", check=_frames_check),
         Key("validation_guidance", "float", 1.0, "CFG scale of validation sampling (standard form; 1: off).",
             check=_guidance_check),
+        Key("validation_teacher_steps", "any", None, "The teacher's reference samples of a distillation run: one "
+            "column of the comparison sheet per step count (Euler, the base with its adapters off), e.g. \"50,3\"; "
+            "default: one, at validation_num_inference_steps.", parse=_step_counts, nullable=True),
+        Key("validation_teacher_guidance", "float", None, "CFG scale of the teacher's reference samples (standard "
+            "form); default: validation_guidance. Set it to the guidance the student was distilled toward.",
+            check=_guidance_check, nullable=True),
+        Key("validation_fd_features", "str", None, "A feature folder (features.json + features.safetensors; "
+            "make-example writes work/digits-fd): the run ends with the Fréchet distance of the student's and every "
+            "teacher column's samples to the real data in that feature space, printed and in output_dir/fd.json.",
+            check=_path_check, nullable=True),
+        Key("validation_fd_samples", "int", 500, "Samples per row of that Fréchet distance (the validation prompts "
+            "in turn).", check=in_range(2)),
         Key("report_to", "str", "none", "Tracker: wandb (offline unless WANDB_MODE says otherwise), tensorboard, "
             "none.", choices=("wandb", "tensorboard", "none")),
         Key("tracker_project_name", "str", "simpletuner-dmd", "Tracker project.", check=_tracker_name_check),

@@ -197,13 +197,3 @@ def make_tiny_dataset(
         caption = f"{_article(colour)} {colour} digit {digits.target[k]} moving {direction}"
         (path / f"video_{i:03d}.txt").write_text(caption + "\n", encoding="utf-8")
     return path
-
-
-def make_example(workdir: str | Path) -> dict:
-    """Make `workdir/tiny-wan` and `workdir/tiny-dataset`; return `{"model": Path, "dataset": Path}`."""
-    workdir = Path(workdir)
-    model = make_tiny_wan(workdir / "tiny-wan")
-    print(f"made tiny Wan pipeline: {model}")
-    dataset = make_tiny_dataset(workdir / "tiny-dataset")
-    print(f"made tiny dataset: {dataset}")
-    return {"model": model, "dataset": dataset}
