@@ -154,6 +154,8 @@ def sample(request: SampleRequest, *, log=print) -> list[Path]:
     else:
         student_kwargs = {"num_inference_steps": info.get("steps") or 30, "guidance_scale": 1.0}
     shape = dict(width=int(width), height=int(height), num_frames=int(frames))
+    if info.get("max_sequence_length"):  # the prompt length the run encoded with (its tokenizer_max_length)
+        shape["max_sequence_length"] = int(info["max_sequence_length"])
 
     def run(prompt: str, seed: int, *, teacher: bool):
         generator = torch.Generator().manual_seed(seed)

@@ -81,7 +81,8 @@ def _write_export(job: Any, export: Export, stage: Path, notes: list[str]) -> No
             "steps": len(scheduler.config.few_step_timesteps) if scheduler is not None else None,
             "width": w, "height": h, "frames": host["validation_num_video_frames"],
             "validation_prompt": host["validation_prompt"], "negative_prompt": host["validation_negative_prompt"],
-            "original_lora": original_name, "ema": ema is not None}
+            "original_lora": original_name, "ema": ema is not None,
+            "max_sequence_length": host.get("tokenizer_max_length")}
     (stage / STUDENT_FILE).write_text(json.dumps(info, indent=1), encoding="utf-8")
     card = model_card(host=host, family=family, export=export, scheduler=scheduler, original_name=original_name,
                       out=out, has_ema=ema is not None)
@@ -179,6 +180,8 @@ def model_card(*, host: dict, family: Any, export: Export, scheduler: Any, origi
     w, h = host["validation_resolution"]
     call += [f"    width={w}, height={h},"] + ([f"    num_frames={host['validation_num_video_frames']},"] if video
                                                else [])
+    if host.get("tokenizer_max_length"):  # a base trained with shorter prompts must be run with them
+        call.append(f"    max_sequence_length={host['tokenizer_max_length']},")
     lines += ["frames = pipe(", *call, ").frames[0]", "```", ""]
     if scheduler is not None:
         lines += ["Stock pipelines pass no generator to the scheduler's fresh noise: set `pipe.scheduler.generator = "
