@@ -1,166 +1,178 @@
-"""Case B: scikit-learn's digits through the Wan family and the reference host trainer.
+"""Case B: scikit-learn's digits through the Wan family and the reference host trainer, on the main job's example.
 
-The honest minimal route, and why: the Wan family and the reference host always encode media with the pipeline's VAE
-(there is no "pre-computed latents" path), and no pretrained Wan VAE can be downloaded here. So the "model" is a
-diffusers Wan pipeline folder whose VAE is the seeded, untrained tiny ``AutoencoderKLWan`` of
-``simpletuner_dmd.hosts.reference.tiny`` and whose transformer is trained here; the data distribution the teacher
-learns is the distribution of that VAE's latents of the 1,797 digits (8x8 upsampled to 32x32 grey RGB PNGs →
-latents ``(16, 1, 4, 4)``), normalised by the VAE's ``latents_mean``/``latents_std``, which ``calibrate_vae`` sets to
-the digits' own latent statistics. Everything is measured in that latent space:
+The teacher is the package's own digits example (``simpletuner_dmd.hosts.reference.digits_example``, what
+``simpletuner-dmd make-example`` builds), built once into the benchmark's cache folder: 16×16 grey digits captioned
+``a digit N``, a tiny Wan VAE trained to reconstruct them, and a class-conditional 4-layer Wan transformer trained by
+the reference host (10% of the captions dropped to the empty prompt, so classifier-free guidance works). The students
+are distilled from it by ``simpletuner_dmd.hosts.reference.trainer.train`` with the main job's keys
+(``config_examples/tiny-wan-digits``: a LoRA student, 400 steps of batch 32, student lr 5e-4, ``fake_score_lr`` 1e-3,
+``generator_update_interval`` 5).
 
-- the teacher: a ``WanTransformer3DModel`` (4 layers, width 128, patch 1x1 → 16 tokens) trained by flow matching with
-  the reference host itself (no ``distillation_method``: the host's own loss, ``model_type: full``);
-- the students: ``simpletuner_dmd.hosts.reference.trainer.train`` with ``distillation_method: dmd`` and the keys a
-  user would set, from the teacher's folder;
-- the metric: Fréchet distance in the penultimate layer of a small MLP classifier trained on the real latents
-  ("digits FD"), and class coverage (classes that receive at least half their share of the samples, by that
-  classifier). Image grids show the samples through a ridge-regression decoder from latents to the 8x8 digits (fitted
-  on the real pairs; for viewing only — the untrained VAE's decoder shows noise).
+Every row's samples are drawn for the prompts ``a digit 0`` … ``a digit 9`` in turn (``tokenizer_max_length`` 16,
+shift 1), decoded through the pipeline's VAE (``WanFamily.decode_latents``) and measured in the example's pixel-space
+feature space (``work/digits-fd``: an MLP classifier on 16×16 grey pixels):
+
+- ``digits_fd``: the Fréchet distance of the samples' features to the real digits';
+- ``fd_to_teacher``: the Fréchet distance to a separate draw of the 50-step teacher at the row's guidance (students
+  distilled at ``real_score_guidance_scale`` 3 are measured against the guided teacher);
+- ``class_tv``: the total variation between the predicted class shares and the data's;
+- ``cond_accuracy``: the share of samples classified as the digit they were prompted for;
+- ``diversity``: the mean pairwise feature distance between samples of the same prompt (over the noises), to be read
+  against the 50-step teacher's at the same guidance.
+
+A plugin beside the method (``Snapshots``) measures the student inside the training run at every quarter of it (and
+records the ``dmd_loss`` / ``fake_score_loss`` curves), so the rows carry their metrics along training; one row runs
+the 3-step student for 4× the default length to see whether it drifts.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from simpletuner_dmd import hookimpl
 
-SIZE = 32
-CAPTION = "a digit"
-N_EVAL = 1797  # as many samples as real digits
-# One caption, a few tokens: 8 text tokens instead of Wan's 512 make the teacher's training about N× cheaper here
-# (the cross-attention and text projection dominate at 16 image tokens). A user key of the reference host.
-TEXT_TOKENS = 8
+N_EVAL = 1000  # samples per run: 100 per prompt
+SHIFT = 1.0
+EXAMPLE_DEFAULTS = {"vae_steps": 300, "teacher_steps": 1200, "classifier_epochs": 60, "n_digits": None}
 
-
-def _transformer():
-    from diffusers import WanTransformer3DModel
-
-    return WanTransformer3DModel(
-        patch_size=(1, 1, 1), num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
-        text_dim=32, freq_dim=256, ffn_dim=256, num_layers=4, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    )
-
-
-def make_data(folder: Path, n_digits: int = 1797) -> Path:
-    """``n_digits`` PNGs (the digits, 8x8 → 32x32 bicubic, grey on black) with the caption ``a digit``."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    data = folder / "data"
-    if data.is_dir() and len(list(data.glob("*.png"))) == n_digits:
-        return data
-    data.mkdir(parents=True, exist_ok=True)
-    digits = load_digits()
-    for i, img in enumerate(digits.images[:n_digits]):
-        grey = Image.fromarray((img / 16.0 * 255).astype(np.uint8)).resize((SIZE, SIZE), Image.BICUBIC)
-        Image.merge("RGB", [grey] * 3).save(data / f"digit_{i:04d}_{digits.target[i]}.png")
-        (data / f"digit_{i:04d}_{digits.target[i]}.txt").write_text(CAPTION + "\n")
-    return data
-
-
-def calibrate_vae(vae_folder: Path, data: Path) -> None:
-    """Set the VAE's ``latents_mean`` / ``latents_std`` to the per-channel statistics of its latents of the digits.
-
-    Wan's published values describe Wan's trained VAE on video; for the seeded tiny VAE the digits' latents vary by
-    about 0.02 around offsets of about 0.3 under them, so flow matching would see a blob far smaller than its unit
-    noise and the teacher would learn little more than the mean. Normalising with the data's own statistics is what
-    those published values are for a trained VAE."""
-    from diffusers import AutoencoderKLWan
-    from PIL import Image
-
-    vae = AutoencoderKLWan.from_pretrained(vae_folder).eval()
-    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 127.5 - 1.0)
-                          .permute(2, 0, 1)[:, None] for f in sorted(data.glob("*.png"))])
-    with torch.no_grad():
-        raw = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mode() for i in range(0, len(pixels), 256)])
-    config_file = vae_folder / "config.json"
-    config = json.loads(config_file.read_text())
-    config["latents_mean"] = raw.mean(dim=(0, 2, 3, 4)).tolist()
-    config["latents_std"] = raw.std(dim=(0, 2, 3, 4)).tolist()
-    config_file.write_text(json.dumps(config, indent=2))
-
-
-def _write_config(folder: Path, name: str, model: Path, data: Path, **overrides) -> Path:
-    backends = [
-        {"id": "digits", "type": "local", "dataset_type": "image", "instance_data_dir": str(data),
-         "caption_strategy": "textfile", "cache_dir": str(folder / "cache" / "latents"), "resolution": SIZE,
-         "resolution_type": "pixel", "repeats": 0},
-        {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds",
-         "cache_dir": str(folder / "cache" / "text")},
-    ]
-    (folder / "multidatabackend.json").write_text(json.dumps(backends, indent=1))
-    config = {
-        "model_family": "wan", "model_type": "full", "pretrained_model_name_or_path": str(model),
-        "data_backend_config": str(folder / "multidatabackend.json"), "output_dir": str(folder / name),
-        "resolution": SIZE, "resolution_type": "pixel", "train_batch_size": 64, "learning_rate": 1e-4,
-        "adam_weight_decay": 0.0, "flow_schedule_shift": 1.0, "report_to": "none", "validation_disable": True,
-        "checkpoint_step_interval": 0, "seed": 0, "vae_batch_size": 64, "tokenizer_max_length": TEXT_TOKENS,
-        **overrides,
-    }
-    path = folder / f"{name}.json"
-    path.write_text(json.dumps(config, indent=1))
-    return path
-
-
-def train_teacher(folder: Path, *, steps: int = 3000, n_digits: int = 1797, log=print) -> Path:
-    """The teacher pipeline folder (cached): the tiny Wan pipeline with a transformer trained on the digits' latents
-    by the reference host's own flow-matching loss."""
-    from diffusers import WanTransformer3DModel
-
-    from simpletuner_dmd.hosts.reference.tiny import make_tiny_wan
-    from simpletuner_dmd.hosts.reference.trainer import train
-
-    teacher = folder / "teacher-pipeline"
-    if (teacher / "transformer" / "config.json").is_file():
-        return teacher
-    data = make_data(folder, n_digits)
-    init = folder / "init-pipeline"
-    if not (init / "model_index.json").is_file():
-        tmp = folder / "init-pipeline.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        make_tiny_wan(tmp, seed=0)
-        shutil.rmtree(tmp / "transformer")
-        torch.manual_seed(0)
-        _transformer().save_pretrained(tmp / "transformer")
-        calibrate_vae(tmp / "vae", data)
-        tmp.rename(init)
-    start = time.time()
-    config = _write_config(folder, "teacher-run", init, data, learning_rate=1e-3, lr_scheduler="cosine",
-                           max_train_steps=steps, lr_warmup_steps=100)
-    out = train(config)
-    tmp = folder / "teacher-pipeline.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(init, tmp)
-    shutil.rmtree(tmp / "transformer")
-    WanTransformer3DModel.from_pretrained(out / "transformer").save_pretrained(tmp / "transformer")
-    tmp.rename(teacher)
-    log(f"case B: trained the teacher ({steps} steps, {time.time() - start:.0f} s): {teacher}")
-    return teacher
-
-
-# The students: what a user writes in config.json (on top of the teacher run's data keys).
-STUDENT_DMD = {"generator_update_interval": 5, "real_score_guidance_scale": 1.0, "fake_score_lr": 1e-4,
-               "min_timestep_ratio": 0.02, "max_timestep_ratio": 0.98}
-STUDENTS = {
-    "DMD 3-step (1000,757,522)": [1000, 757, 522],
-    "DMD 1-step (1000)": [1000],
+# The main job's student (config_examples/tiny-wan-digits/config.json), without EMA, validation or checkpoints.
+STUDENT_HOST = {"model_type": "lora", "lora_rank": 16, "lora_alpha": 16, "base_model_precision": "no_change",
+                "learning_rate": 5e-4, "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 20,
+                "max_grad_norm": 1.0, "train_batch_size": 32}
+STUDENT_DMD = {"generator_update_interval": 5, "real_score_guidance_scale": 1.0, "fake_score_lr": 1e-3,
+               "fake_score_weight_decay": 0.0, "fake_score_grad_clip": 1.0, "min_timestep_ratio": 0.02,
+               "max_timestep_ratio": 0.98, "ts_schedule": True, "timestep_shift": 1.0}
+THREE, ONE = [1000, 757, 522], [1000]
+# name: (denoising steps, DMD overrides, host overrides, length factor, seeds: "all" or 1)
+STUDENTS: dict[str, tuple[list[int], dict, dict, int, str]] = {
+    "DMD 3-step (1000,757,522), guidance 1": (THREE, {}, {}, 1, "all"),
+    "DMD 3-step (1000,757,522), guidance 3": (THREE, {"real_score_guidance_scale": 3.0}, {}, 1, "all"),
+    "DMD 3-step, guidance 1, 4x steps (stability)": (THREE, {}, {}, 4, "one"),
+    "DMD 1-step (1000), guidance 1": (ONE, {}, {}, 1, "all"),
+    "DMD 1-step (1000), guidance 3": (ONE, {"real_score_guidance_scale": 3.0}, {}, 1, "all"),
+    # README's quickstart keys: fake_score_lr 1e-5 below the student's 2e-5, every step a generator step, guidance 3
+    "quickstart settings (lr 2e-5, fake_score_lr 1e-5, interval 1, guidance 3), 3-step": (
+        THREE, {"real_score_guidance_scale": 3.0, "fake_score_lr": 1e-5, "generator_update_interval": 1},
+        {"learning_rate": 2e-5}, 1, "one"),
 }
+TEACHER_GUIDANCE = (1.0, 3.0)
 
 
-class CurveRecorder:
-    """A plugin beside the method: records ``dmd_loss`` (from the method's ``StepLoss``) and ``fake_score_loss``
-    (from its metrics) per optimizer step, as any third-party logger would."""
+def expected_rows(teacher_euler=(50, 3, 1)) -> int:
+    return 2 + len(teacher_euler) * len(TEACHER_GUIDANCE) + len(STUDENTS)
 
-    def __init__(self):
+
+def build_example(cache: Path, log=print, **example) -> dict[str, Path]:
+    from simpletuner_dmd.hosts.reference.digits_example import make_digits_example
+
+    return make_digits_example(cache / "digits-example", **{**EXAMPLE_DEFAULTS, **example}, log=log)
+
+
+# --------------------------------------------------------------------------- sampling and metrics
+
+
+class Evaluator:
+    """Draws a row's samples (the same noises and prompts for every row of a seed) and measures them."""
+
+    def __init__(self, paths: dict[str, Path], n_eval: int = N_EVAL, n_digits: int | None = None):
+        from simpletuner_dmd.families.wan import WanFamily
+        from simpletuner_dmd.hosts.reference.digits_example import TEXT_TOKENS, _digit_pixels, caption
+        from simpletuner_dmd.hosts.reference.fd import load_feature_space
+
+        self.n_eval, self.family = n_eval, WanFamily()
+        self.components = self.family.load_components(str(paths["model"]), text_encoder_path=None,
+                                                      dtype=torch.float32)
+        self.space = load_feature_space(paths["fd_features"])
+        self.labels = np.arange(n_eval) % 10  # the prompts, in turn
+        conds = self.family.encode_prompts(self.components, [caption(d) for d in range(10)], max_length=TEXT_TOKENS)
+        self.cond = conds[torch.from_numpy(self.labels)]
+        self.uncond = self.family.encode_prompts(self.components, [""], max_length=TEXT_TOKENS)
+        self.shape = tuple(self.family.latent_shape(self.components, width=16, height=16, frames=1))
+        real, real_labels = _digit_pixels(n_digits)
+        self.real = real.expand(-1, 3, -1, -1)
+        self.data_share = np.bincount(real_labels, minlength=10) / len(real_labels)
+        self.real_labels = real_labels
+        self.reference: dict[float, tuple] = {}  # guidance: the 50-step teacher's feature statistics (own draw)
+
+    def noise(self, seed: int) -> tuple[torch.Tensor, torch.Generator]:
+        g = torch.Generator().manual_seed(77_000 + seed)
+        return torch.randn((self.n_eval, *self.shape), generator=g), g
+
+    def _batched(self, fn, seed: int) -> torch.Tensor:
+        noise, g = self.noise(seed)
+        out = []
+        with torch.no_grad():
+            for i in range(0, self.n_eval, 250):
+                out.append(fn(noise[i:i + 250], self.cond[i:i + 250], g).float())
+        return self.decode(torch.cat(out))
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → pixels ``(B, 3, H, W)`` in [0, 1] (the first frame)."""
+        return torch.cat([self.family.decode_latents(self.components, latents[i:i + 250])[:, :, 0]
+                          for i in range(0, len(latents), 250)])
+
+    def teacher(self, network, steps: int, guidance: float, seed: int) -> torch.Tensor:
+        sampler = self.family.euler_sampler(network, steps=steps, shift=SHIFT)
+        return self._batched(lambda noise, cond, g: sampler(noise, cond, self.uncond, guidance, g), seed)
+
+    def student(self, network, timesteps: list[int], seed: int) -> torch.Tensor:
+        from simpletuner_dmd.flow import flow_to_x0
+        from simpletuner_dmd.methods.dmd.rollout import sample_with_schedule
+
+        def run(noise, cond, g):
+            predict = lambda x, t: flow_to_x0(x, self.family.predict_flow(network, x, t, cond), t)  # noqa: E731
+            return sample_with_schedule(predict, noise, timesteps, g)
+
+        return self._batched(run, seed)
+
+    def set_reference(self, guidance: float, pixels: torch.Tensor) -> None:
+        from simpletuner_dmd.hosts.reference.fd import statistics
+
+        self.reference[guidance] = statistics(self.space.features(pixels))
+
+    def __call__(self, pixels: torch.Tensor, *, guidance: float | None, labels: np.ndarray | None = None
+                 ) -> dict[str, float]:
+        from simpletuner_dmd.hosts.reference.fd import frechet_distance, statistics
+
+        labels = self.labels if labels is None else labels
+        feats = self.space.features(pixels)
+        predicted = self.space.classes(pixels)
+        share = np.bincount(predicted, minlength=10) / len(predicted)
+        spreads = []
+        for d in range(10):
+            f = torch.from_numpy(feats[labels == d])
+            if len(f) > 1:
+                dist = torch.cdist(f, f)
+                spreads.append(float(dist.sum() / (len(f) * (len(f) - 1))))
+        mu, cov = statistics(feats)
+        out = {"digits_fd": frechet_distance(self.space.real_mu, self.space.real_cov, mu, cov),
+               "class_tv": float(0.5 * np.abs(share - self.data_share).sum()),
+               "cond_accuracy": float((predicted == labels).mean()),
+               "diversity": float(np.mean(spreads))}
+        if guidance is not None and guidance in self.reference:
+            out["fd_to_teacher"] = frechet_distance(*self.reference[guidance], mu, cov)
+        return out
+
+
+# --------------------------------------------------------------------------- training, with snapshots
+
+
+class Snapshots:
+    """A plugin beside the method: records ``dmd_loss`` and ``fake_score_loss`` per optimizer step (as any
+    third-party logger would) and, after the optimizer steps in ``at``, measures the student (its LoRA adapter on)
+    with ``measure(sample)`` where ``sample(evaluator_fn)`` draws the benchmark's samples."""
+
+    def __init__(self, at: set[int], measure: Callable[[torch.nn.Module], dict]):
+        self.at, self.measure = at, measure
         self.curves: dict[str, list[tuple[int, float]]] = {"dmd_loss": [], "fake_score_loss": []}
+        self.by_step: dict[int, dict] = {}
 
     @hookimpl(wrapper=True)
     def distill_loss(self, batch, step, host_loss):
@@ -175,223 +187,266 @@ class CurveRecorder:
         for extra in results:
             if extra and "fake_score_loss" in extra:
                 self.curves["fake_score_loss"].append((step.global_step, float(extra["fake_score_loss"])))
+        done = step.global_step + 1  # distill_metrics runs after the step's optimizer steps
+        if done in self.at and step.network is not None:
+            from simpletuner_dmd.adapters import AdapterSwitch
+            from simpletuner_dmd.hosts.reference.trainer import STUDENT_ADAPTER
+
+            with AdapterSwitch(step.network).use(STUDENT_ADAPTER), torch.no_grad():
+                self.by_step[done] = self.measure(step.network)
         return results
 
 
-def train_student(folder: Path, teacher: Path, name: str, steps_list: list[int], *, seed: int, max_steps: int,
-                  recorder: "CurveRecorder | None" = None) -> Path:
-    from simpletuner_dmd.hosts.reference.trainer import train
+def _student_config(folder: Path, paths: dict[str, Path], tag: str, *, steps_list: list[int], dmd: dict,
+                    host: dict, max_steps: int, seed: int) -> Path:
+    from simpletuner_dmd.hosts.reference.digits_example import TEXT_TOKENS
 
-    tag = f"student-{len(steps_list)}step-seed{seed}"
-    config = _write_config(folder, tag, teacher, folder / "data", distillation_method="dmd",
-                           distillation_config={**STUDENT_DMD, "dmd_denoising_steps": steps_list},
-                           max_train_steps=max_steps, learning_rate=1e-4, train_batch_size=32, seed=seed)
-    shutil.rmtree(folder / tag, ignore_errors=True)
-    return train(config, plugins=(recorder,) if recorder else ()) / "transformer"
-
-
-# --------------------------------------------------------------------------- sampling and metrics
-
-
-class Evaluator:
-    def __init__(self, folder: Path, teacher: Path, n_eval: int = N_EVAL):
-        from simpletuner_dmd.families.wan import WanFamily
-
-        self.n_eval = n_eval
-        self.family = WanFamily()
-        components = self.family.load_components(str(teacher), text_encoder_path=None, dtype=torch.float32)
-        self.cond = self.family.encode_prompts(components, [CAPTION], max_length=TEXT_TOKENS)  # as in training
-        from PIL import Image
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        pixels = []
-        for path in sorted((folder / "data").glob("*.png")):
-            arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-            pixels.append(torch.from_numpy(arr).permute(2, 0, 1)[:, None])
-        pixels = torch.stack(pixels)
-        self.labels = digits.target[:len(pixels)]  # the files are named by index, so sorted order is index order
-        self.real = torch.cat([self.family.encode_pixels(components, pixels[i:i + 128])
-                               for i in range(0, len(pixels), 128)])
-        self.shape = self.real.shape[1:]
-        self.classifier = _train_classifier(self.real.flatten(1), self.labels)
-        self.real_feats = self.classifier.features(self.real.flatten(1))
-        flat = self.real.flatten(1).numpy().astype(np.float64)
-        target = digits.images[:len(flat)].reshape(len(flat), -1) / 16.0
-        xtx = flat.T @ flat + 1.0 * np.eye(flat.shape[1])
-        self.decoder = np.linalg.solve(xtx, flat.T @ target)  # ridge: latents → 8x8 pixels, viewing only
-
-    def teacher_samples(self, network, steps: int, seed: int) -> torch.Tensor:
-        sampler = self.family.euler_sampler(network, steps=steps, shift=1.0)
-        return self._batched(lambda noise, g: sampler(noise, self._cond(len(noise)), None, 1.0, g), seed)
-
-    def student_samples(self, network, timesteps: list[int], seed: int) -> torch.Tensor:
-        from simpletuner_dmd.flow import flow_to_x0
-        from simpletuner_dmd.methods.dmd.rollout import sample_with_schedule
-
-        def run(noise, g):
-            cond = self._cond(len(noise))
-            predict = lambda x, t: flow_to_x0(x, self.family.predict_flow(network, x, t, cond), t)  # noqa: E731
-            return sample_with_schedule(predict, noise, timesteps, g)
-
-        return self._batched(run, seed)
-
-    def _cond(self, n: int) -> torch.Tensor:
-        return self.family.repeat_condition(self.cond, n)
-
-    def _batched(self, fn, seed: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(77_000 + seed)
-        out = []
-        with torch.no_grad():
-            for i in range(0, self.n_eval, 256):
-                noise = torch.randn((min(256, self.n_eval - i), *self.shape), generator=g)
-                out.append(fn(noise, g).float())
-        return torch.cat(out)
-
-    def __call__(self, x: torch.Tensor) -> dict[str, float]:
-        flat = x.flatten(1)
-        feats = self.classifier.features(flat)
-        predicted = self.classifier.predict(flat)
-        share = np.bincount(predicted, minlength=10) / len(predicted)
-        return {"digits_fd": _frechet(self.real_feats, feats),
-                "class_coverage": float((share >= 0.05).mean()),
-                "class_tv": float(0.5 * np.abs(share - 0.1).sum())}
-
-    def pixels(self, x: torch.Tensor) -> np.ndarray:
-        return (x.flatten(1).numpy().astype(np.float64) @ self.decoder).reshape(-1, 8, 8).clip(0, 1)
-
-
-class _Classifier(torch.nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Linear(dim, 256), torch.nn.SiLU(), torch.nn.Linear(256, 64),
-                                        torch.nn.SiLU())
-        self.head = torch.nn.Linear(64, 10)
-
-    def features(self, x):
-        with torch.no_grad():
-            return self.body((x - self.mean) / self.std).double().numpy()
-
-    def predict(self, x):
-        with torch.no_grad():
-            return self.head(self.body((x - self.mean) / self.std)).argmax(1).numpy()
-
-
-def _train_classifier(x: torch.Tensor, y: np.ndarray) -> _Classifier:
-    torch.manual_seed(0)
-    model = _Classifier(x.shape[1])
-    model.mean, model.std = x.mean(0), x.std(0) + 1e-6
-    labels = torch.from_numpy(y).long()
-    perm = torch.randperm(len(x))
-    held, train = perm[:len(x) // 6], perm[len(x) // 6:]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
-    for _epoch in range(61):
-        for idx in train[torch.randperm(len(train))].split(128):
-            loss = torch.nn.functional.cross_entropy(model.head(model.body((x[idx] - model.mean) / model.std)),
-                                                     labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.held_out_accuracy = float((model.predict(x[held]) == y[held.numpy()]).mean())
-    return model
-
-
-def _frechet(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy import linalg
-
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root = linalg.sqrtm(cov_a @ cov_b)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root.real))
+    run = folder / tag
+    backends = [
+        {"id": "digits", "type": "local", "dataset_type": "image", "instance_data_dir": str(paths["dataset"]),
+         "caption_strategy": "textfile", "cache_dir": str(folder / "cache" / "latents"), "resolution": 16,
+         "resolution_type": "pixel", "repeats": 0},
+        {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds",
+         "cache_dir": str(folder / "cache" / "text")},
+    ]
+    (folder / "multidatabackend.json").write_text(json.dumps(backends, indent=1))
+    config = {
+        "model_family": "wan", "pretrained_model_name_or_path": str(paths["model"]),
+        "data_backend_config": str(folder / "multidatabackend.json"), "output_dir": str(run),
+        "resolution": 16, "resolution_type": "pixel", "flow_schedule_shift": SHIFT, "adam_weight_decay": 0.0,
+        "tokenizer_max_length": TEXT_TOKENS, "validation_negative_prompt": "", "report_to": "none",
+        "validation_disable": True, "checkpoint_step_interval": 0, "vae_batch_size": 256, "seed": seed,
+        "max_train_steps": max_steps, **STUDENT_HOST, **host,
+        "distillation_method": "dmd",
+        "distillation_config": {**STUDENT_DMD, **dmd, "dmd_denoising_steps": steps_list},
+    }
+    path = folder / f"{tag}.json"
+    path.write_text(json.dumps(config, indent=1))
+    shutil.rmtree(run, ignore_errors=True)
+    return path
 
 
 # --------------------------------------------------------------------------- the case
 
 
-def run_case_b(out: Path, *, seeds: int, cache: Path, log=print, teacher_steps: int = 3000,
-               student_steps: int = 600, n_eval: int = N_EVAL, teacher_euler: tuple[int, ...] = (50, 3, 1),
-               plots: bool = True, n_digits: int = 1797) -> dict:
+def run_case_b(out: Path, *, seeds: int, cache: Path, log=print, teacher_steps: int = 1200,
+               student_steps: int = 400, n_eval: int = N_EVAL, teacher_euler: tuple[int, ...] = (50, 3, 1),
+               plots: bool = True, example: dict | None = None, students: tuple[str, ...] | None = None,
+               on_row: Callable[[str, dict], object] | None = None) -> dict:
+    """The case's rows. ``example``: keyword arguments of ``make_digits_example`` (tests shrink the build);
+    ``students``: parts of the student rows' names to run (default: all). ``on_row(name, row)`` is called as each
+    row is finished; the plots are drawn after the last row."""
     from diffusers import WanTransformer3DModel
+
+    from simpletuner_dmd.hosts.reference.trainer import train
 
     from .gmm import summarise
 
-    folder = cache / "digits"
-    teacher_dir = train_teacher(folder, steps=teacher_steps, n_digits=n_digits, log=log)
-    ev = Evaluator(folder, teacher_dir, n_eval)
-    log(f"case B: classifier held-out accuracy on real latents {ev.classifier.held_out_accuracy:.3f}")
-    teacher = WanTransformer3DModel.from_pretrained(teacher_dir / "transformer").eval()
-    rows, grids, curves = {}, {}, {}
+    report = on_row or (lambda name, row: None)
+    start = time.time()
+    example = {**EXAMPLE_DEFAULTS, "teacher_steps": teacher_steps, **(example or {})}
+    paths = build_example(cache, log=log, **example)
+    log(f"case B: the digits example is ready ({time.time() - start:.0f} s): {paths['model']}")
+    ev = Evaluator(paths, n_eval, example.get("n_digits"))
+    teacher = WanTransformer3DModel.from_pretrained(paths["model"] / "transformer").eval()
+    rows: dict[str, dict] = {}
+    grids: dict[str, torch.Tensor] = {}
+    curves: dict[str, dict] = {}
+    teacher_fd = {}
+
+    def finish(name: str, row: dict) -> None:
+        rows[name] = row
+        m = row["metrics"]
+        log(f"case B: {name}: " + ", ".join(f"{k} {v['mean']:.3f}" for k, v in m.items()))
+        report(name, row)
+
+    # the 50-step teacher's own reference draws (another noise seed), one per guidance: fd_to_teacher's target
+    for guidance in TEACHER_GUIDANCE:
+        ev.set_reference(guidance, ev.teacher(teacher, max(teacher_euler), guidance, seed=999))
+
     half = len(ev.real) // 2  # the noise floor: one half of the real digits against the other
-    rows["real digits (half vs other half)"] = {"kind": "reference", "metrics": summarise(
-        [{**ev(ev.real[half:]), "digits_fd": _frechet(ev.real_feats[:half], ev.real_feats[half:])}])}
-    for n in teacher_euler:
-        name = f"teacher Euler {n}"
-        samples = [ev.teacher_samples(teacher, n, s) for s in range(seeds)]
-        rows[name] = {"kind": "teacher", "metrics": summarise([ev(x) for x in samples])}
-        grids[name] = ev.pixels(samples[0])
-        log(f"case B: {name}: {rows[name]['metrics']['digits_fd']['mean']:.3f}")
-    for name, steps_list in STUDENTS.items():
-        results, seconds = [], []
-        for s in range(seeds):
-            start = time.time()
-            recorder = CurveRecorder() if s == 0 else None
-            path = train_student(folder, teacher_dir, name, steps_list, seed=s, max_steps=student_steps,
-                                 recorder=recorder)
-            if recorder is not None:
-                curves[name] = recorder.curves
-            seconds.append(time.time() - start)
-            student = WanTransformer3DModel.from_pretrained(path).eval()
-            x = ev.student_samples(student, steps_list, s)
-            results.append(ev(x))
+    first = ev(ev.real[:half], guidance=1.0, labels=ev.real_labels[:half])
+    from simpletuner_dmd.hosts.reference.fd import frechet_distance, statistics
+
+    first["digits_fd"] = frechet_distance(*statistics(ev.space.features(ev.real[half:])),
+                                          *statistics(ev.space.features(ev.real[:half])))
+    finish("real digits (half vs other half)", {"kind": "reference", "metrics": summarise([first])})
+    with torch.no_grad():
+        latents = torch.cat([ev.family.encode_pixels(ev.components, (ev.real[i:i + 250] * 2 - 1)[:, :, None])
+                             for i in range(0, len(ev.real), 250)])
+    recon = ev.decode(latents)
+    finish("real digits through the VAE (encode, decode)", {
+        "kind": "reference", "metrics": summarise([ev(recon, guidance=1.0, labels=ev.real_labels)])})
+
+    for guidance in TEACHER_GUIDANCE:
+        for n in teacher_euler:
+            name = f"teacher Euler {n}, guidance {guidance:g}"
+            samples = [ev.teacher(teacher, n, guidance, s) for s in range(seeds)]
+            finish(name, {"kind": "teacher", "steps": n, "guidance": guidance,
+                          "metrics": summarise([ev(x, guidance=guidance) for x in samples])})
+            grids[name] = samples[0]
+            teacher_fd[(n, guidance)] = rows[name]["metrics"]
+    del teacher
+
+    folder = cache / "digits-students"
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = {n: spec for n, spec in STUDENTS.items()
+            if students is None or any(t.lower() in n.lower() for t in students)}
+    for name, (steps_list, dmd, host, factor, seed_rule) in todo.items():
+        guidance = float({**STUDENT_DMD, **dmd}["real_score_guidance_scale"])
+        max_steps = student_steps * factor
+        quarters = 8 if factor > 1 else 4
+        at = {max(1, max_steps * k // quarters) for k in range(1, quarters + 1)}
+        results, seconds, by_step = [], [], []
+        for s in range(seeds if seed_rule == "all" else 1):
+            def measure(network, _steps=steps_list, _s=s, _g=guidance):
+                return ev(ev.student(network, _steps, _s), guidance=_g)
+
+            recorder = Snapshots(at, measure)
+            tag = f"{'x'.join(map(str, steps_list))}-g{guidance:g}-{name.split(',')[0].replace(' ', '')}" \
+                  f"-{factor}x-seed{s}".replace("(", "").replace(")", "")
+            tag = "".join(c if c.isalnum() or c in "-_." else "-" for c in tag)
+            config = _student_config(folder, paths, tag, steps_list=steps_list, dmd=dmd, host=host,
+                                     max_steps=max_steps, seed=s)
+            t0 = time.time()
+            train(config, plugins=(recorder,))
+            seconds.append(time.time() - t0)
+            shutil.rmtree(folder / tag, ignore_errors=True)
+            results.append(recorder.by_step[max_steps])
+            by_step.append(recorder.by_step)
             if s == 0:
-                grids[name] = ev.pixels(x)
-            log(f"case B: {name} seed {s}: {results[-1]} ({seconds[-1]:.0f} s)")
-        rows[name] = {"kind": "student", "metrics": summarise(results), "seconds_per_run": sum(seconds) / seeds,
-                      "dmd_config": {**STUDENT_DMD, "dmd_denoising_steps": steps_list}, "steps": student_steps}
+                curves[name] = recorder.curves
+            log(f"case B: {name} seed {s}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[-1].items()) +
+                f" ({seconds[-1]:.0f} s)")
+        steps_done = sorted(by_step[0])
+        fds = [summarise([b[k] for b in by_step])["digits_fd"]["mean"] for k in steps_done]
+        row = {"kind": "student", "guidance": guidance, "dmd_config": {**STUDENT_DMD, **dmd,
+                                                                       "dmd_denoising_steps": steps_list},
+               "host_config": {**STUDENT_HOST, **host}, "steps": max_steps, "seeds": len(results),
+               "seconds_per_run": sum(seconds) / len(seconds), "metrics": summarise(results),
+               "by_step": {str(k): summarise([b[k] for b in by_step]) for k in steps_done},
+               "final_fd_over_best": fds[-1] / min(fds)}
+        finish(name, row)
     if plots:
-        _plot_grids(out / "case_b_samples.png", grids)
+        _plot_grids(out / "case_b_samples.png", grids, ev)
         from .quality import plot_curves
 
         plot_curves(out / "case_b_curves.png", curves)
-    fd50 = rows[f"teacher Euler {max(teacher_euler)}"]["metrics"]["digits_fd"]["mean"]
-    fd3 = rows[f"teacher Euler {3 if 3 in teacher_euler else min(teacher_euler)}"]["metrics"]["digits_fd"]["mean"]
-    targets = {name: {"fd / teacher-50": r["metrics"]["digits_fd"]["mean"] / fd50,
-                      "fd / teacher-3": r["metrics"]["digits_fd"]["mean"] / fd3}
-               for name, r in rows.items() if r["kind"] == "student"}
-    return {"rows": rows, "targets": targets, "settings": {
-        "teacher_steps": teacher_steps, "student_steps": student_steps, "seeds": seeds, "samples": n_eval,
-        "classifier_held_out_accuracy": ev.classifier.held_out_accuracy}}
+        _plot_by_step(out / "case_b_along_training.png", rows)
+    return {"rows": rows, "targets": targets(rows, max(teacher_euler)), "settings": {
+        "example": {k: v for k, v in example.items()}, "student_steps": student_steps, "seeds": seeds,
+        "samples": n_eval, "fd_classifier_held_out_accuracy": ev.space.held_out_accuracy,
+        "student_host": STUDENT_HOST, "student_dmd": STUDENT_DMD}}
 
 
-def _plot_grids(path: Path, grids: dict[str, np.ndarray]) -> None:
+def targets(rows: dict, n50: int = 50) -> dict:
+    def t50(guidance):
+        return rows.get(f"teacher Euler {n50}, guidance {guidance:g}", {}).get("metrics")
+
+    out = {}
+    g1 = {n: r for n, r in rows.items() if r["kind"] == "student"}
+    for name, row in g1.items():
+        m, ref = row["metrics"], t50(row["guidance"])
+        if ref is None:
+            continue
+        entry = {"fd / teacher-50": m["digits_fd"]["mean"] / ref["digits_fd"]["mean"],
+                 "class_tv / teacher-50": m["class_tv"]["mean"] / max(ref["class_tv"]["mean"], 1e-9),
+                 "diversity / teacher-50": m["diversity"]["mean"] / ref["diversity"]["mean"]}
+        if row["guidance"] != 1.0 and "fd_to_teacher" in m:
+            base = name.replace(f"guidance {row['guidance']:g}", "guidance 1")
+            if base in rows and "fd_to_teacher" in rows[base]["metrics"]:
+                entry["fd_to_guided_teacher / (guidance 1 fd_to_teacher)"] = \
+                    m["fd_to_teacher"]["mean"] / rows[base]["metrics"]["fd_to_teacher"]["mean"]
+        if "final_fd_over_best" in row:
+            entry["final fd / best fd along training"] = row["final_fd_over_best"]
+        out[name] = entry
+    return out
+
+
+def _plot_grids(path: Path, grids: dict[str, torch.Tensor], ev: Evaluator) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(grids), figsize=(2.6 * len(grids), 2.9), squeeze=False)
-    for ax, (name, images) in zip(axes.flat, grids.items()):
-        tiles = images[:64].reshape(8, 8, 8, 8).transpose(0, 2, 1, 3).reshape(64, 64)
+    cols = min(len(grids), 6)
+    nrows = (len(grids) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(2.6 * cols, 2.9 * nrows), squeeze=False)
+    for ax, (name, x) in zip(axes.flat, grids.items()):
+        grey = x[:100].mean(1).numpy()  # 10 noises (rows) × the 10 prompts (columns)
+        size = grey.shape[-1]
+        tiles = grey.reshape(10, 10, size, size).transpose(0, 2, 1, 3).reshape(10 * size, 10 * size)
         ax.imshow(tiles, cmap="gray", vmin=0, vmax=1)
-        ax.set_title(name, fontsize=7)
+        ax.set_title(name, fontsize=6)
+        ax.axis("off")
+    for ax in list(axes.flat)[len(grids):]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def _plot_by_step(path: Path, rows: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, row in rows.items():
+        if row.get("by_step"):
+            steps = sorted(row["by_step"], key=int)
+            ax.plot([int(k) for k in steps], [row["by_step"][k]["digits_fd"]["mean"] for k in steps], marker="o",
+                    lw=1, label=name)
+    for name, row in rows.items():
+        if name.startswith("teacher Euler 50"):
+            ax.axhline(row["metrics"]["digits_fd"]["mean"], ls="--", lw=0.8, color="grey")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("digits FD (mean of seeds)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pm(m: dict, digits: int = 2) -> str:
+    return f"{m['mean']:.{digits}f} ± {m['sd']:.{digits}f}"
+
+
 def markdown(b: dict) -> list[str]:
     s = b["settings"]
-    lines = [f"**Case B — digits through the Wan family and the reference host.** {s['seeds']} seeds per row; "
-             f"{s['samples']} samples per run; teacher trained {s['teacher_steps']} steps, students "
-             f"{s['student_steps']} steps; classifier held-out accuracy {s['classifier_held_out_accuracy']:.3f}.",
-             "", "| row | digits FD ↓ | class coverage ↑ | class TV ↓ |", "| --- | --- | --- | --- |"]
+    ex = s["example"]
+    lines = [f"**Case B — digits through the Wan family and the reference host (the main job's digits example).** "
+             f"{s['seeds']} seeds per main row (the stability and quickstart rows: 1); {s['samples']} samples per run "
+             f"(the prompts `a digit 0`…`a digit 9` in turn); example built with VAE {ex['vae_steps']} steps, teacher "
+             f"{ex['teacher_steps']} steps; students {s['student_steps']} steps unless the row says otherwise; FD "
+             f"feature space: pixel MLP, held-out accuracy {s['fd_classifier_held_out_accuracy']:.3f}. "
+             f"`fd_to_teacher`: FD to a separate draw of the 50-step teacher at the row's guidance.",
+             "", "| row | digits FD ↓ | FD to teacher-50 ↓ | class TV ↓ | cond. accuracy ↑ | diversity |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for name, row in b["rows"].items():
         m = row["metrics"]
-        lines.append(f"| {name} | {m['digits_fd']['mean']:.3f} ± {m['digits_fd']['sd']:.3f} | "
-                     f"{m['class_coverage']['mean']:.2f} ± {m['class_coverage']['sd']:.2f} | "
-                     f"{m['class_tv']['mean']:.3f} ± {m['class_tv']['sd']:.3f} |")
-    lines += ["", "| student | FD / teacher-50 (target ≤ 1.2) | FD / teacher-3 (target ≤ 0.5) |", "| --- | --- | --- |"]
+        lines.append(f"| {name} | {_pm(m['digits_fd'], 1)} | "
+                     f"{_pm(m['fd_to_teacher'], 1) if 'fd_to_teacher' in m else ''} | {_pm(m['class_tv'], 3)} | "
+                     f"{_pm(m['cond_accuracy'], 3)} | {_pm(m['diversity'], 2)} |")
+    lines += ["", "| student | FD / teacher-50 (≤ 1.2) | class TV / teacher-50 (≤ 1.2) | diversity / teacher-50 "
+              "(≥ 0.8) | guided: FD to guided teacher / guidance-1 FD to teacher (≤ 2) | final FD / best along "
+              "training (≤ 1.1) |", "| --- | --- | --- | --- | --- | --- |"]
+
+    def cell(t, key, ok):
+        if key not in t:
+            return ""
+        return f"{t[key]:.2f} ({'met' if ok(t[key]) else '**not met**'})"
+
     for name, t in b["targets"].items():
-        lines.append(f"| {name} | {t['fd / teacher-50']:.2f} | {t['fd / teacher-3']:.2f} |")
+        lines.append(f"| {name} | {cell(t, 'fd / teacher-50', lambda v: v <= 1.2)} | "
+                     f"{cell(t, 'class_tv / teacher-50', lambda v: v <= 1.2)} | "
+                     f"{cell(t, 'diversity / teacher-50', lambda v: v >= 0.8)} | "
+                     f"{cell(t, 'fd_to_guided_teacher / (guidance 1 fd_to_teacher)', lambda v: v <= 2)} | "
+                     f"{cell(t, 'final fd / best fd along training', lambda v: v <= 1.1)} |")
+    lines += ["", "Along training (digits FD, mean of seeds, after each snapshot's optimizer steps):", ""]
+    for name, row in b["rows"].items():
+        if row.get("by_step"):
+            lines.append(f"- {name}: " + ", ".join(f"{k}: {v['digits_fd']['mean']:.1f}"
+                                                   for k, v in sorted(row["by_step"].items(), key=lambda kv: int(kv[0]))))
     return lines + [""]
