@@ -30,11 +30,14 @@ from simpletuner_dmd.plugins import get_plugin_manager, registered_families, reg
 from simpletuner_dmd.types import Batch, RunContext, StepInfo
 
 RING = {"modes": 8, "radius": 1.0, "std": 0.1}
+# The family's named mixtures (``gmm_family.PRESETS``): ``ring`` is case A's; ``grid25`` and ``uneven3`` test other
+# numbers of modes, weights and scales with the same exact teacher (``benchmarks/gmm_mixtures.py``).
+MIXTURES = ("ring", "grid25", "uneven3")
 N_REFERENCE = 20_000
 N_SAMPLES = 10_000
 
 
-def family_and_mixture():
+def family_and_mixture(mixture: str = "ring"):
     pm = get_plugin_manager()
     families = registered_families(pm)
     if "gmm" not in families:
@@ -42,26 +45,29 @@ def family_and_mixture():
     family = families["gmm"].cls()
     from gmm_family import Mixture  # the plugin's own package (installed with it)
 
-    return family, Mixture.ring(**RING)
+    return family, (Mixture.ring(**RING) if mixture == "ring" else Mixture.preset(mixture))
 
 
 # --------------------------------------------------------------------------- the teacher's weights (an MLP fit)
 
 
-def fit_base(folder: Path, *, steps: int = 10_000, batch_size: int = 1024, seed: int = 0, log=print) -> Path:
+def fit_base(folder: Path, *, steps: int = 10_000, batch_size: int = 1024, seed: int = 0, log=print,
+             mixture: str = "ring") -> Path:
     """Fit a ``FlowMLP`` to the mixture by flow matching (cached in ``folder`` with the settings it was fitted with);
     also save the exact teacher.
 
     The fit matters: the fake score starts from it, and its error is a floor under the fake score's error. Through
     50 Euler steps a 3000-step fit reaches precision 0.91, a 10 000-step one 0.96; DMD students started from the
-    latter are sharper (README, "Quality")."""
+    latter are sharper (README, "Quality"). ``mixture``: one of ``MIXTURES`` (use one folder per mixture)."""
     import json
 
     from gmm_family import ClosedFormTeacher, FlowMLP, save_network
 
-    family, mixture = family_and_mixture()
+    name = mixture
+    family, mixture = family_and_mixture(name)
     base, teacher = folder / "base", folder / "teacher"
-    settings = {"steps": steps, "batch_size": batch_size, "seed": seed, "lr": 1e-3, "schedule": "cosine"}
+    settings = {"steps": steps, "batch_size": batch_size, "seed": seed, "lr": 1e-3, "schedule": "cosine",
+                **({"mixture": name} if name != "ring" else {})}  # the ring's cached fits stay valid
     fitted = base / "fit.json"
     if (base / "model.safetensors").is_file() and (teacher / "config.json").is_file() and fitted.is_file() \
             and json.loads(fitted.read_text()) == settings:
@@ -107,8 +113,8 @@ CURVES = {"dmd": ("dmd_loss", "fake_score_loss", "gan_generator_loss", "gan_clas
 
 def distil(folder: Path, dmd: dict[str, Any], *, seed: int, steps: int, batch_size: int = 256, lr: float = 1e-4,
            betas: tuple[float, float] = (0.9, 0.999), n_samples: int = N_SAMPLES, method: str = "dmd",
-           snapshot_steps: tuple[int, ...] = (), lr_schedule: str = "constant", optimizer: str = "adamw"
-           ) -> RunResult:
+           snapshot_steps: tuple[int, ...] = (), lr_schedule: str = "constant", optimizer: str = "adamw",
+           mixture: str = "ring") -> RunResult:
     """Distil the exact teacher with ``method`` (its ``distillation_config`` in ``dmd``, named so for DMD's callers)
     through the hooks; return the student's samples, the loss curves and samples after each of ``snapshot_steps``."""
     from accelerate import Accelerator
@@ -140,7 +146,7 @@ def distil(folder: Path, dmd: dict[str, Any], *, seed: int, steps: int, batch_si
         raise ValueError(f"lr_schedule: constant or cosine, got {lr_schedule!r}")
     # The student's schedule, as a user sets lr_scheduler for the host (the fake score's lr stays constant).
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if lr_schedule == "cosine" else None
-    _, mixture = family_and_mixture()
+    _, mixture = family_and_mixture(mixture)  # the real batches (DMD only reads their shape; LCM, DCM noise them)
     data = torch.Generator().manual_seed(10_000 + seed)
     cond = family.embed_prompts([""] * batch_size)
 

@@ -22,7 +22,8 @@ from torch import nn
 
 @dataclass
 class Mixture:
-    """Modes on a ring (``ring(...)``) or given explicitly; every component has covariance ``std²·I``."""
+    """Modes on a ring (``ring(...)``), a grid (``grid(...)``), a named preset (``preset(name)``, ``PRESETS``) or given
+    explicitly; every component has covariance ``std²·I``."""
 
     means: list[list[float]]
     std: float = 0.1
@@ -32,6 +33,23 @@ class Mixture:
     def ring(cls, modes: int = 8, radius: float = 1.0, std: float = 0.1) -> "Mixture":
         angles = [2 * math.pi * k / modes for k in range(modes)]
         return cls([[radius * math.cos(a), radius * math.sin(a)] for a in angles], std)
+
+    @classmethod
+    def grid(cls, side: int = 5, spacing: float = 0.5, std: float = 0.05, uneven: bool = True) -> "Mixture":
+        """``side × side`` modes on a square grid centred on 0; ``uneven``: weights 1…5 spread over the modes in a
+        fixed scrambled order (mode ``i`` gets ``1 + 4·((7·i) mod n)/(n − 1)`` before normalising)."""
+        n = side * side
+        half = (side - 1) / 2
+        means = [[spacing * (j - half), spacing * (i - half)] for i in range(side) for j in range(side)]
+        weights = [1.0 + 4.0 * ((7 * k) % n) / (n - 1) for k in range(n)] if uneven else []
+        return cls(means, std, weights)
+
+    @classmethod
+    def preset(cls, name: str) -> "Mixture":
+        """A named mixture (``PRESETS``): ``ring`` is the default 8-mode ring, the others test other shapes."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown mixture {name!r}: one of {', '.join(PRESETS)}")
+        return PRESETS[name]()
 
     @property
     def mu(self) -> torch.Tensor:
@@ -62,6 +80,16 @@ class Mixture:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+PRESETS = {
+    # the default: 8 equal modes on a ring of radius 1, std 0.1
+    "ring": lambda: Mixture.ring(8, 1.0, 0.1),
+    # 25 modes on a 5 × 5 grid (spacing 0.5, so it spans [-1, 1]²), std 0.05, weights 1…5 (0.013 to 0.067 each)
+    "grid25": lambda: Mixture.grid(5, 0.5, 0.05, uneven=True),
+    # 3 modes at a larger scale than the noise (means ~3 from the origin), std 0.3, weights 0.75 / 0.2 / 0.05
+    "uneven3": lambda: Mixture([[-3.0, -1.5], [3.0, -1.5], [0.0, 3.0]], 0.3, [0.75, 0.2, 0.05]),
+}
 
 
 class ClosedFormTeacher(nn.Module):
