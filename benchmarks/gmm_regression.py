@@ -40,9 +40,22 @@ PAIRS = {"regression_prompts": [""], "regression_num_pairs": 1024, "regression_t
          "regression_latent_shape": [2, 1, 1, 1]}
 
 
-def config(steps: list[int], weight: float) -> dict:
-    cfg = {**CASE_A, "dmd_denoising_steps": steps, "regression_loss_weight": weight}
+def config(steps: list[int], weight: float, extra: dict | None = None) -> dict:
+    cfg = {**CASE_A, "dmd_denoising_steps": steps, "regression_loss_weight": weight, **(extra or {})}
     return {**cfg, **PAIRS} if weight > 0 else cfg
+
+
+# Issue 15 item 2: the levers tried on top of the regression term (``--variants``; written to
+# ``regression_levers*.{json,md}``). DMD draws one timestep per sample for its gradient and the critic (fake score)
+# draws its own from the same distribution, so the window and the shift set how both weigh the noise levels.
+VARIANTS = {
+    "reg 1": (1.0, {}),
+    "reg 4": (4.0, {}),
+    "reg 1 + max_timestep_ratio 0.5": (1.0, {"max_timestep_ratio": 0.5}),  # DMD and critic only at σ ≤ 0.5
+    "reg 1 + max_timestep_ratio 0.3": (1.0, {"max_timestep_ratio": 0.3}),
+    "reg 1 + timestep_shift 3": (1.0, {"timestep_shift": 3.0}),  # mass toward high σ
+    "reg 1 + fake_score_lr 3e-3": (1.0, {"fake_score_lr": 3e-3}),  # a faster critic
+}
 
 
 def log(message: str) -> None:
@@ -55,15 +68,22 @@ _STATE: dict = {}  # per process: the metrics (their reference samples) and the 
 def _run(task: tuple) -> tuple:
     from . import gmm
 
-    name, steps, weight, seed, folder, n_steps, threads = task
+    name, steps, weight, seed, folder, n_steps, threads, variant = (*task, None)[:8]
+    extra = None
+    if variant is not None:  # ``weight`` is the variant's name
+        weight, extra = VARIANTS[variant]
     torch.set_num_threads(threads)
     if "metrics" not in _STATE:
         _STATE["metrics"] = gmm.Metrics(gmm.family_and_mixture()[1])
-    result = gmm.distil(Path(folder), config(steps, weight), seed=seed, steps=n_steps, lr=STUDENT_LR)
+    half = (n_steps // 2,) if extra is not None else ()  # variants: precision halfway too (is it still rising?)
+    result = gmm.distil(Path(folder), config(steps, weight, extra), seed=seed, steps=n_steps, lr=STUDENT_LR,
+                        snapshot_steps=half)
     teacher = gmm.teacher_samples(Path(folder), 50, seed)  # the same noises as the student's samples
     metrics = _STATE["metrics"](result.samples)
     metrics["mapping_rmse"] = float(((result.samples - teacher) ** 2).sum(1).mean().sqrt())
-    return name, weight, seed, result.seconds, metrics
+    if half and half[0] in result.snapshots:
+        metrics["precision_halfway"] = _STATE["metrics"](result.snapshots[half[0]])["precision"]
+    return name, variant if variant is not None else weight, seed, result.seconds, metrics
 
 
 def _pm(stat: dict, digits: int = 3, sci: bool = False) -> str:
@@ -73,7 +93,9 @@ def _pm(stat: dict, digits: int = 3, sci: bool = False) -> str:
 
 def markdown(results: dict) -> str:
     s = results["settings"]
+    levers = bool(s.get("variants"))
     lines = [
+        "# Case A: levers on top of the regression term (issue 15, item 2)" if levers else
         "# Case A: DMD v1's regression term (`regression_loss_weight`)",
         "",
         f"`{results['command']}` — {s['optimizer_steps']} optimizer steps, {s['seeds']} seeds, batch 256, student lr "
@@ -84,25 +106,30 @@ def markdown(results: dict) -> str:
         "seeds; mapping RMSE: distance to the 50-step teacher's sample from the same noise."
         + (" **Partial: rows still running.**" if results.get("partial") else ""),
         "",
-        "| student | regression_loss_weight | precision ↑ | energy distance ↓ | recall ↑ | mode TV ↓ | mapping RMSE | "
-        "s / run |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| student | " + ("variant" if levers else "regression_loss_weight") + " | precision ↑ | energy distance ↓ | "
+        "recall ↑ | mode TV ↓ | mapping RMSE | s / run |" + (" precision halfway | ED / teacher-50 |" if levers else ""),
+        "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if levers else ""),
     ]
+    ed50 = results["rows"][0]["metrics"]["energy_distance"]["mean"]
     for row in results["rows"]:
         m = row["metrics"]
         weight = "—" if row["weight"] is None else f"{row['weight']:g}"
-        lines.append(f"| {row['student']} | {weight} | {_pm(m['precision'])} | {_pm(m['energy_distance'], sci=True)} "
-                     f"| {_pm(m['recall'], 2)} | {_pm(m['mode_tv'])} | {_pm(m['mapping_rmse'])} | "
-                     f"{row.get('seconds_per_run', 0):.0f} |")
+        line = (f"| {row['student']} | {row.get('variant', weight)} | {_pm(m['precision'])} | "
+                f"{_pm(m['energy_distance'], sci=True)} | {_pm(m['recall'], 2)} | {_pm(m['mode_tv'])} | "
+                f"{_pm(m['mapping_rmse'])} | {row.get('seconds_per_run', 0):.0f} |")
+        if levers:
+            half = _pm(m["precision_halfway"]) if "precision_halfway" in m else "—"
+            line += f" {half} | {m['energy_distance']['mean'] / ed50:.0f}× |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
-def write(out: Path, results: dict) -> None:
+def write(out: Path, results: dict, name: str = "regression_ablation") -> None:
     from simpletuner_dmd.atomic import write_file
 
-    write_file(out / "regression_ablation.json",
+    write_file(out / f"{name}.json",
                lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1), encoding="utf-8"))
-    write_file(out / "regression_ablation.md", lambda tmp: Path(tmp).write_text(markdown(results), encoding="utf-8"))
+    write_file(out / f"{name}.md", lambda tmp: Path(tmp).write_text(markdown(results), encoding="utf-8"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,14 +143,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs in this many processes (one thread each)")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache", help="the fitted base and the pairs")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--variants", default=None, help="comma-separated names of VARIANTS (the levers ablation) "
+                        "instead of the weights 0 / 0.25 / 1; written to --name (default regression_levers)")
+    parser.add_argument("--students", default="3,1", help="3, 1 or 3,1: the 3-step and/or the 1-step student")
+    parser.add_argument("--name", default=None, help="output file stem in --out")
     args = parser.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",")] if args.variants else []
+    for v in variants:
+        if v not in VARIANTS:
+            parser.error(f"--variants: {v!r} is not one of {', '.join(VARIANTS)}")
+    name_out = args.name or ("regression_levers" if variants else "regression_ablation")
+    wanted = {"3": "3-step (1000,757,522)", "1": "1-step (1000)"}
+    students = {wanted[k]: STUDENTS[wanted[k]] for k in args.students.split(",")}
 
     start = time.time()
     folder = gmm.fit_base(args.cache / "gmm-regression", log=log)
     seeds = list(range(args.seeds))
     # the pairs, once per (student steps, seed), before any worker starts (they would race to generate the same cache)
     generation = time.time()
-    for name, steps in STUDENTS.items():
+    for name, steps in students.items():
         for seed in seeds:
             gmm.distil(folder, config(steps, max(WEIGHTS)), seed=seed, steps=0, n_samples=16)
     generation = time.time() - generation
@@ -138,33 +176,43 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.gmm_regression " + " ".join(argv if argv is not None else sys.argv[1:]),
         "settings": {"optimizer_steps": args.steps, "seeds": args.seeds, "student_lr": STUDENT_LR, "case_a": CASE_A,
                      "pairs": PAIRS, "pair_generation_seconds": generation, "mixture": gmm.RING,
-                     "samples_per_run": gmm.N_SAMPLES},
+                     "samples_per_run": gmm.N_SAMPLES, "variants": {v: VARIANTS[v] for v in variants}},
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {args.jobs} jobs",
         "partial": True,
         "rows": [{"student": "teacher Euler 50", "weight": None, "metrics": gmm.summarise(teacher_rows)}],
     }
-    write(args.out, results)
+    write(args.out, results, name_out)
 
-    tasks = [(name, steps, w, s, str(folder), args.steps, 1) for name, steps in STUDENTS.items() for w in WEIGHTS
-             for s in seeds]
+    if variants:  # one task per (student, variant, seed); the variant's label travels as its "weight" key
+        tasks = [(name, steps, None, s, str(folder), args.steps, 1, v) for name, steps in students.items()
+                 for v in variants for s in seeds]
+    else:
+        tasks = [(name, steps, w, s, str(folder), args.steps, 1) for name, steps in students.items() for w in WEIGHTS
+                 for s in seeds]
     pending: dict[tuple, list] = {}
     with ProcessPoolExecutor(args.jobs) as pool:
         for name, weight, seed, seconds, m in pool.map(_run, tasks):
-            log(f"{name}, weight {weight:g}, seed {seed}: {seconds:.0f} s, precision {m['precision']:.3f}, energy "
+            log(f"{name}, {weight if isinstance(weight, str) else f'weight {weight:g}'}, seed {seed}: {seconds:.0f} s, precision {m['precision']:.3f}, energy "
                 f"{m['energy_distance']:.2e}, recall {m['recall']:.2f}, mode TV {m['mode_tv']:.3f}, mapping RMSE "
                 f"{m['mapping_rmse']:.3f}")
             done = pending.setdefault((name, weight), [])
             done.append((seconds, m))
             if len(done) < args.seeds:
                 continue
-            results["rows"].append({"student": name, "weight": weight, "dmd_config": config(STUDENTS[name], weight),
-                                    "seconds_per_run": sum(s for s, _ in done) / len(done),
-                                    "metrics": gmm.summarise([m for _, m in done])})
-            write(args.out, results)
+            row = {"student": name, "weight": weight, "seconds_per_run": sum(s for s, _ in done) / len(done),
+                   "metrics": gmm.summarise([m for _, m in done])}
+            if isinstance(weight, str):  # a variant
+                w, extra = VARIANTS[weight]
+                row.update(variant=weight, weight=w, dmd_config=config(STUDENTS[name], w, extra))
+            else:
+                row["dmd_config"] = config(STUDENTS[name], weight)
+            results["rows"].append(row)
+            write(args.out, results, name_out)
+            log(f"row written: {args.out / name_out}.md ({time.time() - start:.0f} s so far)")
     results["partial"] = False
     results["seconds"] = time.time() - start
-    write(args.out, results)
-    log(f"done in {results['seconds']:.0f} s: {args.out / 'regression_ablation.md'}")
+    write(args.out, results, name_out)
+    log(f"done in {results['seconds']:.0f} s: {args.out / name_out}.md")
     print(markdown(results))
     return 0
 
