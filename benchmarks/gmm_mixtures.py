@@ -145,6 +145,40 @@ DESCRIPTIONS = {
 }
 
 
+BASE_ROW = "base MLP Euler 50 (where student and fake score start)"
+
+
+def base_runs(folder: Path, metrics, mixture, seeds: int) -> list[dict]:
+    """The fitted base MLP's own 50-step Euler samples: the fake score starts from it, so its error is a floor under
+    the fake score's."""
+    from . import gmm
+
+    family, _ = gmm.family_and_mixture()
+    base = family.load_network(folder / "base")
+    runs = []
+    for seed in range(seeds):
+        g = torch.Generator().manual_seed(99_000 + seed)
+        noise = torch.randn(gmm.N_SAMPLES, 2, 1, 1, 1, generator=g)
+        x = family.euler_sampler(base, steps=50)(noise, None, None, 1.0, g).reshape(-1, 2).float()
+        runs.append(measure(metrics, mixture, x))
+    return runs
+
+
+def add_base_rows(out: Path, cache: Path) -> None:
+    """Add the base MLP's row to a stored ``gmm_mixtures.json`` (for results made before the row existed)."""
+    from . import gmm
+
+    results = json.loads((out / "gmm_mixtures.json").read_text())
+    for name, mix in results["mixtures"].items():
+        _, mixture = gmm.family_and_mixture(name)
+        runs = base_runs(cache / f"gmm-{name}", gmm.Metrics(mixture), mixture, results["settings"]["seeds"])
+        rows = list(mix["rows"].items())
+        at = [k for k, _ in rows].index("teacher Euler 1") + 1
+        mix["rows"] = dict(rows[:at] + [(BASE_ROW, {"runs": runs})] + [r for r in rows[at:] if r[0] != BASE_ROW])
+        log(f"{name}: base MLP Euler 50: precision {runs[0]['precision']:.3f}, modes {runs[0]['modes_covered']}")
+    write(out, results)
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import gmm
 
@@ -156,8 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--add-base-rows", action="store_true", help="only: add the base MLP's row to the stored "
+                        "gmm_mixtures.json / .md")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.add_base_rows:
+        add_base_rows(args.out, args.cache)
+        return 0
     names = [n.strip() for n in args.mixtures.split(",") if n.strip()]
     for n in names:
         if n not in gmm.MIXTURES:
@@ -188,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             xs = [gmm.teacher_samples(folder, n, s) for s in range(args.seeds)]
             mix["rows"][f"teacher Euler {n}"] = {"runs": [measure(metrics, mixture, x) for x in xs]}
             samples[name][f"teacher Euler {n}"] = xs[0]
+        mix["rows"][BASE_ROW] = {"runs": base_runs(folder, metrics, mixture, args.seeds)}
         write(args.out, results)
         log(f"{name}: teacher rows done")
         for row, steps in STUDENTS.items():
