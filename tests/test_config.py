@@ -13,6 +13,8 @@ from simpletuner_dmd.errors import ConfigError, UserError
 from simpletuner_dmd.hookspecs import hookimpl
 from simpletuner_dmd.hosts.reference.host_schema import HOST_SCHEMA, SEED_KEYS_NOT_SUPPORTED
 from simpletuner_dmd.methods.dmd.config import BLOCK_ONLY_KEYS, DMD_SCHEMA
+
+REPO = Path(__file__).resolve().parents[1]
 from simpletuner_dmd.plugins import get_plugin_manager
 
 SEED_NAME = "000_72329bb8002b0f9b.txt"
@@ -68,6 +70,7 @@ def base(**dmd) -> dict:
     return {
         "model_family": "wan",
         "max_train_steps": 10,
+        "learning_rate": 1e-5,  # not above the schema's fake_score_lr: no two-time-scale warning
         "validation_num_inference_steps": 3,
         "distillation_method": "dmd",
         "distillation_config": dict(dmd),
@@ -93,11 +96,15 @@ SEED_UNSUPPORTED: set[str] = set()  # every seed key is in effect
 def test_seed_config_validates_with_exactly_the_expected_warnings(seed_config, pm):
     rc = validate_config(seed_config, pm, check_paths=False)
     assert rc.method_name == "dmd" and rc.family_cls.name == "wan"
-    named = {w.split(":", 1)[0] for w in rc.warnings}
+    # the seed's critic (fake_score_lr 1e-5) is slower than its student (2e-5): the one measured-effect warning
+    two_time_scale = [w for w in rc.warnings if w.startswith("distillation_config.fake_score_lr:")]
+    assert len(two_time_scale) == 1
+    rest = [w for w in rc.warnings if w not in two_time_scale]
+    named = {w.split(":", 1)[0] for w in rest}
     assert named == SEED_UNSUPPORTED
-    assert len(rc.warnings) == len(SEED_UNSUPPORTED)  # one each
-    assert all("not supported" in w for w in rc.warnings)
-    assert not any(w.startswith("distillation_config.") for w in rc.warnings)  # block keys left at defaults
+    assert len(rest) == len(SEED_UNSUPPORTED)  # one each
+    assert all("not supported" in w for w in rest)
+    assert not any(w.startswith("distillation_config.") for w in rest)  # block keys left at defaults
     # the values the seed means
     cfg = rc.method_config
     assert cfg["dmd_denoising_steps"] == [1000, 757, 522]
@@ -121,7 +128,8 @@ def test_seed_advanced_options_validate_and_warn_about_the_block_key(seed_advanc
     rc = validate_config({**seed_config, "distillation_config": advanced}, pm, check_paths=False)
     assert rc.method_config["dmd_denoising_steps"] == [1000, 666, 333]
     assert rc.method_config["timestep_shift"] == 7.0
-    block = [w for w in rc.warnings if w.startswith("distillation_config.")]
+    block = [w for w in rc.warnings if w.startswith("distillation_config.")
+             and not w.startswith("distillation_config.fake_score_lr:")]
     assert len(block) == 1 and block[0].startswith("distillation_config.same_step_across_blocks:")
 
 
@@ -374,6 +382,15 @@ def test_all_block_keys_warn_together_and_defaults_do_not(pm):
     assert named == sorted(f"distillation_config.{k}" for k in NON_DEFAULT_BLOCK)
     defaults = {k: DMD_SCHEMA.by_name[k].default for k in NON_DEFAULT_BLOCK}
     assert validate_config(base(**defaults), pm, check_paths=False).warnings == []
+
+
+def test_a_critic_slower_than_the_student_warns_by_name_with_the_measured_effect(pm):
+    quickstart = json.loads((REPO / "config_examples/wan-dmd-quickstart/config.json").read_text())
+    rc = validate_config(quickstart, pm, check_paths=False)
+    (line,) = [w for w in rc.warnings if w.startswith("distillation_config.fake_score_lr:")]
+    assert "1e-05 is below learning_rate 2e-05" in line and "recall 0.12" in line and "fake_score_lr >= learning_rate" in line
+    same = validate_config({**base(fake_score_lr=2e-5), "learning_rate": 2e-5}, pm, check_paths=False)
+    assert same.warnings == []
 
 
 def test_keys_that_act_on_a_bidirectional_model_do_not_warn(pm):
