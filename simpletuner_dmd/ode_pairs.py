@@ -142,8 +142,8 @@ class ODEPairSpec:
     a weights' fingerprint); ``prompts``: the texts of the conditions; ``shape``: one sample's latent shape;
     ``count``: the number of pairs; ``seed``: the noise's seed; ``student_steps``: the student timesteps (0..1000,
     decreasing) whose states are stored; ``teacher_steps``, ``shift``: the teacher's Euler schedule;
-    ``guidance_scale``, ``negative_prompt``: the teacher's CFG (standard form; for the key: the caller's ``teacher``
-    applies it); ``dtype``: the storage dtype (and the teacher's input dtype); ``shard_size``: pairs per shard file.
+    ``guidance_scale``, ``negative_prompt``, ``guidance_interval``: the teacher's CFG (standard form, applied at the
+    timesteps inside the interval; for the key: the caller's ``teacher`` applies it); ``dtype``: the storage dtype (and the teacher's input dtype); ``shard_size``: pairs per shard file.
     """
 
     teacher_id: str
@@ -156,11 +156,12 @@ class ODEPairSpec:
     shift: float = 1.0
     guidance_scale: float = 1.0
     negative_prompt: str = ""
+    guidance_interval: tuple[float, float] = (0.0, 1000.0)
     dtype: str = "float32"
     shard_size: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("prompts", "shape", "student_steps"):
+        for name in ("prompts", "shape", "student_steps", "guidance_interval"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         object.__setattr__(self, "student_steps", tuple(int(s) for s in self.student_steps))
@@ -176,7 +177,7 @@ class ODEPairSpec:
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        for name in ("prompts", "shape", "student_steps"):
+        for name in ("prompts", "shape", "student_steps", "guidance_interval"):
             out[name] = list(out[name])
         return out
 

@@ -181,6 +181,28 @@ def test_guidance_off_skips_the_unconditional_pass(tiny_wan):
     assert [c.batch for c in calls] == [2, 2, 2, 2, 2]
 
 
+def test_guidance_interval_guides_only_inside_it(tiny_wan):
+    """real_score_guidance_interval: outside it the teacher is cond only, with no uncond pass and exactly the
+    gradient of guidance 1; an interval holding every DMD timestep is the plain guided teacher."""
+    def run_once(dmd):
+        run = build(tiny_wan, dmd={"last_step_only": True, **dmd})
+        perturb_adapters(run.models.network)
+        calls = _record_calls(run)
+        torch.manual_seed(5)
+        loss = run.method.distill_loss(batch=batch(), step=step_info(), host_loss=host_loss).loss
+        loss.backward()
+        return [c.batch for c in calls], torch.cat([p.grad.flatten() for p in run.models.student_params.values()])
+
+    # DMD timesteps are clamped to >= min_timestep_ratio·1000 = 20: an interval below that guides nothing
+    outside, grad_outside = run_once({"real_score_guidance_scale": 3.0, "real_score_guidance_interval": "0,10"})
+    unguided, grad_unguided = run_once({"real_score_guidance_scale": 1.0})
+    assert outside == unguided == [2, 2, 2, 2, 2] and torch.equal(grad_outside, grad_unguided)
+    everywhere, grad_everywhere = run_once({"real_score_guidance_scale": 3.0, "real_score_guidance_interval": [0, 1000]})
+    guided, grad_guided = run_once({"real_score_guidance_scale": 3.0})
+    assert everywhere == guided == [2, 2, 2, 2, 4] and torch.equal(grad_everywhere, grad_guided)
+    assert not torch.allclose(grad_guided, grad_unguided)
+
+
 def test_fake_score_guidance_batches_the_fake_pass(tiny_wan):
     run = build(tiny_wan, dmd={"fake_score_guidance_scale": 1.5, "real_score_guidance_scale": 1.0,
                                "last_step_only": True})

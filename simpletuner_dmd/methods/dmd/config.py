@@ -35,6 +35,18 @@ def parse_latent_shape(value: Any) -> list[int]:
     return list(value)
 
 
+def parse_interval(value: Any) -> list[float]:
+    """\"lo,hi\" or [lo, hi]: a timestep interval with 0 <= lo < hi <= 1000."""
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        lo, hi = (float(v) for v in items)
+    except (TypeError, ValueError):
+        raise ValueError(f"must be two timesteps \"lo,hi\" like \"0,700\", got {value!r}") from None
+    if not 0 <= lo < hi <= 1000:
+        raise ValueError(f"must satisfy 0 <= lo < hi <= 1000, got {value!r}")
+    return [lo, hi]
+
+
 def _ratio_window(values: dict[str, Any]) -> list[str]:
     lo, hi = values["min_timestep_ratio"], values["max_timestep_ratio"]
     if not lo < hi:
@@ -52,6 +64,9 @@ DMD_SCHEMA = Schema(
         Key("real_score_guidance_scale", "float", 3.0,
             "Teacher CFG, standard form u + s(c - u); 0 or 1: cond only. FastVideo/Self-Forcing value = ours - 1.",
             check=_guidance),
+        Key("real_score_guidance_interval", "any", [0.0, 1000.0], "Timesteps \"lo,hi\" (0..1000) where the teacher's "
+            "CFG acts; at DMD timesteps outside, the teacher is cond only (a guidance interval, Kynkäänniemi et al. "
+            "2024). Default: everywhere.", parse=parse_interval),
         Key("fake_score_lr", "float", 1e-5, "Fake score AdamW learning rate.", check=in_range(0, lo_open=True)),
         Key("fake_score_weight_decay", "float", 0.01, "Fake score AdamW weight decay.", check=in_range(0)),
         Key("fake_score_betas", "list", (0.9, 0.999), "Fake score AdamW betas.", parse=parse_betas),

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from ...adapters import named_adapter_parameters
-from ...flow import flow_to_x0
+from ...flow import flow_to_x0, guided_per_sample
 from ...errors import UserError
 from ...hookspecs import hookimpl
 from ...nonfinite import DEFAULT_LIMIT, NonFiniteGuard
@@ -118,6 +118,7 @@ class DMD:
         real, fake = config["real_score_guidance_scale"], config["fake_score_guidance_scale"]
         # None: cond only (and no uncond pass). Teacher: standard form; fake score: Self-Forcing's form.
         self._real_cfg = None if real in (0.0, 1.0) else (lambda c, u: L.guided(c, u, real))
+        self._real_interval = tuple(config["real_score_guidance_interval"])
         self._fake_cfg = None if fake == 0.0 else (lambda c, u: L.guided_self_forcing(c, u, fake))
 
     # ------------------------------------------------------------------ setup
@@ -222,11 +223,12 @@ class DMD:
             student_steps=tuple(self.steps), teacher_steps=cfg["regression_teacher_steps"],
             shift=float(run.host_config.get("flow_schedule_shift", 1.0)),
             guidance_scale=cfg["real_score_guidance_scale"], negative_prompt=self.negative_prompt,
+            guidance_interval=self._real_interval,
             dtype=dtype_name(dtype), shard_size=max(1, min(256, SHARD_BYTES // per_pair)))
 
         def teacher(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
             bare = lambda x_, t_, c_: self.nets.teacher_flow(x_, t_, c_, bare=True)  # noqa: E731
-            return self.nets.guided(bare, x, t, cond, self._real_cfg)
+            return self.nets.guided(bare, x, t, cond, self._real_combine(t))
 
         counted, self.nets.passes = self.nets.passes, PassCounter()  # a one-time cost, not the step's passes
         try:
@@ -279,6 +281,20 @@ class DMD:
         """x̂0 of ``flow_fn``, guided with ``combine`` (a CFG form; cond and uncond as one batch) when given. CFG is
         linear, so combining flows and then taking x̂0 is combining x̂0s."""
         return flow_to_x0(x_t, self.nets.guided(flow_fn, x_t, t, cond, combine), t)
+
+    def _real_combine(self, t: torch.Tensor):
+        """The teacher's CFG for timesteps ``t`` (one per sample): ``u + s·(c − u)`` where t lies inside
+        ``real_score_guidance_interval``, cond only (``s = 1``) outside; None (no uncond pass) when no sample is
+        guided."""
+        if self._real_cfg is None or self._real_interval == (0.0, 1000.0):
+            return self._real_cfg
+        lo, hi = self._real_interval
+        inside = (t >= lo) & (t <= hi)
+        if not bool(inside.any()):
+            return None
+        scale = torch.where(inside, torch.full_like(t, self.cfg["real_score_guidance_scale"], dtype=torch.float32),
+                            torch.ones_like(t, dtype=torch.float32))
+        return lambda c, u: guided_per_sample(c, u, scale).to(c.dtype)
 
     def _fake_flow(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, *, module=None) -> torch.Tensor:
         if module is None and self.fake_type != "lora":
@@ -351,7 +367,7 @@ class DMD:
             x_t = L.add_noise(x0_gen.detach(), noise_t, t).to(latents.dtype)
             with self._fake_context():
                 x0_fake = self._guided_x0(self._fake_flow, x_t, t, batch.cond, self._fake_cfg)
-            x0_real = self._guided_x0(self.nets.teacher_flow, x_t, t, batch.cond, self._real_cfg)
+            x0_real = self._guided_x0(self.nets.teacher_flow, x_t, t, batch.cond, self._real_combine(t))
             grad, normaliser = L.dmd_gradient(x0_gen, x0_real, x0_fake)
         loss = L.dmd_loss(x0_gen, grad)
         logs.update(
