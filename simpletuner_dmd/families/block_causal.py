@@ -1,0 +1,200 @@
+"""Block-causal attention over diffusers' ``WanTransformer3DModel``, without forking the model class.
+
+Self-Forcing's causal student is Wan with two changes (``shared/notes/self-forcing.md``):
+
+- **A block-causal mask over latent frames.** The frames are split into blocks (``frame_blocks``: ``n`` frames
+  each, or ``[1, n, n, …]`` with an independent first frame); a token of block i attends to the tokens of blocks ≤ i
+  in self-attention. Cross-attention to the text is untouched.
+- **Per-block timesteps.** Every frame carries its block's timestep. diffusers' Wan already takes a timestep per
+  token (``(B, tokens)``, the Wan 2.2 TI2V layout), so ``frame_timesteps`` only expands ``(B, F)`` to tokens.
+
+``BlockCausalWan(network)`` installs one ``BlockCausalProcessor`` on every self-attention and an offset-aware rotary
+embedding, all driven by one ``CausalState``:
+
+- ``with causal.masked(blocks):`` — the whole clip in one pass under the block-causal mask (training: teacher
+  forcing, the rollout's exit steps, ODE regression);
+- ``with causal.cached(cache, start_frame):`` — inference with a KV cache: the pass holds only the frames from
+  ``start_frame`` on (one block), attends to the cache's earlier blocks and to itself, and, when the cache is
+  ``writing``, appends its own keys and values (after the rotary embedding, at their true frame positions). A
+  ``window`` (in frames) keeps only the most recent context for long videos (a rolling cache).
+
+Outside both contexts the network is the plain bidirectional Wan (the teacher: the same weights, adapters off).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+
+def frame_blocks(num_frames: int, frames_per_block: int, *, independent_first_frame: bool = False
+                 ) -> list[tuple[int, int]]:
+    """``[(start, end), …]`` covering ``num_frames`` latent frames: ``frames_per_block`` frames each (``[1, n, n, …]``
+    with ``independent_first_frame``); the last block may be shorter."""
+    if num_frames < 1 or frames_per_block < 1:
+        raise ValueError(f"frame_blocks: num_frames and frames_per_block must be at least 1 "
+                         f"({num_frames}, {frames_per_block})")
+    blocks, start = [], 0
+    if independent_first_frame:
+        blocks.append((0, 1))
+        start = 1
+    while start < num_frames:
+        end = min(start + frames_per_block, num_frames)
+        blocks.append((start, end))
+        start = end
+    return blocks
+
+
+def block_mask(blocks: list[tuple[int, int]], tokens_per_frame: int, device=None) -> torch.Tensor:
+    """``(L, L)`` bool, True where a query token may attend a key token: the key's block is not after the query's."""
+    index = torch.cat([torch.full(((end - start) * tokens_per_frame,), i, dtype=torch.long)
+                       for i, (start, end) in enumerate(blocks)]).to(device)
+    return index[:, None] >= index[None, :]
+
+
+def frame_timesteps(timesteps: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+    """``(B, F)`` per-frame timesteps → ``(B, F·tokens_per_frame)`` per-token, as diffusers' Wan takes them."""
+    return timesteps.repeat_interleave(tokens_per_frame, dim=1)
+
+
+@dataclass
+class KVCache:
+    """Self-attention keys and values of the blocks generated so far, per transformer layer.
+
+    ``writing``: whether a pass appends its own keys and values (the context write after a block is finished: the
+    block re-noised to ``context_noise`` and run once at that timestep). ``window``: the most recent frames kept
+    (None: all); older frames are dropped as new ones arrive."""
+
+    window: int | None = None
+    writing: bool = False
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer → (B, tokens, heads, dim)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    frames: int = 0  # frames held
+    tokens_per_frame: int = 0
+
+    def clear(self) -> None:
+        self.keys.clear()
+        self.values.clear()
+        self.frames = 0
+
+
+@dataclass
+class CausalState:
+    mode: str = "full"  # "full": plain bidirectional; "masked": block-causal mask; "cached": KV cache
+    blocks: list[tuple[int, int]] | None = None
+    tokens_per_frame: int = 0
+    cache: KVCache | None = None
+    start_frame: int = 0  # the first frame of a cached pass
+
+
+class BlockCausalProcessor:
+    """The self-attention of one Wan block, with the mask or the cache of ``state``. Projections, norms and the
+    rotary embedding are Wan's own (``attn.to_q`` …, ``attn.norm_q`` …), so adapters on them act as usual."""
+
+    def __init__(self, state: CausalState, layer: int, inner):
+        self.state, self.layer, self.inner = state, layer, inner  # inner: the processor it replaces
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        state = self.state
+        if state.mode == "full" or encoder_hidden_states is not None:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
+        mask = None
+        if state.mode == "masked":
+            mask = block_mask(state.blocks, state.tokens_per_frame, hidden_states.device)
+            keys, values = key, value
+        else:  # cached: earlier blocks from the cache, then this pass's own tokens (a block attends to itself)
+            cache = state.cache
+            past_k, past_v = cache.keys.get(self.layer), cache.values.get(self.layer)
+            keys = key if past_k is None else torch.cat([past_k, key], dim=1)
+            values = value if past_v is None else torch.cat([past_v, value], dim=1)
+            if cache.writing:
+                keep = keys.shape[1] if cache.window is None else cache.window * state.tokens_per_frame
+                cache.keys[self.layer] = keys[:, -keep:].detach()
+                cache.values[self.layer] = values[:, -keep:].detach()
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out) if len(attn.to_out) > 1 else out
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's rotary embedding (interleaved pairs), as its own processor applies it."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class _OffsetRope(torch.nn.Module):
+    """Wan's rotary embedding for frames ``start_frame …`` of a cached pass (the true positions of a block that is
+    generated alone); the plain embedding otherwise."""
+
+    def __init__(self, rope: torch.nn.Module, state: CausalState):
+        super().__init__()
+        self.rope, self.state = rope, state
+
+    def forward(self, hidden_states: torch.Tensor):
+        offset = self.state.start_frame if self.state.mode == "cached" else 0
+        if offset == 0:
+            return self.rope(hidden_states)
+        b, c, f, h, w = hidden_states.shape
+        whole = hidden_states.new_empty((1, c, offset + f, h, w))
+        cos, sin = self.rope(whole)
+        tokens = f // self.rope.patch_size[0] * (h // self.rope.patch_size[1]) * (w // self.rope.patch_size[2])
+        return cos[:, -tokens:], sin[:, -tokens:]
+
+
+class BlockCausalWan:
+    """Makes ``network`` (a ``WanTransformer3DModel``, adapters or not) switchable to block-causal attention."""
+
+    def __init__(self, network: torch.nn.Module):
+        self.network = network
+        self.state = CausalState()
+        cfg = network.config
+        self.patch = tuple(cfg.patch_size)
+        for layer, block in enumerate(network.blocks):
+            block.attn1.set_processor(BlockCausalProcessor(self.state, layer, block.attn1.processor))
+        network.rope = _OffsetRope(network.rope, self.state)
+
+    def tokens_per_frame(self, latents: torch.Tensor) -> int:
+        _, _, _, h, w = latents.shape
+        return (h // self.patch[1]) * (w // self.patch[2])
+
+    @contextlib.contextmanager
+    def masked(self, blocks: list[tuple[int, int]], tokens_per_frame: int):
+        previous = (self.state.mode, self.state.blocks, self.state.tokens_per_frame)
+        self.state.mode, self.state.blocks, self.state.tokens_per_frame = "masked", blocks, tokens_per_frame
+        try:
+            yield self
+        finally:
+            self.state.mode, self.state.blocks, self.state.tokens_per_frame = previous
+
+    @contextlib.contextmanager
+    def cached(self, cache: KVCache, start_frame: int, tokens_per_frame: int):
+        """A pass over the frames from ``start_frame`` on, reading (and, when ``cache.writing``, extending) ``cache``.
+        With a ``window``, ``start_frame`` is still the block's true position: only the cache is bounded."""
+        previous = (self.state.mode, self.state.cache, self.state.start_frame, self.state.tokens_per_frame)
+        self.state.mode, self.state.cache, self.state.start_frame = "cached", cache, start_frame
+        self.state.tokens_per_frame = tokens_per_frame
+        try:
+            yield self
+        finally:
+            if cache.writing:
+                cache.tokens_per_frame = tokens_per_frame
+                held = next(iter(cache.keys.values())).shape[1] if cache.keys else 0
+                cache.frames = held // tokens_per_frame
+            self.state.mode, self.state.cache, self.state.start_frame, self.state.tokens_per_frame = previous
+
+
+__all__ = ["BlockCausalProcessor", "BlockCausalWan", "CausalState", "KVCache", "block_mask", "frame_blocks",
+           "frame_timesteps"]
