@@ -17,7 +17,7 @@ for v in $VERSIONS; do
     PID[$v]=$!
 done
 
-python -m pytest -q -m "" --ignore=tests/simpletuner  # -m "": the slow tests too
+python -m pytest -q -m "" --durations=15 --ignore=tests/simpletuner  # -m "": the slow tests too; the 15 slowest listed
 
 status=0
 for v in $VERSIONS; do
