@@ -51,6 +51,7 @@ def config(steps: list[int], weight: float, extra: dict | None = None) -> dict:
 VARIANTS = {
     "reg 1": (1.0, {}),
     "reg 4": (4.0, {}),
+    "reg 16": (16.0, {}),
     "reg 1 + max_timestep_ratio 0.5": (1.0, {"max_timestep_ratio": 0.5}),  # DMD and critic only at σ ≤ 0.5
     "reg 1 + max_timestep_ratio 0.3": (1.0, {"max_timestep_ratio": 0.3}),
     "reg 1 + timestep_shift 3": (1.0, {"timestep_shift": 3.0}),  # mass toward high σ
@@ -157,6 +158,53 @@ def bridge_floor(fractions=(0.0, 0.01, 0.02, 0.05, 0.1, 0.15), seeds: int = 3) -
     return out
 
 
+def diagnose(folder: Path, variant: str, steps: int, seed: int = 0) -> list[dict]:
+    """Where a student's energy distance and precision go: for the 1-step and the 3-step student of ``variant``, its
+    metrics; the metrics once its off-mode samples (farther than 3 std from every mode) are replaced by as many fresh
+    exact samples (the bridges removed, the rest kept); the on-mode spread (RMS distance to the nearest mode of the
+    samples within 3 std) against the exact samples'; and the metrics of exact samples drawn with the student's mode
+    weights and spread (bridges absent, its mode shape and weights kept)."""
+    from . import gmm
+
+    _, mixture = gmm.family_and_mixture()
+    metrics = gmm.Metrics(mixture)
+    mu, std = mixture.mu.float(), mixture.std
+    exact = mixture.sample(gmm.N_SAMPLES, torch.Generator().manual_seed(800 + seed))
+
+    def spread(x):
+        d, k = torch.cdist(x, mu).min(1)
+        on = d < 3 * std
+        return float(d[on].pow(2).mean().sqrt()), on, k
+
+    exact_spread, _, _ = spread(exact)
+    out = []
+    for name, student_steps in STUDENTS.items():
+        weight, extra = VARIANTS[variant]
+        x = gmm.distil(folder, config(student_steps, weight, extra), seed=seed, steps=steps, lr=STUDENT_LR).samples
+        sp, on, k = spread(x)
+        fixed = x.clone()
+        fill = mixture.sample(int((~on).sum()), torch.Generator().manual_seed(900 + seed))
+        fixed[~on] = fill
+        # exact samples with the student's mode weights (among on-mode samples) and its on-mode spread
+        weights = torch.bincount(k[on], minlength=mu.shape[0]).double() + 1e-9  # no on-mode sample: equal
+        g = torch.Generator().manual_seed(1000 + seed)
+        idx = torch.multinomial(weights / weights.sum(), gmm.N_SAMPLES, replacement=True, generator=g)
+        shaped = (mu[idx] + std * (sp / exact_spread if sp == sp else 1.0) * torch.randn(gmm.N_SAMPLES, 2, generator=g)).float()
+        out.append({"student": name, "variant": variant, "steps": steps, "seed": seed,
+                    "off_mode_share": float((~on).float().mean()), "on_mode_spread": sp,
+                    "exact_on_mode_spread": exact_spread,
+                    "as_is": metrics(x), "bridges_replaced_by_exact": metrics(fixed),
+                    "exact_with_student_weights_and_spread": metrics(shaped)})
+        log(f"diagnose {name}: {out[-1]}")
+    return out
+
+
+def gmm_module():
+    from . import gmm
+
+    return gmm
+
+
 def main(argv: list[str] | None = None) -> int:
     from concurrent.futures import ProcessPoolExecutor
 
@@ -174,7 +222,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=None, help="output file stem in --out")
     parser.add_argument("--bridge-floor", action="store_true", help="only: the metrics of exact samples with a share "
                         "moved onto the bridges between modes (bridge_floor.{json,md} in --out)")
+    parser.add_argument("--diagnose", default=None, metavar="VARIANT", help="only: where the ED and precision of "
+                        "VARIANT's students go (seed 0, --steps; diagnose.{json,md} in --out)")
     args = parser.parse_args(argv)
+    if args.diagnose:
+        start = time.time()
+        folder = gmm_module().fit_base(args.cache / "gmm-regression", log=log)
+        rows = diagnose(folder, args.diagnose, args.steps)
+        md = ["# Case A: where the students' energy distance and precision go", "",
+              f"`python -m benchmarks.gmm_regression --diagnose '{args.diagnose}' --steps {args.steps}` — seed 0 "
+              f"({time.time() - start:.0f} s). *Off-mode*: farther than 3 std from every mode. *Spread*: RMS distance "
+              "to the nearest mode of the on-mode samples (exact samples: "
+              f"{rows[0]['exact_on_mode_spread']:.4f}).", "",
+              "| student | off-mode share | on-mode spread / exact | ED as is | ED, off-mode samples replaced by exact "
+              "ones | ED of exact samples with the student's mode weights and spread | mode TV as is |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in rows:
+            md.append(f"| {r['student']} ({r['variant']}, {r['steps']} steps) | {r['off_mode_share']:.3f} | "
+                      f"{r['on_mode_spread'] / r['exact_on_mode_spread']:.3f} | "
+                      f"{r['as_is']['energy_distance']:.2e} | {r['bridges_replaced_by_exact']['energy_distance']:.2e} | "
+                      f"{r['exact_with_student_weights_and_spread']['energy_distance']:.2e} | "
+                      f"{r['as_is']['mode_tv']:.3f} |")
+        (args.out / "diagnose.json").write_text(json.dumps(rows, indent=1))
+        (args.out / "diagnose.md").write_text("\n".join(md) + "\n")
+        print("\n".join(md))
+        return 0
     if args.bridge_floor:
         start = time.time()
         rows = bridge_floor()
