@@ -63,6 +63,15 @@ STUDENTS: dict[str, tuple[list[int], dict, dict, int, str]] = {
         {"learning_rate": 2e-5}, 1, "one"),
 }
 TEACHER_GUIDANCE = (1.0, 3.0)
+# What moves the guided (real_score_guidance_scale 3) student's drift: ``python -m benchmarks.digits`` runs these
+# beside the 50-step teachers only (results in case_b_guidance_ablation.{json,md}).
+GUIDED_ABLATIONS: dict[str, tuple[list[int], dict, dict, int, str]] = {
+    "ablation: 3-step, guidance 3, student lr 2e-4": (THREE, {"real_score_guidance_scale": 3.0}, {"learning_rate": 2e-4},
+                                                       1, "all"),
+    "ablation: 3-step, guidance 3, interval 10": (THREE, {"real_score_guidance_scale": 3.0,
+                                                          "generator_update_interval": 10}, {}, 1, "all"),
+    "ablation: 3-step, guidance 3, 4x steps": (THREE, {"real_score_guidance_scale": 3.0}, {}, 4, "one"),
+}
 
 
 def expected_rows(teacher_euler=(50, 3, 1)) -> int:
@@ -167,10 +176,11 @@ class Evaluator:
 class Snapshots:
     """A plugin beside the method: records ``dmd_loss`` and ``fake_score_loss`` per optimizer step (as any
     third-party logger would) and, after the optimizer steps in ``at``, measures the student (its LoRA adapter on)
-    with ``measure(sample)`` where ``sample(evaluator_fn)`` draws the benchmark's samples."""
+    with ``measure(network)``, which returns the metrics and the samples' pixels (the last ones are kept)."""
 
-    def __init__(self, at: set[int], measure: Callable[[torch.nn.Module], dict]):
+    def __init__(self, at: set[int], measure: Callable[[torch.nn.Module], tuple[dict, torch.Tensor]]):
         self.at, self.measure = at, measure
+        self.pixels: torch.Tensor | None = None
         self.curves: dict[str, list[tuple[int, float]]] = {"dmd_loss": [], "fake_score_loss": []}
         self.by_step: dict[int, dict] = {}
 
@@ -193,7 +203,7 @@ class Snapshots:
             from simpletuner_dmd.hosts.reference.trainer import STUDENT_ADAPTER
 
             with AdapterSwitch(step.network).use(STUDENT_ADAPTER), torch.no_grad():
-                self.by_step[done] = self.measure(step.network)
+                self.by_step[done], self.pixels = self.measure(step.network)
         return results
 
 
@@ -232,7 +242,7 @@ def _student_config(folder: Path, paths: dict[str, Path], tag: str, *, steps_lis
 def run_case_b(out: Path, *, seeds: int, cache: Path, log=print, teacher_steps: int = 1200,
                student_steps: int = 400, n_eval: int = N_EVAL, teacher_euler: tuple[int, ...] = (50, 3, 1),
                plots: bool = True, example: dict | None = None, students: tuple[str, ...] | None = None,
-               on_row: Callable[[str, dict], object] | None = None) -> dict:
+               on_row: Callable[[str, dict], object] | None = None, specs: dict | None = None) -> dict:
     """The case's rows. ``example``: keyword arguments of ``make_digits_example`` (tests shrink the build);
     ``students``: parts of the student rows' names to run (default: all). ``on_row(name, row)`` is called as each
     row is finished; the plots are drawn after the last row."""
@@ -290,7 +300,7 @@ def run_case_b(out: Path, *, seeds: int, cache: Path, log=print, teacher_steps: 
 
     folder = cache / "digits-students"
     folder.mkdir(parents=True, exist_ok=True)
-    todo = {n: spec for n, spec in STUDENTS.items()
+    todo = {n: spec for n, spec in (specs or STUDENTS).items()
             if students is None or any(t.lower() in n.lower() for t in students)}
     for name, (steps_list, dmd, host, factor, seed_rule) in todo.items():
         guidance = float({**STUDENT_DMD, **dmd}["real_score_guidance_scale"])
@@ -300,7 +310,8 @@ def run_case_b(out: Path, *, seeds: int, cache: Path, log=print, teacher_steps: 
         results, seconds, by_step = [], [], []
         for s in range(seeds if seed_rule == "all" else 1):
             def measure(network, _steps=steps_list, _s=s, _g=guidance):
-                return ev(ev.student(network, _steps, _s), guidance=_g)
+                pixels = ev.student(network, _steps, _s)
+                return ev(pixels, guidance=_g), pixels
 
             recorder = Snapshots(at, measure)
             tag = f"{'x'.join(map(str, steps_list))}-g{guidance:g}-{name.split(',')[0].replace(' ', '')}" \
@@ -316,6 +327,7 @@ def run_case_b(out: Path, *, seeds: int, cache: Path, log=print, teacher_steps: 
             by_step.append(recorder.by_step)
             if s == 0:
                 curves[name] = recorder.curves
+                grids[name] = recorder.pixels
             log(f"case B: {name} seed {s}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[-1].items()) +
                 f" ({seconds[-1]:.0f} s)")
         steps_done = sorted(by_step[0])
@@ -353,12 +365,20 @@ def targets(rows: dict, n50: int = 50) -> dict:
                  "class_tv / teacher-50": m["class_tv"]["mean"] / max(ref["class_tv"]["mean"], 1e-9),
                  "diversity / teacher-50": m["diversity"]["mean"] / ref["diversity"]["mean"]}
         if row["guidance"] != 1.0 and "fd_to_teacher" in m:
-            base = name.replace(f"guidance {row['guidance']:g}", "guidance 1")
-            if base in rows and "fd_to_teacher" in rows[base]["metrics"]:
+            # the guidance-1 row of the same schedule and length, the main rows first
+            base = next((r for r in g1.values() if r["guidance"] == 1.0 and r["steps"] == min(
+                x["steps"] for x in g1.values()) and r["dmd_config"]["dmd_denoising_steps"] ==
+                row["dmd_config"]["dmd_denoising_steps"] and "fd_to_teacher" in r["metrics"]), None)
+            if base is not None:
                 entry["fd_to_guided_teacher / (guidance 1 fd_to_teacher)"] = \
-                    m["fd_to_teacher"]["mean"] / rows[base]["metrics"]["fd_to_teacher"]["mean"]
+                    m["fd_to_teacher"]["mean"] / base["metrics"]["fd_to_teacher"]["mean"]
         if "final_fd_over_best" in row:
             entry["final fd / best fd along training"] = row["final_fd_over_best"]
+        if row["guidance"] != 1.0 and row.get("by_step"):  # a guided student's target is the guided teacher
+            along = [v["fd_to_teacher"]["mean"] for _, v in sorted(row["by_step"].items(), key=lambda kv: int(kv[0]))
+                     if "fd_to_teacher" in v]
+            if along:
+                entry["final fd_to_teacher / best along training"] = along[-1] / min(along)
         out[name] = entry
     return out
 
@@ -431,7 +451,8 @@ def markdown(b: dict) -> list[str]:
                      f"{_pm(m['cond_accuracy'], 3)} | {_pm(m['diversity'], 2)} |")
     lines += ["", "| student | FD / teacher-50 (≤ 1.2) | class TV / teacher-50 (≤ 1.2) | diversity / teacher-50 "
               "(≥ 0.8) | guided: FD to guided teacher / guidance-1 FD to teacher (≤ 2) | final FD / best along "
-              "training (≤ 1.1) |", "| --- | --- | --- | --- | --- | --- |"]
+              "training (≤ 1.1); guided rows: of the FD to the guided teacher |",
+              "| --- | --- | --- | --- | --- | --- |"]
 
     def cell(t, key, ok):
         if key not in t:
@@ -443,10 +464,39 @@ def markdown(b: dict) -> list[str]:
                      f"{cell(t, 'class_tv / teacher-50', lambda v: v <= 1.2)} | "
                      f"{cell(t, 'diversity / teacher-50', lambda v: v >= 0.8)} | "
                      f"{cell(t, 'fd_to_guided_teacher / (guidance 1 fd_to_teacher)', lambda v: v <= 2)} | "
-                     f"{cell(t, 'final fd / best fd along training', lambda v: v <= 1.1)} |")
+                     f"{cell(t, 'final fd / best fd along training', lambda v: v <= 1.1)}"
+                     + (f"; {cell(t, 'final fd_to_teacher / best along training', lambda v: v <= 1.1)}"
+                        if "final fd_to_teacher / best along training" in t else "") + " |")
     lines += ["", "Along training (digits FD, mean of seeds, after each snapshot's optimizer steps):", ""]
     for name, row in b["rows"].items():
         if row.get("by_step"):
             lines.append(f"- {name}: " + ", ".join(f"{k}: {v['digits_fd']['mean']:.1f}"
                                                    for k, v in sorted(row["by_step"].items(), key=lambda kv: int(kv[0]))))
     return lines + [""]
+
+
+def _ablation_main(argv=None) -> int:
+    """``python -m benchmarks.digits [--seeds 2]``: the guided ablations beside the 50-step teachers."""
+    import argparse
+
+    from .quality import DEFAULT_OUT, HERE, log
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.digits")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.time()
+    result = run_case_b(args.out, seeds=args.seeds, cache=HERE / ".cache", log=log, teacher_euler=(50,), plots=False,
+                        specs=GUIDED_ABLATIONS)
+    result["seconds"] = time.time() - start
+    result["command"] = "python -m benchmarks.digits " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    (args.out / "case_b_guidance_ablation.json").write_text(json.dumps(result, indent=1, default=float))
+    (args.out / "case_b_guidance_ablation.md").write_text(
+        f"Command: `{result['command']}` ({result['seconds']:.0f} s)\n\n" + "\n".join(markdown(result)) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_ablation_main())
