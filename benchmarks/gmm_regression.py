@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--diagnose", default=None, metavar="VARIANT", help="only: where the ED and precision of "
                         "VARIANT's students go (seed 0, --steps; diagnose.{json,md} in --out)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # small nets: one thread (the runs in workers set it too)
     if args.diagnose:
         start = time.time()
         folder = gmm_module().fit_base(args.cache / "gmm-regression", log=log)
