@@ -100,3 +100,47 @@ def test_a_rolling_window_bounds_the_cache(causal):
             _run(causal, x[:, :, start:end], t[:, start:end], cond)
         assert cache.frames == min(end, 2)
     assert all(k.shape[1] == 2 * tokens for k in cache.keys.values())
+
+
+def _grads(network, loss_fn):
+    network.zero_grad(set_to_none=True)
+    loss_fn().backward()
+    return torch.cat([p.grad.flatten() for p in network.parameters() if p.grad is not None])
+
+
+def test_gradient_checkpointing_recomputes_the_same_attention(tiny_wan):
+    """The mask and the cache travel with the blocks' inputs: a checkpointed recompute in the backward (after the
+    context has closed, and after a later block has extended the cache) gives the same gradients."""
+    def grads(checkpointing: bool):
+        torch.manual_seed(0)
+        network = WanTransformer3DModel.from_pretrained(tiny_wan / "transformer").train()
+        if checkpointing:
+            network.enable_gradient_checkpointing()
+        causal = BlockCausalWan(network)
+        x, t, cond = _inputs(4)
+        tokens = causal.tokens_per_frame(x)
+        blocks = frame_blocks(FRAMES, 2, independent_first_frame=True)
+
+        def masked_loss():
+            with causal.masked(blocks, tokens):
+                out = network(x, timestep=frame_timesteps(t, tokens), encoder_hidden_states=cond,
+                              return_dict=False)[0]
+            return out.square().mean()
+
+        def cached_loss():
+            cache = KVCache(writing=True)
+            with torch.no_grad(), causal.cached(cache, 0, tokens):  # the context write of the first block
+                network(x[:, :, :1], timestep=frame_timesteps(t[:, :1], tokens), encoder_hidden_states=cond)
+            with causal.cached(cache, 1, tokens):  # the next block's exit step, with grad, reading the cache
+                out = network(x[:, :, 1:3], timestep=frame_timesteps(t[:, 1:3], tokens), encoder_hidden_states=cond,
+                              return_dict=False)[0]
+            with torch.no_grad(), causal.cached(cache, 1, tokens):  # its context write extends the cache …
+                network(x[:, :, 1:3], timestep=frame_timesteps(t[:, 1:3], tokens), encoder_hidden_states=cond)
+            return out.square().mean()  # … before the backward
+
+        return _grads(network, masked_loss), _grads(network, cached_loss)
+
+    plain_masked, plain_cached = grads(False)
+    ckpt_masked, ckpt_cached = grads(True)
+    assert torch.allclose(plain_masked, ckpt_masked, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(plain_cached, ckpt_cached, atol=1e-6, rtol=1e-5)

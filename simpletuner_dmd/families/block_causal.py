@@ -15,8 +15,12 @@ embedding, all driven by one ``CausalState``:
   forcing, the rollout's exit steps, ODE regression);
 - ``with causal.cached(cache, start_frame):`` — inference with a KV cache: the pass holds only the frames from
   ``start_frame`` on (one block), attends to the cache's earlier blocks and to itself, and, when the cache is
-  ``writing``, appends its own keys and values (after the rotary embedding, at their true frame positions). A
-  ``window`` (in frames) keeps only the most recent context for long videos (a rolling cache).
+  ``writing`` (and the pass runs under no_grad: the context write), appends its own keys and values (after the
+  rotary embedding, at their true frame positions). A ``window`` (in frames) keeps only the most recent context for
+  long videos (a rolling cache).
+
+The context managers only set what the rotary embedding hands the blocks (``CausalRope``), so gradient
+checkpointing's recompute attends exactly as the forward did.
 
 Outside both contexts the network is the plain bidirectional Wan (the teacher: the same weights, adapters off).
 """
@@ -89,33 +93,42 @@ class CausalState:
     start_frame: int = 0  # the first frame of a cached pass
 
 
-class BlockCausalProcessor:
-    """The self-attention of one Wan block, with the mask or the cache of ``state``. Projections, norms and the
-    rotary embedding are Wan's own (``attn.to_q`` …, ``attn.norm_q`` …), so adapters on them act as usual."""
+class CausalRope(tuple):
+    """Wan's rotary embedding ``(cos, sin)`` carrying what this pass's self-attention must do: ``mask`` (the
+    block-causal mask) or the KV cache's ``past`` keys and values (per layer, as they were when the pass ran) and
+    the ``cache`` to append to. It travels with the blocks' inputs, so a gradient-checkpointing recompute in the
+    backward — long after the context manager has closed, and after later blocks have extended the cache — attends
+    exactly as the forward did."""
 
-    def __init__(self, state: CausalState, layer: int, inner):
-        self.state, self.layer, self.inner = state, layer, inner  # inner: the processor it replaces
+    mask: torch.Tensor | None = None
+    past: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]] | None = None
+    cache: "KVCache | None" = None
+    tokens_per_frame: int = 0
+
+
+class BlockCausalProcessor:
+    """The self-attention of one Wan block, with the mask or the cache its rotary embedding carries (``CausalRope``);
+    Wan's own processor for a plain pass. Projections, norms and the rotary embedding are Wan's own
+    (``attn.to_q`` …, ``attn.norm_q`` …), so adapters on them act as usual."""
+
+    def __init__(self, layer: int, inner):
+        self.layer, self.inner = layer, inner  # inner: the processor it replaces
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        state = self.state
-        if state.mode == "full" or encoder_hidden_states is not None:
+        if not isinstance(rotary_emb, CausalRope) or encoder_hidden_states is not None:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
         value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
-        mask = None
-        if state.mode == "masked":
-            mask = block_mask(state.blocks, state.tokens_per_frame, hidden_states.device)
-            keys, values = key, value
-        else:  # cached: earlier blocks from the cache, then this pass's own tokens (a block attends to itself)
-            cache = state.cache
-            past_k, past_v = cache.keys.get(self.layer), cache.values.get(self.layer)
-            keys = key if past_k is None else torch.cat([past_k, key], dim=1)
-            values = value if past_v is None else torch.cat([past_v, value], dim=1)
-            if cache.writing:
-                keep = keys.shape[1] if cache.window is None else cache.window * state.tokens_per_frame
+        query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
+        mask, keys, values = rotary_emb.mask, key, value
+        if rotary_emb.past is not None:  # cached: earlier blocks from the cache, then this pass's own tokens
+            past_k, past_v = rotary_emb.past[0].get(self.layer), rotary_emb.past[1].get(self.layer)
+            if past_k is not None:
+                keys, values = torch.cat([past_k, key], dim=1), torch.cat([past_v, value], dim=1)
+            cache = rotary_emb.cache
+            if cache is not None and cache.writing and not torch.is_grad_enabled():
+                keep = keys.shape[1] if cache.window is None else cache.window * rotary_emb.tokens_per_frame
                 cache.keys[self.layer] = keys[:, -keep:].detach()
                 cache.values[self.layer] = values[:, -keep:].detach()
         out = torch.nn.functional.scaled_dot_product_attention(
@@ -135,23 +148,30 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return out.type_as(x)
 
 
-class _OffsetRope(torch.nn.Module):
-    """Wan's rotary embedding for frames ``start_frame …`` of a cached pass (the true positions of a block that is
-    generated alone); the plain embedding otherwise."""
+class _CausalRopeModule(torch.nn.Module):
+    """Wan's rotary embedding, as a ``CausalRope`` inside the causal contexts: the block-causal mask, or the cache at
+    the true frame positions of a block generated alone (frames ``start_frame …``)."""
 
     def __init__(self, rope: torch.nn.Module, state: CausalState):
         super().__init__()
         self.rope, self.state = rope, state
 
     def forward(self, hidden_states: torch.Tensor):
-        offset = self.state.start_frame if self.state.mode == "cached" else 0
-        if offset == 0:
+        state = self.state
+        if state.mode == "full":
             return self.rope(hidden_states)
         b, c, f, h, w = hidden_states.shape
-        whole = hidden_states.new_empty((1, c, offset + f, h, w))
-        cos, sin = self.rope(whole)
+        offset = state.start_frame if state.mode == "cached" else 0
+        cos, sin = self.rope(hidden_states.new_empty((1, c, offset + f, h, w)) if offset else hidden_states)
         tokens = f // self.rope.patch_size[0] * (h // self.rope.patch_size[1]) * (w // self.rope.patch_size[2])
-        return cos[:, -tokens:], sin[:, -tokens:]
+        out = CausalRope((cos[:, -tokens:], sin[:, -tokens:]))
+        out.tokens_per_frame = state.tokens_per_frame
+        if state.mode == "masked":
+            out.mask = block_mask(state.blocks, state.tokens_per_frame, hidden_states.device)
+        else:
+            out.past = (dict(state.cache.keys), dict(state.cache.values))  # the tensors as they are now
+            out.cache = state.cache
+        return out
 
 
 class BlockCausalWan:
@@ -163,8 +183,8 @@ class BlockCausalWan:
         cfg = network.config
         self.patch = tuple(cfg.patch_size)
         for layer, block in enumerate(network.blocks):
-            block.attn1.set_processor(BlockCausalProcessor(self.state, layer, block.attn1.processor))
-        network.rope = _OffsetRope(network.rope, self.state)
+            block.attn1.set_processor(BlockCausalProcessor(layer, block.attn1.processor))
+        network.rope = _CausalRopeModule(network.rope, self.state)
 
     def tokens_per_frame(self, latents: torch.Tensor) -> int:
         _, _, _, h, w = latents.shape
@@ -196,5 +216,5 @@ class BlockCausalWan:
             self.state.mode, self.state.cache, self.state.start_frame, self.state.tokens_per_frame = previous
 
 
-__all__ = ["BlockCausalProcessor", "BlockCausalWan", "CausalState", "KVCache", "block_mask", "frame_blocks",
+__all__ = ["BlockCausalProcessor", "BlockCausalWan", "CausalRope", "CausalState", "KVCache", "block_mask", "frame_blocks",
            "frame_timesteps"]
