@@ -28,6 +28,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "simpletuner_dmd.methods.lcm.plugin",
     "simpletuner_dmd.methods.dcm.plugin",
     "simpletuner_dmd.families.wan",
+    "simpletuner_dmd.families.wan_causal",
 )
 
 DISTRIBUTION = "simpletuner-dmd"

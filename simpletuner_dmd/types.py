@@ -169,6 +169,9 @@ class ModelFamily(Protocol):
     def frame_axis(self) -> int:
         """The axis of latent frames in the family's latent layout (Wan: 2 in ``(B, C, F, H, W)``)."""
 
+    # Optional (not part of the runtime check), for a family with ``causal = True``: ``block_causal(network)``, the
+    # network's block-causal switch (``simpletuner_dmd.families.block_causal.BlockCausalWan``: ``frame_blocks``,
+    # ``new_cache``, ``tokens_per_frame``, ``masked``, ``cached``); DMD's Self-Forcing rollout and sampler use it.
     # Optional (not part of the runtime check): ``gan_feature_module(network) -> (module, width)``, the submodule of
     # ``network`` whose output ``(B, width)`` or ``(B, tokens, width)`` DMD2's GAN classifier reads (Wan: the last
     # transformer block). DMD's ``gan_loss_weight`` > 0 needs it and says so by name when a family lacks it.

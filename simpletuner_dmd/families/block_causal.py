@@ -186,6 +186,12 @@ class BlockCausalWan:
             block.attn1.set_processor(BlockCausalProcessor(layer, block.attn1.processor))
         network.rope = _CausalRopeModule(network.rope, self.state)
 
+    frame_blocks = staticmethod(frame_blocks)
+
+    @staticmethod
+    def new_cache(window: int | None = None) -> KVCache:
+        return KVCache(window=window)
+
     def tokens_per_frame(self, latents: torch.Tensor) -> int:
         _, _, _, h, w = latents.shape
         return (h // self.patch[1]) * (w // self.patch[2])

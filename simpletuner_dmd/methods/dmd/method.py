@@ -38,7 +38,8 @@ from ...types import Batch, RunContext, StepInfo, StepLoss
 from . import gan as G
 from . import loss as L
 from .config import DMD_SCHEMA, block_key_warnings
-from .rollout import backward_simulation, draw_exit_index, sample_with_schedule
+from .rollout import (Rollout, backward_simulation, block_backward_simulation, draw_block_exits, draw_exit_index,
+                      sample_blocks, sample_with_schedule)
 
 FAKE_ADAPTER = "fake_score"
 SHARD_BYTES = 256 * 2 ** 20  # the regression pairs' shard files hold at most this much (one is in memory at a time)
@@ -131,6 +132,8 @@ class DMD:
         self.nets = Networks(run, self.passes, negative_prompt=cfg["negative_prompt"], method_name=self.name)
         self.run = run
         self.family = run.family
+        # a block-causal family (causal = True, with block_causal(network)): the Self-Forcing rollout and sampler
+        self.causal = bool(getattr(run.family, "causal", False))
         self.accelerator = run.accelerator
         self.student = run.student  # the bare module: adapters, state, sampling
         fake_type = cfg["fake_score_type"]
@@ -282,6 +285,43 @@ class DMD:
         linear, so combining flows and then taking x̂0 is combining x̂0s."""
         return flow_to_x0(x_t, self.nets.guided(flow_fn, x_t, t, cond, combine), t)
 
+    def _causal_calls(self, cond: Any, noise: torch.Tensor, *, sampling: bool = False, window: int | None = None):
+        """The student on one block through the family's block-causal switch and a fresh KV cache: ``(predict,
+        write)`` for the block rollout and the streaming sampler, and the block layout of ``noise``'s frames."""
+        cfg = self.cfg
+        switch = self.family.block_causal(self.student)
+        tokens = switch.tokens_per_frame(noise)
+        cache = switch.new_cache(window)
+        flow = self.nets.sample_flow if sampling else self.nets.flow
+
+        def run(x, t, start, end, writing):
+            cache.writing = writing
+            with switch.cached(cache, start, tokens):
+                return flow_to_x0(x, flow(x, t, cond), t)
+
+        blocks = switch.frame_blocks(noise.shape[self.family.frame_axis()], cfg["num_frame_per_block"],
+                                     independent_first_frame=cfg["independent_first_frame"])
+        return (lambda x, t, s, e: run(x, t, s, e, False)), (lambda x, t, s, e: run(x, t, s, e, True)), blocks
+
+    def _block_rollout(self, cond: Any, noise: torch.Tensor, step: StepInfo, *, with_grad: bool):
+        """Self-Forcing's rollout (``block_backward_simulation``) with this step's exits. The DMD timestep's
+        ``ts_schedule`` bounds come from the exit step when every block exits at the same one; otherwise the
+        defaults apply (``min_score_timestep`` … 1000)."""
+        cfg = self.cfg
+        predict, write, blocks = self._causal_calls(cond, noise)
+        exits = draw_block_exits(len(blocks), len(self.steps), last_step_only=cfg["last_step_only"],
+                                 same_step_across_blocks=cfg["same_step_across_blocks"], generator=step.generator)
+        frames = noise.shape[self.family.frame_axis()]
+        roll = block_backward_simulation(predict, write, noise, self.steps, blocks, exits,
+                                         grad_from_frame=max(0, frames - cfg["num_training_frames"]),
+                                         context_noise=cfg["context_noise"], with_grad=with_grad)
+        if len(set(exits)) == 1:
+            k = exits[0]
+            span = (float(self.steps[k]), float(self.steps[k + 1]) if k + 1 < len(self.steps) else 0.0)
+        else:
+            span = (1000.0, float(cfg["min_score_timestep"]))
+        return Rollout(roll.x0, sum(exits) / len(exits), span[0], span[1], roll.student_forwards)
+
     def _real_combine(self, t: torch.Tensor):
         """The teacher's CFG for timesteps ``t`` (one per sample): ``u + s·(c − u)`` where t lies inside
         ``real_score_guidance_interval``, cond only (``s = 1``) outside; None (no uncond pass) when no sample is
@@ -350,9 +390,15 @@ class DMD:
         latents = latents.narrow(axis, 0, frames)
         generator_turn = self.is_generator_step(step)
 
-        k = draw_exit_index(len(self.steps), last_step_only=cfg["last_step_only"], generator=step.generator)
-        noise = torch.randn_like(latents)
-        roll = backward_simulation(self._student_x0(batch.cond), noise, self.steps, k, with_grad=generator_turn)
+        if self.causal:  # Self-Forcing: the whole clip, block by block; the gradient window is the last frames
+            latents = batch.latents
+            noise = torch.randn_like(latents)
+            roll = self._block_rollout(batch.cond, noise, step, with_grad=generator_turn)
+            k = roll.exit_index
+        else:
+            k = draw_exit_index(len(self.steps), last_step_only=cfg["last_step_only"], generator=step.generator)
+            noise = torch.randn_like(latents)
+            roll = backward_simulation(self._student_x0(batch.cond), noise, self.steps, k, with_grad=generator_turn)
         real = latents if self.gan_head is not None else None
         self._pending.append(_Stash(roll.x0.detach(), batch.cond, real, roll.denoised_from, roll.denoised_to))
         logs = {"dmd_exit_index": float(k)}
@@ -468,12 +514,19 @@ class DMD:
     @hookimpl
     def distill_sampler(self):
         def sampler(noise, cond, uncond, guidance_scale, generator):
-            predict = self._student_x0(cond, sampling=True)
+            predict = sample_predict = self._student_x0(cond, sampling=True)
             if uncond is not None and guidance_scale not in (0.0, 1.0):
                 def predict(x, t, _cond=cond):  # noqa: F811 — CFG on the student when the host asks for it
                     both = self.family.concat_conditions([_cond, self.family.repeat_condition(uncond, x.shape[0])])
                     c, u = self.nets.sample_flow(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
                     return flow_to_x0(x, L.guided(c, u, guidance_scale), t)
+            if self.causal:  # streaming: block by block through the KV cache, as the student was trained
+                block_predict, write, blocks = self._causal_calls(cond, noise, sampling=True)
+                if predict is not sample_predict:
+                    raise UserError("validation_guidance: CFG on a block-causal DMD student is not supported; "
+                                    "sample it at guidance 1 (the teacher's guidance is distilled into it)")
+                return sample_blocks(block_predict, write, noise, self.steps, blocks,
+                                     context_noise=self.cfg["context_noise"], generator=generator)
             return sample_with_schedule(predict, noise, self.steps, generator)
 
         return sampler
