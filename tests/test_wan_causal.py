@@ -44,3 +44,27 @@ def test_a_causal_student_trains_validates_checkpoints_and_resumes(job, tmp_path
                validation_step_interval=0, disable_benchmark=True, use_ema=False, ema_validation="none")
     train(path)
     assert "resumed from" in capsys.readouterr().out and (out / "checkpoint-3").is_dir()
+
+
+@pytest.mark.parametrize("window, grad_blocks", [(21, 3), (1, 1)])
+def test_block_rollout_pass_counts(tiny_wan, window, grad_blocks):
+    """A generator step of the block rollout on 3 one-frame blocks, each exiting at the last of 3 steps: 3·3
+    denoising forwards and 2 context writes (none after the last block), a graph at the exit of every block inside
+    the last ``num_training_frames`` frames, one student backward; the teacher, the fake score and the critic as in
+    the bidirectional case."""
+    from simpletuner_dmd.families.wan_causal import WanCausalFamily
+    from simpletuner_dmd.methods.dmd.method import DMD
+    from tests.tiny_methods import batch, build_method, step_info
+
+    run = build_method(tiny_wan, DMD, {"last_step_only": True, "num_frame_per_block": 1,
+                                       "num_training_frames": window, "real_score_guidance_scale": 1.0},
+                       family=WanCausalFamily())
+    result = run.method.distill_loss(batch=batch(b=2, frames=3), step=step_info(0), host_loss=None)
+    result.loss.backward()
+    run.method.distill_after_optimizer_step(step=step_info(0))
+    run.method.distill_metrics(step=step_info(0))
+    assert run.method.last_step_passes == {
+        "student_forward": 11, "student_forward_samples": 22, "student_forward_with_grad": grad_blocks,
+        "student_backward": 1, "teacher_forward": 1, "teacher_forward_samples": 2,
+        "fake_score_forward": 2, "fake_score_forward_samples": 4, "fake_score_forward_with_grad": 1,
+        "fake_score_backward": 1}

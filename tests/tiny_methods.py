@@ -19,14 +19,15 @@ def embed(texts: list[str]) -> torch.Tensor:
     return torch.stack(out)
 
 
-def build_method(tiny_wan, cls, method_cfg=None, *, host=None, negative="ugly", new_network=None):
-    """``cls`` validated, built and set up on the tiny Wan (student LoRA from the host's own ``build_models``)."""
+def build_method(tiny_wan, cls, method_cfg=None, *, host=None, negative="ugly", new_network=None, family=None):
+    """``cls`` validated, built and set up on the tiny Wan (student LoRA from the host's own ``build_models``);
+    ``family``: another family instance on the same weights (default: Wan's)."""
     from accelerate import Accelerator
 
     cfg = {**HOST_SCHEMA.defaults(), "pretrained_model_name_or_path": str(tiny_wan), **(host or {})}
     m_cfg, problems, _ = cls.schema.validate(method_cfg or {}, prefix="distillation_config")
     assert not problems, problems
-    family = WanFamily()
+    family = family or WanFamily()
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
     new_network = new_network or (lambda: T.frozen_base(cfg, family, torch.float32))
