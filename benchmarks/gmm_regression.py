@@ -1,6 +1,12 @@
 """Case A ablation of DMD v1's regression term (``regression_loss_weight``) on the Gaussian mixture.
 
     python -m benchmarks.gmm_regression --jobs 2          # 2 students × 3 weights × 3 seeds, 2000 steps each
+    python -m benchmarks.gmm_regression --seeds 3 --steps 4000 --variants "reg 16" --name regression_levers_reg16
+    python -m benchmarks.gmm_regression --bridge-floor    # what samples on the bridges cost the metrics
+    python -m benchmarks.gmm_regression --diagnose "reg 16" --steps 4000   # where a student's ED goes
+
+``--variants`` runs the levers of ``VARIANTS`` (the weight, the timestep window and shift, the critic's lr) instead
+of the weights 0 / 0.25 / 1, into ``regression_levers.{json,md}`` (or ``--name``), with the precision halfway too.
 
 Each row is case A's tuned DMD student (``benchmarks/quality.py``: student lr 3e-4, ``fake_score_lr`` 1e-3,
 ``generator_update_interval`` 5, guidance 1 — the mixture is unconditional) distilled through ``benchmarks.gmm.distil``
