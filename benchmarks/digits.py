@@ -66,8 +66,8 @@ TEACHER_GUIDANCE = (1.0, 3.0)
 # What moves the guided (real_score_guidance_scale 3) student's drift: ``python -m benchmarks.digits`` runs these
 # beside the 50-step teachers only (results in case_b_guidance_ablation.{json,md}).
 GUIDED_ABLATIONS: dict[str, tuple[list[int], dict, dict, int, str]] = {
-    "ablation: 3-step, guidance 3, student lr 2e-4": (THREE, {"real_score_guidance_scale": 3.0}, {"learning_rate": 2e-4},
-                                                       1, "all"),
+    "ablation: 3-step, guidance 3, student lr 2e-4": (THREE, {"real_score_guidance_scale": 3.0},
+                                                       {"learning_rate": 2e-4}, 1, "all"),
     "ablation: 3-step, guidance 3, interval 10": (THREE, {"real_score_guidance_scale": 3.0,
                                                           "generator_update_interval": 10}, {}, 1, "all"),
     "ablation: 3-step, guidance 3, 4x steps": (THREE, {"real_score_guidance_scale": 3.0}, {}, 4, "one"),
@@ -438,7 +438,8 @@ def markdown(b: dict) -> list[str]:
     ex = s["example"]
     lines = [f"**Case B — digits through the Wan family and the reference host (the main job's digits example).** "
              f"{s['seeds']} seeds per main row (the stability and quickstart rows: 1); {s['samples']} samples per run "
-             f"(the prompts `a digit 0`…`a digit 9` in turn); example built with VAE {ex['vae_steps']} steps, teacher "
+             f"(the prompts `a digit 0`…`a digit 9` in turn); example built with VAE {ex['vae_steps']} steps, "
+             f"teacher "
              f"{ex['teacher_steps']} steps; students {s['student_steps']} steps unless the row says otherwise; FD "
              f"feature space: pixel MLP, held-out accuracy {s['fd_classifier_held_out_accuracy']:.3f}. "
              f"`fd_to_teacher`: FD to a separate draw of the 50-step teacher at the row's guidance.",
@@ -470,8 +471,8 @@ def markdown(b: dict) -> list[str]:
     lines += ["", "Along training (digits FD, mean of seeds, after each snapshot's optimizer steps):", ""]
     for name, row in b["rows"].items():
         if row.get("by_step"):
-            lines.append(f"- {name}: " + ", ".join(f"{k}: {v['digits_fd']['mean']:.1f}"
-                                                   for k, v in sorted(row["by_step"].items(), key=lambda kv: int(kv[0]))))
+            along = sorted(row["by_step"].items(), key=lambda kv: int(kv[0]))
+            lines.append(f"- {name}: " + ", ".join(f"{k}: {v['digits_fd']['mean']:.1f}" for k, v in along))
     return lines + [""]
 
 
@@ -491,7 +492,9 @@ def _ablation_main(argv=None) -> int:
     result = run_case_b(args.out, seeds=args.seeds, cache=HERE / ".cache", log=log, teacher_euler=(50,), plots=False,
                         specs=GUIDED_ABLATIONS)
     result["seconds"] = time.time() - start
-    result["command"] = "python -m benchmarks.digits " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    import sys
+
+    result["command"] = "python -m benchmarks.digits " + " ".join(argv if argv is not None else sys.argv[1:])
     (args.out / "case_b_guidance_ablation.json").write_text(json.dumps(result, indent=1, default=float))
     (args.out / "case_b_guidance_ablation.md").write_text(
         f"Command: `{result['command']}` ({result['seconds']:.0f} s)\n\n" + "\n".join(markdown(result)) + "\n")

@@ -133,6 +133,7 @@ def test_the_rows_option_selects_case_a_rows():
 def test_the_digits_pipeline_runs_end_to_end(tmp_path):
     from benchmarks import digits
 
+    torch.set_num_threads(1)  # small nets: one thread is several times faster on shared cores
     seen = []
     result = digits.run_case_b(tmp_path, seeds=1, cache=tmp_path / "cache", log=lambda m: None, student_steps=2,
                                n_eval=40, teacher_euler=(4, 1), plots=False,
