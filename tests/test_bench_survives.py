@@ -170,5 +170,6 @@ def test_case_b_gets_on_row_only_if_it_takes_it(monkeypatch, tmp_path):
     assert calls == ["old", "new"]
     b = json.loads((tmp_path / "results.json").read_text())["case_b"]
     assert b["partial"] is True and b["stopped"] == "RuntimeError: stop here"
-    assert b["rows_expected"] == 1 + 3 + len(digits.STUDENTS)
+    # the floor rows, every teacher row at each guidance, every student row (digits.expected_rows says the same)
+    assert b["rows_expected"] == 2 + 3 * len(digits.TEACHER_GUIDANCE) + len(digits.STUDENTS)
     assert (tmp_path / "results.md").read_text().startswith("partial: case B: 1 of ")
