@@ -133,7 +133,7 @@ class Evaluator:
 
     def student(self, network, timesteps: list[int], seed: int) -> torch.Tensor:
         from simpletuner_dmd.flow import flow_to_x0
-        from simpletuner_dmd.methods.dmd.rollout import sample_with_schedule
+        from simpletuner_dmd.fewstep_sampling import sample_with_schedule
 
         def run(noise, cond, g):
             predict = lambda x, t: flow_to_x0(x, self.family.predict_flow(network, x, t, cond), t)  # noqa: E731

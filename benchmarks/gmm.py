@@ -33,6 +33,9 @@ RING = {"modes": 8, "radius": 1.0, "std": 0.1}
 # The family's named mixtures (``gmm_family.PRESETS``): ``ring`` is case A's; ``grid25`` and ``uneven3`` test other
 # numbers of modes, weights and scales with the same exact teacher (``benchmarks/gmm_mixtures.py``).
 MIXTURES = ("ring", "grid25", "uneven3")
+# ``ring2c``: the ring's modes in two classes, for the guided case (``benchmarks/gmm_guided.py``).
+CONDITIONAL = ("ring2c",)
+P_UNCOND = 0.2  # a conditional base is fitted with labels dropped to -1 (unconditional) this often
 N_REFERENCE = 20_000
 N_SAMPLES = 10_000
 
@@ -75,16 +78,18 @@ def fit_base(folder: Path, *, steps: int = 10_000, batch_size: int = 1024, seed:
     save_network(ClosedFormTeacher(mixture), teacher)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    net = FlowMLP()
+    net = FlowMLP(classes=mixture.num_classes)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     start = time.time()
     for _ in range(steps):
-        x0 = mixture.sample(batch_size, g).view(-1, 2, 1, 1, 1)
+        labels = class_labels(mixture, batch_size, g, p_uncond=P_UNCOND)
+        x0 = mixture.sample(batch_size, g, labels).view(-1, 2, 1, 1, 1)
         eps = torch.randn_like(x0)
         sigma = torch.rand(x0.shape[0])
         x_t = (1 - sigma.view(-1, 1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1, 1) * eps
-        loss = torch.mean((family.predict_flow(net, x_t, sigma * 1000, None) - (eps - x0)) ** 2)
+        cond = None if labels is None else labels.float()[:, None]
+        loss = torch.mean((family.predict_flow(net, x_t, sigma * 1000, cond) - (eps - x0)) ** 2)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -93,6 +98,26 @@ def fit_base(folder: Path, *, steps: int = 10_000, batch_size: int = 1024, seed:
     fitted.write_text(json.dumps(settings))
     log(f"case A: fitted the base MLP by flow matching ({steps} steps, {time.time() - start:.0f} s): {base}")
     return folder
+
+
+def class_labels(mixture, n: int, generator: torch.Generator | None = None, *, p_uncond: float = 0.0,
+                 balanced: bool = False) -> torch.Tensor | None:
+    """``n`` labels of a conditional mixture (None for an unconditional one): uniform over the classes (``balanced``:
+    ``0, 1, …`` in turn), each dropped to ``-1`` with probability ``p_uncond``."""
+    if not mixture.num_classes:
+        return None
+    if balanced:
+        labels = torch.arange(n) % mixture.num_classes
+    else:
+        labels = torch.randint(0, mixture.num_classes, (n,), generator=generator)
+    if p_uncond:
+        labels = torch.where(torch.rand(n, generator=generator) < p_uncond, torch.full_like(labels, -1), labels)
+    return labels
+
+
+def prompts_of(labels: torch.Tensor | None, n: int) -> list[str]:
+    """The texts the family embeds to ``labels`` (``""`` for an unconditional mixture)."""
+    return [""] * n if labels is None else [f"class {int(k)}" for k in labels]
 
 
 # --------------------------------------------------------------------------- the small host
@@ -116,7 +141,10 @@ def distil(folder: Path, dmd: dict[str, Any], *, seed: int, steps: int, batch_si
            snapshot_steps: tuple[int, ...] = (), lr_schedule: str = "constant", optimizer: str = "adamw",
            mixture: str = "ring") -> RunResult:
     """Distil the exact teacher with ``method`` (its ``distillation_config`` in ``dmd``, named so for DMD's callers)
-    through the hooks; return the student's samples, the loss curves and samples after each of ``snapshot_steps``."""
+    through the hooks; return the student's samples, the loss curves and samples after each of ``snapshot_steps``.
+
+    A conditional mixture (``CONDITIONAL``) gives every batch random class prompts (``"class K"``) and samples the
+    student with the classes in turn; the negative prompt is ``""`` (label -1, the unconditional branch)."""
     from accelerate import Accelerator
 
     pm = get_plugin_manager()
@@ -148,6 +176,7 @@ def distil(folder: Path, dmd: dict[str, Any], *, seed: int, steps: int, batch_si
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if lr_schedule == "cosine" else None
     _, mixture = family_and_mixture(mixture)  # the real batches (DMD only reads their shape; LCM, DCM noise them)
     data = torch.Generator().manual_seed(10_000 + seed)
+    conditional = bool(mixture.num_classes)
     cond = family.embed_prompts([""] * batch_size)
 
     def no_host_loss():
@@ -159,7 +188,10 @@ def distil(folder: Path, dmd: dict[str, Any], *, seed: int, steps: int, batch_si
     for step in range(steps):
         info = StepInfo(step, 0, 1, True, torch.Generator().manual_seed(seed * 1_000_003 + step))
         # Real data only gives DMD the shape (DMD proper is data-free); LCM and DCM noise it to their timesteps.
-        batch = Batch(latents=mixture.sample(batch_size, data).view(-1, 2, 1, 1, 1), cond=cond)
+        labels = class_labels(mixture, batch_size, data)
+        if conditional:
+            cond = family.embed_prompts(prompts_of(labels, batch_size))
+        batch = Batch(latents=mixture.sample(batch_size, data, labels).view(-1, 2, 1, 1, 1), cond=cond)
         result = pm.hook.distill_loss(batch=batch, step=info, host_loss=no_host_loss)
         if result.loss is not None:
             accelerator.backward(result.loss)
@@ -176,31 +208,40 @@ def distil(folder: Path, dmd: dict[str, Any], *, seed: int, steps: int, batch_si
             if key in logs:
                 curves[key].append((step, float(logs[key])))
         if step + 1 in snapshot_steps and step + 1 < steps:
-            snapshots[step + 1] = _student_samples(pm, family, student, seed, n_samples)
+            snapshots[step + 1] = _student_samples(pm, family, student, seed, n_samples, mixture)
     seconds = time.time() - start
-    x = _student_samples(pm, family, student, seed, n_samples)
+    x = _student_samples(pm, family, student, seed, n_samples, mixture)
     snapshots[steps] = x
     return RunResult(x, {k: v for k, v in curves.items() if v}, seconds, snapshots)
 
 
-def _student_samples(pm, family, student, seed: int, n: int) -> torch.Tensor:
-    """``n`` samples of the method's sampler (the same noise for every call of one seed)."""
+def _student_samples(pm, family, student, seed: int, n: int, mixture=None) -> torch.Tensor:
+    """``n`` samples of the method's sampler (the same noise for every call of one seed); a conditional mixture's
+    classes in turn (``class_labels(..., balanced=True)``), sampled at guidance 1 (the guidance is distilled)."""
     sampler = pm.hook.distill_sampler()
     g = torch.Generator().manual_seed(99_000 + seed)
     noise = torch.randn(n, 2, 1, 1, 1, generator=g)
+    labels = None if mixture is None else class_labels(mixture, n, balanced=True)
     student.eval()
     with torch.no_grad():
-        x = sampler(noise, family.embed_prompts([""] * n), None, 1.0, g)
+        x = sampler(noise, family.embed_prompts(prompts_of(labels, n)), None, 1.0, g)
     student.train()
     return x.reshape(-1, 2).float()
 
 
-def teacher_samples(folder: Path, steps: int, seed: int, n: int = N_SAMPLES) -> torch.Tensor:
-    family, _ = family_and_mixture()
+def teacher_samples(folder: Path, steps: int, seed: int, n: int = N_SAMPLES, *, guidance: float = 1.0,
+                    mixture: str = "ring", seed_offset: int = 99_000) -> torch.Tensor:
+    """``n`` samples of the teacher's Euler sampler (``steps`` steps, seed ``seed_offset + seed``); for a conditional
+    mixture, its classes in turn at ``guidance`` (CFG on the unconditional branch, label -1)."""
+    family, mix = family_and_mixture(mixture)
     teacher = family.load_network(folder / "teacher")
-    g = torch.Generator().manual_seed(99_000 + seed)
+    g = torch.Generator().manual_seed(seed_offset + seed)
     noise = torch.randn(n, 2, 1, 1, 1, generator=g)
-    return family.euler_sampler(teacher, steps=steps)(noise, None, None, 1.0, g).reshape(-1, 2).float()
+    labels = class_labels(mix, n, balanced=True)
+    cond = family.embed_prompts(prompts_of(labels, n))
+    uncond = family.embed_prompts([""]) if labels is not None else None
+    x = family.euler_sampler(teacher, steps=steps)(noise, cond, uncond, guidance, g)
+    return x.reshape(-1, 2).float()
 
 
 # --------------------------------------------------------------------------- metrics

@@ -27,6 +27,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "simpletuner_dmd.methods.dmd.plugin",
     "simpletuner_dmd.methods.lcm.plugin",
     "simpletuner_dmd.methods.dcm.plugin",
+    "simpletuner_dmd.methods.ode_init.plugin",
     "simpletuner_dmd.families.wan",
     "simpletuner_dmd.families.wan_causal",
 )

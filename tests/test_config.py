@@ -364,7 +364,7 @@ def test_check_paths_names_missing_model_and_data(tmp_path, pm):
 
 
 NON_DEFAULT_BLOCK = {"num_frame_per_block": 4, "independent_first_frame": True, "same_step_across_blocks": True,
-                     "context_noise": 100}
+                     "context_noise": 100, "kv_cache_window": 6}
 
 
 @pytest.mark.parametrize("key", sorted(NON_DEFAULT_BLOCK))

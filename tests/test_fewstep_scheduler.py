@@ -7,7 +7,7 @@ import torch
 
 from simpletuner_dmd.fewstep_scheduler import FewStepFlowScheduler
 from simpletuner_dmd.flow import flow_to_x0
-from simpletuner_dmd.methods.dmd.rollout import sample_with_schedule
+from simpletuner_dmd.fewstep_sampling import sample_with_schedule
 
 STEPS = [1000, 757, 522]
 

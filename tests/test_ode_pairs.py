@@ -255,15 +255,15 @@ def one_step(method, student):
 def test_regression_term_adds_the_metric_gradient_and_one_student_pass(tmp_path):
     weight = 0.5
     base, base_student = build_toy_dmd(tmp_path, {"regression_loss_weight": 0.0})
-    assert base.pairs is None and not (tmp_path / "ode_pairs").exists()  # off: nothing generated
+    assert base.pair_source is None and not (tmp_path / "ode_pairs").exists()  # off: nothing generated
     off, grads_off = one_step(base, base_student)
     assert "regression_loss" not in off.logs
 
     method, student = build_toy_dmd(tmp_path, {"regression_loss_weight": weight})
-    assert method.pairs is None  # no regression_latent_shape: generated at the first generator step
+    assert method.pair_source.pairs is None  # no regression_latent_shape: generated at the first generator step
     on, grads_on = one_step(method, student)
-    assert method.pairs.spec.shape == SHAPE and method.pairs.spec.guidance_scale == 3.0
-    assert method.pairs.spec.prompts == PROMPTS and method.pairs.spec.negative_prompt == "ugly"
+    assert method.pair_source.pairs.spec.shape == SHAPE and method.pair_source.pairs.spec.guidance_scale == 3.0
+    assert method.pair_source.pairs.spec.prompts == PROMPTS and method.pair_source.pairs.spec.negative_prompt == "ugly"
     # the DMD part is untouched: same exit index, same loss, the regression term on top
     assert on.logs["dmd_exit_index"] == off.logs["dmd_exit_index"] and on.logs["dmd_loss"] == off.logs["dmd_loss"]
     assert on.loss.item() == pytest.approx(off.loss.item() + weight * on.logs["regression_loss"], rel=1e-6)
@@ -279,13 +279,13 @@ def test_regression_term_adds_the_metric_gradient_and_one_student_pass(tmp_path)
         "student_forward": 1, "student_backward": 1}
 
     # the gradient's difference is weight · ∇metric on the same pairs at the same student step, computed by hand
-    pairs = method.pairs.stream(2, seed=method._pair_stream.seed).take(2)
+    pairs = method.pair_source.pairs.stream(2, seed=method.pair_source.stream.seed).take(2)
     g = step_info(0).generator
     draw_exit_index(3, last_step_only=False, generator=g)  # the rollout's
     k = draw_exit_index(3, last_step_only=False, generator=g)
     assert on.logs["regression_index"] == k
     hand = ToyNet(1)
-    cond = FAMILY.concat_conditions([method._pair_conds[i] for i in pairs.cond_index.tolist()])
+    cond = FAMILY.concat_conditions([method.pair_source.conds[i] for i in pairs.cond_index.tolist()])
     t = torch.full((2,), float(method.steps[k]))
 
     def metric(net):
@@ -307,7 +307,7 @@ def test_regression_term_adds_the_metric_gradient_and_one_student_pass(tmp_path)
     method.distill_save_state(checkpoint_dir=tmp_path / "checkpoint")
     resumed, _ = build_toy_dmd(tmp_path, {"regression_loss_weight": weight})
     resumed.distill_load_state(checkpoint_dir=tmp_path / "checkpoint")
-    assert resumed._pair_shape == SHAPE
+    assert resumed.pair_source.shape == SHAPE and resumed.pair_source.pairs is None
 
 
 def test_regression_pairs_at_setup_on_the_tiny_wan_with_adapters(tiny_wan, tmp_path):
@@ -319,7 +319,8 @@ def test_regression_pairs_at_setup_on_the_tiny_wan_with_adapters(tiny_wan, tmp_p
                                        "regression_teacher_steps": 1, "regression_metric": "pseudo_huber"},
                        host={"cache_dir": str(tmp_path), "validation_prompt": "a cat"})
     method = run.method
-    assert method.pairs is not None and method.pairs.num_pairs == 1 and method.pairs.prompts == ("a cat",)
+    pairs = method.pair_source.pairs
+    assert pairs is not None and pairs.num_pairs == 1 and pairs.prompts == ("a cat",)
     assert method.passes.take() == {}  # the generation's teacher passes are not a step's passes
     net = run.models.network
     result = method.distill_loss(batch=batch(b=1, frames=1), step=step_info(0), host_loss=no_host_loss)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..hookspecs import hookimpl
-from .block_causal import BlockCausalWan
+from .block_causal import BlockCausalWan, frame_timesteps
 from .wan import WanFamily
 
 
@@ -22,6 +22,21 @@ class WanCausalFamily(WanFamily):
     name = "wan-causal"
     summary = "Wan 2.1 T2V as a block-causal student (Self-Forcing rollout, KV cache); same weights as wan"
     causal = True
+
+    def predict_flow(self, network: torch.nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor
+                     ) -> torch.Tensor:
+        """As ``wan``'s, and also with one timestep per latent frame, ``(B, F)`` (a block-causal pass whose blocks
+        sit at different noise levels: ODE initialisation, teacher forcing), expanded to Wan's per-token layout."""
+        if timesteps.ndim == 2:
+            b, _, f, h, w = x_t.shape
+            if timesteps.shape != (b, f):
+                raise ValueError(f"per-frame timesteps must be (batch, frames) = {(b, f)}, got "
+                                 f"{tuple(timesteps.shape)}")
+            tokens = self.block_causal(network).tokens_per_frame(x_t)
+            with self._autocast(x_t.device):
+                return network(hidden_states=x_t, timestep=frame_timesteps(timesteps, tokens),
+                               encoder_hidden_states=cond, return_dict=False)[0]
+        return super().predict_flow(network, x_t, timesteps, cond)
 
     def load_network(self, model_path: str, *, dtype: torch.dtype) -> torch.nn.Module:
         network = super().load_network(model_path, dtype=dtype)

@@ -1,8 +1,10 @@
 """The plugin module named by the ``simpletuner_dmd`` entry point: one family class and its registration hook.
 
 Only what methods need (``simpletuner_dmd.ModelFamily``: ``predict_flow``, ``frame_axis``, condition batching) plus
-two members of ``LoadingFamily`` that the quality benchmark, a small host, uses (``load_network``, ``euler_sampler``). Conditions are ignored by the mixture (it is unconditional); they travel as
-``(B, 1)`` tensors so that batching them works like any other family's.
+two members of ``LoadingFamily`` that the quality benchmark, a small host, uses (``load_network``, ``euler_sampler``).
+Conditions travel as ``(B, 1)`` tensors holding a class label (``embed_prompts``: ``"class 1"`` → 1, any other text,
+the empty negative prompt included, → ``-1``, unconditional), so that batching them works like any other family's; an
+unconditional mixture ignores them.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class GMMFamily:
         """The flow ``ε − x0`` at ``t = 1000·σ``; ``x_t`` is ``(B, 2, 1, 1, 1)``."""
         if timesteps.ndim != 1 or timesteps.shape[0] != x_t.shape[0]:
             raise ValueError(f"one timestep per sample expected, got {tuple(timesteps.shape)} for {tuple(x_t.shape)}")
-        return network(x_t, timesteps)
+        return network(x_t, timesteps, cond)
 
     def frame_axis(self) -> int:
         return 2
@@ -53,11 +55,15 @@ class GMMFamily:
     sample_shape = (2, 1, 1, 1)  # one sample's latent shape (a point of the plane)
 
     def embed_prompts(self, texts: list[str]) -> torch.Tensor:
-        """A ``RunContext.encode_prompts`` for the mixture: it is unconditional, so every text is one zero row."""
-        return torch.zeros(len(texts), 1)
+        """A ``RunContext.encode_prompts`` for the mixture: ``"class K"`` is label K, any other text ``-1`` (the
+        unconditional branch; an unconditional mixture ignores labels)."""
+        labels = [float(t.split()[1]) if t.startswith("class ") and t.split()[1:2] and t.split()[1].isdigit()
+                  else -1.0 for t in texts]
+        return torch.tensor(labels).reshape(len(texts), 1)
 
     def euler_sampler(self, network: torch.nn.Module, *, steps: int, shift: float = 1.0):
-        """Euler on the flow ODE over ``steps`` uniform (optionally shifted) σs from 1 to 0."""
+        """Euler on the flow ODE over ``steps`` uniform (optionally shifted) σs from 1 to 0; with ``uncond`` and a
+        ``guidance_scale`` other than 1, the guided flow ``u + s·(c − u)`` (standard CFG)."""
 
         def sample(noise, cond, uncond, guidance_scale, generator):
             sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
@@ -66,7 +72,11 @@ class GMMFamily:
             with torch.no_grad():
                 for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
                     t = torch.full((x.shape[0],), s * 1000.0, device=x.device)
-                    x = x + (s_next - s) * self.predict_flow(network, x, t, cond)
+                    v = self.predict_flow(network, x, t, cond)
+                    if uncond is not None and guidance_scale != 1.0:
+                        u = self.predict_flow(network, x, t, self.repeat_condition(uncond, x.shape[0]))
+                        v = u + guidance_scale * (v - u)
+                    x = x + (s_next - s) * v
             return x
 
         return sample

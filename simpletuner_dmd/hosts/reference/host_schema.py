@@ -81,6 +81,9 @@ HOST_SCHEMA = Schema(
         Key("lora_alpha", "float", None, "LoRA alpha (default: the rank).", check=in_range(0, lo_open=True),
             nullable=True),
         Key("lora_type", "str", "standard", "Only standard (peft LoRA) is implemented.", choices=("standard",)),
+        Key("init_lora", "str", None, "Start the student's LoRA from these weights: an output folder (its "
+            "pytorch_lora_weights.safetensors) or that file, e.g. an ode_init run's before DMD. Same lora_rank and "
+            "family; a resumed run's checkpoint wins.", check=_path_check, nullable=True),
         Key("lora_dropout", "float", 0.0, "Dropout inside the student's LoRA.", check=in_range(0, 1, hi_open=True)),
         Key("base_model_precision", "str", "no_change", "int8-quanto: quantize the frozen base to int8 "
             "(optimum-quanto).", choices=("no_change", "int8-quanto")),
@@ -210,6 +213,8 @@ HOST_SCHEMA = Schema(
     cross_checks=(
         lambda v: (["max_train_steps: one of max_train_steps and num_train_epochs must be > 0"]
                    if v["max_train_steps"] == 0 and v["num_train_epochs"] == 0 else []),
+        lambda v: (["init_lora: needs model_type lora (it loads the student's LoRA weights)"]
+                   if v["init_lora"] and v["model_type"] != "lora" else []),
         lambda v: ([f"hub_model_id: {'push_to_hub' if v['push_to_hub'] else 'push_checkpoints_to_hub'} needs the "
                     "hub repository to push to"]
                    if (v["push_to_hub"] or v["push_checkpoints_to_hub"]) and not v["hub_model_id"] else []),

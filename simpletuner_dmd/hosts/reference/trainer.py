@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ...adapters import named_adapter_parameters
-from ...atomic import write_file, write_into
+from ...atomic import write_file
 from ...errors import UserError
 from ...nonfinite import NonFiniteGuard
 from ...plugins import get_plugin_manager
@@ -408,6 +408,41 @@ def frozen_base(host, family, dtype) -> torch.nn.Module:
     return network
 
 
+def load_student_lora(network: torch.nn.Module, path: str | Path) -> str:
+    """Load a student LoRA written by ``family.save_lora`` (``pytorch_lora_weights.safetensors``, or the folder
+    holding it) into the student adapter of ``network``; every tensor must find its module at the same shape.
+    Returns what was loaded, for the log."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    file = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"init_lora: {file} not found (an output folder with pytorch_lora_weights.safetensors, or "
+                        f"that file)")
+    state = load_file(str(file))
+    prefix = "transformer."
+    state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    own = {k: v.shape for k, v in _peft_state(network).items()}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k]) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        first = (f"{len(wrong)} of another shape (e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)}, here "
+                 f"{tuple(own[wrong[0]])}; another lora_rank?)" if wrong else
+                 f"{len(missing)} missing (e.g. {missing[0]})" if missing else
+                 f"{len(unexpected)} unknown (e.g. {unexpected[0]})")
+        raise UserError(f"init_lora: {file} does not fit this student's LoRA: {first}")
+    set_peft_model_state_dict(network, state, adapter_name=STUDENT_ADAPTER)
+    return f"loaded {len(state)} LoRA tensors from {file}"
+
+
+def _peft_state(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(network, adapter_name=STUDENT_ADAPTER)
+
+
 def build_models(host: dict, family, accelerator, *, new_network: Callable[[], torch.nn.Module],
                  distilling: bool) -> Models:
     """The student the host trains, from ``new_network()`` (a frozen copy of the base, e.g. loaded from the model
@@ -427,6 +462,8 @@ def build_models(host: dict, family, accelerator, *, new_network: Callable[[], t
                                        target_modules=list(family.lora_target_modules)),
                             adapter_name=STUDENT_ADAPTER)
         network.set_adapter(STUDENT_ADAPTER)
+        if host.get("init_lora"):
+            log(f"init_lora: {load_student_lora(network, host['init_lora'])}")
         params = named_adapter_parameters(network, STUDENT_ADAPTER)
     else:
         if host["base_model_precision"] != "no_change":
@@ -610,9 +647,7 @@ def _is_disk_full(exc: BaseException) -> bool:
 
 
 def _student_lora(models) -> dict[str, torch.Tensor]:
-    from peft.utils import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(models.network, adapter_name=STUDENT_ADAPTER)
+    return _peft_state(models.network)
 
 
 # --------------------------------------------------------------------------- trackers

@@ -88,6 +88,9 @@ DMD_SCHEMA = Schema(
             check=in_range(1)),
         Key("context_noise", "float", 0.0, "Timestep to which fed-back context blocks are re-noised (block-causal).",
             check=in_range(0, 1000)),
+        Key("kv_cache_window", "int", None, "Latent frames of context a block-causal student's sampler keeps in its "
+            "KV cache (a rolling window, for clips longer than training); default: all.", check=in_range(1),
+            nullable=True),
         Key("ts_schedule", "bool", True, "Lower bound of the DMD timestep = the exit step's next timestep."),
         Key("ts_schedule_max", "bool", False, "Upper bound of the DMD timestep = the exit step's timestep."),
         Key("min_score_timestep", "float", 0.0, "Lower bound of the DMD timestep when ts_schedule is false.",
@@ -130,7 +133,8 @@ DMD_SCHEMA = Schema(
 )
 
 # The keys that only act in a block-causal (self-forcing) rollout, with their defaults.
-BLOCK_ONLY_KEYS = ("num_frame_per_block", "independent_first_frame", "same_step_across_blocks", "context_noise")
+BLOCK_ONLY_KEYS = ("num_frame_per_block", "independent_first_frame", "same_step_across_blocks", "context_noise",
+                   "kv_cache_window")
 
 
 def block_key_warnings(config: dict[str, Any], causal: bool, family_name: str) -> list[str]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -26,23 +25,22 @@ from typing import Any, Callable
 import torch
 
 from ...adapters import named_adapter_parameters
-from ...flow import flow_to_x0, guided_per_sample
+from ...flow import flow_to_x0
 from ...errors import UserError
 from ...hookspecs import hookimpl
 from ...nonfinite import DEFAULT_LIMIT, NonFiniteGuard
 from ...networks import Networks
-from ...ode_pairs import ODEPairs, ODEPairSpec, ODEPairStream, dtype_name, prepare_ode_pairs
 from ...optimizers import adamw
 from ...passes import PassCounter
+from ...teacher_pairs import PairSource, guided_teacher, interval_combine
 from ...types import Batch, RunContext, StepInfo, StepLoss
 from . import gan as G
 from . import loss as L
 from .config import DMD_SCHEMA, block_key_warnings
-from .rollout import (Rollout, backward_simulation, block_backward_simulation, draw_block_exits, draw_exit_index,
-                      sample_blocks, sample_with_schedule)
+from ...fewstep_sampling import block_calls, sample_blocks, sample_with_schedule
+from .rollout import Rollout, backward_simulation, block_backward_simulation, draw_block_exits, draw_exit_index
 
 FAKE_ADAPTER = "fake_score"
-SHARD_BYTES = 256 * 2 ** 20  # the regression pairs' shard files hold at most this much (one is in memory at a time)
 
 
 @dataclass
@@ -178,86 +176,26 @@ class DMD:
 
         self.negative_prompt = self.nets.negative_prompt
         self.uncond = self.nets.uncond  # encoded once; the text encoder may be freed after setup
-        self.pairs: ODEPairs | None = None
-        self._pair_stream: ODEPairStream | None = None
-        self._pair_shape: tuple[int, ...] | None = None  # the pairs' latent shape, once known (kept in checkpoints)
+        self.pair_source: PairSource | None = None
         if cfg["regression_loss_weight"] > 0:
-            self._setup_regression(run)
+            teacher = guided_teacher(self.nets, cfg["real_score_guidance_scale"], self._real_interval)
+            self.pair_source = PairSource(cfg, steps=self.steps, nets=self.nets, family=self.family,
+                                          accelerator=self.accelerator, teacher_flow=teacher,
+                                          negative_prompt=self.negative_prompt,
+                                          what="regression_loss_weight > 0")
+            self.pair_source.setup(run)
 
-    # ------------------------------------------------------------------ the regression term's pairs
-
-    def _setup_regression(self, run: RunContext) -> None:
-        """Encode the pairs' prompts (``encode_prompts`` is valid only now) and find the cache folder; generate the
-        pairs now when ``regression_latent_shape`` is given, else at the first generator step (its batch's shape)."""
-        cfg = self.cfg
-        prompts = cfg["regression_prompts"]
-        if prompts is None and run.host_config.get("validation_prompt"):
-            prompts = [run.host_config.get("validation_prompt")]
-        if not prompts:
-            raise UserError("distillation_config.regression_prompts: regression_loss_weight > 0 generates the "
-                            "teacher's ODE pairs for prompts; set regression_prompts (a list of texts) or the host's "
-                            "validation_prompt")
-        cache = run.host_config.get("cache_dir")
-        if cache:
-            root = Path(cache)
-        elif run.output_dir is not None:
-            root = Path(run.output_dir) / "cache"
-        else:
-            raise UserError("distillation_config.regression_loss_weight: the teacher's ODE pairs need a cache folder; "
-                            "set the host's cache_dir")
-        self._pair_root = root / "ode_pairs"
-        self._pair_prompts = tuple(prompts)
-        self._pair_conds = [run.encode_prompts([text]) for text in prompts]  # batch-1 each, by index
-        if cfg["regression_latent_shape"] is not None:
-            self.pairs = self._prepare_pairs(tuple(cfg["regression_latent_shape"]))
-
-    def _prepare_pairs(self, shape: tuple[int, ...]) -> ODEPairs:
-        """The pairs of the guided teacher (real score, its CFG on the negative prompt) for ``shape``: generated
-        once (every process its share; the main process's shape decides), cached, reused. Not counted as passes."""
-        cfg, run = self.cfg, self.run
-        self._pair_shape = shape
-        dtype = getattr(self.family, "autocast_dtype", None) or torch.float32
-        per_pair = (len(self.steps) + 2) * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        teacher_module = run.teacher if run.teacher is not None else self.student
-        spec = ODEPairSpec(
-            teacher_id=f"{self.family.name}:{run.host_config.get('pretrained_model_name_or_path') or ''}:"
-                       f"{type(teacher_module).__name__}",
-            prompts=self._pair_prompts, shape=shape, count=cfg["regression_num_pairs"], seed=run.seed,
-            student_steps=tuple(self.steps), teacher_steps=cfg["regression_teacher_steps"],
-            shift=float(run.host_config.get("flow_schedule_shift", 1.0)),
-            guidance_scale=cfg["real_score_guidance_scale"], negative_prompt=self.negative_prompt,
-            guidance_interval=self._real_interval,
-            dtype=dtype_name(dtype), shard_size=max(1, min(256, SHARD_BYTES // per_pair)))
-
-        def teacher(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-            bare = lambda x_, t_, c_: self.nets.teacher_flow(x_, t_, c_, bare=True)  # noqa: E731
-            return self.nets.guided(bare, x, t, cond, self._real_combine(t))
-
-        counted, self.nets.passes = self.nets.passes, PassCounter()  # a one-time cost, not the step's passes
-        try:
-            return prepare_ode_pairs(spec, teacher, self._pair_conds, family=self.family, cache_dir=self._pair_root,
-                                     accelerator=self.accelerator, batch_size=max(1, min(64, 2 ** 22 //
-                                                                                       math.prod(shape))),
-                                     device=self.accelerator.device)
-        finally:
-            self.nets.passes = counted
+    # ------------------------------------------------------------------ the regression term
 
     def _regression(self, step: StepInfo, latents: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """``metric(G(x_{t_k}, t_k), x0)`` on the next batch of pairs (as many as the micro-batch), k drawn as the
         rollout's exit index is (after it, from the step's generator), with a graph to the student."""
-        cfg = self.cfg
-        if self.pairs is None:  # a resumed run keeps the shape its first run took from its first batch
-            self.pairs = self._prepare_pairs(self._pair_shape or tuple(latents.shape[1:]))
-        if self._pair_stream is None:  # a new order after a resume; another on each process
-            seed = (self.run.seed * 1_000_003 + step.global_step) * 64 + self.accelerator.process_index
-            self._pair_stream = self.pairs.stream(latents.shape[0], seed=seed, device=latents.device)
-        pairs = self._pair_stream.take(latents.shape[0])
-        k = draw_exit_index(len(self.steps), last_step_only=cfg["last_step_only"], generator=step.generator)
+        pairs, cond = self.pair_source.take(step, latents)
+        k = draw_exit_index(len(self.steps), last_step_only=self.cfg["last_step_only"], generator=step.generator)
         t = torch.full((len(pairs),), float(self.steps[k]), device=latents.device)
-        cond = self.family.concat_conditions([self._pair_conds[i] for i in pairs.cond_index.tolist()])
         x0 = self._student_x0(cond)(pairs.states[:, k].to(latents.dtype), t)
         self.passes.on_backward(x0, "student")
-        loss = L.regression_loss(x0, pairs.x0, cfg["regression_metric"])
+        loss = L.regression_loss(x0, pairs.x0, self.cfg["regression_metric"])
         return loss, {"regression_loss": float(loss.detach()), "regression_index": float(k)}
 
     # ------------------------------------------------------------------ the three networks
@@ -286,22 +224,11 @@ class DMD:
         return flow_to_x0(x_t, self.nets.guided(flow_fn, x_t, t, cond, combine), t)
 
     def _causal_calls(self, cond: Any, noise: torch.Tensor, *, sampling: bool = False, window: int | None = None):
-        """The student on one block through the family's block-causal switch and a fresh KV cache: ``(predict,
-        write)`` for the block rollout and the streaming sampler, and the block layout of ``noise``'s frames."""
-        cfg = self.cfg
-        switch = self.family.block_causal(self.student)
-        tokens = switch.tokens_per_frame(noise)
-        cache = switch.new_cache(window)
-        flow = self.nets.sample_flow if sampling else self.nets.flow
-
-        def run(x, t, start, end, writing):
-            cache.writing = writing
-            with switch.cached(cache, start, tokens):
-                return flow_to_x0(x, flow(x, t, cond), t)
-
-        blocks = switch.frame_blocks(noise.shape[self.family.frame_axis()], cfg["num_frame_per_block"],
-                                     independent_first_frame=cfg["independent_first_frame"])
-        return (lambda x, t, s, e: run(x, t, s, e, False)), (lambda x, t, s, e: run(x, t, s, e, True)), blocks
+        """The student on one block through the family's block-causal switch and a fresh KV cache
+        (``fewstep_sampling.block_calls``)."""
+        return block_calls(self.family, self.student, self.nets.sample_flow if sampling else self.nets.flow, cond,
+                           noise, frames_per_block=self.cfg["num_frame_per_block"],
+                           independent_first_frame=self.cfg["independent_first_frame"], window=window)
 
     def _block_rollout(self, cond: Any, noise: torch.Tensor, step: StepInfo, *, with_grad: bool):
         """Self-Forcing's rollout (``block_backward_simulation``) with this step's exits. The DMD timestep's
@@ -323,18 +250,9 @@ class DMD:
         return Rollout(roll.x0, sum(exits) / len(exits), span[0], span[1], roll.student_forwards)
 
     def _real_combine(self, t: torch.Tensor):
-        """The teacher's CFG for timesteps ``t`` (one per sample): ``u + s·(c − u)`` where t lies inside
-        ``real_score_guidance_interval``, cond only (``s = 1``) outside; None (no uncond pass) when no sample is
-        guided."""
-        if self._real_cfg is None or self._real_interval == (0.0, 1000.0):
-            return self._real_cfg
-        lo, hi = self._real_interval
-        inside = (t >= lo) & (t <= hi)
-        if not bool(inside.any()):
-            return None
-        scale = torch.where(inside, torch.full_like(t, self.cfg["real_score_guidance_scale"], dtype=torch.float32),
-                            torch.ones_like(t, dtype=torch.float32))
-        return lambda c, u: guided_per_sample(c, u, scale).to(c.dtype)
+        """The teacher's CFG for timesteps ``t`` (``teacher_pairs.interval_combine``: inside
+        ``real_score_guidance_interval`` only)."""
+        return interval_combine(self.cfg["real_score_guidance_scale"], self._real_interval, t)
 
     def _fake_flow(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, *, module=None) -> torch.Tensor:
         if module is None and self.fake_type != "lora":
@@ -521,7 +439,8 @@ class DMD:
                     c, u = self.nets.sample_flow(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
                     return flow_to_x0(x, L.guided(c, u, guidance_scale), t)
             if self.causal:  # streaming: block by block through the KV cache, as the student was trained
-                block_predict, write, blocks = self._causal_calls(cond, noise, sampling=True)
+                block_predict, write, blocks = self._causal_calls(cond, noise, sampling=True,
+                                                                  window=self.cfg["kv_cache_window"])
                 if predict is not sample_predict:
                     raise UserError("validation_guidance: CFG on a block-causal DMD student is not supported; "
                                     "sample it at guidance 1 (the teacher's guidance is distilled into it)")
@@ -552,7 +471,8 @@ class DMD:
         (folder / "state.json").write_text(json.dumps({
             "generator_updates": self.generator_updates, "critic_updates": self.critic_updates,
             "fake_score_type": self.fake_type,
-            "regression_latent_shape": None if self._pair_shape is None else list(self._pair_shape),
+            "regression_latent_shape": None if self.pair_source is None or self.pair_source.shape is None
+            else list(self.pair_source.shape),
         }))
 
     @hookimpl
@@ -571,8 +491,8 @@ class DMD:
         self.fake_optimizer.load_state_dict(load_state(folder / "fake_score_optimizer"))
         self.generator_updates = int(meta["generator_updates"])
         self.critic_updates = int(meta["critic_updates"])
-        if self.pairs is None and meta.get("regression_latent_shape"):
-            self._pair_shape = tuple(int(n) for n in meta["regression_latent_shape"])
+        if self.pair_source is not None:
+            self.pair_source.restore_shape(meta.get("regression_latent_shape"))
 
     def _fake_weights(self) -> dict[str, torch.Tensor]:
         if self.fake_type == "lora":

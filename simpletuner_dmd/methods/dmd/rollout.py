@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from ...flow import T_MAX
+from ...fewstep_sampling import sample_blocks, sample_with_schedule  # noqa: F401 — inference, shared with ode_init
 
 PredictX0 = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -54,22 +55,6 @@ def backward_simulation(predict_x0: PredictX0, noise: torch.Tensor, timesteps: l
         x0 = predict_x0(x, t)
     denoised_to = float(timesteps[exit_index + 1]) if exit_index + 1 < len(timesteps) else 0.0
     return Rollout(x0, exit_index, float(timesteps[exit_index]), denoised_to, exit_index + 1)
-
-
-def sample_with_schedule(predict_x0: PredictX0, noise: torch.Tensor, timesteps: list[int],
-                         generator: torch.Generator | None = None) -> torch.Tensor:
-    """Few-step sampling with the same schedule (inference): all K steps, no grad, returns the final x̂0."""
-    x = noise
-    batch = noise.shape[0]
-    with torch.no_grad():
-        for i, step in enumerate(timesteps):
-            t = torch.full((batch,), float(step), device=noise.device)
-            x0 = predict_x0(x, t)
-            if i + 1 < len(timesteps):
-                sigma_next = timesteps[i + 1] / T_MAX
-                eps = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
-                x = ((1.0 - sigma_next) * x0.float() + sigma_next * eps).to(noise.dtype)
-    return x0
 
 
 # --------------------------------------------------------------------------- the block-causal rollout (Self-Forcing)
@@ -139,32 +124,3 @@ def block_backward_simulation(predict_block: PredictBlock, write_context: WriteC
                 write_context(context, torch.full((batch,), float(context_noise), device=noise.device), start, end)
             writes += 1
     return BlockRollout(torch.cat(outputs, dim=2), list(exits), grad_blocks, forwards, writes)
-
-
-def sample_blocks(predict_block: PredictBlock, write_context: WriteContext, noise: torch.Tensor,
-                  timesteps: list[int], blocks: list[tuple[int, int]], *, context_noise: float,
-                  generator: torch.Generator | None = None, on_block: Callable[[int, torch.Tensor], None] | None = None
-                  ) -> torch.Tensor:
-    """Streaming inference of a block-causal student: every block through all its ``timesteps`` (as
-    ``sample_with_schedule``), then written into the KV cache at ``context_noise``; ``on_block(b, x0)`` sees each
-    block as soon as it is done. No grad."""
-    batch, outputs = noise.shape[0], []
-    with torch.no_grad():
-        for b, (start, end) in enumerate(blocks):
-            x = noise[:, :, start:end]
-            for i, step in enumerate(timesteps):
-                t = torch.full((batch,), float(step), device=noise.device)
-                x0 = predict_block(x, t, start, end)
-                if i + 1 < len(timesteps):
-                    sigma_next = timesteps[i + 1] / T_MAX
-                    eps = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
-                    x = ((1.0 - sigma_next) * x0.float() + sigma_next * eps).to(noise.dtype)
-            outputs.append(x0)
-            if on_block is not None:
-                on_block(b, x0)
-            if b + 1 < len(blocks):
-                sigma = context_noise / T_MAX
-                eps = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
-                context = ((1.0 - sigma) * x0.float() + sigma * eps).to(noise.dtype)
-                write_context(context, torch.full((batch,), float(context_noise), device=noise.device), start, end)
-    return torch.cat(outputs, dim=2)

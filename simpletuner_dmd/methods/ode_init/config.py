@@ -1,0 +1,22 @@
+"""The schema of ``ode_init``'s ``distillation_config``: DMD's keys for the student's steps, the teacher's guidance,
+the teacher's ODE pairs and the block layout, with DMD's names, meanings and defaults (so a DMD config runs
+``ode_init`` unchanged, and both runs share one pair cache), and nothing else."""
+
+from __future__ import annotations
+
+from ...config import Schema
+from ..dmd.config import DMD_SCHEMA
+
+SHARED_WITH_DMD = (
+    "dmd_denoising_steps", "real_score_guidance_scale", "real_score_guidance_interval", "negative_prompt",
+    "regression_metric", "regression_num_pairs", "regression_teacher_steps", "regression_prompts",
+    "regression_latent_shape",
+    "num_frame_per_block", "independent_first_frame", "same_step_across_blocks", "last_step_only", "context_noise",
+    "kv_cache_window",
+)
+
+ODE_INIT_SCHEMA = Schema(keys=tuple(DMD_SCHEMA.by_name[name] for name in SHARED_WITH_DMD))
+
+# The keys that only act with a block-causal family.
+BLOCK_ONLY_KEYS = ("num_frame_per_block", "independent_first_frame", "same_step_across_blocks", "context_noise",
+                   "kv_cache_window")

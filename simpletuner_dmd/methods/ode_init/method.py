@@ -1,0 +1,207 @@
+"""ODE initialisation (CausVid §3.3, Self-Forcing's "ODE init"): regress the student onto the teacher's own ODE
+trajectories before distribution matching.
+
+A causal student started from a bidirectional checkpoint has never attended block-causally; DMD from there starts far
+from any sensible few-step generator. The fix of CausVid and Self-Forcing is a regression stage: the guided teacher
+solves its ODE from noise (the teacher's ODE pairs, ``simpletuner_dmd.ode_pairs``, with the states at every student
+timestep), and the student learns to map a state at a student step straight to the solution.
+
+One micro-batch (``distill_loss``), on the next pairs of the run's stream (``teacher_pairs.PairSource``):
+
+- **block-causal family** (``causal = True``): the clip's frames in blocks (``num_frame_per_block``,
+  ``independent_first_frame``); each block draws its own student step ``k_b ~ U{0, …, K−1}`` (one for all with
+  ``same_step_across_blocks``; K−1 with ``last_step_only``) from the step's generator, so every process draws alike;
+  the student's input is, frame by frame, the trajectory's state at its block's step, with per-frame timesteps, in
+  one pass under the block-causal mask (each block sees the earlier blocks at their own noise levels, as teacher
+  forcing does); ``loss = metric(x̂0, x0)`` over the whole clip.
+- **bidirectional family**: one step ``k`` for the batch, ``loss = metric(G(x_{t_k}, t_k), x0)`` — DMD's regression
+  term on its own.
+
+No second network, no optimizer of its own: the host's optimizer steps the student. The sampler and the scheduler are
+the ones DMD's student of the same keys uses (few-step sampling through ``dmd_denoising_steps``; block by block through
+a KV cache for a causal family), so the initialised student is validated as it will be run, and a DMD run started from
+it (the host's ``init_lora``) continues with the same keys.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...errors import UserError
+from ...fewstep_sampling import block_calls, sample_blocks, sample_with_schedule
+from ...flow import T_MAX, flow_to_x0, guided
+from ...hookspecs import hookimpl
+from ...networks import Networks
+from ...passes import PassCounter
+from ...teacher_pairs import PairSource, guided_teacher
+from ...types import Batch, RunContext, StepInfo, StepLoss
+from ..dmd.loss import regression_loss
+from .config import BLOCK_ONLY_KEYS, ODE_INIT_SCHEMA
+
+
+def draw_block_steps(num_blocks: int, num_steps: int, *, same_step_across_blocks: bool, last_step_only: bool,
+                     generator: torch.Generator | None) -> list[int]:
+    """One student-step index per block, ``U{0, …, K−1}`` from ``generator`` (alike on every process)."""
+    if last_step_only:
+        return [num_steps - 1] * num_blocks
+    draws = torch.randint(num_steps, (num_blocks,), generator=generator).tolist()
+    return [draws[0]] * num_blocks if same_step_across_blocks else draws
+
+
+class ODEInit:
+    name = "ode_init"
+    summary = ("ODE initialisation (CausVid / Self-Forcing): regress the student onto the guided teacher's ODE "
+               "trajectories; the first stage of a causal student")
+    schema = ODE_INIT_SCHEMA
+    progress_metrics = ("ode_init_loss",)
+
+    @staticmethod
+    def config_warnings(config: dict[str, Any], family_cls: type, host: dict[str, Any]) -> list[str]:
+        if getattr(family_cls, "causal", False):
+            return []
+        defaults = ODE_INIT_SCHEMA.defaults()
+        return [f"distillation_config.{name}: has no effect with the bidirectional family {family_cls.name!r} (the "
+                f"whole clip is one block)" for name in BLOCK_ONLY_KEYS if config[name] != defaults[name]]
+
+    @staticmethod
+    def memory_plan(config: dict[str, Any], host: dict[str, Any]) -> dict[str, Any]:
+        """One student forward and backward per step; no second network. The pairs' one-time generation
+        (regression_num_pairs × regression_teacher_steps guided teacher passes) is not a per-step cost."""
+        return {"second_network": None,
+                "passes_per_step": {"student_forward": 1.0, "student_backward": 1.0, "teacher_forward": 0.0,
+                                    "teacher_forward_samples": 0.0}}
+
+    @staticmethod
+    def usage_notes(config: dict[str, Any]) -> list[str]:
+        return ["This student is the ODE-initialised first stage: distil it further with distillation_method dmd and "
+                "the same distillation_config, starting from these weights (the reference host's init_lora)."]
+
+    def __init__(self, config: dict[str, Any]):
+        self.cfg = config
+        self.steps: list[int] = list(config["dmd_denoising_steps"])
+        self.passes = PassCounter()
+        self.updates = 0
+        self._logs: dict[str, float] = {}
+
+    @hookimpl
+    def distill_setup(self, run: RunContext) -> None:
+        cfg = self.cfg
+        self.nets = Networks(run, self.passes, negative_prompt=cfg["negative_prompt"], method_name=self.name)
+        self.run, self.family, self.accelerator, self.student = run, run.family, run.accelerator, run.student
+        self.causal = bool(getattr(run.family, "causal", False))
+        teacher = guided_teacher(self.nets, cfg["real_score_guidance_scale"], cfg["real_score_guidance_interval"])
+        self.pair_source = PairSource(cfg, steps=self.steps, nets=self.nets, family=self.family,
+                                      accelerator=self.accelerator, teacher_flow=teacher,
+                                      negative_prompt=self.nets.negative_prompt, what="ode_init")
+        self.pair_source.setup(run)
+
+    # ------------------------------------------------------------------ the loss
+
+    @hookimpl
+    def distill_loss(self, batch: Batch, step: StepInfo, host_loss) -> StepLoss:
+        cfg = self.cfg
+        self.nets.at(step)
+        pairs, cond = self.pair_source.take(step, batch.latents)
+        dtype, device = batch.latents.dtype, batch.latents.device
+        if self.causal:
+            x0, logs = self._causal_x0(pairs, cond, step, dtype, device)
+        else:
+            k = draw_block_steps(1, len(self.steps), same_step_across_blocks=True,
+                                 last_step_only=cfg["last_step_only"], generator=step.generator)[0]
+            t = torch.full((len(pairs),), float(self.steps[k]), device=device)
+            x = pairs.states[:, k].to(dtype)
+            x0 = flow_to_x0(x, self.nets.flow(x, t, cond), t)
+            logs = {"ode_init_step_index": float(k)}
+        self.passes.on_backward(x0, "student")
+        loss = regression_loss(x0, pairs.x0, cfg["regression_metric"])
+        return StepLoss(loss, {"ode_init_loss": float(loss.detach()), **logs})
+
+    def _causal_x0(self, pairs, cond: Any, step: StepInfo, dtype: torch.dtype, device: torch.device):
+        """The whole clip in one block-causal pass: block b's frames at the trajectory's state of its own step."""
+        cfg = self.cfg
+        switch = self.family.block_causal(self.student)
+        states = pairs.states.to(dtype)  # (B, K, C, F, H, W)
+        frames = states.shape[3]
+        blocks = switch.frame_blocks(frames, cfg["num_frame_per_block"],
+                                     independent_first_frame=cfg["independent_first_frame"])
+        ks = draw_block_steps(len(blocks), len(self.steps), same_step_across_blocks=cfg["same_step_across_blocks"],
+                              last_step_only=cfg["last_step_only"], generator=step.generator)
+        x = torch.cat([states[:, k, :, start:end] for (start, end), k in zip(blocks, ks)], dim=2)
+        per_frame = torch.tensor([float(self.steps[k]) for (start, end), k in zip(blocks, ks)
+                                  for _ in range(end - start)], device=device)
+        t = per_frame[None].expand(x.shape[0], frames)
+        with switch.masked(blocks, switch.tokens_per_frame(x)):
+            flow = self.nets.flow(x, t, cond)
+        sigma = (t / T_MAX).float()[:, None, :, None, None]
+        return x.float() - sigma * flow, {"ode_init_step_index": sum(ks) / len(ks)}
+
+    @hookimpl
+    def distill_after_optimizer_step(self, step: StepInfo) -> None:
+        self.updates += 1
+
+    @hookimpl
+    def distill_metrics(self, step: StepInfo) -> dict[str, float]:
+        return {f"passes/{k}": float(v) for k, v in self.passes.take().items()}
+
+    # ------------------------------------------------------------------ sampling (as the DMD student of these keys)
+
+    @hookimpl
+    def distill_sampler(self):
+        cfg = self.cfg
+
+        def sampler(noise, cond, uncond, guidance_scale, generator):
+            flow = lambda x, t, c: self.nets.sample_flow(x, t, c)  # noqa: E731
+            use_cfg = uncond is not None and guidance_scale not in (0.0, 1.0)
+            if self.causal:
+                if use_cfg:
+                    raise UserError("validation_guidance: CFG on a block-causal student is not supported; sample it "
+                                    "at guidance 1 (the teacher's guidance is distilled into it)")
+                predict, write, blocks = block_calls(self.family, self.student, flow, cond, noise,
+                                                     frames_per_block=cfg["num_frame_per_block"],
+                                                     independent_first_frame=cfg["independent_first_frame"],
+                                                     window=cfg["kv_cache_window"])
+                return sample_blocks(predict, write, noise, self.steps, blocks, context_noise=cfg["context_noise"],
+                                     generator=generator)
+
+            def predict_x0(x, t):
+                if not use_cfg:
+                    return flow_to_x0(x, flow(x, t, cond), t)
+                both = self.family.concat_conditions([cond, self.family.repeat_condition(uncond, x.shape[0])])
+                c, u = flow(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+                return flow_to_x0(x, guided(c, u, guidance_scale), t)
+
+            return sample_with_schedule(predict_x0, noise, self.steps, generator)
+
+        return sampler
+
+    @hookimpl
+    def distill_scheduler(self):
+        from ...fewstep_scheduler import FewStepFlowScheduler
+
+        return FewStepFlowScheduler(few_step_timesteps=list(self.steps))
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @hookimpl
+    def distill_save_state(self, checkpoint_dir: Path) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        folder = Path(checkpoint_dir) / "ode_init"
+        folder.mkdir(parents=True, exist_ok=True)
+        shape = self.pair_source.shape
+        (folder / "state.json").write_text(json.dumps({"updates": self.updates,
+                                                       "pair_shape": None if shape is None else list(shape)}))
+
+    @hookimpl
+    def distill_load_state(self, checkpoint_dir: Path) -> None:
+        path = Path(checkpoint_dir) / "ode_init" / "state.json"
+        if not path.is_file():
+            raise UserError(f"checkpoint {checkpoint_dir} has no ode_init/state.json: it was not written by an "
+                            f"ode_init run")
+        meta = json.loads(path.read_text())
+        self.updates = int(meta["updates"])
+        self.pair_source.restore_shape(meta.get("pair_shape"))
