@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="run the reference host trainer on a SimpleTuner config.json")
     p.add_argument("--config", required=True, type=Path)
 
-    p = sub.add_parser("sample", help="sample a student output folder through the stock diffusers pipeline")
+    p = sub.add_parser("sample", help="sample a student output folder through the stock diffusers pipeline (a block-causal "
+                       "student: streamed block by block)")
     p.add_argument("--base", required=True, help="the base pipeline folder (or a hub id)")
     p.add_argument("--student", required=True, type=Path, help="the student output folder (output_dir)")
     p.add_argument("--out", required=True, type=Path, help="where the samples go")

@@ -10,6 +10,14 @@ one row per seed, teacher | student, first frames.
 
 The fresh noise a few-step scheduler draws comes from ``scheduler.generator``, seeded per sample, so a seed gives
 the same sample on every run (and the same as the reference host's validation for its seed).
+
+A **block-causal student** (the export's ``simpletuner_dmd.json`` has ``streaming``: its family is causal) must not
+run through the stock pipeline, which would run it bidirectionally. It streams instead: the family loads the base
+network (with its block-causal switch), the student's LoRA goes onto it, and ``fewstep_sampling.sample_blocks``
+generates block by block through the KV cache (``num_frame_per_block``, ``independent_first_frame``,
+``context_noise``, ``kv_cache_window`` as trained). Each block is decoded as soon as it is done (the latents so far:
+Wan's VAE is causal in time, so earlier frames do not change) and its new frames are written as
+``frame-NNN.png`` at once; ``--frames`` may exceed the training length (the rolling cache window bounds the context).
 """
 
 from __future__ import annotations
@@ -64,18 +72,16 @@ def student_info(folder: Path) -> dict[str, Any]:
 def _save(frames, folder: Path, fps: int) -> Path:
     """``frames`` (F, H, W, 3) floats in [0, 1] → PNGs, a GIF and an mp4 (F > 1); returns the file to show."""
     import imageio.v3 as iio
-    import numpy as np
     from PIL import Image
 
     from .atomic import write_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    pixels = (np.clip(np.asarray(frames, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
-    images = [Image.fromarray(frame) for frame in pixels]
-    for i, image in enumerate(images):
-        write_file(folder / f"frame-{i:03d}.png", lambda tmp, im=image: im.save(tmp, format="PNG"))
-    if len(images) == 1:
+    pixels = _to_bytes(frames)
+    _write_frames(frames, folder, first=0)
+    if len(pixels) == 1:
         return folder / "frame-000.png"
+    images = [Image.fromarray(frame) for frame in pixels]
     write_file(folder / "sample.gif", lambda tmp: images[0].save(
         tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0))
     even = pixels[:, : pixels.shape[1] // 2 * 2, : pixels.shape[2] // 2 * 2]  # yuv420p needs even sides
@@ -83,6 +89,12 @@ def _save(frames, folder: Path, fps: int) -> Path:
                                                              codec="libx264", plugin="pyav")
                if _has_pyav() else _ffmpeg_mp4(tmp, even, fps))
     return folder / "sample.gif"
+
+
+def _to_bytes(frames):
+    import numpy as np
+
+    return (np.clip(np.asarray(frames, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
 
 
 def _has_pyav() -> bool:
@@ -125,14 +137,12 @@ def sample(request: SampleRequest, *, log=print) -> list[Path]:
     from tqdm.auto import tqdm
 
     info = student_info(request.student)
+    if info.get("streaming"):
+        return sample_streaming(request, info, log=log)
     lora_folder = request.student / "ema" if request.ema else request.student
     if request.ema and not (lora_folder / "pytorch_lora_weights.safetensors").is_file():
         raise UserError(f"{request.student}: --ema, but the run kept no EMA (no ema/pytorch_lora_weights.safetensors)")
-    width = request.width or info.get("width")
-    height = request.height or info.get("height")
-    frames = request.frames or info.get("frames")
-    if not (width and height and frames):
-        raise UserError("sample: --width, --height and --frames are needed (the student folder does not say them)")
+    width, height, frames = _shape(request, info)
     device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         pipe = DiffusionPipeline.from_pretrained(request.base)
@@ -193,4 +203,91 @@ def sample(request: SampleRequest, *, log=print) -> list[Path]:
     return written
 
 
-__all__ = ["STUDENT_FILE", "SampleRequest", "sample", "student_info"]
+def _shape(request: SampleRequest, info: dict[str, Any]) -> tuple[int, int, int]:
+    width = request.width or info.get("width")
+    height = request.height or info.get("height")
+    frames = request.frames or info.get("frames")
+    if not (width and height and frames):
+        raise UserError("sample: --width, --height and --frames are needed (the student folder does not say them)")
+    return int(width), int(height), int(frames)
+
+
+def sample_streaming(request: SampleRequest, info: dict[str, Any], *, log=print) -> list[Path]:
+    """A block-causal student, streamed block by block through its KV cache (the module docstring); frames are
+    written as their block is done. Returns the samples written."""
+    import torch
+
+    from .fewstep_sampling import block_calls, sample_blocks
+    from .plugins import get_plugin_manager, registered_families
+
+    if request.teacher_steps:
+        raise UserError("sample: --teacher-steps is not supported for a block-causal (streaming) student; sample the "
+                        "teacher with the bidirectional family's student folder or the stock pipeline")
+    stream = info["streaming"]
+    families = registered_families(get_plugin_manager())
+    if info.get("family") not in families:
+        raise UserError(f"sample: the student's family {info.get('family')!r} is not installed")
+    family = families[info["family"]].cls()
+    lora_folder = request.student / "ema" if request.ema else request.student
+    if not (lora_folder / "pytorch_lora_weights.safetensors").is_file():
+        raise UserError(f"{lora_folder}: no pytorch_lora_weights.safetensors")
+    width, height, frames = _shape(request, info)
+    device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        network = family.load_network(request.base, dtype=torch.float32)
+        components = family.load_components(request.base, text_encoder_path=None, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"sample: cannot load the base model {request.base}: {str(exc).splitlines()[0]}") from None
+    network.load_lora_adapter(str(lora_folder), weight_name="pytorch_lora_weights.safetensors",
+                              prefix="transformer", adapter_name="student")
+    network.to(device).eval()
+    for module in (components.vae, components.text_encoder):
+        module.to(device)
+    shape = family.latent_shape(components, width=width, height=height, frames=frames)
+    steps = [int(t) for t in stream["timesteps"]]
+    written: list[Path] = []
+    for name, prompt in request.prompts.items():
+        cond = family.encode_prompts(components, [prompt], max_length=info.get("max_sequence_length"))
+        for seed in request.seeds:
+            folder = request.out / name / f"seed-{seed}" / "student"
+            folder.mkdir(parents=True, exist_ok=True)
+            generator = torch.Generator().manual_seed(seed)
+            noise = torch.randn((1, *shape), generator=generator).to(device)
+            flow = lambda x, t, c: family.predict_flow(network, x, t, c).float()  # noqa: E731
+            predict, write, blocks = block_calls(family, network, flow, cond, noise,
+                                                 frames_per_block=int(stream["num_frame_per_block"]),
+                                                 independent_first_frame=bool(stream["independent_first_frame"]),
+                                                 window=stream.get("kv_cache_window"))
+            done: list[torch.Tensor] = []
+            shown = [0]
+
+            def on_block(b: int, x0: torch.Tensor, folder=folder, done=done, shown=shown, blocks=blocks) -> None:
+                done.append(x0)
+                pixels = family.decode_latents(components, torch.cat(done, dim=2))[0]  # (3, F, H, W) in [0, 1]
+                new = pixels.permute(1, 2, 3, 0)[shown[0]:].cpu().numpy()
+                _write_frames(new, folder, first=shown[0])
+                log(f"{name} seed {seed}: block {b + 1}/{len(blocks)} → frames {shown[0]}–{shown[0] + len(new) - 1}")
+                shown[0] += len(new)
+
+            with torch.no_grad():
+                latents = sample_blocks(predict, write, noise, steps, blocks,
+                                        context_noise=float(stream["context_noise"]), generator=generator,
+                                        on_block=on_block)
+                video = family.decode_latents(components, latents)[0].permute(1, 2, 3, 0).cpu().numpy()
+            written.append(_save(video, folder, request.fps))
+    log(f"samples: {request.out}")
+    return written
+
+
+def _write_frames(frames, folder: Path, *, first: int) -> None:
+    """``frames`` (n, H, W, 3) in [0, 1] as ``frame-{first + i:03d}.png``, each written atomically."""
+    from PIL import Image
+
+    from .atomic import write_file
+
+    for i, frame in enumerate(_to_bytes(frames)):
+        image = Image.fromarray(frame)
+        write_file(folder / f"frame-{first + i:03d}.png", lambda tmp, im=image: im.save(tmp, format="PNG"))
+
+
+__all__ = ["STUDENT_FILE", "SampleRequest", "sample", "sample_streaming", "student_info"]

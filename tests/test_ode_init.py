@@ -106,6 +106,21 @@ def test_ode_init_then_dmd_through_init_lora(job, tmp_path, capsys):
     train(job(distillation_method="ode_init", distillation_config=keys, max_train_steps=3, **common))
     assert "resumed from" in capsys.readouterr().out and (out / "checkpoint-3").is_dir()
 
+    # the export says how the causal student must be run, and `sample` streams it block by block, longer than trained
+    from simpletuner_dmd.sample import SampleRequest, sample
+
+    info = json.loads((out / "simpletuner_dmd.json").read_text())
+    assert info["streaming"] == {"timesteps": [1000, 600, 300], "num_frame_per_block": 1,
+                                 "independent_first_frame": False, "context_noise": 0.0, "kv_cache_window": None}
+    assert "## Run it block by block" in (out / "README.md").read_text()
+    lines: list[str] = []
+    written = sample(SampleRequest(base=info["base_model"], student=out, out=tmp_path / "samples",
+                                   prompts={"cat": "a cat"}, seeds=[0], frames=9), log=lines.append)
+    assert [line.split(": ", 1)[1] for line in lines[:3]] == ["block 1/3 → frames 0–0", "block 2/3 → frames 1–4",
+                                                              "block 3/3 → frames 5–8"]
+    assert written == [tmp_path / "samples" / "cat" / "seed-0" / "student" / "sample.gif"]
+    assert len(list(written[0].parent.glob("frame-*.png"))) == 9
+
     first = tmp_path / "ode-init-student"
     out.rename(first)
     dmd = {**keys, "generator_update_interval": 1}

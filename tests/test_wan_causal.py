@@ -68,3 +68,20 @@ def test_block_rollout_pass_counts(tiny_wan, window, grad_blocks):
         "student_backward": 1, "teacher_forward": 1, "teacher_forward_samples": 2,
         "fake_score_forward": 2, "fake_score_forward_samples": 4, "fake_score_forward_with_grad": 1,
         "fake_score_backward": 1}
+
+
+def test_wan_vae_decodes_causally_in_time(tiny_wan):
+    """What streaming relies on: decoding the latents so far gives the same first frames as decoding the whole clip
+    (Wan's VAE is causal in time), so frames written as each block is done never change."""
+    import torch
+
+    from simpletuner_dmd.families.wan import WanFamily
+
+    family = WanFamily()
+    components = family.load_components(str(tiny_wan), text_encoder_path=None, dtype=torch.float32)
+    latents = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    full = family.decode_latents(components, latents)
+    for n, frames in ((1, 1), (2, 5)):
+        part = family.decode_latents(components, latents[:, :, :n])
+        assert part.shape[2] == frames
+        torch.testing.assert_close(part, full[:, :, :frames], atol=1e-6, rtol=0)

@@ -83,10 +83,21 @@ def _write_export(job: Any, export: Export, stage: Path, notes: list[str]) -> No
             "validation_prompt": host["validation_prompt"], "negative_prompt": host["validation_negative_prompt"],
             "original_lora": original_name, "ema": ema is not None,
             "max_sequence_length": host.get("tokenizer_max_length")}
+    stream = streaming_info(family, export)
+    if stream is not None:  # a block-causal student: `sample` streams it; a stock pipeline would run it wrongly
+        info["streaming"] = stream
     (stage / STUDENT_FILE).write_text(json.dumps(info, indent=1), encoding="utf-8")
     card = model_card(host=host, family=family, export=export, scheduler=scheduler, original_name=original_name,
                       out=out, has_ema=ema is not None)
     (stage / "README.md").write_text(card, encoding="utf-8")
+
+
+def streaming_info(family: Any, export: Export) -> dict[str, Any] | None:
+    """How a block-causal student must be run (the method's ``streaming(config)``), for a causal family only."""
+    describe = getattr(export.method_cls, "streaming", None)
+    if not getattr(family, "causal", False) or describe is None:
+        return None
+    return describe(export.method_config)
 
 
 def original_lora_name(family_name: str, method_name: str | None, scheduler: Any, rank: int) -> str:
@@ -166,6 +177,22 @@ def model_card(*, host: dict, family: Any, export: Export, scheduler: Any, origi
         for note in (notes(export.method_config) if notes else []):
             lines += [note, ""]
 
+    stream = streaming_info(family, export)
+    if stream is not None:
+        lines += ["## Run it block by block (block-causal student)", "",
+                  f"This student was trained block-causally (family `{family.name}`): it generates the video block by "
+                  "block, each block attending to the blocks before it through a KV cache. A stock pipeline runs the "
+                  "network bidirectionally (every frame attending to every frame), which is not how this student was "
+                  "trained: its samples there are not this student's. Stream it instead (frames are written as each "
+                  "block is done; `--frames` may exceed the training length):", "", "```bash",
+                  f"simpletuner-dmd sample --base {json.dumps(base)} --student path/to/this/folder \\",
+                  f"    --prompt {json.dumps(host['validation_prompt'] or 'a prompt')} --out samples/", "```", "",
+                  "| streaming setting | value |", "| --- | --- |",
+                  f"| timesteps per block | {', '.join(f'{t:g}' for t in stream['timesteps'])} |",
+                  f"| latent frames per block | {stream['num_frame_per_block']}"
+                  + (" (the first frame alone)" if stream["independent_first_frame"] else "") + " |",
+                  f"| context written to the KV cache at timestep | {stream['context_noise']:g} |",
+                  f"| KV cache window (latent frames) | {stream['kv_cache_window'] or 'all'} |", ""]
     pipeline_cls = getattr(family, "pipeline_class", "DiffusionPipeline")
     lines += ["## Use it in diffusers", "", "```python", "import torch", f"from diffusers import {pipeline_cls}"]
     if scheduler is not None:

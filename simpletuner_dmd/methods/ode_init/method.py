@@ -80,6 +80,14 @@ class ODEInit:
         return ["This student is the ODE-initialised first stage: distil it further with distillation_method dmd and "
                 "the same distillation_config, starting from these weights (the reference host's init_lora)."]
 
+    @staticmethod
+    def streaming(config: dict[str, Any]) -> dict[str, Any]:
+        """How a block-causal student of this config must be run (the export writes it for a causal family, and
+        ``simpletuner-dmd sample`` streams with it): its timesteps and block layout, the context noise, the cache."""
+        return {"timesteps": list(config["dmd_denoising_steps"]), "num_frame_per_block": config["num_frame_per_block"],
+                "independent_first_frame": config["independent_first_frame"],
+                "context_noise": config["context_noise"], "kv_cache_window": config["kv_cache_window"]}
+
     def __init__(self, config: dict[str, Any]):
         self.cfg = config
         self.steps: list[int] = list(config["dmd_denoising_steps"])
