@@ -539,11 +539,39 @@ def _case_b_expected(run_case_b) -> int | None:
 # --------------------------------------------------------------------------- main
 
 
+# The case A side tables, each its own script with its own results files in --out (the commands their docs name):
+# case name → (module, its arguments; --out and --cache are passed through, --jobs where the script takes it).
+SIDE_CASES: dict[str, tuple[str, list[str], bool]] = {
+    "guided": ("benchmarks.gmm_guided", ["--steps", "4000", "--seeds", "3"], True),  # issue 15 item 3
+    "mixtures": ("benchmarks.gmm_mixtures", ["--seeds", "1", "--steps", "2000"], False),  # item 4
+    "regression": ("benchmarks.gmm_regression", [], True),  # item 2: the regression term's weights
+}
+
+
+def run_side_case(name: str, args) -> float:
+    """One side table through its script's ``main``; returns the seconds it took."""
+    import importlib
+
+    module, extra, takes_jobs = SIDE_CASES[name]
+    argv = [*extra, "--out", str(args.out), "--cache", str(args.cache)] + (
+        ["--jobs", str(args.jobs)] if takes_jobs else []) + (["--no-plots"] if args.no_plots and name != "regression"
+                                                               else [])
+    start = time.time()
+    log(f"case {name}: python -m {module} {' '.join(argv)}")
+    status = importlib.import_module(module).main(argv)
+    if status:
+        raise SystemExit(f"case {name}: python -m {module} exited with {status}")
+    seconds = time.time() - start
+    log(f"case {name}: done in {seconds:.0f} s")
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--cache", type=Path, default=HERE / ".cache", help="fitted/trained teachers (reused)")
-    parser.add_argument("--cases", default="a,b", help="a, b or a,b")
+    parser.add_argument("--cases", default="a,b", help="comma-separated: a, b, and case A's side tables guided, "
+                        "mixtures, regression (their own scripts and results files); all: every one")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--gmm-steps", type=int, default=2000, help="case A optimizer steps per student")
     parser.add_argument("--no-ablations", action="store_true", help="case A: only the issue's rows")
@@ -557,10 +585,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="case A: runs (row, seed) in this many processes")
     parser.add_argument("--no-plots", action="store_true", help="only results.json and results.md (no matplotlib)")
     args = parser.parse_args(argv)
-    cases = set(args.cases.split(","))
-    if not cases or not cases <= {"a", "b"}:
-        parser.error(f"--cases: a, b or a,b (got {args.cases!r})")
-    missing = missing_requirements(cases, plots=not args.no_plots)
+    known = {"a", "b", *SIDE_CASES}
+    cases = known if args.cases == "all" else set(args.cases.split(","))
+    if not cases or not cases <= known:
+        parser.error(f"--cases: some of {', '.join(sorted(known))}, or all (got {args.cases!r})")
+    missing = missing_requirements({"a" if c in SIDE_CASES else c for c in cases}, plots=not args.no_plots)
     if missing:  # before any work, not after it
         print(missing_line(missing), file=sys.stderr)
         return 2
@@ -607,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as write_error:  # e.g. a full disk: the rows written so far stay as they were
             print(f"error: could not mark the results as stopped: {write_error}", file=sys.stderr)
         raise
+    side = {name: run_side_case(name, args) for name in SIDE_CASES if name in cases}
     status = 0
     for path, draw in plots:
         try:
@@ -615,6 +645,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: plot {path} failed ({type(exc).__name__}: {exc}); results.json and results.md are "
                   f"complete", file=sys.stderr)
             status = 1
+    for name, seconds in side.items():
+        log(f"case {name}: {seconds:.0f} s ({SIDE_CASES[name][0]}: its own .json/.md in {args.out})")
     log(f"done in {time.time() - start:.0f} s: {args.out / 'results.md'}")
     print(markdown(results))
     return status
