@@ -14,7 +14,9 @@ from typing import Any, Callable
 
 import torch
 
+from simpletuner_dmd.families.block_causal import BlockCausalWan
 from simpletuner_dmd.families.wan import WAN21_1_3B, WAN21_14B, WanFamily
+from simpletuner_dmd.families.wan_causal import WanCausalFamily
 from simpletuner_dmd.hosts.reference import trainer as T
 from simpletuner_dmd.hosts.reference.host_schema import HOST_SCHEMA
 from simpletuner_dmd.methods.dmd.config import DMD_SCHEMA
@@ -28,7 +30,10 @@ CPU_MID = dict(patch_size=(1, 2, 2), num_attention_heads=8, attention_head_dim=6
                qk_norm="rms_norm_across_heads", rope_max_seq_len=64)  # 35M parameters: weights matter, as at scale
 TINY = dict(CPU_MID, num_attention_heads=2, attention_head_dim=16, ffn_dim=32, num_layers=2, text_dim=32)
 
-KINDS = ("lora", "dmd", "dmd_full")  # plain LoRA fine-tuning; DMD with the fake score as an adapter; as a full copy
+# plain LoRA fine-tuning; DMD with the fake score as an adapter; as a full copy; DMD's Self-Forcing rollout on the
+# block-causal family (fake score an adapter; blocks of CAUSAL_BLOCK latent frames through the KV cache)
+KINDS = ("lora", "dmd", "dmd_full", "dmd_causal")
+CAUSAL_BLOCK = 2
 
 
 @dataclass
@@ -44,26 +49,31 @@ class Setup:
 
 
 def build(kind: str, *, config: dict, latent_shape: tuple, text_shape: tuple, quantize: bool, checkpointing: bool,
-          rank: int, dtype: torch.dtype, device: str, seed: int = 0) -> Setup:
+          rank: int, dtype: torch.dtype, device: str, seed: int = 0, frames_per_block: int = CAUSAL_BLOCK) -> Setup:
     from accelerate import Accelerator
     from diffusers import WanTransformer3DModel
 
     accelerator = Accelerator(cpu=device == "cpu")
     host = {**HOST_SCHEMA.defaults(), "lora_rank": rank, "lora_alpha": rank, "gradient_checkpointing": checkpointing,
             "base_model_precision": "int8-quanto" if quantize else "no_change"}
-    family = WanFamily(autocast_dtype=None if dtype == torch.float32 else dtype)
+    causal = kind == "dmd_causal"
+    family_cls = WanCausalFamily if causal else WanFamily
+    family = family_cls(autocast_dtype=None if dtype == torch.float32 else dtype)
 
     def new_network() -> torch.nn.Module:
         torch.manual_seed(seed)  # every copy starts from the same random weights
         with torch.device(device):
             network = WanTransformer3DModel(**config).to(dtype)
+        if causal:  # as the wan-causal family's load_network does
+            network.block_causal = BlockCausalWan(network)
         return network.requires_grad_(False)
 
     models = T.build_models(host, family, accelerator, new_network=new_network, distilling=kind != "lora")
     method = None
     if kind != "lora":
         cfg, problems, _ = DMD_SCHEMA.validate(
-            {"last_step_only": True, "fake_score_type": "full" if kind == "dmd_full" else "lora"},
+            {"last_step_only": True, "fake_score_type": "full" if kind == "dmd_full" else "lora",
+             **({"num_frame_per_block": frames_per_block} if causal else {})},
             prefix="distillation_config")
         assert not problems, problems
         method = DMD(cfg)

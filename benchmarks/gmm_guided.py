@@ -207,16 +207,6 @@ def plot(path: Path, samples: dict, mixture) -> None:
     plt.close(fig)
 
 
-def _map(fn, tasks: list, jobs: int):
-    if jobs <= 1:
-        yield from map(fn, tasks)
-        return
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(jobs) as pool:
-        yield from pool.map(fn, tasks)
-
-
 def main(argv: list[str] | None = None) -> int:
     from . import gmm
 
@@ -260,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [(f"DMD {student}, {variant}", variant, steps, seed, folder, args.steps)
              for student, steps in students.items() for variant in variants for seed in range(args.seeds)]
     pending: dict[str, list] = {}
+    from .quality import _map  # in order, in --jobs processes
+
     for name, seed, seconds, m, x in _map(_run, tasks, args.jobs):
         log(f"{name}, seed {seed}: {seconds:.0f} s, ED {m['energy_distance']:.2e}, precision {m['precision']:.3f}, "
             f"accuracy {m['class_accuracy']:.3f}, radius {m['radius']:.3f}")

@@ -36,11 +36,13 @@ MODELS = {
     "tiny": (TINY, (1, 16, 3, 8, 8), (1, 8, 32)),
 }
 KINDS = {"lora": "plain LoRA fine-tuning", "dmd": "DMD, fake score = adapter on the shared base",
-         "dmd_full": "DMD, fake score = full trainable copy"}
+         "dmd_full": "DMD, fake score = full trainable copy",
+         "dmd_causal": "DMD, Self-Forcing rollout (wan-causal, blocks of 3 latent frames, KV cache), adapter on the "
+                       "shared base"}
 RESULTS = Path(__file__).parent / "results"
 
 
-DEFAULT_RUNS = ("14b:dmd", "14b:lora", "1.3b:dmd", "1.3b:lora", "1.3b:dmd_full", "14b:dmd_full")
+DEFAULT_RUNS = ("14b:dmd", "14b:lora", "1.3b:dmd", "1.3b:lora", "1.3b:dmd_causal", "1.3b:dmd_full", "14b:dmd_full")
 
 
 def run_one(model: str, kind: str, steps: int, device: str, rank: int, memory_cap_gib: float | None = None,
@@ -62,7 +64,7 @@ def run_one(model: str, kind: str, steps: int, device: str, rank: int, memory_ca
     torch.set_default_dtype(dtype)  # build the weights in bf16 directly: a fp32 14B would not fit beside its copy
     try:
         with quiet():
-            setup = build(kind, config=config, latent_shape=latents, text_shape=text, quantize=True,
+            setup = build(kind, config=config, latent_shape=latents, text_shape=text, quantize=True, frames_per_block=3,
                           checkpointing=True, rank=rank, dtype=dtype, device=device)
     finally:
         torch.set_default_dtype(previous)

@@ -33,6 +33,8 @@ CONFIGS = [  # (label, kind, int8 base)
     ("plain LoRA fine-tuning, int8 base", "lora", True),
     ("DMD, adapter on the shared base, int8 base", "dmd", True),
     ("DMD, full copy, int8 base", "dmd_full", True),
+    ("DMD, Self-Forcing rollout (wan-causal, blocks of 2 latent frames, KV cache), adapter on the shared base",
+     "dmd_causal", False),
 ]
 RESULTS = Path(__file__).parent / "results"
 
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=sorted(MODELS), default="mid")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on (default off)")
-    parser.add_argument("--memory-of", choices=("lora", "dmd", "dmd_full"), help=argparse.SUPPRESS)
+    parser.add_argument("--memory-of", choices=("lora", "dmd", "dmd_full", "dmd_causal"), help=argparse.SUPPRESS)
     parser.add_argument("--int8", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.repeats):
         for label, setup in setups.items():
             step_times[label].append(timed(lambda s=setup: train_step(s, 2 + r), "cpu"))
-            if setup.method is not None:
+            if setup.method is not None and setup.kind != "dmd_causal":  # the bidirectional iteration's passes
                 for name, (fn, _count) in unavoidable_passes(setup).items():
                     pass_times.setdefault(label, {}).setdefault(name, []).append(timed(fn, "cpu"))
         print(f"repeat {r + 1}/{args.repeats} done", flush=True)
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, kind, quant in CONFIGS:
         row = {"config": label, "kind": kind, "int8": quant, "step_s": statistics.median(step_times[label]),
                "step_s_all": step_times[label]}
+        if setups[label].method is not None:  # network passes of the last step, by role (the method's counter)
+            row["passes_per_step"] = dict(setups[label].method.last_step_passes)
         if label in pass_times:
             counts = {name: count for name, (_fn, count) in unavoidable_passes(setups[label]).items()}
             passes = {name: statistics.median(times) for name, times in pass_times[label].items()}
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     by = {r["config"]: r for r in rows}
     lora, dmd, full = (by[c[0]] for c in CONFIGS[:3])
-    lora8, dmd8, full8 = (by[c[0]] for c in CONFIGS[3:])
+    lora8, dmd8, full8 = (by[c[0]] for c in CONFIGS[3:6])
     summary = {
         "dmd_step_over_unavoidable_passes": dmd["step_over_unavoidable"],
         "dmd_int8_step_over_unavoidable_passes": dmd8["step_over_unavoidable"],
@@ -134,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         "full_copy_int8_peak_over_shared_base_peak": full8["peak_growth_mb"] / dmd8["peak_growth_mb"],
         "full_copy_step_over_shared_base_step": full["step_s"] / dmd["step_s"],
     }
+    causal = next((r for r in rows if r["kind"] == "dmd_causal"), None)
+    if causal is not None:
+        summary.update(causal_step_over_bidirectional_step=causal["step_s"] / dmd["step_s"],
+                       causal_peak_over_bidirectional_peak=causal["peak_growth_mb"] / dmd["peak_growth_mb"])
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
            "processor": platform.processor(), "model": args.model, "repeats": args.repeats,
            "checkpointing": args.checkpointing, "command": "python -m benchmarks.step_cost " + " ".join(argv or sys.argv[1:])}
@@ -167,6 +175,16 @@ def _markdown(rows, summary, env) -> str:
               f"| peak memory, DMD full copy ÷ shared base | {summary['full_copy_peak_over_shared_base_peak']:.2f} "
               f"(int8: {summary['full_copy_int8_peak_over_shared_base_peak']:.2f}) | — |",
               f"| step time, DMD full copy ÷ shared base | {summary['full_copy_step_over_shared_base_step']:.2f} | — |"]
+    causal = next((r for r in rows if r["kind"] == "dmd_causal"), None)
+    if causal is not None:
+        lines += [f"| step time, Self-Forcing rollout ÷ bidirectional DMD | "
+                  f"{summary['causal_step_over_bidirectional_step']:.2f} | — |",
+                  f"| peak memory, Self-Forcing rollout ÷ bidirectional DMD | "
+                  f"{summary['causal_peak_over_bidirectional_peak']:.2f} | — |", "",
+                  "Network passes of one step, by role (the methods' own counters; the rollout exits at the last step):",
+                  "", "| pass | bidirectional DMD | Self-Forcing rollout |", "| --- | --- | --- |"]
+        for name in sorted(set(dmd["passes_per_step"]) | set(causal["passes_per_step"])):
+            lines.append(f"| {name} | {dmd['passes_per_step'].get(name, 0)} | {causal['passes_per_step'].get(name, 0)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -2,6 +2,8 @@
 
 - ``sample_with_schedule``: a bidirectional student through its K timesteps (x̂0, re-noised with fresh noise to the
   next step), what DMD's and ``ode_init``'s samplers and the few-step scheduler do;
+- ``few_step_sampler``: the ``distill_sampler`` of a method whose student samples this way (DMD, ``ode_init``), with
+  CFG on the student when a host asks for it (bidirectional only);
 - ``block_calls`` and ``sample_blocks``: a block-causal student (a family with ``causal = True`` and
   ``block_causal(network)``) streaming block by block through a KV cache — each block through all K timesteps, then
   written into the cache re-noised to ``context_noise``; ``window`` (latent frames) bounds the cache for clips longer
@@ -14,7 +16,8 @@ from typing import Any, Callable
 
 import torch
 
-from .flow import T_MAX, flow_to_x0
+from .errors import UserError
+from .flow import T_MAX, flow_to_x0, guided
 
 PredictX0 = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PredictBlock = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
@@ -84,3 +87,44 @@ def sample_blocks(predict_block: PredictBlock, write_context: WriteContext, nois
                 context = ((1.0 - sigma) * x0.float() + sigma * eps).to(noise.dtype)
                 write_context(context, torch.full((batch,), float(context_noise), device=noise.device), start, end)
     return torch.cat(outputs, dim=2)
+
+
+def few_step_sampler(family: Any, network: torch.nn.Module,
+                     flow: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor], steps: list[int], *,
+                     causal: bool, frames_per_block: int, independent_first_frame: bool, context_noise: float,
+                     window: int | None):
+    """A ``Sampler`` ``(noise, cond, uncond, guidance_scale, generator) → x̂0`` of the student ``flow``: through
+    ``steps`` (``sample_with_schedule``), or, for a ``causal`` family, streamed block by block (``sample_blocks``).
+    A guidance other than 0 or 1 with an uncond runs CFG on the student (cond and uncond as one batch); a block-causal
+    student refuses it (one error line: its guidance is distilled)."""
+
+    def sampler(noise, cond, uncond, guidance_scale, generator):
+        use_cfg = uncond is not None and guidance_scale not in (0.0, 1.0)
+        if causal:
+            if use_cfg:
+                raise UserError("validation_guidance: CFG on a block-causal student is not supported; sample it at "
+                                "guidance 1 (the teacher's guidance is distilled into it)")
+            predict, write, blocks = block_calls(family, network, flow, cond, noise, frames_per_block=frames_per_block,
+                                                 independent_first_frame=independent_first_frame, window=window)
+            return sample_blocks(predict, write, noise, steps, blocks, context_noise=context_noise,
+                                 generator=generator)
+
+        def predict_x0(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if not use_cfg:
+                return flow_to_x0(x, flow(x, t, cond), t)
+            both = family.concat_conditions([cond, family.repeat_condition(uncond, x.shape[0])])
+            c, u = flow(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+            return flow_to_x0(x, guided(c, u, guidance_scale), t)
+
+        return sample_with_schedule(predict_x0, noise, steps, generator)
+
+    return sampler
+
+
+def streaming_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """What running a block-causal student of a ``distillation_config`` needs (DMD's key names: the export writes it
+    into ``simpletuner_dmd.json`` for a causal family, and ``simpletuner-dmd sample`` streams with it): its
+    timesteps, block layout, context noise and cache window."""
+    return {"timesteps": list(config["dmd_denoising_steps"]), "num_frame_per_block": config["num_frame_per_block"],
+            "independent_first_frame": config["independent_first_frame"],
+            "context_noise": config["context_noise"], "kv_cache_window": config["kv_cache_window"]}

@@ -37,7 +37,7 @@ from ...types import Batch, RunContext, StepInfo, StepLoss
 from . import gan as G
 from . import loss as L
 from .config import DMD_SCHEMA, block_key_warnings
-from ...fewstep_sampling import block_calls, sample_blocks, sample_with_schedule
+from ...fewstep_sampling import block_calls, few_step_sampler, streaming_settings
 from .rollout import Rollout, backward_simulation, block_backward_simulation, draw_block_exits, draw_exit_index
 
 FAKE_ADAPTER = "fake_score"
@@ -107,11 +107,8 @@ class DMD:
 
     @staticmethod
     def streaming(config: dict[str, Any]) -> dict[str, Any]:
-        """How a block-causal student of this config must be run (the export writes it for a causal family, and
-        ``simpletuner-dmd sample`` streams with it): its timesteps and block layout, the context noise, the cache."""
-        return {"timesteps": list(config["dmd_denoising_steps"]), "num_frame_per_block": config["num_frame_per_block"],
-                "independent_first_frame": config["independent_first_frame"],
-                "context_noise": config["context_noise"], "kv_cache_window": config["kv_cache_window"]}
+        """How a block-causal student of this config must be run (``fewstep_sampling.streaming_settings``)."""
+        return streaming_settings(config)
 
     def __init__(self, config: dict[str, Any]):
         self.cfg = config
@@ -439,24 +436,13 @@ class DMD:
 
     @hookimpl
     def distill_sampler(self):
-        def sampler(noise, cond, uncond, guidance_scale, generator):
-            predict = sample_predict = self._student_x0(cond, sampling=True)
-            if uncond is not None and guidance_scale not in (0.0, 1.0):
-                def predict(x, t, _cond=cond):  # noqa: F811 — CFG on the student when the host asks for it
-                    both = self.family.concat_conditions([_cond, self.family.repeat_condition(uncond, x.shape[0])])
-                    c, u = self.nets.sample_flow(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-                    return flow_to_x0(x, L.guided(c, u, guidance_scale), t)
-            if self.causal:  # streaming: block by block through the KV cache, as the student was trained
-                block_predict, write, blocks = self._causal_calls(cond, noise, sampling=True,
-                                                                  window=self.cfg["kv_cache_window"])
-                if predict is not sample_predict:
-                    raise UserError("validation_guidance: CFG on a block-causal DMD student is not supported; "
-                                    "sample it at guidance 1 (the teacher's guidance is distilled into it)")
-                return sample_blocks(block_predict, write, noise, self.steps, blocks,
-                                     context_noise=self.cfg["context_noise"], generator=generator)
-            return sample_with_schedule(predict, noise, self.steps, generator)
-
-        return sampler
+        """The student through its ``dmd_denoising_steps`` (``fewstep_sampling.few_step_sampler``); a block-causal
+        family's student streamed block by block through the KV cache, as it was trained."""
+        cfg = self.cfg
+        return few_step_sampler(self.family, self.student, self.nets.sample_flow, self.steps, causal=self.causal,
+                                frames_per_block=cfg["num_frame_per_block"],
+                                independent_first_frame=cfg["independent_first_frame"],
+                                context_noise=cfg["context_noise"], window=cfg["kv_cache_window"])
 
     @hookimpl
     def distill_scheduler(self):

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 
 from ...errors import UserError
-from ...fewstep_sampling import block_calls, sample_blocks, sample_with_schedule
-from ...flow import T_MAX, flow_to_x0, guided
+from ...fewstep_sampling import few_step_sampler, streaming_settings
+from ...flow import T_MAX, flow_to_x0
 from ...hookspecs import hookimpl
 from ...networks import Networks
 from ...passes import PassCounter
@@ -82,11 +82,8 @@ class ODEInit:
 
     @staticmethod
     def streaming(config: dict[str, Any]) -> dict[str, Any]:
-        """How a block-causal student of this config must be run (the export writes it for a causal family, and
-        ``simpletuner-dmd sample`` streams with it): its timesteps and block layout, the context noise, the cache."""
-        return {"timesteps": list(config["dmd_denoising_steps"]), "num_frame_per_block": config["num_frame_per_block"],
-                "independent_first_frame": config["independent_first_frame"],
-                "context_noise": config["context_noise"], "kv_cache_window": config["kv_cache_window"]}
+        """How a block-causal student of this config must be run (``fewstep_sampling.streaming_settings``)."""
+        return streaming_settings(config)
 
     def __init__(self, config: dict[str, Any]):
         self.cfg = config
@@ -159,32 +156,13 @@ class ODEInit:
 
     @hookimpl
     def distill_sampler(self):
+        """The student through its ``dmd_denoising_steps`` (``fewstep_sampling.few_step_sampler``); a block-causal
+        family's student streamed block by block through the KV cache, as it was trained."""
         cfg = self.cfg
-
-        def sampler(noise, cond, uncond, guidance_scale, generator):
-            flow = lambda x, t, c: self.nets.sample_flow(x, t, c)  # noqa: E731
-            use_cfg = uncond is not None and guidance_scale not in (0.0, 1.0)
-            if self.causal:
-                if use_cfg:
-                    raise UserError("validation_guidance: CFG on a block-causal student is not supported; sample it "
-                                    "at guidance 1 (the teacher's guidance is distilled into it)")
-                predict, write, blocks = block_calls(self.family, self.student, flow, cond, noise,
-                                                     frames_per_block=cfg["num_frame_per_block"],
-                                                     independent_first_frame=cfg["independent_first_frame"],
-                                                     window=cfg["kv_cache_window"])
-                return sample_blocks(predict, write, noise, self.steps, blocks, context_noise=cfg["context_noise"],
-                                     generator=generator)
-
-            def predict_x0(x, t):
-                if not use_cfg:
-                    return flow_to_x0(x, flow(x, t, cond), t)
-                both = self.family.concat_conditions([cond, self.family.repeat_condition(uncond, x.shape[0])])
-                c, u = flow(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-                return flow_to_x0(x, guided(c, u, guidance_scale), t)
-
-            return sample_with_schedule(predict_x0, noise, self.steps, generator)
-
-        return sampler
+        return few_step_sampler(self.family, self.student, self.nets.sample_flow, self.steps, causal=self.causal,
+                                frames_per_block=cfg["num_frame_per_block"],
+                                independent_first_frame=cfg["independent_first_frame"],
+                                context_noise=cfg["context_noise"], window=cfg["kv_cache_window"])
 
     @hookimpl
     def distill_scheduler(self):
