@@ -3,7 +3,8 @@
 Case A (``benchmarks/gmm.py``): a 2-D Gaussian mixture whose teacher is exact, through the example family plugin
 (``pip install -e examples/gmm_family``) and the public hooks; DMD rows, and LCM and DCM rows for comparison
 (``--rows lcm,dcm`` runs only those). Case B (``benchmarks/digits.py``): a small Wan transformer
-trained on scikit-learn's digits, distilled with the reference host trainer.
+trained on scikit-learn's digits, distilled with the reference host trainer. Case C (``benchmarks/moving_digits.py``,
+``--cases c``): moving digits video, a bidirectional teacher and a causal (Self-Forcing) student.
 
 Writes ``results.json``, ``results.md`` and PNG plots into ``--out`` (default ``benchmarks/results/quality``). Every row
 is run with ``--seeds`` seeds (default 3) and reported as mean ± sd. Not part of CI; ``tests/test_quality_smoke.py`` runs
@@ -393,9 +394,16 @@ def _case_b_markdown(b: dict) -> list[str]:
     return _provenance(b) + digits_markdown(b)
 
 
+def _case_c_markdown(c: dict) -> list[str]:
+    from .moving_digits import markdown as moving_markdown
+
+    return _provenance(c) + moving_markdown(c)
+
+
 CASES = {  # key in results.json: (label, title, its own table)
     "case_a": ("case A", "Case A — 8-mode ring, exact teacher", _case_a_markdown),
     "case_b": ("case B", "Case B — digits through the Wan family", _case_b_markdown),
+    "case_c": ("case C", "Case C — moving digits video, a causal student", _case_c_markdown),
 }
 
 
@@ -453,8 +461,8 @@ def missing_requirements(cases: set[str], plots: bool) -> list[tuple[str, str, s
     missing = []
     if plots and _import_problem("matplotlib"):
         missing.append(("matplotlib", "the plots; --no-plots skips them", BENCH_INSTALL))
-    if "b" in cases and _import_problem("scipy.linalg"):
-        missing.append(("scipy", "case B's digits FD", BENCH_INSTALL))
+    if cases & {"b", "c"} and _import_problem("scipy.linalg"):
+        missing.append(("scipy", "the digits FD of cases B and C", BENCH_INSTALL))
     if "a" in cases:
         problem = _gmm_family_problem()
         if problem:
@@ -570,8 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--cache", type=Path, default=HERE / ".cache", help="fitted/trained teachers (reused)")
-    parser.add_argument("--cases", default="a,b", help="comma-separated: a, b, and case A's side tables guided, "
-                        "mixtures, regression (their own scripts and results files); all: every one")
+    parser.add_argument("--cases", default="a,b", help="comma-separated: a, b, c (moving digits video), and case A's "
+                        "side tables guided, mixtures, regression (their own scripts and results files); all: every "
+                        "one")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--gmm-steps", type=int, default=2000, help="case A optimizer steps per student")
     parser.add_argument("--no-ablations", action="store_true", help="case A: only the issue's rows")
@@ -585,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="case A: runs (row, seed) in this many processes")
     parser.add_argument("--no-plots", action="store_true", help="only results.json and results.md (no matplotlib)")
     args = parser.parse_args(argv)
-    known = {"a", "b", *SIDE_CASES}
+    known = {"a", "b", "c", *SIDE_CASES}
     cases = known if args.cases == "all" else set(args.cases.split(","))
     if not cases or not cases <= known:
         parser.error(f"--cases: some of {', '.join(sorted(known))}, or all (got {args.cases!r})")
@@ -600,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
                   "machine": f"{platform.machine()} CPU, torch {torch.__version__}, {args.threads} thread(s)"}
     # A case not run this time keeps its last results (each case records its own command, machine and time).
     stored = args.out / "results.json"
-    results = {k: v for k, v in json.loads(stored.read_text()).items() if k in ("case_a", "case_b")} \
+    results = {k: v for k, v in json.loads(stored.read_text()).items() if k in CASES} \
         if stored.is_file() else {}
     writer = ResultsFile(args.out, results)
     plots: list = []  # (path, draw): drawn last, once every result is written
@@ -630,6 +639,14 @@ def main(argv: list[str] | None = None) -> int:
                                        student_steps=args.digits_student_steps, plots=not args.no_plots, **extra)
             case_b.update(provenance, seconds=time.time() - start_b)
             writer.finish("case_b", case_b)
+        if "c" in cases:
+            from . import moving_digits
+
+            start_c = time.time()
+            on_row = writer.start("case_c", expected=moving_digits.EXPECTED_ROWS, provenance=provenance)
+            case_c = moving_digits.run_case_c(args.out, cache=args.cache, on_row=on_row, plots=not args.no_plots)
+            case_c.update(provenance, seconds=time.time() - start_c)
+            writer.finish("case_c", case_c)
     except BaseException as exc:  # Ctrl-C or an error: the finished rows stay, and say the run stopped
         try:
             writer.stopped(type(exc).__name__ + (f": {' '.join(str(exc).split())}" if str(exc) else ""))

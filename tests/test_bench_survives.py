@@ -63,7 +63,7 @@ def test_a_missing_scipy_and_gmm_family_are_named_on_the_same_line(no_cases, mon
     monkeypatch.setattr(quality, "_gmm_family_problem", lambda: "no simpletuner_dmd entry point registers it")
     assert quality.main(_args(tmp_path, "--cases", "a,b", "--no-plots")) == 2
     (line,) = capsys.readouterr().err.splitlines()
-    assert "scipy (case B's digits FD)" in line and "the gmm family plugin (case A" in line
+    assert "scipy (the digits FD of cases B and C)" in line and "the gmm family plugin (case A" in line
     assert "matplotlib" not in line  # --no-plots: not needed
     assert line.endswith("Install with: pip install -e '.[bench]' && pip install -e examples/gmm_family")
 

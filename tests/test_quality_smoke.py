@@ -159,3 +159,30 @@ def test_the_digits_pipeline_runs_end_to_end(tmp_path):
     assert set(targets["DMD 3-step (1000,757,522), guidance 1"]) >= {"fd / teacher-50", "class_tv / teacher-50",
                                                                      "diversity / teacher-50"}
     assert digits.markdown({**result, "rows": {**rows}})
+
+
+@pytest.mark.slow  # case C shrunk: a few clips, a few steps of every stage, a handful of ODE pairs
+def test_the_moving_digits_pipeline_runs_end_to_end(tmp_path):
+    from benchmarks import moving_digits as C
+
+    torch.set_num_threads(1)
+    seen = []
+    result = C.run_case_c(tmp_path, cache=tmp_path / "cache", vae_steps=2, teacher_steps=2, ode_steps=2, dmd_steps=2,
+                          n_eval=20, n_digits=40, plots=False, on_row=lambda name, row: seen.append(name),
+                          pairs={"regression_num_pairs": 8, "regression_teacher_steps": 2})
+    rows = result["rows"]
+    assert seen == list(rows) and len(rows) == C.EXPECTED_ROWS
+    real = rows["real clips (the data)"]
+    assert real["black_frames"] == 0 and real["frozen_frames"] == 0  # the data moves, and is never black
+    assert abs(real["speed"] - C.SPEED * 1.2) < 0.5  # 2 px per frame, straight or diagonal (2.83)
+    for name, row in rows.items():
+        for key in ("frame_fd", "speed", "speed_spread", "black_frames", "frozen_frames"):
+            assert np.isfinite(row[key]), (name, key)
+    assert set(result["targets"]) >= {"frame_fd met", "motion met", "no black or frozen frames"}
+    assert (tmp_path / "cache" / "moving-digits" / "student-dmd" / "out" / "simpletuner_dmd.json").is_file()
+    assert C.markdown(result)
+    # a second run finds every stage cached
+    again = C.run_case_c(tmp_path, cache=tmp_path / "cache", vae_steps=2, teacher_steps=2, ode_steps=2, dmd_steps=2,
+                         n_eval=20, n_digits=40, plots=False, pairs={"regression_num_pairs": 8,
+                                                                    "regression_teacher_steps": 2})
+    assert again["seconds_by_stage"]["teacher"] < result["seconds_by_stage"]["teacher"]

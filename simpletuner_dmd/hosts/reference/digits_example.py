@@ -70,14 +70,17 @@ def _vae():
 
 
 def train_vae(pixels: torch.Tensor, *, steps: int, seed: int = 0, batch: int = 64):
-    """The VAE trained to reconstruct ``pixels`` (mean squared error on the posterior's mode, a small pull of the
-    latents toward 0), then its ``latents_mean`` / ``latents_std`` set to the digits' own latent statistics (what
-    Wan's published values are for its trained VAE)."""
+    """The VAE trained to reconstruct ``pixels`` (grey images ``(N, 1, H, W)`` or clips ``(N, 1, F, H, W)`` in
+    [0, 1]; mean squared error on the posterior's mode, a small pull of the latents toward 0), then its
+    ``latents_mean`` / ``latents_std`` set to the data's own latent statistics (what Wan's published values are for
+    its trained VAE)."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     vae = _vae()
-    video = (pixels * 2 - 1).expand(-1, 3, -1, -1)[:, :, None].contiguous()  # (N, 3, 1, H, W) in [-1, 1]
+    if pixels.ndim == 4:
+        pixels = pixels[:, :, None]  # an image is a one-frame clip
+    video = (pixels * 2 - 1).expand(-1, 3, -1, -1, -1).contiguous()  # (N, 3, F, H, W) in [-1, 1]
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=3e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
@@ -93,8 +96,9 @@ def train_vae(pixels: torch.Tensor, *, steps: int, seed: int = 0, batch: int = 6
         bar.set_postfix(mse=f"{loss.item():.4f}")
     vae.eval()
     with torch.no_grad():
-        raw = torch.cat([vae.encode(video[i:i + 256]).latent_dist.mode() for i in range(0, len(video), 256)])
-        recon = torch.cat([vae.decode(raw[i:i + 256]).sample for i in range(0, len(raw), 256)])
+        chunk = max(1, 256 // video.shape[2])
+        raw = torch.cat([vae.encode(video[i:i + chunk]).latent_dist.mode() for i in range(0, len(video), chunk)])
+        recon = torch.cat([vae.decode(raw[i:i + chunk]).sample for i in range(0, len(raw), chunk)])
     vae.register_to_config(latents_mean=raw.mean(dim=(0, 2, 3, 4)).tolist(),
                            latents_std=raw.std(dim=(0, 2, 3, 4)).tolist())
     return vae, float((recon - video).pow(2).mean())
