@@ -192,6 +192,18 @@ def advice(est: Estimate, gpu_gib: float, host: dict) -> list[str]:
     return tips
 
 
+def layout_for(memory_plan: Any, family: Any, frames: int) -> dict[str, Any]:
+    """What a method's ``memory_plan`` may also take, when its signature names it: ``layout``, the sample's latent
+    frames and whether the family is block-causal (a causal rollout's passes depend on both)."""
+    import inspect
+
+    if "layout" not in inspect.signature(memory_plan).parameters:
+        return {}
+    stride = int(getattr(family, "frame_stride", 1) or 1)
+    return {"layout": {"causal": bool(getattr(family, "causal", False)),
+                       "latent_frames": 1 + (max(1, int(frames)) - 1) // stride}}
+
+
 def print_estimate(args) -> int:
     """The ``estimate`` command: validate the config (paths not required), estimate, print; 0 when it fits (or no
     ``--gpu-memory`` was given), 1 when it does not."""
@@ -204,12 +216,12 @@ def print_estimate(args) -> int:
         if not hasattr(family, member):
             raise UserError(f"estimate: the {family.name} family does not describe its memory ({member})")
     plan = None
-    if rc.method_cls is not None:
-        make_plan = getattr(rc.method_cls, "memory_plan", None)
-        plan = make_plan(rc.method_config, host) if make_plan else {}
     width = args.width or host["validation_resolution"][0]
     height = args.height or host["validation_resolution"][1]
     frames = args.frames or host["validation_num_video_frames"]
+    if rc.method_cls is not None:
+        make_plan = getattr(rc.method_cls, "memory_plan", None)
+        plan = make_plan(rc.method_config, host, **layout_for(make_plan, family, frames)) if make_plan else {}
     config = transformer_config(family, str(host["pretrained_model_name_or_path"]))
     est = estimate(family=family, config=config, host=host, method_plan=plan, width=width, height=height,
                    frames=frames)

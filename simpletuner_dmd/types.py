@@ -232,10 +232,11 @@ class Method(Protocol):
     key that does not apply with that family or host config (hosts show them at start-up); ``progress_metrics``, a
     tuple of the log names a host's progress bar shows (DMD: ``dmd_loss``, ``fake_score_loss``); ``usage_notes(config)
     -> list[str]``, a static method returning what a user of the exported student must know beyond its schedule
-    (model cards show each as a paragraph); ``memory_plan(config, host) -> dict``, a static method saying what
-    ``simpletuner-dmd estimate`` needs: ``second_network`` (``{"kind": "lora" | "full", "rank": r}`` or None) and
+    (model cards show each as a paragraph); ``memory_plan(config, host[, layout]) -> dict``, a static method saying
+    what ``simpletuner-dmd estimate`` needs: ``second_network`` (``{"kind": "lora" | "full", "rank": r}`` or None) and
     ``passes_per_step`` (network passes per optimizer step by role, averaged), and optionally ``student_graphs``
-    (the forward graphs the student's backward holds at once: default 1)."""
+    (the forward graphs the student's backward holds at once: default 1); a ``memory_plan`` that names a ``layout``
+    parameter also gets ``{"causal": bool, "latent_frames": F}`` for the sample being estimated."""
 
     name: str  # the value of distillation_method
     summary: str  # one line for `simpletuner-dmd plugins` and the docs' key tables

@@ -68,6 +68,11 @@ def test_block_rollout_pass_counts(tiny_wan, window, grad_blocks):
         "student_backward": 1, "teacher_forward": 1, "teacher_forward_samples": 2,
         "fake_score_forward": 2, "fake_score_forward_samples": 4, "fake_score_forward_with_grad": 1,
         "fake_score_backward": 1}
+    # and `estimate` counts the same student forwards for this layout (3 one-frame blocks)
+    plan = DMD.memory_plan(run.method.cfg, {"model_type": "lora"}, layout={"causal": True, "latent_frames": 3})
+    assert plan["passes_per_step"]["student_forward"] == 11
+    bidirectional = DMD.memory_plan(run.method.cfg, {"model_type": "lora"})
+    assert bidirectional["passes_per_step"]["student_forward"] == 3
 
 
 def test_wan_vae_decodes_causally_in_time(tiny_wan):
@@ -85,3 +90,19 @@ def test_wan_vae_decodes_causally_in_time(tiny_wan):
         part = family.decode_latents(components, latents[:, :, :n])
         assert part.shape[2] == frames
         torch.testing.assert_close(part, full[:, :, :frames], atol=1e-6, rtol=0)
+
+
+def test_estimate_hands_the_causal_layout_to_the_plan():
+    from simpletuner_dmd.estimate import layout_for
+    from simpletuner_dmd.families.wan import WanFamily
+    from simpletuner_dmd.families.wan_causal import WanCausalFamily
+    from simpletuner_dmd.methods.dmd.method import DMD
+    from simpletuner_dmd.methods.ode_init.method import ODEInit
+
+    assert layout_for(DMD.memory_plan, WanCausalFamily(), 81) == {"layout": {"causal": True, "latent_frames": 21}}
+    assert layout_for(DMD.memory_plan, WanFamily(), 9) == {"layout": {"causal": False, "latent_frames": 3}}
+    assert layout_for(ODEInit.memory_plan, WanCausalFamily(), 81) == {}  # a plan without a layout parameter: none
+    # Self-Forcing's layout: 21 latent frames in blocks of 3 (7 blocks), exit at a uniform step of 4
+    cfg = {**DMD.schema.defaults(), "dmd_denoising_steps": [1000, 750, 500, 250]}
+    plan = DMD.memory_plan(cfg, {"model_type": "lora"}, layout={"causal": True, "latent_frames": 21})
+    assert plan["passes_per_step"]["student_forward"] == 7 * 2.5 + 6

@@ -75,7 +75,8 @@ class DMD:
         return out
 
     @staticmethod
-    def memory_plan(config: dict[str, Any], host: dict[str, Any]) -> dict[str, Any]:
+    def memory_plan(config: dict[str, Any], host: dict[str, Any], layout: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
         """What ``simpletuner-dmd estimate`` needs to know of a DMD run: its second trainable network (the fake
         score: an adapter of ``fake_score_lora_rank`` on the shared base, or a full copy) and its network passes per
         optimizer step, averaged over ``generator_update_interval`` steps (as ``test_pass_counts_are_minimal``
@@ -84,10 +85,20 @@ class DMD:
         batch when guided — and one no-grad fake forward; every step the critic's forward and backward). With
         ``regression_loss_weight`` > 0 a generator step adds one student forward and backward (the regression term),
         whose graph the student's backward holds beside the rollout's: ``student_graphs`` 2. The pairs' one-time
-        generation (regression_num_pairs × regression_teacher_steps guided teacher passes) is not a per-step cost."""
+        generation (regression_num_pairs × regression_teacher_steps guided teacher passes) is not a per-step cost.
+
+        ``layout`` (``{"causal": bool, "latent_frames": F}``, from ``estimate``): for a block-causal family the
+        rollout runs per block — each of the B blocks its own k + 1 forwards (k shared with ``same_step_across_blocks``
+        changes nothing on average) and B − 1 context writes; the exit graphs of the blocks together span at most the
+        clip, so the student's graph memory stays one clip's."""
         k_steps = len(config["dmd_denoising_steps"])
         interval = config["generator_update_interval"]
         forwards = k_steps if config["last_step_only"] else (k_steps + 1) / 2
+        if layout and layout.get("causal"):
+            frames, per = int(layout["latent_frames"]), config["num_frame_per_block"]
+            first = 1 if config["independent_first_frame"] and frames > 1 else 0
+            blocks = first + -(-(frames - first) // per)
+            forwards = blocks * forwards + (blocks - 1)
         regression = 1 if config["regression_loss_weight"] > 0 else 0
         fake = config["fake_score_type"]
         if fake == "auto":
