@@ -130,7 +130,7 @@ def unavoidable_passes(setup: Setup) -> dict[str, Callable[[], None]]:
 
     def teacher():
         with torch.no_grad():
-            m._guided_x0(m.nets.teacher_flow, x, t, cond, m._real_cfg)
+            m._guided_x0(m.nets.teacher_flow, x, t, cond, m._real_combine(t))
 
     def fake_nograd():
         with torch.no_grad(), m._fake_context():

@@ -69,8 +69,9 @@ def student_info(folder: Path) -> dict[str, Any]:
     return {}
 
 
-def _save(frames, folder: Path, fps: int) -> Path:
-    """``frames`` (F, H, W, 3) floats in [0, 1] → PNGs, a GIF and an mp4 (F > 1); returns the file to show."""
+def _save(frames, folder: Path, fps: int, *, frames_written: bool = False) -> Path:
+    """``frames`` (F, H, W, 3) floats in [0, 1] → PNGs (unless ``frames_written``: streaming wrote them as they
+    came), a GIF and an mp4 (F > 1); returns the file to show."""
     import imageio.v3 as iio
     from PIL import Image
 
@@ -78,7 +79,8 @@ def _save(frames, folder: Path, fps: int) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     pixels = _to_bytes(frames)
-    _write_frames(frames, folder, first=0)
+    if not frames_written:
+        _write_frames(frames, folder, first=0)
     if len(pixels) == 1:
         return folder / "frame-000.png"
     images = [Image.fromarray(frame) for frame in pixels]
@@ -259,22 +261,20 @@ def sample_streaming(request: SampleRequest, info: dict[str, Any], *, log=print)
                                                  independent_first_frame=bool(stream["independent_first_frame"]),
                                                  window=stream.get("kv_cache_window"))
             done: list[torch.Tensor] = []
-            shown = [0]
+            video: list = [None]  # the frames decoded so far, (F, H, W, 3): after the last block, the whole clip
 
-            def on_block(b: int, x0: torch.Tensor, folder=folder, done=done, shown=shown, blocks=blocks) -> None:
+            def on_block(b: int, x0: torch.Tensor, folder=folder, done=done, video=video, blocks=blocks) -> None:
                 done.append(x0)
                 pixels = family.decode_latents(components, torch.cat(done, dim=2))[0]  # (3, F, H, W) in [0, 1]
-                new = pixels.permute(1, 2, 3, 0)[shown[0]:].cpu().numpy()
-                _write_frames(new, folder, first=shown[0])
-                log(f"{name} seed {seed}: block {b + 1}/{len(blocks)} → frames {shown[0]}–{shown[0] + len(new) - 1}")
-                shown[0] += len(new)
+                shown = 0 if video[0] is None else len(video[0])
+                video[0] = pixels.permute(1, 2, 3, 0).cpu().numpy()
+                _write_frames(video[0][shown:], folder, first=shown)
+                log(f"{name} seed {seed}: block {b + 1}/{len(blocks)} → frames {shown}–{len(video[0]) - 1}")
 
             with torch.no_grad():
-                latents = sample_blocks(predict, write, noise, steps, blocks,
-                                        context_noise=float(stream["context_noise"]), generator=generator,
-                                        on_block=on_block)
-                video = family.decode_latents(components, latents)[0].permute(1, 2, 3, 0).cpu().numpy()
-            written.append(_save(video, folder, request.fps))
+                sample_blocks(predict, write, noise, steps, blocks, context_noise=float(stream["context_noise"]),
+                              generator=generator, on_block=on_block)
+            written.append(_save(video[0], folder, request.fps, frames_written=True))
     log(f"samples: {request.out}")
     return written
 

@@ -130,9 +130,9 @@ class DMD:
         self.last_step_passes: dict[str, int] = {}
         self.generator_updates = 0
         self.critic_updates = 0
-        real, fake = config["real_score_guidance_scale"], config["fake_score_guidance_scale"]
-        # None: cond only (and no uncond pass). Teacher: standard form; fake score: Self-Forcing's form.
-        self._real_cfg = None if real in (0.0, 1.0) else (lambda c, u: L.guided(c, u, real))
+        fake = config["fake_score_guidance_scale"]
+        # The teacher's CFG (standard form) comes from _real_combine(t); the fake score's is Self-Forcing's form,
+        # None: cond only (and no uncond pass).
         self._real_interval = tuple(config["real_score_guidance_interval"])
         self._fake_cfg = None if fake == 0.0 else (lambda c, u: L.guided_self_forcing(c, u, fake))
 
@@ -216,12 +216,9 @@ class DMD:
 
     # ------------------------------------------------------------------ the three networks
 
-    def _student_x0(self, cond: Any, *, sampling: bool = False) -> Callable[[torch.Tensor, torch.Tensor],
-                                                                           torch.Tensor]:
-        flow = self.nets.sample_flow if sampling else self.nets.flow
-
+    def _student_x0(self, cond: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return flow_to_x0(x, flow(x, t, cond), t)
+            return flow_to_x0(x, self.nets.flow(x, t, cond), t)
 
         return predict
 
@@ -239,12 +236,12 @@ class DMD:
         linear, so combining flows and then taking x̂0 is combining x̂0s."""
         return flow_to_x0(x_t, self.nets.guided(flow_fn, x_t, t, cond, combine), t)
 
-    def _causal_calls(self, cond: Any, noise: torch.Tensor, *, sampling: bool = False, window: int | None = None):
-        """The student on one block through the family's block-causal switch and a fresh KV cache
-        (``fewstep_sampling.block_calls``)."""
-        return block_calls(self.family, self.student, self.nets.sample_flow if sampling else self.nets.flow, cond,
-                           noise, frames_per_block=self.cfg["num_frame_per_block"],
-                           independent_first_frame=self.cfg["independent_first_frame"], window=window)
+    def _causal_calls(self, cond: Any, noise: torch.Tensor):
+        """The student's training passes on one block through the family's block-causal switch and a fresh KV cache
+        (``fewstep_sampling.block_calls``; the sampler builds its own through ``few_step_sampler``)."""
+        return block_calls(self.family, self.student, self.nets.flow, cond, noise,
+                           frames_per_block=self.cfg["num_frame_per_block"],
+                           independent_first_frame=self.cfg["independent_first_frame"])
 
     def _block_rollout(self, cond: Any, noise: torch.Tensor, step: StepInfo, *, with_grad: bool):
         """Self-Forcing's rollout (``block_backward_simulation``) with this step's exits. The DMD timestep's

@@ -8,14 +8,11 @@ so the memory of a rollout is that of one forward pass whatever k is.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
+from ...fewstep_sampling import PredictBlock, PredictX0, WriteContext
 from ...flow import T_MAX
-from ...fewstep_sampling import sample_blocks, sample_with_schedule  # noqa: F401 — inference, shared with ode_init
-
-PredictX0 = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -79,8 +76,6 @@ def draw_block_exits(num_blocks: int, num_steps: int, *, last_step_only: bool, s
     return [draws[0]] * num_blocks if same_step_across_blocks else draws
 
 
-PredictBlock = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
-WriteContext = Callable[[torch.Tensor, torch.Tensor, int, int], None]
 
 
 def block_backward_simulation(predict_block: PredictBlock, write_context: WriteContext, noise: torch.Tensor,

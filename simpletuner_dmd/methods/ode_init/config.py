@@ -5,7 +5,7 @@ the teacher's ODE pairs and the block layout, with DMD's names, meanings and def
 from __future__ import annotations
 
 from ...config import Schema
-from ..dmd.config import DMD_SCHEMA
+from ..dmd.config import BLOCK_ONLY_KEYS, DMD_SCHEMA  # noqa: F401 — the keys that act only block-causally
 
 SHARED_WITH_DMD = (
     "dmd_denoising_steps", "real_score_guidance_scale", "real_score_guidance_interval", "negative_prompt",
@@ -16,7 +16,3 @@ SHARED_WITH_DMD = (
 )
 
 ODE_INIT_SCHEMA = Schema(keys=tuple(DMD_SCHEMA.by_name[name] for name in SHARED_WITH_DMD))
-
-# The keys that only act with a block-causal family.
-BLOCK_ONLY_KEYS = ("num_frame_per_block", "independent_first_frame", "same_step_across_blocks", "context_noise",
-                   "kv_cache_window")

@@ -40,16 +40,8 @@ from ...passes import PassCounter
 from ...teacher_pairs import PairSource, guided_teacher
 from ...types import Batch, RunContext, StepInfo, StepLoss
 from ..dmd.loss import regression_loss
+from ..dmd.rollout import draw_block_exits, draw_exit_index  # the same draws as DMD's rollout and regression term
 from .config import BLOCK_ONLY_KEYS, ODE_INIT_SCHEMA
-
-
-def draw_block_steps(num_blocks: int, num_steps: int, *, same_step_across_blocks: bool, last_step_only: bool,
-                     generator: torch.Generator | None) -> list[int]:
-    """One student-step index per block, ``U{0, …, K−1}`` from ``generator`` (alike on every process)."""
-    if last_step_only:
-        return [num_steps - 1] * num_blocks
-    draws = torch.randint(num_steps, (num_blocks,), generator=generator).tolist()
-    return [draws[0]] * num_blocks if same_step_across_blocks else draws
 
 
 class ODEInit:
@@ -90,7 +82,6 @@ class ODEInit:
         self.steps: list[int] = list(config["dmd_denoising_steps"])
         self.passes = PassCounter()
         self.updates = 0
-        self._logs: dict[str, float] = {}
 
     @hookimpl
     def distill_setup(self, run: RunContext) -> None:
@@ -115,8 +106,7 @@ class ODEInit:
         if self.causal:
             x0, logs = self._causal_x0(pairs, cond, step, dtype, device)
         else:
-            k = draw_block_steps(1, len(self.steps), same_step_across_blocks=True,
-                                 last_step_only=cfg["last_step_only"], generator=step.generator)[0]
+            k = draw_exit_index(len(self.steps), last_step_only=cfg["last_step_only"], generator=step.generator)
             t = torch.full((len(pairs),), float(self.steps[k]), device=device)
             x = pairs.states[:, k].to(dtype)
             x0 = flow_to_x0(x, self.nets.flow(x, t, cond), t)
@@ -133,7 +123,7 @@ class ODEInit:
         frames = states.shape[3]
         blocks = switch.frame_blocks(frames, cfg["num_frame_per_block"],
                                      independent_first_frame=cfg["independent_first_frame"])
-        ks = draw_block_steps(len(blocks), len(self.steps), same_step_across_blocks=cfg["same_step_across_blocks"],
+        ks = draw_block_exits(len(blocks), len(self.steps), same_step_across_blocks=cfg["same_step_across_blocks"],
                               last_step_only=cfg["last_step_only"], generator=step.generator)
         x = torch.cat([states[:, k, :, start:end] for (start, end), k in zip(blocks, ks)], dim=2)
         per_frame = torch.tensor([float(self.steps[k]) for (start, end), k in zip(blocks, ks)
