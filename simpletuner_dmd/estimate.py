@@ -130,7 +130,10 @@ def estimate(*, family: Any, config: dict, host: dict, method_plan: dict | None,
     states = student_states + fake_states
     # a method whose student loss holds several forward graphs at its backward (DMD's regression term) saves each
     graphs = (method_plan or {}).get("student_graphs", 1)
-    student_phase = frozen + states + student_grads + activations * graphs + transient
+    # a block-causal rollout's KV cache: keys and values of every layer for the cached share of the clip's tokens,
+    # in the compute dtype, held through the student's backward
+    kv_cache = (method_plan or {}).get("kv_cache_share", 0.0) * tokens * hidden * blocks * 2 * 2 * batch
+    student_phase = frozen + states + student_grads + activations * graphs + transient + kv_cache
     if second and second["kind"] == "full":
         # a full copy's gradients grow as the backward frees the activations: the peak is the larger of the two
         critic_phase = frozen + states + max(activations + transient, fake_grads + transient)
@@ -142,6 +145,8 @@ def estimate(*, family: Any, config: dict, host: dict, method_plan: dict | None,
     held = activations * graphs if phase == "student" else activations
     parts = {"frozen weights": frozen / GIB, "adapter and optimizer states": states / GIB,
              f"{phase} gradients": grads / GIB, "activations": held / GIB, "transient": transient / GIB}
+    if kv_cache and phase == "student":
+        parts["KV cache (block-causal rollout)"] = kv_cache / GIB
     passes = (method_plan or {}).get("passes_per_step") if method_plan is not None else {
         "student_forward": 1, "student_backward": 1}
     return Estimate(parts, peak / GIB, phase, passes, notes, shape, params)
@@ -161,7 +166,8 @@ def step_time_range(est: Estimate, family: Any, method_plan: dict | None) -> str
     sizes = RECORDED_PARAMETERS
     kind = "lora" if method_plan is None else ("dmd_full" if (method_plan.get("second_network") or {}).get(
         "kind") == "full" else "dmd")
-    work = est.parameters["total"] * est.shape["tokens"]
+    # a network of experts runs one of them per call: its work is that share of its parameters
+    work = est.parameters["total"] * float(getattr(family, "active_parameter_share", 1.0)) * est.shape["tokens"]
     best = None
     for row in rows:
         if row["kind"] != kind or row["model"] not in sizes:
@@ -175,8 +181,8 @@ def step_time_range(est: Estimate, family: Any, method_plan: dict | None) -> str
     row, ratio = best
     seconds = row["step_s"] * ratio
     return (f"{0.8 * seconds:.0f}–{1.3 * seconds:.0f} s per step on an {row['gpu']}-class GPU (recorded: "
-            f"{row['step_s']:.1f} s for Wan {row['model']} {row['kind']} at 480×832×81, scaled by parameters × tokens "
-            f"{ratio:.2f}×)")
+            f"{row['step_s']:.1f} s for Wan {row['model']} {row['kind']} at 480×832×81, scaled by parameters run per call × "
+            f"tokens {ratio:.2f}×)")
 
 
 def advice(est: Estimate, gpu_gib: float, host: dict) -> list[str]:

@@ -90,7 +90,12 @@ class DMD:
         ``layout`` (``{"causal": bool, "latent_frames": F}``, from ``estimate``): for a block-causal family the
         rollout runs per block — each of the B blocks its own k + 1 forwards (k shared with ``same_step_across_blocks``
         changes nothing on average) and B − 1 context writes; the exit graphs of the blocks together span at most the
-        clip, so the student's graph memory stays one clip's."""
+        clip, so the student's graph memory stays one clip's. The KV cache is another matter: each exit pass inside the
+        gradient window (the last ``num_training_frames``) keeps the cache as it was when it ran — keys and values of
+        the frames before its block, every layer — for its backward (so that a checkpointed recompute attends exactly
+        as the forward did), and each context write makes a new one. ``kv_cache_share``: those frames plus the
+        blocks' own, summed over the gradient window's blocks, as a share of the clip (Self-Forcing's 21 frames in
+        blocks of 3, all in the window: (3 + 6 + … + 21) / 21 = 4 clips of keys and values)."""
         k_steps = len(config["dmd_denoising_steps"])
         interval = config["generator_update_interval"]
         forwards = k_steps if config["last_step_only"] else (k_steps + 1) / 2
@@ -99,6 +104,9 @@ class DMD:
             first = 1 if config["independent_first_frame"] and frames > 1 else 0
             blocks = first + -(-(frames - first) // per)
             forwards = blocks * forwards + (blocks - 1)
+            ends = ([1] if first else []) + list(range(first + per, frames, per)) + [frames]
+            window_start = frames - min(config["num_training_frames"], frames)
+            kv_share = sum(end for end in ends if end > window_start) / frames
         regression = 1 if config["regression_loss_weight"] > 0 else 0
         fake = config["fake_score_type"]
         if fake == "auto":
@@ -114,6 +122,8 @@ class DMD:
         }
         if regression:
             plan["student_graphs"] = 2
+        if layout and layout.get("causal"):
+            plan["kv_cache_share"] = kv_share
         return plan
 
     @staticmethod
