@@ -17,6 +17,7 @@ import torch
 from simpletuner_dmd.families.block_causal import BlockCausalWan
 from simpletuner_dmd.families.wan import WAN21_1_3B, WAN21_14B, WanFamily
 from simpletuner_dmd.families.wan_causal import WanCausalFamily
+from simpletuner_dmd.families.wan_experts import WanExperts, WanExpertsFamily
 from simpletuner_dmd.hosts.reference import trainer as T
 from simpletuner_dmd.hosts.reference.host_schema import HOST_SCHEMA
 from simpletuner_dmd.methods.dmd.config import DMD_SCHEMA
@@ -31,8 +32,9 @@ CPU_MID = dict(patch_size=(1, 2, 2), num_attention_heads=8, attention_head_dim=6
 TINY = dict(CPU_MID, num_attention_heads=2, attention_head_dim=16, ffn_dim=32, num_layers=2, text_dim=32)
 
 # plain LoRA fine-tuning; DMD with the fake score as an adapter; as a full copy; DMD's Self-Forcing rollout on the
-# block-causal family (fake score an adapter; blocks of CAUSAL_BLOCK latent frames through the KV cache)
-KINDS = ("lora", "dmd", "dmd_full", "dmd_causal")
+# block-causal family (fake score an adapter; blocks of CAUSAL_BLOCK latent frames through the KV cache); DMD on Wan
+# 2.2 A14B's two experts (wan2.2: two networks of the config, switched at boundary 0.875; adapters on both)
+KINDS = ("lora", "dmd", "dmd_full", "dmd_causal", "dmd_experts")
 CAUSAL_BLOCK = 2
 
 
@@ -56,14 +58,16 @@ def build(kind: str, *, config: dict, latent_shape: tuple, text_shape: tuple, qu
     accelerator = Accelerator(cpu=device == "cpu")
     host = {**HOST_SCHEMA.defaults(), "lora_rank": rank, "lora_alpha": rank, "gradient_checkpointing": checkpointing,
             "base_model_precision": "int8-quanto" if quantize else "no_change"}
-    causal = kind == "dmd_causal"
-    family_cls = WanCausalFamily if causal else WanFamily
+    causal, experts = kind == "dmd_causal", kind == "dmd_experts"
+    family_cls = WanCausalFamily if causal else WanExpertsFamily if experts else WanFamily
     family = family_cls(autocast_dtype=None if dtype == torch.float32 else dtype)
 
     def new_network() -> torch.nn.Module:
         torch.manual_seed(seed)  # every copy starts from the same random weights
         with torch.device(device):
             network = WanTransformer3DModel(**config).to(dtype)
+            if experts:  # as the wan2.2 family's load_network does: a second expert beside the first
+                network = WanExperts.of(network, WanTransformer3DModel(**config).to(dtype), 0.875)
         if causal:  # as the wan-causal family's load_network does
             network.block_causal = BlockCausalWan(network)
         return network.requires_grad_(False)

@@ -35,6 +35,8 @@ CONFIGS = [  # (label, kind, int8 base)
     ("DMD, full copy, int8 base", "dmd_full", True),
     ("DMD, Self-Forcing rollout (wan-causal, blocks of 2 latent frames, KV cache), adapter on the shared base",
      "dmd_causal", False),
+    ("DMD, Wan 2.2 A14B layout (wan2.2: two experts of this size switched at the boundary), adapters on both",
+     "dmd_experts", False),
 ]
 RESULTS = Path(__file__).parent / "results"
 
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=sorted(MODELS), default="mid")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on (default off)")
-    parser.add_argument("--memory-of", choices=("lora", "dmd", "dmd_full", "dmd_causal"), help=argparse.SUPPRESS)
+    parser.add_argument("--memory-of", choices=("lora", "dmd", "dmd_full", "dmd_causal", "dmd_experts"), help=argparse.SUPPRESS)
     parser.add_argument("--int8", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.repeats):
         for label, setup in setups.items():
             step_times[label].append(timed(lambda s=setup: train_step(s, 2 + r), "cpu"))
-            if setup.method is not None and setup.kind != "dmd_causal":  # the bidirectional iteration's passes
+            if setup.method is not None and setup.kind in ("dmd", "dmd_full"):  # the bidirectional iteration's passes
                 for name, (fn, _count) in unavoidable_passes(setup).items():
                     pass_times.setdefault(label, {}).setdefault(name, []).append(timed(fn, "cpu"))
         print(f"repeat {r + 1}/{args.repeats} done", flush=True)
@@ -144,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     if causal is not None:
         summary.update(causal_step_over_bidirectional_step=causal["step_s"] / dmd["step_s"],
                        causal_peak_over_bidirectional_peak=causal["peak_growth_mb"] / dmd["peak_growth_mb"])
+    experts = next((r for r in rows if r["kind"] == "dmd_experts"), None)
+    if experts is not None:
+        summary.update(experts_step_over_one_network_step=experts["step_s"] / dmd["step_s"],
+                       experts_peak_over_one_network_peak=experts["peak_growth_mb"] / dmd["peak_growth_mb"])
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
            "processor": platform.processor(), "model": args.model, "repeats": args.repeats,
            "checkpointing": args.checkpointing, "command": "python -m benchmarks.step_cost " + " ".join(argv or sys.argv[1:])}
@@ -187,6 +193,11 @@ def _markdown(rows, summary, env) -> str:
                   "", "| pass | bidirectional DMD | Self-Forcing rollout |", "| --- | --- | --- |"]
         for name in sorted(set(dmd["passes_per_step"]) | set(causal["passes_per_step"])):
             lines.append(f"| {name} | {dmd['passes_per_step'].get(name, 0)} | {causal['passes_per_step'].get(name, 0)} |")
+    if "experts_step_over_one_network_step" in summary:
+        lines += ["", "| Wan 2.2 A14B layout (two experts) ÷ one network, DMD with adapters | measured |",
+                  "| --- | --- |",
+                  f"| step time | {summary['experts_step_over_one_network_step']:.2f} |",
+                  f"| peak memory growth | {summary['experts_peak_over_one_network_peak']:.2f} |"]
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,4 @@
-"""``simpletuner-dmd``: train, sample, estimate, validate-config, plugins, simpletuner-train, make-example.
+"""``simpletuner-dmd``: train, sample, estimate, validate-config, plugins, simpletuner-train, make-example, make-tiny.
 
 A user error (``UserError``) prints ``error: …`` lines and exits with status 2; anything else is a bug and keeps its
 traceback.
@@ -57,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("make-example", help="build (once) the embedded example: the digits, a tiny Wan teacher trained "
                                             "to draw them, and the digits FD's feature space")
     p.add_argument("workdir", type=Path, nargs="?", default=Path("work"))
+
+    p = sub.add_parser("make-tiny", help="build a tiny random-weight pipeline of a model family, offline, to try the "
+                                         "family on a CPU (e.g. make-tiny wan2.2 work/tiny-wan22)")
+    p.add_argument("family", help="a family name (simpletuner-dmd plugins lists them)")
+    p.add_argument("path", type=Path, help="the folder to write (must not exist)")
+    p.add_argument("--seed", type=int, default=0)
 
     args = parser.parse_args(argv)
     try:
@@ -132,6 +138,20 @@ def _run(args: argparse.Namespace) -> int:
         from .hosts.reference.digits_example import make_digits_example
 
         make_digits_example(args.workdir)
+        return 0
+    if args.command == "make-tiny":
+        from .plugins import get_plugin_manager, registered_families
+        from .config import suggest
+
+        families = registered_families(get_plugin_manager())
+        if args.family not in families:
+            raise UserError(f"make-tiny: unknown family {args.family!r}{suggest(args.family, families)}")
+        make = getattr(families[args.family].cls, "make_tiny", None)
+        if make is None:
+            raise UserError(f"make-tiny: the {args.family} family does not build a tiny model (no make_tiny)")
+        if args.path.exists():
+            raise UserError(f"make-tiny: {args.path} exists; give a new folder")
+        print(f"tiny {args.family} pipeline: {make(args.path, seed=args.seed)}")
         return 0
     raise AssertionError(args.command)
 

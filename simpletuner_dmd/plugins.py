@@ -30,6 +30,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "simpletuner_dmd.methods.ode_init.plugin",
     "simpletuner_dmd.families.wan",
     "simpletuner_dmd.families.wan_causal",
+    "simpletuner_dmd.families.wan_experts",
+    "simpletuner_dmd.families.wan_ti2v",
+    "simpletuner_dmd.families.sd3",
 )
 
 DISTRIBUTION = "simpletuner-dmd"

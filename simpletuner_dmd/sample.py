@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .lora_files import load_into_pipeline
 
 STUDENT_FILE = "simpletuner_dmd.json"  # written by the reference host's export: what `sample` reads by default
 
@@ -153,7 +154,7 @@ def sample(request: SampleRequest, *, log=print) -> list[Path]:
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     teacher_scheduler = pipe.scheduler
-    pipe.load_lora_weights(str(lora_folder), adapter_name="student")
+    load_into_pipeline(_family_of(info), pipe, lora_folder, adapter_name="student")
     scheduler_dir = request.student / "scheduler"
     student_kwargs: dict[str, Any] = {}
     student_scheduler = teacher_scheduler
@@ -165,7 +166,11 @@ def sample(request: SampleRequest, *, log=print) -> list[Path]:
                           "guidance_scale": 1.0}
     else:
         student_kwargs = {"num_inference_steps": info.get("steps") or 30, "guidance_scale": 1.0}
-    shape = dict(width=int(width), height=int(height), num_frames=int(frames))
+    shape = dict(width=int(width), height=int(height))
+    if _takes(pipe, "num_frames"):  # a video pipeline; an image pipeline has no frame count (and frames is 1)
+        shape["num_frames"] = int(frames)
+    elif int(frames) != 1:
+        raise UserError(f"sample: --frames {frames}, but {type(pipe).__name__} makes images (one frame)")
     if info.get("max_sequence_length"):  # the prompt length the run encoded with (its tokenizer_max_length)
         shape["max_sequence_length"] = int(info["max_sequence_length"])
 
@@ -183,7 +188,9 @@ def sample(request: SampleRequest, *, log=print) -> list[Path]:
         if hasattr(pipe.scheduler, "generator"):
             pipe.scheduler.generator = generator  # the starting noise first, then each re-noise, as validation does
         with torch.no_grad():
-            return pipe(prompt=prompt, generator=generator, output_type="np", **shape, **kwargs).frames[0]
+            result = pipe(prompt=prompt, generator=generator, output_type="np", **shape, **kwargs)
+        # (F, H, W, 3): a video pipeline's frames, or an image pipeline's one image as a one-frame clip
+        return result.frames[0] if hasattr(result, "frames") else result.images[0][None]
 
     jobs = [(name, prompt, seed) for name, prompt in request.prompts.items() for seed in request.seeds]
     written: list[Path] = []
@@ -205,6 +212,26 @@ def sample(request: SampleRequest, *, log=print) -> list[Path]:
     return written
 
 
+def _takes(pipe: Any, argument: str) -> bool:
+    import inspect
+
+    return argument in inspect.signature(pipe.__call__).parameters
+
+
+def _family_of(info: dict[str, Any]) -> Any:
+    """The installed family the student folder names (its LoRA files and streaming are the family's); None for a
+    folder that names none (written before the family was recorded: one LoRA file, loaded the default way)."""
+    from .plugins import get_plugin_manager, registered_families
+
+    name = info.get("family")
+    if name is None:
+        return None
+    families = registered_families(get_plugin_manager())
+    if name not in families:
+        raise UserError(f"sample: the student's family {name!r} is not installed")
+    return families[name].cls()
+
+
 def _shape(request: SampleRequest, info: dict[str, Any]) -> tuple[int, int, int]:
     width = request.width or info.get("width")
     height = request.height or info.get("height")
@@ -220,16 +247,12 @@ def sample_streaming(request: SampleRequest, info: dict[str, Any], *, log=print)
     import torch
 
     from .fewstep_sampling import block_calls, sample_blocks
-    from .plugins import get_plugin_manager, registered_families
 
     if request.teacher_steps:
         raise UserError("sample: --teacher-steps is not supported for a block-causal (streaming) student; sample the "
                         "teacher with the bidirectional family's student folder or the stock pipeline")
     stream = info["streaming"]
-    families = registered_families(get_plugin_manager())
-    if info.get("family") not in families:
-        raise UserError(f"sample: the student's family {info.get('family')!r} is not installed")
-    family = families[info["family"]].cls()
+    family = _family_of(info)
     lora_folder = request.student / "ema" if request.ema else request.student
     if not (lora_folder / "pytorch_lora_weights.safetensors").is_file():
         raise UserError(f"{lora_folder}: no pytorch_lora_weights.safetensors")

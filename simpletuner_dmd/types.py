@@ -218,7 +218,17 @@ class LoadingFamily(ModelFamily, Protocol):
     # diffusers pipeline that loads the student (model cards use it; default ``DiffusionPipeline``).
     # For ``simpletuner-dmd estimate``: ``published_configs`` (hub id → the network's config), ``meta_network(config)``
     # (the network on the meta device, to count parameters) and ``activation_shape(config, width=, height=, frames=)``
-    # → ``{"tokens", "hidden", "ffn", "blocks"}`` per sample.
+    # → ``{"tokens", "hidden", "ffn", "blocks"}`` per sample; ``active_parameter_share`` (default 1: the share of the
+    # parameters one call runs; Wan 2.2 A14B: 0.5, one expert of two), which the step-time range scales by.
+    # A family whose student LoRA is more than one file (Wan 2.2 A14B: one per expert) implements
+    # ``read_lora(folder) -> peft state``, ``load_lora_into_pipeline(pipe, folder, adapter_name=)`` and
+    # ``lora_loading_code() -> lines`` (``simpletuner_dmd.lora_files`` supplies the one-file defaults), and its
+    # ``original_lora_state`` may return ``{tag: state}``, written as one file per tag. ``card_notes``: paragraphs the
+    # model card adds to its ComfyUI section. ``config_problems(host) -> list[str]``: the host settings the family cannot
+    # run (Wan 2.2 A14B: ``model_type: full``), reported with the config's other problems. ``routes_by_timestep``:
+    # True when one call may run different sub-networks by timestep (so methods that read one network's features,
+    # DCM's discriminator and DMD2's GAN classifier, refuse it by name). ``make_tiny(path, *, seed=0) -> path``: a
+    # tiny pipeline of the family built from config and saved offline (``simpletuner-dmd make-tiny``).
 
 
 @runtime_checkable

@@ -116,6 +116,20 @@ def test_plugins_lists_dmd_and_wan_with_their_distribution(capsys):
     assert rows.get("dmd") == "simpletuner-dmd"
     assert rows.get("wan") == "simpletuner-dmd"
     assert out.index("methods:") < out.index("  dmd") < out.index("model families:") < out.index("  wan")
+    assert rows.get("wan2.2") == rows.get("wan2.2-ti2v") == "simpletuner-dmd"
+
+
+def test_make_tiny_builds_a_family_pipeline_and_refuses_unknown_names_and_existing_folders(capsys, tmp_path):
+    from diffusers import WanPipeline
+
+    rc, out, err = run_cli(capsys, "make-tiny", "wan2.2", str(tmp_path / "a14b"))
+    assert rc == 0, err
+    pipe = WanPipeline.from_pretrained(str(tmp_path / "a14b"))
+    assert pipe.transformer_2 is not None and pipe.config.boundary_ratio == 0.875
+    rc, _, err = run_cli(capsys, "make-tiny", "wan2.2", str(tmp_path / "a14b"))
+    assert rc == 2 and "exists" in err
+    rc, _, err = run_cli(capsys, "make-tiny", "wan22", str(tmp_path / "b"))
+    assert rc == 2 and "unknown family 'wan22'" in err and "wan2.2" in err and not (tmp_path / "b").exists()
 
 
 # --------------------------------------------------------------------------- validate-config

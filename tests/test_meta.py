@@ -335,3 +335,43 @@ def test_the_readmes_minimal_config_validates_and_the_readme_stays_short():
     assert len(text.splitlines()) <= 250, "the README is a pitch, the two commands and links: details go to docs/"
     for link in re.findall(r"\]\((docs/[^)#]+)\)", text):
         assert (REPO / link).is_file(), link
+
+
+# --------------------------------------------------------------------------- names stay in their plugins
+
+
+def _plugin_root(module_name: str) -> Path:
+    """A built-in plugin's own code: its package folder (methods/dmd/) or its module file (families/wan.py)."""
+    path = Path(sys.modules[module_name].__file__)
+    return path.parent if path.name in ("plugin.py", "__init__.py") else path
+
+
+def test_nothing_outside_a_plugin_branches_on_a_family_or_method_name():
+    """No comparison (``==``, ``!=``, ``in``, ``match``) against a built-in family's or method's name anywhere in the
+    package outside that plugin's own code: adding a family or a method adds no ``if family == …`` to the host, the
+    bridge or a method."""
+    import ast
+
+    pm = get_plugin_manager(entry_points=False)
+    owners: dict[str, Path] = {}
+    for entries in (registered_families(pm), registered_methods(pm)):
+        for name, entry in entries.items():
+            owners[name] = _plugin_root(entry.plugin)
+    offences = []
+    for file in sorted((REPO / "simpletuner_dmd").rglob("*.py")):
+        tree = ast.parse(file.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Compare):
+                operands = [node.left, *node.comparators]
+            elif isinstance(node, ast.match_case):
+                operands = [node.pattern]
+            else:
+                continue
+            for operand in operands:
+                for const in ast.walk(operand):
+                    value = getattr(const, "value", None)
+                    if isinstance(value, str) and value in owners:
+                        root = owners[value]
+                        if not (file == root or root in file.parents):
+                            offences.append(f"{file.relative_to(REPO)}:{node.lineno} compares with {value!r}")
+    assert not offences, offences

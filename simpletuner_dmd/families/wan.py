@@ -10,15 +10,14 @@ cheap.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import UserError
 from ..hookspecs import hookimpl
+from .common import autocast, euler_sampler, load_part, lora_metadata, peft_scale
 
 
 @dataclass
@@ -57,15 +56,6 @@ def _original_name(module: str) -> str | None:
     return None
 
 
-def _peft_scale(peft_config: Any) -> float:
-    """The factor peft multiplies ``B·A`` by: ``alpha / r`` (``alpha / √r`` with rsLoRA); per-module rank or alpha
-    patterns are refused (the written ``alpha`` is one number per module, computed from the one scale)."""
-    if getattr(peft_config, "rank_pattern", None) or getattr(peft_config, "alpha_pattern", None):
-        raise ValueError("per-module rank_pattern/alpha_pattern: the original-layout export supports one rank")
-    r, alpha = peft_config.r, peft_config.lora_alpha
-    return alpha / r ** 0.5 if getattr(peft_config, "use_rslora", False) else alpha / r
-
-
 class WanFamily:
     name = "wan"
     summary = "Wan 2.1 T2V (diffusers WanTransformer3DModel), bidirectional, flow matching"
@@ -93,9 +83,7 @@ class WanFamily:
         return out
 
     def _autocast(self, device: torch.device):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+        return autocast(self.autocast_dtype, device)
 
     def frame_axis(self) -> int:
         return 2
@@ -109,6 +97,13 @@ class WanFamily:
 
     def repeat_condition(self, cond: torch.Tensor, batch_size: int) -> torch.Tensor:
         return cond.expand(batch_size, *cond.shape[1:])
+
+    @staticmethod
+    def make_tiny(path: str | Path, *, seed: int = 0) -> Path:
+        """A tiny random-weight ``WanPipeline`` built from config and saved to ``path`` (offline)."""
+        from ..hosts.reference.tiny import make_tiny_wan
+
+        return make_tiny_wan(path, seed=seed)
 
     # ----------------------------------------------------------------------- what hosts that load models use
 
@@ -169,9 +164,8 @@ class WanFamily:
         return ((video.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     def latent_shape(self, components: WanComponents, *, width: int, height: int, frames: int) -> tuple[int, ...]:
-        cfg = components.vae.config
-        spatial = 2 ** len(cfg.temperal_downsample)
-        temporal = 2 ** sum(bool(x) for x in cfg.temperal_downsample)
+        cfg = components.vae.config  # Wan 2.1's VAE: 8x spatial, 4x temporal; Wan 2.2's: 16x, 4x, 48 channels
+        spatial, temporal = cfg.scale_factor_spatial, cfg.scale_factor_temporal
         return (cfg.z_dim, 1 + (frames - 1) // temporal, height // spatial, width // spatial)
 
     @staticmethod
@@ -185,13 +179,17 @@ class WanFamily:
         with torch.device("meta"):
             return WanTransformer3DModel(**{k: v for k, v in transformer_config.items() if k in known})
 
-    @staticmethod
-    def activation_shape(transformer_config: dict, *, width: int, height: int, frames: int) -> dict[str, int]:
-        """What one sample's activations scale with: ``tokens`` (latent frames 1 + (F − 1)/4, the VAE's 8× spatial
-        compression, then the patch), the ``hidden`` width, the feed-forward width ``ffn`` and the ``blocks``."""
+    vae_spatial = 8  # the VAE's spatial compression (Wan 2.1's VAE: 8x), for `estimate`'s token count
+
+    @classmethod
+    def activation_shape(cls, transformer_config: dict, *, width: int, height: int, frames: int) -> dict[str, int]:
+        """What one sample's activations scale with: ``tokens`` (latent frames 1 + (F − 1)/4, the VAE's spatial
+        compression ``vae_spatial``, then the patch), the ``hidden`` width, the feed-forward width ``ffn`` and the
+        ``blocks``."""
         p_t, p_h, p_w = transformer_config.get("patch_size", (1, 2, 2))
         latent_frames = 1 + (frames - 1) // 4
-        tokens = (latent_frames // p_t) * (height // 8 // p_h) * (width // 8 // p_w)
+        f = cls.vae_spatial
+        tokens = (latent_frames // p_t) * (height // f // p_h) * (width // f // p_w)
         hidden = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
         return {"tokens": tokens, "hidden": hidden, "ffn": transformer_config["ffn_dim"],
                 "blocks": transformer_config["num_layers"]}
@@ -201,10 +199,8 @@ class WanFamily:
         alpha travel in its metadata)."""
         from diffusers import WanPipeline
 
-        metadata = peft_config.to_dict()
-        metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
         WanPipeline.save_lora_weights(str(folder), transformer_lora_layers=lora_state,
-                                      transformer_lora_adapter_metadata=metadata)
+                                      transformer_lora_adapter_metadata=lora_metadata(peft_config))
         return Path(folder) / "pytorch_lora_weights.safetensors"
 
     def original_lora_state(self, lora_state: dict[str, torch.Tensor], peft_config: Any) -> dict[str, torch.Tensor]:
@@ -213,7 +209,7 @@ class WanFamily:
         that ``alpha / rank`` is peft's scale). diffusers converts it on load (``_convert_non_diffusers_wan_lora_to_
         diffusers``). A module with no original name (outside the blocks' attention and feed-forward layers) raises
         ``ValueError`` naming it."""
-        scale = _peft_scale(peft_config)
+        scale = peft_scale(peft_config)
         out: dict[str, torch.Tensor] = {}
         for key, tensor in lora_state.items():
             module, sep, tail = key.partition(".lora_A.") if ".lora_A." in key else key.partition(".lora_B.")
@@ -232,38 +228,11 @@ class WanFamily:
 
     def euler_sampler(self, network: torch.nn.Module, *, steps: int, shift: float):
         """The host's default sampler (the teacher's): Euler on the flow ODE over ``steps`` shifted σs, standard CFG."""
-        from ..flow import T_MAX, euler_step, guided, shift_sigma
-
-        def sample(noise, cond, uncond, guidance_scale, generator):
-            sigmas = shift_sigma(torch.linspace(1.0, 0.0, steps + 1), shift).tolist()
-            x = noise
-            use_cfg = uncond is not None and guidance_scale not in (0.0, 1.0)
-            for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-                t = torch.full((x.shape[0],), s * T_MAX, device=x.device)
-                if use_cfg:
-                    both = self.predict_flow(network, torch.cat([x, x]), torch.cat([t, t]),
-                                             self.concat_conditions([cond, self.repeat_condition(uncond, x.shape[0])]))
-                    c, u = both.float().chunk(2)
-                    v = guided(c, u, guidance_scale)
-                else:
-                    v = self.predict_flow(network, x, t, cond).float()
-                x = euler_step(x, v, s, s_next).to(noise.dtype)
-            return x
-
-        return sample
+        return euler_sampler(self, network, steps=steps, shift=shift)
 
 
 def _load(cls: Any, path: str, subfolder: str, dtype: torch.dtype | None) -> Any:
-    kwargs: dict[str, Any] = {"subfolder": subfolder}
-    if dtype is not None:
-        kwargs["torch_dtype"] = dtype
-    local = Path(path)
-    if local.is_dir() and not (local / subfolder).is_dir():
-        raise UserError(f"model folder {path} has no {subfolder}/ (a diffusers Wan pipeline folder is expected)")
-    try:
-        return cls.from_pretrained(path, **kwargs)
-    except OSError as exc:  # diffusers/transformers raise OSError for missing/unreachable weights
-        raise UserError(f"cannot load {subfolder} from {path}: {str(exc).splitlines()[0]}") from exc
+    return load_part(cls, path, subfolder, dtype, "Wan pipeline")
 
 
 @hookimpl

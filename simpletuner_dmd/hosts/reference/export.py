@@ -1,7 +1,8 @@
 """The reference host's final export: what a user takes away from ``output_dir``.
 
 - ``scheduler/``: the method's scheduler for stock pipelines (``distill_scheduler``), when it has one;
-- ``pytorch_lora_weights.safetensors``: the student in the diffusers layout (``WanPipeline.load_lora_weights``);
+- ``pytorch_lora_weights.safetensors``: the student in the diffusers layout (the stock pipeline's ``load_lora_weights``;
+  a family may write more files: Wan 2.2 A14B one per expert);
 - ``<family>_<method>_<K>step_lora_rank<r>.safetensors``: the same student in the family's original layout (ComfyUI
   and most published LoRAs), when the family writes one (``original_lora_state``);
 - ``ema/``: both files again for the EMA weights;
@@ -24,6 +25,7 @@ import torch
 
 from ...atomic import write_together
 from ...flow import boundary_scalings
+from ...lora_files import loading_code
 from ...sample import STUDENT_FILE
 
 
@@ -57,7 +59,7 @@ def _write_export(job: Any, export: Export, stage: Path, notes: list[str]) -> No
     scheduler = job.pm.hook.distill_scheduler()
     if scheduler is not None:
         scheduler.save_config(stage / "scheduler")
-    original_name = None
+    original_files: list[str] = []
     if host["model_type"] == "lora":
         config = export.peft_config
         original_name = original_lora_name(family.name, export.method_name, scheduler, config.r)
@@ -67,11 +69,11 @@ def _write_export(job: Any, export: Export, stage: Path, notes: list[str]) -> No
             with (swap.swap_into() if swap is not None else contextlib.nullcontext()):
                 state = export.student_lora()
                 family.save_lora(state, folder, config)
-                if original_name and not _write_original(family, state, config, folder / original_name, export,
-                                                         notes):
-                    original_name = None
+                if original_name:
+                    original_files = _write_original(family, state, config, folder, original_name, export, notes)
+                    original_name = original_name if original_files else None
         notes.append(f"student LoRA: {out / 'pytorch_lora_weights.safetensors'}"
-                     + (f" (original layout: {original_name})" if original_name else ""))
+                     + (f" (original layout: {', '.join(original_files)})" if original_files else ""))
     else:
         models.network.save_pretrained(stage / "transformer")
         notes.append(f"student transformer: {out / 'transformer'}")
@@ -81,13 +83,14 @@ def _write_export(job: Any, export: Export, stage: Path, notes: list[str]) -> No
             "steps": len(scheduler.config.few_step_timesteps) if scheduler is not None else None,
             "width": w, "height": h, "frames": host["validation_num_video_frames"],
             "validation_prompt": host["validation_prompt"], "negative_prompt": host["validation_negative_prompt"],
-            "original_lora": original_name, "ema": ema is not None,
+            "original_lora": original_files[0] if original_files else None, "original_lora_files": original_files,
+            "ema": ema is not None,
             "max_sequence_length": host.get("tokenizer_max_length")}
     stream = streaming_info(family, export)
     if stream is not None:  # a block-causal student: `sample` streams it; a stock pipeline would run it wrongly
         info["streaming"] = stream
     (stage / STUDENT_FILE).write_text(json.dumps(info, indent=1), encoding="utf-8")
-    card = model_card(host=host, family=family, export=export, scheduler=scheduler, original_name=original_name,
+    card = model_card(host=host, family=family, export=export, scheduler=scheduler, original_files=original_files,
                       out=out, has_ema=ema is not None)
     (stage / "README.md").write_text(card, encoding="utf-8")
 
@@ -110,20 +113,29 @@ def original_lora_name(family_name: str, method_name: str | None, scheduler: Any
     return "_".join(parts) + f"_lora_rank{rank}.safetensors"
 
 
-def _write_original(family, state, config, path: Path, export: Export, notes: list[str]) -> bool:
+def _write_original(family, state, config, folder: Path, name: str, export: Export, notes: list[str]) -> list[str]:
+    """The student in the original layout (``family.original_lora_state``), as ``name`` — or, for a family whose
+    converter returns one state per part (``{tag: state}``: Wan 2.2's two experts), as ``<name>_<tag>`` per part.
+    Returns the file names written (none: the family has no original layout, or a module has no name there)."""
     convert = getattr(family, "original_lora_state", None)
     if convert is None:
-        return False
+        return []
     try:
         original = convert(state, config)
     except ValueError as exc:  # a module the original layout has no name for: the diffusers file still serves
         notes.append(f"warning: no original-layout LoRA ({exc})")
-        return False
+        return []
     from safetensors.torch import save_file
 
+    parts = original if all(isinstance(v, dict) for v in original.values()) else {None: original}
+    stem = name.removesuffix(".safetensors")
     metadata = {"format": "pt", "simpletuner_dmd_method": export.method_name or "none"}
-    save_file({k: v.contiguous() for k, v in original.items()}, str(path), metadata=metadata)
-    return True
+    written = []
+    for tag, part in parts.items():
+        file = name if tag is None else f"{stem}_{tag}.safetensors"
+        save_file({k: v.contiguous() for k, v in part.items()}, str(folder / file), metadata=metadata)
+        written.append(file)
+    return written
 
 
 # --------------------------------------------------------------------------- the model card
@@ -133,7 +145,7 @@ def _yaml_list(items: list[str]) -> str:
     return "\n".join(f"- {json.dumps(item)}" for item in items)
 
 
-def model_card(*, host: dict, family: Any, export: Export, scheduler: Any, original_name: str | None, out: Path,
+def model_card(*, host: dict, family: Any, export: Export, scheduler: Any, original_files: list[str], out: Path,
                has_ema: bool) -> str:
     """The hub's model card format: YAML metadata, then how to use the student (diffusers and ComfyUI), its
     schedule, the validation sample and the training figures."""
@@ -197,8 +209,7 @@ def model_card(*, host: dict, family: Any, export: Export, scheduler: Any, origi
     lines += ["## Use it in diffusers", "", "```python", "import torch", f"from diffusers import {pipeline_cls}"]
     if scheduler is not None:
         lines.append("from simpletuner_dmd.fewstep_scheduler import FewStepFlowScheduler")
-    lines += ["", f"pipe = {pipeline_cls}.from_pretrained({json.dumps(base)})",
-              'pipe.load_lora_weights("path/to/this/folder")  # pytorch_lora_weights.safetensors']
+    lines += ["", f"pipe = {pipeline_cls}.from_pretrained({json.dumps(base)})", *loading_code(family)]
     call = [f'    prompt={json.dumps(host["validation_prompt"] or "a prompt")},']
     if scheduler is not None:
         lines.append('pipe.scheduler = FewStepFlowScheduler.from_pretrained("path/to/this/folder", '
@@ -209,20 +220,28 @@ def model_card(*, host: dict, family: Any, export: Export, scheduler: Any, origi
                                                else [])
     if host.get("tokenizer_max_length"):  # a base trained with shorter prompts must be run with them
         call.append(f"    max_sequence_length={host['tokenizer_max_length']},")
-    lines += ["frames = pipe(", *call, ").frames[0]", "```", ""]
+    lines += ["frames = pipe(" if video else "image = pipe(", *call, ").frames[0]" if video else ").images[0]", "```",
+              ""]
     if scheduler is not None:
         lines += ["Stock pipelines pass no generator to the scheduler's fresh noise: set `pipe.scheduler.generator = "
                   "torch.Generator().manual_seed(…)` to make a sample reproducible.", ""]
 
     lines += ["## Use it in ComfyUI", ""]
-    if original_name:
-        lines += [f"Load `{original_name}` (the original key layout of the model's own code) with *LoraLoaderModelOnly*, strength 1.0."]
+    if len(original_files) == 1:
+        lines += [f"Load `{original_files[0]}` (the original key layout of the model's own code) with "
+                  "*LoraLoaderModelOnly*, strength 1.0."]
+    elif original_files:
+        lines += ["The original key layout of the model's own code comes as one file per part of the model; load "
+                  "each with its own *LoraLoaderModelOnly* on the model it names (strength 1.0 each): "
+                  + ", ".join(f"`{name}`" for name in original_files) + "."]
+    if original_files:
         if scheduler is not None:
             sampler = "lcm" if scheduler.config.step_rule == "x0_renoise" else "euler"
             lines += [f"Sample with *SamplerCustom*: sampler `{sampler}` (its step is this student's step rule), "
                       f"cfg 1.0, and the σ list above as the sigmas (a manual-sigmas node), so that no shift or "
                       "scheduler reshapes it."]
-        lines += ["", "(This layout is the one diffusers converts on load, which the tests check; ComfyUI itself was "
+        lines += [*[f"\n{note}" for note in getattr(family, "card_notes", ())],
+                  "", "(This layout is the one diffusers converts on load, which the tests check; ComfyUI itself was "
                   "not run where this was made.)", ""]
     else:
         lines += ["No original-layout file was written for this student (see the training log).", ""]

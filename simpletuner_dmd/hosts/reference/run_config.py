@@ -86,7 +86,7 @@ def validate_config(raw: Any, pm: Any, *, path: Path | None = None, check_paths:
     if check_paths and not problems:
         problems += check_host_paths(host)
     if check_paths and not problems:
-        problems += backend_file_problems(host["data_backend_config"])
+        problems += backend_file_problems(host["data_backend_config"], family_cls)
         from .prompt_library import library_prompts
 
         _, library_problems, library_warnings = library_prompts(host)
@@ -104,19 +104,22 @@ def validate_config(raw: Any, pm: Any, *, path: Path | None = None, check_paths:
     return RunConfig(path, host, method_name, method_cls, method_config, family_cls, warnings)
 
 
-def backend_file_problems(path: str) -> list[str]:
+def backend_file_problems(path: str, family_cls: type | None = None) -> list[str]:
     """Every problem of the data backend file, read and checked here — by ``validate-config`` and before the trainer
-    loads any model — rather than only once the VAE and text encoder are loaded. (Its warnings come when the run
-    builds the dataset.)"""
+    loads any model — rather than only once the VAE and text encoder are loaded; with ``family_cls``, also a video
+    dataset for an image-only family (``video = False``). (Its warnings come when the run builds the dataset.)"""
     from ...errors import UserError
     from .data import load_backend_config
 
     try:
-        load_backend_config(path, warn=lambda message: None)
+        backends = load_backend_config(path, warn=lambda message: None)
     except ConfigError as exc:
         return list(exc.problems)
     except UserError as exc:
         return [str(exc)]
+    if family_cls is not None and not getattr(family_cls, "video", True):
+        return [f"{path}: dataset {b['id']!r} is a video dataset, but the {family_cls.name} family makes images only"
+                for b in backends if b.get("dataset_type") == "video"]
     return []
 
 
@@ -134,6 +137,9 @@ def family_key_problems(host: dict, family_cls: type) -> list[str]:
         examples = ", ".join(str(1 + stride * k) for k in range(4))
         problems.append(f"config.validation_num_video_frames: must be 1 + {stride}k ({examples}, …) for the "
                         f"{family_cls.name} family, got {frames}")
+    own = getattr(family_cls, "config_problems", None)  # what else the family cannot run (Wan 2.2: model_type full)
+    if own is not None:
+        problems += list(own(host))
     return problems
 
 

@@ -88,10 +88,22 @@ def _make_tokenizer():
     )
 
 
-def make_tiny_wan(path: str | Path, *, seed: int = 0) -> Path:
+# The tiny transformer's config (diffusers' WanTransformer3DModel); the Wan 2.2 families' tiny models start from it.
+TINY_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16,
+                        out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                        qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+# The tiny VAE's config (diffusers' AutoencoderKLWan): the facts in the module docstring.
+TINY_VAE = dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+
+
+def make_tiny_wan(path: str | Path, *, seed: int = 0, transformer: dict | None = None, vae: dict | None = None,
+                  second_transformer_seed: int | None = None, **pipeline_config) -> Path:
     """Build a complete tiny `WanPipeline` from config, save it to `path` and return `path`.
 
     Same `seed` gives the same weights. The folder reloads offline with `WanPipeline.from_pretrained(path)`.
+    `transformer` / `vae` override keys of `TINY_TRANSFORMER` / `TINY_VAE`; `second_transformer_seed` adds a
+    `transformer_2` (Wan 2.2 A14B's low-noise expert) drawn from that seed; `pipeline_config` are `WanPipeline`'s own
+    config values (`boundary_ratio`, `expand_timesteps`).
     """
     # Imported here: diffusers/transformers cost seconds to import, and this module is imported by cheap code paths.
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
@@ -99,23 +111,9 @@ def make_tiny_wan(path: str | Path, *, seed: int = 0) -> Path:
 
     path = Path(path)
     torch.manual_seed(seed)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=16,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    )
-    vae = AutoencoderKLWan(
-        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-    )
+    transformer_config = {**TINY_TRANSFORMER, **(transformer or {})}
+    network = WanTransformer3DModel(**transformer_config)
+    autoencoder = AutoencoderKLWan(**{**TINY_VAE, **(vae or {})})
     text_encoder = UMT5EncoderModel(
         UMT5Config(
             vocab_size=256,
@@ -127,14 +125,20 @@ def make_tiny_wan(path: str | Path, *, seed: int = 0) -> Path:
             relative_attention_num_buckets=8,
         )
     )
+    second = None
+    if second_transformer_seed is not None:
+        torch.manual_seed(second_transformer_seed)
+        second = WanTransformer3DModel(**transformer_config)
     # Wan 2.1 is a flow-matching model trained with a time shift of 5 at 720p (3 at 480p); 5 matches the releases.
     scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
     pipe = WanPipeline(
         tokenizer=_make_tokenizer(),
         text_encoder=text_encoder,
-        vae=vae,
+        vae=autoencoder,
         scheduler=scheduler,
-        transformer=transformer,
+        transformer=network,
+        transformer_2=second,
+        **pipeline_config,
     )
     pipe.save_pretrained(path)
     return path

@@ -408,21 +408,19 @@ def frozen_base(host, family, dtype) -> torch.nn.Module:
     return network
 
 
-def load_student_lora(network: torch.nn.Module, path: str | Path) -> str:
-    """Load a student LoRA written by ``family.save_lora`` (``pytorch_lora_weights.safetensors``, or the folder
-    holding it) into the student adapter of ``network``; every tensor must find its module at the same shape.
-    Returns what was loaded, for the log."""
+def load_student_lora(network: torch.nn.Module, path: str | Path, family: Any) -> str:
+    """Load a student LoRA written by ``family.save_lora`` (its output folder, or the one file of a one-file family)
+    into the student adapter of ``network``; every tensor must find its module at the same shape. Returns what was
+    loaded, for the log."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
+
+    from ...lora_files import MAIN_FILE, read_lora
 
     path = Path(path)
-    file = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
-    if not file.is_file():
-        raise UserError(f"init_lora: {file} not found (an output folder with pytorch_lora_weights.safetensors, or "
-                        f"that file)")
-    state = load_file(str(file))
-    prefix = "transformer."
-    state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    source = path / MAIN_FILE if path.is_dir() else path
+    if not source.is_file():
+        raise UserError(f"init_lora: {source} not found (an output folder with {MAIN_FILE}, or that file)")
+    state = read_lora(family, path)
     own = {k: v.shape for k, v in _peft_state(network).items()}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -432,9 +430,9 @@ def load_student_lora(network: torch.nn.Module, path: str | Path) -> str:
                  f"{tuple(own[wrong[0]])}; another lora_rank?)" if wrong else
                  f"{len(missing)} missing (e.g. {missing[0]})" if missing else
                  f"{len(unexpected)} unknown (e.g. {unexpected[0]})")
-        raise UserError(f"init_lora: {file} does not fit this student's LoRA: {first}")
+        raise UserError(f"init_lora: {source} does not fit this student's LoRA: {first}")
     set_peft_model_state_dict(network, state, adapter_name=STUDENT_ADAPTER)
-    return f"loaded {len(state)} LoRA tensors from {file}"
+    return f"loaded {len(state)} LoRA tensors from {source}"
 
 
 def _peft_state(network: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -463,7 +461,7 @@ def build_models(host: dict, family, accelerator, *, new_network: Callable[[], t
                             adapter_name=STUDENT_ADAPTER)
         network.set_adapter(STUDENT_ADAPTER)
         if host.get("init_lora"):
-            log(f"init_lora: {load_student_lora(network, host['init_lora'])}")
+            log(f"init_lora: {load_student_lora(network, host['init_lora'], family)}")
         params = named_adapter_parameters(network, STUDENT_ADAPTER)
     else:
         if host["base_model_precision"] != "no_change":

@@ -44,13 +44,19 @@ def feature_layers(num_blocks: int, stride: int, total_layers: int | None) -> li
     return list(range(0, top, stride))
 
 
+def first_output(output):
+    """A block's hidden state from its output: the tensor itself, or the first of a tuple (Wan)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 @contextlib.contextmanager
-def capture(blocks: nn.ModuleList, indices: list[int]) -> Iterator[list[torch.Tensor]]:
-    """Inside, each forward of the network appends the chosen blocks' outputs (in order) to the yielded list."""
+def capture(blocks: nn.ModuleList, indices: list[int], pick=first_output) -> Iterator[list[torch.Tensor]]:
+    """Inside, each forward of the network appends the chosen blocks' outputs (in order; ``pick`` takes the media
+    tokens out of a block's output: the family's ``block_features``) to the yielded list."""
     out: list[torch.Tensor] = []
 
     def hook(_module, _inputs, output):
-        out.append(output[0] if isinstance(output, tuple) else output)
+        out.append(pick(output))
 
     handles = [blocks[i].register_forward_hook(hook) for i in indices]
     try:

@@ -95,6 +95,9 @@ class DCM:
         self.student_adapter = run.student_adapter
         if not self.fine:
             return
+        if getattr(run.family, "routes_by_timestep", False):
+            raise UserError(f"DCM's fine phase: its discriminator reads one list of blocks, but the {run.family.name!r} "
+                            f"family runs different sub-networks by timestep; use mode \"semantic\"")
         self.detail_params = self.nets.add_adapter(DETAIL_ADAPTER, cfg["detail_lora_rank"])
         self.semantic_params = adapter_parameters(run.student, run.student_adapter)
         limit = int(run.host_config.get("nonfinite_skip_limit", DEFAULT_LIMIT))
@@ -179,7 +182,7 @@ class DCM:
     def _teacher_features(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> list[torch.Tensor]:
         # The bare module: the gradient of this pass goes to the sample only, never to a parameter (DDP must not wait
         # for one).
-        with D.capture(self.blocks, self.layers) as feats:
+        with D.capture(self.blocks, self.layers, getattr(self.family, "block_features", D.first_output)) as feats:
             self.nets.teacher_flow(x, t, cond, bare=True)
         return list(feats)
 
