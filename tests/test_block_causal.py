@@ -99,7 +99,29 @@ def test_a_rolling_window_bounds_the_cache(causal):
         with causal.cached(cache, start, tokens):
             _run(causal, x[:, :, start:end], t[:, start:end], cond)
         assert cache.frames == min(end, 2)
-    assert all(k.shape[1] == 2 * tokens for k in cache.keys.values())
+    assert all(sum(c.shape[1] for c in k) == 2 * tokens for k in cache.keys.values()) and cache.tokens() == 2 * tokens
+
+
+def test_passes_that_keep_the_cache_share_its_chunks(causal):
+    """Each cached pass keeps the cache as it was (for a recompute in its backward): those snapshots hold the very
+    chunks the cache holds, so the keys and values of a clip are in memory once however many passes keep them."""
+    blocks = frame_blocks(FRAMES, 1)
+    x, t, cond = _inputs(4)
+    tokens = causal.tokens_per_frame(x)
+    cache, kept = KVCache(writing=True), []
+    hook = causal.network.rope.register_forward_hook(lambda _m, _i, out: kept.append(out.past))
+    try:
+        for start, end in blocks:
+            with causal.cached(cache, start, tokens):
+                _run(causal, x[:, :, start:end], t[:, start:end], cond)
+    finally:
+        hook.remove()
+    held = {c.untyped_storage().data_ptr() for chunks in [*cache.keys.values(), *cache.values.values()]
+            for c in chunks}
+    snapshots = {c.untyped_storage().data_ptr() for past in kept for side in past for chunks in side.values()
+                 for c in chunks}
+    assert len(kept) == FRAMES and snapshots <= held
+    assert len(held) == 2 * FRAMES * len(cache.keys)  # one key and one value chunk per block and layer
 
 
 def _grads(network, loss_fn):

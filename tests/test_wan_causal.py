@@ -106,11 +106,12 @@ def test_estimate_hands_the_causal_layout_to_the_plan():
     cfg = {**DMD.schema.defaults(), "dmd_denoising_steps": [1000, 750, 500, 250]}
     plan = DMD.memory_plan(cfg, {"model_type": "lora"}, layout={"causal": True, "latent_frames": 21})
     assert plan["passes_per_step"]["student_forward"] == 7 * 2.5 + 6
-    # each gradient-window exit pass keeps the cache as it was for its backward: frames 3 + 6 + … + 21 = 4 clips
-    assert plan["kv_cache_share"] == 4.0
-    window = DMD.memory_plan({**cfg, "num_training_frames": 6}, {"model_type": "lora"},
-                             layout={"causal": True, "latent_frames": 21})
-    assert window["kv_cache_share"] == (18 + 21) / 21  # only the last two blocks are in the gradient window
+    # the cache (every frame but the last block's) is held once through the student's backward, its chunks shared
+    # by the exit passes that keep it; without checkpointing each gradient-window exit pass saves its own keys too
+    assert plan["kv_cache_share"] == 18 / 21
+    plain = DMD.memory_plan({**cfg, "num_training_frames": 6}, {"model_type": "lora", "gradient_checkpointing": False},
+                            layout={"causal": True, "latent_frames": 21})
+    assert plain["kv_cache_share"] == (18 + 18 + 21) / 21  # only the last two blocks are in the gradient window
 
     from simpletuner_dmd.estimate import GIB, estimate
     from simpletuner_dmd.families.wan import WAN21_1_3B
@@ -119,7 +120,7 @@ def test_estimate_hands_the_causal_layout_to_the_plan():
     host = {**HOST_SCHEMA.defaults(), "lora_rank": 16}
     est = estimate(family=WanCausalFamily(), config=WAN21_1_3B, host=host, method_plan=plan, width=832, height=480,
                    frames=81)
-    kv = 4.0 * est.shape["tokens"] * est.shape["hidden"] * est.shape["blocks"] * 2 * 2 / GIB  # K and V, bf16
+    kv = 18 / 21 * est.shape["tokens"] * est.shape["hidden"] * est.shape["blocks"] * 2 * 2 / GIB  # K and V, bf16
     assert est.parts["KV cache (block-causal rollout)"] == pytest.approx(kv)
     bidirectional = estimate(family=WanFamily(), config=WAN21_1_3B, host=host,
                              method_plan=DMD.memory_plan(cfg, {"model_type": "lora"}), width=832, height=480,

@@ -69,12 +69,16 @@ class KVCache:
 
     ``writing``: whether a pass appends its own keys and values (the context write after a block is finished: the
     block re-noised to ``context_noise`` and run once at that timestep). ``window``: the most recent frames kept
-    (None: all); older frames are dropped as new ones arrive."""
+    (None: all); older frames are dropped as new ones arrive.
+
+    Per layer the cache is a tuple of chunks, one per write (each ``(B, tokens, heads, dim)``), never one tensor
+    rebuilt by concatenation: a pass that keeps the cache as it was (an exit pass whose backward recomputes it) holds
+    the same chunks as the cache itself, so however many passes keep it, the keys and values are in memory once."""
 
     window: int | None = None
     writing: bool = False
-    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer → (B, tokens, heads, dim)
-    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    keys: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # layer → chunks
+    values: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
     frames: int = 0  # frames held
     tokens_per_frame: int = 0
 
@@ -82,6 +86,24 @@ class KVCache:
         self.keys.clear()
         self.values.clear()
         self.frames = 0
+
+    def tokens(self) -> int:
+        """Tokens held (per layer: every layer holds the same)."""
+        return sum(chunk.shape[1] for chunk in next(iter(self.keys.values()), ()))
+
+
+def _keep_last(chunks: tuple[torch.Tensor, ...], tokens: int | None) -> tuple[torch.Tensor, ...]:
+    """The last ``tokens`` tokens of ``chunks`` (None: all), still as chunks (the first one kept may be a slice)."""
+    if tokens is None:
+        return chunks
+    kept, held = [], 0
+    for chunk in reversed(chunks):
+        if held >= tokens:
+            break
+        take = min(chunk.shape[1], tokens - held)
+        kept.append(chunk[:, -take:] if take < chunk.shape[1] else chunk)
+        held += take
+    return tuple(reversed(kept))
 
 
 @dataclass
@@ -101,7 +123,7 @@ class CausalRope(tuple):
     exactly as the forward did."""
 
     mask: torch.Tensor | None = None
-    past: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]] | None = None
+    past: tuple[dict[int, tuple[torch.Tensor, ...]], dict[int, tuple[torch.Tensor, ...]]] | None = None
     cache: "KVCache | None" = None
     tokens_per_frame: int = 0
 
@@ -123,14 +145,14 @@ class BlockCausalProcessor:
         query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
         mask, keys, values = rotary_emb.mask, key, value
         if rotary_emb.past is not None:  # cached: earlier blocks from the cache, then this pass's own tokens
-            past_k, past_v = rotary_emb.past[0].get(self.layer), rotary_emb.past[1].get(self.layer)
-            if past_k is not None:
-                keys, values = torch.cat([past_k, key], dim=1), torch.cat([past_v, value], dim=1)
+            past_k, past_v = rotary_emb.past[0].get(self.layer, ()), rotary_emb.past[1].get(self.layer, ())
+            if past_k:
+                keys, values = torch.cat([*past_k, key], dim=1), torch.cat([*past_v, value], dim=1)
             cache = rotary_emb.cache
             if cache is not None and cache.writing and not torch.is_grad_enabled():
-                keep = keys.shape[1] if cache.window is None else cache.window * rotary_emb.tokens_per_frame
-                cache.keys[self.layer] = keys[:, -keep:].detach()
-                cache.values[self.layer] = values[:, -keep:].detach()
+                keep = None if cache.window is None else cache.window * rotary_emb.tokens_per_frame
+                cache.keys[self.layer] = _keep_last((*past_k, key.detach()), keep)
+                cache.values[self.layer] = _keep_last((*past_v, value.detach()), keep)
         out = torch.nn.functional.scaled_dot_product_attention(
             query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask)
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
@@ -169,7 +191,7 @@ class _CausalRopeModule(torch.nn.Module):
         if state.mode == "masked":
             out.mask = block_mask(state.blocks, state.tokens_per_frame, hidden_states.device)
         else:
-            out.past = (dict(state.cache.keys), dict(state.cache.values))  # the tensors as they are now
+            out.past = (dict(state.cache.keys), dict(state.cache.values))  # the chunks as they are now
             out.cache = state.cache
         return out
 
@@ -217,8 +239,7 @@ class BlockCausalWan:
         finally:
             if cache.writing:
                 cache.tokens_per_frame = tokens_per_frame
-                held = next(iter(cache.keys.values())).shape[1] if cache.keys else 0
-                cache.frames = held // tokens_per_frame
+                cache.frames = cache.tokens() // tokens_per_frame
             self.state.mode, self.state.cache, self.state.start_frame, self.state.tokens_per_frame = previous
 
 

@@ -90,12 +90,12 @@ class DMD:
         ``layout`` (``{"causal": bool, "latent_frames": F}``, from ``estimate``): for a block-causal family the
         rollout runs per block — each of the B blocks its own k + 1 forwards (k shared with ``same_step_across_blocks``
         changes nothing on average) and B − 1 context writes; the exit graphs of the blocks together span at most the
-        clip, so the student's graph memory stays one clip's. The KV cache is another matter: each exit pass inside the
-        gradient window (the last ``num_training_frames``) keeps the cache as it was when it ran — keys and values of
-        the frames before its block, every layer — for its backward (so that a checkpointed recompute attends exactly
-        as the forward did), and each context write makes a new one. ``kv_cache_share``: those frames plus the
-        blocks' own, summed over the gradient window's blocks, as a share of the clip (Self-Forcing's 21 frames in
-        blocks of 3, all in the window: (3 + 6 + … + 21) / 21 = 4 clips of keys and values)."""
+        clip, so the student's graph memory stays one clip's. The KV cache adds to it through the student's backward:
+        the exit passes attend to it (a checkpointed recompute needs it as it was), and its chunks are shared by
+        every pass that keeps it, so it is held once — every frame but the last block's; without gradient
+        checkpointing each exit pass inside the gradient window also saves its keys and values (the cache's and its
+        block's) for the attention's backward. ``kv_cache_share``: those frames as a share of the clip's (Self-Forcing's
+        21 frames in blocks of 3: 18/21 with checkpointing, (18 + 3 + 6 + … + 21)/21 without)."""
         k_steps = len(config["dmd_denoising_steps"])
         interval = config["generator_update_interval"]
         forwards = k_steps if config["last_step_only"] else (k_steps + 1) / 2
@@ -105,8 +105,11 @@ class DMD:
             blocks = first + -(-(frames - first) // per)
             forwards = blocks * forwards + (blocks - 1)
             ends = ([1] if first else []) + list(range(first + per, frames, per)) + [frames]
-            window_start = frames - min(config["num_training_frames"], frames)
-            kv_share = sum(end for end in ends if end > window_start) / frames
+            kv_frames = ends[-2] if len(ends) > 1 else 0  # the cache: every frame before the last block
+            if not host.get("gradient_checkpointing", True):
+                window_start = frames - min(config["num_training_frames"], frames)
+                kv_frames += sum(end for end in ends if end > window_start)
+            kv_share = kv_frames / frames
         regression = 1 if config["regression_loss_weight"] > 0 else 0
         fake = config["fake_score_type"]
         if fake == "auto":
