@@ -301,6 +301,36 @@ class SD3Family:
         grid from 1 to 0 (static shift: SD3 has no resolution-dependent ``mu``), standard CFG ``u + s·(c − u)``."""
         return euler_sampler(self, network, steps=steps, shift=shift)
 
+    # ----------------------------------------------------------------------- what the SimpleTuner bridge uses
+
+    # SimpleTuner's ``model_family: sd3``, every flavour (``medium``, ``large``): its ``SD3`` model trains the same
+    # ``SD3Transformer2DModel`` (SimpleTuner's own subclass, called with the same keywords as diffusers').
+    simpletuner_names = (("sd3", None),)
+
+    @staticmethod
+    def from_simpletuner_batch(prepared_batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """SimpleTuner's prepared ``sd3`` batch → ``(latents (B, 16, 1, h, w), packed condition)``. SimpleTuner's
+        latents are ``(B, 16, h, w)`` (already ``(z − shift)·scale``, as this family's); its condition is
+        ``encoder_hidden_states`` ``(B, 77 + L, D)`` (the joint prompt embeddings) and ``add_text_embeds`` ``(B, P)``
+        (the pooled projections), what its ``model_predict`` passes as ``pooled_projections``."""
+        latents = prepared_batch["latents"]
+        if latents.ndim == 4:
+            latents = latents.unsqueeze(2)
+        prompt_embeds = prepared_batch["encoder_hidden_states"]
+        pooled = prepared_batch["add_text_embeds"].to(prompt_embeds.device)
+        return latents, pack_condition(prompt_embeds, pooled.reshape(prompt_embeds.shape[0], -1))
+
+    @staticmethod
+    def from_simpletuner_text(encoded: dict) -> torch.Tensor:
+        """SimpleTuner's ``encode_text_batch([text])`` for ``sd3`` (``{"prompt_embeds" (1, 77 + L, D),
+        "pooled_prompt_embeds" (P,)}``: its ``_format_text_embedding`` squeezes the batch axis of the pooled one) →
+        the packed condition ``(1, 1 + 77 + L, D)``."""
+        prompt_embeds = encoded["prompt_embeds"]
+        if prompt_embeds.ndim == 2:
+            prompt_embeds = prompt_embeds.unsqueeze(0)
+        pooled = encoded["pooled_prompt_embeds"].reshape(prompt_embeds.shape[0], -1)
+        return pack_condition(prompt_embeds, pooled)
+
     # ----------------------------------------------------------------------- a tiny model for tests
 
     @staticmethod

@@ -3,6 +3,7 @@ trainer — through the bridge's launcher, or (``--plain``) SimpleTuner's ``trai
 
     <venv>/bin/python tests/simpletuner/run_simpletuner.py [--plain] --config CONFIG.json
     <venv>/bin/python tests/simpletuner/run_simpletuner.py --make-tiny-wan FOLDER
+    <venv>/bin/python tests/simpletuner/run_simpletuner.py --make-tiny FAMILY FOLDER   (the family's make_tiny)
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ def main(argv: list[str]) -> int:
         from simpletuner_dmd.hosts.reference.tiny import make_tiny_wan
 
         make_tiny_wan(argv[1])
+        return 0
+    if argv[:1] == ["--make-tiny"]:
+        # Any of the plugin's families (sd3, wan2.2-ti2v, ...), saved by this venv's diffusers/transformers.
+        from simpletuner_dmd.plugins import get_family_class, get_plugin_manager
+
+        get_family_class(get_plugin_manager(), argv[1]).make_tiny(argv[2])
         return 0
     if argv[:1] == ["--plain"]:
         config = argv[argv.index("--config") + 1]

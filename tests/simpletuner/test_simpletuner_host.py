@@ -1,5 +1,6 @@
 """Integration: the real SimpleTuner from PyPI — 4.10.1 (Python 3.12) or 3.1.6 (Python 3.11), whichever venv
-``SIMPLETUNER_VENV`` points at — trains the plugin's methods through the bridge on CPU, with a tiny local Wan model.
+``SIMPLETUNER_VENV`` points at — trains the plugin's methods through the bridge on CPU, with a tiny local Wan model
+(and, on 4.x, DMD with SimpleTuner's ``sd3`` family on a tiny SD3.5 pipeline).
 
 Each SimpleTuner release lives in its own venv, made by ``scripts/install_simpletuner_env.sh --version V`` (the plugin
 installed there as a regular package, so its ``simpletuner train`` import hook is in place); ``scripts/
@@ -374,3 +375,91 @@ def test_two_processes_inside_simpletuner_train(job, tmp_path):
     assert text.count("[simpletuner-dmd] step 2: ") == 1
     assert text.count("[simpletuner-dmd] find_unused_parameters: true for DDP") == 1  # set for the fake score
     print(f"simpletuner train, DMD, 2 processes, 2 steps: {seconds:.0f} s")
+
+
+# --------------------------------------------------------------------------- SimpleTuner's sd3 model family
+
+
+FLOW_CHECK = re.compile(r"\[flow-check\] latents (\([^)]*\)) cond (\([^)]*\)) max_abs_diff=([-+.\deE]+) "
+                        r"max_abs_pred=([-+.\deE]+)")  # SimpleTuner's console colours follow the numbers
+
+
+@needs_v4
+def test_dmd_through_simpletuner_train_with_sd3(tmp_path_factory, tiny_dataset, installed):
+    """DMD inside SimpleTuner's own ``simpletuner train`` with SimpleTuner's ``sd3`` model family on a tiny SD3.5
+    pipeline: the bridge picks the plugin's ``sd3`` family (its ``simpletuner_names``), turns SimpleTuner's 4-D latents
+    and its two text tensors (``encoder_hidden_states`` and the pooled ``add_text_embeds``) into the family's one-frame
+    clip and packed condition (``from_simpletuner_batch``), and the family's ``predict_flow`` on SimpleTuner's trained
+    transformer (its own ``SD3Transformer2DModel`` with its LoRA) gives what SimpleTuner's ``model_predict`` gave for
+    the same batch (the test-only flow check in ``site/sitecustomize.py``). Three steps with a checkpoint each (step 2
+    critic-only: the student stays bit-identical), the negative prompt encoded by SimpleTuner's three text encoders,
+    and validation in SimpleTuner's SD3 pipeline with DMD's own schedule."""
+    from safetensors.torch import load_file
+
+    root = tmp_path_factory.mktemp("simpletuner-sd3")
+    code, text, make_seconds = _venv_python("--make-tiny", "sd3", str(root / "tiny-sd3"), log=root / "make-tiny.log")
+    assert code == 0 and (root / "tiny-sd3" / "model_index.json").is_file(), text[-3000:]
+    data = root / "data"
+    data.mkdir()
+    for png in sorted(Path(tiny_dataset).glob("*.png"))[:4]:
+        shutil.copy(png, data)
+        shutil.copy(png.with_suffix(".txt"), data)
+    (root / "backends.json").write_text(json.dumps([
+        {"id": "tiny-images", "type": "local", "dataset_type": "image", "instance_data_dir": str(data),
+         "caption_strategy": "textfile", "metadata_backend": "discovery", "cache_dir_vae": str(root / "cache/vae"),
+         "resolution": 64, "resolution_type": "pixel", "minimum_image_size": 0, "repeats": 0, "crop": False},
+        {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True,
+         "cache_dir": str(root / "cache/text")},
+    ]))
+    run = root / "st-train-sd3-dmd"
+    out = run / "out"
+    config = {
+        "model_family": "sd3", "model_type": "lora", "lora_type": "standard", "lora_rank": 4, "lora_alpha": 4,
+        "lora_dropout": 0.0,  # the flow check compares two forwards of the student: no dropout draw between them
+        "pretrained_model_name_or_path": str(root / "tiny-sd3"), "data_backend_config": str(root / "backends.json"),
+        "optimizer": "torch-adamw", "mixed_precision": "no", "base_model_precision": "no_change",
+        "report_to": "tensorboard", "disable_benchmark": True, "num_train_epochs": 0, "train_batch_size": 1,
+        "learning_rate": 1e-4, "lr_scheduler": "constant", "lr_warmup_steps": 0, "seed": 0, "resolution": 64,
+        "resolution_type": "pixel", "output_dir": str(out), "max_train_steps": 3, "checkpoint_step_interval": 1,
+        "distillation_method": "dmd",
+        "distillation_config": "{'dmd': {'generator_update_interval': 2, 'fake_score_lr': 1e-3}}",
+        "validation_negative_prompt": "blurry, low quality", "validation_disable": False,
+        "validation_step_interval": 3, "validation_prompt": "a digit", "validation_num_inference_steps": 3,
+        "validation_resolution": "64x64", "validation_guidance": 1.0, "num_validation_images": 1,
+        "validation_seed": 0,
+    }
+    code, text, seconds = _simpletuner_train(run, config, SIMPLETUNER_DMD_TEST_FLOW_CHECK="1")
+    _assert_clean(text, "simpletuner train, sd3, DMD")
+    assert code == 0, text[-3000:]
+    assert "[simpletuner-dmd] negative prompt encoded with SimpleTuner's text encoder" in text, text[-3000:]
+    assert "[simpletuner-dmd] dmd serves SimpleTuner's distiller interface; family sd3; student adapter 'default'" \
+        in text, text[-3000:]
+    # SimpleTuner's sd3 LoRA targets (to_q/k/v/out.0 of both attentions of the tiny model's 2 blocks): 24 tensors
+    assert "[simpletuner-dmd] SimpleTuner's optimizer holds the student's 24 tensors; the method's own 24 are left" \
+        in text, text[-3000:]
+    # the family's call on SimpleTuner's transformer is SimpleTuner's own: one check per micro-batch
+    checks = FLOW_CHECK.findall(text)
+    assert len(checks) == 3, text[-3000:]
+    for latents, cond, diff, pred in checks:
+        # (B, 16, 1, h, w); 1 pooled row + 77 CLIP + 154 T5 rows (SimpleTuner's sd3 tokenizer_max_length), T5 width
+        assert (latents, cond) == ("(1, 16, 1, 8, 8)", "(1, 232, 48)")
+        assert float(diff) <= 1e-5 * max(1.0, float(pred)), checks
+    for step in (1, 2, 3):
+        assert f"[simpletuner-dmd] step {step}: " in text, text[-3000:]
+    dmd_loss, fake_loss = _scalars(out, "dmd_loss"), _scalars(out, "fake_score_loss")
+    assert sorted(dmd_loss) == [1, 3] and sorted(fake_loss) == [1, 2, 3], (dmd_loss, fake_loss)
+    assert all(v == v for v in [*dmd_loss.values(), *fake_loss.values()])  # no NaN
+    students = {n: _student(out / f"checkpoint-{n}") for n in (1, 2, 3)}
+    fakes = {n: load_file(str(out / f"checkpoint-{n}" / "dmd" / "fake_score.safetensors")) for n in (1, 2)}
+    assert _same(students[1], students[2]), "the student moved on a critic-only step"
+    assert not _same(students[2], students[3]) and not _same(fakes[1], fakes[2])
+    assert fakes[2] and all(".fake_score." in k for k in fakes[2])
+    assert json.loads((out / "checkpoint-3" / "simpletuner_dmd_bridge.json").read_text())["global_step"] == 3
+    assert json.loads((out / "checkpoint-3" / "dmd" / "state.json").read_text())["critic_updates"] == 3
+    student = _student(out)
+    assert student and not any("fake_score" in k for k in student)
+    assert "[simpletuner-dmd] validation samples with dmd's own schedule: FewStepFlowScheduler, timesteps " \
+           "1000, 757, 522" in text, text[-3000:]
+    assert list(out.glob("validation_images/step_3_*.png")), f"SimpleTuner saved no validation image under {out}"
+    print(f"simpletuner train, sd3, DMD, 3 steps with validation: {seconds:.0f} s (tiny SD3 made in "
+          f"{make_seconds:.0f} s)")

@@ -23,6 +23,18 @@ Nothing here imports SimpleTuner: the distiller talks to SimpleTuner's model obj
 ``model.accelerator``, ``model.get_trained_component()``, ``model.encode_text_batch``), so it can be exercised with a
 stand-in object of that shape (the equivalence test does).
 
+Which of the plugin's families serves SimpleTuner's ``(model_family, model_flavour)``, and how SimpleTuner's batch and
+text encoding become the family's latents and condition, is declared by the families themselves, in optional class
+members (nothing here names a family):
+
+- ``simpletuner_names``: ``((simpletuner_model_family, model_flavour or None), ...)``, the family's own declaration
+  (not inherited). A declaration naming the flavour wins over one for every flavour (``None``); a SimpleTuner family
+  nobody declares is served by the plugin's family of the same name (``wan``).
+- ``from_simpletuner_batch(prepared_batch) -> (latents (B, C, F, H, W), cond)``; without it, SimpleTuner's
+  ``latents`` and ``encoder_hidden_states`` as they are (Wan's batch).
+- ``from_simpletuner_text(encoded) -> cond (1, ...)``: SimpleTuner's ``model.encode_text_batch([text])`` output as
+  the family's condition; without it, Wan's ``{"prompt_embeds", ...}`` (``as_condition``).
+
 Metrics reach SimpleTuner's tracker because SimpleTuner keeps the very dict ``compute_distill_loss`` returns and merges
 it into its log line *after* ``discriminator_step``: the critic's metrics are added to that dict in place.
 """
@@ -37,8 +49,8 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ...config import MethodSelection, validate_method_config
-from ...errors import ConfigError, UserError
-from ...plugins import get_family_class, get_plugin_manager
+from ...errors import ConfigError, PluginError, UserError
+from ...plugins import get_family_class, get_plugin_manager, registered_families
 from ...types import Batch, RunContext, StepInfo, StepLoss, step_generator
 from .patch import HOST_PARAMETERS_ATTR
 
@@ -79,9 +91,48 @@ def parameter_count(parameters) -> int:
     return sum(len(e.get("params", [])) if isinstance(e, Mapping) else 1 for e in parameters)
 
 
-def as_condition(encoded: Any) -> torch.Tensor:
-    """SimpleTuner's ``encode_text_batch`` output for Wan (``{"prompt_embeds", "attention_masks"}``, or the raw
+def simpletuner_family_class(pm, model_family: Any, model_flavour: Any = None) -> type:
+    """The plugin's family class for SimpleTuner's ``model_family`` and ``model_flavour``: the one family whose own
+    ``simpletuner_names`` declares that pair, else the one declaring the SimpleTuner family for every flavour
+    (``None``), else the plugin's family named like SimpleTuner's (``get_family_class``, which names the installed
+    ones when there is none). Two families declaring the same pair is a ``PluginError`` naming both."""
+    by_flavour: list = []
+    any_flavour: list = []
+    for entry in registered_families(pm).values():
+        for st_family, st_flavour in vars(entry.cls).get("simpletuner_names", ()):
+            if st_family != model_family:
+                continue
+            if st_flavour is None:
+                any_flavour.append(entry)
+            elif st_flavour == model_flavour:
+                by_flavour.append(entry)
+    for found in (by_flavour, any_flavour):
+        if len(found) > 1:
+            claims = ", ".join(f"{e.name} ({e.distribution})" for e in found)
+            raise PluginError(f"SimpleTuner's model_family {model_family!r} (model_flavour {model_flavour!r}) is "
+                              f"claimed by several families: {claims}")
+        if found:
+            return found[0].cls
+    return get_family_class(pm, str(model_family))
+
+
+def from_simpletuner_batch(family: Any, prepared_batch: Mapping[str, Any]) -> tuple[torch.Tensor, Any]:
+    """SimpleTuner's prepared batch → ``(latents (B, C, F, H, W), cond)`` for ``family``: its own
+    ``from_simpletuner_batch`` when it has one, else SimpleTuner's ``latents`` and ``encoder_hidden_states`` as they
+    are (Wan's batch: ``(B, 16, F, h, w)`` and ``(B, L, D)``)."""
+    convert = getattr(family, "from_simpletuner_batch", None)
+    if convert is not None:
+        return convert(prepared_batch)
+    return prepared_batch["latents"], prepared_batch["encoder_hidden_states"]
+
+
+def as_condition(encoded: Any, family: Any = None) -> torch.Tensor:
+    """SimpleTuner's ``encode_text_batch`` output for one text → the family's condition ``(1, ...)``: the family's own
+    ``from_simpletuner_text`` when it has one; else Wan's (``{"prompt_embeds", "attention_masks"}``, or the raw
     ``(embeds, masks)``) → the ``(1, L, D)`` tensor its batches carry as ``encoder_hidden_states``."""
+    convert = getattr(family, "from_simpletuner_text", None)
+    if convert is not None:
+        return convert(encoded)
     if isinstance(encoded, Mapping):
         encoded = encoded["prompt_embeds"]
     elif isinstance(encoded, (tuple, list)):
@@ -147,7 +198,8 @@ class PluginDistiller:
         if model_type == "lora" and str(config.get("lora_type", "standard")).lower() != "standard":
             raise UserError(f"lora_type {config.get('lora_type')!r}: the bridge supports standard (peft) LoRA only")
 
-        family_cls = get_family_class(self.pm, str(model_family or config.get("model_family")))
+        family_cls = simpletuner_family_class(self.pm, model_family or config.get("model_family"),
+                                              config.get("model_flavour"))
         selection = method_config_for(config, method_name, self.pm, family_cls=family_cls)
         method_cls, self.method_config = selection.cls, selection.config
         for warning in selection.warnings:
@@ -263,7 +315,7 @@ class PluginDistiller:
                 cond = cached[text]
             elif getattr(self.model, "text_encoders", None):
                 with torch.no_grad():
-                    cond = as_condition(self.model.encode_text_batch([text], is_negative_prompt=True))
+                    cond = as_condition(self.model.encode_text_batch([text], is_negative_prompt=True), self.family)
             else:
                 raise UserError(
                     f"the text {text!r} was not encoded before SimpleTuner unloaded its text encoder; start training "
@@ -283,8 +335,9 @@ class PluginDistiller:
     # ------------------------------------------------------------------ SimpleTuner's distiller interface
 
     def compute_distill_loss(self, prepared_batch: dict, model_output: Any, original_loss: torch.Tensor):
-        batch = Batch(latents=prepared_batch["latents"], cond=prepared_batch["encoder_hidden_states"],
-                      captions=list(prepared_batch.get("prompts") or []), extras={"simpletuner": prepared_batch})
+        latents, cond = from_simpletuner_batch(self.family, prepared_batch)
+        batch = Batch(latents=latents, cond=cond, captions=list(prepared_batch.get("prompts") or []),
+                      extras={"simpletuner": prepared_batch})
         info = self._step_info(self._micro)
         self._micro += 1
         result: StepLoss | None = self.pm.hook.distill_loss(batch=batch, step=info, host_loss=lambda: original_loss)
@@ -402,4 +455,5 @@ class PluginDistiller:
 
 
 __all__ = ["PluginDistiller", "STATE_FILE", "NEGATIVE_EMBEDS_ATTR", "method_config_for", "negative_prompts_for",
-           "as_condition", "parameter_count", "validation_steps_problem"]
+           "as_condition", "from_simpletuner_batch", "parameter_count", "simpletuner_family_class",
+           "validation_steps_problem"]

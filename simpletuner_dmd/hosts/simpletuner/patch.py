@@ -214,11 +214,21 @@ def stash_negative_embeds(model, config: dict, method: str) -> None:
     import torch
 
     from ...plugins import get_plugin_manager
-    from .distiller import NEGATIVE_EMBEDS_ATTR, as_condition, log, method_config_for, negative_prompts_for
+    from .distiller import (
+        NEGATIVE_EMBEDS_ATTR,
+        as_condition,
+        log,
+        method_config_for,
+        negative_prompts_for,
+        simpletuner_family_class,
+    )
 
-    texts = negative_prompts_for(config, method_config_for(config, method, get_plugin_manager()).config)
+    pm = get_plugin_manager()
+    family = simpletuner_family_class(pm, config.get("model_family"), config.get("model_flavour"))
+    texts = negative_prompts_for(config, method_config_for(config, method, pm).config)
     with torch.no_grad():
-        embeds = {t: as_condition(model.encode_text_batch([t], is_negative_prompt=True)).detach() for t in texts}
+        embeds = {t: as_condition(model.encode_text_batch([t], is_negative_prompt=True), family).detach()
+                  for t in texts}
     setattr(model, NEGATIVE_EMBEDS_ATTR, embeds)
     log(f"negative prompt encoded with SimpleTuner's text encoder before it is unloaded: {texts}")
 

@@ -1,7 +1,11 @@
 """Test-only: put on PYTHONPATH for ``simpletuner train`` runs, so every process its ``accelerate launch`` starts gets
 the CPU shims (``cpu_shims.py``). With ``SIMPLETUNER_DMD_TEST_WITNESS=DIR`` each process also writes the LoRA weights
 of SimpleTuner's trained network to ``DIR/weights-rank<R>.safetensors`` once ``Trainer.train()`` has returned, so a
-test can compare the processes."""
+test can compare the processes. With ``SIMPLETUNER_DMD_TEST_FLOW_CHECK=1`` the bridge's ``compute_distill_loss`` first
+calls the family's ``predict_flow`` on SimpleTuner's trained network with SimpleTuner's own noisy latents, timesteps
+and condition (through the family's ``from_simpletuner_batch``), and prints how far that is from the prediction
+SimpleTuner's ``model_predict`` made for the same batch: ``[flow-check] … max_abs_diff=…`` (with ``lora_dropout: 0``).
+"""
 
 import os
 import sys
@@ -43,3 +47,25 @@ if os.environ.get("SIMPLETUNER_DMD_TEST_WITNESS"):
         return served
 
     autoload.apply = apply_with_witness
+
+if os.environ.get("SIMPLETUNER_DMD_TEST_FLOW_CHECK"):
+    import torch
+
+    from simpletuner_dmd.hosts.simpletuner import distiller as _distiller
+
+    _compute = _distiller.PluginDistiller.compute_distill_loss
+
+    def compute_distill_loss_checked(self, prepared_batch, model_output, original_loss):
+        pred = model_output.get("model_prediction") if isinstance(model_output, dict) else None
+        if torch.is_tensor(pred) and "noisy_latents" in prepared_batch:
+            with torch.no_grad():
+                x_t, cond = _distiller.from_simpletuner_batch(
+                    self.family, {**prepared_batch, "latents": prepared_batch["noisy_latents"]})
+                network = self.model.get_trained_component(unwrap_model=False)
+                ours = self.family.predict_flow(network, x_t, prepared_batch["timesteps"].float(), cond)
+            diff = (ours.reshape(pred.shape).float() - pred.detach().float()).abs().max().item()
+            print(f"[flow-check] latents {tuple(x_t.shape)} cond {tuple(cond.shape)} max_abs_diff={diff:.3g} "
+                  f"max_abs_pred={pred.detach().abs().max().item():.3g}", flush=True)
+        return _compute(self, prepared_batch, model_output, original_loss)
+
+    _distiller.PluginDistiller.compute_distill_loss = compute_distill_loss_checked
