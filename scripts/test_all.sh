@@ -19,7 +19,10 @@ done
 
 python -m pytest -q -m "" --durations=15 --ignore=tests/simpletuner  # -m "": the slow tests too; the 15 slowest listed
 
+# The releases' suites run side by side (a `simpletuner train` run is mostly one process on one core), each into
+# work/tests-simpletuner-<version>.log, printed whole, in order, once it ends.
 status=0
+declare -A SUITE
 for v in $VERSIONS; do
     set +e
     wait "${PID[$v]}"
@@ -35,7 +38,19 @@ for v in $VERSIONS; do
         exit "$rc"
     fi
     tail -n 2 "work/install-simpletuner-$v.log"
+    echo "+ SimpleTuner $v integration tests (running; work/tests-simpletuner-$v.log)"
+    SIMPLETUNER_VENV="work/simpletuner-$v" python -m pytest -q -m "" tests/simpletuner \
+        > "work/tests-simpletuner-$v.log" 2>&1 &
+    SUITE[$v]=$!
+done
+for v in $VERSIONS; do
+    [ -n "${SUITE[$v]:-}" ] || continue
+    set +e
+    wait "${SUITE[$v]}"
+    rc=$?
+    set -e
     echo "+ SimpleTuner $v integration tests"
-    SIMPLETUNER_VENV="work/simpletuner-$v" python -m pytest -q -m "" tests/simpletuner || status=$?
+    cat "work/tests-simpletuner-$v.log"
+    [ "$rc" = 0 ] || status=$rc
 done
 exit "$status"
