@@ -48,6 +48,13 @@ VARIANTS = {
     "guidance 3, real_score_guidance_interval [0, 500]": (3.0, {"real_score_guidance_interval": [0.0, 500.0]}),
     "guidance 3, max_timestep_ratio 0.5": (3.0, {"max_timestep_ratio": 0.5}),
 }
+# DMD v1's regression term on the guided teacher's ODE pairs (both classes' prompts; case A's pair settings), run on
+# their own: python -m benchmarks.gmm_guided --variants "guidance 1,regression" --name gmm_guided_regression
+REGRESSION = {"regression_prompts": ["class 0", "class 1"], "regression_num_pairs": 1024,
+              "regression_teacher_steps": 50, "regression_latent_shape": [2, 1, 1, 1]}
+DEFAULT_VARIANTS = tuple(VARIANTS)  # what a run without --variants measures
+VARIANTS.update({f"guidance 3, regression_loss_weight {w:g}": (3.0, {"regression_loss_weight": w, **REGRESSION})
+                 for w in (4.0, 16.0)})
 GUIDANCES = (1.0, 3.0)
 REFERENCE_SEED = 77_000  # the guided teacher's reference draw (20 000 samples); rows use 99 000 + seed
 
@@ -215,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=1, help="runs in this many processes (one thread each)")
     parser.add_argument("--students", default="3,1", help="3, 1 or 3,1")
-    parser.add_argument("--variants", default=None, help="comma-separated parts of variant names (default: all)")
+    parser.add_argument("--variants", default=None, help="comma-separated parts of variant names (default: all but "
+                                                           "the regression rows)")
     parser.add_argument("--fit-steps", type=int, default=10_000)
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")
     parser.add_argument("--out", type=Path, default=OUT)
@@ -224,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     students = {k: v for k, v in STUDENTS.items() if k.split("-")[0] in args.students.split(",")}
-    variants = [v for v in VARIANTS if not args.variants or any(p.strip() in v for p in args.variants.split(","))]
+    variants = [v for v in VARIANTS if any(p.strip() in v for p in args.variants.split(","))] if args.variants else \
+        list(DEFAULT_VARIANTS)
     if not students or not variants:
         parser.error("--students / --variants select nothing")
     start = time.time()

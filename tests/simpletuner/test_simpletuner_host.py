@@ -79,14 +79,9 @@ def installed():
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory, tiny_dataset, installed):
-    """A tiny Wan pipeline saved by the SimpleTuner venv's own diffusers/transformers (this project's newer versions
-    write a tokenizer config SimpleTuner 3.1.6's transformers 4.57 cannot load), four captioned 64 px images, and a
-    writer of SimpleTuner config files."""
-    root = tmp_path_factory.mktemp("simpletuner-job")
-    code, text, _ = _venv_python("--make-tiny-wan", str(root / "tiny-wan"), log=root / "make-tiny-wan.log")
-    assert code == 0 and (root / "tiny-wan" / "model_index.json").is_file(), text[-3000:]
+def _image_backends(root: Path, tiny_dataset) -> Path:
+    """Four captioned 64 px images of the tiny dataset in ``root/data`` and SimpleTuner's backend file for them (an
+    image backend and a text-embeds backend), ``root/backends.json``."""
     data = root / "data"
     data.mkdir()
     for png in sorted(Path(tiny_dataset).glob("*.png"))[:4]:
@@ -99,6 +94,18 @@ def job(tmp_path_factory, tiny_dataset, installed):
         {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True,
          "cache_dir": str(root / "cache/text")},
     ]))
+    return root / "backends.json"
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tiny_dataset, installed):
+    """A tiny Wan pipeline saved by the SimpleTuner venv's own diffusers/transformers (this project's newer versions
+    write a tokenizer config SimpleTuner 3.1.6's transformers 4.57 cannot load), four captioned 64 px images, and a
+    writer of SimpleTuner config files."""
+    root = tmp_path_factory.mktemp("simpletuner-job")
+    code, text, _ = _venv_python("--make-tiny-wan", str(root / "tiny-wan"), log=root / "make-tiny-wan.log")
+    assert code == 0 and (root / "tiny-wan" / "model_index.json").is_file(), text[-3000:]
+    _image_backends(root, tiny_dataset)
     base = {
         "model_family": "wan", "model_type": "lora", "lora_type": "standard", "lora_rank": 4, "lora_alpha": 4,
         "pretrained_model_name_or_path": str(root / "tiny-wan"),
@@ -399,18 +406,7 @@ def test_dmd_through_simpletuner_train_with_sd3(tmp_path_factory, tiny_dataset, 
     root = tmp_path_factory.mktemp("simpletuner-sd3")
     code, text, make_seconds = _venv_python("--make-tiny", "sd3", str(root / "tiny-sd3"), log=root / "make-tiny.log")
     assert code == 0 and (root / "tiny-sd3" / "model_index.json").is_file(), text[-3000:]
-    data = root / "data"
-    data.mkdir()
-    for png in sorted(Path(tiny_dataset).glob("*.png"))[:4]:
-        shutil.copy(png, data)
-        shutil.copy(png.with_suffix(".txt"), data)
-    (root / "backends.json").write_text(json.dumps([
-        {"id": "tiny-images", "type": "local", "dataset_type": "image", "instance_data_dir": str(data),
-         "caption_strategy": "textfile", "metadata_backend": "discovery", "cache_dir_vae": str(root / "cache/vae"),
-         "resolution": 64, "resolution_type": "pixel", "minimum_image_size": 0, "repeats": 0, "crop": False},
-        {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True,
-         "cache_dir": str(root / "cache/text")},
-    ]))
+    _image_backends(root, tiny_dataset)
     run = root / "st-train-sd3-dmd"
     out = run / "out"
     config = {
