@@ -186,3 +186,19 @@ def test_wan22_trains_checkpoints_resumes_exports_and_samples_in_the_stock_pipel
     for i in range(5):
         a = np.asarray(Image.open(ours / f"frame-{i:03d}.png"), dtype=np.int16)
         assert np.abs(a - np.asarray(Image.open(theirs / f"frame-{i:03d}.png"), dtype=np.int16)).max() <= 1
+
+
+def test_both_experts_quantize_to_int8_and_a_dmd_step_trains_the_student(tiny_experts):
+    """The frozen base of each expert in int8 (optimum-quanto, the host's base_model_precision), the adapters in fp32:
+    a DMD step gives the student a finite, non-zero gradient."""
+    from optimum.quanto import QModuleMixin
+
+    built = build_method(tiny_experts, DMD, {"dmd_denoising_steps": "1000,757,522", "generator_update_interval": 1},
+                         family=WanExpertsFamily(), host={"base_model_precision": "int8-quanto"})
+    network = built.models.network
+    for expert in (network.transformer, network.transformer_2):
+        assert any(isinstance(m, QModuleMixin) for m in expert.modules())
+    loss = built.method.distill_loss(batch(b=2), step_info(1), lambda: None)
+    loss.loss.backward()
+    grads = [p.grad for n, p in network.named_parameters() if ".student." in n and p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
