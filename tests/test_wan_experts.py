@@ -86,6 +86,9 @@ def test_one_lora_file_per_expert_round_trips_and_loads_into_the_stock_pipeline(
     assert all(k.startswith("transformer.blocks.") for k in [*high, *low]) and len(high) == len(low) == len(state) // 2
     back = family.read_lora(tmp_path)
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+    perturb_adapters(network, seed=9)  # the host's init_lora loads both files back into the student adapter
+    assert "loaded" in T.load_student_lora(network, tmp_path, family)
+    assert all(torch.equal(v, state[k]) for k, v in T._peft_state(network).items())
 
     pipe = WanPipeline.from_pretrained(str(tiny_experts))
     family.load_lora_into_pipeline(pipe, tmp_path, adapter_name="student")
