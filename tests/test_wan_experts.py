@@ -205,3 +205,16 @@ def test_both_experts_quantize_to_int8_and_a_dmd_step_trains_the_student(tiny_ex
     loss.loss.backward()
     grads = [p.grad for n, p in network.named_parameters() if ".student." in n and p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_feature_reading_terms_are_refused_by_name(tiny_experts):
+    """DMD2's GAN classifier and DCM's fine-mode discriminator read one network's features; a wan2.2 call may run
+    either expert, so both refuse at set-up, naming the family (nothing trains on half the features)."""
+    from simpletuner_dmd.methods.dcm.method import DCM
+
+    with pytest.raises(UserError, match="'wan2.2' family does not name"):
+        build_method(tiny_experts, DMD, {"gan_loss_weight": 0.1}, family=WanExpertsFamily(),
+                     host={"base_model_precision": "no_change"})
+    with pytest.raises(UserError, match="'wan2.2' family runs different sub-networks"):
+        build_method(tiny_experts, DCM, {"mode": "fine", "multiphase": 2}, family=WanExpertsFamily(),
+                     host={"base_model_precision": "no_change"})
