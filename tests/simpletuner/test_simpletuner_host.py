@@ -168,6 +168,25 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _assert_three_dmd_steps(text: str, out: Path) -> None:
+    """Three DMD steps inside SimpleTuner with ``generator_update_interval`` 2 and a checkpoint each: every step
+    logged; the metrics reached SimpleTuner's own tracker (dmd_loss on the generator steps 1 and 3, fake_score_loss
+    on every step, no NaN); step 2 is critic-only — through SimpleTuner's real loop (its AdamW steps every time) the
+    student did not move at all, no momentum, no weight decay, while the fake score trained — and step 3 moved it."""
+    from safetensors.torch import load_file
+
+    for step in (1, 2, 3):
+        assert f"[simpletuner-dmd] step {step}: " in text, text[-3000:]
+    dmd_loss, fake_loss = _scalars(out, "dmd_loss"), _scalars(out, "fake_score_loss")
+    assert sorted(dmd_loss) == [1, 3] and sorted(fake_loss) == [1, 2, 3], (dmd_loss, fake_loss)
+    assert all(v == v for v in [*dmd_loss.values(), *fake_loss.values()])  # no NaN
+    students = {n: _student(out / f"checkpoint-{n}") for n in (1, 2, 3)}
+    fakes = {n: load_file(str(out / f"checkpoint-{n}" / "dmd" / "fake_score.safetensors")) for n in (1, 2)}
+    assert _same(students[1], students[2]), "the student moved on a critic-only step"
+    assert not _same(students[2], students[3]) and not _same(fakes[1], fakes[2])
+    assert fakes[2] and all(".fake_score." in k for k in fakes[2])
+
+
 def test_dmd_through_simpletuner_train_checkpoints_validates_and_resumes(job):
     """DMD through SimpleTuner's own ``simpletuner train`` (the import hook; no launcher): metrics in SimpleTuner's
     tensorboard, the fake score in its checkpoints, SimpleTuner's optimizer holding the student only, a critic-only step
@@ -175,7 +194,6 @@ def test_dmd_through_simpletuner_train_checkpoints_validates_and_resumes(job):
     SimpleTuner. Then a resume: through ``simpletuner train`` again on 4.x; through the launcher on 3.1.6, whose own
     ``train.py`` exits 0 whatever happens (so there the first run's markers and files tell, and the launcher's exit
     status is checked on the resume)."""
-    from safetensors.torch import load_file
 
     root, write = job
     run = root / "st-train-dmd"
@@ -195,19 +213,7 @@ def test_dmd_through_simpletuner_train_checkpoints_validates_and_resumes(job):
     # SimpleTuner's optimizer was built from the student's 32 LoRA tensors only (determine_params_to_optimize)
     assert "[simpletuner-dmd] SimpleTuner's optimizer holds the student's 32 tensors; the method's own 32 are left" \
         in text, text[-3000:]
-    for step in (1, 2, 3):
-        assert f"[simpletuner-dmd] step {step}: " in text, text[-3000:]
-    # the metrics reached SimpleTuner's own tracker: dmd_loss on generator steps, fake_score_loss on every step
-    dmd_loss, fake_loss = _scalars(out, "dmd_loss"), _scalars(out, "fake_score_loss")
-    assert sorted(dmd_loss) == [1, 3] and sorted(fake_loss) == [1, 2, 3], (dmd_loss, fake_loss)
-    assert all(v == v for v in [*dmd_loss.values(), *fake_loss.values()])  # no NaN
-    # step 2 is critic-only: through SimpleTuner's real loop (its AdamW steps every time) the student did not move at
-    # all — no momentum, no weight decay — while the fake score trained; step 3 (a generator step) moved it
-    students = {n: _student(out / f"checkpoint-{n}") for n in (1, 2, 3)}
-    fakes = {n: load_file(str(out / f"checkpoint-{n}" / "dmd" / "fake_score.safetensors")) for n in (1, 2)}
-    assert _same(students[1], students[2]), "the student moved on a critic-only step"
-    assert not _same(students[2], students[3]) and not _same(fakes[1], fakes[2])
-    assert fakes[2] and all(".fake_score." in k for k in fakes[2])
+    _assert_three_dmd_steps(text, out)
     ckpt = out / "checkpoint-2"
     assert (ckpt / "dmd" / "fake_score_optimizer.json").is_file()
     assert json.loads((ckpt / "dmd" / "state.json").read_text())["critic_updates"] == 2
@@ -401,7 +407,6 @@ def test_dmd_through_simpletuner_train_with_sd3(tmp_path_factory, tiny_dataset, 
     the same batch (the test-only flow check in ``site/sitecustomize.py``). Three steps with a checkpoint each (step 2
     critic-only: the student stays bit-identical), the negative prompt encoded by SimpleTuner's three text encoders,
     and validation in SimpleTuner's SD3 pipeline with DMD's own schedule."""
-    from safetensors.torch import load_file
 
     root = tmp_path_factory.mktemp("simpletuner-sd3")
     code, text, make_seconds = _venv_python("--make-tiny", "sd3", str(root / "tiny-sd3"), log=root / "make-tiny.log")
@@ -440,16 +445,7 @@ def test_dmd_through_simpletuner_train_with_sd3(tmp_path_factory, tiny_dataset, 
         # (B, 16, 1, h, w); 1 pooled row + 77 CLIP + 154 T5 rows (SimpleTuner's sd3 tokenizer_max_length), T5 width
         assert (latents, cond) == ("(1, 16, 1, 8, 8)", "(1, 232, 48)")
         assert float(diff) <= 1e-5 * max(1.0, float(pred)), checks
-    for step in (1, 2, 3):
-        assert f"[simpletuner-dmd] step {step}: " in text, text[-3000:]
-    dmd_loss, fake_loss = _scalars(out, "dmd_loss"), _scalars(out, "fake_score_loss")
-    assert sorted(dmd_loss) == [1, 3] and sorted(fake_loss) == [1, 2, 3], (dmd_loss, fake_loss)
-    assert all(v == v for v in [*dmd_loss.values(), *fake_loss.values()])  # no NaN
-    students = {n: _student(out / f"checkpoint-{n}") for n in (1, 2, 3)}
-    fakes = {n: load_file(str(out / f"checkpoint-{n}" / "dmd" / "fake_score.safetensors")) for n in (1, 2)}
-    assert _same(students[1], students[2]), "the student moved on a critic-only step"
-    assert not _same(students[2], students[3]) and not _same(fakes[1], fakes[2])
-    assert fakes[2] and all(".fake_score." in k for k in fakes[2])
+    _assert_three_dmd_steps(text, out)
     assert json.loads((out / "checkpoint-3" / "simpletuner_dmd_bridge.json").read_text())["global_step"] == 3
     assert json.loads((out / "checkpoint-3" / "dmd" / "state.json").read_text())["critic_updates"] == 3
     student = _student(out)
