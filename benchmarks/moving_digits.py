@@ -78,23 +78,16 @@ def make_clips(n_digits: int | None = None, seed: int = 0) -> tuple[torch.Tensor
 
 
 def write_dataset(folder: Path, clips: torch.Tensor, labels: np.ndarray) -> Path:
+    """The clips as captioned GIFs (``clip_NNNN.gif`` + ``.txt``), written as the digits example writes its images."""
     from PIL import Image
 
-    from simpletuner_dmd.hosts.reference.digits_example import caption
+    from simpletuner_dmd.hosts.reference.digits_example import write_captioned
 
-    if folder.is_dir() and len(list(folder.glob("*.gif"))) == len(clips):
-        return folder
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    grey = (clips[:, 0].numpy() * 255).round().astype(np.uint8)
-    for i, (clip, label) in enumerate(zip(grey, labels)):
+    def save(clip: np.ndarray, path: Path) -> None:
         frames = [Image.fromarray(f).convert("RGB") for f in clip]
-        frames[0].save(tmp / f"clip_{i:04d}.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
-        (tmp / f"clip_{i:04d}.txt").write_text(caption(int(label)) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return folder
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+    return write_captioned(folder, clips, labels, stem="clip", suffix=".gif", save=save)
 
 
 # --------------------------------------------------------------------------- stages (each cached by its recipe)

@@ -20,6 +20,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -44,22 +45,31 @@ def _digit_pixels(n_digits: int | None = None) -> tuple[torch.Tensor, np.ndarray
     return torch.nn.functional.interpolate(x, size=SIZE, mode="bicubic").clamp(0, 1), digits.target[:n_digits]
 
 
-def make_digits_dataset(folder: Path, n_digits: int | None = None) -> Path:
-    from PIL import Image
-
-    pixels, labels = _digit_pixels(n_digits)
-    if folder.is_dir() and len(list(folder.glob("*.png"))) == len(pixels):
+def write_captioned(folder: Path, media: torch.Tensor, labels, *, stem: str, suffix: str,
+                    save: Callable[[np.ndarray, Path], None]) -> Path:
+    """``folder`` holding one ``<stem>_NNNN<suffix>`` per item of ``media`` (grey in [0, 1], ``(N, 1, …)``: ``save``
+    writes the item's uint8 array to its path) with its ``.txt`` caption (``caption(label)``). Written into a
+    ``.tmp`` folder renamed into place once complete; a folder already holding every item is kept as it is."""
+    if folder.is_dir() and len(list(folder.glob(f"*{suffix}"))) == len(media):
         return folder
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    grey = (pixels[:, 0].numpy() * 255).round().astype(np.uint8)
-    for i, (img, label) in enumerate(zip(grey, labels)):
-        Image.fromarray(img).convert("RGB").save(tmp / f"digit_{i:04d}.png")
-        (tmp / f"digit_{i:04d}.txt").write_text(caption(int(label)) + "\n")
+    grey = (media[:, 0].numpy() * 255).round().astype(np.uint8)
+    for i, (item, label) in enumerate(zip(grey, labels)):
+        save(item, tmp / f"{stem}_{i:04d}{suffix}")
+        (tmp / f"{stem}_{i:04d}.txt").write_text(caption(int(label)) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
+
+
+def make_digits_dataset(folder: Path, n_digits: int | None = None) -> Path:
+    from PIL import Image
+
+    pixels, labels = _digit_pixels(n_digits)
+    return write_captioned(folder, pixels, labels, stem="digit", suffix=".png",
+                           save=lambda img, path: Image.fromarray(img).convert("RGB").save(path))
 
 
 def _vae():
