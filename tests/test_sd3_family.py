@@ -16,6 +16,7 @@ from simpletuner_dmd.families.sd3 import (
     unpack_condition,
 )
 from simpletuner_dmd.types import LoadingFamily
+from tests.tiny_methods import stock_student_latents
 
 PROMPTS = ["a cat", "a red dog on the beach"]
 
@@ -351,7 +352,6 @@ def test_each_method_trains_resumes_exports_and_runs_in_the_stock_pipeline(sd3_j
 
     from safetensors.torch import load_file
 
-    from simpletuner_dmd.fewstep_scheduler import FewStepFlowScheduler
     from simpletuner_dmd.hosts.reference.trainer import train
 
     write, root = sd3_job
@@ -366,12 +366,9 @@ def test_each_method_trains_resumes_exports_and_runs_in_the_stock_pipeline(sd3_j
     expected = load_file(str(out / "validation" / "step-2" / "validation" / "student" / "latents.safetensors"))
     pipe = _pipe(str(tiny_sd3))
     pipe.load_lora_weights(str(out))
-    pipe.scheduler = FewStepFlowScheduler.from_pretrained(str(out), subfolder="scheduler")
-    generator = torch.Generator().manual_seed(7)
-    pipe.scheduler.generator = generator
-    steps = info["steps"]
-    latents = pipe(prompt=info["validation_prompt"], width=32, height=32, generator=generator, guidance_scale=1.0,
-                   num_inference_steps=steps, output_type="latent").images
+    assert info["steps"] == len(json.loads((out / "scheduler" / "scheduler_config.json").read_text())[
+        "few_step_timesteps"])
+    latents = stock_student_latents(pipe, out, info["validation_prompt"], 7, width=32, height=32)
     assert latents.unsqueeze(2).shape == expected["latents"].shape and torch.isfinite(latents).all()
     if method == "dmd":  # the model card's code, and `sample` beside the teacher, on an image pipeline
         import re

@@ -14,7 +14,7 @@ from simpletuner_dmd.errors import UserError
 from simpletuner_dmd.families.wan_experts import SECOND_FILE, WanExperts, WanExpertsFamily
 from simpletuner_dmd.hosts.reference import trainer as T
 from simpletuner_dmd.methods.dmd.method import DMD
-from tests.tiny_methods import batch, build_method, perturb_adapters, step_info
+from tests.tiny_methods import batch, build_method, perturb_adapters, step_info, stock_student_latents
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,6 @@ def test_a_one_transformer_folder_and_model_type_full_are_refused(tiny_wan, job)
 def test_wan22_trains_checkpoints_resumes_exports_and_samples_in_the_stock_pipeline(job, tiny_experts, capsys):
     from diffusers import WanPipeline
 
-    from simpletuner_dmd.fewstep_scheduler import FewStepFlowScheduler
 
     common = dict(model_family="wan2.2", pretrained_model_name_or_path=str(tiny_experts),
                   pretrained_t5_model_name_or_path=str(tiny_experts), checkpoint_step_interval=1,
@@ -143,11 +142,7 @@ def test_wan22_trains_checkpoints_resumes_exports_and_samples_in_the_stock_pipel
     expected = load_file(str(out / "validation" / "step-2" / "validation" / "student" / "latents.safetensors"))
     pipe = WanPipeline.from_pretrained(str(tiny_experts))
     WanExpertsFamily().load_lora_into_pipeline(pipe, out, adapter_name="student")
-    pipe.scheduler = FewStepFlowScheduler.from_pretrained(str(out), subfolder="scheduler")
-    generator = torch.Generator().manual_seed(7)
-    pipe.scheduler.generator = generator
-    latents = pipe(prompt=info["validation_prompt"], width=32, height=32, num_frames=5, generator=generator,
-                   num_inference_steps=3, guidance_scale=1.0, output_type="latent").frames
+    latents = stock_student_latents(pipe, out, info["validation_prompt"], 7, width=32, height=32, num_frames=5)
     torch.testing.assert_close(latents, expected["latents"], rtol=1e-4, atol=1e-4)
 
     # the original (ComfyUI) layout, one file per expert, converts on load into the same two adapters

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from simpletuner_dmd.families.wan_ti2v import WanTI2VFamily
 from simpletuner_dmd.hosts.reference import trainer as T
+from tests.tiny_methods import stock_student_latents
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,6 @@ def test_latent_layout_and_per_token_timesteps(tiny_ti2v):
 def test_ti2v_trains_resumes_exports_and_the_stock_pipeline_reproduces_it(job, tiny_ti2v, capsys):
     from diffusers import WanPipeline
 
-    from simpletuner_dmd.fewstep_scheduler import FewStepFlowScheduler
 
     common = dict(model_family="wan2.2-ti2v", pretrained_model_name_or_path=str(tiny_ti2v),
                   pretrained_t5_model_name_or_path=str(tiny_ti2v), checkpoint_step_interval=1,
@@ -59,9 +59,5 @@ def test_ti2v_trains_resumes_exports_and_the_stock_pipeline_reproduces_it(job, t
     pipe = WanPipeline.from_pretrained(str(tiny_ti2v))
     assert pipe.config.expand_timesteps
     pipe.load_lora_weights(str(out))
-    pipe.scheduler = FewStepFlowScheduler.from_pretrained(str(out), subfolder="scheduler")
-    generator = torch.Generator().manual_seed(7)
-    pipe.scheduler.generator = generator
-    latents = pipe(prompt=info["validation_prompt"], width=64, height=32, num_frames=5, generator=generator,
-                   num_inference_steps=3, guidance_scale=1.0, output_type="latent").frames
+    latents = stock_student_latents(pipe, out, info["validation_prompt"], 7, width=64, height=32, num_frames=5)
     torch.testing.assert_close(latents, expected["latents"], rtol=1e-4, atol=1e-4)

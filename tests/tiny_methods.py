@@ -13,6 +13,21 @@ from simpletuner_dmd.hosts.reference.host_schema import HOST_SCHEMA
 from simpletuner_dmd.types import Batch, RunContext, StepInfo
 
 
+def stock_student_latents(pipe, out, prompt: str, seed: int, **shape) -> torch.Tensor:
+    """The exported student ``out`` (its LoRA already loaded into ``pipe``) sampled by the stock pipeline with its saved
+    scheduler (``out/scheduler``), at guidance 1 and its trained step count, from one generator seeded ``seed`` (the
+    starting noise, then each re-noise: what the reference host's validation draws); the undecoded latents, a
+    video pipeline's ``frames`` or an image pipeline's ``images``."""
+    from simpletuner_dmd.fewstep_scheduler import FewStepFlowScheduler
+
+    pipe.scheduler = FewStepFlowScheduler.from_pretrained(str(out), subfolder="scheduler")
+    generator = torch.Generator().manual_seed(seed)
+    pipe.scheduler.generator = generator
+    result = pipe(prompt=prompt, generator=generator, guidance_scale=1.0, output_type="latent",
+                  num_inference_steps=len(pipe.scheduler.config.few_step_timesteps), **shape)
+    return result.frames if hasattr(result, "frames") else result.images
+
+
 def embed(texts: list[str]) -> torch.Tensor:
     """A deterministic stand-in text encoder: each text → its own (1, 8, 32) embedding."""
     out = [torch.randn(8, 32, generator=torch.Generator().manual_seed(zlib.crc32(t.encode()))) for t in texts]
