@@ -40,11 +40,13 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from ..errors import UserError
 from ..hookspecs import hookimpl
+from ..lora_files import MAIN_FILE, read_lora
 from .common import load_part, lora_metadata
 from .wan import WAN21_14B, WanFamily
 
 EXPERTS = ("transformer", "transformer_2")  # high noise first, as WanPipeline names them
 SECOND_FILE = "pytorch_lora_weights_transformer_2.safetensors"
+EXPERT_FILES = dict(zip(EXPERTS, (MAIN_FILE, SECOND_FILE)))  # each expert's diffusers-layout LoRA file
 ORIGINAL_TAGS = {"transformer": "high_noise", "transformer_2": "low_noise"}
 
 # Wan 2.2 T2V-A14B: each expert has Wan 2.1 14B's transformer config; the boundary of its model_index.json.
@@ -160,22 +162,19 @@ class WanExpertsFamily(WanFamily):
 
         metadata = lora_metadata(peft_config)
         parts = split_by_expert(lora_state)
-        for expert, weight_name in zip(EXPERTS, ("pytorch_lora_weights.safetensors", SECOND_FILE)):
+        for expert, weight_name in EXPERT_FILES.items():
             WanPipeline.save_lora_weights(str(folder), transformer_lora_layers=parts[expert], weight_name=weight_name,
                                           transformer_lora_adapter_metadata=metadata)
-        return Path(folder) / "pytorch_lora_weights.safetensors"
+        return Path(folder) / MAIN_FILE
 
     def read_lora(self, folder: Path) -> dict[str, torch.Tensor]:
         """The inverse of ``save_lora``: the peft state of the student adapter over both experts."""
-        from safetensors.torch import load_file
-
         state: dict[str, torch.Tensor] = {}
-        for expert, weight_name in zip(EXPERTS, ("pytorch_lora_weights.safetensors", SECOND_FILE)):
+        for expert, weight_name in EXPERT_FILES.items():
             file = Path(folder) / weight_name
             if not file.is_file():
                 raise UserError(f"{folder}: no {weight_name} (a wan2.2 student has one LoRA file per expert)")
-            for key, tensor in load_file(str(file)).items():
-                state[f"{expert}.{key.removeprefix('transformer.')}"] = tensor
+            state.update({f"{expert}.{key}": tensor for key, tensor in read_lora(None, file).items()})
         return state
 
     def load_lora_into_pipeline(self, pipe: Any, folder: Path, *, adapter_name: str) -> None:
