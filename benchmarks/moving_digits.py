@@ -189,13 +189,14 @@ DMD_EXTRA = {"generator_update_interval": 5, "fake_score_lr": 1e-3, "fake_score_
 
 
 def train_student(cache: Path, paths: dict[str, Path], stage: str, *, steps: int, init_lora: Path | None = None,
-                  pairs: dict | None = None) -> Path:
-    """Stage ``ode_init`` or ``dmd`` of the causal student, through the reference host; returns its output folder."""
+                  pairs: dict | None = None, student_steps: list[int] = STEPS) -> Path:
+    """Stage ``ode_init`` or ``dmd`` of the causal student, through the reference host; returns its output folder.
+    ``student_steps``: its ``dmd_denoising_steps``."""
     from simpletuner_dmd.hosts.reference.digits_example import TEXT_TOKENS, caption
     from simpletuner_dmd.hosts.reference.trainer import train
 
     folder = cache / f"student-{stage}"
-    keys = {**KEYS, "regression_prompts": [caption(d) for d in range(10)], **(pairs or {}),
+    keys = {**KEYS, "dmd_denoising_steps": list(student_steps), "regression_prompts": [caption(d) for d in range(10)], **(pairs or {}),
             **(DMD_EXTRA if stage == "dmd" else {})}
     recipe = {**RECIPE, "stage": stage, "steps": steps, "keys": keys, "host": STUDENT_HOST,
               "teacher": json.loads((paths["model"] / "case_c_stage.json").read_text()),
@@ -264,7 +265,7 @@ class Evaluator:
                                  for i in range(0, self.n_eval, 100)])
         return self.decode(latents)
 
-    def student(self, out: Path, latent_frames: int, window: int | None) -> torch.Tensor:
+    def student(self, out: Path, latent_frames: int, window: int | None, steps: list[int] = STEPS) -> torch.Tensor:
         from simpletuner_dmd.fewstep_sampling import few_step_sampler
 
         network = self.causal.load_network(str(self.paths["model"]), dtype=torch.float32)
@@ -272,7 +273,7 @@ class Evaluator:
                                   adapter_name="student")
         network.eval()
         flow = lambda x, t, c: self.causal.predict_flow(network, x, t, c).float()  # noqa: E731
-        sampler = few_step_sampler(self.causal, network, flow, STEPS, causal=True, frames_per_block=1,
+        sampler = few_step_sampler(self.causal, network, flow, steps, causal=True, frames_per_block=1,
                                    independent_first_frame=False, context_noise=0.0, window=window)
         noise, g = self.noise(latent_frames)
         with torch.no_grad():
@@ -299,6 +300,7 @@ class Evaluator:
         return {"frame_fd": float(np.mean(fds)), "frame_fd_max": float(np.max(fds)),
                 "speed": float(per_clip.mean()), "speed_spread": float(per_clip.std()),
                 "black_frames": float((clips.flatten(2).amax(-1) < 0.2).float().mean()),
+                "black_by_frame": (clips.flatten(2).amax(-1) < 0.2).float().mean(0).tolist(),
                 "frozen_frames": float(((clips[:, 1:] - clips[:, :-1]).abs().mean((-1, -2)) < 0.005).float().mean())}
 
 
@@ -314,9 +316,10 @@ def _crop(frame: torch.Tensor, cy: float, cx: float) -> torch.Tensor:
 
 def run_case_c(out: Path, *, cache: Path, vae_steps: int = 300, teacher_steps: int = 3000, ode_steps: int = 1000,
                dmd_steps: int = 400, n_eval: int = N_EVAL, n_digits: int | None = None, on_row=None,
-               plots: bool = True, pairs: dict | None = None) -> dict:
+               plots: bool = True, pairs: dict | None = None, student_steps: list[int] = STEPS) -> dict:
     """The case (module docstring); ``pairs`` overrides the ODE pairs' keys (``regression_num_pairs``,
-    ``regression_teacher_steps``: a smoke test's smaller ones)."""
+    ``regression_teacher_steps``: a smoke test's smaller ones); ``student_steps`` the students'
+    ``dmd_denoising_steps`` (an ablation)."""
     report = on_row or (lambda name, row: None)
     cache = cache / "moving-digits"
     cache.mkdir(parents=True, exist_ok=True)
@@ -328,10 +331,11 @@ def run_case_c(out: Path, *, cache: Path, vae_steps: int = 300, teacher_steps: i
         paths = build_teacher(cache, vae_steps=vae_steps, teacher_steps=teacher_steps, n_digits=n_digits)
         timings["teacher"] = time.time() - start
         start = time.time()
-        ode = train_student(cache, paths, "ode_init", steps=ode_steps, pairs=pairs)
+        ode = train_student(cache, paths, "ode_init", steps=ode_steps, pairs=pairs, student_steps=student_steps)
         timings["ode_init"] = time.time() - start
         start = time.time()
-        dmd = train_student(cache, paths, "dmd", steps=dmd_steps, init_lora=ode, pairs=pairs)
+        dmd = train_student(cache, paths, "dmd", steps=dmd_steps, init_lora=ode, pairs=pairs,
+                            student_steps=student_steps)
         timings["dmd"] = time.time() - start
         start = time.time()
         ev = Evaluator(paths, n_eval)
@@ -349,19 +353,19 @@ def run_case_c(out: Path, *, cache: Path, vae_steps: int = 300, teacher_steps: i
         add("real clips through the VAE (encode, decode)", ev.through_vae(real[:n_eval]), length="training")
         add("teacher Euler 50", ev.teacher(50, LATENT_FRAMES), length="training")
         add("teacher Euler 3", ev.teacher(3, LATENT_FRAMES), length="training")
-        add("causal student after ode_init, 3 steps", ev.student(ode, LATENT_FRAMES, None), length="training")
-        add("causal student after Self-Forcing DMD, 3 steps", ev.student(dmd, LATENT_FRAMES, None),
+        add("causal student after ode_init, 3 steps", ev.student(ode, LATENT_FRAMES, None, student_steps), length="training")
+        add("causal student after Self-Forcing DMD, 3 steps", ev.student(dmd, LATENT_FRAMES, None, student_steps),
             length="training")
         add("teacher Euler 50, 2× length", ev.teacher(50, LONG_LATENT_FRAMES), length="2x")
         add("causal student after Self-Forcing DMD, 3 steps, 2× length (KV window 3)",
-            ev.student(dmd, LONG_LATENT_FRAMES, LATENT_FRAMES), length="2x")
+            ev.student(dmd, LONG_LATENT_FRAMES, LATENT_FRAMES, student_steps), length="2x")
         timings["evaluation"] = time.time() - start
     finally:
         torch.set_num_threads(threads)
     result = {"rows": rows, "targets": targets(rows), "seconds_by_stage": timings,
               "settings": {"canvas": CANVAS, "frames": FRAMES, "latent_frames": LATENT_FRAMES, "speed": SPEED,
                            "n_eval": n_eval, "vae_steps": vae_steps, "teacher_steps": teacher_steps,
-                           "ode_init_steps": ode_steps, "dmd_steps": dmd_steps, "keys": KEYS, "dmd": DMD_EXTRA,
+                           "ode_init_steps": ode_steps, "dmd_steps": dmd_steps, "keys": {**KEYS, "dmd_denoising_steps": list(student_steps)}, "dmd": DMD_EXTRA,
                            "host": STUDENT_HOST}}
     if plots:
         try:
@@ -412,8 +416,8 @@ def plot(path: Path, samples: dict[str, torch.Tensor]) -> None:
 def markdown(c: dict) -> list[str]:
     s = c["settings"]
     lines = [f"**Case C — moving digits video ({s['frames']} frames of {s['canvas']}×{s['canvas']}, "
-             f"{s['latent_frames']} latent frames), a bidirectional teacher, a causal student (ode_init "
-             f"{s['ode_init_steps']} steps, then Self-Forcing DMD {s['dmd_steps']} steps).** {s['n_eval']} clips per "
+             f"{s['latent_frames']} latent frames), a bidirectional teacher, a causal student (steps "
+             f"{','.join(map(str, s['keys']['dmd_denoising_steps']))}; ode_init {s['ode_init_steps']} steps, then Self-Forcing DMD {s['dmd_steps']} steps).** {s['n_eval']} clips per "
              f"row; stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in c.get("seconds_by_stage", {}).items()) + ".",
              "", "| row | per-frame digits FD ↓ (max over frames) | mean speed (px/frame) | speed spread | black frames "
              "| frozen frames |", "| --- | --- | --- | --- | --- | --- |"]
@@ -441,11 +445,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ode-steps", type=int, default=1000)
     parser.add_argument("--dmd-steps", type=int, default=400)
     parser.add_argument("--n-eval", type=int, default=N_EVAL)
+    parser.add_argument("--student-steps", default=",".join(map(str, STEPS)),
+                        help="the students' dmd_denoising_steps, comma-separated (an ablation)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     c = run_case_c(args.out, cache=args.cache, teacher_steps=args.teacher_steps, ode_steps=args.ode_steps,
-                   dmd_steps=args.dmd_steps, n_eval=args.n_eval)
+                   dmd_steps=args.dmd_steps, n_eval=args.n_eval,
+                   student_steps=[int(t) for t in args.student_steps.split(",")])
     c["seconds"] = time.time() - start
     (args.out / "case_c.json").write_text(json.dumps(c, indent=1, default=float))
     (args.out / "case_c.md").write_text("\n".join(markdown(c)))
