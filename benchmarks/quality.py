@@ -456,8 +456,12 @@ def _gmm_family_problem() -> str | None:
     return _import_problem("gmm_family")
 
 
-def missing_requirements(cases: set[str], plots: bool) -> list[tuple[str, str, str]]:
-    """``(what, why, pip command)`` for each thing the selected cases and outputs need and cannot import."""
+def missing_requirements(cases: set[str], plots: bool, rows_a: dict[str, dict] | None = None
+                         ) -> list[tuple[str, str, str]]:
+    """``(what, why, pip command)`` for each thing the selected cases and outputs need and cannot import;
+    ``rows_a``: case A's student rows to run (an optimizer of theirs that cannot be built here is one of those)."""
+    from simpletuner_dmd.optimizers import check_available
+
     missing = []
     if plots and _import_problem("matplotlib"):
         missing.append(("matplotlib", "the plots; --no-plots skips them", BENCH_INSTALL))
@@ -467,6 +471,14 @@ def missing_requirements(cases: set[str], plots: bool) -> list[tuple[str, str, s
         problem = _gmm_family_problem()
         if problem:
             missing.append(("the gmm family plugin", f"case A; {' '.join(problem.split())}", GMM_INSTALL))
+    needs = {kind: [name for name, row in (rows_a or {}).items() if row.get("optimizer") == kind]
+             for kind in {row.get("optimizer") for row in (rows_a or {}).values() if row.get("optimizer")}}
+    for kind, names in sorted(needs.items()):
+        problem = check_available(kind)
+        if problem:
+            missing.append((f"optimizer {kind}'s package",
+                            f"case A's rows {', '.join(repr(n) for n in names)}: {problem}; --rows selects others",
+                            BENCH_INSTALL))
     return missing
 
 
@@ -598,11 +610,12 @@ def main(argv: list[str] | None = None) -> int:
     cases = known if args.cases == "all" else set(args.cases.split(","))
     if not cases or not cases <= known:
         parser.error(f"--cases: some of {', '.join(sorted(known))}, or all (got {args.cases!r})")
-    missing = missing_requirements({"a" if c in SIDE_CASES else c for c in cases}, plots=not args.no_plots)
+    todo_a = case_a_todo(not args.no_ablations, args.rows) if "a" in cases else {}  # a bad --rows stops here
+    missing = missing_requirements({"a" if c in SIDE_CASES else c for c in cases}, plots=not args.no_plots,
+                                   rows_a=todo_a)
     if missing:  # before any work, not after it
         print(missing_line(missing), file=sys.stderr)
         return 2
-    todo_a = case_a_todo(not args.no_ablations, args.rows) if "a" in cases else {}  # a bad --rows stops here
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     provenance = {"command": " ".join(["python -m benchmarks.quality", *(sys.argv[1:] if argv is None else argv)]),

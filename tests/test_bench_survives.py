@@ -68,6 +68,22 @@ def test_a_missing_scipy_and_gmm_family_are_named_on_the_same_line(no_cases, mon
     assert line.endswith("Install with: pip install -e '.[bench]' && pip install -e examples/gmm_family")
 
 
+def test_case_a_rows_whose_optimizer_cannot_be_built_stop_it_at_once(no_cases, monkeypatch, tmp_path, capsys):
+    """A fresh install without torchao used to train case A for half an hour and then die on its 8-bit rows."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else find_spec(name, *a))
+    assert quality.main(_args(tmp_path / "out", "--cases", "a", "--no-plots")) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: ") and "optimizer ao-adamw8bit" in line and "needs torchao" in line
+    assert "8-bit moments (ao-adamw8bit)" in line and "--rows" in line
+    assert line.endswith("Install with: pip install -e '.[bench]'")
+    assert not (tmp_path / "out").exists()
+    # the rows that need it not selected: nothing is missing
+    assert quality.missing_requirements({"a"}, plots=False, rows_a=quality.case_a_todo(True, "lcm")) == []
+
+
 def test_no_plots_runs_without_matplotlib(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setattr(quality, "_gmm_family_problem", lambda: None)
