@@ -44,7 +44,8 @@ N_EVAL = 300
 EXPECTED_ROWS = 8  # run_case_c's rows
 STEPS = [1000, 757, 522]
 # Self-Forcing DMD's optimizer steps. Measured (docs/quality.md, case C): 400 → 1200 → 2400 steps took the student's
-# per-frame FD from 1.40× the teacher's to 1.27× and 1.01×, its black frames from 12.9 % to 8.9 % and 2.1 % (the teacher: 1.5 %).
+# per-frame FD from 1.40× the teacher's to 1.27× and 1.01×, its black frames from 12.9 % to 8.9 % and 2.1 %
+# (the teacher: 1.5 %).
 DMD_STEPS = 2400
 RECIPE = {"version": 1, "canvas": CANVAS, "frames": FRAMES, "speed": SPEED}
 DIRECTIONS = [(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1) if (dx, dy) != (0, 0)]
@@ -188,6 +189,12 @@ STUDENT_HOST = {"model_family": "wan-causal", "model_type": "lora", "lora_rank":
 KEYS = {"dmd_denoising_steps": STEPS, "real_score_guidance_scale": 1.0, "num_frame_per_block": 1,
         "regression_num_pairs": 512, "regression_teacher_steps": 50,
         "regression_latent_shape": [16, LATENT_FRAMES, CANVAS // 8, CANVAS // 8]}
+def student_keys(steps: list[int]) -> dict:
+    """The causal students' ``distillation_config`` keys common to both stages, with ``steps`` as their
+    ``dmd_denoising_steps``."""
+    return {**KEYS, "dmd_denoising_steps": list(steps)}
+
+
 DMD_EXTRA = {"generator_update_interval": 5, "fake_score_lr": 1e-3, "fake_score_weight_decay": 0.0}
 
 
@@ -199,7 +206,7 @@ def train_student(cache: Path, paths: dict[str, Path], stage: str, *, steps: int
     from simpletuner_dmd.hosts.reference.trainer import train
 
     folder = cache / f"student-{stage}"
-    keys = {**KEYS, "dmd_denoising_steps": list(student_steps), "regression_prompts": [caption(d) for d in range(10)], **(pairs or {}),
+    keys = {**student_keys(student_steps), "regression_prompts": [caption(d) for d in range(10)], **(pairs or {}),
             **(DMD_EXTRA if stage == "dmd" else {})}
     recipe = {**RECIPE, "stage": stage, "steps": steps, "keys": keys, "host": STUDENT_HOST,
               "teacher": json.loads((paths["model"] / "case_c_stage.json").read_text()),
@@ -298,12 +305,12 @@ class Evaluator:
             crops = torch.stack([_crop(clips[i, k], float(cy[i, k]), float(cx[i, k])) for i in range(n)])
             mu, cov = statistics(self.space.features(crops[:, None].expand(-1, 3, -1, -1)))
             fds.append(frechet_distance(self.space.real_mu, self.space.real_cov, mu, cov))
+        black = clips.flatten(2).amax(-1) < 0.2  # (N, F)
         speed = torch.sqrt((cy[:, 1:] - cy[:, :-1]) ** 2 + (cx[:, 1:] - cx[:, :-1]) ** 2)  # px per frame
         per_clip = speed.mean(1)
         return {"frame_fd": float(np.mean(fds)), "frame_fd_max": float(np.max(fds)),
                 "speed": float(per_clip.mean()), "speed_spread": float(per_clip.std()),
-                "black_frames": float((clips.flatten(2).amax(-1) < 0.2).float().mean()),
-                "black_by_frame": (clips.flatten(2).amax(-1) < 0.2).float().mean(0).tolist(),
+                "black_frames": float(black.float().mean()), "black_by_frame": black.float().mean(0).tolist(),
                 "frozen_frames": float(((clips[:, 1:] - clips[:, :-1]).abs().mean((-1, -2)) < 0.005).float().mean())}
 
 
@@ -356,7 +363,8 @@ def run_case_c(out: Path, *, cache: Path, vae_steps: int = 300, teacher_steps: i
         add("real clips through the VAE (encode, decode)", ev.through_vae(real[:n_eval]), length="training")
         add("teacher Euler 50", ev.teacher(50, LATENT_FRAMES), length="training")
         add("teacher Euler 3", ev.teacher(3, LATENT_FRAMES), length="training")
-        add("causal student after ode_init, 3 steps", ev.student(ode, LATENT_FRAMES, None, student_steps), length="training")
+        add("causal student after ode_init, 3 steps", ev.student(ode, LATENT_FRAMES, None, student_steps),
+            length="training")
         add("causal student after Self-Forcing DMD, 3 steps", ev.student(dmd, LATENT_FRAMES, None, student_steps),
             length="training")
         add("teacher Euler 50, 2× length", ev.teacher(50, LONG_LATENT_FRAMES), length="2x")
@@ -368,8 +376,8 @@ def run_case_c(out: Path, *, cache: Path, vae_steps: int = 300, teacher_steps: i
     result = {"rows": rows, "targets": targets(rows), "seconds_by_stage": timings,
               "settings": {"canvas": CANVAS, "frames": FRAMES, "latent_frames": LATENT_FRAMES, "speed": SPEED,
                            "n_eval": n_eval, "vae_steps": vae_steps, "teacher_steps": teacher_steps,
-                           "ode_init_steps": ode_steps, "dmd_steps": dmd_steps, "keys": {**KEYS, "dmd_denoising_steps": list(student_steps)}, "dmd": DMD_EXTRA,
-                           "host": STUDENT_HOST}}
+                           "ode_init_steps": ode_steps, "dmd_steps": dmd_steps, "keys": student_keys(student_steps),
+                           "dmd": DMD_EXTRA, "host": STUDENT_HOST}}
     if plots:
         try:
             plot(out / "case_c_samples.png", samples)
@@ -422,10 +430,11 @@ def _met(ok: bool) -> str:
 
 def markdown(c: dict) -> list[str]:
     s = c["settings"]
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in c.get("seconds_by_stage", {}).items())
     lines = [f"**Case C — moving digits video ({s['frames']} frames of {s['canvas']}×{s['canvas']}, "
              f"{s['latent_frames']} latent frames), a bidirectional teacher, a causal student (steps "
-             f"{','.join(map(str, s['keys']['dmd_denoising_steps']))}; ode_init {s['ode_init_steps']} steps, then Self-Forcing DMD {s['dmd_steps']} steps).** {s['n_eval']} clips per "
-             f"row; stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in c.get("seconds_by_stage", {}).items()) + ".",
+             f"{','.join(map(str, s['keys']['dmd_denoising_steps']))}; ode_init {s['ode_init_steps']} steps, then "
+             f"Self-Forcing DMD {s['dmd_steps']} steps).** {s['n_eval']} clips per row; stages: {stages}.",
              "", "| row | per-frame digits FD ↓ (max over frames) | mean speed (px/frame) | speed spread | black frames "
              "| frozen frames |", "| --- | --- | --- | --- | --- | --- |"]
     for name, r in c["rows"].items():
@@ -434,8 +443,8 @@ def markdown(c: dict) -> list[str]:
     t = c.get("targets") or {}
     if t:
         lines += ["", f"Targets (the 3-step causal student against the 50-step teacher, training length): per-frame FD "
-                      f"{t['frame_fd / teacher-50 (<= 1.5)']:.2f}× ({'met' if t['frame_fd met'] else '**not met**'}, "
-                      f"≤ 1.5×); speed {t['speed / teacher-50 (within 20%)']:.2f}× ({_met(t['speed met'])}, within 20 %); "
+                      f"{t['frame_fd / teacher-50 (<= 1.5)']:.2f}× ({_met(t['frame_fd met'])}, ≤ 1.5×); speed "
+                      f"{t['speed / teacher-50 (within 20%)']:.2f}× ({_met(t['speed met'])}, within 20 %); "
                       f"speed spread {t['speed_spread / teacher-50 (within 20%)']:.2f}× ({_met(t['spread met'])}, "
                       f"within 20 %); black or frozen frames: "
                       f"{'none' if t['no black or frozen frames'] else '**some**'}."]

@@ -471,9 +471,11 @@ def missing_requirements(cases: set[str], plots: bool, rows_a: dict[str, dict] |
         problem = _gmm_family_problem()
         if problem:
             missing.append(("the gmm family plugin", f"case A; {' '.join(problem.split())}", GMM_INSTALL))
-    needs = {kind: [name for name, row in (rows_a or {}).items() if row.get("optimizer") == kind]
-             for kind in {row.get("optimizer") for row in (rows_a or {}).values() if row.get("optimizer")}}
-    for kind, names in sorted(needs.items()):
+    rows_by_optimizer: dict[str, list[str]] = {}
+    for name, row in (rows_a or {}).items():
+        if row.get("optimizer"):
+            rows_by_optimizer.setdefault(row["optimizer"], []).append(name)
+    for kind, names in sorted(rows_by_optimizer.items()):
         problem = check_available(kind)
         if problem:
             missing.append((f"optimizer {kind}'s package",

@@ -73,7 +73,8 @@ def test_case_a_rows_whose_optimizer_cannot_be_built_stop_it_at_once(no_cases, m
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torchao" else find_spec(name, *a))
     assert quality.main(_args(tmp_path / "out", "--cases", "a", "--no-plots")) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("error: ") and "optimizer ao-adamw8bit" in line and "needs torchao" in line
