@@ -602,8 +602,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(dmd, lcm, dcm) or parts of row names, e.g. lcm,dcm (the teacher rows always run)")
     parser.add_argument("--digits-teacher-steps", type=int, default=1200,
                         help="case B: the digits example's teacher steps (make_digits_example's default)")
-    parser.add_argument("--digits-student-steps", type=int, default=400,
-                        help="case B: optimizer steps per student (the main job's 400)")
+    parser.add_argument("--digits-student-steps", type=int, default=None,
+                        help="case B: optimizer steps per student (default: the main job's max_train_steps)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (small nets run best on 1)")
     parser.add_argument("--jobs", type=int, default=1, help="case A: runs (row, seed) in this many processes")
     parser.add_argument("--no-plots", action="store_true", help="only results.json and results.md (no matplotlib)")
@@ -651,7 +651,8 @@ def main(argv: list[str] | None = None) -> int:
             extra = {"on_row": on_row} if "on_row" in inspect.signature(digits.run_case_b).parameters else {}
             case_b = digits.run_case_b(args.out, seeds=args.seeds, cache=args.cache, log=log,
                                        teacher_steps=args.digits_teacher_steps,
-                                       student_steps=args.digits_student_steps, plots=not args.no_plots, **extra)
+                                       student_steps=args.digits_student_steps or digits.STUDENT_STEPS,
+                                       plots=not args.no_plots, **extra)
             case_b.update(provenance, seconds=time.time() - start_b)
             writer.finish("case_b", case_b)
         if "c" in cases:
