@@ -67,8 +67,9 @@ class DMD:
             out.append(
                 f"distillation_config.fake_score_lr: {config['fake_score_lr']:g} is below learning_rate "
                 f"{student_lr:g}; in the quality benchmark (docs/quality.md, case A) a critic slower than the student "
-                f"collapsed the student onto 1-2 of 8 modes (recall 0.12); use fake_score_lr >= learning_rate, with "
-                f"generator_update_interval 5 as DMD2 does")
+                f"collapsed the student onto 1-2 of 8 modes (recall 0.12), and on the digits (case B) the quickstart's "
+                f"settings drifted away from the guided teacher (final FD 1.73x its best); use fake_score_lr >= "
+                f"learning_rate, with generator_update_interval 5 as DMD2 does")
         if "validation_num_inference_steps" in host and host["validation_num_inference_steps"] != steps:
             out.append(f"validation_num_inference_steps: DMD samples with its {steps} dmd_denoising_steps; the value "
                        f"{host['validation_num_inference_steps']} applies to the teacher's reference sample only")
