@@ -4,6 +4,7 @@
     python -m benchmarks.gmm_regression --seeds 3 --steps 4000 --variants "reg 16" --name regression_levers_reg16
     python -m benchmarks.gmm_regression --bridge-floor    # what samples on the bridges cost the metrics
     python -m benchmarks.gmm_regression --diagnose "reg 16" --steps 4000   # where a student's ED goes
+    python -m benchmarks.gmm_regression --ceiling         # the 1-step map's ceiling: plain regression, no DMD
 
 ``--variants`` runs the levers of ``VARIANTS`` (the weight, the timestep window and shift, the critic's lr) instead
 of the weights 0 / 0.25 / 1, into ``regression_levers.{json,md}`` (or ``--name``), with the precision halfway too.
@@ -48,7 +49,7 @@ PAIRS = {"regression_prompts": [""], "regression_num_pairs": 1024, "regression_t
 
 def config(steps: list[int], weight: float, extra: dict | None = None) -> dict:
     cfg = {**CASE_A, "dmd_denoising_steps": steps, "regression_loss_weight": weight, **(extra or {})}
-    return {**cfg, **PAIRS} if weight > 0 else cfg
+    return {**PAIRS, **cfg} if weight > 0 else cfg
 
 
 # Issue 15 item 2: the levers tried on top of the regression term (``--variants``; written to
@@ -62,7 +63,18 @@ VARIANTS = {
     "reg 1 + max_timestep_ratio 0.3": (1.0, {"max_timestep_ratio": 0.3}),
     "reg 1 + timestep_shift 3": (1.0, {"timestep_shift": 3.0}),  # mass toward high σ
     "reg 1 + fake_score_lr 3e-3": (1.0, {"fake_score_lr": 3e-3}),  # a faster critic
+    # what the 1-step map's ceiling (``--ceiling``) points to: the student's lr and schedule, and more pairs
+    "reg 16 + student lr 1e-3 cosine": (16.0, {}, {"lr": 1e-3, "lr_schedule": "cosine"}),
+    "student lr 1e-3 cosine": (0.0, {}, {"lr": 1e-3, "lr_schedule": "cosine"}),  # the schedule without the term
+    "reg 16 + 16384 pairs + student lr 1e-3 cosine": (16.0, {"regression_num_pairs": 16_384},
+                                                      {"lr": 1e-3, "lr_schedule": "cosine"}),
 }
+
+
+def variant_settings(name: str) -> tuple[float, dict, dict]:
+    """``VARIANTS[name]`` as (regression weight, DMD keys, student optimizer keys: ``lr``, ``lr_schedule``)."""
+    weight, extra, *host = VARIANTS[name]
+    return weight, extra, (host[0] if host else {})
 
 
 def log(message: str) -> None:
@@ -76,14 +88,15 @@ def _run(task: tuple) -> tuple:
     from . import gmm
 
     name, steps, weight, seed, folder, n_steps, threads, variant = (*task, None)[:8]
-    extra = None
+    extra, host = None, {}
     if variant is not None:  # ``weight`` is the variant's name
-        weight, extra = VARIANTS[variant]
+        weight, extra, host = variant_settings(variant)
     torch.set_num_threads(threads)
     if "metrics" not in _STATE:
         _STATE["metrics"] = gmm.Metrics(gmm.family_and_mixture()[1])
     half = (n_steps // 2,) if extra is not None else ()  # variants: precision halfway too (is it still rising?)
-    result = gmm.distil(Path(folder), config(steps, weight, extra), seed=seed, steps=n_steps, lr=STUDENT_LR,
+    result = gmm.distil(Path(folder), config(steps, weight, extra), seed=seed, steps=n_steps,
+                        lr=host.get("lr", STUDENT_LR), lr_schedule=host.get("lr_schedule", "constant"),
                         snapshot_steps=half)
     teacher = gmm.teacher_samples(Path(folder), 50, seed)  # the same noises as the student's samples
     metrics = _STATE["metrics"](result.samples)
@@ -101,13 +114,16 @@ def _pm(stat: dict, digits: int = 3, sci: bool = False) -> str:
 def markdown(results: dict) -> str:
     s = results["settings"]
     levers = bool(s.get("variants"))
+    own_lr = any(len(v) > 2 and v[2] for v in s.get("variants", {}).values())
+    own_pairs = any("regression_num_pairs" in v[1] for v in s.get("variants", {}).values())
     lines = [
         "# Case A: levers on top of the regression term (issue 15, item 2)" if levers else
         "# Case A: DMD v1's regression term (`regression_loss_weight`)",
         "",
         f"`{results['command']}` — {s['optimizer_steps']} optimizer steps, {s['seeds']} seeds, batch 256, student lr "
-        f"{STUDENT_LR}, fake_score_lr 1e-3, generator_update_interval 5, guidance 1; pairs: "
-        f"{PAIRS['regression_num_pairs']} per seed, {PAIRS['regression_teacher_steps']} Euler steps of the exact "
+        f"{STUDENT_LR} (constant{', unless the variant sets it' if own_lr else ''}), fake_score_lr 1e-3, generator_update_interval 5, guidance 1; pairs: "
+        f"{PAIRS['regression_num_pairs']} per seed{' unless the variant sets it' if own_pairs else ''}, "
+        f"{PAIRS['regression_teacher_steps']} Euler steps of the exact "
         f"teacher (this run spent {s['pair_generation_seconds']:.1f} s making the caches it did not find). Mean ± sd "
         "over the "
         "seeds; mapping RMSE: distance to the 50-step teacher's sample from the same noise."
@@ -117,7 +133,7 @@ def markdown(results: dict) -> str:
         "recall ↑ | mode TV ↓ | mapping RMSE | s / run |" + (" precision halfway | ED / teacher-50 |" if levers else ""),
         "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if levers else ""),
     ]
-    ed50 = results["rows"][0]["metrics"]["energy_distance"]["mean"]
+    ed50 = results["rows"][0]["metrics"]["energy_distance"]["mean"]  # this run's teacher row (its seeds)
     for row in results["rows"]:
         m = row["metrics"]
         weight = "—" if row["weight"] is None else f"{row['weight']:g}"
@@ -126,7 +142,8 @@ def markdown(results: dict) -> str:
                 f"{_pm(m['mapping_rmse'])} | {row.get('seconds_per_run', 0):.0f} |")
         if levers:
             half = _pm(m["precision_halfway"]) if "precision_halfway" in m else "—"
-            line += f" {half} | {m['energy_distance']['mean'] / ed50:.0f}× |"
+            ratio = m["energy_distance"]["mean"] / ed50
+            line += f" {half} | {ratio:.{1 if ratio < 10 else 0}f}× |"
         lines.append(line)
     return "\n".join(lines) + "\n"
 
@@ -185,8 +202,9 @@ def diagnose(folder: Path, variant: str, steps: int, seed: int = 0) -> list[dict
     exact_spread, _, _ = spread(exact)
     out = []
     for name, student_steps in STUDENTS.items():
-        weight, extra = VARIANTS[variant]
-        x = gmm.distil(folder, config(student_steps, weight, extra), seed=seed, steps=steps, lr=STUDENT_LR).samples
+        weight, extra, host = variant_settings(variant)
+        x = gmm.distil(folder, config(student_steps, weight, extra), seed=seed, steps=steps,
+                       lr=host.get("lr", STUDENT_LR), lr_schedule=host.get("lr_schedule", "constant")).samples
         sp, on, k = spread(x)
         fixed = x.clone()
         fill = mixture.sample(int((~on).sum()), torch.Generator().manual_seed(900 + seed))
@@ -202,6 +220,72 @@ def diagnose(folder: Path, variant: str, steps: int, seed: int = 0) -> list[dict
                     "as_is": metrics(x), "bridges_replaced_by_exact": metrics(fixed),
                     "exact_with_student_weights_and_spread": metrics(shaped)})
         log(f"diagnose {name}: {out[-1]}")
+    return out
+
+
+POOL = 262_144  # the ceiling's noise → teacher-sample pairs per seed
+# The 1-step map's ceiling: (student lr, schedule, optimizer steps). The first is like for like with the DMD students
+# (lr 3e-4 constant, 4000 steps); the second gives the MLP all it can take.
+CEILING = {"lr 3e-4, constant, 4000 steps": (3e-4, "constant", 4000),
+           "lr 1e-3, cosine, 16000 steps": (1e-3, "cosine", 16_000)}
+
+
+def ceiling(folder: Path, seeds: int = 3, settings: dict | None = None, batch_size: int = 256) -> list[dict]:
+    """How close the 1-step student's network can come to the teacher at all: the same MLP, started from the same
+    base fit, trained by plain regression onto the exact teacher's 50-step Euler map (noise → sample), each batch drawn
+    from a pool of ``POOL`` pairs (256 times the DMD students' 1024; no DMD, no critic). Measured like the students
+    (``gmm.Metrics`` on the 1-step samples from the students' evaluation noises, ``99 000 + seed``); with the mapping
+    RMSE on those noises."""
+    from simpletuner_dmd.flow import flow_to_x0
+
+    from . import gmm
+
+    family, mixture = gmm.family_and_mixture()
+    metrics = gmm.Metrics(mixture)
+    teacher = family.load_network(folder / "teacher").eval()
+    ode = family.euler_sampler(teacher, steps=50)
+    cond = family.embed_prompts([""] * batch_size)
+    out = []
+    for name, (lr, schedule, steps) in (settings or CEILING).items():
+        runs = []
+        for seed in range(seeds):
+            start = time.time()
+            torch.manual_seed(seed)
+            net = family.load_network(folder / "base").requires_grad_(True).train()
+            opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if schedule == "cosine" else None
+            g = torch.Generator().manual_seed(20_000 + seed)
+            pool = torch.randn(POOL, 2, 1, 1, 1, generator=g)
+            with torch.no_grad():
+                targets = torch.cat([ode(pool[i:i + 16_384], family.embed_prompts([""] * len(pool[i:i + 16_384])),
+                                         None, 1.0, None) for i in range(0, POOL, 16_384)])
+            t = torch.full((batch_size,), 1000.0)
+
+            def one_step(noise, c):
+                return flow_to_x0(noise, family.predict_flow(net, noise, t[:noise.shape[0]], c), t[:noise.shape[0]])
+
+            for _ in range(steps):
+                pick = torch.randint(0, POOL, (batch_size,), generator=g)
+                noise, target = pool[pick], targets[pick]
+                loss = torch.mean((one_step(noise, cond) - target) ** 2)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+                opt.step()
+                if sched is not None:
+                    sched.step()
+            net.eval()
+            noise = torch.randn(gmm.N_SAMPLES, 2, 1, 1, 1, generator=torch.Generator().manual_seed(99_000 + seed))
+            every = family.embed_prompts([""] * gmm.N_SAMPLES)
+            t = torch.full((gmm.N_SAMPLES,), 1000.0)
+            with torch.no_grad():
+                x, exact = one_step(noise, every).reshape(-1, 2), ode(noise, every, None, 1.0, None).reshape(-1, 2)
+            m = metrics(x)
+            m["mapping_rmse"] = float((x - exact).pow(2).sum(1).mean().sqrt())
+            runs.append(m)
+            log(f"ceiling {name}, seed {seed}: {time.time() - start:.0f} s, precision {m['precision']:.3f}, energy "
+                f"{m['energy_distance']:.2e}, mode TV {m['mode_tv']:.3f}, mapping RMSE {m['mapping_rmse']:.3f}")
+        out.append({"setting": name, "lr": lr, "schedule": schedule, "steps": steps, "metrics": gmm.summarise(runs)})
     return out
 
 
@@ -230,8 +314,36 @@ def main(argv: list[str] | None = None) -> int:
                         "moved onto the bridges between modes (bridge_floor.{json,md} in --out)")
     parser.add_argument("--diagnose", default=None, metavar="VARIANT", help="only: where the ED and precision of "
                         "VARIANT's students go (seed 0, --steps; diagnose.{json,md} in --out)")
+    parser.add_argument("--ceiling", action="store_true", help="only: the 1-step map's ceiling, the student's MLP "
+                        "regressed onto the teacher's 50-step map without DMD (regression_ceiling.{json,md} in --out)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # small nets: one thread (the runs in workers set it too)
+    if args.ceiling:
+        start = time.time()
+        folder = gmm_module().fit_base(args.cache / "gmm-regression", log=log)
+        _, mixture = gmm.family_and_mixture()
+        teacher = gmm.summarise([gmm.Metrics(mixture)(gmm.teacher_samples(folder, 50, s)) for s in range(args.seeds)])
+        rows = ceiling(folder, args.seeds)
+        ref = teacher["energy_distance"]["mean"]
+        md = ["# Case A: the 1-step map's ceiling", "",
+              f"`python -m benchmarks.gmm_regression --ceiling` ({time.time() - start:.0f} s, {args.seeds} seeds). The "
+              "1-step student's MLP, started from the base fit, regressed onto the exact teacher's 50-step Euler map "
+              "(noise → sample), batches of 256 from 262 144 pairs: no DMD, no critic. 10 000 "
+              "samples from the students' evaluation noises; the mapping RMSE is to the teacher's sample from the "
+              f"same noise. The 50-step teacher's ED: {ref:.2e}.", "",
+              "| setting | precision | energy distance | ED / teacher-50 | recall | mode TV | mapping RMSE |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in rows:
+            m = r["metrics"]
+            md.append(f"| {r['setting']} | {_pm(m['precision'])} | {_pm(m['energy_distance'], sci=True)} | "
+                      f"{m['energy_distance']['mean'] / ref:.1f}× | {_pm(m['recall'], 2)} | {_pm(m['mode_tv'])} | "
+                      f"{_pm(m['mapping_rmse'])} |")
+        result = {"command": "python -m benchmarks.gmm_regression --ceiling", "seconds": time.time() - start,
+                  "teacher_50": teacher, "rows": rows}
+        (args.out / "regression_ceiling.json").write_text(json.dumps(result, indent=1))
+        (args.out / "regression_ceiling.md").write_text("\n".join(md) + "\n")
+        print("\n".join(md))
+        return 0
     if args.diagnose:
         start = time.time()
         folder = gmm_module().fit_base(args.cache / "gmm-regression", log=log)
@@ -283,9 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(args.seeds))
     # the pairs, once per (student steps, seed), before any worker starts (they would race to generate the same cache)
     generation = time.time()
+    pair_configs = [variant_settings(v)[:2] for v in variants] or [(max(WEIGHTS), {})]
     for name, steps in students.items():
         for seed in seeds:
-            gmm.distil(folder, config(steps, max(WEIGHTS)), seed=seed, steps=0, n_samples=16)
+            for weight, extra in pair_configs:
+                if weight > 0:
+                    gmm.distil(folder, config(steps, weight, extra), seed=seed, steps=0, n_samples=16)
     generation = time.time() - generation
     log(f"teacher ODE pairs ready ({generation:.1f} s)")
 
@@ -324,8 +439,9 @@ def main(argv: list[str] | None = None) -> int:
             row = {"student": name, "weight": weight, "seconds_per_run": sum(s for s, _ in done) / len(done),
                    "metrics": gmm.summarise([m for _, m in done])}
             if isinstance(weight, str):  # a variant
-                w, extra = VARIANTS[weight]
-                row.update(variant=weight, weight=w, dmd_config=config(STUDENTS[name], w, extra))
+                w, extra, host = variant_settings(weight)
+                row.update(variant=weight, weight=w, dmd_config=config(STUDENTS[name], w, extra),
+                           **({"student_optimizer": host} if host else {}))
             else:
                 row["dmd_config"] = config(STUDENTS[name], weight)
             results["rows"].append(row)

@@ -129,6 +129,69 @@ def test_the_rows_option_selects_case_a_rows():
         quality.select_rows(quality.CASE_A_ROWS, "nothing-like-this")
 
 
+def test_case_b_students_train_as_long_as_the_main_job():
+    import inspect
+    import json
+
+    from benchmarks import digits
+
+    main_job = json.loads((REPO / "config_examples/tiny-wan-digits/config.json").read_text())
+    assert digits.STUDENT_STEPS == main_job["max_train_steps"]
+    assert inspect.signature(digits.run_case_b).parameters["student_steps"].default == main_job["max_train_steps"]
+
+
+def test_the_guidance_target_divides_by_the_guidance_1_student_of_the_same_length():
+    from benchmarks import digits
+
+    def metric(v):
+        return {"mean": v, "sd": 0.0, "values": [v]}
+
+    def row(kind, guidance, steps, to_teacher, schedule=(1000, 757, 522)):
+        m = {"digits_fd": metric(10.0), "class_tv": metric(0.05), "diversity": metric(10.0),
+             "fd_to_teacher": metric(to_teacher)}
+        return {"kind": kind, "guidance": guidance, "steps": steps, "metrics": m,
+                "dmd_config": {"dmd_denoising_steps": list(schedule)}}
+
+    rows = {"teacher Euler 50, guidance 1": row("teacher", 1.0, 50, 1.0),
+            "teacher Euler 50, guidance 3": row("teacher", 3.0, 50, 1.0),
+            "g1 400": row("student", 1.0, 400, 4.0), "g1 1600": row("student", 1.0, 1600, 2.0),
+            "g3 400": row("student", 3.0, 400, 6.0), "g3 1600": row("student", 3.0, 1600, 6.0),
+            "g3 800": row("student", 3.0, 800, 6.0),  # no guidance-1 row of 800 steps: the shortest one
+            "g3 1-step": row("student", 3.0, 400, 6.0, schedule=(1000,))}  # no 1-step guidance-1 row at all
+    key = "fd_to_guided_teacher / (guidance 1 fd_to_teacher)"
+    t = digits.targets(rows)
+    assert t["g3 400"][key] == pytest.approx(1.5) and t["g3 1600"][key] == pytest.approx(3.0)
+    assert t["g3 800"][key] == pytest.approx(1.5)
+    assert key not in t["g3 1-step"] and key not in t["g1 400"]
+
+
+def test_the_one_step_ceiling_regression_pulls_the_map_toward_the_teacher(gmm_installed, tmp_path, monkeypatch):
+    from benchmarks import gmm, gmm_regression
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr(gmm_regression, "POOL", 2048)
+    monkeypatch.setattr(gmm, "N_SAMPLES", 1000)
+    folder = gmm.fit_base(tmp_path, steps=300, log=lambda m: None)
+    rows = gmm_regression.ceiling(folder, 1, {"untrained": (1e-3, "constant", 0), "trained": (1e-3, "constant", 300)})
+    before, after = (r["metrics"] for r in rows)
+    assert [r["setting"] for r in rows] == ["untrained", "trained"]
+    # the base MLP's one step is far from the teacher's 50-step sample from the same noise; 300 regression steps close
+    # most of that gap
+    assert after["mapping_rmse"]["mean"] < 0.5 * before["mapping_rmse"]["mean"], (before, after)
+    assert after["energy_distance"]["mean"] < before["energy_distance"]["mean"]
+
+
+def test_a_regression_variant_carries_the_students_optimizer_settings():
+    from benchmarks import gmm_regression
+
+    assert gmm_regression.variant_settings("reg 16") == (16.0, {}, {})
+    weight, extra, host = gmm_regression.variant_settings("reg 16 + 16384 pairs + student lr 1e-3 cosine")
+    assert weight == 16.0 and host == {"lr": 1e-3, "lr_schedule": "cosine"}
+    config = gmm_regression.config([1000], weight, extra)
+    assert config["regression_num_pairs"] == 16_384  # a variant's own pair count is not overwritten by the default
+    assert gmm_regression.config([1000], 16.0)["regression_num_pairs"] == 1024
+
+
 @pytest.mark.slow  # a shrunk digits example and two short reference-host student runs
 def test_the_digits_pipeline_runs_end_to_end(tmp_path):
     from benchmarks import digits
