@@ -388,8 +388,9 @@ def targets(rows: dict, n50: int = 50) -> dict:
             # the guidance-1 row of the same schedule and length (else the shortest), the main rows first
             same = [r for r in g1.values() if r["guidance"] == 1.0 and "fd_to_teacher" in r["metrics"]
                     and r["dmd_config"]["dmd_denoising_steps"] == row["dmd_config"]["dmd_denoising_steps"]]
+            shortest = min(x["steps"] for x in g1.values())
             base = next((r for r in same if r["steps"] == row["steps"]), None) or next(
-                (r for r in same if r["steps"] == min(x["steps"] for x in g1.values())), None)
+                (r for r in same if r["steps"] == shortest), None)
             if base is not None:
                 entry["fd_to_guided_teacher / (guidance 1 fd_to_teacher)"] = \
                     m["fd_to_teacher"]["mean"] / base["metrics"]["fd_to_teacher"]["mean"]

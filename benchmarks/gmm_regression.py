@@ -77,6 +77,11 @@ def variant_settings(name: str) -> tuple[float, dict, dict]:
     return weight, extra, (host[0] if host else {})
 
 
+def student_optimizer(host: dict) -> dict:
+    """``gmm.distil``'s student optimizer keywords: a variant's ``host`` over case A's (lr 3e-4, constant)."""
+    return {"lr": STUDENT_LR, "lr_schedule": "constant", **host}
+
+
 def log(message: str) -> None:
     print(f"[gmm_regression] {message}", flush=True)
 
@@ -95,9 +100,8 @@ def _run(task: tuple) -> tuple:
     if "metrics" not in _STATE:
         _STATE["metrics"] = gmm.Metrics(gmm.family_and_mixture()[1])
     half = (n_steps // 2,) if extra is not None else ()  # variants: precision halfway too (is it still rising?)
-    result = gmm.distil(Path(folder), config(steps, weight, extra), seed=seed, steps=n_steps,
-                        lr=host.get("lr", STUDENT_LR), lr_schedule=host.get("lr_schedule", "constant"),
-                        snapshot_steps=half)
+    result = gmm.distil(Path(folder), config(steps, weight, extra), seed=seed, steps=n_steps, snapshot_steps=half,
+                        **student_optimizer(host))
     teacher = gmm.teacher_samples(Path(folder), 50, seed)  # the same noises as the student's samples
     metrics = _STATE["metrics"](result.samples)
     metrics["mapping_rmse"] = float(((result.samples - teacher) ** 2).sum(1).mean().sqrt())
@@ -121,7 +125,8 @@ def markdown(results: dict) -> str:
         "# Case A: DMD v1's regression term (`regression_loss_weight`)",
         "",
         f"`{results['command']}` — {s['optimizer_steps']} optimizer steps, {s['seeds']} seeds, batch 256, student lr "
-        f"{STUDENT_LR} (constant{', unless the variant sets it' if own_lr else ''}), fake_score_lr 1e-3, generator_update_interval 5, guidance 1; pairs: "
+        f"{STUDENT_LR} (constant{', unless the variant sets it' if own_lr else ''}), fake_score_lr 1e-3, "
+        "generator_update_interval 5, guidance 1; pairs: "
         f"{PAIRS['regression_num_pairs']} per seed{' unless the variant sets it' if own_pairs else ''}, "
         f"{PAIRS['regression_teacher_steps']} Euler steps of the exact "
         f"teacher (this run spent {s['pair_generation_seconds']:.1f} s making the caches it did not find). Mean ± sd "
@@ -204,7 +209,7 @@ def diagnose(folder: Path, variant: str, steps: int, seed: int = 0) -> list[dict
     for name, student_steps in STUDENTS.items():
         weight, extra, host = variant_settings(variant)
         x = gmm.distil(folder, config(student_steps, weight, extra), seed=seed, steps=steps,
-                       lr=host.get("lr", STUDENT_LR), lr_schedule=host.get("lr_schedule", "constant")).samples
+                       **student_optimizer(host)).samples
         sp, on, k = spread(x)
         fixed = x.clone()
         fill = mixture.sample(int((~on).sum()), torch.Generator().manual_seed(900 + seed))
@@ -230,18 +235,19 @@ CEILING = {"lr 3e-4, constant, 4000 steps": (3e-4, "constant", 4000),
            "lr 1e-3, cosine, 16000 steps": (1e-3, "cosine", 16_000)}
 
 
-def ceiling(folder: Path, seeds: int = 3, settings: dict | None = None, batch_size: int = 256) -> list[dict]:
+def ceiling(folder: Path, seeds: int = 3, settings: dict | None = None, batch_size: int = 256,
+            metrics=None) -> list[dict]:
     """How close the 1-step student's network can come to the teacher at all: the same MLP, started from the same
     base fit, trained by plain regression onto the exact teacher's 50-step Euler map (noise → sample), each batch drawn
     from a pool of ``POOL`` pairs (256 times the DMD students' 1024; no DMD, no critic). Measured like the students
     (``gmm.Metrics`` on the 1-step samples from the students' evaluation noises, ``99 000 + seed``); with the mapping
-    RMSE on those noises."""
+    RMSE on those noises. ``metrics``: a ``gmm.Metrics`` to reuse (building one samples its reference anew)."""
     from simpletuner_dmd.flow import flow_to_x0
 
     from . import gmm
 
     family, mixture = gmm.family_and_mixture()
-    metrics = gmm.Metrics(mixture)
+    metrics = metrics or gmm.Metrics(mixture)
     teacher = family.load_network(folder / "teacher").eval()
     ode = family.euler_sampler(teacher, steps=50)
     cond = family.embed_prompts([""] * batch_size)
@@ -259,10 +265,10 @@ def ceiling(folder: Path, seeds: int = 3, settings: dict | None = None, batch_si
             with torch.no_grad():
                 targets = torch.cat([ode(pool[i:i + 16_384], family.embed_prompts([""] * len(pool[i:i + 16_384])),
                                          None, 1.0, None) for i in range(0, POOL, 16_384)])
-            t = torch.full((batch_size,), 1000.0)
 
             def one_step(noise, c):
-                return flow_to_x0(noise, family.predict_flow(net, noise, t[:noise.shape[0]], c), t[:noise.shape[0]])
+                t = torch.full((noise.shape[0],), 1000.0)
+                return flow_to_x0(noise, family.predict_flow(net, noise, t, c), t)
 
             for _ in range(steps):
                 pick = torch.randint(0, POOL, (batch_size,), generator=g)
@@ -275,11 +281,11 @@ def ceiling(folder: Path, seeds: int = 3, settings: dict | None = None, batch_si
                 if sched is not None:
                     sched.step()
             net.eval()
+            # the students' evaluation noises, and the teacher's 50-step sample from each of them
             noise = torch.randn(gmm.N_SAMPLES, 2, 1, 1, 1, generator=torch.Generator().manual_seed(99_000 + seed))
-            every = family.embed_prompts([""] * gmm.N_SAMPLES)
-            t = torch.full((gmm.N_SAMPLES,), 1000.0)
+            exact = gmm.teacher_samples(folder, 50, seed, gmm.N_SAMPLES)
             with torch.no_grad():
-                x, exact = one_step(noise, every).reshape(-1, 2), ode(noise, every, None, 1.0, None).reshape(-1, 2)
+                x = one_step(noise, family.embed_prompts([""] * gmm.N_SAMPLES)).reshape(-1, 2)
             m = metrics(x)
             m["mapping_rmse"] = float((x - exact).pow(2).sum(1).mean().sqrt())
             runs.append(m)
@@ -321,9 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.ceiling:
         start = time.time()
         folder = gmm_module().fit_base(args.cache / "gmm-regression", log=log)
-        _, mixture = gmm.family_and_mixture()
-        teacher = gmm.summarise([gmm.Metrics(mixture)(gmm.teacher_samples(folder, 50, s)) for s in range(args.seeds)])
-        rows = ceiling(folder, args.seeds)
+        metrics = gmm.Metrics(gmm.family_and_mixture()[1])
+        teacher = gmm.summarise([metrics(gmm.teacher_samples(folder, 50, s)) for s in range(args.seeds)])
+        rows = ceiling(folder, args.seeds, metrics=metrics)
         ref = teacher["energy_distance"]["mean"]
         md = ["# Case A: the 1-step map's ceiling", "",
               f"`python -m benchmarks.gmm_regression --ceiling` ({time.time() - start:.0f} s, {args.seeds} seeds). The "
