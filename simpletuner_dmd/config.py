@@ -116,9 +116,11 @@ class Schema:
     def defaults(self) -> dict[str, Any]:
         return {k.name: k.default for k in self.keys}
 
-    def validate(self, raw: Mapping[str, Any], *, prefix: str, unknown: str = "error"
-                 ) -> tuple[dict[str, Any], list[str], list[str]]:
-        """Return (values with defaults filled in, problems, unknown key names). Problems name ``prefix.key``."""
+    def validate(self, raw: Mapping[str, Any], *, prefix: str, unknown: str = "error",
+                 known_elsewhere: Mapping[str, str] | None = None) -> tuple[dict[str, Any], list[str], list[str]]:
+        """Return (values with defaults filled in, problems, unknown key names). Problems name ``prefix.key``.
+        ``known_elsewhere`` maps key names of other schemas to their owner (e.g. "method dmd"): an unknown key with
+        no close match here is suggested the close one of those, naming its owner."""
         keys = self.by_name
         values = self.defaults()
         problems: list[str] = []
@@ -128,7 +130,8 @@ class Schema:
             if key is None:
                 unknown_keys.append(name)
                 if unknown == "error":
-                    problems.append(f"{prefix}.{name}: unknown key{suggest(name, keys)}")
+                    hint = suggest(name, keys) or _suggest_elsewhere(name, known_elsewhere or {})
+                    problems.append(f"{prefix}.{name}: unknown key{hint}")
                 continue
             try:
                 values[name] = key.coerce(value)
@@ -146,6 +149,11 @@ class Schema:
 def suggest(name: str, known: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _suggest_elsewhere(name: str, owners: Mapping[str, str]) -> str:
+    close = difflib.get_close_matches(name, list(owners), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}, a key of {owners[close[0]]}?)" if close else ""
 
 
 def parse_timestep_list(value: Any) -> list[int]:
@@ -224,13 +232,20 @@ def parse_distillation_config(raw: Any) -> tuple[dict[str, Any] | None, list[str
     return raw, []
 
 
-def select_method_section(method: str, raw: dict[str, Any], method_names: Iterable[str]
-                          ) -> tuple[dict[str, Any] | None, list[str]]:
-    """Accept the flat form (``{"dmd_denoising_steps": …}``) or the keyed form (``{"dmd": {…}, "lcm": {…}}``)
-    explicitly; a mix of both is an error (SimpleTuner silently merges them)."""
-    names = set(method_names)
-    if not any(k in names and isinstance(v, dict) for k, v in raw.items()):
-        return raw, []
+def select_method_section(method: str, raw: dict[str, Any], schemas: Mapping[str, Schema]
+                          ) -> tuple[dict[str, Any] | None, list[str], list[str]]:
+    """The selected method's section of ``distillation_config``, from the flat form (``{"dmd_denoising_steps": …}``)
+    or the keyed form (``{"dmd": {…}, "lcm": {…}}``) explicitly; a mix of both is an error (SimpleTuner silently
+    merges them). ``schemas``: every installed method's schema by name (``method`` among them).
+
+    In the flat form, keys that another installed method's schema knows and the selected one does not are left out
+    of the section, with one warning per method naming them (so one flat config serves every method with only
+    ``distillation_method`` changed); a key no installed method knows stays in the section, for the schema to refuse.
+
+    Returns (the section or None, problems, warnings)."""
+    if not any(k in schemas and isinstance(v, dict) for k, v in raw.items()):
+        section, ignored = split_other_methods_keys(method, raw, schemas)
+        return section, [], ignored_keys_warnings(method, ignored)
     # Keyed form: every object-valued key is one method's section (sections of methods not installed here, such as
     # "lcm", are ignored); any other key is a flat key mixed in.
     keyed = [k for k, v in raw.items() if isinstance(v, dict)]
@@ -239,8 +254,43 @@ def select_method_section(method: str, raw: dict[str, Any], method_names: Iterab
         return None, [
             f"distillation_config: mixes the flat form (keys {', '.join(sorted(flat))}) with the keyed-by-method form "
             f"(keys {', '.join(sorted(keyed))}); use one"
-        ]
-    return dict(raw.get(method, {})), []
+        ], []
+    return dict(raw.get(method, {})), [], []
+
+
+def split_other_methods_keys(method: str, raw: Mapping[str, Any], schemas: Mapping[str, Schema]
+                             ) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """A flat section split into (the keys for ``method``: its own and the ones no installed method knows, the
+    other methods' keys by the method they are ascribed to). A key several other methods know goes to the method that
+    accounts for the most of the ignored keys (a greedy cover, ties by name), so a whole flat config of one method
+    is ascribed to that method alone."""
+    own = schemas[method].by_name
+    owners = {name: {m for m, schema in schemas.items() if m != method and name in schema.by_name}
+              for name in raw if name not in own}
+    owners = {name: found for name, found in owners.items() if found}
+    section = {name: value for name, value in raw.items() if name not in owners}
+    ignored: dict[str, list[str]] = {}
+    left = [name for name in raw if name in owners]
+    while left:
+        best = max(sorted({m for name in left for m in owners[name]}),
+                   key=lambda m: sum(m in owners[name] for name in left))  # max keeps the first (by name) of ties
+        ignored[best] = [name for name in left if best in owners[name]]
+        left = [name for name in left if best not in owners[name]]
+    return section, ignored
+
+
+IGNORED_KEYS_LISTED = 3  # how many of the ignored keys a warning names before "…"
+
+
+def ignored_keys_warnings(method: str, ignored: Mapping[str, list[str]]) -> list[str]:
+    """One line per other method whose keys a flat ``distillation_config`` holds for ``method``."""
+    lines = []
+    for other, names in ignored.items():
+        shown = ", ".join(names[:IGNORED_KEYS_LISTED]) + (", …" if len(names) > IGNORED_KEYS_LISTED else "")
+        count, verb = (f"{len(names)} keys", "do") if len(names) != 1 else ("1 key", "does")
+        lines.append(f"distillation_config: {count} of method {other} ({shown}) {verb} not apply to {method} and "
+                     f"{'are' if verb == 'do' else 'is'} ignored")
+    return lines
 
 
 @dataclass
@@ -255,27 +305,34 @@ class MethodSelection:
 
 def validate_method_config(method_name: Any, distillation_config: Any, pm: Any, *, family_cls: type | None = None,
                            host: Mapping[str, Any] | None = None) -> tuple[MethodSelection | None, list[str]]:
-    """The one method-config validation every host calls: the method registered as ``method_name``, its section of
-    ``distillation_config`` (an object or a string holding one; flat or keyed by method, never mixed) validated by
-    the method's schema, and the method's ``config_warnings`` for ``family_cls`` and the ``host`` config when given.
+    """The one method-config validation every host calls: the method registered as ``method_name`` (matched without
+    regard to case: ``plugins.find_method``), its section of ``distillation_config`` (an object or a string holding
+    one; flat or keyed by method, never mixed) validated by the method's schema, and the method's
+    ``config_warnings`` for ``family_cls`` and the ``host`` config when given. In the flat form, other installed
+    methods' keys are ignored with one warning per method (``select_method_section``).
 
-    Returns (the selection or None, every problem as one line naming its key)."""
-    from .plugins import registered_methods
+    Returns (the selection or None, every problem as one line naming its key); the selection's ``name`` is the
+    registered name."""
+    from .plugins import find_method, registered_methods
 
     methods = registered_methods(pm)
-    if not isinstance(method_name, str) or method_name not in methods:
+    name = find_method(method_name, methods)
+    if name is None:
         return None, [f"config.distillation_method: unknown method {method_name!r}"
                       f"{suggest(str(method_name), methods)}; installed: {', '.join(methods) or 'none'}"]
-    cls = methods[method_name].cls
+    cls = methods[name].cls
+    schemas = {m: entry.cls.schema for m, entry in methods.items()}
     section, problems = parse_distillation_config(distillation_config)
+    warnings: list[str] = []
     if section is not None:
-        section, problems = select_method_section(method_name, section, methods)
+        section, problems, warnings = select_method_section(name, section, schemas)
     if problems:
         return None, problems
-    values, problems, _ = cls.schema.validate(section, prefix="distillation_config")
+    elsewhere = {key.name: f"method {m}" for m in sorted(schemas, reverse=True) if m != name
+                 for key in schemas[m].keys}  # (the first method by name wins a key several know)
+    values, problems, _ = cls.schema.validate(section, prefix="distillation_config", known_elsewhere=elsewhere)
     if problems:
         return None, problems
-    warnings = []
     if family_cls is not None and hasattr(cls, "config_warnings"):
-        warnings = list(cls.config_warnings(values, family_cls, dict(host or {})))
-    return MethodSelection(method_name, cls, values, warnings), []
+        warnings += list(cls.config_warnings(values, family_cls, dict(host or {})))
+    return MethodSelection(name, cls, values, warnings), []

@@ -137,7 +137,25 @@ def _collect(pm: pluggy.PluginManager, hook_name: str, kind: str) -> dict[str, R
 
 
 def registered_methods(pm: pluggy.PluginManager) -> dict[str, Registered]:
-    return _collect(pm, "register_methods", "method")
+    methods = _collect(pm, "register_methods", "method")
+    folded: dict[str, Registered] = {}
+    for name, entry in methods.items():  # matched without regard to case (find_method): names must differ in more
+        other = folded.setdefault(name.casefold(), entry)
+        if other is not entry:
+            raise PluginError(f"method {name!r} is registered twice: as {other.name!r} by {other.plugin!r} "
+                              f"({other.distribution}) and as {name!r} by {entry.plugin!r} ({entry.distribution}); "
+                              f"method names are matched without regard to case")
+    return methods
+
+
+def find_method(name: object, methods: dict[str, Registered]) -> str | None:
+    """The registered name of the method ``distillation_method`` names, matched without regard to case or
+    surrounding blanks (as SimpleTuner's own registry matches it: "DMD" is dmd), or None. The one place method names
+    are normalised."""
+    if not isinstance(name, str):
+        return None
+    wanted = name.strip().casefold()
+    return next((registered for registered in methods if registered.casefold() == wanted), None)
 
 
 def registered_families(pm: pluggy.PluginManager) -> dict[str, Registered]:
@@ -146,9 +164,10 @@ def registered_families(pm: pluggy.PluginManager) -> dict[str, Registered]:
 
 def get_method_class(pm: pluggy.PluginManager, name: str) -> type:
     methods = registered_methods(pm)
-    if name not in methods:
+    found = find_method(name, methods)
+    if found is None:
         raise PluginError(_unknown("distillation_method", name, methods))
-    return methods[name].cls
+    return methods[found].cls
 
 
 def get_family_class(pm: pluggy.PluginManager, name: str) -> type:

@@ -296,6 +296,88 @@ def test_distillation_config_string_still_validated(pm):
     assert len(problems) == 1 and problems[0].startswith("distillation_config.generator_update_interval:")
 
 
+# --------------------------------------------------------------------------- one flat config, any method
+
+
+def other_method_warnings(rc) -> list[str]:
+    return [w for w in rc.warnings if w.startswith("distillation_config: ") and " not apply to " in w]
+
+
+@pytest.mark.parametrize("method", ["dmd", "lcm", "dcm"])
+def test_quickstart_flat_config_validates_for_every_method_with_only_the_method_changed(seed_config, pm, method):
+    from simpletuner_dmd.plugins import registered_methods
+
+    rc = validate_config({**seed_config, "distillation_method": method}, pm, check_paths=False)
+    assert rc.method_name == method
+    ignored = other_method_warnings(rc)
+    if method == "dmd":
+        assert ignored == []
+        assert rc.method_config["dmd_denoising_steps"] == [1000, 757, 522]
+        return
+    # the quickstart's 21 DMD keys: one warning, one line, naming dmd and the method they do not apply to
+    assert len(seed_config["distillation_config"]) == 21
+    assert ignored == [f"distillation_config: 21 keys of method dmd (dmd_denoising_steps, generator_update_interval, "
+                       f"real_score_guidance_scale, …) do not apply to {method} and are ignored"]
+    # none of them reached the method: its config is its schema's defaults
+    assert rc.method_config == registered_methods(pm)[method].cls.schema.defaults()
+
+
+def test_flat_keys_of_two_other_methods_give_one_warning_each(pm):
+    raw = base(generator_update_interval=2, fake_score_lr=1e-4, w_min=2.0, euler_timesteps=40)
+    raw["distillation_method"] = "lcm"
+    rc = validate_config(raw, pm, check_paths=False)
+    assert rc.method_config["w_min"] == 2.0  # lcm's own key acts
+    assert other_method_warnings(rc) == [
+        "distillation_config: 2 keys of method dmd (generator_update_interval, fake_score_lr) do not apply to lcm "
+        "and are ignored",
+        "distillation_config: 1 key of method dcm (euler_timesteps) does not apply to lcm and is ignored",
+    ]
+
+
+@pytest.mark.parametrize("method, hint", [
+    ("dmd", "(did you mean 'fake_score_lr'?)"),
+    ("lcm", "(did you mean 'fake_score_lr', a key of method dmd?)"),
+    ("dcm", "(did you mean 'fake_score_lr', a key of method dmd?)"),
+])
+def test_a_misspelt_key_stays_an_error_with_its_suggestion(seed_config, pm, method, hint):
+    flat = {**seed_config["distillation_config"], "fake_score_lrr": 1e-4}
+    problems = problems_of({**seed_config, "distillation_method": method, "distillation_config": flat}, pm)
+    assert problems == [f"distillation_config.fake_score_lrr: unknown key {hint}"]
+
+
+def test_a_key_no_method_knows_stays_an_error(pm):
+    raw = {**base(generator_update_interval=2, zzz_not_a_key=1), "distillation_method": "lcm"}
+    assert problems_of(raw, pm) == ["distillation_config.zzz_not_a_key: unknown key"]
+
+
+@pytest.mark.parametrize("spelling, name", [("DMD", "dmd"), ("Lcm", "lcm"), (" dcm ", "dcm")])
+def test_method_names_match_without_regard_to_case(pm, spelling, name):
+    from simpletuner_dmd.config import validate_method_config
+    from simpletuner_dmd.plugins import registered_methods
+
+    rc = validate_config({**base(), "distillation_method": spelling}, pm, check_paths=False)
+    assert rc.method_name == name and rc.method_cls is registered_methods(pm)[name].cls
+    selection, problems = validate_method_config(spelling, {}, pm)
+    assert not problems and selection.name == name
+
+
+def test_method_names_differing_only_in_case_are_refused_at_start_up():
+    from simpletuner_dmd.errors import PluginError
+    from simpletuner_dmd.plugins import registered_methods
+
+    class Shouting:
+        name = "DMD"
+        schema = DMD_SCHEMA
+
+    class Plugin:
+        @hookimpl
+        def register_methods(self, register):
+            register(Shouting)
+
+    with pytest.raises(PluginError, match="registered twice.*without regard to case"):
+        registered_methods(get_plugin_manager(entry_points=False, extra=[Plugin()]))
+
+
 @pytest.mark.parametrize("value, fragment", [
     ("generator_update_interval=4", "JSON object or a Python dict literal"),
     ("[1, 2]", "must be an object, got list"),

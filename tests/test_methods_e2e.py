@@ -1,6 +1,7 @@
 """Swapping the method with one key: ``config_examples/tiny-wan-methods/config.json`` holds a keyed
 ``distillation_config`` for dmd, lcm, dcm and the third-party example method; each runs end to end through the
-reference host with nothing changed but ``distillation_method``."""
+reference host with nothing changed but ``distillation_method``. A flat ``distillation_config`` of DMD keys (the
+quickstart's) swaps too: the other method ignores them with one warning."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from simpletuner_dmd.hosts.reference.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "config_examples/tiny-wan-methods/config.json"
+FLAT_CONFIG = REPO / "config_examples/tiny-wan-dmd/config.json"
+QUICKSTART = REPO / "config_examples/wan-dmd-quickstart/config.json"
 EXAMPLE = REPO / "examples" / "method_plugin"
 
 
@@ -110,3 +113,36 @@ def test_dcm_resumes_its_detail_expert_and_discriminator_and_another_method_cann
     with pytest.raises(UserError, match="lcm/state.json"):
         train(job, overrides={**quick, "distillation_method": "lcm", "max_train_steps": 3,
                               "resume_from_checkpoint": "latest"})
+
+
+@pytest.fixture()
+def flat_job(tmp_path, tiny_wan, backends):
+    """The tiny DMD example (a flat ``distillation_config``) holding the quickstart's 21 flat DMD keys, its paths in
+    tmp_path, 2 steps and a small validation."""
+    raw = json.loads(FLAT_CONFIG.read_text())
+    raw.update(distillation_config=json.loads(QUICKSTART.read_text())["distillation_config"],
+               pretrained_model_name_or_path=str(tiny_wan), pretrained_t5_model_name_or_path=str(tiny_wan),
+               data_backend_config=str(backends), output_dir=str(tmp_path / "out"), report_to="none",
+               validation_num_video_frames=1, validation_resolution="32x32", max_train_steps=2,
+               checkpoint_step_interval=0, use_ema=False, disable_benchmark=True)
+    assert raw["distillation_method"] == "dmd"
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+@pytest.mark.parametrize("spelling", ["lcm", "DCM"])  # (a method's name matches without regard to case)
+def test_a_flat_dmd_config_runs_another_method_with_only_distillation_method_changed(flat_job, spelling, capsys):
+    method = spelling.lower()
+    out = train(flat_job, overrides={"distillation_method": spelling})
+    for name in ("student.safetensors", f"{method}/state.json"):  # (dcm's default mode, semantic, has no expert)
+        assert (out / "checkpoint-2" / name).is_file(), name
+    assert not (out / "checkpoint-2" / "dmd").exists()
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert list((out / "validation" / "step-2" / "validation" / "student").glob("*.png"))
+    printed = capsys.readouterr().out
+    warned = [line for line in printed.splitlines() if "not apply to" in line]
+    assert warned == [f"[simpletuner-dmd] warning: distillation_config: 21 keys of method dmd (dmd_denoising_steps, "
+                      f"generator_update_interval, real_score_guidance_scale, …) do not apply to {method} and are "
+                      f"ignored"]
+    assert f"method: {method};" in printed

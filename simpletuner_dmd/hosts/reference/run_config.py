@@ -80,7 +80,7 @@ def validate_config(raw: Any, pm: Any, *, path: Path | None = None, check_paths:
                                                             family_cls=family_cls, host=host)
         problems += method_problems
         if selection is not None:
-            method_cls, method_config = selection.cls, selection.config
+            method_name, method_cls, method_config = selection.name, selection.cls, selection.config
             warnings += selection.warnings
 
     if check_paths and not problems:
