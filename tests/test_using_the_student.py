@@ -20,15 +20,12 @@ EXACT = dict(base_model_precision="no_change", mixed_precision="no", optimizer="
              validation_seed=42)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_wan, tiny_dataset):
-    """One DMD run of 2 steps with EMA and a validation at the end (fp32 base, so the stock pipeline's base is the
-    student's own)."""
+def _train(root, tiny_wan, tiny_dataset, **overrides):
+    """A 2-step DMD run of the tiny example config in ``root`` (its data, caches and output there), exported."""
     import shutil
 
     from tests.conftest import REPO
 
-    root = tmp_path_factory.mktemp("student")
     shutil.copytree(tiny_dataset, root / "data")
     backends = json.loads((REPO / "config_examples/tiny-wan-dmd/multidatabackend.json").read_text())
     for b in backends:
@@ -40,11 +37,33 @@ def trained(tmp_path_factory, tiny_wan, tiny_dataset):
     config.update(pretrained_model_name_or_path=str(tiny_wan), pretrained_t5_model_name_or_path=str(tiny_wan),
                   data_backend_config=str(root / "backends.json"), output_dir=str(root / "out"), report_to="none",
                   validation_num_video_frames=5, validation_resolution="32x32", max_train_steps=2,
-                  checkpoint_step_interval=0, validation_step_interval=0, use_ema=True, ema_update_interval=1,
-                  ema_validation="comparison", lr_warmup_steps=0, learning_rate=1e-2, **EXACT)
+                  checkpoint_step_interval=0, validation_step_interval=0)
+    config.update(overrides)
     (root / "config.json").write_text(json.dumps(config))
     out = train(root / "config.json")
     return out, config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_wan, tiny_dataset):
+    """One DMD run of 2 steps with EMA and a validation at the end (fp32 base, so the stock pipeline's base is the
+    student's own)."""
+    return _train(tmp_path_factory.mktemp("student"), tiny_wan, tiny_dataset, use_ema=True, ema_update_interval=1,
+                  ema_validation="comparison", lr_warmup_steps=0, learning_rate=1e-2, **EXACT)
+
+
+LIBRARY = {"digit-3": "a digit 3", "digit 7!": "a digit 7"}
+
+
+@pytest.fixture(scope="module")
+def trained_one_frame(tmp_path_factory, tiny_wan, tiny_dataset):
+    """A one-frame (image) run of the tiny Wan model whose validation prompts come from a prompt library (no
+    ``validation_prompt``), as the main job's: 2 steps, one validation at the end."""
+    root = tmp_path_factory.mktemp("one-frame")
+    (root / "prompts.json").write_text(json.dumps(LIBRARY))
+    return _train(root, tiny_wan, tiny_dataset, validation_num_video_frames=1, validation_prompt=None,
+                  validation_prompt_library=str(root / "prompts.json"), use_ema=False, disable_benchmark=True,
+                  **EXACT)
 
 
 def _pipe(tiny_wan):
@@ -127,10 +146,36 @@ def test_the_model_card_has_hub_metadata_and_code_that_runs(trained, tiny_wan):
         assert text in body, text
     assert (out / "validation/step-2/validation/student/sample.gif").is_file()
 
+    assert f'Prompt: {json.dumps(config["validation_prompt"])}, seed 42.' in body
+
+    scope = _run_card_code(body, out)
+    assert scope["frames"].shape == (5, 32, 32, 3)
+
+
+def _run_card_code(body: str, out) -> dict:
+    """Execute the card's python block as a user would (its base model is the config's, here the tiny model's local
+    folder), with ``path/to/this/folder`` pointing at the output."""
     code = re.search(r"```python\n(.*?)```", body, re.S).group(1).replace("path/to/this/folder", str(out))
     scope: dict = {}
     exec(compile(code, "model-card", "exec"), scope)  # noqa: S102 — the card's own example, on the tiny model
-    assert scope["frames"].shape == (5, 32, 32, 3)
+    return scope
+
+
+def test_the_model_card_of_a_one_frame_run_with_a_prompt_library_runs_and_names_its_prompt(trained_one_frame,
+                                                                                           tiny_wan):
+    out, config = trained_one_frame
+    body = (out / "README.md").read_text().split("---\n", 2)[2]
+    assert "null" not in body
+    # the validation sample is the library's first prompt's, and the card names that prompt and where it came from
+    assert "![validation sample](validation/step-2/digit-3/student/frame-000.png)" in body
+    assert 'Prompt: "a digit 3" (from `validation_prompt_library`), seed 42.' in body
+    assert "prompt=\"a digit 3\"," in body and "num_frames=1," in body and ".images[0]" not in body
+
+    scope = _run_card_code(body, out)
+    image = scope["image"]
+    assert isinstance(image, Image.Image) and image.size == (32, 32)
+    assert sorted(p.parent.parent.name for p in (out / "validation" / "step-2").glob("*/student/frame-000.png")) == [
+        "digit-3", "digit_7_"]
 
 
 def test_sample_command_writes_frames_gif_mp4_and_a_sheet_beside_the_teacher(trained, tiny_wan, tmp_path, capsys):

@@ -151,7 +151,12 @@ def model_card(*, host: dict, family: Any, export: Export, scheduler: Any, origi
     schedule, the validation sample and the training figures."""
     base = host["pretrained_model_name_or_path"] or ""
     method = export.method_name
-    video = host["validation_num_video_frames"] > 1
+    frames = host["validation_num_video_frames"]
+    video = frames > 1
+    prompts = card_prompts(host)
+    sampled = sample_prompt(prompts, export.sample, out)
+    # the card's example prompt: the validation sample's, else the config's first
+    prompt = (sampled or next(iter(prompts.values()), ("", "a prompt")))[1]
     tags = ["lora" if host["model_type"] == "lora" else "full-finetune", "diffusers", "simpletuner-dmd",
             "text-to-video" if video else "text-to-image", family.name]
     if method:
@@ -198,7 +203,7 @@ def model_card(*, host: dict, family: Any, export: Export, scheduler: Any, origi
                   "trained: its samples there are not this student's. Stream it instead (frames are written as each "
                   "block is done; `--frames` may exceed the training length):", "", "```bash",
                   f"simpletuner-dmd sample --base {json.dumps(base)} --student path/to/this/folder \\",
-                  f"    --prompt {json.dumps(host['validation_prompt'] or 'a prompt')} --out samples/", "```", "",
+                  f"    --prompt {json.dumps(prompt)} --out samples/", "```", "",
                   "| streaming setting | value |", "| --- | --- |",
                   f"| timesteps per block | {', '.join(f'{t:g}' for t in stream['timesteps'])} |",
                   f"| latent frames per block | {stream['num_frame_per_block']}"
@@ -210,18 +215,16 @@ def model_card(*, host: dict, family: Any, export: Export, scheduler: Any, origi
     if scheduler is not None:
         lines.append("from simpletuner_dmd.fewstep_scheduler import FewStepFlowScheduler")
     lines += ["", f"pipe = {pipeline_cls}.from_pretrained({json.dumps(base)})", *loading_code(family)]
-    call = [f'    prompt={json.dumps(host["validation_prompt"] or "a prompt")},']
+    call = [f"    prompt={json.dumps(prompt)},"]
     if scheduler is not None:
         lines.append('pipe.scheduler = FewStepFlowScheduler.from_pretrained("path/to/this/folder", '
                      'subfolder="scheduler")')
         call += [f"    num_inference_steps={len(scheduler.config.few_step_timesteps)},", "    guidance_scale=1.0,"]
     w, h = host["validation_resolution"]
-    call += [f"    width={w}, height={h},"] + ([f"    num_frames={host['validation_num_video_frames']},"] if video
-                                               else [])
+    call.append(f"    width={w}, height={h},")
     if host.get("tokenizer_max_length"):  # a base trained with shorter prompts must be run with them
         call.append(f"    max_sequence_length={host['tokenizer_max_length']},")
-    lines += ["frames = pipe(" if video else "image = pipe(", *call, ").frames[0]" if video else ").images[0]", "```",
-              ""]
+    lines += [*_pipeline_call(getattr(family, "video", True), frames, call), "```", ""]
     if scheduler is not None:
         lines += ["Stock pipelines pass no generator to the scheduler's fresh noise: set `pipe.scheduler.generator = "
                   "torch.Generator().manual_seed(…)` to make a sample reproducible.", ""]
@@ -248,9 +251,9 @@ def model_card(*, host: dict, family: Any, export: Export, scheduler: Any, origi
 
     if export.sample is not None:
         rel = export.sample.relative_to(out) if export.sample.is_relative_to(out) else export.sample
+        seed = host["validation_seed"] if host["validation_seed"] is not None else host["seed"]
         lines += ["## Validation sample", "", f"![validation sample]({rel.as_posix()})", "",
-                  f"Prompt: {json.dumps(host['validation_prompt'])}, seed "
-                  f"{host['validation_seed'] if host['validation_seed'] is not None else host['seed']}.", ""]
+                  f"{_prompt_line(sampled, export.sample)}, seed {seed}.", ""]
 
     lines += ["## Training", "", "| setting | value |", "| --- | --- |",
               f"| family | {family.name} |", f"| model_type | {host['model_type']} |",
@@ -265,6 +268,53 @@ def model_card(*, host: dict, family: Any, export: Export, scheduler: Any, origi
     if has_ema:
         lines += ["", "`ema/` holds the EMA weights in both layouts."]
     return "\n".join(lines) + "\n"
+
+
+def _pipeline_call(video_pipeline: bool, frames: int, call: list[str]) -> list[str]:
+    """The card's pipeline call. A video pipeline (the family's ``video``, True unless it says otherwise: Wan's
+    ``WanPipeline``) takes ``num_frames`` (its default is 81) and returns ``frames`` even for one frame; an image
+    pipeline returns ``images``."""
+    if not video_pipeline:
+        return ["image = pipe(", *call, ").images[0]  # a PIL image"]
+    if frames == 1:
+        return ["image = pipe(", *call, "    num_frames=1,", '    output_type="pil",',
+                ").frames[0][0]  # a PIL image: the one frame of the first (and only) video"]
+    return ["frames = pipe(", *call, f"    num_frames={frames},",
+            ").frames[0]  # ({frames}, H, W, 3) floats in [0, 1]; "
+            'diffusers.utils.export_to_video(frames, "student.mp4", fps=16) writes them as a video']
+
+
+def card_prompts(host: dict) -> dict[str, tuple[str, str]]:
+    """Prompt folder → (where the prompt comes from, the prompt), as the host names its validation folders
+    (``validation/step-N/<folder>/``): ``validation_prompt`` in ``validation``, then each prompt-library entry."""
+    from .prompt_library import read_prompt_library
+
+    prompts: dict[str, tuple[str, str]] = {}
+    if host["validation_prompt"]:
+        prompts["validation"] = ("validation_prompt", host["validation_prompt"])
+    for key in ("validation_prompt_library", "user_prompt_library"):
+        if host.get(key):
+            found, _, _ = read_prompt_library(host[key], key)  # (checked, with every problem, before training)
+            for folder, prompt in found.items():
+                prompts.setdefault(folder, (key, prompt))
+    return prompts
+
+
+def sample_prompt(prompts: dict[str, tuple[str, str]], sample: Path | None, out: Path) -> tuple[str, str] | None:
+    """(where from, prompt) of the validation sample ``sample`` (``validation/step-N/<folder>/<variant>/…``), or
+    None without a sample or when its folder is none of ``prompts``."""
+    if sample is None or not sample.is_relative_to(out / "validation"):
+        return None
+    parts = sample.relative_to(out / "validation").parts
+    return prompts.get(parts[1]) if len(parts) > 2 else None
+
+
+def _prompt_line(source: tuple[str, str] | None, sample: Path) -> str:
+    if source is None:
+        return f"Prompt: the one of folder `{sample.parent.parent.name}`"
+    where, prompt = source
+    return f"Prompt: {json.dumps(prompt, ensure_ascii=False)}" + ("" if where == "validation_prompt" else
+                                                                  f" (from `{where}`)")
 
 
 def _steps_cell(cfg: Any, count: int) -> str:
