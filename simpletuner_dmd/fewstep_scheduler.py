@@ -19,14 +19,17 @@ default of 50 steps would otherwise run a schedule the student never saw). A con
 its whole skipping schedule: with ``sampling_schedule`` in its config, any n from 1 to N picks n of its points evenly
 from the top, exactly as the method's own sampler does for ``num_inference_steps: n``. It subclasses
 ``FlowMatchEulerDiscreteScheduler`` so that everything else a pipeline or a trainer reads from a flow scheduler
-(``config.num_train_timesteps``, ``sigmas``, ``order``, ``set_begin_index``) is there.
+(``config.num_train_timesteps``, ``sigmas``, ``order``, ``set_begin_index``) is there. The parent's own keywords
+(``shift``, ``use_dynamic_shifting``, … whatever the installed diffusers has) reach it through ``**kwargs`` and are
+recorded in the config by it, so they count as this scheduler's keywords too (``_get_init_keys``): a saved config
+loads whole, without diffusers' "config attributes … are not expected and will be ignored" warning.
 """
 
 from __future__ import annotations
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from diffusers.configuration_utils import register_to_config
+from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 
 from .flow import consistency_output, euler_step, sampling_timesteps
@@ -54,6 +57,15 @@ class FewStepFlowScheduler(FlowMatchEulerDiscreteScheduler):
             raise ValueError("sampling_schedule must be an increasing list of timesteps t_0 … t_N")
         self.generator: torch.Generator | None = None
         self.set_timesteps()
+
+    @staticmethod
+    def _get_init_keys(input_class) -> set[str]:
+        """The keywords diffusers' ``from_config`` passes on from a saved config: this class's own and, for this class
+        (and its subclasses), ``FlowMatchEulerDiscreteScheduler``'s, which ``**kwargs`` hands to it."""
+        keys = ConfigMixin._get_init_keys(input_class)
+        if isinstance(input_class, type) and issubclass(input_class, FewStepFlowScheduler):
+            keys |= ConfigMixin._get_init_keys(FlowMatchEulerDiscreteScheduler)
+        return keys
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       **ignored) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -37,6 +39,40 @@ def test_it_samples_its_trained_timesteps_and_saves_them(tmp_path):
     scheduler.save_config(tmp_path)
     loaded = FewStepFlowScheduler.from_pretrained(tmp_path)
     assert loaded.config.few_step_timesteps == STEPS and loaded.timesteps.tolist() == scheduler.timesteps.tolist()
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},  # DMD's
+    {"step_rule": "euler"},  # DCM's
+    {"consistency_timestep_scaling": 10.0, "sampling_schedule": [19.0, 519.0, 999.0]},  # LCM's
+    {"shift": 3.0, "use_dynamic_shifting": True},  # the parent's keywords, not at their defaults
+])
+def test_loading_a_saved_scheduler_is_silent_and_gives_its_config_back(tmp_path, kwargs):
+    scheduler = FewStepFlowScheduler(few_step_timesteps=STEPS, **kwargs)
+    scheduler.save_config(tmp_path)
+    logger = logging.getLogger("diffusers.configuration_utils")
+    handler, level = _Records(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)  # also "… was not found in config" (a key the file should hold and does not)
+    try:
+        loaded = FewStepFlowScheduler.from_pretrained(tmp_path)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [r.getMessage() for r in handler.records] == []
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(loaded.config) == public(scheduler.config)
+    assert all(loaded.config[k] == v for k, v in kwargs.items())
+    assert loaded.timesteps.tolist() == scheduler.timesteps.tolist()
 
 
 @pytest.mark.parametrize("steps", [[], [500, 700], [1200], [0]])
