@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -10,6 +11,7 @@ from simpletuner_dmd.errors import UserError
 from simpletuner_dmd.hosts.reference.checkpoint import (
     MARKER,
     begin_checkpoint,
+    checkpoint_damage,
     checkpoint_step,
     commit_checkpoint,
     latest_checkpoint,
@@ -136,6 +138,134 @@ def test_resolve_resume_errors_name_the_checkpoint(tmp_path):
     assert "\n" not in str(partial.value)
     with pytest.raises(UserError, match="resume_from_checkpoint"):
         resolve_resume(tmp_path, True)
+
+
+# --------------------------------------------------------------------------- the manifest and damaged checkpoints
+
+
+def save_state_like(output_dir, step):
+    """A checkpoint shaped like the trainer's: state pairs, a method's subfolder, a plain JSON file."""
+    tmp = begin_checkpoint(output_dir, step)
+    save_state(tmp / "ema", {"shadow": torch.arange(4000, dtype=torch.float32), "step": step})
+    save_state(tmp / "dmd" / "fake_score", {"w": torch.ones(3, 3) * step})
+    (tmp / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return commit_checkpoint(tmp, output_dir, step, None)
+
+
+def test_the_marker_lists_every_file_with_its_size_and_sha256(tmp_path):
+    final = save_state_like(tmp_path, 4)
+    files = json.loads((final / MARKER).read_text())["files"]
+    on_disk = sorted(p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_file() and p.name != MARKER)
+    assert sorted(files) == on_disk
+    assert {"ema.safetensors", "ema.json", "dmd/fake_score.safetensors", "dmd/fake_score.json",
+            "trainer_state.json"} == set(on_disk)
+    for rel, entry in files.items():
+        data = (final / rel).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, rel
+    assert checkpoint_damage(final) is None
+
+
+def _truncate(folder):
+    path = folder / "ema.safetensors"
+    size = path.stat().st_size
+    path.write_bytes(path.read_bytes()[:100])
+    return f"ema.safetensors: size 100, expected {size}"
+
+
+def _delete(folder):
+    (folder / "dmd" / "fake_score.safetensors").unlink()
+    return "dmd/fake_score.safetensors: missing"
+
+
+def _flip_a_byte(folder):  # same size, different content: only the checksum sees it
+    path = folder / "ema.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return "ema.safetensors: sha256 differs"
+
+
+def _garble_the_marker(folder):
+    (folder / MARKER).write_text('{"format": "simpletuner-dmd-checkpoint", "files": {')
+    return f"no valid {MARKER}"
+
+
+def _point_the_manifest_outside(folder):  # a hostile manifest never makes the check read outside the folder
+    marker = json.loads((folder / MARKER).read_text())
+    marker["files"]["../../etc/passwd"] = {"size": 1, "sha256": "0" * 64}
+    (folder / MARKER).write_text(json.dumps(marker))
+    return "malformed entry '../../etc/passwd'"
+
+
+DAMAGE = [_truncate, _delete, _flip_a_byte, _garble_the_marker, _point_the_manifest_outside]
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=lambda f: f.__name__.strip("_"))
+def test_latest_falls_back_past_a_damaged_checkpoint_with_one_warning(tmp_path, damage):
+    save_state_like(tmp_path, 2)
+    save_state_like(tmp_path, 4)
+    what = damage(tmp_path / "checkpoint-4")
+    warnings: list[str] = []
+    assert resolve_resume(tmp_path, "latest", warn=warnings.append) == (tmp_path / "checkpoint-2").resolve()
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert warnings[0].startswith("checkpoint-4 is damaged (") and what in warnings[0], warnings
+    assert warnings[0].endswith("; resuming from checkpoint-2")
+    assert (tmp_path / "checkpoint-4").is_dir()  # kept for the user to look at; the next save of step 4 replaces it
+
+
+def test_latest_names_every_damaged_checkpoint_it_skips_in_one_line(tmp_path):
+    for step in (1, 2, 3):
+        save_state_like(tmp_path, step)
+    first, second = _truncate(tmp_path / "checkpoint-3"), _delete(tmp_path / "checkpoint-2")
+    warnings: list[str] = []
+    assert resolve_resume(tmp_path, "latest", warn=warnings.append) == (tmp_path / "checkpoint-1").resolve()
+    assert warnings == [f"checkpoint-3 is damaged ({first}); checkpoint-2 is damaged ({second}); "
+                        "resuming from checkpoint-1"]
+
+
+def test_latest_with_no_intact_checkpoint_is_one_user_error(tmp_path):
+    save_state_like(tmp_path, 2)
+    save_state_like(tmp_path, 4)
+    what4, what2 = _truncate(tmp_path / "checkpoint-4"), _flip_a_byte(tmp_path / "checkpoint-2")
+    with pytest.raises(UserError) as info:
+        resolve_resume(tmp_path, "latest", warn=pytest.fail)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("resume_from_checkpoint: latest: no intact checkpoint")
+    assert f"checkpoint-4 is damaged ({what4})" in message and "checkpoint-2 is damaged" in message
+    assert what2 in message
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=lambda f: f.__name__.strip("_"))
+def test_a_damaged_checkpoint_named_explicitly_is_one_user_error_naming_the_file(tmp_path, damage):
+    save_state_like(tmp_path, 2)
+    save_state_like(tmp_path, 4)
+    what = damage(tmp_path / "checkpoint-4")
+    for value in ("checkpoint-4", str(tmp_path / "checkpoint-4")):
+        with pytest.raises(UserError) as info:
+            resolve_resume(tmp_path / "elsewhere", value) if value.startswith("/") else resolve_resume(tmp_path, value)
+        assert "\n" not in str(info.value) and "checkpoint-4" in str(info.value) and what in str(info.value)
+    assert resolve_resume(tmp_path, "checkpoint-2", warn=pytest.fail) == (tmp_path / "checkpoint-2").resolve()
+
+
+def test_files_the_manifest_does_not_list_are_ignored(tmp_path):
+    final = save_state_like(tmp_path, 2)
+    (final / "optimizer.bin").write_bytes(b"planted")  # never read by a resume, so no reason to refuse
+    assert resolve_resume(tmp_path, "latest", warn=pytest.fail) == final.resolve()
+
+
+def test_a_checkpoint_from_before_manifests_is_resumed_with_a_warning(tmp_path):
+    """Policy: a marker without "files" (written before manifests) cannot be checked; it is resumed as it is, with
+    one warning, by "latest" and by name, and is not passed over for an older checkpoint."""
+    save_state_like(tmp_path, 2)
+    old = save_state_like(tmp_path, 4)
+    marker = json.loads((old / MARKER).read_text())
+    del marker["files"]
+    (old / MARKER).write_text(json.dumps(marker))
+    for value in ("latest", "checkpoint-4"):
+        warnings: list[str] = []
+        assert resolve_resume(tmp_path, value, warn=warnings.append) == old.resolve()
+        assert warnings == ["checkpoint-4 has no file manifest (it was written by a version before manifests), so "
+                            "it cannot be checked for damage; resuming from it as it is"]
 
 
 # --------------------------------------------------------------------------- EMA

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -440,6 +441,72 @@ def test_check_paths_names_missing_model_and_data(tmp_path, pm):
         validate_config(raw, pm, check_paths=True)
     named = sorted(p.split(":", 1)[0] for p in info.value.problems)
     assert named == ["config.data_backend_config", "config.pretrained_model_name_or_path"]
+
+
+def _paths_config(tmp_path: Path, output_dir: Path) -> Path:
+    """A config whose model folder and backend file exist, so its output_dir decides whether it validates."""
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    backends = tmp_path / "backends.json"
+    backends.write_text((REPO / "config_examples" / "tiny-wan-dmd" / "multidatabackend.json").read_text())
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**base(), "pretrained_model_name_or_path": str(model),
+                                  "data_backend_config": str(backends), "output_dir": str(output_dir)}))
+    return config
+
+
+@pytest.mark.parametrize("case", ["an existing file", "a file as parent", "a dangling symlink"])
+def test_an_output_dir_that_cannot_be_a_folder_is_one_error_line(tmp_path, capsys, case):
+    """``validate-config`` and ``train`` (before it loads anything) both stop with one ``error:`` line, exit 2."""
+    from simpletuner_dmd.cli import main
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    output_dir, expected = {
+        "an existing file": (blocker, f"{blocker} is a file, not a folder"),
+        "a file as parent": (blocker / "runs" / "out", f"cannot create the folder {blocker / 'runs' / 'out'}: "
+                                                        f"{blocker} is not a folder"),
+        "a dangling symlink": (link, f"{link} is a dangling symlink, not a folder"),
+    }[case]
+    config = _paths_config(tmp_path, output_dir)
+    for argv in (["validate-config", str(config)], ["train", "--config", str(config)]):
+        capsys.readouterr()
+        rc = main(argv)
+        out, err = capsys.readouterr()
+        assert rc == 2, (argv, out, err)
+        assert [line for line in err.splitlines() if line.startswith("error: ")] == [
+            f"error: config.output_dir: {expected}"], err
+        assert "Traceback" not in err and "ok:" not in out
+    assert blocker.read_text() == "a file, not a folder" and not (tmp_path / "nowhere").exists()
+
+
+def test_an_output_dir_to_be_created_or_already_there_passes_the_path_check(tmp_path, pm):
+    for output_dir in (tmp_path / "new" / "deeper" / "out", tmp_path):
+        raw = json.loads(_paths_config(tmp_path, output_dir).read_text())
+        problems = []
+        try:
+            validate_config(raw, pm, check_paths=True)
+        except ConfigError as exc:
+            problems = exc.problems
+        assert not [p for p in problems if p.startswith("config.output_dir")], problems
+    assert not (tmp_path / "new").exists()  # validation creates nothing
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits")
+def test_a_read_only_output_dir_is_a_config_error(tmp_path, pm):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        for output_dir in (locked, locked / "out"):
+            with pytest.raises(ConfigError) as info:
+                validate_config(json.loads(_paths_config(tmp_path, output_dir).read_text()), pm, check_paths=True)
+            assert info.value.problems == [f"config.output_dir: cannot write into {locked} (no permission, or a "
+                                           "read-only file system)"]
+    finally:
+        locked.chmod(0o755)
 
 
 # --------------------------------------------------------------------------- block keys

@@ -10,6 +10,12 @@ its public name by an atomic rename after every file and the marker are fsynced,
 point leaves either the previous set of checkpoints or the new one, plus a `.tmp` folder that the
 next `list_checkpoints`/`resolve_resume` deletes.
 
+The marker is also the checkpoint's manifest: under "files" it lists every other file of the folder
+(the method's state included) with its size and sha256 (`manifest.py`). `resolve_resume` checks a
+checkpoint against it before resuming: `latest` falls back to the newest intact checkpoint with one
+warning, an explicitly named damaged checkpoint is a user error. A checkpoint written before
+manifests existed (a marker without "files") cannot be checked; it is resumed with a warning.
+
 Call these from the main process only: the stale-folder cleanup would delete a `.tmp` folder that
 another process is still writing.
 """
@@ -22,9 +28,12 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 from simpletuner_dmd.errors import UserError
 from simpletuner_dmd.atomic import fsync_dir, fsync_tree
+
+from .manifest import build_manifest, manifest_damage
 
 MARKER = "checkpoint.json"
 FORMAT = "simpletuner-dmd-checkpoint"
@@ -51,7 +60,9 @@ def commit_checkpoint(tmp_dir: Path, output_dir: Path, step: int, total_limit: i
     if total_limit is not None and total_limit < 0:
         raise ValueError(f"total_limit must be None or >= 0, got {total_limit}")
     tmp_dir, output_dir = Path(tmp_dir), Path(output_dir)
-    marker = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "time": time.time()}
+    # Every other file is complete here (all processes have written theirs), so the manifest covers them all.
+    files = build_manifest(tmp_dir, skip=(MARKER,))
+    marker = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "time": time.time(), "files": files}
     (tmp_dir / MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")
     fsync_tree(tmp_dir)
 
@@ -88,13 +99,15 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def resolve_resume(output_dir: Path, value: object) -> Path | None:
+def resolve_resume(output_dir: Path, value: object, warn: Callable[[str], None] | None = None) -> Path | None:
     """The checkpoint folder that the config key `resume_from_checkpoint` asks for, or None.
 
     None, False, "" (and the strings "false"/"none") mean a fresh start; "latest" means the
-    newest complete checkpoint if there is one; anything else is a folder name inside output_dir
-    or a path, which must be a complete checkpoint.
+    newest intact checkpoint if there is one (`_latest_intact`); anything else is a folder name
+    inside output_dir or a path, which must be a complete checkpoint that matches its manifest.
+    `warn` receives the one-line warnings (a damaged checkpoint skipped, one without a manifest).
     """
+    warn = warn or (lambda message: None)
     output_dir = Path(output_dir)
     if value is None or value is False:
         return None
@@ -105,7 +118,7 @@ def resolve_resume(output_dir: Path, value: object) -> Path | None:
         return None
     remove_stale(output_dir)
     if text == "latest":
-        return latest_checkpoint(output_dir)
+        return _latest_intact(output_dir, warn)
 
     inside, as_given = output_dir / text, Path(text).expanduser()
     folder = inside if inside.is_dir() else as_given
@@ -114,7 +127,29 @@ def resolve_resume(output_dir: Path, value: object) -> Path | None:
     problem = _problem(folder)
     if problem:
         raise UserError(f"resume_from_checkpoint: {folder} is not a complete checkpoint ({problem})")
+    damage = checkpoint_damage(folder)
+    if damage:
+        raise UserError(f"resume_from_checkpoint: {folder} is damaged ({damage}); name an intact checkpoint, or "
+                        "'latest' to take the newest intact one")
+    _warn_unverified(folder, warn)
     return folder.resolve()
+
+
+def checkpoint_damage(folder: Path) -> str | None:
+    """What is wrong with checkpoint `folder` (its marker, or the first file that differs from the
+    manifest in it), or None when it is intact. A checkpoint without a manifest has nothing to be
+    checked against, so it passes (`has_manifest` tells it apart)."""
+    folder = Path(folder)
+    problem = _problem(folder)
+    if problem:
+        return problem
+    marker = _read_marker(folder)
+    return manifest_damage(folder, marker["files"]) if "files" in marker else None
+
+
+def has_manifest(folder: Path) -> bool:
+    marker = _read_marker(Path(folder))
+    return marker is not None and "files" in marker
 
 
 def checkpoint_step(folder: Path) -> int:
@@ -139,15 +174,46 @@ def remove_stale(output_dir: Path) -> None:
 # --------------------------------------------------------------------------- internals
 
 
-def _complete(output_dir: Path) -> list[tuple[int, Path]]:
+def _latest_intact(output_dir: Path, warn: Callable[[str], None]) -> Path | None:
+    """The newest checkpoint folder that is intact, with one warning naming each newer damaged one; None
+    when there is no checkpoint folder at all; a user error when every one is damaged (a fresh start
+    would overwrite them)."""
+    damaged = []
+    for _, folder in reversed(_named(output_dir)):
+        damage = checkpoint_damage(folder)
+        if damage is None:
+            if damaged:
+                warn(f"{'; '.join(damaged)}; resuming from {folder.name}")
+            _warn_unverified(folder, warn)
+            return folder.resolve()
+        damaged.append(f"{folder.name} is damaged ({damage})")
+    if damaged:
+        raise UserError(f"resume_from_checkpoint: latest: no intact checkpoint in {output_dir}: {'; '.join(damaged)}; "
+                        "move them away to start from step 0")
+    return None
+
+
+def _warn_unverified(folder: Path, warn: Callable[[str], None]) -> None:
+    if not has_manifest(folder):
+        warn(f"{folder.name} has no file manifest (it was written by a version before manifests), so it cannot be "
+             "checked for damage; resuming from it as it is")
+
+
+def _named(output_dir: Path) -> list[tuple[int, Path]]:
+    """Every folder named checkpoint-<step>, complete or not, oldest first."""
     if not output_dir.is_dir():
         return []
     found = []
     for path in output_dir.iterdir():
         match = _NAME.fullmatch(path.name)
-        if match and path.is_dir() and _problem(path) is None:
+        if match and path.is_dir():
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def _complete(output_dir: Path) -> list[tuple[int, Path]]:
+    """Folders with a valid marker (their files are not checked against the manifest here)."""
+    return [(step, path) for step, path in _named(output_dir) if _problem(path) is None]
 
 
 def _prune(output_dir: Path, total_limit: int, keep: Path) -> None:

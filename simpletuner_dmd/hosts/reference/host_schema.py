@@ -6,6 +6,7 @@ an error. A key of the seed quickstart that this host does not implement gets it
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -251,4 +252,32 @@ def check_host_paths(host: dict[str, Any]) -> list[str]:
         problems.append("config.data_backend_config: must be set (a multidatabackend JSON file)")
     elif not Path(data).is_file():
         problems.append(f"config.data_backend_config: file not found: {data}")
+    for key in ("output_dir", "cache_dir"):
+        problem = host.get(key) and writable_folder_problem(host[key])
+        if problem:
+            problems.append(f"config.{key}: {problem}")
     return problems
+
+
+def writable_folder_problem(value: str) -> str | None:
+    """Why the trainer could not create or write into the folder ``value``, or None. Nothing is created: an existing
+    folder must be writable; a new one needs its nearest existing ancestor to be a writable folder. (Root writes
+    through permission bits, but not into a read-only file system, which ``os.access`` reports for root too.)"""
+    path = Path(value)
+    try:
+        if path.is_dir():
+            target = path
+        elif os.path.lexists(path):
+            kind = "a dangling symlink" if path.is_symlink() else "a file"
+            return f"{value} is {kind}, not a folder"
+        else:
+            target = path.absolute().parent
+            while not os.path.lexists(target):
+                target = target.parent
+            if not target.is_dir():
+                return f"cannot create the folder {value}: {target} is not a folder"
+    except OSError as exc:  # a name too long, a loop of links: the trainer's mkdir would fail the same way
+        return f"cannot create the folder {value} ({exc.strerror or exc})"
+    if not os.access(target, os.W_OK | os.X_OK):
+        return f"cannot write into {target} (no permission, or a read-only file system)"
+    return None

@@ -131,6 +131,14 @@ def _run(rc: RunConfig, pm, notify: Notifier) -> Path:
     notify.main = accelerator.is_main_process  # only the main process talks to webhooks and the hub
     set_seed(seed, device_specific=True)  # per-process noise; draws that must agree use StepInfo.generator
     family = rc.family_cls(autocast_dtype=None if weight_dtype == torch.float32 else weight_dtype)
+    from .checkpoint import resolve_resume
+
+    # Before anything loads, so a damaged checkpoint named by the user costs no model loading. The main process
+    # resolves (it may clean up a crashed save's temporary folder, checks files against the manifest) and tells the
+    # others.
+    resume_dir = _from_main(accelerator, resolve_resume(out, host["resume_from_checkpoint"],
+                                                        warn=lambda m: log(f"warning: {m}"))
+                            if accelerator.is_main_process else None)
 
     # ---- 2. data: latents and text embeddings, computed once into the cache
     components = family.load_components(host["pretrained_model_name_or_path"],
@@ -187,12 +195,7 @@ def _run(rc: RunConfig, pm, notify: Notifier) -> Path:
     network, optimizer = accelerator.prepare(models.network, optimizer)
     ema = EMA(dict(models.student_params), host["ema_decay"], host["ema_update_interval"]) if host["use_ema"] else None
 
-    from .checkpoint import resolve_resume
-
     state = {"global_step": 0, "batches_consumed": 0}
-    # The main process resolves (it may clean up a crashed save's temporary folder) and tells the others.
-    resume_dir = _from_main(accelerator, resolve_resume(out, host["resume_from_checkpoint"])
-                            if accelerator.is_main_process else None)
     job = Job(host=host, family=family, pm=pm, accelerator=accelerator, out=out, models=models, optimizer=optimizer,
               scheduler=scheduler, ema=ema)
     if resume_dir is not None:
