@@ -17,130 +17,16 @@ from __future__ import annotations
 import json
 import re
 import os
-import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-VENV = Path(os.environ.get("SIMPLETUNER_VENV", REPO / "work" / "simpletuner-4.10.1")).resolve()  # runs use own cwd
-PYTHON = VENV / "bin" / "python"
-RUNNER = Path(__file__).resolve().parent / "run_simpletuner.py"
-SITE = Path(__file__).resolve().parent / "site"  # sitecustomize: the CPU shims in every `simpletuner train` process
-MARKER = VENV / ".simpletuner-version"
-VERSION = MARKER.read_text().strip() if MARKER.is_file() else ("3.1.6" if PYTHON.is_file() else "")
-V4 = VERSION.startswith("4.")
+from harness import (SKIP_WITHOUT_VENV, PYTHON, SITE, V4, VERSION, assert_clean as _assert_clean,
+                      image_backends as _image_backends, needs_v4, same as _same, scalars as _scalars,
+                      simpletuner_train as _simpletuner_train, student as _student, venv_python as _venv_python)
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not PYTHON.is_file(), reason=f"no SimpleTuner venv at {VENV}: run "
-                       "scripts/install_simpletuner_env.sh (3-5 min) or set SIMPLETUNER_VENV"),
-]
-needs_v4 = pytest.mark.skipif(not V4, reason=f"SimpleTuner {VERSION}: this is a 4.x feature")
-
-
-def _venv_python(*args: str, log: Path, timeout: int = 600, **env: str) -> tuple[int, str, float]:
-    start = time.monotonic()
-    with open(log, "w") as out:
-        proc = subprocess.run([str(PYTHON), str(RUNNER), *args], stdout=out, stderr=subprocess.STDOUT, cwd=log.parent,
-                              timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", **env})
-    text = log.read_text(errors="replace").replace("\r", "\n")
-    return proc.returncode, text, time.monotonic() - start
-
-
-def _simpletuner_train(folder: Path, config: dict, *, timeout: int = 600, **env: str) -> tuple[int, str, float]:
-    """SimpleTuner's own command, as a user runs it: ``config.json`` in the working folder, ``simpletuner train``
-    (which runs ``accelerate launch …/train.py``); the plugin's import hook does the rest. CPU: no mixed precision."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=1))
-    log = folder / "simpletuner-train.log"
-    start = time.monotonic()
-    run_env = {**os.environ, "PATH": f"{VENV / 'bin'}:{os.environ['PATH']}", "PYTHONPATH": str(SITE),
-               "MIXED_PRECISION": "no", "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", **env}
-    with open(log, "w") as out:
-        proc = subprocess.run([str(VENV / "bin" / "simpletuner"), "train"], stdout=out, stderr=subprocess.STDOUT,
-                              cwd=folder, timeout=timeout, env=run_env)
-    return proc.returncode, log.read_text(errors="replace").replace("\r", "\n"), time.monotonic() - start
-
-
-def _assert_clean(text: str, what: str) -> None:
-    assert "Traceback" not in text and "Failed to run training" not in text, f"{what} crashed:\n{text[-4000:]}"
-
-
-@pytest.fixture(scope="module")
-def installed():
-    """This checkout's plugin (and the example third-party method) installed in the venv as regular packages, so the
-    runs test what is here, with the ``.pth`` hook a ``pip install`` puts in place (a few seconds)."""
-    for package in (REPO, REPO / "examples" / "method_plugin"):
-        proc = subprocess.run([str(PYTHON), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall",
-                               str(package)], capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-
-
-def _image_backends(root: Path, tiny_dataset) -> Path:
-    """Four captioned 64 px images of the tiny dataset in ``root/data`` and SimpleTuner's backend file for them (an
-    image backend and a text-embeds backend), ``root/backends.json``."""
-    data = root / "data"
-    data.mkdir()
-    for png in sorted(Path(tiny_dataset).glob("*.png"))[:4]:
-        shutil.copy(png, data)
-        shutil.copy(png.with_suffix(".txt"), data)
-    (root / "backends.json").write_text(json.dumps([
-        {"id": "tiny-images", "type": "local", "dataset_type": "image", "instance_data_dir": str(data),
-         "caption_strategy": "textfile", "metadata_backend": "discovery", "cache_dir_vae": str(root / "cache/vae"),
-         "resolution": 64, "resolution_type": "pixel", "minimum_image_size": 0, "repeats": 0, "crop": False},
-        {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True,
-         "cache_dir": str(root / "cache/text")},
-    ]))
-    return root / "backends.json"
-
-
-@pytest.fixture(scope="module")
-def job(tmp_path_factory, tiny_dataset, installed):
-    """A tiny Wan pipeline saved by the SimpleTuner venv's own diffusers/transformers (this project's newer versions
-    write a tokenizer config SimpleTuner 3.1.6's transformers 4.57 cannot load), four captioned 64 px images, and a
-    writer of SimpleTuner config files."""
-    root = tmp_path_factory.mktemp("simpletuner-job")
-    code, text, _ = _venv_python("--make-tiny-wan", str(root / "tiny-wan"), log=root / "make-tiny-wan.log")
-    assert code == 0 and (root / "tiny-wan" / "model_index.json").is_file(), text[-3000:]
-    _image_backends(root, tiny_dataset)
-    base = {
-        "model_family": "wan", "model_type": "lora", "lora_type": "standard", "lora_rank": 4, "lora_alpha": 4,
-        "pretrained_model_name_or_path": str(root / "tiny-wan"),
-        "pretrained_t5_model_name_or_path": str(root / "tiny-wan"), "data_backend_config": str(root / "backends.json"),
-        # CPU: fp32 weights and torch AdamW (adamw_bf16 forces bf16 weights), no validation, tensorboard as tracker
-        "optimizer": "torch-adamw", "mixed_precision": "no", "base_model_precision": "no_change",
-        "validation_disable": True, "report_to": "tensorboard", "disable_benchmark": True,
-        "num_train_epochs": 0, "train_batch_size": 1, "learning_rate": 1e-4, "lr_scheduler": "constant",
-        "lr_warmup_steps": 0, "checkpoint_step_interval": 2, "seed": 0, "resolution": 64, "resolution_type": "pixel",
-        "validation_negative_prompt": "blurry, low quality",
-    }
-
-    def write(name: str, **overrides) -> Path:
-        path = root / f"{name}.json"
-        path.write_text(json.dumps(config(**overrides), indent=1))
-        return path
-
-    def config(**overrides) -> dict:
-        return {**base, **overrides}
-
-    write.config = config
-    return root, write
-
-
-def _scalars(out: Path, tag: str) -> dict[int, float]:
-    """Every value SimpleTuner logged under ``tag`` to its tensorboard tracker, by step."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: dict[int, float] = {}
-    for events in sorted(out.glob("logs/**/events.out.tfevents*")):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
-    return values
+pytestmark = SKIP_WITHOUT_VENV
 
 
 def test_plain_lora_baseline_runs(job):
@@ -155,17 +41,6 @@ def test_plain_lora_baseline_runs(job):
     assert _scalars(out, "train_loss"), "SimpleTuner logged no train_loss"
     print(f"plain LoRA, 3 steps: {seconds:.0f} s")
 
-
-def _student(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "pytorch_lora_weights.safetensors"))
-
-
-def _same(a: dict, b: dict) -> bool:
-    import torch
-
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _assert_three_dmd_steps(text: str, out: Path) -> None:

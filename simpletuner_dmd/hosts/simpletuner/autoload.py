@@ -34,6 +34,13 @@ def apply() -> list[str]:
     return served
 
 
+def apply_cli() -> None:
+    """In the ``simpletuner train`` command's own process: check the config before ``accelerate launch`` starts."""
+    from .preflight import wrap_cli_launch
+
+    wrap_cli_launch()
+
+
 def is_main_process() -> bool:
     """The process of rank 0 (or the only one): launchers set RANK, and LOCAL_RANK, in every process."""
     return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) in ("", "0")
@@ -75,4 +82,4 @@ def install_user_error_hook() -> None:
     sys.excepthook = excepthook
 
 
-__all__ = ["apply", "install_user_error_hook", "is_main_process", "user_error_in"]
+__all__ = ["apply", "apply_cli", "install_user_error_hook", "is_main_process", "user_error_in"]

@@ -24,6 +24,14 @@ SimpleTuner:
 5. **Negative prompt.** SimpleTuner unloads its text encoder (``Trainer.init_unload_text_encoder``) before it builds
    the distiller. That step is wrapped: for a plugin method, the negative prompt(s) are first encoded with SimpleTuner's
    own ``model.encode_text_batch`` and left on the model object for ``PluginDistiller``.
+6. **EMA at validation.** SimpleTuner's EMA is built from ``Trainer._get_trainable_parameters`` (point 3: the student
+   only), but ``Validation.enable_ema_for_inference`` stores and swaps every parameter of the trained network that
+   requires a gradient — with DMD's fake score beside the student, 64 tensors against the EMA's and the restore's 32:
+   the restore raised, SimpleTuner logged it, wrote no sample and left the EMA weights in the student. While it runs,
+   the method's own parameters are marked as not requiring a gradient, so SimpleTuner stores, swaps and restores the
+   student's tensors only.
+7. **Checks before anything loads** (``preflight.py``): ``Trainer.parse_arguments`` is followed by the plugin's checks
+   of the parsed config, so a mistake stops the training process before a model loads.
 
 The critic-only steps (the student takes no step) are handled in ``distiller.py`` with a torch optimizer pre-step hook:
 SimpleTuner's loop offers no way to skip its optimizer's step.
@@ -53,12 +61,14 @@ def install(served: list[str] | None = None) -> list[str]:
     """Apply every take-over point to the installed SimpleTuner; returns the method names the plugin serves
     (``served``, when the caller has looked them up already)."""
     served = plugin_method_names() if served is None else served
-    _extend_method_choices(served)
+    extend_method_choices(served)
     _route_factory(served)
     _filter_optimizer_parameters()
     _filter_trainable_parameters()
     _find_unused_parameters(served)
     _encode_negative_before_unload(served)
+    _ema_swaps_the_student_only()
+    _check_config_after_parsing(served)
     return served
 
 
@@ -70,7 +80,7 @@ def _served_name(method: Any, served: list[str]) -> str | None:
     return None
 
 
-def _extend_method_choices(served: list[str]) -> None:
+def extend_method_choices(served: list[str]) -> None:
     from simpletuner.helpers.configuration import cmd_args
     from simpletuner.simpletuner_sdk.server.services.field_registry.registry import field_registry
 
@@ -209,6 +219,59 @@ def _encode_negative_before_unload(served: list[str]) -> None:
     Trainer.init_unload_text_encoder = init_unload_text_encoder
 
 
+def method_parameters(model) -> list:
+    """The parameters a plugin method added to SimpleTuner's trained network and trains itself (DMD's fake score):
+    those that require a gradient but are not the host's (``PluginDistiller.host_parameters``). Empty when no plugin
+    method is running."""
+    keep = getattr(model, HOST_PARAMETERS_ATTR, None)
+    if keep is None:
+        return []
+    trainable = [p for p in model.get_trained_component(unwrap_model=False).parameters() if p.requires_grad]
+    kept = {id(p) for p in keep(trainable)}
+    return [p for p in trainable if id(p) not in kept]
+
+
+def _ema_swaps_the_student_only() -> None:
+    from simpletuner.helpers.training.validation import Validation
+
+    current = Validation.enable_ema_for_inference
+    if getattr(current, MARK, False):
+        return
+
+    def enable_ema_for_inference(self, *args: Any, **kwargs: Any):
+        hidden = method_parameters(self.model) if getattr(self.config, "use_ema", False) else []
+        for p in hidden:
+            p.requires_grad_(False)
+        try:
+            return current(self, *args, **kwargs)
+        finally:  # not a handler: the method's parameters train again whatever happened
+            for p in hidden:
+                p.requires_grad_(True)
+
+    setattr(enable_ema_for_inference, MARK, True)
+    Validation.enable_ema_for_inference = enable_ema_for_inference
+
+
+def _check_config_after_parsing(served: list[str]) -> None:
+    from simpletuner.helpers.training.trainer import Trainer
+
+    current = Trainer.parse_arguments
+    if getattr(current, MARK, False):
+        return
+
+    def parse_arguments(self, *args: Any, **kwargs: Any):
+        result = current(self, *args, **kwargs)
+        config = getattr(self, "config", None)
+        if config is not None:
+            from .preflight import check_parsed_config
+
+            check_parsed_config(vars(config), served)
+        return result
+
+    setattr(parse_arguments, MARK, True)
+    Trainer.parse_arguments = parse_arguments
+
+
 def stash_negative_embeds(model, config: dict, method: str) -> None:
     """Encode the texts ``PluginDistiller`` will ask for with SimpleTuner's encoder, while it is still loaded."""
     import torch
@@ -233,4 +296,4 @@ def stash_negative_embeds(model, config: dict, method: str) -> None:
     log(f"negative prompt encoded with SimpleTuner's text encoder before it is unloaded: {texts}")
 
 
-__all__ = ["HOST_PARAMETERS_ATTR", "install", "plugin_method_names", "served_methods", "stash_negative_embeds"]
+__all__ = ["HOST_PARAMETERS_ATTR", "extend_method_choices", "install", "method_parameters", "plugin_method_names", "served_methods", "stash_negative_embeds"]

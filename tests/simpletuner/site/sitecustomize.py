@@ -69,3 +69,54 @@ if os.environ.get("SIMPLETUNER_DMD_TEST_FLOW_CHECK"):
         return _compute(self, prepared_batch, model_output, original_loss)
 
     _distiller.PluginDistiller.compute_distill_loss = compute_distill_loss_checked
+
+if os.environ.get("SIMPLETUNER_DMD_TEST_VALIDATION_CHECK"):
+    # Each of SimpleTuner's validations prints whether the student's weights (the trained network's parameters that
+    # SimpleTuner's own optimizer trains: the adapter "default") are bit-identical after it to before it, and each EMA
+    # swap whether the weights validated were the EMA's (they differ from the student's once the EMA has moved).
+    import hashlib
+
+    from simpletuner_dmd.hosts.simpletuner import autoload as _autoload
+
+    def _student_digest(model) -> str:
+        network = model.get_trained_component(unwrap_model=True)
+        digest = hashlib.sha256()
+        for name, p in sorted(network.named_parameters()):
+            if ".default." in name:
+                digest.update(name.encode())
+                digest.update(p.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    _apply_for_check = _autoload.apply
+
+    def apply_with_validation_check():
+        served = _apply_for_check()
+        from simpletuner.helpers.training.validation import Validation
+
+        run = Validation.run_validations
+        if getattr(run, "_checked", False):
+            return served
+
+        def run_validations(self, *args, **kwargs):
+            before = _student_digest(self.model)
+            self._dmd_test_before = before
+            result = run(self, *args, **kwargs)
+            after = _student_digest(self.model)
+            print(f"[validation-check] step={kwargs.get('step')} student_unchanged={before == after}", flush=True)
+            return result
+
+        enable = Validation.enable_ema_for_inference
+
+        def enable_ema_for_inference(self, *args, **kwargs):
+            result = enable(self, *args, **kwargs)
+            if self.ema_enabled:
+                swapped = _student_digest(self.model) != getattr(self, "_dmd_test_before", None)
+                print(f"[ema-check] swapped={swapped}", flush=True)
+            return result
+
+        run_validations._checked = True
+        Validation.run_validations = run_validations
+        Validation.enable_ema_for_inference = enable_ema_for_inference
+        return served
+
+    _autoload.apply = apply_with_validation_check

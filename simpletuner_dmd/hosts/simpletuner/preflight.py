@@ -1,0 +1,283 @@
+"""The checks that stop a SimpleTuner run before any model loads.
+
+A mistake in ``distillation_config`` used to surface only once SimpleTuner had loaded its models and cached text
+embeddings and latents (40 s on the tiny model; hours on a real data set). Three places now check a config first:
+
+1. ``simpletuner train`` (SimpleTuner's own command): right before it starts ``accelerate launch``, the config file the
+   training process will read (``CONFIG_BACKEND`` json, found as SimpleTuner finds it) is checked in the command's own
+   process. Problems print as ``error: …`` lines — the last thing printed — and the command exits 2 without launching
+   anything (``wrap_cli_launch``, applied by the import hook when ``simpletuner.cli.train`` loads).
+2. The training process (``simpletuner train``'s child, the launcher, any other way of running SimpleTuner's trainer):
+   right after ``Trainer.parse_arguments``, before SimpleTuner loads a model (``check_parsed_config``; ``patch.py``).
+3. ``simpletuner-dmd validate-config --host simpletuner`` (``host_problems``), which also runs SimpleTuner's own
+   argument checks when SimpleTuner is installed in the same environment.
+
+What is checked, for a ``distillation_method`` the plugin serves (any case: SimpleTuner matches method names without
+regard to case): the method's config through the core's ``validate_method_config`` (every problem, one line each,
+naming the key), that a plugin family serves SimpleTuner's ``model_family``/``model_flavour``, that the adapter type is
+one the bridge serves; and — where SimpleTuner is importable — every value SimpleTuner's own argument parser would
+refuse (its choices and types, read from SimpleTuner's parser, not copied) and a ``validation_prompt_library`` value
+its prompt-library lookup refuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping
+
+from ...config import validate_method_config
+from ...errors import ConfigError, UserError, print_user_error
+
+
+def served_method(config: Mapping[str, Any], served: list[str]) -> str | None:
+    """The plugin's method name for the config's ``distillation_method``, matched without regard to case, or None."""
+    name = config.get("distillation_method")
+    name = getattr(name, "value", name)
+    if isinstance(name, str) and name.strip().lower() in served:
+        return name.strip().lower()
+    return None
+
+
+def plugin_problems(config: Mapping[str, Any], method: str, pm) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of the plugin's own part of a SimpleTuner config for ``method``."""
+    from .distiller import simpletuner_family_class
+
+    problems: list[str] = []
+    model_type = str(config.get("model_type") or "lora").lower()
+    lora_type = str(config.get("lora_type") or "standard").lower()
+    if model_type == "lora" and lora_type != "standard":
+        problems.append(f"lora_type: {config.get('lora_type')!r} is not served by distillation_method {method}: its "
+                        "extra networks (DMD's fake score) are peft adapters beside the student's; use lora_type "
+                        "standard, or model_type full")
+    family_cls = None
+    try:
+        family_cls = simpletuner_family_class(pm, config.get("model_family"), config.get("model_flavour"))
+    except UserError as exc:
+        problems.extend(str(exc).splitlines())
+    selection, method_problems = validate_method_config(method, config.get("distillation_config"), pm,
+                                                        family_cls=family_cls, host=config)
+    problems.extend(method_problems)
+    return problems, list(selection.warnings) if selection is not None else []
+
+
+def simpletuner_version() -> str:
+    return metadata.version("simpletuner")
+
+
+def simpletuner_argument_problems(config: Mapping[str, Any], served: list[str]) -> list[str]:
+    """Every value of ``config`` that SimpleTuner's own argument parser would refuse (a choice it lacks, a value its
+    type rejects), as SimpleTuner turns the config into arguments (``mapping_to_cli_args``). The plugin's method names
+    are added to the ``distillation_method`` choices first, as the import hook does for the trainer."""
+    from simpletuner.helpers.configuration import cmd_args
+    from simpletuner.helpers.configuration.cli_utils import mapping_to_cli_args
+
+    from .patch import extend_method_choices
+
+    extend_method_choices(served)
+    parser = cmd_args.get_argument_parser()
+    version = simpletuner_version()
+    problems = []
+    for argument in mapping_to_cli_args(dict(config)):
+        option, has_value, raw = argument.partition("=")
+        action = parser._option_string_actions.get(option)
+        if action is None or not has_value:
+            continue  # a flag, or a key SimpleTuner's parser does not define (its own legacy handling decides)
+        key = option.lstrip("-")
+        try:
+            value = action.type(raw) if callable(action.type) else raw
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+            problems.append(f"{key}: SimpleTuner {version} refuses {raw!r} ({exc})")
+            continue
+        if action.choices is not None and value not in action.choices:
+            accepted = ", ".join(str(c) for c in action.choices)
+            problems.append(f"{key}: SimpleTuner {version} refuses {raw!r}; it accepts {accepted}")
+    problems.extend(_prompt_library_problems(config, version))
+    return problems
+
+
+def _prompt_library_problems(config: Mapping[str, Any], version: str) -> list[str]:
+    """SimpleTuner 4.x reads ``validation_prompt_library`` as true/false or the name of one of its built-in libraries
+    (the quickstart's file path is refused once validation is set up); a file of one's own prompts is
+    ``user_prompt_library``."""
+    value = config.get("validation_prompt_library")
+    if value is None or isinstance(value, bool):
+        return []
+    try:
+        from simpletuner.helpers.prompts import get_validation_prompt_library
+    except ImportError:  # SimpleTuner 3.x: no built-in libraries, the key is a flag there
+        return []
+    try:
+        get_validation_prompt_library(value)
+    except ValueError as exc:
+        return [f"validation_prompt_library: SimpleTuner {version} refuses {value!r} ({exc}); a JSON file of your own "
+                "prompts goes in user_prompt_library"]
+    return []
+
+
+def simpletuner_importable() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("simpletuner") is not None
+
+
+def host_problems(config: Mapping[str, Any], pm, *, with_simpletuner: bool) -> tuple[str | None, list[str], list[str]]:
+    """(the served method or None, problems, warnings) of a SimpleTuner config, as ``validate-config --host
+    simpletuner`` reports them."""
+    from ...plugins import registered_methods
+
+    served = list(registered_methods(pm))
+    method = served_method(config, served)
+    problems: list[str] = []
+    warnings: list[str] = []
+    if method is not None:
+        problems, warnings = plugin_problems(config, method, pm)
+    if with_simpletuner:
+        problems.extend(simpletuner_argument_problems(config, served))
+    return method, problems, warnings
+
+
+def validate_for_simpletuner(path: Path) -> int:
+    """``simpletuner-dmd validate-config --host simpletuner PATH``: every problem at once (``ConfigError``), else the
+    warnings and one ``ok:`` line. SimpleTuner's own argument checks run when SimpleTuner is importable here; when it
+    is not, one warning says they did not."""
+    from ...config import read_json
+    from ...plugins import get_plugin_manager
+
+    config = read_json(path, "config")
+    if not isinstance(config, dict):
+        raise ConfigError([f"config: {path} must hold a JSON object"])
+    with_simpletuner = simpletuner_importable()
+    method, problems, warnings = host_problems(config, get_plugin_manager(), with_simpletuner=with_simpletuner)
+    if problems:
+        raise ConfigError(problems)
+    if not with_simpletuner:
+        warnings.append("SimpleTuner is not installed in this environment: only the plugin's keys were checked, not "
+                        "SimpleTuner's own (run this where SimpleTuner is installed)")
+    for warning in warnings:
+        print(f"warning: {warning}")
+    against = f"SimpleTuner {simpletuner_version()}" if with_simpletuner else "SimpleTuner (not installed here)"
+    print(f"ok: {path} for {against} (distillation_method: {method or 'none of the plugin'})")
+    return 0
+
+
+def check_parsed_config(config: Mapping[str, Any], served: list[str]) -> None:
+    """In the training process, right after SimpleTuner parsed its config: raise ``ConfigError`` with every problem of
+    the plugin's part (SimpleTuner's parser has already checked its own)."""
+    method = served_method(config, served)
+    if method is None:
+        return
+    from ...plugins import get_plugin_manager
+
+    problems, _ = plugin_problems(config, method, get_plugin_manager())
+    if problems:
+        raise ConfigError(problems)
+
+
+# --------------------------------------------------------------------------- `simpletuner train`, before the launch
+
+
+def config_file_for(env: Mapping[str, str]) -> Path | None:
+    """The JSON config the training process will read with ``env`` — SimpleTuner's lookup: ``CONFIG_PATH`` (a folder
+    holding ``config.json``, a file, or a path without its ``.json``), else ``config/<ENV>/config.json`` or
+    ``<ENV>/config.json``, else ``config/config.json``. None for another backend (toml, env) or when no file is there
+    (SimpleTuner then reports it itself)."""
+    backend = (env.get("SIMPLETUNER_CONFIG_BACKEND") or env.get("CONFIG_BACKEND") or env.get("CONFIG_TYPE") or "json")
+    if backend.lower() != "json":
+        return None
+    candidates: list[Path] = []
+    override = env.get("CONFIG_PATH")
+    if override:
+        path = Path(override).expanduser()
+        candidates += [path / "config.json"] if path.is_dir() else ([path] if path.suffix else []) + [
+            path.with_suffix(".json")]
+    name = env.get("SIMPLETUNER_ENVIRONMENT") or env.get("SIMPLETUNER_ENV") or env.get("ENV")
+    if name and name != "default":
+        candidates += [Path(name) / "config.json", Path("config") / name / "config.json"]
+    else:
+        candidates.append(Path("config") / "config.json")
+    return next((c for c in candidates if c.is_file()), None)
+
+
+class _Refused(BaseException):
+    """Raised through SimpleTuner's ``run_training`` (whose ``except Exception`` would print it as a launch failure)
+    back to the wrapper, which returns exit status 2."""
+
+
+def wrap_cli_launch() -> None:
+    """Wrap ``simpletuner.cli.train.run_training`` so that the config is checked right before ``accelerate launch``
+    starts (SimpleTuner has then resolved which config file the training process reads, in the environment it hands
+    the process)."""
+    from simpletuner.cli import train as cli_train
+
+    from .patch import MARK
+
+    current = cli_train.run_training
+    if getattr(current, MARK, False):
+        return
+    real_subprocess = cli_train.subprocess
+
+    class CheckedSubprocess:
+        """``subprocess`` as ``run_training`` sees it: ``Popen`` checks the config before it starts the launch."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real_subprocess, name)
+
+        @staticmethod
+        def Popen(cmd, *args: Any, env: Mapping[str, str] | None = None, **kwargs: Any):  # noqa: N802
+            path, problems = launch_problems(env if env is not None else os.environ)
+            if problems:
+                print(f"[simpletuner-dmd] {path}: nothing was launched; `simpletuner-dmd validate-config --host "
+                      f"simpletuner {path}` checks a config without starting SimpleTuner", flush=True)
+                print_user_error(ConfigError(problems))
+                raise _Refused()
+            return real_subprocess.Popen(cmd, *args, env=env, **kwargs)
+
+    def run_training(*args: Any, **kwargs: Any) -> int:
+        cli_train.subprocess = CheckedSubprocess()
+        try:
+            return current(*args, **kwargs)
+        except _Refused:
+            _quiet_exit_reports()
+            return 2
+        finally:
+            cli_train.subprocess = real_subprocess
+
+    setattr(run_training, MARK, True)
+    cli_train.run_training = run_training
+
+
+def _quiet_exit_reports() -> None:
+    """torch's Dynamo logs two reports at interpreter exit (the frames it traced, its compile times), at INFO, which
+    SimpleTuner's logging set-up prints. Nothing ran, so they say nothing; without them the ``error:`` lines stay the
+    last thing the command prints."""
+    import logging
+
+    for name in ("torch._dynamo", "torch._dynamo.eval_frame", "torch._dynamo.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def launch_problems(env: Mapping[str, str]) -> tuple[Path | None, list[str]]:
+    """The config file a launch with ``env`` would train on and its problems (none when it is not JSON, not found, or
+    not a distillation run of the plugin's: SimpleTuner's own checks then stand)."""
+    path = config_file_for(env)
+    if path is None:
+        return None, []
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return path, []  # SimpleTuner reports an unreadable config itself
+    if not isinstance(config, dict):
+        return path, []
+    from ...plugins import get_plugin_manager
+
+    method, problems, _ = host_problems(config, get_plugin_manager(), with_simpletuner=True)
+    return path, problems if method is not None else []
+
+
+__all__ = ["check_parsed_config", "config_file_for", "host_problems", "launch_problems", "plugin_problems",
+           "served_method", "simpletuner_argument_problems", "simpletuner_importable", "validate_for_simpletuner",
+           "wrap_cli_launch"]
