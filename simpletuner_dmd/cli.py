@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("family", help="a family name (simpletuner-dmd plugins lists them)")
     p.add_argument("path", type=Path, help="the folder to write (must not exist)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataset", type=Path, help="also write a tiny captioned dataset to this new folder (coloured "
+                                                 "digits, 64x64: 6 PNGs and 4 nine-frame GIFs), the one "
+                                                 "config_examples/tiny-wan-dmd trains on")
 
     args = parser.parse_args(argv)
     try:
@@ -149,9 +152,14 @@ def _run(args: argparse.Namespace) -> int:
         make = getattr(families[args.family].cls, "make_tiny", None)
         if make is None:
             raise UserError(f"make-tiny: the {args.family} family does not build a tiny model (no make_tiny)")
-        if args.path.exists():
-            raise UserError(f"make-tiny: {args.path} exists; give a new folder")
+        taken = [path for path in (args.path, args.dataset) if path is not None and path.exists()]
+        if taken:
+            raise ConfigError([f"make-tiny: {path} exists; give a new folder" for path in taken])
         print(f"tiny {args.family} pipeline: {make(args.path, seed=args.seed)}")
+        if args.dataset is not None:
+            from .hosts.reference.tiny import make_tiny_dataset
+
+            print(f"tiny dataset: {make_tiny_dataset(args.dataset, seed=args.seed)}")
         return 0
     raise AssertionError(args.command)
 
