@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("validate-config", help="validate a config.json (and its distillation_config) only")
     p.add_argument("path", type=Path)
     p.add_argument("--no-check-paths", action="store_true", help="do not require the model and data files to exist")
+    p.add_argument("--host", choices=("reference", "simpletuner"), default=None,
+                   help="the trainer the config is for: reference (simpletuner-dmd train) or simpletuner (SimpleTuner's "
+                        "own trainer, checked against the SimpleTuner installed here when it is); default: simpletuner "
+                        "when SimpleTuner is importable, else reference")
 
     sub.add_parser("plugins", help="list every method and model family and the distribution providing it")
 
@@ -111,6 +115,10 @@ def _run(args: argparse.Namespace) -> int:
         from .estimate import print_estimate
 
         return print_estimate(args)
+    if args.command == "validate-config" and _validates_for_simpletuner(args.host):
+        from .hosts.simpletuner.preflight import validate_for_simpletuner
+
+        return validate_for_simpletuner(args.path)
     if args.command == "validate-config":
         from .hosts.reference.run_config import load_config
         from .plugins import get_plugin_manager
@@ -162,6 +170,14 @@ def _run(args: argparse.Namespace) -> int:
             print(f"tiny dataset: {make_tiny_dataset(args.dataset, seed=args.seed)}")
         return 0
     raise AssertionError(args.command)
+
+
+def _validates_for_simpletuner(host: str | None) -> bool:
+    if host is not None:
+        return host == "simpletuner"
+    from .hosts.simpletuner.preflight import simpletuner_importable
+
+    return simpletuner_importable()
 
 
 if __name__ == "__main__":

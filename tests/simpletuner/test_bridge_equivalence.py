@@ -241,25 +241,29 @@ def test_a_checkpoint_without_the_bridge_state_is_refused(hosts, tmp_path):
         hosts.distiller.on_load_checkpoint(str(tmp_path))
 
 
-def test_a_validation_step_count_the_student_was_not_trained_for_is_refused_up_front(hosts):
-    from simpletuner_dmd.hosts.simpletuner.distiller import validation_steps_problem
+def test_a_validation_step_count_the_student_was_not_trained_for_becomes_its_own_with_a_warning(hosts):
+    from simpletuner_dmd.hosts.simpletuner.distiller import validation_steps_for
 
     scheduler = hosts.distiller.get_scheduler()
-    assert validation_steps_problem("dmd", scheduler, {"validation_num_inference_steps": 3}) is None
-    assert validation_steps_problem("dmd", scheduler, {"validation_num_inference_steps": 30,
-                                                       "validation_disable": True}) is None
-    problem = validation_steps_problem("dmd", scheduler, {"validation_num_inference_steps": 30})
-    assert problem == ("validation_num_inference_steps: the dmd student samples its 3 trained steps; set "
-                       "validation_num_inference_steps to 3 (got 30)")
+    assert validation_steps_for("dmd", scheduler, {"validation_num_inference_steps": 3}) == (None, None)
+    assert validation_steps_for("dmd", scheduler, {"validation_num_inference_steps": 30,
+                                                   "validation_disable": True}) == (None, None)
+    assert validation_steps_for("dmd", scheduler, {"validation_num_inference_steps": 30}) == (
+        3, "validation_num_inference_steps 30: the dmd student samples its 3 trained steps; SimpleTuner's validation "
+           "samples 3")
+    config = {**hosts.distiller.config, "validation_num_inference_steps": 30, "validation_disable": False}
+    hosts.distiller._check_validation_steps(config)  # SimpleTuner's own config: its validation reads the count
+    assert config["validation_num_inference_steps"] == 3
 
 
 def test_an_lcm_student_validates_at_any_count_its_schedule_holds():
     from simpletuner_dmd.fewstep_scheduler import FewStepFlowScheduler
-    from simpletuner_dmd.hosts.simpletuner.distiller import validation_steps_problem
+    from simpletuner_dmd.hosts.simpletuner.distiller import validation_steps_for
 
     schedule = [float(t) for t in range(0, 1001, 20)]  # 50 skipping steps
     lcm = FewStepFlowScheduler(few_step_timesteps=[1000, 760, 500, 260], sampling_schedule=schedule,
                                consistency_timestep_scaling=10.0)
-    assert validation_steps_problem("lcm", lcm, {"validation_num_inference_steps": 8}) is None
-    assert validation_steps_problem("lcm", lcm, {"validation_num_inference_steps": 60}) == (
-        "validation_num_inference_steps: the lcm student samples 1 to 50 steps; got 60")
+    assert validation_steps_for("lcm", lcm, {"validation_num_inference_steps": 8}) == (None, None)
+    assert validation_steps_for("lcm", lcm, {"validation_num_inference_steps": 60}) == (
+        4, "validation_num_inference_steps 60: the lcm student samples 1 to 50 steps; SimpleTuner's validation "
+           "samples 4")

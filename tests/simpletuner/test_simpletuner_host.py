@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import (SKIP_WITHOUT_VENV, PYTHON, SITE, V4, VERSION, assert_clean as _assert_clean,
+from harness import (SKIP_WITHOUT_VENV, PYTHON, REPO, SITE, V4, VERSION, assert_clean as _assert_clean,
                       image_backends as _image_backends, needs_v4, same as _same, scalars as _scalars,
                       simpletuner_train as _simpletuner_train, student as _student, venv_python as _venv_python)
 
@@ -68,7 +68,12 @@ def test_dmd_through_simpletuner_train_checkpoints_validates_and_resumes(job):
     that leaves the student bit-identical, and — on 4.x — validation with DMD's own few-step schedule, samples saved by
     SimpleTuner. Then a resume: through ``simpletuner train`` again on 4.x; through the launcher on 3.1.6, whose own
     ``train.py`` exits 0 whatever happens (so there the first run's markers and files tell, and the launcher's exit
-    status is checked on the resume)."""
+    status is checked on the resume).
+
+    With the options SimpleTuner users set: ``train_batch_size`` 2, ``gradient_accumulation_steps`` 2 (the generator
+    interval and the critic count optimizer steps: 2 critic updates by checkpoint-2, not 4), and EMA updated every
+    step and validated in ``comparison`` mode (the student validated, then the EMA, and the student bit-identical
+    after each validation)."""
 
     root, write = job
     run = root / "st-train-dmd"
@@ -77,9 +82,12 @@ def test_dmd_through_simpletuner_train_checkpoints_validates_and_resumes(job):
     validation = dict(validation_disable=False, validation_step_interval=3, validation_prompt="a digit",
                       validation_num_inference_steps=3, validation_resolution="64x64", validation_guidance=1.0,
                       num_validation_images=1, validation_num_video_frames=1, validation_seed=0) if V4 else {}
+    options = dict(train_batch_size=2, gradient_accumulation_steps=2, use_ema=True, ema_update_interval=1,
+                   ema_validation="comparison")
     config = write.config(output_dir=str(out), max_train_steps=3, checkpoint_step_interval=1, distillation_method="dmd",
-                          distillation_config=dmd, **validation)
-    code, text, seconds = _simpletuner_train(run, config)
+                          distillation_config=dmd, **validation, **options)
+    code, text, seconds = _simpletuner_train(run, config, SIMPLETUNER_DMD_TEST_VALIDATION_CHECK="1",
+                                             SIMPLETUNER_DMD_TEST_FLOW_CHECK="1")
     _assert_clean(text, "simpletuner train, DMD")
     assert code == 0, text[-3000:]
     assert text.count("[simpletuner-dmd] serving distillation_method ") == 1  # the hook said so, once
@@ -95,11 +103,15 @@ def test_dmd_through_simpletuner_train_checkpoints_validates_and_resumes(job):
     assert json.loads((ckpt / "simpletuner_dmd_bridge.json").read_text())["global_step"] == 2
     student = _student(out)
     assert student and not any("fake_score" in k for k in student)  # SimpleTuner's LoRA is the student's only
+    # two micro-batches of two samples per optimizer step
+    shapes = re.findall(r"\[flow-check\] latents \((\d+), 16, 1, 8, 8\)", text)
+    assert shapes and set(shapes) == {"2"} and len(shapes) == 6, shapes
     if V4:
         assert "[simpletuner-dmd] validation samples with dmd's own schedule: FewStepFlowScheduler, timesteps " \
                "1000, 757, 522" in text, text[-3000:]
         samples = [p for p in out.rglob("*") if p.suffix in (".png", ".mp4", ".gif") and "validation" in str(p).lower()]
         assert samples, f"SimpleTuner saved no validation sample under {out}"
+        _assert_ema_validated(text)
     print(f"simpletuner train ({VERSION}), DMD, 3 steps{' with validation' if V4 else ''}: {seconds:.0f} s")
 
     # resume from checkpoint-2 and train to step 4: the fake score's state is restored, its counters continue
@@ -117,6 +129,15 @@ def test_dmd_through_simpletuner_train_checkpoints_validates_and_resumes(job):
     assert state == {"generator_updates": 2, "critic_updates": 4, "fake_score_type": "lora",
                      "regression_latent_shape": None}  # the regression term is off
     print(f"DMD resume ({'simpletuner train' if V4 else 'launcher'}), 2 more steps: {seconds:.0f} s")
+
+
+def _assert_ema_validated(text: str) -> None:
+    """The test-only witness (``site/sitecustomize.py``): every validation left the student bit-identical, and the
+    EMA's weights were the ones validated at least once (they differ from the student's once the EMA has moved)."""
+    checks = re.findall(r"\[validation-check\] step=(\d+) student_unchanged=(True|False)", text)
+    assert checks and all(ok == "True" for _, ok in checks), checks
+    assert "[ema-check] swapped=True" in text, "the EMA's weights were never the ones validated"
+    assert "EMA restore parameter count mismatch" not in text and "Error generating validation" not in text
 
 
 def test_a_user_error_inside_simpletuner_is_a_failing_exit_status(job):
@@ -175,11 +196,14 @@ print("RESULT<" + json.dumps(out) + ">RESULT")
         assert result["dropout"] == {"dmd": None, "guidance_distill": None, "perflow": 0.0}
         assert result["requirements"] == {"dmd": [], "guidance_distill": []}
 
-METHOD_CONFIGS = {  # strings: SimpleTuner drops JSON objects from config.json on 3.1.6, and 4.10.1's tracker refuses them
-    "lcm": "{'lcm': {'num_ddim_timesteps': 50, 'w_min': 1.0, 'w_max': 3.0}}",
-    "dcm": "{'dcm': {'multiphase': 3}}",
+QUICKSTART_DISTILLATION = json.loads((REPO / "config_examples/wan-dmd-quickstart/config.json").read_text())[
+    "distillation_config"]  # the DMD quickstart's flat object: 21 DMD keys
+METHOD_CONFIGS = {  # LCM and DCM: the quickstart's flat DMD config with only distillation_method changed
+    "lcm": QUICKSTART_DISTILLATION,
+    "dcm": QUICKSTART_DISTILLATION,
     "guidance_distill": "{'guidance_distill': {'guidance_scale': 3.0}}",
 }
+METHOD_EMA = {"lcm": "ema_only", "dcm": "none"}  # with the DMD tests' ema_only and comparison: every mode once
 METHOD_STATE = {"lcm": "lcm", "dcm": "dcm", "guidance_distill": None}  # the folder each method saves, if any
 
 
@@ -187,15 +211,30 @@ METHOD_STATE = {"lcm": "lcm", "dcm": "dcm", "guidance_distill": None}  # the fol
 @pytest.mark.parametrize("method", sorted(METHOD_CONFIGS))
 def test_simpletuner_train_runs_every_plugin_method(job, method):
     """LCM, DCM and the example third-party method (installed as its own distribution) through ``simpletuner train``,
-    two steps with a checkpoint each; then a resume through the launcher to step 3."""
+    two steps with a checkpoint each; then a resume through the launcher to step 3. LCM and DCM take the DMD
+    quickstart's flat ``distillation_config`` with only ``distillation_method`` changed (one warning says the DMD keys
+    do not apply) and validate at step 2 with EMA on (LCM ``ema_only``, DCM ``none``), the quickstart's 3 validation
+    steps included (DCM's 4-phase student validates with its 4, said in one warning)."""
     root, write = job
     run = root / f"st-train-{method}"
     out = run / "out"
+    ema = METHOD_EMA.get(method)
+    extra = dict(use_ema=True, ema_update_interval=1, ema_validation=ema, validation_disable=False,
+                 validation_step_interval=2, validation_prompt="a digit", validation_num_inference_steps=3,
+                 validation_resolution="64x64", validation_guidance=1.0, num_validation_images=1,
+                 validation_num_video_frames=1, validation_seed=0) if ema else {}
     config = write.config(output_dir=str(out), max_train_steps=2, checkpoint_step_interval=1,
-                          distillation_method=method, distillation_config=METHOD_CONFIGS[method])
-    code, text, seconds = _simpletuner_train(run, config)
+                          distillation_method=method, distillation_config=METHOD_CONFIGS[method], **extra)
+    code, text, seconds = _simpletuner_train(run, config, SIMPLETUNER_DMD_TEST_VALIDATION_CHECK="1")
     _assert_clean(text, f"simpletuner train, {method}")
     assert code == 0, text[-3000:]
+    if ema:
+        assert "[simpletuner-dmd] warning: distillation_config: 21 keys of method dmd (" in text, text[-3000:]
+        samples = [p for p in out.rglob("*") if p.suffix in (".png", ".mp4") and "validation" in str(p).lower()]
+        assert samples, f"SimpleTuner saved no validation sample under {out}"
+        checks = re.findall(r"\[validation-check\] step=(\d+) student_unchanged=(True|False)", text)
+        assert checks and all(ok == "True" for _, ok in checks), checks
+        assert ("[ema-check] swapped=True" in text) == (ema == "ema_only"), ema
     assert f"[simpletuner-dmd] {method} serves SimpleTuner's distiller interface" in text, text[-3000:]
     assert "[simpletuner-dmd] step 2: " in text and f"{method}_loss=" in text.split("[simpletuner-dmd] step 2: ")[1]
     for step in (1, 2):
@@ -206,7 +245,8 @@ def test_simpletuner_train_runs_every_plugin_method(job, method):
     assert not _same(_student(out / "checkpoint-1"), _student(out / "checkpoint-2"))
     print(f"simpletuner train, {method}, 2 steps: {seconds:.0f} s")
 
-    resume = write(f"{method}-resume", **{**config, "max_train_steps": 3, "resume_from_checkpoint": "latest"})
+    resume = write(f"{method}-resume", **{**config, "max_train_steps": 3, "resume_from_checkpoint": "latest",
+                                          "validation_disable": True})
     code, text, seconds = _venv_python("--config", str(resume), log=run / "resume.log")
     _assert_clean(text, f"{method} resume")
     assert code == 0, text[-3000:]

@@ -142,21 +142,21 @@ def as_condition(encoded: Any, family: Any = None) -> torch.Tensor:
     return encoded
 
 
-def validation_steps_problem(method_name: str, scheduler: Any, config: Mapping[str, Any]) -> str | None:
-    """SimpleTuner's validation asks the method's scheduler for ``validation_num_inference_steps``: a count the student
-    was not trained for is refused before training (the scheduler would refuse it at the first validation)."""
+def validation_steps_for(method_name: str, scheduler: Any, config: Mapping[str, Any]) -> tuple[int | None, str | None]:
+    """SimpleTuner's validation asks the method's scheduler for ``validation_num_inference_steps``. A count the student
+    cannot sample (the quickstart's 3 for a DCM student trained on 4 phases, once ``distillation_method`` alone was
+    changed) becomes the student's own trained count, said in one warning: ``(count to use, warning)``, or
+    ``(None, None)`` when the config's count stands."""
     asked = config.get("validation_num_inference_steps")
     if scheduler is None or asked is None or config.get("validation_disable"):
-        return None
+        return None, None
     trained = len(scheduler.config.few_step_timesteps)
     schedule = getattr(scheduler.config, "sampling_schedule", None)  # LCM: any count from 1 to its N
     if int(asked) == trained or (schedule is not None and 1 <= int(asked) <= len(schedule) - 1):
-        return None
-    if schedule is not None:
-        return (f"validation_num_inference_steps: the {method_name} student samples 1 to {len(schedule) - 1} steps; "
-                f"got {asked}")
-    return (f"validation_num_inference_steps: the {method_name} student samples its {trained} trained steps; set "
-            f"validation_num_inference_steps to {trained} (got {asked})")
+        return None, None
+    can = f"samples 1 to {len(schedule) - 1} steps" if schedule is not None else f"samples its {trained} trained steps"
+    return trained, (f"validation_num_inference_steps {asked}: the {method_name} student {can}; SimpleTuner's "
+                     f"validation samples {trained}")
 
 
 class PluginDistiller:
@@ -425,9 +425,11 @@ class PluginDistiller:
         return None
 
     def _check_validation_steps(self, config: Mapping[str, Any]) -> None:
-        problem = validation_steps_problem(self.method_name, self.pm.hook.distill_scheduler(), config)
-        if problem:
-            raise UserError(problem)
+        """``config`` is SimpleTuner's own (``vars`` of its parsed arguments), which its validation reads later."""
+        steps, warning = validation_steps_for(self.method_name, self.pm.hook.distill_scheduler(), config)
+        if steps is not None:
+            log(f"warning: {warning}")
+            config["validation_num_inference_steps"] = steps
 
     def consumes_caption_batches(self) -> bool:
         return False
@@ -456,4 +458,4 @@ class PluginDistiller:
 
 __all__ = ["PluginDistiller", "STATE_FILE", "NEGATIVE_EMBEDS_ATTR", "method_config_for", "negative_prompts_for",
            "as_condition", "from_simpletuner_batch", "parameter_count", "simpletuner_family_class",
-           "validation_steps_problem"]
+           "validation_steps_for"]
