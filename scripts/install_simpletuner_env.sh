@@ -6,7 +6,8 @@
 #   scripts/install_simpletuner_env.sh [--version 4.10.1|3.1.6] [VENV_DIR]
 #
 #   4.10.1 (default; the current release): Python >= 3.12, torch==2.14.1 torchvision==0.29.1, transformers==5.22.0
-#          (5.23+ break SimpleTuner 4.10.1's imports). About 3-5 minutes and 7.6 GB here.
+#          (5.23+ break SimpleTuner 4.10.1's imports), moviepy (wandb's video logging). About 3-5 minutes and 7.6 GB
+#          here.
 #   3.1.6  (the last release for Python 3.11): torch==2.13.0 and older diffusers/transformers pins (unpinned, pip
 #          takes versions SimpleTuner 3.1.6 cannot import). About 2-3 minutes and 2.8 GB here.
 #
@@ -39,7 +40,9 @@ case "$VERSION" in
     4.10.1)
         MINOR=3.12
         TORCH="${TORCH:-torch==2.14.1 torchvision==0.29.1}"
-        PINS="simpletuner==4.10.1 transformers==5.22.0"
+        # moviepy: wandb logs validation videos with it (the DMD quickstart reports to wandb); it takes pillow 11.3,
+        # which SimpleTuner 4.10.1 accepts (pillow>=11.3.0)
+        PINS="simpletuner==4.10.1 transformers==5.22.0 moviepy==2.2.1"
         ;;
     3.1.6)
         MINOR=3.11

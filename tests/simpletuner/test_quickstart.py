@@ -1,11 +1,11 @@
 """The DMD quickstart's ``config.json`` as users write it, through SimpleTuner 4.10.1's own ``simpletuner train``.
 
 ``config_examples/wan-dmd-quickstart/config.json`` is the quickstart's config verbatim. The run below changes only
-what ``QUICKSTART_CHANGES`` lists, each with its reason (paths, sizes, and what SimpleTuner itself refuses or a CPU
+what ``QUICKSTART_CHANGES`` lists, each with its reason (paths, sizes, and what SimpleTuner itself refuses or a
 machine without a network cannot do); every other key acts as SimpleTuner users expect: int8-quanto base and text
-encoder, bf16 mixed precision, EMA updated every 5 steps and validated ``ema_only`` with DMD's 3-step schedule, the
-user's prompt library, wandb (offline) with its videos, a webhook (a receiver on loopback), checkpoints every N steps
-with ``checkpoints_total_limit`` 3, and ``resume_from_checkpoint: latest``.
+encoder, bf16 mixed precision, the ``adamw_bf16`` optimizer, EMA updated every 5 steps and validated ``ema_only``
+with DMD's 3-step schedule, the user's prompt library, wandb (offline) with its videos, a webhook (a receiver on
+loopback), checkpoints every N steps with ``checkpoints_total_limit`` 3, and ``resume_from_checkpoint: latest``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ QUICKSTART_CHANGES = {
     "validation_prompt_library": "moved to user_prompt_library (above)",
     "lr_scheduler": "SimpleTuner 4.10.1 refuses cosine_with_min_lr (the plugin says so before launching); cosine is "
                     "the nearest it accepts",
-    "optimizer": "adamw_bf16 needs a GPU's bf16 optimizer kernels; torch-adamw on a CPU",
     "push_to_hub": "no model hub reachable from here",
     "push_checkpoints_to_hub": "no model hub reachable from here",
     "webhook_config": "the test's webhook file: a raw webhook to a receiver on loopback",
@@ -121,7 +120,7 @@ def quickstart(job, tiny_dataset, tmp_path_factory, webhook):
     changed = {
         "pretrained_model_name_or_path": tiny, "pretrained_t5_model_name_or_path": tiny,
         "user_prompt_library": config["validation_prompt_library"], "lr_scheduler": "cosine",
-        "optimizer": "torch-adamw", "push_to_hub": False, "push_checkpoints_to_hub": False,
+        "push_to_hub": False, "push_checkpoints_to_hub": False,
         "output_dir": "output/wan-dmd", "resolution": 64, "validation_resolution": "64x64",
         "validation_num_video_frames": 9, "lr_warmup_steps": 1, "max_train_steps": 6, "checkpoint_step_interval": 2,
         "validation_step_interval": 3,

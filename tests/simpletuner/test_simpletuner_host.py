@@ -146,6 +146,9 @@ def test_a_user_error_inside_simpletuner_is_a_failing_exit_status(job):
                    distillation_config="{'dmd': {'fake_score_guidance_scale': -1.0}}")
     code, text, _ = _venv_python("--config", str(config), log=root / "bad.log")
     assert "distillation_config.fake_score_guidance_scale: must be in [0, inf], got -1.0" in text, text[-3000:]
+    # found right after SimpleTuner parsed its config, before it loads a model (patch.py's check_parsed_config); the
+    # `simpletuner train` command refuses it before it launches anything (test_quickstart.py)
+    assert "Loading AutoencoderKLWan" not in text and "Loading UMT5" not in text, text[-3000:]
     if V4:  # 4.x re-raises: the launcher prints the plugin's user error as one line and exits 2, no traceback
         assert code == 2 and "Traceback" not in text, text[-3000:]
     else:  # 3.1.6's train.py swallows it; the launcher still fails
@@ -253,25 +256,6 @@ def test_simpletuner_train_runs_every_plugin_method(job, method):
     assert f"[simpletuner-dmd] restored {method} state from {out / 'checkpoint-2'} at step 2" in text, text[-3000:]
     assert "[simpletuner-dmd] step 3: " in text and (out / "checkpoint-3").is_dir()
     print(f"{method} resume through the launcher, 1 more step: {seconds:.0f} s")
-
-
-@needs_v4
-def test_simpletuner_train_exits_non_zero_with_one_line_on_a_user_error(job):
-    root, write = job
-    config = write.config(output_dir=str(root / "st-train-bad" / "out"), max_train_steps=1,
-                          distillation_method="dmd", distillation_config="{'dmd': {'generator_update_interval': 0}}")
-    code, text, _ = _simpletuner_train(root / "st-train-bad", config)
-    assert code != 0, text[-3000:]
-    # accelerate launch reports a failed child with a CalledProcessError; since accelerate 1.16 that report is chained
-    # to a RuntimeError that repeats the child's captured output, so the console shows the line a second time there.
-    # What the training process itself printed is everything before that report.
-    own = re.split(r"^(?:\x1b\[[0-9;]*m|\s)*RuntimeError: ", text, maxsplit=1, flags=re.M)[0]
-    errors = [line for line in own.splitlines() if "error: distillation_config.generator_update_interval" in line]
-    assert len(errors) == 1, text[-3000:]
-    # the training process printed the one line and no traceback; the only traceback is accelerate launch's own
-    # report that its child failed (CalledProcessError), which it prints for every failed run
-    tracebacks = text.split("Traceback (most recent call last):")[1:]
-    assert all("accelerate/commands/launch.py" in t and "CalledProcessError" in t for t in tracebacks), text[-3000:]
 
 
 @needs_v4

@@ -24,12 +24,13 @@ SimpleTuner:
 5. **Negative prompt.** SimpleTuner unloads its text encoder (``Trainer.init_unload_text_encoder``) before it builds
    the distiller. That step is wrapped: for a plugin method, the negative prompt(s) are first encoded with SimpleTuner's
    own ``model.encode_text_batch`` and left on the model object for ``PluginDistiller``.
-6. **EMA at validation.** SimpleTuner's EMA is built from ``Trainer._get_trainable_parameters`` (point 3: the student
-   only), but ``Validation.enable_ema_for_inference`` stores and swaps every parameter of the trained network that
-   requires a gradient — with DMD's fake score beside the student, 64 tensors against the EMA's and the restore's 32:
-   the restore raised, SimpleTuner logged it, wrote no sample and left the EMA weights in the student. While it runs,
-   the method's own parameters are marked as not requiring a gradient, so SimpleTuner stores, swaps and restores the
-   student's tensors only.
+6. **EMA.** SimpleTuner's EMA is built from ``Trainer._get_trainable_parameters`` (point 3: the student only), but
+   ``Validation.enable_ema_for_inference`` and the checkpoint's EMA LoRA (``SaveHookManager._save_lora``) store and
+   swap every parameter of the trained network that requires a gradient — with DMD's fake score beside the student,
+   64 tensors against the EMA's 32. On 4.10.1 the validation's restore raised, SimpleTuner logged it, wrote no sample
+   and left the EMA weights in the student; on 3.1.6 the checkpoint crashed. While either runs, the method's own
+   parameters are marked as not requiring a gradient, so SimpleTuner stores, swaps and restores the student's tensors
+   only.
 7. **Checks before anything loads** (``preflight.py``): ``Trainer.parse_arguments`` is followed by the plugin's checks
    of the parsed config, so a mistake stops the training process before a model loads.
 
@@ -232,14 +233,22 @@ def method_parameters(model) -> list:
 
 
 def _ema_swaps_the_student_only() -> None:
+    """SimpleTuner swaps its EMA into "every parameter of the trained network that requires a gradient" in two places:
+    ``Validation.enable_ema_for_inference`` and the checkpoint's ``SaveHookManager._save_lora`` (the ``ema/`` LoRA).
+    While either runs, the method's own parameters (DMD's fake score) are marked as not requiring a gradient, so both
+    store, swap and restore exactly the student's tensors — the ones the EMA was built from."""
+    from simpletuner.helpers.training.save_hooks import SaveHookManager
     from simpletuner.helpers.training.validation import Validation
 
-    current = Validation.enable_ema_for_inference
-    if getattr(current, MARK, False):
-        return
+    for owner, name in ((Validation, "enable_ema_for_inference"), (SaveHookManager, "_save_lora")):
+        current = getattr(owner, name)
+        if not getattr(current, MARK, False):
+            setattr(owner, name, _with_method_parameters_frozen(current))
 
-    def enable_ema_for_inference(self, *args: Any, **kwargs: Any):
-        hidden = method_parameters(self.model) if getattr(self.config, "use_ema", False) else []
+
+def _with_method_parameters_frozen(current):
+    def wrapped(self, *args: Any, **kwargs: Any):
+        hidden = method_parameters(self.model)
         for p in hidden:
             p.requires_grad_(False)
         try:
@@ -248,8 +257,8 @@ def _ema_swaps_the_student_only() -> None:
             for p in hidden:
                 p.requires_grad_(True)
 
-    setattr(enable_ema_for_inference, MARK, True)
-    Validation.enable_ema_for_inference = enable_ema_for_inference
+    setattr(wrapped, MARK, True)
+    return wrapped
 
 
 def _check_config_after_parsing(served: list[str]) -> None:
