@@ -18,18 +18,30 @@ import cpu_shims  # noqa: E402
 cpu_shims.apply()
 cpu_shims.stringify_tensorboard_config()
 
-if os.environ.get("SIMPLETUNER_DMD_TEST_WITNESS"):
+
+def after_apply(install) -> None:
+    """Run ``install()`` (the test's own wrappers on SimpleTuner's classes) once the plugin's import hook has applied
+    its take-over points, i.e. once SimpleTuner's trainer module has loaded."""
     from simpletuner_dmd.hosts.simpletuner import autoload
 
     apply = autoload.apply
 
-    def apply_with_witness():
+    def apply_then_install():
         served = apply()
+        install()
+        return served
+
+    autoload.apply = apply_then_install
+
+
+if os.environ.get("SIMPLETUNER_DMD_TEST_WITNESS"):
+
+    def install_witness():
         from simpletuner.helpers.training.trainer import Trainer
 
         train = Trainer.train
         if getattr(train, "_witness", False):
-            return served
+            return
 
         def train_then_write(self, *args, **kwargs):
             result = train(self, *args, **kwargs)
@@ -44,9 +56,8 @@ if os.environ.get("SIMPLETUNER_DMD_TEST_WITNESS"):
 
         train_then_write._witness = True
         Trainer.train = train_then_write
-        return served
 
-    autoload.apply = apply_with_witness
+    after_apply(install_witness)
 
 if os.environ.get("SIMPLETUNER_DMD_TEST_FLOW_CHECK"):
     import torch
@@ -76,8 +87,6 @@ if os.environ.get("SIMPLETUNER_DMD_TEST_VALIDATION_CHECK"):
     # swap whether the weights validated were the EMA's (they differ from the student's once the EMA has moved).
     import hashlib
 
-    from simpletuner_dmd.hosts.simpletuner import autoload as _autoload
-
     def _student_digest(model) -> str:
         network = model.get_trained_component(unwrap_model=True)
         digest = hashlib.sha256()
@@ -87,15 +96,12 @@ if os.environ.get("SIMPLETUNER_DMD_TEST_VALIDATION_CHECK"):
                 digest.update(p.detach().float().cpu().numpy().tobytes())
         return digest.hexdigest()[:16]
 
-    _apply_for_check = _autoload.apply
-
-    def apply_with_validation_check():
-        served = _apply_for_check()
+    def install_validation_check():
         from simpletuner.helpers.training.validation import Validation
 
         run = Validation.run_validations
         if getattr(run, "_checked", False):
-            return served
+            return
 
         def run_validations(self, *args, **kwargs):
             before = _student_digest(self.model)
@@ -117,6 +123,5 @@ if os.environ.get("SIMPLETUNER_DMD_TEST_VALIDATION_CHECK"):
         run_validations._checked = True
         Validation.run_validations = run_validations
         Validation.enable_ema_for_inference = enable_ema_for_inference
-        return served
 
-    _autoload.apply = apply_with_validation_check
+    after_apply(install_validation_check)
