@@ -18,6 +18,7 @@ import torch
 
 from .errors import UserError
 from .flow import T_MAX, flow_to_x0, guided
+from .networks import guided_batch
 
 PredictX0 = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PredictBlock = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
@@ -109,12 +110,10 @@ def few_step_sampler(family: Any, network: torch.nn.Module,
             return sample_blocks(predict, write, noise, steps, blocks, context_noise=context_noise,
                                  generator=generator)
 
+        combine = (lambda c, u: guided(c, u, guidance_scale)) if use_cfg else None
+
         def predict_x0(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if not use_cfg:
-                return flow_to_x0(x, flow(x, t, cond), t)
-            both = family.concat_conditions([cond, family.repeat_condition(uncond, x.shape[0])])
-            c, u = flow(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-            return flow_to_x0(x, guided(c, u, guidance_scale), t)
+            return flow_to_x0(x, guided_batch(family, flow, x, t, cond, uncond, combine), t)
 
         return sample_with_schedule(predict_x0, noise, steps, generator)
 

@@ -32,6 +32,21 @@ def require_teacher(run: RunContext, method_name: str) -> None:
                         "the teacher must be a separate frozen copy, and this host gave none (RunContext.teacher)")
 
 
+def guided_batch(family: Any, flow_fn: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor], x_t: torch.Tensor,
+                 t: torch.Tensor, cond: Any, uncond: Any, combine: Combine | None) -> torch.Tensor:
+    """``flow_fn(x_t, t, cond)``; with ``combine`` (a CFG form ``(c, u) → …``, e.g. ``flow.guided`` at a scale), the
+    cond and the unconditional condition ``uncond`` (one encoded negative prompt, repeated to the batch with
+    ``family.repeat_condition``) concatenated (``family.concat_conditions``), run as one batch of 2B, split in two and
+    combined. ``flow_fn`` may return anything computed per sample from the flow (a flow, an x̂0, a consistency
+    output). Every guided call of the package goes through here: the methods' ``Networks.guided`` and samplers, the
+    few-step sampler and the families' Euler sampler."""
+    if combine is None:
+        return flow_fn(x_t, t, cond)
+    both = family.concat_conditions([cond, family.repeat_condition(uncond, x_t.shape[0])])
+    c, u = flow_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
+    return combine(c, u)
+
+
 class Networks:
     def __init__(self, run: RunContext, passes: PassCounter, *, negative_prompt: str | None = None,
                  method_name: str = "this method"):
@@ -87,12 +102,7 @@ class Networks:
                combine: Combine | None) -> torch.Tensor:
         """``flow_fn``'s flow; with ``combine`` (a CFG form) on the cond and the negative prompt's uncond prediction,
         run as one batch of 2B."""
-        if combine is None:
-            return flow_fn(x_t, t, cond)
-        batch = x_t.shape[0]
-        both = self.family.concat_conditions([cond, self.family.repeat_condition(self.uncond, batch)])
-        c, u = flow_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
-        return combine(c, u)
+        return guided_batch(self.family, flow_fn, x_t, t, cond, self.uncond, combine)
 
     # ------------------------------------------------------------------ a second adapter
 

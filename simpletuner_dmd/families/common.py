@@ -57,20 +57,19 @@ def euler_sampler(family: Any, network: torch.nn.Module, *, steps: int, shift: f
     from 1 to 0, standard CFG ``u + s·(c − u)`` with cond and uncond in one batch; calls go through
     ``family.predict_flow``."""
     from ..flow import T_MAX, euler_step, guided, shift_sigma
+    from ..networks import guided_batch
+
+    def flow(x, t, cond):
+        return family.predict_flow(network, x, t, cond).float()
 
     def sample(noise, cond, uncond, guidance_scale, generator):
         sigmas = shift_sigma(torch.linspace(1.0, 0.0, steps + 1), shift).tolist()
         x = noise
         use_cfg = uncond is not None and guidance_scale not in (0.0, 1.0)
+        combine = (lambda c, u: guided(c, u, guidance_scale)) if use_cfg else None
         for s, s_next in zip(sigmas[:-1], sigmas[1:]):
             t = torch.full((x.shape[0],), s * T_MAX, device=x.device)
-            if use_cfg:
-                both = family.predict_flow(network, torch.cat([x, x]), torch.cat([t, t]),
-                                           family.concat_conditions([cond, family.repeat_condition(uncond, x.shape[0])]))
-                c, u = both.float().chunk(2)
-                v = guided(c, u, guidance_scale)
-            else:
-                v = family.predict_flow(network, x, t, cond).float()
+            v = guided_batch(family, flow, x, t, cond, uncond, combine)
             x = euler_step(x, v, s, s_next).to(noise.dtype)
         return x
 

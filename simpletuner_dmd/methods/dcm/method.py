@@ -35,7 +35,7 @@ from ...nonfinite import DEFAULT_LIMIT, NonFiniteGuard
 from ...optimizers import adamw
 from ...passes import PassCounter
 from ...types import Batch, RunContext, StepInfo, StepLoss
-from ...networks import Networks, frozen
+from ...networks import Networks, frozen, guided_batch
 from ...flow import add_noise, guided, guided_self_forcing
 from . import discriminator as D
 from . import loss as L
@@ -293,23 +293,21 @@ class DCM:
     def distill_sampler(self):
         starts = self.edges[:-1]
 
+        def student_flow(x, t, cond):
+            """The bare student's flow with the active expert (not a counted training pass)."""
+            return self.family.predict_flow(self.nets.student, x, t, cond).float()
+
         def sampler(noise, cond, uncond, guidance_scale, generator):
             """One deterministic Euler jump per phase, from its start to its end, with the phase's expert."""
             use_cfg = uncond is not None and guidance_scale not in (0.0, 1.0)
+            combine = (lambda c, u: guided(c, u, guidance_scale)) if use_cfg else None
             x = noise
             with torch.no_grad():
                 for start, end in zip(starts, self.edges[1:]):
                     sigma, sigma_end = self.sigmas[start].to(x.device), self.sigmas[end].to(x.device)
                     t = torch.full((x.shape[0],), float(sigma) * 1000.0, device=x.device)
                     with self._expert(bool(L.expert_of(t[:1], self.boundary).item())):
-                        if use_cfg:
-                            both = self.family.concat_conditions(
-                                [cond, self.family.repeat_condition(uncond, x.shape[0])])
-                            c, u = self.family.predict_flow(self.nets.student, torch.cat([x, x]), torch.cat([t, t]),
-                                                            both).float().chunk(2)
-                            v = guided(c, u, guidance_scale)
-                        else:
-                            v = self.family.predict_flow(self.nets.student, x, t, cond).float()
+                        v = guided_batch(self.family, student_flow, x, t, cond, uncond, combine)
                     x = L.phase_jump(x, v, sigma.expand(x.shape[0]), sigma_end.expand(x.shape[0])).to(noise.dtype)
             return x
 

@@ -25,7 +25,7 @@ from ...errors import UserError
 from ...hookspecs import hookimpl
 from ...passes import PassCounter
 from ...types import Batch, RunContext, StepInfo, StepLoss
-from ...networks import Networks
+from ...networks import Networks, guided_batch
 from ...flow import add_noise, euler_step, guided, guided_per_sample, sigma_of
 from . import loss as L
 from .config import LCM_SCHEMA
@@ -113,23 +113,20 @@ class LCM:
     def distill_sampler(self):
         timesteps = L.sampling_timesteps(self.schedule, self.cfg["num_inference_steps"])
 
+        def student_output(x, t, cond):
+            """The consistency function of the bare student (not a counted training pass)."""
+            return L.consistency_output(x, self.family.predict_flow(self.nets.student, x, t, cond), t,
+                                        timestep_scaling=self.cfg["timestep_scaling_factor"])
+
         def sampler(noise, cond, uncond, guidance_scale, generator):
             """Multi-step consistency sampling (LCM Alg. 3): x̂0 = f(x, τ_i), then re-noise to τ_{i+1}."""
             use_cfg = uncond is not None and guidance_scale not in (0.0, 1.0)
+            combine = (lambda c, u: guided(c, u, guidance_scale)) if use_cfg else None
             x = noise
             with torch.no_grad():
                 for i, tau in enumerate(timesteps):
                     t = torch.full((x.shape[0],), tau, device=x.device)
-                    if use_cfg:
-                        both = self.family.concat_conditions([cond, self.family.repeat_condition(uncond, x.shape[0])])
-                        c, u = L.consistency_output(
-                            torch.cat([x, x]), self.family.predict_flow(self.nets.student, torch.cat([x, x]),
-                                                                        torch.cat([t, t]), both),
-                            torch.cat([t, t]), timestep_scaling=self.cfg["timestep_scaling_factor"]).chunk(2)
-                        x0 = guided(c, u, guidance_scale)
-                    else:
-                        x0 = L.consistency_output(x, self.family.predict_flow(self.nets.student, x, t, cond), t,
-                                                  timestep_scaling=self.cfg["timestep_scaling_factor"])
+                    x0 = guided_batch(self.family, student_output, x, t, cond, uncond, combine)
                     if i + 1 < len(timesteps):
                         eps = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
                         x = add_noise(x0, eps, torch.full((x.shape[0],), timesteps[i + 1], device=x.device)
