@@ -21,7 +21,6 @@ features is taken with adapters off (``autograd.grad`` w.r.t. the sample) and th
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from ...nonfinite import DEFAULT_LIMIT, NonFiniteGuard
 from ...optimizers import adamw
 from ...passes import PassCounter
 from ...types import Batch, RunContext, StepInfo, StepLoss
+from ...method_toolkit import Weights, load_method_state, save_method_state
 from ...networks import Networks, frozen, guided_batch
 from ...flow import add_noise, guided, guided_self_forcing
 from . import discriminator as D
@@ -322,21 +322,21 @@ class DCM:
     def _detail_weights(self) -> dict[str, torch.Tensor]:
         return named_adapter_parameters(self.run.student, DETAIL_ADAPTER)
 
+    def _state_parts(self) -> dict[str, Any]:
+        """``dcm/``'s files besides ``state.json`` (``mode: fine`` only): the detail expert, the discriminator and
+        their optimizers."""
+        if not self.fine:
+            return {}
+        return {"detail_expert": Weights(self._detail_weights(), "detail expert's weights"),
+                "detail_optimizer": self.detail_optimizer,
+                "discriminator": Weights(self.discriminator.state_dict(), "discriminator's weights"),
+                "discriminator_optimizer": self.disc_optimizer}
+
     @hookimpl
     def distill_save_state(self, checkpoint_dir: Path) -> None:
-        from ...state_io import save_state, save_weights
-
-        if not self.accelerator.is_main_process:
+        folder = save_method_state(checkpoint_dir, "dcm", self.accelerator, self._counters(), self._state_parts())
+        if folder is None or not self.fine:
             return
-        folder = Path(checkpoint_dir) / "dcm"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "state.json").write_text(json.dumps(self._counters()))
-        if not self.fine:
-            return
-        save_weights(self._detail_weights(), folder / "detail_expert.safetensors")
-        save_state(folder / "detail_optimizer", self.detail_optimizer.state_dict())
-        save_weights(self.discriminator.state_dict(), folder / "discriminator.safetensors")
-        save_state(folder / "discriminator_optimizer", self.disc_optimizer.state_dict())
         if hasattr(self.family, "save_lora"):  # the detail expert in the family's LoRA format, loadable on its own
             from peft.utils import get_peft_model_state_dict
 
@@ -345,28 +345,13 @@ class DCM:
 
     @hookimpl
     def distill_load_state(self, checkpoint_dir: Path) -> None:
-        from safetensors.torch import load_file
+        def check(meta: dict[str, Any]) -> None:
+            if meta["mode"] != self.cfg["mode"]:
+                raise UserError(f"checkpoint {checkpoint_dir} is from DCM mode {meta['mode']!r}; this run uses "
+                                f"{self.cfg['mode']!r} (distillation_config.mode)")
 
-        from ...state_io import load_state, load_weights_into
-
-        folder = Path(checkpoint_dir) / "dcm"
-        names = ["state.json"] + (["detail_expert.safetensors", "detail_optimizer.json", "discriminator.safetensors",
-                                   "discriminator_optimizer.json"] if self.fine else [])
-        for name in names:
-            if not (folder / name).is_file():
-                raise UserError(f"checkpoint {checkpoint_dir} has no dcm/{name}: it was not written by a DCM run "
-                                f"in mode {self.cfg['mode']!r}")
-        meta = json.loads((folder / "state.json").read_text())
-        if meta["mode"] != self.cfg["mode"]:
-            raise UserError(f"checkpoint {checkpoint_dir} is from DCM mode {meta['mode']!r}; this run uses "
-                            f"{self.cfg['mode']!r} (distillation_config.mode)")
+        meta = load_method_state(checkpoint_dir, "dcm", f"a DCM run in mode {self.cfg['mode']!r}", self._state_parts(),
+                                 check=check)
         self.semantic_batches = int(meta["semantic_batches"])
         self.detail_updates = int(meta["detail_updates"])
         self.discriminator_updates = int(meta["discriminator_updates"])
-        if not self.fine:
-            return
-        load_weights_into(self._detail_weights(), folder / "detail_expert.safetensors", "detail expert's weights")
-        self.discriminator.load_state_dict({k: v.to(next(self.discriminator.parameters()).device)
-                                            for k, v in load_file(str(folder / "discriminator.safetensors")).items()})
-        self.detail_optimizer.load_state_dict(load_state(folder / "detail_optimizer"))
-        self.disc_optimizer.load_state_dict(load_state(folder / "discriminator_optimizer"))

@@ -14,6 +14,8 @@ import torch
 from ...flow import T_MAX, shift_sigma, unshift_sigma
 # Re-exported for DMD's own modules (``L.add_noise``, ``L.guided``, …): the shared flow math lives in ``flow.py``.
 from ...flow import add_noise, flow_to_x0, guided, guided_self_forcing, sigma_of  # noqa: F401
+# DMD v1's regression term, shared with ode_init, lives in the method toolkit (re-exported: ``L.regression_loss``).
+from ...method_toolkit import PSEUDO_HUBER_C, regression_loss  # noqa: F401
 
 
 def dmd_timestep_bounds(
@@ -70,21 +72,3 @@ def dmd_loss(x0_gen: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 def critic_flow_loss(flow_pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """The fake score's denoising loss with the flow target (Self-Forcing/CausVid): ``mean((v̂ − (ε − x0))²)``."""
     return torch.mean((flow_pred.float() - (noise.float() - x0.float())) ** 2)
-
-
-PSEUDO_HUBER_C = 0.00054  # iCT's c for a unit-dimension sample: its sqrt(|δ|² + (c·√d)²) − c·√d, divided by √d
-
-
-def regression_loss(x0_student: torch.Tensor, x0_teacher: torch.Tensor, metric: str) -> torch.Tensor:
-    """DMD v1's regression term in latent space, fp32: ``l2`` ``mean((x̂0 − x0)²)``; ``l1`` ``mean|x̂0 − x0|``;
-    ``pseudo_huber`` ``sqrt(mean_sample((x̂0 − x0)²) + c²) − c`` per sample, averaged (iCT's pseudo-Huber distance
-    divided by √d, so ``c`` does not depend on the latent size)."""
-    diff = x0_student.float() - x0_teacher.float()
-    if metric == "l2":
-        return torch.mean(diff ** 2)
-    if metric == "l1":
-        return torch.mean(diff.abs())
-    if metric == "pseudo_huber":
-        per_sample = (diff ** 2).flatten(1).mean(1)
-        return torch.mean(torch.sqrt(per_sample + PSEUDO_HUBER_C ** 2) - PSEUDO_HUBER_C)
-    raise ValueError(f"unknown regression metric {metric!r}")

@@ -17,7 +17,6 @@ teacher's Euler solution ``x0`` from noise and its ODE state ``x_{t_k}`` at a st
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -38,7 +37,9 @@ from . import gan as G
 from . import loss as L
 from .config import DMD_SCHEMA, block_key_warnings
 from ...fewstep_sampling import block_calls, few_step_sampler, streaming_settings
-from .rollout import Rollout, backward_simulation, block_backward_simulation, draw_block_exits, draw_exit_index
+from ...method_toolkit import (Weights, draw_block_exits, draw_exit_index, exit_regression, load_method_state,
+                               save_method_state)
+from .rollout import Rollout, backward_simulation, block_backward_simulation
 
 FAKE_ADAPTER = "fake_score"
 
@@ -221,11 +222,9 @@ class DMD:
         """``metric(G(x_{t_k}, t_k), x0)`` on the next batch of pairs (as many as the micro-batch), k drawn as the
         rollout's exit index is (after it, from the step's generator), with a graph to the student."""
         pairs, cond = self.pair_source.take(step, latents)
-        k = draw_exit_index(len(self.steps), last_step_only=self.cfg["last_step_only"], generator=step.generator)
-        t = torch.full((len(pairs),), float(self.steps[k]), device=latents.device)
-        x0 = self._student_x0(cond)(pairs.states[:, k].to(latents.dtype), t)
-        self.passes.on_backward(x0, "student")
-        loss = L.regression_loss(x0, pairs.x0, self.cfg["regression_metric"])
+        loss, k = exit_regression(self.nets, pairs, cond, self.steps, last_step_only=self.cfg["last_step_only"],
+                                  metric=self.cfg["regression_metric"], generator=step.generator,
+                                  dtype=latents.dtype, device=latents.device)
         return loss, {"regression_loss": float(loss.detach()), "regression_index": float(k)}
 
     # ------------------------------------------------------------------ the three networks
@@ -474,37 +473,29 @@ class DMD:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _state_parts(self) -> dict[str, Any]:
+        """``dmd/``'s files besides ``state.json``: the fake score's weights (with the GAN head's) and its optimizer."""
+        return {"fake_score": Weights(self._fake_weights(), "fake score's weights"),
+                "fake_score_optimizer": self.fake_optimizer}
+
     @hookimpl
     def distill_save_state(self, checkpoint_dir: Path) -> None:
-        from ...state_io import save_state, save_weights
-
-        if not self.accelerator.is_main_process:
-            return
-        folder = Path(checkpoint_dir) / "dmd"
-        folder.mkdir(parents=True, exist_ok=True)
-        save_weights(self._fake_weights(), folder / "fake_score.safetensors")
-        save_state(folder / "fake_score_optimizer", self.fake_optimizer.state_dict())
-        (folder / "state.json").write_text(json.dumps({
+        save_method_state(checkpoint_dir, "dmd", self.accelerator, {
             "generator_updates": self.generator_updates, "critic_updates": self.critic_updates,
             "fake_score_type": self.fake_type,
             "regression_latent_shape": None if self.pair_source is None or self.pair_source.shape is None
             else list(self.pair_source.shape),
-        }))
+        }, self._state_parts())
 
     @hookimpl
     def distill_load_state(self, checkpoint_dir: Path) -> None:
-        from ...state_io import load_state, load_weights_into
+        def check(meta: dict[str, Any]) -> None:
+            if meta["fake_score_type"] != self.fake_type:
+                raise UserError(f"checkpoint {checkpoint_dir} holds a {meta['fake_score_type']} fake score; this run "
+                                f"uses {self.fake_type} (distillation_config.fake_score_type)")
 
-        folder = Path(checkpoint_dir) / "dmd"
-        for name in ("fake_score.safetensors", "fake_score_optimizer.json", "state.json"):
-            if not (folder / name).is_file():
-                raise UserError(f"checkpoint {checkpoint_dir} has no dmd/{name}: it was not written by a DMD run")
-        meta = json.loads((folder / "state.json").read_text())
-        if meta["fake_score_type"] != self.fake_type:
-            raise UserError(f"checkpoint {checkpoint_dir} holds a {meta['fake_score_type']} fake score; this run "
-                            f"uses {self.fake_type} (distillation_config.fake_score_type)")
-        load_weights_into(self._fake_weights(), folder / "fake_score.safetensors", "fake score's weights")
-        self.fake_optimizer.load_state_dict(load_state(folder / "fake_score_optimizer"))
+        meta = load_method_state(checkpoint_dir, "dmd", "a DMD run", self._state_parts(), check=check,
+                                 state_first=False)
         self.generator_updates = int(meta["generator_updates"])
         self.critic_updates = int(meta["critic_updates"])
         if self.pair_source is not None:

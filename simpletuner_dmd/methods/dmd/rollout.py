@@ -13,6 +13,8 @@ import torch
 
 from ...fewstep_sampling import PredictBlock, PredictX0, WriteContext
 from ...flow import T_MAX
+# The exit draws are shared with ode_init's regression: they live in the method toolkit (re-exported here).
+from ...method_toolkit import draw_block_exits, draw_exit_index  # noqa: F401
 
 
 @dataclass
@@ -22,13 +24,6 @@ class Rollout:
     denoised_from: float  # t_k
     denoised_to: float  # t_{k+1}, 0 when k is the last index
     student_forwards: int
-
-
-def draw_exit_index(num_steps: int, *, last_step_only: bool, generator: torch.Generator | None) -> int:
-    """k ~ U{0, …, K−1} from a generator seeded alike on every process (so every rank exits at the same k)."""
-    if last_step_only:
-        return num_steps - 1
-    return int(torch.randint(num_steps, (1,), generator=generator).item())
 
 
 def backward_simulation(predict_x0: PredictX0, noise: torch.Tensor, timesteps: list[int], exit_index: int, *,
@@ -64,18 +59,6 @@ class BlockRollout:
     grad_blocks: list[int]  # the blocks whose exit step built a graph (inside the last num_training_frames frames)
     student_forwards: int  # denoising forwards, every block
     context_writes: int  # no-grad forwards that wrote a finished block into the KV cache
-
-
-def draw_block_exits(num_blocks: int, num_steps: int, *, last_step_only: bool, same_step_across_blocks: bool,
-                     generator: torch.Generator | None) -> list[int]:
-    """One exit index per block, ``U{0, …, K−1}`` from the step's generator (equal on every process);
-    ``last_step_only``: K−1 for every block; ``same_step_across_blocks``: every block exits at the first block's."""
-    if last_step_only:
-        return [num_steps - 1] * num_blocks
-    draws = torch.randint(num_steps, (num_blocks,), generator=generator).tolist()
-    return [draws[0]] * num_blocks if same_step_across_blocks else draws
-
-
 
 
 def block_backward_simulation(predict_block: PredictBlock, write_context: WriteContext, noise: torch.Tensor,

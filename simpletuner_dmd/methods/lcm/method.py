@@ -15,13 +15,12 @@ No state besides a counter; the validation sampler is the multi-step consistency
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ...errors import UserError
+from ...method_toolkit import load_method_state, save_method_state
 from ...hookspecs import hookimpl
 from ...passes import PassCounter
 from ...types import Batch, RunContext, StepInfo, StepLoss
@@ -139,15 +138,8 @@ class LCM:
 
     @hookimpl
     def distill_save_state(self, checkpoint_dir: Path) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        folder = Path(checkpoint_dir) / "lcm"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "state.json").write_text(json.dumps({"updates": self.updates, "shift": self.shift}))
+        save_method_state(checkpoint_dir, "lcm", self.accelerator, {"updates": self.updates, "shift": self.shift})
 
     @hookimpl
     def distill_load_state(self, checkpoint_dir: Path) -> None:
-        path = Path(checkpoint_dir) / "lcm" / "state.json"
-        if not path.is_file():
-            raise UserError(f"checkpoint {checkpoint_dir} has no lcm/state.json: it was not written by an LCM run")
-        self.updates = int(json.loads(path.read_text())["updates"])
+        self.updates = int(load_method_state(checkpoint_dir, "lcm", "an LCM run")["updates"])

@@ -5,7 +5,7 @@ the teacher's ODE pairs and the block layout, with DMD's names, meanings and def
 from __future__ import annotations
 
 from ...config import Schema
-from ..dmd.config import BLOCK_ONLY_KEYS, DMD_SCHEMA  # noqa: F401 — the keys that act only block-causally
+from ...method_toolkit import BLOCK_ONLY_KEYS, SHARED_KEYS  # noqa: F401 — the keys that act only block-causally
 
 SHARED_WITH_DMD = (
     "dmd_denoising_steps", "real_score_guidance_scale", "real_score_guidance_interval", "negative_prompt",
@@ -15,4 +15,4 @@ SHARED_WITH_DMD = (
     "kv_cache_window",
 )
 
-ODE_INIT_SCHEMA = Schema(keys=tuple(DMD_SCHEMA.by_name[name] for name in SHARED_WITH_DMD))
+ODE_INIT_SCHEMA = Schema(keys=tuple(SHARED_KEYS[name] for name in SHARED_WITH_DMD))

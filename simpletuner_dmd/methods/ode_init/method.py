@@ -25,22 +25,20 @@ it (the host's ``init_lora``) continues with the same keys.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ...errors import UserError
 from ...fewstep_sampling import few_step_sampler, streaming_settings
-from ...flow import T_MAX, flow_to_x0
+from ...flow import T_MAX
 from ...hookspecs import hookimpl
 from ...networks import Networks
 from ...passes import PassCounter
 from ...teacher_pairs import PairSource, guided_teacher
 from ...types import Batch, RunContext, StepInfo, StepLoss
-from ..dmd.loss import regression_loss
-from ..dmd.rollout import draw_block_exits, draw_exit_index  # the same draws as DMD's rollout and regression term
+# the same draws and regression as DMD's rollout and regression term
+from ...method_toolkit import draw_block_exits, exit_regression, load_method_state, regression_loss, save_method_state
 from .config import BLOCK_ONLY_KEYS, ODE_INIT_SCHEMA
 
 
@@ -105,14 +103,13 @@ class ODEInit:
         dtype, device = batch.latents.dtype, batch.latents.device
         if self.causal:
             x0, logs = self._causal_x0(pairs, cond, step, dtype, device)
-        else:
-            k = draw_exit_index(len(self.steps), last_step_only=cfg["last_step_only"], generator=step.generator)
-            t = torch.full((len(pairs),), float(self.steps[k]), device=device)
-            x = pairs.states[:, k].to(dtype)
-            x0 = flow_to_x0(x, self.nets.flow(x, t, cond), t)
+            self.passes.on_backward(x0, "student")
+            loss = regression_loss(x0, pairs.x0, cfg["regression_metric"])
+        else:  # DMD's regression term on its own
+            loss, k = exit_regression(self.nets, pairs, cond, self.steps, last_step_only=cfg["last_step_only"],
+                                      metric=cfg["regression_metric"], generator=step.generator, dtype=dtype,
+                                      device=device)
             logs = {"ode_init_step_index": float(k)}
-        self.passes.on_backward(x0, "student")
-        loss = regression_loss(x0, pairs.x0, cfg["regression_metric"])
         return StepLoss(loss, {"ode_init_loss": float(loss.detach()), **logs})
 
     def _causal_x0(self, pairs, cond: Any, step: StepInfo, dtype: torch.dtype, device: torch.device):
@@ -164,20 +161,12 @@ class ODEInit:
 
     @hookimpl
     def distill_save_state(self, checkpoint_dir: Path) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        folder = Path(checkpoint_dir) / "ode_init"
-        folder.mkdir(parents=True, exist_ok=True)
         shape = self.pair_source.shape
-        (folder / "state.json").write_text(json.dumps({"updates": self.updates,
-                                                       "pair_shape": None if shape is None else list(shape)}))
+        save_method_state(checkpoint_dir, "ode_init", self.accelerator,
+                          {"updates": self.updates, "pair_shape": None if shape is None else list(shape)})
 
     @hookimpl
     def distill_load_state(self, checkpoint_dir: Path) -> None:
-        path = Path(checkpoint_dir) / "ode_init" / "state.json"
-        if not path.is_file():
-            raise UserError(f"checkpoint {checkpoint_dir} has no ode_init/state.json: it was not written by an "
-                            f"ode_init run")
-        meta = json.loads(path.read_text())
+        meta = load_method_state(checkpoint_dir, "ode_init", "an ode_init run")
         self.updates = int(meta["updates"])
         self.pair_source.restore_shape(meta.get("pair_shape"))
