@@ -38,9 +38,15 @@ def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """``x_σ = (1 − σ)·x0 + σ·ε`` with one σ per sample, broadcast over every other axis; computed in fp32, returned
-    in ``x0``'s dtype."""
-    sigma = per_sample(sigma_of(timesteps), x0)
+    """``x_σ = (1 − σ)·x0 + σ·ε`` with one σ per sample (``σ = t / 1000``), broadcast over every other axis; computed
+    in fp32, returned in ``x0``'s dtype."""
+    return add_noise_at_sigma(x0, noise, sigma_of(timesteps))
+
+
+def add_noise_at_sigma(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``add_noise`` given σ itself (one per sample, ``(B,)``) rather than the timestep: ``x_σ = (1 − σ)·x0 + σ·ε``
+    in fp32, returned in ``x0``'s dtype."""
+    sigma = per_sample(sigma, x0)
     return ((1.0 - sigma) * x0.float() + sigma * noise.float()).to(x0.dtype)
 
 
@@ -108,5 +114,6 @@ def sampling_timesteps(schedule: torch.Tensor | list[float], steps: int) -> list
     return [values[n - (i * n) // steps] for i in range(steps)]
 
 
-__all__ = ["boundary_scalings", "consistency_output", "sampling_timesteps", "T_MAX", "add_noise", "euler_step", "flow_to_x0", "guided", "guided_per_sample", "guided_self_forcing",
-           "per_sample", "shift_sigma", "sigma_of", "unshift_sigma"]
+__all__ = ["T_MAX", "add_noise", "add_noise_at_sigma", "boundary_scalings", "consistency_output", "euler_step",
+           "flow_to_x0", "guided", "guided_per_sample", "guided_self_forcing", "per_sample", "sampling_timesteps",
+           "shift_sigma", "sigma_of", "unshift_sigma"]

@@ -37,8 +37,7 @@ class GuidanceDistill:
 
     @hookimpl
     def distill_setup(self, run) -> None:
-        from simpletuner_dmd.networks import Networks
-        from simpletuner_dmd.passes import PassCounter
+        from simpletuner_dmd import Networks, PassCounter
 
         # The run's networks through the public helper: the teacher is the host's frozen copy (model_type full) or
         # the student's base with its adapters off (a full student without a teacher is refused here, in one line);
@@ -47,16 +46,13 @@ class GuidanceDistill:
 
     @hookimpl
     def distill_loss(self, batch, step, host_loss):
+        from simpletuner_dmd import T_MAX, add_noise_at_sigma, shift_sigma
+
         nets, x0 = self.nets, batch.latents
         nets.at(step)  # training passes through step.network: DDP-wrapped under several processes
-        b = x0.shape[0]
-        s = self.cfg["timestep_shift"]
-        u = torch.rand(b)
-        sigma = (s * u / (1 + (s - 1) * u)).to(x0.device)
-        view = sigma.view(-1, *([1] * (x0.ndim - 1)))
-        noise = torch.randn_like(x0)
-        x_t = ((1 - view) * x0.float() + view * noise.float()).to(x0.dtype)
-        t = sigma * 1000.0
+        sigma = shift_sigma(torch.rand(x0.shape[0]), self.cfg["timestep_shift"]).to(x0.device)
+        x_t = add_noise_at_sigma(x0, torch.randn_like(x0), sigma)  # (1 − σ)·x0 + σ·ε, one σ per sample
+        t = sigma * T_MAX
         w = self.cfg["guidance_scale"]
         with torch.no_grad():  # the teacher's cond and uncond flows as one batch of 2B, combined u + w(c - u)
             target = nets.guided(nets.teacher_flow, x_t, t, batch.cond, lambda c, un: un + w * (c - un))
