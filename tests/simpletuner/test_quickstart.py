@@ -196,6 +196,8 @@ def test_the_quickstart_trains_validates_with_ema_and_resumes_inside_simpletuner
         text[-3000:]
     assert "[simpletuner-dmd] step 7: " in text and "[simpletuner-dmd] step 8: " in text
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
+    # SimpleTuner's EMA came back from checkpoint-6 (no update at steps 7 and 8: one every 5 steps)
+    assert same(_ema_state(out / "checkpoint-6"), _ema_state(out / "checkpoint-8"))
     assert not same(student(out / "checkpoint-6"), student(out / "checkpoint-8"))
     print(f"the quickstart through simpletuner train {VERSION}: 6 steps {seconds:.0f} s, resume to 8 {resumed:.0f} s")
 
