@@ -1,8 +1,10 @@
 """Config as a schema: every key has a type, a default, a range and one line of help; all errors are reported together.
 
-``load_config(path, pm)`` reads a SimpleTuner ``config.json`` and returns a ``RunConfig``: the host keys the reference
-host knows (validated against ``HOST_SCHEMA``), the selected method's class and its validated ``distillation_config``,
-and warnings for keys that do not apply. Nothing loads weights here, so ``validate-config`` is instant.
+What every host shares: the schema machinery (``Key``, ``Schema``, checks and parsers), reading a JSON config
+(``read_json``), and ``validate_method_config`` — the one validation of ``distillation_method`` and its
+``distillation_config`` (an object or a string; flat or keyed by method) that the reference host
+(``hosts/reference/run_config.load_config``, which also validates its own host keys) and the SimpleTuner bridge
+(``hosts/simpletuner/preflight.py``, ``distiller.py``) call. Nothing loads weights here, so validation is instant.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Block-causal attention over diffusers' ``WanTransformer3DModel``, without forking the model class.
 
-Self-Forcing's causal student is Wan with two changes (``shared/notes/self-forcing.md``):
+Self-Forcing's causal student is Wan with two changes (``docs/config.md``, "Keys that need a block-causal model"):
 
 - **A block-causal mask over latent frames.** The frames are split into blocks (``frame_blocks``: ``n`` frames
   each, or ``[1, n, n, …]`` with an independent first frame); a token of block i attends to the tokens of blocks ≤ i

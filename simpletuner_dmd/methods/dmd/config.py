@@ -1,5 +1,5 @@
 """The schema of DMD's ``distillation_config``: every key of the seed quickstart, plus a few explicit, default-off
-extras. The semantics of each key are in ``shared/notes/dmd-algorithm.md`` and in ``loss.py`` / ``rollout.py``."""
+extras. The semantics of each key are in ``docs/config.md`` (every key, exactly) and in ``loss.py`` / ``rollout.py``."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 
 References: Yin et al., "Improved Distribution Matching Distillation for Fast Image Synthesis" (DMD2, 2024), §3 and
 Alg. 1; Huang et al., "Self Forcing" (2025), its DMD loss and timestep rule. Where they differ the choice is the one in
-``shared/notes/dmd-algorithm.md``. The flow math shared with every method (noising, x̂0, σ, both CFG forms) is in
+``docs/methods.md`` (DMD as the papers define it) and ``docs/config.md``. The flow math shared with every method (noising, x̂0, σ, both CFG forms) is in
 ``simpletuner_dmd/flow.py``.
 """
 
