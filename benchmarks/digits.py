@@ -361,7 +361,7 @@ def run_case_b(out: Path, *, seeds: int, cache: Path, log=print, teacher_steps: 
         finish(name, row)
     if plots:
         _plot_grids(out / "case_b_samples.png", grids, ev)
-        from .quality import plot_curves
+        from .quality_shared import plot_curves
 
         plot_curves(out / "case_b_curves.png", curves)
         _plot_by_step(out / "case_b_along_training.png", rows)
@@ -503,7 +503,7 @@ def _ablation_main(argv=None) -> int:
     the 50-step teachers."""
     import argparse
 
-    from .quality import DEFAULT_OUT, HERE, log
+    from .quality_shared import DEFAULT_OUT, HERE, log
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.digits")
     parser.add_argument("--ablations", choices=sorted(ABLATIONS), default="guided",

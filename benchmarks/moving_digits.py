@@ -124,7 +124,7 @@ def build_teacher(cache: Path, *, vae_steps: int, teacher_steps: int, n_digits: 
 
     from simpletuner_dmd.hosts.reference.digits_example import (TEXT_TOKENS, _digit_pixels, _transformer,
                                                                 make_fd_features, train_vae)
-    from simpletuner_dmd.hosts.reference.tiny import make_tiny_wan
+    from simpletuner_dmd.families.wan_tiny import make_tiny_wan
     from simpletuner_dmd.hosts.reference.trainer import train
 
     paths = {"dataset": cache / "clips", "model": cache / "teacher", "fd_features": cache / "digits-fd"}

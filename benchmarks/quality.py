@@ -33,13 +33,7 @@ import torch
 
 from simpletuner_dmd.atomic import write_file
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_OUT = HERE / "results" / "quality"
-
-
-def log(message: str) -> None:
-    print(f"[quality] {message}", flush=True)
-
+from .quality_shared import DEFAULT_OUT, HERE, log, plot_curves, save_figure
 
 # --------------------------------------------------------------------------- case A
 
@@ -261,7 +255,7 @@ def _plot_scatter(path: Path, samples: dict[str, torch.Tensor], mixture) -> None
         ax.set_yticks([])
     for ax in list(axes.flat)[len(samples):]:
         ax.axis("off")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_precision(path: Path, rows: dict) -> None:
@@ -281,50 +275,7 @@ def _plot_precision(path: Path, rows: dict) -> None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("precision (mean of seeds)")
     ax.legend(fontsize=6)
-    _save(fig, path)
-
-
-def plot_curves(path: Path, curves: dict[str, dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = ("dmd_loss", "fake_score_loss", "gan_generator_loss", "gan_classifier_loss", "lcm_loss", "dcm_loss")
-    keys = [k for k in names if any(c.get(k) for c in curves.values())]
-    if not keys:
-        return
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.8), squeeze=False)
-    axes = list(axes.flat)
-    for name, c in curves.items():
-        for ax, key in zip(axes, keys):
-            if c.get(key):
-                steps, values = zip(*c[key])
-                ax.plot(steps, _smooth(values), label=name, lw=1)
-    for ax, key in zip(axes, keys):
-        ax.set_title(f"{key} (seed 0, moving average)")
-        ax.set_xlabel("optimizer step")
-        ax.set_yscale("log")
-        ax.legend(fontsize=6)
-    _save(fig, path)
-
-
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _smooth(values, width: int = 50) -> list[float]:
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= width:
-            acc -= values[i - width]
-        out.append(acc / min(i + 1, width))
-    return out
+    save_figure(fig, path)
 
 
 def _pm(stat: dict, digits: int = 3, sci: bool = False) -> str:

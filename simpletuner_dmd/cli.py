@@ -113,8 +113,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "estimate":
         from .estimate import print_estimate
+        from .hosts.reference.run_config import load_config
+        from .plugins import get_plugin_manager
 
-        return print_estimate(args)
+        return print_estimate(args, load_config(args.config, get_plugin_manager(), check_paths=False))
     if args.command == "validate-config" and _validates_for_simpletuner(args.host):
         from .hosts.simpletuner.preflight import validate_for_simpletuner
 

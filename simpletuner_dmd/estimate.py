@@ -210,13 +210,11 @@ def layout_for(memory_plan: Any, family: Any, frames: int) -> dict[str, Any]:
                        "latent_frames": 1 + (max(1, int(frames)) - 1) // stride}}
 
 
-def print_estimate(args) -> int:
-    """The ``estimate`` command: validate the config (paths not required), estimate, print; 0 when it fits (or no
-    ``--gpu-memory`` was given), 1 when it does not."""
-    from .hosts.reference.run_config import load_config
-    from .plugins import get_plugin_manager
-
-    rc = load_config(args.config, get_plugin_manager(), check_paths=False)
+def print_estimate(args, rc: Any) -> int:
+    """The ``estimate`` command: estimate ``rc`` (the host's validated config — the reference host's ``load_config``,
+    paths not required, which ``cli.py`` calls), print; 0 when it fits (or no ``--gpu-memory`` was given), 1 when it
+    does not. ``rc`` gives ``host`` (the host keys), ``family_cls``, ``method_cls``, ``method_name`` and
+    ``method_config``."""
     host, family = rc.host, rc.family_cls(autocast_dtype=None)
     for member in ("meta_network", "activation_shape"):
         if not hasattr(family, member):

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_wan(tmp_path_factory) -> Path:
     """Folder of a tiny saved `WanPipeline` (loads with `WanPipeline.from_pretrained`). Do not modify it."""
-    from simpletuner_dmd.hosts.reference.tiny import make_tiny_wan
+    from simpletuner_dmd.families.wan_tiny import make_tiny_wan
 
     return make_tiny_wan(tmp_path_factory.mktemp("tiny-model") / "tiny-wan")
 

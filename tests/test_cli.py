@@ -25,7 +25,7 @@ EXAMPLE = REPO / "config_examples" / "tiny-wan-dmd"
 
 @pytest.fixture(scope="session")
 def cli_tiny_wan(tmp_path_factory) -> Path:
-    from simpletuner_dmd.hosts.reference.tiny import make_tiny_wan
+    from simpletuner_dmd.families.wan_tiny import make_tiny_wan
 
     return make_tiny_wan(tmp_path_factory.mktemp("cli-tiny-model") / "tiny-wan")
 

@@ -375,3 +375,104 @@ def test_nothing_outside_a_plugin_branches_on_a_family_or_method_name():
                         if not (file == root or root in file.parents):
                             offences.append(f"{file.relative_to(REPO)}:{node.lineno} compares with {value!r}")
     assert not offences, offences
+
+
+# --------------------------------------------------------------------------- layers point one way
+
+
+PACKAGE_ROOT = REPO / "simpletuner_dmd"
+# The entry points dispatch to the hosts by design (they are the layer above every host): ``cli.py`` is
+# ``simpletuner-dmd`` (``train`` runs the reference host, ``simpletuner-train`` the bridge, ``make-tiny --dataset``
+# writes the reference host's tiny dataset), ``__main__.py`` is ``python -m simpletuner_dmd`` (it calls ``cli.main``),
+# and ``docs.py`` keeps the name of the command ``python -m simpletuner_dmd.docs`` that regenerates docs/config.md from
+# the reference host's schemas (its code lives in ``hosts/reference/key_tables.py``).
+ENTRY_POINTS = {"simpletuner_dmd/cli.py", "simpletuner_dmd/__main__.py", "simpletuner_dmd/docs.py"}
+
+
+def _module_name(file: Path) -> str:
+    parts = list(file.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(file: Path, known: set[str]) -> set[str]:
+    """Every module ``file`` imports, at module level and inside functions alike, as absolute names: ``from .x import
+    y`` counts ``pkg.x`` and, when ``pkg.x.y`` is a module in ``known``, that one too."""
+    import ast
+
+    name = _module_name(file)
+    package = name if file.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names if f"{module}.{alias.name}" in known)
+    return found
+
+
+def _graph(root: Path) -> dict[str, set[str]]:
+    files = sorted(root.rglob("*.py"))
+    known = {_module_name(f) for f in files}
+    return {_module_name(f): _imports(f, known) for f in files}
+
+
+def _under(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def _cycles(graph: dict[str, set[str]], inside: str) -> list[list[str]]:
+    """The import cycles among the modules under ``inside`` (each cycle once, as the path that closes it)."""
+    nodes = {m for m in graph if _under(m, inside)}
+    edges = {m: sorted(t for t in graph[m] if t in nodes and t != m) for m in nodes}
+    cycles, state = [], {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for target in edges[node]:
+            if state.get(target) == "open":
+                cycles.append(path[path.index(target):] + [node, target])  # an open node is on the path
+            elif target not in state:
+                visit(target, path + [node])
+        state[node] = "done"
+
+    for node in sorted(nodes):
+        if node not in state:
+            visit(node, [])
+    return cycles
+
+
+def test_layers_point_one_way():
+    """No family imports a host (each builds its own tiny pipeline); no method imports another method; nothing in the
+    package outside ``hosts/`` imports the reference host, except the entry points (``ENTRY_POINTS``, which dispatch
+    to the hosts); imports inside functions count as much as those at module level."""
+    offences = []
+    for file in sorted(PACKAGE_ROOT.rglob("*.py")):
+        module, where = _module_name(file), file.relative_to(REPO).as_posix()
+        for target in sorted(_imports(file, set())):
+            if _under(module, "simpletuner_dmd.families") and _under(target, "simpletuner_dmd.hosts"):
+                offences.append(f"{where}: a family imports a host ({target})")
+            elif (not _under(module, "simpletuner_dmd.hosts") and where not in ENTRY_POINTS
+                    and _under(target, "simpletuner_dmd.hosts.reference")):
+                offences.append(f"{where}: imports the reference host ({target}); take what it needs as an argument")
+            if (_under(module, "simpletuner_dmd.methods") and module.count(".") >= 2
+                    and _under(target, "simpletuner_dmd.methods") and target.count(".") >= 2
+                    and module.split(".")[2] != target.split(".")[2]):
+                offences.append(f"{where}: method {module.split('.')[2]} imports method {target.split('.')[2]} "
+                                f"({target}); share it through a module outside methods/")
+    assert not offences, "\n".join(offences)
+
+
+@pytest.mark.parametrize("root, inside", [(PACKAGE_ROOT, "simpletuner_dmd.hosts.simpletuner"),
+                                          (REPO / "benchmarks", "benchmarks")],
+                         ids=["simpletuner-bridge", "benchmarks"])
+def test_no_import_cycle(root, inside):
+    """The SimpleTuner bridge's modules import one way, and so do the benchmarks' (imports inside functions count: a
+    deferred import is still a dependency; ``importlib.import_module`` by name is not seen)."""
+    cycles = _cycles(_graph(root), inside)
+    assert not cycles, "\n".join(" -> ".join(c) for c in cycles)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from simpletuner_dmd.hosts.reference.tiny import make_tiny_wan
+from simpletuner_dmd.families.wan_tiny import make_tiny_wan
 
 
 def test_pipeline_reloads_and_runs_offline(tiny_wan):

@@ -18,6 +18,7 @@ import torch
 
 from ..hookspecs import hookimpl
 from .common import autocast, euler_sampler, load_part, lora_metadata, peft_scale
+from .wan_tiny import make_tiny_wan
 
 
 @dataclass
@@ -101,8 +102,6 @@ class WanFamily:
     @staticmethod
     def make_tiny(path: str | Path, *, seed: int = 0) -> Path:
         """A tiny random-weight ``WanPipeline`` built from config and saved to ``path`` (offline)."""
-        from ..hosts.reference.tiny import make_tiny_wan
-
         return make_tiny_wan(path, seed=seed)
 
     # ----------------------------------------------------------------------- what hosts that load models use

@@ -43,6 +43,7 @@ from ..hookspecs import hookimpl
 from ..lora_files import MAIN_FILE, read_lora
 from .common import load_part, lora_metadata
 from .wan import WAN21_14B, WanFamily
+from .wan_tiny import make_tiny_wan
 
 EXPERTS = ("transformer", "transformer_2")  # high noise first, as WanPipeline names them
 SECOND_FILE = "pytorch_lora_weights_transformer_2.safetensors"
@@ -150,8 +151,6 @@ class WanExpertsFamily(WanFamily):
     def make_tiny(path: str | Path, *, seed: int = 0) -> Path:
         """A tiny two-expert ``WanPipeline`` (the tiny Wan 2.1 parts, a second transformer drawn from another seed,
         ``boundary_ratio`` 0.875 as T2V-A14B), saved to ``path``."""
-        from ..hosts.reference.tiny import make_tiny_wan
-
         return make_tiny_wan(path, seed=seed, second_transformer_seed=seed + 1, boundary_ratio=0.875)
 
     # ----------------------------------------------------------------------- LoRA files, one per expert

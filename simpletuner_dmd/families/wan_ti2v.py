@@ -20,6 +20,7 @@ import torch
 
 from ..hookspecs import hookimpl
 from .wan import WAN21_1_3B, WanFamily
+from .wan_tiny import make_tiny_wan
 
 # Wan 2.2 TI2V-5B's transformer (diffusers' WanTransformer3DModel config): 3072 wide (24 heads × 128), 30 layers.
 WAN22_TI2V_5B = {**WAN21_1_3B, "num_attention_heads": 24, "in_channels": 48, "out_channels": 48, "ffn_dim": 14336}
@@ -59,8 +60,6 @@ class WanTI2VFamily(WanFamily):
     def make_tiny(path: str | Path, *, seed: int = 0) -> Path:
         """A tiny TI2V ``WanPipeline``: the tiny Wan parts with a 48-channel residual VAE (16x) and
         ``expand_timesteps``, saved to ``path``."""
-        from ..hosts.reference.tiny import make_tiny_wan
-
         vae = dict(z_dim=48, is_residual=True, patch_size=2, in_channels=12, out_channels=12, scale_factor_spatial=16,
                    latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
         return make_tiny_wan(path, seed=seed, transformer={"in_channels": 48, "out_channels": 48}, vae=vae,

@@ -24,7 +24,7 @@ cpu_shims.stringify_tensorboard_config()
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--make-tiny-wan"]:
         # Saved by this venv's diffusers/transformers, so SimpleTuner's pinned versions load it.
-        from simpletuner_dmd.hosts.reference.tiny import make_tiny_wan
+        from simpletuner_dmd.families.wan_tiny import make_tiny_wan
 
         make_tiny_wan(argv[1])
         return 0

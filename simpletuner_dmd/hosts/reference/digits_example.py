@@ -188,7 +188,7 @@ def _build(workdir: Path, paths: dict[str, Path], recipe: dict, *, vae_steps: in
            classifier_epochs: int, n_digits: int | None, log) -> dict[str, Path]:
     from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
-    from .tiny import make_tiny_wan
+    from ...families.wan_tiny import make_tiny_wan
     from .trainer import train
 
     start = time.time()

@@ -7,11 +7,11 @@ runs the plugin's methods without a launcher. ``SIMPLETUNER_DMD_DISABLE=1`` turn
 
 from __future__ import annotations
 
-import os
 import sys
 from importlib import metadata
 
 from ...errors import UserError, print_user_error
+from .shared import is_main_process, log
 
 _applied: list[str] = []
 
@@ -19,7 +19,6 @@ _applied: list[str] = []
 def apply() -> list[str]:
     """Install the take-over points (idempotent) and, the first time in the main process, log one line naming each
     method the plugin serves with its distribution and version. Returns the served method names."""
-    from .distiller import log
     from .patch import install, served_methods
 
     entries = served_methods()
@@ -39,11 +38,6 @@ def apply_cli() -> None:
     from .preflight import wrap_cli_launch
 
     wrap_cli_launch()
-
-
-def is_main_process() -> bool:
-    """The process of rank 0 (or the only one): launchers set RANK, and LOCAL_RANK, in every process."""
-    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) in ("", "0")
 
 
 def _version(distribution: str) -> str:

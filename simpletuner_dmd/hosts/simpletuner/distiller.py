@@ -52,16 +52,9 @@ from ...config import MethodSelection, validate_method_config
 from ...errors import ConfigError, PluginError, UserError
 from ...plugins import get_family_class, get_plugin_manager, registered_families
 from ...types import Batch, RunContext, StepInfo, StepLoss, step_generator
-from .patch import HOST_PARAMETERS_ATTR
+from .shared import HOST_PARAMETERS_ATTR, NEGATIVE_EMBEDS_ATTR, log
 
 STATE_FILE = "simpletuner_dmd_bridge.json"
-NEGATIVE_EMBEDS_ATTR = "_simpletuner_dmd_negative_embeds"  # set on SimpleTuner's model by patch.py
-
-
-def log(message: str) -> None:
-    from tqdm.auto import tqdm
-
-    tqdm.write(f"[simpletuner-dmd] {message}")  # above SimpleTuner's progress bar
 
 
 def method_config_for(config: Mapping[str, Any], method_name: str, pm, *, family_cls: type | None = None

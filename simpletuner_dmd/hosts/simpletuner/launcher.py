@@ -35,8 +35,8 @@ def run(config: Path | None = None) -> int:
         raise UserError("SimpleTuner is not installed in this environment (see docs/simpletuner.md: "
                         "scripts/install_simpletuner_env.sh creates one)") from None
 
-    from .distiller import log
     from .patch import install
+    from .shared import log
 
     served = install()
     finished = _track_completion()

@@ -6,7 +6,8 @@ SimpleTuner:
 1. **Argument parser.** SimpleTuner's ``--distillation_method`` is a closed choice list built from its field registry
    (``simpletuner_sdk/server/services/field_registry``) and cached (``helpers/configuration/cmd_args._ARG_PARSER_CACHE``).
    Every method registered with this plugin is added to the choices and the cached parser is dropped. Must run before
-   SimpleTuner's ``Trainer`` is constructed (it parses the config there).
+   SimpleTuner's ``Trainer`` is constructed (it parses the config there). ``extend_method_choices`` is defined in
+   ``preflight.py``, whose checks build SimpleTuner's parser the same way.
 2. **Distiller factory.** ``DistillerFactory.create_distiller`` (``helpers/distillation/factory.py``) builds
    ``PluginDistiller`` for a method this plugin registers (``dmd``, ``lcm`` and ``dcm`` included: the plugin's methods
    replace SimpleTuner's own ports). On 4.x the factory's class hooks — ``prepare_model_for_adapter``,
@@ -43,8 +44,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-MARK = "_simpletuner_dmd_patched"
-HOST_PARAMETERS_ATTR = "_simpletuner_dmd_host_parameters"  # PluginDistiller.host_parameters, on SimpleTuner's model
+from .preflight import check_parsed_config, extend_method_choices
+from .shared import HOST_PARAMETERS_ATTR, MARK, NEGATIVE_EMBEDS_ATTR, is_main_process, log
 
 
 def served_methods() -> dict:
@@ -79,18 +80,6 @@ def _served_name(method: Any, served: list[str]) -> str | None:
     if isinstance(name, str) and name.strip().lower() in served:
         return name.strip().lower()
     return None
-
-
-def extend_method_choices(served: list[str]) -> None:
-    from simpletuner.helpers.configuration import cmd_args
-    from simpletuner.simpletuner_sdk.server.services.field_registry.registry import field_registry
-
-    field = field_registry._fields["distillation_method"]
-    known = {c.get("value") if isinstance(c, dict) else c for c in (field.choices or [])}
-    for name in served:
-        if name not in known:
-            field.choices.append({"value": name, "label": f"{name.upper()} (simpletuner-dmd)"})
-    cmd_args._ARG_PARSER_CACHE = None
 
 
 def _route_factory(served: list[str]) -> None:
@@ -150,7 +139,7 @@ def _filter_optimizer_parameters() -> None:
         if keep is None:
             return params
         kept = keep(params)
-        from .distiller import log, parameter_count
+        from .distiller import parameter_count
 
         log(f"SimpleTuner's optimizer holds the student's {parameter_count(kept)} tensors; the method's own "
             f"{parameter_count(params) - parameter_count(kept)} are left to its optimizer")
@@ -190,9 +179,6 @@ def _find_unused_parameters(served: list[str]) -> None:
     def _resolve_ddp_find_unused_parameters(self, *args: Any, **kwargs: Any):
         if (getattr(self.config, "find_unused_parameters", None) is None
                 and _served_name(getattr(self.config, "distillation_method", None), served) is not None):
-            from .autoload import is_main_process
-            from .distiller import log
-
             if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and is_main_process():
                 log("find_unused_parameters: true for DDP (the method's own adapter sits on the trained network, "
                     "outside the student's backward)")
@@ -272,8 +258,6 @@ def _check_config_after_parsing(served: list[str]) -> None:
         result = current(self, *args, **kwargs)
         config = getattr(self, "config", None)
         if config is not None:
-            from .preflight import check_parsed_config
-
             check_parsed_config(vars(config), served)
         return result
 
@@ -286,14 +270,7 @@ def stash_negative_embeds(model, config: dict, method: str) -> None:
     import torch
 
     from ...plugins import get_plugin_manager
-    from .distiller import (
-        NEGATIVE_EMBEDS_ATTR,
-        as_condition,
-        log,
-        method_config_for,
-        negative_prompts_for,
-        simpletuner_family_class,
-    )
+    from .distiller import as_condition, method_config_for, negative_prompts_for, simpletuner_family_class
 
     pm = get_plugin_manager()
     family = simpletuner_family_class(pm, config.get("model_family"), config.get("model_flavour"))

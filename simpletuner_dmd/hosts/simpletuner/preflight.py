@@ -31,6 +31,7 @@ from typing import Any, Mapping
 
 from ...config import validate_method_config
 from ...errors import ConfigError, UserError, print_user_error
+from .shared import MARK
 
 
 def served_method(config: Mapping[str, Any], served: list[str]) -> str | None:
@@ -68,14 +69,26 @@ def simpletuner_version() -> str:
     return metadata.version("simpletuner")
 
 
+def extend_method_choices(served: list[str]) -> None:
+    """Add the plugin's method names to SimpleTuner's ``distillation_method`` choices and drop its cached parser (the
+    take-over point 1 of ``patch.py``; the checks here build SimpleTuner's parser the same way)."""
+    from simpletuner.helpers.configuration import cmd_args
+    from simpletuner.simpletuner_sdk.server.services.field_registry.registry import field_registry
+
+    field = field_registry._fields["distillation_method"]
+    known = {c.get("value") if isinstance(c, dict) else c for c in (field.choices or [])}
+    for name in served:
+        if name not in known:
+            field.choices.append({"value": name, "label": f"{name.upper()} (simpletuner-dmd)"})
+    cmd_args._ARG_PARSER_CACHE = None
+
+
 def simpletuner_argument_problems(config: Mapping[str, Any], served: list[str]) -> list[str]:
     """Every value of ``config`` that SimpleTuner's own argument parser would refuse (a choice it lacks, a value its
     type rejects), as SimpleTuner turns the config into arguments (``mapping_to_cli_args``). The plugin's method names
     are added to the ``distillation_method`` choices first, as the import hook does for the trainer."""
     from simpletuner.helpers.configuration import cmd_args
     from simpletuner.helpers.configuration.cli_utils import mapping_to_cli_args
-
-    from .patch import extend_method_choices
 
     extend_method_choices(served)
     parser = cmd_args.get_argument_parser()
@@ -213,8 +226,6 @@ def wrap_cli_launch() -> None:
     the process)."""
     from simpletuner.cli import train as cli_train
 
-    from .patch import MARK
-
     current = cli_train.run_training
     if getattr(current, MARK, False):
         return
@@ -278,6 +289,6 @@ def launch_problems(env: Mapping[str, str]) -> tuple[Path | None, list[str]]:
     return path, problems if method is not None else []
 
 
-__all__ = ["check_parsed_config", "config_file_for", "host_problems", "launch_problems", "plugin_problems",
+__all__ = ["check_parsed_config", "config_file_for", "extend_method_choices", "host_problems", "launch_problems", "plugin_problems",
            "served_method", "simpletuner_argument_problems", "simpletuner_importable", "validate_for_simpletuner",
            "wrap_cli_launch"]
