@@ -65,6 +65,13 @@ def test_hookspec_is_in_the_call_order_block(name):
 
 
 @pytest.mark.parametrize("name", HOOKS)
+def test_hookspec_is_named_in_the_plugin_authors_docs(name):
+    """As datasette's test_plugin_hooks_are_documented: a plugin author finds every hook in docs/plugins.md, in the
+    call-order block or the lists under it, written as a call."""
+    assert f"{name}(" in (REPO / "docs" / "plugins.md").read_text(), f"docs/plugins.md does not name {name}"
+
+
+@pytest.mark.parametrize("name", HOOKS)
 def test_hookspec_is_used_by_the_reference_trainer(name):
     # the host's loop, its validation and its export
     source = inspect.getsource(trainer) + inspect.getsource(validation) + inspect.getsource(export)

@@ -45,7 +45,7 @@ import os
 from typing import Any
 
 from .preflight import check_parsed_config, extend_method_choices
-from .shared import HOST_PARAMETERS_ATTR, MARK, NEGATIVE_EMBEDS_ATTR, is_main_process, log
+from .shared import HOST_PARAMETERS_ATTR, MARK, NEGATIVE_EMBEDS_ATTR, is_main_process, log, served_name
 
 
 def served_methods() -> dict:
@@ -72,14 +72,6 @@ def install(served: list[str] | None = None) -> list[str]:
     _ema_swaps_the_student_only()
     _check_config_after_parsing(served)
     return served
-
-
-def _served_name(method: Any, served: list[str]) -> str | None:
-    """The plugin's method name for SimpleTuner's ``method`` argument (a string or its enum), or None."""
-    name = getattr(method, "value", method)
-    if isinstance(name, str) and name.strip().lower() in served:
-        return name.strip().lower()
-    return None
 
 
 def _route_factory(served: list[str]) -> None:
@@ -115,7 +107,7 @@ def _routed(current, answer, served: list[str]):
     original = current.__func__ if isinstance(current, staticmethod) else current
 
     def routed(method, *args, **kwargs):
-        name = _served_name(method, served)
+        name = served_name(method, served)
         return original(method, *args, **kwargs) if name is None else answer(name, *args, **kwargs)
 
     setattr(routed, MARK, True)
@@ -178,7 +170,7 @@ def _find_unused_parameters(served: list[str]) -> None:
 
     def _resolve_ddp_find_unused_parameters(self, *args: Any, **kwargs: Any):
         if (getattr(self.config, "find_unused_parameters", None) is None
-                and _served_name(getattr(self.config, "distillation_method", None), served) is not None):
+                and served_name(getattr(self.config, "distillation_method", None), served) is not None):
             if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and is_main_process():
                 log("find_unused_parameters: true for DDP (the method's own adapter sits on the trained network, "
                     "outside the student's backward)")
@@ -197,9 +189,9 @@ def _encode_negative_before_unload(served: list[str]) -> None:
         return
 
     def init_unload_text_encoder(self, *args: Any, **kwargs: Any):
-        method = getattr(self.config, "distillation_method", None)
-        if isinstance(method, str) and method.lower() in served:
-            stash_negative_embeds(self.model, vars(self.config), method.lower())
+        method = served_name(getattr(self.config, "distillation_method", None), served)
+        if method is not None:
+            stash_negative_embeds(self.model, vars(self.config), method)
         return current(self, *args, **kwargs)
 
     setattr(init_unload_text_encoder, MARK, True)

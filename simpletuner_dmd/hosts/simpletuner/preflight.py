@@ -31,16 +31,12 @@ from typing import Any, Mapping
 
 from ...config import validate_method_config
 from ...errors import ConfigError, UserError, print_user_error
-from .shared import MARK
+from .shared import MARK, served_name
 
 
 def served_method(config: Mapping[str, Any], served: list[str]) -> str | None:
     """The plugin's method name for the config's ``distillation_method``, matched without regard to case, or None."""
-    name = config.get("distillation_method")
-    name = getattr(name, "value", name)
-    if isinstance(name, str) and name.strip().lower() in served:
-        return name.strip().lower()
-    return None
+    return served_name(config.get("distillation_method"), served)
 
 
 def plugin_problems(config: Mapping[str, Any], method: str, pm) -> tuple[list[str], list[str]]:
