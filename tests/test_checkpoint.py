@@ -19,7 +19,7 @@ from simpletuner_dmd.hosts.reference.checkpoint import (
     resolve_resume,
 )
 from simpletuner_dmd.hosts.reference.ema import EMA
-from simpletuner_dmd.schedules import SCHEDULES, build_lr_lambda
+from simpletuner_dmd.lr_schedules import SCHEDULES, build_lr_lambda
 from simpletuner_dmd.state_io import load_state, save_state
 
 

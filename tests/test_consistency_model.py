@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from simpletuner_dmd.methods.dcm.method import DCM, DETAIL_ADAPTER
-from simpletuner_dmd.methods.lcm import loss as LL
+from simpletuner_dmd.methods.lcm import method as lcm_method
 from simpletuner_dmd.methods.lcm.method import LCM
 from simpletuner_dmd.types import Batch
 from tests.tiny_methods import batch, build_method, perturb_adapters, snapshot, step_info
@@ -57,8 +57,8 @@ def test_lcm_target_at_the_first_point_is_the_teachers_euler_step(tiny_wan, monk
     perturb_adapters(run.models.network)
     monkeypatch.setattr(torch, "randint", lambda lo, hi, size, **kw: torch.ones(size, dtype=torch.long))
     captured = {}
-    real_loss = LL.consistency_loss
-    monkeypatch.setattr(LL, "consistency_loss", lambda pred, target, **kw: captured.update(target=target) or
+    real_loss = lcm_method.consistency_loss  # as the method calls it
+    monkeypatch.setattr(lcm_method, "consistency_loss", lambda pred, target, **kw: captured.update(target=target) or
                         real_loss(pred, target, **kw))
     torch.manual_seed(3)
     b = batch()

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from simpletuner_dmd import hookimpl
 from simpletuner_dmd.cli import main
 from simpletuner_dmd.hosts.reference.trainer import train
-from simpletuner_dmd.methods.dmd import loss as L
+from simpletuner_dmd.methods.dmd import method as dmd_method
 from simpletuner_dmd.nonfinite import NonFiniteError
 
 
@@ -35,15 +35,16 @@ class Logs:
 
 
 def _nan_at(monkeypatch, module_attr: str, steps: set[int], calls: list[int]):
-    """Make L.<module_attr> return NaN on the given call numbers (0-based), to inject a fault where it would arise."""
-    original = getattr(L, module_attr)
+    """Make DMD's loss function ``module_attr``, as the method calls it, return NaN on the given call numbers
+    (0-based), to inject a fault where it would arise."""
+    original = getattr(dmd_method, module_attr)
 
     def faulty(*args, **kwargs):
         out = original(*args, **kwargs)
         calls.append(1)
         return out * float("nan") if len(calls) - 1 in steps else out
 
-    monkeypatch.setattr(L, module_attr, faulty)
+    monkeypatch.setattr(dmd_method, module_attr, faulty)
 
 
 def test_a_nan_student_loss_skips_that_update_only(job, monkeypatch):  # noqa: F811

@@ -13,7 +13,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 import simpletuner_dmd.state_io as state_io
 from simpletuner_dmd.errors import UserError
-from simpletuner_dmd.schedules import build_lr_lambda
+from simpletuner_dmd.lr_schedules import build_lr_lambda
 from simpletuner_dmd.state_io import load_state, rng_state, save_state, set_rng_state
 
 

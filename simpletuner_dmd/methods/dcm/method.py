@@ -37,8 +37,9 @@ from ...types import Batch, RunContext, StepInfo, StepLoss
 from ...method_toolkit import Weights, load_method_state, save_method_state
 from ...networks import Networks, frozen, guided_batch
 from ...flow import add_noise, guided, guided_self_forcing
-from . import discriminator as D
-from . import loss as L
+from .discriminator import Discriminator, capture, feature_layers, find_blocks, first_output, hidden_width
+from .loss import (adversarial_index, boundary_timestep, euler_sigmas, expert_of, feature_matching, hinge_d_loss,
+                   hinge_g_loss, phase_edges, phase_end, phase_jump, renoise)
 from .config import DCM_SCHEMA, dcm_warnings
 
 DETAIL_ADAPTER = "dcm_detail"
@@ -68,9 +69,9 @@ class DCM:
     def __init__(self, config: dict[str, Any]):
         self.cfg = config
         self.fine = config["mode"] == "fine"
-        self.sigmas = L.euler_sigmas(config["euler_timesteps"], config["dcm_shift"])
-        self.edges = L.phase_edges(config["euler_timesteps"], config["multiphase"])
-        self.boundary = L.boundary_timestep(self.sigmas, self.edges)
+        self.sigmas = euler_sigmas(config["euler_timesteps"], config["dcm_shift"])
+        self.edges = phase_edges(config["euler_timesteps"], config["multiphase"])
+        self.boundary = boundary_timestep(self.sigmas, self.edges)
         self.passes = PassCounter()
         self._pending: list[_Detail] = []
         self._logs: dict[str, float] = {}
@@ -107,15 +108,15 @@ class DCM:
         kind = run.host_config.get("optimizer", "adamw")
         self.detail_optimizer = self.accelerator.prepare_optimizer(adamw(self.detail_params, kind=kind, lr=lr))
 
-        self.blocks = D.find_blocks(run.student)
+        self.blocks = find_blocks(run.student)
         try:
-            self.layers = D.feature_layers(len(self.blocks), cfg["discriminator_head_stride"],
+            self.layers = feature_layers(len(self.blocks), cfg["discriminator_head_stride"],
                                            cfg["discriminator_total_layers"])
         except ValueError as exc:
             raise UserError(f"distillation_config.discriminator_total_layers: {exc}") from None
-        width = D.hidden_width(self.blocks[0])
+        width = hidden_width(self.blocks[0])
         device = next(p for p in self.detail_params).device
-        self.discriminator = D.Discriminator(width, len(self.layers), cfg["discriminator_hidden_dim"]).to(device)
+        self.discriminator = Discriminator(width, len(self.layers), cfg["discriminator_hidden_dim"]).to(device)
         self.disc_optimizer = self.accelerator.prepare_optimizer(adamw(
             self.discriminator.parameters(), kind=run.host_config.get("optimizer", "adamw"),
             lr=cfg["discriminator_lr"], betas=tuple(cfg["discriminator_betas"]),
@@ -143,16 +144,16 @@ class DCM:
         """x_j, its timestep, σ_j, the phase end (index, σ) and the no-grad target at the phase end."""
         device = x0.device
         j1 = j + 1
-        end = L.phase_end(j, self.edges)
+        end = phase_end(j, self.edges)
         sigma_j, sigma_j1, sigma_end = (self.sigmas[i].to(device) for i in (j, j1, end))
         t_j, t_j1 = sigma_j * 1000.0, sigma_j1 * 1000.0
         x_j = add_noise(x0, torch.randn_like(x0), t_j)
         with torch.no_grad():
             v_teacher = self.nets.guided(self.nets.teacher_flow, x_j, t_j, cond, self._combine)
-            x_j1 = L.phase_jump(x_j, v_teacher, sigma_j, sigma_j1).to(x0.dtype)
+            x_j1 = phase_jump(x_j, v_teacher, sigma_j, sigma_j1).to(x0.dtype)
             with self._expert(semantic):
                 v_target = self.nets.flow(x_j1, t_j1, cond, role="student" if semantic else "detail")
-            target = L.phase_jump(x_j1, v_target, sigma_j1, sigma_end)
+            target = phase_jump(x_j1, v_target, sigma_j1, sigma_end)
             at_end = (j1 == end).to(device).view(-1, *([1] * (x0.ndim - 1)))
             target = torch.where(at_end, x_j1.float(), target)  # the boundary condition: f(x_e, σ_e) = x_e
         return x_j, t_j, sigma_j, end, sigma_end, target
@@ -170,7 +171,7 @@ class DCM:
             self._pending.append(_Detail(x_j, t_j, sigma_j, sigma_end, end, target, batch.cond))
             return StepLoss(None, logs)
         with self._expert(True):
-            pred = L.phase_jump(x_j, self.nets.flow(x_j, t_j, batch.cond), sigma_j, sigma_end)
+            pred = phase_jump(x_j, self.nets.flow(x_j, t_j, batch.cond), sigma_j, sigma_end)
         self.passes.on_backward(pred, "student")
         loss = torch.mean((pred - target) ** 2)
         self.semantic_batches += 1
@@ -182,7 +183,7 @@ class DCM:
     def _teacher_features(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> list[torch.Tensor]:
         # The bare module: the gradient of this pass goes to the sample only, never to a parameter (DDP must not wait
         # for one).
-        with D.capture(self.blocks, self.layers, getattr(self.family, "block_features", D.first_output)) as feats:
+        with capture(self.blocks, self.layers, getattr(self.family, "block_features", first_output)) as feats:
             self.nets.teacher_flow(x, t, cond, bare=True)
         return list(feats)
 
@@ -200,14 +201,14 @@ class DCM:
             last = i == len(pending) - 1
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.nets.call)
             noise = torch.randn_like(item.target)
-            sigma_adv = self.sigmas[L.adversarial_index(item.end, cfg["euler_timesteps"])].to(item.target.device)
+            sigma_adv = self.sigmas[adversarial_index(item.end, cfg["euler_timesteps"])].to(item.target.device)
             t_adv = sigma_adv * 1000.0
-            real_adv = L.renoise(item.target, noise, item.sigma_end, sigma_adv).to(item.x_j.dtype)
+            real_adv = renoise(item.target, noise, item.sigma_end, sigma_adv).to(item.x_j.dtype)
             with sync, self._expert(False), frozen(self.semantic_params):
-                pred = L.phase_jump(item.x_j, self.nets.flow(item.x_j, item.t_j, item.cond, role="detail"),
+                pred = phase_jump(item.x_j, self.nets.flow(item.x_j, item.t_j, item.cond, role="detail"),
                                     item.sigma_j, item.sigma_end)
                 cons = torch.mean((pred - item.target) ** 2)
-                fake_adv = L.renoise(pred, noise, item.sigma_end, sigma_adv)
+                fake_adv = renoise(pred, noise, item.sigma_end, sigma_adv)
                 # The adversarial gradient w.r.t. the sample, through the frozen teacher (adapters off) ...
                 z = fake_adv.detach().to(item.x_j.dtype).requires_grad_(True)
                 with self.nets.teacher_context():  # its backward (and any recompute) with adapters off too
@@ -215,8 +216,8 @@ class DCM:
                         real_feats = self._teacher_features(real_adv, t_adv, item.cond)
                     fake_feats = self._teacher_features(z, t_adv, item.cond)
                     with frozen(list(self.discriminator.parameters())):
-                        g_hinge = L.hinge_g_loss(self.discriminator(fake_feats))
-                    fm = L.feature_matching(fake_feats, real_feats)
+                        g_hinge = hinge_g_loss(self.discriminator(fake_feats))
+                    fm = feature_matching(fake_feats, real_feats)
                     adv = cfg["adv_weight"] * g_hinge + cfg["feature_matching_weight"] * fm
                     (grad_z,) = torch.autograd.grad(adv, z) if adv.requires_grad else (torch.zeros_like(z),)
                 self.passes.backward("teacher")
@@ -242,7 +243,7 @@ class DCM:
 
         d_losses = []
         for real_feats, fake_feats in d_items:
-            d_loss = L.hinge_d_loss(self.discriminator(real_feats), self.discriminator(fake_feats))
+            d_loss = hinge_d_loss(self.discriminator(real_feats), self.discriminator(fake_feats))
             self.accelerator.backward(d_loss * scale)
             d_losses.append(float(d_loss.detach()))
         if self.accelerator.num_processes > 1:  # the discriminator is not DDP-wrapped: average its gradient here
@@ -306,9 +307,9 @@ class DCM:
                 for start, end in zip(starts, self.edges[1:]):
                     sigma, sigma_end = self.sigmas[start].to(x.device), self.sigmas[end].to(x.device)
                     t = torch.full((x.shape[0],), float(sigma) * 1000.0, device=x.device)
-                    with self._expert(bool(L.expert_of(t[:1], self.boundary).item())):
+                    with self._expert(bool(expert_of(t[:1], self.boundary).item())):
                         v = guided_batch(self.family, student_flow, x, t, cond, uncond, combine)
-                    x = L.phase_jump(x, v, sigma.expand(x.shape[0]), sigma_end.expand(x.shape[0])).to(noise.dtype)
+                    x = phase_jump(x, v, sigma.expand(x.shape[0]), sigma_end.expand(x.shape[0])).to(noise.dtype)
             return x
 
         return sampler

@@ -31,10 +31,11 @@ from ...nonfinite import DEFAULT_LIMIT, NonFiniteGuard
 from ...networks import Networks
 from ...optimizers import adamw
 from ...passes import PassCounter
-from ...teacher_pairs import PairSource, guided_teacher, interval_combine
+from ...pair_source import PairSource, guided_teacher, interval_combine
 from ...types import Batch, RunContext, StepInfo, StepLoss
-from . import gan as G
-from . import loss as L
+from .gan import GANHead, captured_output, classifier_loss, generator_loss
+from .loss import (add_noise, critic_flow_loss, dmd_gradient, dmd_loss, dmd_timestep_bounds, guided_self_forcing,
+                   sample_dmd_timesteps)
 from .config import DMD_SCHEMA, block_key_warnings
 from ...fewstep_sampling import block_calls, few_step_sampler, streaming_settings
 from ...method_toolkit import (Weights, draw_block_exits, draw_exit_index, exit_regression, load_method_state,
@@ -149,7 +150,7 @@ class DMD:
         # The teacher's CFG (standard form) comes from _real_combine(t); the fake score's is Self-Forcing's form,
         # None: cond only (and no uncond pass).
         self._real_interval = tuple(config["real_score_guidance_interval"])
-        self._fake_cfg = None if fake == 0.0 else (lambda c, u: L.guided_self_forcing(c, u, fake))
+        self._fake_cfg = None if fake == 0.0 else (lambda c, u: guided_self_forcing(c, u, fake))
 
     # ------------------------------------------------------------------ setup
 
@@ -185,7 +186,7 @@ class DMD:
                 self.fake_net.enable_gradient_checkpointing()
             params = list(self.fake_net.parameters())
             self.fake_net = self.accelerator.prepare_model(self.fake_net)
-        self.gan_head: G.GANHead | None = None
+        self.gan_head: GANHead | None = None
         if cfg["gan_loss_weight"] > 0:
             named = getattr(self.family, "gan_feature_module", None)
             if named is None:
@@ -196,7 +197,7 @@ class DMD:
             # else would make it start equal on every process (the method averages its gradient itself).
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(run.seed)
-                head = G.GANHead(width)
+                head = GANHead(width)
             self.gan_head = head.to(self.accelerator.device)  # fp32; trained with the fake score
             params = params + list(self.gan_head.parameters())
         self.fake_params = params
@@ -276,7 +277,7 @@ class DMD:
         return Rollout(roll.x0, sum(exits) / len(exits), span[0], span[1], roll.student_forwards)
 
     def _real_combine(self, t: torch.Tensor):
-        """The teacher's CFG for timesteps ``t`` (``teacher_pairs.interval_combine``: inside
+        """The teacher's CFG for timesteps ``t`` (``pair_source.interval_combine``: inside
         ``real_score_guidance_interval`` only)."""
         return interval_combine(self.cfg["real_score_guidance_scale"], self._real_interval, t)
 
@@ -293,7 +294,7 @@ class DMD:
                               ) -> tuple[torch.Tensor, torch.Tensor]:
         """The fake score's flow and the GAN classifier's logits on its features (one forward)."""
         feature_module, _ = self.family.gan_feature_module(self._bare_fake())
-        with G.captured_output(feature_module) as outputs:
+        with captured_output(feature_module) as outputs:
             flow = self._fake_flow(x_t, t, cond, module=module)
         return flow, self.gan_head(outputs[-1])
 
@@ -303,20 +304,20 @@ class DMD:
         checkpointed recompute in the host's later backward would run the student's adapter instead), on the bare
         module (no DDP reduction for a pass that trains nothing), with no gradient left on the fake score or D."""
         leaf = x0.detach().requires_grad_(True)
-        x_t = L.add_noise(leaf, noise, t).to(x0.dtype)
+        x_t = add_noise(leaf, noise, t).to(x0.dtype)
         with self._fake_context():
             _, logits = self._fake_flow_and_logits(x_t, t, cond, module=self._bare_fake())
-            loss = G.generator_loss(logits)
+            loss = generator_loss(logits)
             (grad,) = torch.autograd.grad(loss * self.cfg["gan_loss_weight"], leaf)
         self.passes.backward("fake_score")
         return grad, float(loss.detach())
 
     def _draw_t(self, batch: int, denoised_from: float, denoised_to: float, device) -> torch.Tensor:
         cfg = self.cfg
-        lo, hi = L.dmd_timestep_bounds(denoised_from, denoised_to, ts_schedule=cfg["ts_schedule"],
+        lo, hi = dmd_timestep_bounds(denoised_from, denoised_to, ts_schedule=cfg["ts_schedule"],
                                        ts_schedule_max=cfg["ts_schedule_max"],
                                        min_score_timestep=cfg["min_score_timestep"], shift=cfg["timestep_shift"])
-        return L.sample_dmd_timesteps(batch, lo, hi, shift=cfg["timestep_shift"], min_ratio=cfg["min_timestep_ratio"],
+        return sample_dmd_timesteps(batch, lo, hi, shift=cfg["timestep_shift"], min_ratio=cfg["min_timestep_ratio"],
                                       max_ratio=cfg["max_timestep_ratio"], device=device)
 
     # ------------------------------------------------------------------ generator turn
@@ -354,12 +355,12 @@ class DMD:
         with torch.no_grad():
             t = self._draw_t(x0_gen.shape[0], roll.denoised_from, roll.denoised_to, x0_gen.device)
             noise_t = torch.randn_like(x0_gen)
-            x_t = L.add_noise(x0_gen.detach(), noise_t, t).to(latents.dtype)
+            x_t = add_noise(x0_gen.detach(), noise_t, t).to(latents.dtype)
             with self._fake_context():
                 x0_fake = self._guided_x0(self._fake_flow, x_t, t, batch.cond, self._fake_cfg)
             x0_real = self._guided_x0(self.nets.teacher_flow, x_t, t, batch.cond, self._real_combine(t))
-            grad, normaliser = L.dmd_gradient(x0_gen, x0_real, x0_fake)
-        loss = L.dmd_loss(x0_gen, grad)
+            grad, normaliser = dmd_gradient(x0_gen, x0_real, x0_fake)
+        loss = dmd_loss(x0_gen, grad)
         logs.update(
             dmd_loss=float(loss.detach()),
             dmd_normaliser=float(normaliser.mean()),
@@ -406,17 +407,17 @@ class DMD:
                     x0 = item.x0
                     t = self._draw_t(x0.shape[0], item.denoised_from, item.denoised_to, x0.device)
                     noise = torch.randn_like(x0)
-                    x_t = L.add_noise(x0, noise, t)
+                    x_t = add_noise(x0, noise, t)
                     if self.gan_head is None:
                         flow = self._fake_flow(x_t, t, item.cond)
-                        critic_loss = L.critic_flow_loss(flow, x0, noise)
+                        critic_loss = critic_flow_loss(flow, x0, noise)
                     else:  # generated and real, noised alike, in one batch: one forward (one DDP reduction)
-                        x_real = L.add_noise(item.real, torch.randn_like(item.real), t).to(x_t.dtype)
+                        x_real = add_noise(item.real, torch.randn_like(item.real), t).to(x_t.dtype)
                         both = self.family.concat_conditions([item.cond, item.cond])
                         flow, logits = self._fake_flow_and_logits(torch.cat([x_t, x_real]), torch.cat([t, t]), both)
                         logits_fake, logits_real = logits.chunk(2)
-                        cls_loss = G.classifier_loss(logits_fake, logits_real)
-                        critic_loss = (L.critic_flow_loss(flow.chunk(2)[0], x0, noise)
+                        cls_loss = classifier_loss(logits_fake, logits_real)
+                        critic_loss = (critic_flow_loss(flow.chunk(2)[0], x0, noise)
                                        + self.cfg["gan_classifier_loss_weight"] * cls_loss)
                         gan_logs.append(torch.stack([cls_loss.detach(), torch.sigmoid(logits_real.detach()).mean(),
                                                      torch.sigmoid(logits_fake.detach()).mean()]))

@@ -26,7 +26,7 @@ from ...passes import PassCounter
 from ...types import Batch, RunContext, StepInfo, StepLoss
 from ...networks import Networks, guided_batch
 from ...flow import add_noise, euler_step, guided, guided_per_sample, sigma_of
-from . import loss as L
+from .loss import consistency_loss, consistency_output, sampling_timesteps, skipping_schedule
 from .config import LCM_SCHEMA
 
 
@@ -50,7 +50,7 @@ class LCM:
         self.accelerator = run.accelerator
         shift = cfg["shift"] if cfg["shift"] is not None else float(run.host_config.get("flow_schedule_shift", 1.0))
         self.shift = shift
-        self.schedule = L.skipping_schedule(cfg["num_ddim_timesteps"], shift)  # t_0 = 0 … t_N = 1000
+        self.schedule = skipping_schedule(cfg["num_ddim_timesteps"], shift)  # t_0 = 0 … t_N = 1000
         # w = 1 everywhere: cond only, and the uncond half of the teacher batch is never run
         self._use_uncond = not (cfg["w_min"] == cfg["w_max"] == 1.0)
 
@@ -58,7 +58,7 @@ class LCM:
 
     def f(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         """The student's consistency function (boundary scalings applied), with grad if grad is enabled."""
-        return L.consistency_output(x_t, self.nets.flow(x_t, t, cond), t,
+        return consistency_output(x_t, self.nets.flow(x_t, t, cond), t,
                                     timestep_scaling=self.cfg["timestep_scaling_factor"])
 
     @hookimpl
@@ -79,7 +79,7 @@ class LCM:
             target = self.f(x_prev, t_prev, batch.cond)  # the student itself, adapters on (LCM-LoRA)
         pred = self.f(x_n, t_n, batch.cond)
         self.passes.on_backward(pred, "student")
-        loss = L.consistency_loss(pred, target, loss_type=cfg["loss_type"], huber_c=cfg["huber_c"])
+        loss = consistency_loss(pred, target, loss_type=cfg["loss_type"], huber_c=cfg["huber_c"])
         return StepLoss(loss, {
             "lcm_loss": float(loss.detach()),
             "lcm_timestep": float(t_n.mean()),
@@ -104,17 +104,17 @@ class LCM:
         from ...fewstep_scheduler import FewStepFlowScheduler
 
         return FewStepFlowScheduler(
-            few_step_timesteps=L.sampling_timesteps(self.schedule, self.cfg["num_inference_steps"]),
+            few_step_timesteps=sampling_timesteps(self.schedule, self.cfg["num_inference_steps"]),
             consistency_timestep_scaling=self.cfg["timestep_scaling_factor"],
             sampling_schedule=[float(t) for t in self.schedule])
 
     @hookimpl
     def distill_sampler(self):
-        timesteps = L.sampling_timesteps(self.schedule, self.cfg["num_inference_steps"])
+        timesteps = sampling_timesteps(self.schedule, self.cfg["num_inference_steps"])
 
         def student_output(x, t, cond):
             """The consistency function of the bare student (not a counted training pass)."""
-            return L.consistency_output(x, self.family.predict_flow(self.nets.student, x, t, cond), t,
+            return consistency_output(x, self.family.predict_flow(self.nets.student, x, t, cond), t,
                                         timestep_scaling=self.cfg["timestep_scaling_factor"])
 
         def sampler(noise, cond, uncond, guidance_scale, generator):

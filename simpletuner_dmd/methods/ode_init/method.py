@@ -6,7 +6,7 @@ from any sensible few-step generator. The fix of CausVid and Self-Forcing is a r
 solves its ODE from noise (the teacher's ODE pairs, ``simpletuner_dmd.ode_pairs``, with the states at every student
 timestep), and the student learns to map a state at a student step straight to the solution.
 
-One micro-batch (``distill_loss``), on the next pairs of the run's stream (``teacher_pairs.PairSource``):
+One micro-batch (``distill_loss``), on the next pairs of the run's stream (``pair_source.PairSource``):
 
 - **block-causal family** (``causal = True``): the clip's frames in blocks (``num_frame_per_block``,
   ``independent_first_frame``); each block draws its own student step ``k_b ~ U{0, …, K−1}`` (one for all with
@@ -35,7 +35,7 @@ from ...flow import T_MAX
 from ...hookspecs import hookimpl
 from ...networks import Networks
 from ...passes import PassCounter
-from ...teacher_pairs import PairSource, guided_teacher
+from ...pair_source import PairSource, guided_teacher
 from ...types import Batch, RunContext, StepInfo, StepLoss
 # the same draws and regression as DMD's rollout and regression term
 from ...method_toolkit import draw_block_exits, exit_regression, load_method_state, regression_loss, save_method_state
