@@ -567,7 +567,7 @@ def test_block_keys_do_not_warn_on_a_causal_family():
 
 
 def test_quickstart_backend_file_validates_with_warnings_for_unimplemented_keys():
-    from simpletuner_dmd.hosts.reference.data import load_backend_config
+    from simpletuner_dmd.hosts.reference.backends import load_backend_config
 
     warned: list[str] = []
     backends = load_backend_config(QUICKSTART / "multidatabackend.json", warn=warned.append)

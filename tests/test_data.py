@@ -13,15 +13,10 @@ from PIL import Image
 
 from simpletuner_dmd.errors import ConfigError, DataError, UserError
 from simpletuner_dmd.families.wan import WanFamily
-from simpletuner_dmd.hosts.reference.data import (
-    BucketBatchSampler,
-    bucket_batches,
-    build_cache,
-    collate,
-    load_backend_config,
-    load_media,
-    validate_backends,
-)
+from simpletuner_dmd.hosts.reference.backends import load_backend_config, validate_backends
+from simpletuner_dmd.hosts.reference.batches import BucketBatchSampler, bucket_batches, collate
+from simpletuner_dmd.hosts.reference.latent_cache import build_cache
+from simpletuner_dmd.hosts.reference.media_decode import load_media
 
 WAN_MEDIA = {"frame_stride": WanFamily.frame_stride, "size_multiple": WanFamily.size_multiple}
 
@@ -230,7 +225,7 @@ def test_compressed_cache_round_trips_and_either_form_is_reused(dataset_copy, tm
 
 
 def test_aspect_bucket_rounding_puts_near_equal_aspects_in_one_bucket(tmp_path):
-    from simpletuner_dmd.hosts.reference.data import _fit
+    from simpletuner_dmd.hosts.reference.media_decode import _fit
 
     def cropped(size, **kwargs):
         left, top, right, bottom = _fit(size, 480, "pixel_area", tmp_path, 16, **kwargs)[1]
@@ -266,7 +261,7 @@ def test_empty_folder_is_a_data_error_naming_it(tmp_path):
 
 
 def test_mp4_without_a_reader_says_what_to_install(dataset_copy, tmp_path, monkeypatch):
-    from simpletuner_dmd.hosts.reference import data as D
+    from simpletuner_dmd.hosts.reference import media_decode as D
 
     # imageio-ffmpeg is a dependency; a user who removed it (or a broken install) gets this line
     monkeypatch.setattr(D, "_can_read_video_containers", lambda: False)

@@ -505,7 +505,7 @@ def test_mutated_backend_file_exits_2(data, arena, empty_cwd, tiny_wan, small_da
 
 def _still_decodes(path: Path) -> bool:
     """Whether the host's own decoder reads the damaged file (then the case is not invalid: discard it)."""
-    from simpletuner_dmd.hosts.reference.data import load_media
+    from simpletuner_dmd.hosts.reference.media_decode import load_media
 
     backend = {"dataset_type": "image" if path.suffix == ".png" else "video", "resolution": 64,
                "resolution_type": "pixel_area", "num_frames": 9}

@@ -106,7 +106,7 @@ def readme_tables(pm: Any = None) -> str:
     if not SEED_KEYS_NOT_SUPPORTED:
         rows.append("| (none) | every key of the seed config is in effect |")
     sections.append("\n".join(rows) + "\n")
-    from .data import MEDIA_BACKEND_SCHEMA, TEXT_BACKEND_SCHEMA
+    from .backends import MEDIA_BACKEND_SCHEMA, TEXT_BACKEND_SCHEMA
 
     sections.append(key_table(MEDIA_BACKEND_SCHEMA, "Data backend file: an image or video backend"))
     sections.append(key_table(TEXT_BACKEND_SCHEMA, "Data backend file: the `text_embeds` backend"))

@@ -109,7 +109,7 @@ def backend_file_problems(path: str, family_cls: type | None = None) -> list[str
     loads any model — rather than only once the VAE and text encoder are loaded; with ``family_cls``, also a video
     dataset for an image-only family (``video = False``). (Its warnings come when the run builds the dataset.)"""
     from ...errors import UserError
-    from .data import load_backend_config
+    from .backends import load_backend_config
 
     try:
         backends = load_backend_config(path, warn=lambda message: None)

@@ -181,7 +181,7 @@ def _run(rc: RunConfig, pm, notify: Notifier) -> Path:
     from ...schedules import build_lr_lambda
     from .ema import EMA
 
-    from .data import BucketBatchSampler
+    from .batches import BucketBatchSampler
 
     sampler = BucketBatchSampler(dataset, host["train_batch_size"], seed=seed,
                                  drop_last=not host["disable_bucket_pruning"])
@@ -354,7 +354,8 @@ def quantize_frozen(module: torch.nn.Module, precision: str, what: str) -> None:
 
 
 def _build_dataset(host, family, components, encode_prompts, accelerator):
-    from .data import build_cache, load_backend_config
+    from .backends import load_backend_config
+    from .latent_cache import build_cache
 
     backends = load_backend_config(host["data_backend_config"], warn=lambda m: log(f"warning: {m}"))
     for backend in backends:  # the config's resolution is the default of every media dataset
@@ -498,7 +499,7 @@ def _batches(dataset, sampler, consumed: int, accelerator) -> Iterator[tuple[int
     """``(batches consumed so far, batch)``, batch after batch of one shared, seeded order; process r of W takes the
     batches r, r + W, … of it, so a resume (which skips ``batches_consumed``, counted over all processes) sees the
     same batches on every process. The count goes into the state the checkpoint saves."""
-    from .data import collate
+    from .batches import collate
 
     rank, world = accelerator.process_index, accelerator.num_processes
     while True:
