@@ -178,7 +178,7 @@ def _run(rc: RunConfig, pm, notify: Notifier) -> Path:
         f"trainable student parameters: {sum(p.numel() for p in models.student_params.values()):,}")
 
     # ---- 5. optimizer, schedule, prepare, resume
-    from ...schedules import build_lr_lambda
+    from ...lr_schedules import build_lr_lambda
     from .ema import EMA
 
     from .batches import BucketBatchSampler
