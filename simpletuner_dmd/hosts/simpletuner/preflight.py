@@ -216,6 +216,11 @@ class _Refused(BaseException):
     back to the wrapper, which returns exit status 2."""
 
 
+class _CheckFailed(BaseException):
+    """A bug in the check itself, carried past ``run_training``'s ``except Exception`` (which would print only its
+    message) so that the wrapper re-raises it with its traceback."""
+
+
 def wrap_cli_launch() -> None:
     """Wrap ``simpletuner.cli.train.run_training`` so that the config is checked right before ``accelerate launch``
     starts (SimpleTuner has then resolved which config file the training process reads, in the environment it hands
@@ -235,7 +240,12 @@ def wrap_cli_launch() -> None:
 
         @staticmethod
         def Popen(cmd, *args: Any, env: Mapping[str, str] | None = None, **kwargs: Any):  # noqa: N802
-            path, problems = launch_problems(env if env is not None else os.environ)
+            try:
+                path, problems = launch_problems(env if env is not None else os.environ)
+            except UserError as exc:  # e.g. a broken plugin package: the user's to fix, in its own lines
+                path, problems = config_file_for(env if env is not None else os.environ), str(exc).splitlines()
+            except Exception as exc:  # not handled: re-raised by run_training below, traceback and all
+                raise _CheckFailed() from exc
             if problems:
                 print(f"[simpletuner-dmd] {path}: nothing was launched; `simpletuner-dmd validate-config --host "
                       f"simpletuner {path}` checks a config without starting SimpleTuner", flush=True)
@@ -250,6 +260,8 @@ def wrap_cli_launch() -> None:
         except _Refused:
             _quiet_exit_reports()
             return 2
+        except _CheckFailed as failed:
+            raise failed.__cause__ from None
         finally:
             cli_train.subprocess = real_subprocess
 
