@@ -3,7 +3,9 @@ trainers. The public surface is below; everything else is an implementation deta
 
 from .config import Key, MethodSelection, Schema, validate_method_config
 from .errors import ConfigError, DataError, PluginError, UserError
+from .family_base import FamilyBase
 from .hookspecs import hookimpl
+from .method_base import MethodBase
 from .plugins import get_plugin_manager, registered_families, registered_methods
 from .types import (HOST_KEYS_FOR_METHODS, Batch, LoadingFamily, Method, ModelFamily, RunContext, Sampler, StepInfo,
                     StepLoss)
@@ -40,7 +42,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "Batch", "ConfigError", "DataError", "HOST_KEYS_FOR_METHODS", "Key", "LoadingFamily", "Method", "MethodSelection",
+    "Batch", "ConfigError", "DataError", "FamilyBase", "HOST_KEYS_FOR_METHODS", "Key", "LoadingFamily", "Method",
+    "MethodBase", "MethodSelection",
     "ModelFamily", "PluginError", "RunContext", "Sampler", "Schema", "StepInfo", "StepLoss", "UserError",
     "get_plugin_manager", "hookimpl", "registered_families", "registered_methods", "validate_method_config",
     "__version__", *_LAZY,

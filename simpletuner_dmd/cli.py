@@ -159,7 +159,7 @@ def _run(args: argparse.Namespace) -> int:
         families = registered_families(get_plugin_manager())
         if args.family not in families:
             raise UserError(f"make-tiny: unknown family {args.family!r}{suggest(args.family, families)}")
-        make = getattr(families[args.family].cls, "make_tiny", None)
+        make = families[args.family].cls.make_tiny
         if make is None:
             raise UserError(f"make-tiny: the {args.family} family does not build a tiny model (no make_tiny)")
         taken = [path for path in (args.path, args.dataset) if path is not None and path.exists()]

@@ -322,7 +322,7 @@ def validate_method_config(method_name: Any, distillation_config: Any, pm: Any, 
     if name is None:
         return None, [f"config.distillation_method: unknown method {method_name!r}"
                       f"{suggest(str(method_name), methods)}; installed: {', '.join(methods) or 'none'}"]
-    cls = methods[name].cls
+    method_cls = methods[name].cls
     schemas = {m: entry.cls.schema for m, entry in methods.items()}
     section, problems = parse_distillation_config(distillation_config)
     warnings: list[str] = []
@@ -332,9 +332,9 @@ def validate_method_config(method_name: Any, distillation_config: Any, pm: Any, 
         return None, problems
     elsewhere = {key.name: f"method {m}" for m in sorted(schemas, reverse=True) if m != name
                  for key in schemas[m].keys}  # (the first method by name wins a key several know)
-    values, problems, _ = cls.schema.validate(section, prefix="distillation_config", known_elsewhere=elsewhere)
+    values, problems, _ = method_cls.schema.validate(section, prefix="distillation_config", known_elsewhere=elsewhere)
     if problems:
         return None, problems
-    if family_cls is not None and hasattr(cls, "config_warnings"):
-        warnings += list(cls.config_warnings(values, family_cls, dict(host or {})))
-    return MethodSelection(name, cls, values, warnings), []
+    if family_cls is not None:
+        warnings += list(method_cls.config_warnings(values, family_cls, dict(host or {})))
+    return MethodSelection(name, method_cls, values, warnings), []

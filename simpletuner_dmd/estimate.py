@@ -58,7 +58,7 @@ def transformer_config(family: Any, model: str) -> dict:
     for candidate in (folder / "transformer" / "config.json", folder / "config.json"):
         if candidate.is_file():
             return json.loads(candidate.read_text(encoding="utf-8"))
-    published = getattr(family, "published_configs", {}) or {}
+    published = family.published_configs or {}
     if model in published:
         return dict(published[model])
     known = ", ".join(published) or "none"
@@ -167,7 +167,7 @@ def step_time_range(est: Estimate, family: Any, method_plan: dict | None) -> str
     kind = "lora" if method_plan is None else ("dmd_full" if (method_plan.get("second_network") or {}).get(
         "kind") == "full" else "dmd")
     # a network of experts runs one of them per call: its work is that share of its parameters
-    work = est.parameters["total"] * float(getattr(family, "active_parameter_share", 1.0)) * est.shape["tokens"]
+    work = est.parameters["total"] * float(family.active_parameter_share) * est.shape["tokens"]
     best = None
     for row in rows:
         if row["kind"] != kind or row["model"] not in sizes:
@@ -198,16 +198,11 @@ def advice(est: Estimate, gpu_gib: float, host: dict) -> list[str]:
     return tips
 
 
-def layout_for(memory_plan: Any, family: Any, frames: int) -> dict[str, Any]:
-    """What a method's ``memory_plan`` may also take, when its signature names it: ``layout``, the sample's latent
-    frames and whether the family is block-causal (a causal rollout's passes depend on both)."""
-    import inspect
-
-    if "layout" not in inspect.signature(memory_plan).parameters:
-        return {}
-    stride = int(getattr(family, "frame_stride", 1) or 1)
-    return {"layout": {"causal": bool(getattr(family, "causal", False)),
-                       "latent_frames": 1 + (max(1, int(frames)) - 1) // stride}}
+def layout_for(family: Any, frames: int) -> dict[str, Any]:
+    """The ``layout`` a method's ``memory_plan`` takes: the sample's latent frames and whether the family is
+    block-causal (a causal rollout's passes depend on both)."""
+    stride = int(family.frame_stride or 1)
+    return {"causal": bool(family.causal), "latent_frames": 1 + (max(1, int(frames)) - 1) // stride}
 
 
 def print_estimate(args, rc: Any) -> int:
@@ -216,16 +211,15 @@ def print_estimate(args, rc: Any) -> int:
     does not. ``rc`` gives ``host`` (the host keys), ``family_cls``, ``method_cls``, ``method_name`` and
     ``method_config``."""
     host, family = rc.host, rc.family_cls(autocast_dtype=None)
-    for member in ("meta_network", "activation_shape"):
-        if not hasattr(family, member):
+    for member, value in (("meta_network", family.meta_network), ("activation_shape", family.activation_shape)):
+        if value is None:
             raise UserError(f"estimate: the {family.name} family does not describe its memory ({member})")
     plan = None
     width = args.width or host["validation_resolution"][0]
     height = args.height or host["validation_resolution"][1]
     frames = args.frames or host["validation_num_video_frames"]
     if rc.method_cls is not None:
-        make_plan = getattr(rc.method_cls, "memory_plan", None)
-        plan = make_plan(rc.method_config, host, **layout_for(make_plan, family, frames)) if make_plan else {}
+        plan = rc.method_cls.memory_plan(rc.method_config, host, layout_for(family, frames))
     config = transformer_config(family, str(host["pretrained_model_name_or_path"]))
     est = estimate(family=family, config=config, host=host, method_plan=plan, width=width, height=height,
                    frames=frames)

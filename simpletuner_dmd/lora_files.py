@@ -18,7 +18,7 @@ MAIN_FILE = "pytorch_lora_weights.safetensors"
 def read_lora(family: Any, folder: Path) -> dict:
     """The peft state of the student adapter (keys as ``get_peft_model_state_dict`` gives them for the family's
     network) from a folder ``save_lora`` wrote, or from the one file of a one-file family."""
-    own = getattr(family, "read_lora", None)
+    own = None if family is None else family.read_lora  # None: the one-file default
     if own is not None:
         return own(Path(folder))
     from safetensors.torch import load_file
@@ -30,7 +30,7 @@ def read_lora(family: Any, folder: Path) -> dict:
 
 def load_into_pipeline(family: Any, pipe: Any, folder: Path, *, adapter_name: str) -> None:
     """Load the student from ``folder`` into a stock diffusers pipeline under ``adapter_name``."""
-    own = getattr(family, "load_lora_into_pipeline", None)
+    own = None if family is None else family.load_lora_into_pipeline  # None: the one-file default
     if own is not None:
         own(pipe, Path(folder), adapter_name=adapter_name)
     else:
@@ -39,7 +39,7 @@ def load_into_pipeline(family: Any, pipe: Any, folder: Path, *, adapter_name: st
 
 def loading_code(family: Any) -> list[str]:
     """The model card's lines that load the student into ``pipe``."""
-    own = getattr(family, "lora_loading_code", None)
+    own = None if family is None else family.lora_loading_code  # None: the one-file default
     if own is not None:
         return list(own())
     return [f'pipe.load_lora_weights("path/to/this/folder")  # {MAIN_FILE}']

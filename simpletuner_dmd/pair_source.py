@@ -103,7 +103,7 @@ class PairSource:
         """Generate (every process its share; the main process's shape decides) or reuse the pairs for ``shape``."""
         cfg, run = self.cfg, self.run
         self.shape = shape
-        dtype = getattr(self.family, "autocast_dtype", None) or torch.float32
+        dtype = self.family.autocast_dtype or torch.float32
         per_pair = (len(self.steps) + 2) * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         teacher_module = run.teacher if run.teacher is not None else run.student
         spec = ODEPairSpec(

@@ -22,6 +22,8 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError
+from .family_base import FamilyBase
+from .method_base import MethodBase
 
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "simpletuner_dmd.methods.dmd.plugin",
@@ -114,7 +116,19 @@ def _distribution_of(plugin: object) -> str:
     return names[0] if names else ("(not installed)" if top != "simpletuner_dmd" else DISTRIBUTION)
 
 
-def _collect(pm: pluggy.PluginManager, hook_name: str, kind: str) -> dict[str, Registered]:
+def _give_defaults(cls: type, base: type) -> None:
+    """A class registered without deriving from ``base`` (``FamilyBase``, ``MethodBase``: a plugin written before
+    them) gets ``base``'s default for each optional member it lacks, set on the class itself, so that hosts and methods
+    read every declared member as a plain attribute of any registered class. (``simpletuner_names`` is left unset: the
+    bridge reads it from the class's own ``vars()``, where absent already means none.)"""
+    if not isinstance(cls, type) or issubclass(cls, base):
+        return
+    for member, default in vars(base).items():
+        if not member.startswith("_") and member != "simpletuner_names" and not hasattr(cls, member):
+            setattr(cls, member, default)
+
+
+def _collect(pm: pluggy.PluginManager, hook_name: str, kind: str, base: type) -> dict[str, Registered]:
     found: dict[str, Registered] = {}
     hook = getattr(pm.hook, hook_name)
     for impl in hook.get_hookimpls():
@@ -124,6 +138,7 @@ def _collect(pm: pluggy.PluginManager, hook_name: str, kind: str) -> dict[str, R
             name = getattr(cls, "name", None)
             if not isinstance(name, str) or not name:
                 raise PluginError(f"{kind} class {cls!r} from plugin {impl.plugin_name!r} has no string 'name'")
+            _give_defaults(cls, base)
             dist = getattr(pm, "distributions", {}).get(impl.plugin_name) or _distribution_of(impl.plugin)
             entry = Registered(name, cls, impl.plugin_name, dist)
             if name in found:
@@ -137,7 +152,7 @@ def _collect(pm: pluggy.PluginManager, hook_name: str, kind: str) -> dict[str, R
 
 
 def registered_methods(pm: pluggy.PluginManager) -> dict[str, Registered]:
-    methods = _collect(pm, "register_methods", "method")
+    methods = _collect(pm, "register_methods", "method", MethodBase)
     folded: dict[str, Registered] = {}
     for name, entry in methods.items():  # matched without regard to case (find_method): names must differ in more
         other = folded.setdefault(name.casefold(), entry)
@@ -159,7 +174,7 @@ def find_method(name: object, methods: dict[str, Registered]) -> str | None:
 
 
 def registered_families(pm: pluggy.PluginManager) -> dict[str, Registered]:
-    return _collect(pm, "register_model_families", "model family")
+    return _collect(pm, "register_model_families", "model family", FamilyBase)
 
 
 def get_method_class(pm: pluggy.PluginManager, name: str) -> type:

@@ -18,8 +18,15 @@ if TYPE_CHECKING:
 class Batch:
     """One micro-batch as the host hands it to ``distill_loss``.
 
-    ``latents`` are ``(B, C, F, H, W)`` (an image is ``F = 1``); ``cond`` is the family's condition for the batch
-    (Wan: prompt embeddings ``(B, L, D)``); ``captions`` are the texts behind ``cond``.
+    ``latents`` are ``(B, C, F, H, W)`` (an image is ``F = 1``); ``captions`` are the texts behind ``cond``.
+
+    ``cond`` is the family's condition for the batch, whatever its ``encode_prompts`` returns; methods only hand it
+    back to the family (``predict_flow``, ``concat_conditions``, ``repeat_condition``). The reference host, though,
+    caches one condition per caption, collates them and drops captions on them as a tensor ``(B, L, D)`` (``L``
+    tokens of width ``D`` per sample; shorter rows are zero-padded at the end to the batch's longest, which must not
+    change what they mean; caption dropout swaps whole rows with ``torch.where``): a family served by the reference
+    host encodes to that shape — SD3 packs its pooled embedding into token row 0 to fit (``families/sd3.py``). The
+    SimpleTuner bridge passes whatever the family's ``from_simpletuner_batch`` returns.
     """
 
     latents: torch.Tensor
@@ -169,12 +176,8 @@ class ModelFamily(Protocol):
     def frame_axis(self) -> int:
         """The axis of latent frames in the family's latent layout (Wan: 2 in ``(B, C, F, H, W)``)."""
 
-    # Optional (not part of the runtime check), for a family with ``causal = True``: ``block_causal(network)``, the
-    # network's block-causal switch (``simpletuner_dmd.families.block_causal.BlockCausalWan``: ``frame_blocks``,
-    # ``new_cache``, ``tokens_per_frame``, ``masked``, ``cached``); DMD's Self-Forcing rollout and sampler use it.
-    # Optional (not part of the runtime check): ``gan_feature_module(network) -> (module, width)``, the submodule of
-    # ``network`` whose output ``(B, width)`` or ``(B, tokens, width)`` DMD2's GAN classifier reads (Wan: the last
-    # transformer block). DMD's ``gan_loss_weight`` > 0 needs it and says so by name when a family lacks it.
+    # The optional members (``block_causal``, ``gan_feature_module``, …), each with its default and its caller, are
+    # declared by ``simpletuner_dmd.family_base.FamilyBase``, which every family class derives from.
 
 
 @runtime_checkable
@@ -211,24 +214,8 @@ class LoadingFamily(ModelFamily, Protocol):
     def euler_sampler(self, network: torch.nn.Module, *, steps: int, shift: float) -> Sampler:
         """The host's default sampler (the teacher's): Euler on the flow ODE over ``steps`` shifted σs."""
 
-    # Optional (not part of the runtime check): ``original_lora_state(lora_state, peft_config) -> dict``, the
-    # adapter in the key layout of the model's original code (Wan: ``diffusion_model.blocks.N.self_attn.q.lora_down``
-    # / ``lora_up`` / ``alpha``, which ComfyUI and published LoRAs use), raising ValueError for a module that layout
-    # cannot name; the reference host writes it beside the diffusers file. ``pipeline_class``: the name of the stock
-    # diffusers pipeline that loads the student (model cards use it; default ``DiffusionPipeline``).
-    # For ``simpletuner-dmd estimate``: ``published_configs`` (hub id → the network's config), ``meta_network(config)``
-    # (the network on the meta device, to count parameters) and ``activation_shape(config, width=, height=, frames=)``
-    # → ``{"tokens", "hidden", "ffn", "blocks"}`` per sample; ``active_parameter_share`` (default 1: the share of the
-    # parameters one call runs; Wan 2.2 A14B: 0.5, one expert of two), which the step-time range scales by.
-    # A family whose student LoRA is more than one file (Wan 2.2 A14B: one per expert) implements
-    # ``read_lora(folder) -> peft state``, ``load_lora_into_pipeline(pipe, folder, adapter_name=)`` and
-    # ``lora_loading_code() -> lines`` (``simpletuner_dmd.lora_files`` supplies the one-file defaults), and its
-    # ``original_lora_state`` may return ``{tag: state}``, written as one file per tag. ``card_notes``: paragraphs the
-    # model card adds to its ComfyUI section. ``config_problems(host) -> list[str]``: the host settings the family cannot
-    # run (Wan 2.2 A14B: ``model_type: full``), reported with the config's other problems. ``routes_by_timestep``:
-    # True when one call may run different sub-networks by timestep (so methods that read one network's features,
-    # DCM's discriminator and DMD2's GAN classifier, refuse it by name). ``make_tiny(path, *, seed=0) -> path``: a
-    # tiny pipeline of the family built from config and saved offline (``simpletuner-dmd make-tiny``).
+    # The optional members (``original_lora_state``, ``pipeline_class``, the estimate's ``meta_network``, …) are
+    # declared by ``FamilyBase``, with their defaults and callers.
 
 
 @runtime_checkable
@@ -238,15 +225,9 @@ class Method(Protocol):
     manager; the instance implements the step-loop hooks of ``hookspecs`` with ``@hookimpl`` (``distill_setup`` and
     ``distill_loss`` at least).
 
-    Optional: ``config_warnings(config, family_cls, host) -> list[str]``, a static method returning one warning per
-    key that does not apply with that family or host config (hosts show them at start-up); ``progress_metrics``, a
-    tuple of the log names a host's progress bar shows (DMD: ``dmd_loss``, ``fake_score_loss``); ``usage_notes(config)
-    -> list[str]``, a static method returning what a user of the exported student must know beyond its schedule
-    (model cards show each as a paragraph); ``memory_plan(config, host[, layout]) -> dict``, a static method saying
-    what ``simpletuner-dmd estimate`` needs: ``second_network`` (``{"kind": "lora" | "full", "rank": r}`` or None) and
-    ``passes_per_step`` (network passes per optimizer step by role, averaged), and optionally ``student_graphs``
-    (the forward graphs the student's backward holds at once: default 1); a ``memory_plan`` that names a ``layout``
-    parameter also gets ``{"causal": bool, "latent_frames": F}`` for the sample being estimated."""
+    The optional members (``config_warnings``, ``progress_metrics``, ``usage_notes``, ``memory_plan``,
+    ``streaming``), each with its default and its caller, are declared by ``simpletuner_dmd.method_base.MethodBase``,
+    which every method class derives from."""
 
     name: str  # the value of distillation_method
     summary: str  # one line for `simpletuner-dmd plugins` and the docs' key tables

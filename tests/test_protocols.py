@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from simpletuner_dmd import types as T
+from simpletuner_dmd.family_base import FamilyBase
+from simpletuner_dmd.method_base import MethodBase
 from simpletuner_dmd.plugins import get_plugin_manager, registered_families, registered_methods
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,6 +59,7 @@ def test_every_family_is_a_model_family_and_the_reference_hosts_are_loading_fami
     assert {"wan", "gmm"} <= set(families)
     for name, entry in families.items():
         cls = entry.cls
+        assert issubclass(cls, FamilyBase), f"{name}: the optional members' defaults are FamilyBase's"
         instance = cls(autocast_dtype=None)  # how hosts construct a family
         assert isinstance(instance, T.ModelFamily), name
         for member, spec in _protocol_members(T.LoadingFamily).items():
@@ -73,6 +76,7 @@ def test_every_method_is_a_method(plugins):
     assert {"dmd", "lcm", "dcm", "guidance_distill"} <= set(methods)
     for name, entry in methods.items():
         cls = entry.cls
+        assert issubclass(cls, MethodBase), f"{name}: the optional members' defaults are MethodBase's"
         assert cls.name == name and cls.summary and cls.schema.keys, name
         assert list(inspect.signature(cls.__init__).parameters) == ["self", "config"], name
         assert isinstance(cls(cls.schema.defaults()), T.Method), name

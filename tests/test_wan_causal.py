@@ -99,9 +99,10 @@ def test_estimate_hands_the_causal_layout_to_the_plan():
     from simpletuner_dmd.methods.dmd.method import DMD
     from simpletuner_dmd.methods.ode_init.method import ODEInit
 
-    assert layout_for(DMD.memory_plan, WanCausalFamily(), 81) == {"layout": {"causal": True, "latent_frames": 21}}
-    assert layout_for(DMD.memory_plan, WanFamily(), 9) == {"layout": {"causal": False, "latent_frames": 3}}
-    assert layout_for(ODEInit.memory_plan, WanCausalFamily(), 81) == {}  # a plan without a layout parameter: none
+    assert layout_for(WanCausalFamily(), 81) == {"causal": True, "latent_frames": 21}
+    assert layout_for(WanFamily(), 9) == {"causal": False, "latent_frames": 3}
+    ode_cfg = ODEInit.schema.defaults()  # every plan takes the layout; ODE init's passes do not depend on it
+    assert ODEInit.memory_plan(ode_cfg, {}, layout_for(WanCausalFamily(), 81)) == ODEInit.memory_plan(ode_cfg, {})
     # Self-Forcing's layout: 21 latent frames in blocks of 3 (7 blocks), exit at a uniform step of 4
     cfg = {**DMD.schema.defaults(), "dmd_denoising_steps": [1000, 750, 500, 250]}
     plan = DMD.memory_plan(cfg, {"model_type": "lora"}, layout={"causal": True, "latent_frames": 21})

@@ -55,6 +55,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..family_base import FamilyBase
 from ..hookspecs import hookimpl
 from .common import autocast, euler_sampler, load_part, lora_metadata, peft_scale
 
@@ -105,7 +106,7 @@ PUBLISHED_CONFIGS = {
 }
 
 
-class SD3Family:
+class SD3Family(FamilyBase):
     name = "sd3"
     summary = "Stable Diffusion 3/3.5 text-to-image (diffusers SD3Transformer2DModel), flow matching, static shift 3"
     causal = False

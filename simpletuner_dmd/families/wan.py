@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..family_base import FamilyBase
 from ..hookspecs import hookimpl
 from .common import autocast, euler_sampler, load_part, lora_metadata, peft_scale
 from .wan_tiny import make_tiny_wan
@@ -57,7 +58,7 @@ def _original_name(module: str) -> str | None:
     return None
 
 
-class WanFamily:
+class WanFamily(FamilyBase):
     name = "wan"
     summary = "Wan 2.1 T2V (diffusers WanTransformer3DModel), bidirectional, flow matching"
     causal = False

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from simpletuner_dmd import hookimpl
+from simpletuner_dmd import FamilyBase, hookimpl
 
 
-class GMMFamily:
+class GMMFamily(FamilyBase):
     name = "gmm"
     summary = "2-D Gaussian mixture: exact flow-matching teacher, MLP student and fake score (example plugin)"
     causal = False

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from simpletuner_dmd import Key, Schema, StepLoss, hookimpl
+from simpletuner_dmd import Key, MethodBase, Schema, StepLoss, hookimpl
 from simpletuner_dmd.config import in_range
 
 SCHEMA = Schema(keys=(
@@ -26,7 +26,7 @@ SCHEMA = Schema(keys=(
 ))
 
 
-class GuidanceDistill:
+class GuidanceDistill(MethodBase):
     name = "guidance_distill"
     summary = "Guidance distillation: the student learns the teacher's CFG flow in one call (example plugin)"
     schema = SCHEMA

@@ -117,7 +117,7 @@ def backend_file_problems(path: str, family_cls: type | None = None) -> list[str
         return list(exc.problems)
     except UserError as exc:
         return [str(exc)]
-    if family_cls is not None and not getattr(family_cls, "video", True):
+    if family_cls is not None and not family_cls.video:
         return [f"{path}: dataset {b['id']!r} is a video dataset, but the {family_cls.name} family makes images only"
                 for b in backends if b.get("dataset_type") == "video"]
     return []
@@ -127,7 +127,7 @@ def family_key_problems(host: dict, family_cls: type) -> list[str]:
     """The host keys whose valid values depend on the model family's media rules (``LoadingFamily.size_multiple``,
     ``frame_stride``): the validation sample's size and frame count."""
     problems = []
-    multiple, stride = getattr(family_cls, "size_multiple", 1), getattr(family_cls, "frame_stride", 1)
+    multiple, stride = family_cls.size_multiple, family_cls.frame_stride
     w, h = host["validation_resolution"]  # (a family without the rules cannot run in this host: it loads nothing)
     if w % multiple or h % multiple or w < multiple or h < multiple:
         problems.append(f"config.validation_resolution: width and height must be multiples of {multiple} for the "
@@ -137,9 +137,7 @@ def family_key_problems(host: dict, family_cls: type) -> list[str]:
         examples = ", ".join(str(1 + stride * k) for k in range(4))
         problems.append(f"config.validation_num_video_frames: must be 1 + {stride}k ({examples}, …) for the "
                         f"{family_cls.name} family, got {frames}")
-    own = getattr(family_cls, "config_problems", None)  # what else the family cannot run (Wan 2.2: model_type full)
-    if own is not None:
-        problems += list(own(host))
+    problems += list(family_cls.config_problems(host))  # what else the family cannot run (Wan 2.2: model_type full)
     return problems
 
 

@@ -161,7 +161,7 @@ def _run(rc: RunConfig, pm, notify: Notifier) -> Path:
 
     # ---- 4. the method
     method = None
-    shown = tuple(getattr(rc.method_cls, "progress_metrics", ()))  # the method names what its progress bar shows
+    shown = () if rc.method_cls is None else tuple(rc.method_cls.progress_metrics)  # the method names its bar's logs
     if rc.method_cls is not None:
         method = rc.method_cls(rc.method_config)
         pm.register(method, name=f"method:{rc.method_name}")

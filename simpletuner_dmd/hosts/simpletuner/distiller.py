@@ -113,7 +113,7 @@ def from_simpletuner_batch(family: Any, prepared_batch: Mapping[str, Any]) -> tu
     """SimpleTuner's prepared batch → ``(latents (B, C, F, H, W), cond)`` for ``family``: its own
     ``from_simpletuner_batch`` when it has one, else SimpleTuner's ``latents`` and ``encoder_hidden_states`` as they
     are (Wan's batch: ``(B, 16, F, h, w)`` and ``(B, L, D)``)."""
-    convert = getattr(family, "from_simpletuner_batch", None)
+    convert = family.from_simpletuner_batch
     if convert is not None:
         return convert(prepared_batch)
     return prepared_batch["latents"], prepared_batch["encoder_hidden_states"]
@@ -123,7 +123,7 @@ def as_condition(encoded: Any, family: Any = None) -> torch.Tensor:
     """SimpleTuner's ``encode_text_batch`` output for one text → the family's condition ``(1, ...)``: the family's own
     ``from_simpletuner_text`` when it has one; else Wan's (``{"prompt_embeds", "attention_masks"}``, or the raw
     ``(embeds, masks)``) → the ``(1, L, D)`` tensor its batches carry as ``encoder_hidden_states``."""
-    convert = getattr(family, "from_simpletuner_text", None)
+    convert = None if family is None else family.from_simpletuner_text
     if convert is not None:
         return convert(encoded)
     if isinstance(encoded, Mapping):

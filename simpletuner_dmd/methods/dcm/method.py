@@ -30,6 +30,7 @@ import torch
 from ...adapters import adapter_parameters, named_adapter_parameters
 from ...errors import UserError
 from ...hookspecs import hookimpl
+from ...method_base import MethodBase
 from ...nonfinite import DEFAULT_LIMIT, NonFiniteGuard
 from ...optimizers import adamw
 from ...passes import PassCounter
@@ -37,7 +38,7 @@ from ...types import Batch, RunContext, StepInfo, StepLoss
 from ...method_toolkit import Weights, load_method_state, save_method_state
 from ...networks import Networks, frozen, guided_batch
 from ...flow import add_noise, guided, guided_self_forcing
-from .discriminator import Discriminator, capture, feature_layers, find_blocks, first_output, hidden_width
+from .discriminator import Discriminator, capture, feature_layers, find_blocks, hidden_width
 from .loss import (adversarial_index, boundary_timestep, euler_sigmas, expert_of, feature_matching, hinge_d_loss,
                    hinge_g_loss, phase_edges, phase_end, phase_jump, renoise)
 from .config import DCM_SCHEMA, dcm_warnings
@@ -56,7 +57,7 @@ class _Detail:
     cond: Any
 
 
-class DCM:
+class DCM(MethodBase):
     name = "dcm"
     summary = "Dual-expert consistency model: semantic + detail LoRA experts switched by timestep, GAN on the detail"
     schema = DCM_SCHEMA
@@ -96,7 +97,7 @@ class DCM:
         self.student_adapter = run.student_adapter
         if not self.fine:
             return
-        if getattr(run.family, "routes_by_timestep", False):
+        if run.family.routes_by_timestep:
             raise UserError(f"DCM's fine phase: its discriminator reads one list of blocks, but the {run.family.name!r} "
                             f"family runs different sub-networks by timestep; use mode \"semantic\"")
         self.detail_params = self.nets.add_adapter(DETAIL_ADAPTER, cfg["detail_lora_rank"])
@@ -183,7 +184,7 @@ class DCM:
     def _teacher_features(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> list[torch.Tensor]:
         # The bare module: the gradient of this pass goes to the sample only, never to a parameter (DDP must not wait
         # for one).
-        with capture(self.blocks, self.layers, getattr(self.family, "block_features", first_output)) as feats:
+        with capture(self.blocks, self.layers, self.family.block_features) as feats:
             self.nets.teacher_flow(x, t, cond, bare=True)
         return list(feats)
 

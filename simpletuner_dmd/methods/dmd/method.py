@@ -27,6 +27,7 @@ from ...adapters import named_adapter_parameters
 from ...flow import flow_to_x0
 from ...errors import UserError
 from ...hookspecs import hookimpl
+from ...method_base import MethodBase
 from ...nonfinite import DEFAULT_LIMIT, NonFiniteGuard
 from ...networks import Networks
 from ...optimizers import adamw
@@ -54,7 +55,7 @@ class _Stash:
     denoised_to: float
 
 
-class DMD:
+class DMD(MethodBase):
     name = "dmd"
     summary = "Distribution Matching Distillation (DMD2 / Self-Forcing): few-step student, fake score as an adapter"
     schema = DMD_SCHEMA
@@ -62,7 +63,7 @@ class DMD:
 
     @staticmethod
     def config_warnings(config: dict[str, Any], family_cls: type, host: dict[str, Any]) -> list[str]:
-        out = block_key_warnings(config, getattr(family_cls, "causal", False), family_cls.name)
+        out = block_key_warnings(config, family_cls.causal, family_cls.name)
         steps = len(config["dmd_denoising_steps"])
         student_lr = host.get("learning_rate")
         if student_lr and config["fake_score_lr"] < student_lr:
@@ -163,7 +164,7 @@ class DMD:
         self.run = run
         self.family = run.family
         # a block-causal family (causal = True, with block_causal(network)): the Self-Forcing rollout and sampler
-        self.causal = bool(getattr(run.family, "causal", False))
+        self.causal = bool(run.family.causal)
         self.accelerator = run.accelerator
         self.student = run.student  # the bare module: adapters, state, sampling
         fake_type = cfg["fake_score_type"]
@@ -188,7 +189,7 @@ class DMD:
             self.fake_net = self.accelerator.prepare_model(self.fake_net)
         self.gan_head: GANHead | None = None
         if cfg["gan_loss_weight"] > 0:
-            named = getattr(self.family, "gan_feature_module", None)
+            named = self.family.gan_feature_module
             if named is None:
                 raise UserError(f"distillation_config.gan_loss_weight: the {self.family.name!r} family does not name "
                                 f"the fake score's features (gan_feature_module), so the GAN term cannot run with it")

@@ -22,6 +22,7 @@ import torch
 
 from ...method_toolkit import load_method_state, save_method_state
 from ...hookspecs import hookimpl
+from ...method_base import MethodBase
 from ...passes import PassCounter
 from ...types import Batch, RunContext, StepInfo, StepLoss
 from ...networks import Networks, guided_batch
@@ -30,7 +31,7 @@ from .loss import consistency_loss, consistency_output, sampling_timesteps, skip
 from .config import LCM_SCHEMA
 
 
-class LCM:
+class LCM(MethodBase):
     name = "lcm"
     summary = "Latent Consistency Model distillation (LCM-LoRA design): any-step student, no extra network"
     schema = LCM_SCHEMA

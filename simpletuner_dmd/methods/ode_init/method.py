@@ -33,6 +33,7 @@ import torch
 from ...fewstep_sampling import few_step_sampler, streaming_settings
 from ...flow import T_MAX
 from ...hookspecs import hookimpl
+from ...method_base import MethodBase
 from ...networks import Networks
 from ...passes import PassCounter
 from ...pair_source import PairSource, guided_teacher
@@ -42,7 +43,7 @@ from ...method_toolkit import draw_block_exits, exit_regression, load_method_sta
 from .config import BLOCK_ONLY_KEYS, ODE_INIT_SCHEMA
 
 
-class ODEInit:
+class ODEInit(MethodBase):
     name = "ode_init"
     summary = ("ODE initialisation (CausVid / Self-Forcing): regress the student onto the guided teacher's ODE "
                "trajectories; the first stage of a causal student")
@@ -51,15 +52,16 @@ class ODEInit:
 
     @staticmethod
     def config_warnings(config: dict[str, Any], family_cls: type, host: dict[str, Any]) -> list[str]:
-        if getattr(family_cls, "causal", False):
+        if family_cls.causal:
             return []
         defaults = ODE_INIT_SCHEMA.defaults()
         return [f"distillation_config.{name}: has no effect with the bidirectional family {family_cls.name!r} (the "
                 f"whole clip is one block)" for name in BLOCK_ONLY_KEYS if config[name] != defaults[name]]
 
     @staticmethod
-    def memory_plan(config: dict[str, Any], host: dict[str, Any]) -> dict[str, Any]:
-        """One student forward and backward per step; no second network. The pairs' one-time generation
+    def memory_plan(config: dict[str, Any], host: dict[str, Any], layout: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
+        """One student forward and backward per step, whatever the ``layout``; no second network. The pairs' one-time generation
         (regression_num_pairs × regression_teacher_steps guided teacher passes) is not a per-step cost."""
         return {"second_network": None,
                 "passes_per_step": {"student_forward": 1.0, "student_backward": 1.0, "teacher_forward": 0.0,
@@ -86,7 +88,7 @@ class ODEInit:
         cfg = self.cfg
         self.nets = Networks(run, self.passes, negative_prompt=cfg["negative_prompt"], method_name=self.name)
         self.run, self.family, self.accelerator, self.student = run, run.family, run.accelerator, run.student
-        self.causal = bool(getattr(run.family, "causal", False))
+        self.causal = bool(run.family.causal)
         teacher = guided_teacher(self.nets, cfg["real_score_guidance_scale"], cfg["real_score_guidance_interval"])
         self.pair_source = PairSource(cfg, steps=self.steps, nets=self.nets, family=self.family,
                                       accelerator=self.accelerator, teacher_flow=teacher,

@@ -1,0 +1,131 @@
+"""``FamilyBase``: the class a model family derives from. It declares every *optional* member a host or a method may
+read, with the default a family that does not set it gets; the required members are the ``ModelFamily`` and
+``LoadingFamily`` Protocols in ``types.py``. Hosts and methods read these members as plain attributes, so a family
+class derives from ``FamilyBase`` (a registered class that does not — a plugin written before it — gets the defaults
+it lacks set on it by ``plugins.registered_families``); ``tests/test_bases.py`` checks that nothing reads a member
+declared nowhere.
+
+A callable member whose default is ``None`` is a hook the caller falls back from when absent (the caller and its
+fallback are named in the member's docstring). Kept free of heavy imports: ``import simpletuner_dmd`` loads this.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+
+class FamilyBase:
+    """Optional members of a model family, each with its default, who reads it and when."""
+
+    autocast_dtype: Any = None
+    """The compute dtype of the network's forward (hosts construct ``FamilyClass(autocast_dtype=dtype)``; the family
+    stores it). ``PairSource`` (``pair_source.py``) reads it for the dtype of a method's teacher ODE pairs; ``None``:
+    fp32."""
+
+    video: bool = True
+    """False for an image-only family (SD3): the reference host's ``run_config`` refuses video datasets, and the model
+    card's diffusers call asks for an image instead of frames."""
+
+    size_multiple: int = 1
+    """Pixel widths and heights are multiples of it (``LoadingFamily`` requires it of a family the reference host
+    loads); ``run_config.family_key_problems`` checks the validation size against it. 1: no rule."""
+
+    frame_stride: int = 1
+    """A clip has ``1 + frame_stride·k`` pixel frames (``LoadingFamily`` requires it of a family the reference host
+    loads); ``run_config.family_key_problems`` checks the validation frame count, and ``estimate`` turns frames into
+    latent frames for a method's ``memory_plan`` layout. 1: no rule."""
+
+    pipeline_class: str = "DiffusionPipeline"
+    """The name of the stock diffusers pipeline that loads the student; the reference host's model card
+    (``hosts/reference/export.py``) writes the diffusers example with it."""
+
+    card_notes: tuple[str, ...] = ()
+    """Paragraphs the reference host's model card adds to its ComfyUI section (when an original-layout file was
+    written)."""
+
+    published_configs: Mapping[str, dict] = MappingProxyType({})
+    """Hub id → the network's config, so ``simpletuner-dmd estimate`` (``estimate.transformer_config``) can estimate a
+    published model without downloading it. Empty: local model folders only."""
+
+    active_parameter_share: float = 1.0
+    """The share of the network's parameters one call runs (Wan 2.2 A14B: 0.5, one expert of two);
+    ``estimate.step_time_range`` scales the step-time range by it."""
+
+    routes_by_timestep: bool = False
+    """True when one call may run different sub-networks by timestep (Wan 2.2 A14B): DCM's ``distill_setup`` refuses
+    such a family by name (its discriminator reads one network's features)."""
+
+    simpletuner_names: tuple[tuple[str, str | None], ...] = ()
+    """The SimpleTuner ``(model_family, model_flavour)`` pairs (flavour ``None``: any) this family serves under the
+    SimpleTuner bridge (``hosts/simpletuner/distiller.simpletuner_family_class``). Read from the class's own
+    ``vars()``, *not* inherited: a subclass serves nothing unless it declares the pairs itself (a family derived from
+    SD3's must not claim SD3's names). This default therefore claims nothing."""
+
+    block_causal: Callable[[Any], Any] | None = None
+    """For a family with ``causal = True``: ``block_causal(network)``, the network's block-causal switch
+    (``families.block_causal.BlockCausalWan``: ``frame_blocks``, ``new_cache``, ``tokens_per_frame``, ``masked``,
+    ``cached``). DMD's and ode_init's Self-Forcing rollouts and ``fewstep_sampling``'s streaming sampler call it.
+    ``None``: a bidirectional family."""
+
+    gan_feature_module: Callable[[Any], tuple[Any, int]] | None = None
+    """``gan_feature_module(network) -> (module, width)``: the submodule of ``network`` whose output ``(B, width)`` or
+    ``(B, tokens, width)`` DMD2's GAN classifier reads (Wan: the last transformer block). DMD's ``distill_setup``
+    calls it when ``gan_loss_weight`` > 0, and refuses by name when it is ``None``."""
+
+    @staticmethod
+    def block_features(output: Any) -> Any:
+        """A transformer block's media tokens from the block's output; DCM's discriminator (``capture`` in
+        ``methods/dcm/discriminator.py``) calls it on every block it reads. Default: the output itself, or the first
+        element of a tuple (Wan); SD3's blocks return ``(text, image)`` and take the second."""
+        return output[0] if isinstance(output, tuple) else output
+
+    original_lora_state: Callable[[dict, Any], dict] | None = None
+    """``original_lora_state(lora_state, peft_config) -> dict`` (or ``{tag: state}``, one file per tag): the adapter in
+    the key layout of the model's original code (Wan: ``diffusion_model.blocks.N.self_attn.q.lora_down`` / ``lora_up``
+    / ``alpha``, which ComfyUI and published LoRAs use), raising ValueError for a module that layout cannot name. The
+    reference host's export writes it beside the diffusers file. ``None``: no original-layout file."""
+
+    read_lora: Callable[[Any], dict] | None = None
+    """``read_lora(folder) -> peft state`` for a family whose student LoRA is more than one file (Wan 2.2 A14B: one per
+    expert); ``lora_files.read_lora`` calls it (``sample``, resuming). ``None``: ``lora_files``' one-file default."""
+
+    load_lora_into_pipeline: Callable[..., None] | None = None
+    """``load_lora_into_pipeline(pipe, folder, *, adapter_name)`` for a many-file student; ``lora_files``'s
+    ``load_into_pipeline`` calls it (``sample``). ``None``: ``pipe.load_lora_weights``."""
+
+    lora_loading_code: Callable[[], list[str]] | None = None
+    """``lora_loading_code() -> lines`` for a many-file student: the model card's lines that load it into ``pipe``
+    (``lora_files.loading_code``). ``None``: one ``pipe.load_lora_weights`` line."""
+
+    @staticmethod
+    def config_problems(host: dict) -> list[str]:
+        """The host settings the family cannot run (Wan 2.2 A14B: ``model_type: full``), one message each; the
+        reference host's ``run_config.family_key_problems`` reports them with the config's other problems, before
+        anything loads. Default: none."""
+        return []
+
+    meta_network: Callable[[dict], Any] | None = None
+    """``meta_network(config)``: the network on the meta device, which ``simpletuner-dmd estimate`` counts parameters
+    of. ``None``: the family does not describe its memory, and ``estimate`` says so by name."""
+
+    activation_shape: Callable[..., dict[str, int]] | None = None
+    """``activation_shape(config, *, width, height, frames) -> {"tokens", "hidden", "ffn", "blocks"}`` per sample, for
+    ``simpletuner-dmd estimate``. ``None``: as ``meta_network``."""
+
+    make_tiny: Callable[..., Any] | None = None
+    """``make_tiny(path, *, seed=0) -> path``: a tiny pipeline of the family built from config and saved offline;
+    ``simpletuner-dmd make-tiny`` calls it. ``None``: the command refuses the family by name."""
+
+    from_simpletuner_batch: Callable[[Mapping[str, Any]], tuple[Any, Any]] | None = None
+    """``from_simpletuner_batch(prepared_batch) -> (latents (B, C, F, H, W), cond)``: SimpleTuner's prepared batch in
+    this family's layout; the SimpleTuner bridge (``hosts/simpletuner/distiller.py``) calls it on every micro-batch.
+    ``None``: SimpleTuner's ``latents`` and ``encoder_hidden_states`` as they are (Wan)."""
+
+    from_simpletuner_text: Callable[[Any], Any] | None = None
+    """``from_simpletuner_text(encoded) -> cond (1, ...)``: SimpleTuner's ``encode_text_batch`` output for one text
+    (the negative prompt, the validation prompt) as this family's condition; the SimpleTuner bridge's
+    ``as_condition`` calls it. ``None``: Wan's ``prompt_embeds`` as a ``(1, L, D)`` tensor."""
+
+
+__all__ = ["FamilyBase"]
