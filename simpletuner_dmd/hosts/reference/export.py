@@ -97,10 +97,9 @@ def _write_export(job: Any, export: Export, stage: Path, notes: list[str]) -> No
 
 def streaming_info(family: Any, export: Export) -> dict[str, Any] | None:
     """How a block-causal student must be run (the method's ``streaming(config)``), for a causal family only."""
-    describe = getattr(export.method_cls, "streaming", None)
-    if not getattr(family, "causal", False) or describe is None:
+    if export.method_cls is None or not family.causal:
         return None
-    return describe(export.method_config)
+    return export.method_cls.streaming(export.method_config)
 
 
 def original_lora_name(family_name: str, method_name: str | None, scheduler: Any, rank: int) -> str:
@@ -117,7 +116,7 @@ def _write_original(family, state, config, folder: Path, name: str, export: Expo
     """The student in the original layout (``family.original_lora_state``), as ``name`` — or, for a family whose
     converter returns one state per part (``{tag: state}``: Wan 2.2's two experts), as ``<name>_<tag>`` per part.
     Returns the file names written (none: the family has no original layout, or a module has no name there)."""
-    convert = getattr(family, "original_lora_state", None)
+    convert = family.original_lora_state
     if convert is None:
         return []
     try:
@@ -190,8 +189,7 @@ def model_card(*, host: dict, family: Any, export: Export, scheduler: Any, origi
             lines.append(f"| x̂0 rule | LCM's boundary scalings at timestep_scaling "
                          f"{cfg.consistency_timestep_scaling:g} (c_skip ≤ {float(c_skip):.2g} at these timesteps) |")
         lines += [""]
-        notes = getattr(export.method_cls, "usage_notes", None)
-        for note in (notes(export.method_config) if notes else []):
+        for note in ([] if export.method_cls is None else export.method_cls.usage_notes(export.method_config)):
             lines += [note, ""]
 
     stream = streaming_info(family, export)
@@ -210,7 +208,7 @@ def model_card(*, host: dict, family: Any, export: Export, scheduler: Any, origi
                   + (" (the first frame alone)" if stream["independent_first_frame"] else "") + " |",
                   f"| context written to the KV cache at timestep | {stream['context_noise']:g} |",
                   f"| KV cache window (latent frames) | {stream['kv_cache_window'] or 'all'} |", ""]
-    pipeline_cls = getattr(family, "pipeline_class", "DiffusionPipeline")
+    pipeline_cls = family.pipeline_class
     lines += ["## Use it in diffusers", "", "```python", "import torch", f"from diffusers import {pipeline_cls}"]
     if scheduler is not None:
         lines.append("from simpletuner_dmd.fewstep_scheduler import FewStepFlowScheduler")
@@ -224,7 +222,7 @@ def model_card(*, host: dict, family: Any, export: Export, scheduler: Any, origi
     call.append(f"    width={w}, height={h},")
     if host.get("tokenizer_max_length"):  # a base trained with shorter prompts must be run with them
         call.append(f"    max_sequence_length={host['tokenizer_max_length']},")
-    lines += [*_pipeline_call(getattr(family, "video", True), frames, call), "```", ""]
+    lines += [*_pipeline_call(family.video, frames, call), "```", ""]
     if scheduler is not None:
         lines += ["Stock pipelines pass no generator to the scheduler's fresh noise: set `pipe.scheduler.generator = "
                   "torch.Generator().manual_seed(…)` to make a sample reproducible.", ""]
@@ -243,7 +241,7 @@ def model_card(*, host: dict, family: Any, export: Export, scheduler: Any, origi
             lines += [f"Sample with *SamplerCustom*: sampler `{sampler}` (its step is this student's step rule), "
                       f"cfg 1.0, and the σ list above as the sigmas (a manual-sigmas node), so that no shift or "
                       "scheduler reshapes it."]
-        lines += [*[f"\n{note}" for note in getattr(family, "card_notes", ())],
+        lines += [*[f"\n{note}" for note in family.card_notes],
                   "", "(This layout is the one diffusers converts on load, which the tests check; ComfyUI itself was "
                   "not run where this was made.)", ""]
     else:
