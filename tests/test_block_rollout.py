@@ -10,7 +10,8 @@ from diffusers import WanTransformer3DModel
 
 from simpletuner_dmd.families.block_causal import BlockCausalWan, KVCache, frame_blocks, frame_timesteps
 from simpletuner_dmd.flow import flow_to_x0
-from simpletuner_dmd.methods.dmd.rollout import block_backward_simulation, draw_block_exits
+from simpletuner_dmd.method_toolkit import draw_block_exits
+from simpletuner_dmd.methods.dmd.rollout import block_backward_simulation
 
 STEPS = [1000, 757, 522]
 

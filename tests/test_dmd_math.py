@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from simpletuner_dmd.flow import add_noise, flow_to_x0, guided, guided_self_forcing, sigma_of
 from simpletuner_dmd.methods.dmd import loss as L
-from simpletuner_dmd.methods.dmd.rollout import backward_simulation, draw_exit_index
+from simpletuner_dmd.method_toolkit import draw_exit_index
+from simpletuner_dmd.methods.dmd.rollout import backward_simulation
 
 
 def test_dmd_loss_gradient_is_grad_over_numel():
@@ -39,7 +41,7 @@ def test_sigma_by_value_matches_diffusers_schedule(shift):
     sched.set_timesteps(50)
     # the scheduler's timesteps are σ·1000 of its shifted σs: σ by value must give back the same σ
     for t, sigma in zip(sched.timesteps, sched.sigmas[:-1]):
-        assert float(L.sigma_of(t.reshape(1))) == pytest.approx(float(sigma), abs=1e-6)
+        assert float(sigma_of(t.reshape(1))) == pytest.approx(float(sigma), abs=1e-6)
     # and our shift reproduces diffusers' shifted training schedule from its unshifted one (an independent
     # implementation: the schedulers' σ tables as built, before set_timesteps)
     unshifted = FlowMatchEulerDiscreteScheduler(shift=1.0).sigmas.float()
@@ -50,7 +52,7 @@ def test_sigma_by_value_matches_diffusers_schedule(shift):
 
 def test_sigma_not_inverted_at_the_ends():
     x0, noise = torch.zeros(2, 16, 3, 4, 4), torch.ones(2, 16, 3, 4, 4)
-    x = L.add_noise(x0, noise, torch.tensor([1000.0, 0.0]))
+    x = add_noise(x0, noise, torch.tensor([1000.0, 0.0]))
     assert torch.equal(x[0], noise[0]) and torch.equal(x[1], x0[1])  # t=1000 is pure noise, t=0 is data
 
 
@@ -60,10 +62,10 @@ def test_layout_round_trip_with_channels_not_frames():
     x0 = torch.randn(b, c, f, h, w)
     noise = torch.randn(b, c, f, h, w)
     t = torch.tensor([800.0, 200.0])
-    x_t = L.add_noise(x0, noise, t)
+    x_t = add_noise(x0, noise, t)
     for i, sigma in enumerate([0.8, 0.2]):  # one σ per sample, the same for every frame and channel
         assert torch.allclose(x_t[i], (1 - sigma) * x0[i] + sigma * noise[i], atol=1e-6)
-    back = L.flow_to_x0(x_t, noise - x0, t)
+    back = flow_to_x0(x_t, noise - x0, t)
     assert back.shape == (b, c, f, h, w)
     assert torch.allclose(back, x0, atol=1e-5)
 
@@ -97,10 +99,10 @@ def test_shift_one_draws_uniformly_in_the_window():
 
 def test_cfg_forms():
     c, u = torch.tensor([2.0]), torch.tensor([1.0])
-    assert L.guided(c, u, 3.0).item() == pytest.approx(1.0 + 3.0 * 1.0)  # u + s(c − u)
-    assert L.guided(c, u, 1.0) is c and L.guided(c, u, 0.0) is c  # off: cond only
+    assert guided(c, u, 3.0).item() == pytest.approx(1.0 + 3.0 * 1.0)  # u + s(c − u)
+    assert guided(c, u, 1.0) is c and guided(c, u, 0.0) is c  # off: cond only
     for s in (0.5, 2.0, 4.0):  # Self-Forcing/FastVideo's c + s(c − u) is the standard form at s + 1
-        assert L.guided_self_forcing(c, u, s).item() == pytest.approx(L.guided(c, u, s + 1.0).item())
+        assert guided_self_forcing(c, u, s).item() == pytest.approx(guided(c, u, s + 1.0).item())
 
 
 def test_critic_flow_target():

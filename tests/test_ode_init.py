@@ -11,8 +11,8 @@ import torch
 from simpletuner_dmd.errors import UserError
 from simpletuner_dmd.families.block_causal import frame_blocks, frame_timesteps
 from simpletuner_dmd.families.wan_causal import WanCausalFamily
-from simpletuner_dmd.methods.dmd.loss import regression_loss
-from simpletuner_dmd.methods.dmd.rollout import draw_block_exits as draw_block_steps  # the draws ode_init uses
+from simpletuner_dmd.method_toolkit import draw_block_exits as draw_block_steps  # the draws ode_init uses
+from simpletuner_dmd.method_toolkit import regression_loss
 from simpletuner_dmd.methods.ode_init.method import ODEInit
 from simpletuner_dmd.plugins import get_plugin_manager, registered_methods
 from tests.tiny_methods import batch, build_method, perturb_adapters, step_info

@@ -16,9 +16,8 @@ import torch
 from simpletuner_dmd.errors import ConfigError, UserError
 from simpletuner_dmd.families.wan import WanFamily
 from simpletuner_dmd.flow import flow_to_x0, guided
-from simpletuner_dmd.methods.dmd import loss as L
+from simpletuner_dmd.method_toolkit import PSEUDO_HUBER_C, draw_exit_index, regression_loss
 from simpletuner_dmd.methods.dmd.method import DMD
-from simpletuner_dmd.methods.dmd.rollout import draw_exit_index
 from simpletuner_dmd.ode_pairs import ODEPairs, ODEPairSpec, generate_shards, ode_grid, prepare_ode_pairs
 from simpletuner_dmd.types import Batch, RunContext
 from tests.tiny_methods import embed, step_info
@@ -289,7 +288,7 @@ def test_regression_term_adds_the_metric_gradient_and_one_student_pass(tmp_path)
     t = torch.full((2,), float(method.steps[k]))
 
     def metric(net):
-        return L.regression_loss(flow_to_x0(pairs.states[:, k], FAMILY.predict_flow(net, pairs.states[:, k], t,
+        return regression_loss(flow_to_x0(pairs.states[:, k], FAMILY.predict_flow(net, pairs.states[:, k], t,
                                                                                   cond), t), pairs.x0, "l2")
 
     reg = metric(hand)
@@ -374,8 +373,8 @@ def test_estimate_counts_the_regression_pass_and_its_second_graph():
 def test_regression_metrics():
     student = torch.zeros(2, 4, 1, 1, 1)
     teacher = torch.cat([torch.ones(1, 4, 1, 1, 1), 3 * torch.ones(1, 4, 1, 1, 1)])
-    assert L.regression_loss(student, teacher, "l2").item() == pytest.approx(5.0)
-    assert L.regression_loss(student, teacher, "l1").item() == pytest.approx(2.0)
-    c = L.PSEUDO_HUBER_C
+    assert regression_loss(student, teacher, "l2").item() == pytest.approx(5.0)
+    assert regression_loss(student, teacher, "l1").item() == pytest.approx(2.0)
+    c = PSEUDO_HUBER_C
     expected = ((1 + c * c) ** 0.5 - c + (9 + c * c) ** 0.5 - c) / 2
-    assert L.regression_loss(student, teacher, "pseudo_huber").item() == pytest.approx(expected)
+    assert regression_loss(student, teacher, "pseudo_huber").item() == pytest.approx(expected)

@@ -7,8 +7,7 @@ from typing import Any
 
 from ...config import Key, Schema, in_range, parse_betas
 # The keys DMD shares with ode_init (and their parsers, re-exported here) live in the method toolkit.
-from ...method_toolkit import (BLOCK_ONLY_KEYS, REGRESSION_METRICS, SHARED_KEYS,  # noqa: F401
-                               parse_interval, parse_latent_shape, parse_prompts)
+from ...method_toolkit import BLOCK_ONLY_KEYS, SHARED_KEYS
 
 K = SHARED_KEYS
 

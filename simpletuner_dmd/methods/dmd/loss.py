@@ -12,10 +12,6 @@ from __future__ import annotations
 import torch
 
 from ...flow import T_MAX, shift_sigma, unshift_sigma
-# Re-exported for DMD's own modules (``L.add_noise``, ``L.guided``, …): the shared flow math lives in ``flow.py``.
-from ...flow import add_noise, flow_to_x0, guided, guided_self_forcing, sigma_of  # noqa: F401
-# DMD v1's regression term, shared with ode_init, lives in the method toolkit (re-exported: ``L.regression_loss``).
-from ...method_toolkit import PSEUDO_HUBER_C, regression_loss  # noqa: F401
 
 
 def dmd_timestep_bounds(

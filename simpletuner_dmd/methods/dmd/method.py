@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from ...adapters import named_adapter_parameters
-from ...flow import flow_to_x0
+from ...flow import add_noise, flow_to_x0, guided_self_forcing
 from ...errors import UserError
 from ...hookspecs import hookimpl
 from ...method_base import MethodBase
@@ -35,8 +35,7 @@ from ...passes import PassCounter
 from ...pair_source import PairSource, guided_teacher, interval_combine
 from ...types import Batch, RunContext, StepInfo, StepLoss
 from .gan import GANHead, captured_output, classifier_loss, generator_loss
-from .loss import (add_noise, critic_flow_loss, dmd_gradient, dmd_loss, dmd_timestep_bounds, guided_self_forcing,
-                   sample_dmd_timesteps)
+from .loss import critic_flow_loss, dmd_gradient, dmd_loss, dmd_timestep_bounds, sample_dmd_timesteps
 from .config import DMD_SCHEMA, block_key_warnings
 from ...fewstep_sampling import block_calls, few_step_sampler, streaming_settings
 from ...method_toolkit import (Weights, draw_block_exits, draw_exit_index, exit_regression, load_method_state,

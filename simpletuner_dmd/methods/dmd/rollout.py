@@ -13,8 +13,6 @@ import torch
 
 from ...fewstep_sampling import PredictBlock, PredictX0, WriteContext
 from ...flow import T_MAX
-# The exit draws are shared with ode_init's regression: they live in the method toolkit (re-exported here).
-from ...method_toolkit import draw_block_exits, draw_exit_index  # noqa: F401
 
 
 @dataclass
