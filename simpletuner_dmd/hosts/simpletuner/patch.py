@@ -274,4 +274,5 @@ def stash_negative_embeds(model, config: dict, method: str) -> None:
     log(f"negative prompt encoded with SimpleTuner's text encoder before it is unloaded: {texts}")
 
 
-__all__ = ["HOST_PARAMETERS_ATTR", "extend_method_choices", "install", "method_parameters", "plugin_method_names", "served_methods", "stash_negative_embeds"]
+__all__ = ["HOST_PARAMETERS_ATTR", "extend_method_choices", "install", "method_parameters", "plugin_method_names",
+           "served_methods", "stash_negative_embeds"]
