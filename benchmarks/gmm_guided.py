@@ -10,7 +10,7 @@ the whole mixture. Both conditional flows are exact (``gmm_family.mixture``), so
 
 The base MLP (student and fake score start from it) is conditional (a one-hot of the label joins its input), fitted by
 flow matching with the label dropped to unconditional 20% of the time (``gmm.fit_base``, cached in
-``<cache>/gmm-ring2c``). The students are case A's tuned DMD rows (``benchmarks/quality.py`` ``CASE_A_TUNED``:
+``<cache>/gmm-ring2c``). The students are case A's tuned DMD rows (``benchmarks/quality_shared.py`` ``CASE_A_TUNED``:
 ``fake_score_lr`` 1e-3, ``generator_update_interval`` 5; student lr 3e-4, batch 256), each batch with random class
 prompts, at ``real_score_guidance_scale`` 1 and 3 (the seed's default), and at 3 with the guidance limited in t:
 
@@ -35,6 +35,11 @@ import time
 from pathlib import Path
 
 import torch
+
+from simpletuner_dmd.atomic import write_file
+
+from . import gmm
+from .quality_shared import CASE_A_TUNED, map_in_order
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "quality"
@@ -66,8 +71,6 @@ def log(message: str) -> None:
 
 
 def dmd_config(steps: list[int], guidance: float, extra: dict) -> dict:
-    from .quality import CASE_A_TUNED  # case A's tuned settings, unchanged
-
     return {**CASE_A_TUNED, "real_score_guidance_scale": guidance, "dmd_denoising_steps": steps, **extra}
 
 
@@ -75,8 +78,6 @@ class GuidedMetrics:
     """Energy distance per class against a reference draw of the guided teacher, precision, class accuracy, radius."""
 
     def __init__(self, mixture, reference: torch.Tensor):
-        from . import gmm
-
         self.mixture, self.gmm = mixture, gmm
         self.labels = gmm.class_labels(mixture, reference.shape[0], balanced=True)
         self.reference = {c: reference[self.labels == c] for c in range(mixture.num_classes)}
@@ -108,8 +109,6 @@ _STATE: dict = {}
 
 def _metrics(folder: Path, guidance: float) -> GuidedMetrics:
     """One per (process, guidance): the reference draw of the guided teacher's 50-step sampler."""
-    from . import gmm
-
     if guidance not in _STATE:
         _, mixture = gmm.family_and_mixture(MIXTURE)
         reference = gmm.teacher_samples(folder, 50, 0, gmm.N_REFERENCE, guidance=guidance, mixture=MIXTURE,
@@ -119,8 +118,6 @@ def _metrics(folder: Path, guidance: float) -> GuidedMetrics:
 
 
 def _run(task: tuple) -> tuple:
-    from . import gmm
-
     name, variant, steps, seed, folder, n_steps = task
     torch.set_num_threads(1)
     guidance, extra = VARIANTS[variant]
@@ -189,8 +186,6 @@ def markdown(results: dict) -> str:
 
 
 def write(out: Path, results: dict, name: str) -> None:
-    from simpletuner_dmd.atomic import write_file
-
     results["targets"] = targets(results["rows"])
     out.mkdir(parents=True, exist_ok=True)
     write_file(out / f"{name}.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
@@ -223,8 +218,6 @@ def plot(path: Path, samples: dict, mixture) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import gmm
-
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gmm_guided", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000, help="optimizer steps per student")
     parser.add_argument("--seeds", type=int, default=3)
@@ -267,9 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [(f"DMD {student}, {variant}", variant, steps, seed, folder, args.steps)
              for student, steps in students.items() for variant in variants for seed in range(args.seeds)]
     pending: dict[str, list] = {}
-    from .quality import _map  # in order, in --jobs processes
-
-    for name, seed, seconds, m, x in _map(_run, tasks, args.jobs):
+    for name, seed, seconds, m, x in map_in_order(_run, tasks, args.jobs):  # in order, in --jobs processes
         log(f"{name}, seed {seed}: {seconds:.0f} s, ED {m['energy_distance']:.2e}, precision {m['precision']:.3f}, "
             f"accuracy {m['class_accuracy']:.3f}, radius {m['radius']:.3f}")
         pending.setdefault(name, []).append((seconds, m))

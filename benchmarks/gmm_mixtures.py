@@ -11,7 +11,7 @@ ring (``ClosedFormTeacher``, saved with the mixture in ``<cache>/gmm-<name>/teac
 
 For each mixture the base MLP is fitted by flow matching exactly as for the ring (``gmm.fit_base``, 10 000 steps,
 cached per mixture), then the two students of case A are distilled with case A's tuned settings, unchanged
-(``benchmarks/quality.py`` ``CASE_A_TUNED``: ``fake_score_lr`` 1e-3, ``generator_update_interval`` 5; student lr 3e-4,
+(``quality_shared.py`` ``CASE_A_TUNED``: ``fake_score_lr`` 1e-3, ``generator_update_interval`` 5; student lr 3e-4,
 guidance 1, batch 256). Metrics are ``gmm.Metrics`` (precision within 3 std of the nearest mode, recall = modes holding
 at least half their share, energy distance against 20 000 exact samples, mode-weight TV), plus the energy distance
 over the 50-step teacher's and the modes that fell below half their share (with their weights). Each row is written
@@ -29,6 +29,11 @@ from pathlib import Path
 
 import torch
 
+from simpletuner_dmd.atomic import write_file
+
+from . import gmm
+from .quality_shared import CASE_A_TUNED
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "quality"
 STUDENT_LR = 3e-4
@@ -40,8 +45,6 @@ def log(message: str) -> None:
 
 
 def dmd_config(steps: list[int]) -> dict:
-    from .quality import CASE_A_TUNED  # case A's tuned settings, unchanged
-
     return {"real_score_guidance_scale": 1.0, **CASE_A_TUNED, "dmd_denoising_steps": steps}
 
 
@@ -104,8 +107,6 @@ def markdown(results: dict) -> str:
 
 
 def write(out: Path, results: dict) -> None:
-    from simpletuner_dmd.atomic import write_file
-
     out.mkdir(parents=True, exist_ok=True)
     write_file(out / "gmm_mixtures.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
     write_file(out / "gmm_mixtures.md", lambda tmp: Path(tmp).write_text(markdown(results)))
@@ -151,8 +152,6 @@ BASE_ROW = "base MLP Euler 50 (where student and fake score start)"
 def base_runs(folder: Path, metrics, mixture, seeds: int) -> list[dict]:
     """The fitted base MLP's own 50-step Euler samples: the fake score starts from it, so its error is a floor under
     the fake score's."""
-    from . import gmm
-
     family, _ = gmm.family_and_mixture()
     base = family.load_network(folder / "base")
     runs = []
@@ -166,8 +165,6 @@ def base_runs(folder: Path, metrics, mixture, seeds: int) -> list[dict]:
 
 def add_base_rows(out: Path, cache: Path) -> None:
     """Add the base MLP's row to a stored ``gmm_mixtures.json`` (for results made before the row existed)."""
-    from . import gmm
-
     results = json.loads((out / "gmm_mixtures.json").read_text())
     for name, mix in results["mixtures"].items():
         _, mixture = gmm.family_and_mixture(name)
@@ -180,8 +177,6 @@ def add_base_rows(out: Path, cache: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import gmm
-
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gmm_mixtures", description=__doc__.splitlines()[0])
     parser.add_argument("--mixtures", default="grid25,uneven3")
     parser.add_argument("--steps", type=int, default=2000, help="optimizer steps per student")

@@ -33,7 +33,7 @@ import torch
 
 from simpletuner_dmd.atomic import write_file
 
-from .quality_shared import DEFAULT_OUT, HERE, log, plot_curves, save_figure
+from .quality_shared import CASE_A_TUNED, DEFAULT_OUT, HERE, log, map_in_order, plot_curves, save_figure
 
 # --------------------------------------------------------------------------- case A
 
@@ -41,7 +41,7 @@ from .quality_shared import DEFAULT_OUT, HERE, log, plot_curves, save_figure
 # The students of the issue's rows, and the ablations that show what the defaults of the benchmark buy.
 # Every row shares: real_score_guidance_scale 1 (the mixture is unconditional), model_type full (MLPs).
 # Student lr 3e-4 and fake_score_lr 1e-3 (the critic faster than the student, as DMD2's two time-scale rule asks).
-CASE_A_TUNED = {"fake_score_lr": 1e-3, "generator_update_interval": 5}
+# CASE_A_TUNED (quality_shared.py): fake_score_lr 1e-3, generator_update_interval 5.
 CASE_A_ROWS = {
     "DMD 3-step (1000,757,522), interval 5": {"lr": 3e-4, "dmd": {**CASE_A_TUNED}},
     "DMD 1-step (1000), interval 5": {"lr": 3e-4, "dmd": {**CASE_A_TUNED, "dmd_denoising_steps": [1000]}},
@@ -106,17 +106,6 @@ def _distil_task(task):
     return name, seed, result, {k: _METRICS["m"](x) for k, x in result.snapshots.items()}
 
 
-def _map(fn, tasks: list, jobs: int):
-    """``fn`` over ``tasks``, in order, in ``jobs`` processes (1: here)."""
-    if jobs <= 1:
-        yield from map(fn, tasks)
-        return
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(jobs) as pool:
-        yield from pool.map(fn, tasks)
-
-
 def case_a_todo(ablations: bool, rows_filter: str | None) -> dict[str, dict]:
     """The student rows a case A run trains (``--no-ablations``, ``--rows``)."""
     todo = dict(CASE_A_ROWS)
@@ -168,7 +157,7 @@ def run_case_a(out: Path, *, seeds: int, steps: int, ablations: bool, cache: Pat
               spec.get("optimizer", "adamw")) for name, spec in todo.items() for s in range(seeds)]
     done: dict[str, list] = {name: [] for name in todo}
     measured: dict[str, list] = {name: [] for name in todo}
-    for name, seed, r, by_step in _map(_distil_task, tasks, jobs):
+    for name, seed, r, by_step in map_in_order(_distil_task, tasks, jobs):
         done[name].append(r)
         measured[name].append(by_step)
         log(f"case A: {name} seed {seed}: {r.seconds:.0f} s, {_fmt_row(gmm.summarise([by_step[steps]]))}")
