@@ -4,6 +4,8 @@ trainer — through the bridge's launcher, or (``--plain``) SimpleTuner's ``trai
     <venv>/bin/python tests/simpletuner/run_simpletuner.py [--plain] --config CONFIG.json
     <venv>/bin/python tests/simpletuner/run_simpletuner.py --make-tiny-wan FOLDER
     <venv>/bin/python tests/simpletuner/run_simpletuner.py --make-tiny FAMILY FOLDER   (the family's make_tiny)
+    <venv>/bin/python tests/simpletuner/run_simpletuner.py --make-tiny-st NAME FOLDER   (a tiny SimpleTuner pipeline:
+        flux, qwen_image, ltxvideo or wan-i2v; hosts/simpletuner/tiny_models.py)
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ def main(argv: list[str]) -> int:
         from simpletuner_dmd.plugins import get_family_class, get_plugin_manager
 
         get_family_class(get_plugin_manager(), argv[1]).make_tiny(argv[2])
+        return 0
+    if argv[:1] == ["--make-tiny-st"]:
+        # A tiny pipeline of one of SimpleTuner's own families, saved by this venv's diffusers/transformers.
+        from simpletuner_dmd.hosts.simpletuner.tiny_models import TINY_BUILDERS
+
+        TINY_BUILDERS[argv[1]](argv[2])
         return 0
     if argv[:1] == ["--plain"]:
         config = argv[argv.index("--config") + 1]
