@@ -11,7 +11,9 @@
   the teacher's ODE pairs (DMD v1's regression term; ``ode_init``'s bidirectional loss);
 - **method-state save/load** (``save_method_state``, ``load_method_state``, ``Weights``): a method's folder in a
   checkpoint, ``<checkpoint>/<method>/`` — ``state.json`` (counters), named tensors (an adapter's, a head's) as
-  safetensors and optimizers' states through ``state_io``.
+  safetensors and optimizers' states through ``state_io``;
+- **the few-step student's sampling** (``FewStepStudent``): the ``distill_sampler`` and ``distill_scheduler`` hooks and
+  the ``streaming`` settings of a student sampled through its ``dmd_denoising_steps`` (DMD, ``ode_init``).
 
 The flow math is in ``flow.py``; the networks of a run and the guided (cond + uncond) batch in ``networks.py``.
 """
@@ -27,7 +29,9 @@ import torch
 
 from .config import Key, in_range, parse_timestep_list
 from .errors import UserError
+from .fewstep_sampling import few_step_sampler, streaming_settings
 from .flow import flow_to_x0
+from .hookspecs import hookimpl
 
 # --------------------------------------------------------------------------- the exit-step keys
 
@@ -240,3 +244,35 @@ def load_method_state(checkpoint_dir: Path, method: str, written_by: str, parts:
 __all__ = ["BLOCK_ONLY_KEYS", "PSEUDO_HUBER_C", "REGRESSION_METRICS", "SHARED_KEYS", "STATE_FILE", "Weights",
            "draw_block_exits", "draw_exit_index", "exit_regression", "guidance_check", "load_method_state",
            "parse_interval", "parse_latent_shape", "parse_prompts", "regression_loss", "save_method_state"]
+
+
+# --------------------------------------------------------------------------- the few-step student's sampling
+
+
+class FewStepStudent:
+    """Sampling for a method whose student runs through its ``dmd_denoising_steps`` (DMD, and ``ode_init``, whose
+    student is the DMD student of the same keys): a base class beside ``MethodBase``. The method sets ``self.cfg``
+    (its config), ``self.steps`` (the denoising steps), ``self.family``, ``self.student``, ``self.nets`` and
+    ``self.causal`` (the family's ``causal``)."""
+
+    @staticmethod
+    def streaming(config: dict[str, Any]) -> dict[str, Any]:
+        """How a block-causal student of this config must be run (``fewstep_sampling.streaming_settings``)."""
+        return streaming_settings(config)
+
+    @hookimpl
+    def distill_sampler(self):
+        """The student through its ``dmd_denoising_steps`` (``fewstep_sampling.few_step_sampler``); a block-causal
+        family's student streamed block by block through the KV cache, as it was trained."""
+        cfg = self.cfg
+        return few_step_sampler(self.family, self.student, self.nets.sample_flow, self.steps, causal=self.causal,
+                                frames_per_block=cfg["num_frame_per_block"],
+                                independent_first_frame=cfg["independent_first_frame"],
+                                context_noise=cfg["context_noise"], window=cfg["kv_cache_window"])
+
+    @hookimpl
+    def distill_scheduler(self):
+        """The few-step scheduler stock pipelines sample the student with (saved at the export)."""
+        from .fewstep_scheduler import FewStepFlowScheduler  # diffusers: loaded when the export asks, not before
+
+        return FewStepFlowScheduler(few_step_timesteps=list(self.steps))

@@ -37,9 +37,9 @@ from ...types import Batch, RunContext, StepInfo, StepLoss
 from .gan import GANHead, captured_output, classifier_loss, generator_loss
 from .loss import critic_flow_loss, dmd_gradient, dmd_loss, dmd_timestep_bounds, sample_dmd_timesteps
 from .config import DMD_SCHEMA, block_key_warnings
-from ...fewstep_sampling import block_calls, few_step_sampler, streaming_settings
-from ...method_toolkit import (Weights, draw_block_exits, draw_exit_index, exit_regression, load_method_state,
-                               save_method_state)
+from ...fewstep_sampling import block_calls
+from ...method_toolkit import (FewStepStudent, Weights, draw_block_exits, draw_exit_index, exit_regression,
+                               load_method_state, save_method_state)
 from .rollout import Rollout, backward_simulation, block_backward_simulation
 
 FAKE_ADAPTER = "fake_score"
@@ -54,7 +54,7 @@ class _Stash:
     denoised_to: float
 
 
-class DMD(MethodBase):
+class DMD(FewStepStudent, MethodBase):
     name = "dmd"
     summary = "Distribution Matching Distillation (DMD2 / Self-Forcing): few-step student, fake score as an adapter"
     schema = DMD_SCHEMA
@@ -131,11 +131,6 @@ class DMD(MethodBase):
         if layout and layout.get("causal"):
             plan["kv_cache_share"] = kv_share
         return plan
-
-    @staticmethod
-    def streaming(config: dict[str, Any]) -> dict[str, Any]:
-        """How a block-causal student of this config must be run (``fewstep_sampling.streaming_settings``)."""
-        return streaming_settings(config)
 
     def __init__(self, config: dict[str, Any]):
         self.cfg = config
@@ -454,23 +449,7 @@ class DMD(MethodBase):
         self.last_step_passes = self.passes.take()
         return {**self._critic_logs, **{f"passes/{k}": float(v) for k, v in self.last_step_passes.items()}}
 
-    # ------------------------------------------------------------------ sampling
-
-    @hookimpl
-    def distill_sampler(self):
-        """The student through its ``dmd_denoising_steps`` (``fewstep_sampling.few_step_sampler``); a block-causal
-        family's student streamed block by block through the KV cache, as it was trained."""
-        cfg = self.cfg
-        return few_step_sampler(self.family, self.student, self.nets.sample_flow, self.steps, causal=self.causal,
-                                frames_per_block=cfg["num_frame_per_block"],
-                                independent_first_frame=cfg["independent_first_frame"],
-                                context_noise=cfg["context_noise"], window=cfg["kv_cache_window"])
-
-    @hookimpl
-    def distill_scheduler(self):
-        from ...fewstep_scheduler import FewStepFlowScheduler
-
-        return FewStepFlowScheduler(few_step_timesteps=list(self.steps))
+    # ------------------------------------------------------------------ sampling: FewStepStudent (method_toolkit)
 
     # ------------------------------------------------------------------ checkpoints
 

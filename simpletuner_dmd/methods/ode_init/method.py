@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 
-from ...fewstep_sampling import few_step_sampler, streaming_settings
 from ...flow import T_MAX
 from ...hookspecs import hookimpl
 from ...method_base import MethodBase
@@ -39,11 +38,12 @@ from ...passes import PassCounter
 from ...pair_source import PairSource, guided_teacher
 from ...types import Batch, RunContext, StepInfo, StepLoss
 # the same draws and regression as DMD's rollout and regression term
-from ...method_toolkit import draw_block_exits, exit_regression, load_method_state, regression_loss, save_method_state
+from ...method_toolkit import (FewStepStudent, draw_block_exits, exit_regression, load_method_state, regression_loss,
+                               save_method_state)
 from .config import BLOCK_ONLY_KEYS, ODE_INIT_SCHEMA
 
 
-class ODEInit(MethodBase):
+class ODEInit(FewStepStudent, MethodBase):
     name = "ode_init"
     summary = ("ODE initialisation (CausVid / Self-Forcing): regress the student onto the guided teacher's ODE "
                "trajectories; the first stage of a causal student")
@@ -71,11 +71,6 @@ class ODEInit(MethodBase):
     def usage_notes(config: dict[str, Any]) -> list[str]:
         return ["This student is the ODE-initialised first stage: distil it further with distillation_method dmd and "
                 "the same distillation_config, starting from these weights (the reference host's init_lora)."]
-
-    @staticmethod
-    def streaming(config: dict[str, Any]) -> dict[str, Any]:
-        """How a block-causal student of this config must be run (``fewstep_sampling.streaming_settings``)."""
-        return streaming_settings(config)
 
     def __init__(self, config: dict[str, Any]):
         self.cfg = config
@@ -141,23 +136,8 @@ class ODEInit(MethodBase):
     def distill_metrics(self, step: StepInfo) -> dict[str, float]:
         return {f"passes/{k}": float(v) for k, v in self.passes.take().items()}
 
-    # ------------------------------------------------------------------ sampling (as the DMD student of these keys)
-
-    @hookimpl
-    def distill_sampler(self):
-        """The student through its ``dmd_denoising_steps`` (``fewstep_sampling.few_step_sampler``); a block-causal
-        family's student streamed block by block through the KV cache, as it was trained."""
-        cfg = self.cfg
-        return few_step_sampler(self.family, self.student, self.nets.sample_flow, self.steps, causal=self.causal,
-                                frames_per_block=cfg["num_frame_per_block"],
-                                independent_first_frame=cfg["independent_first_frame"],
-                                context_noise=cfg["context_noise"], window=cfg["kv_cache_window"])
-
-    @hookimpl
-    def distill_scheduler(self):
-        from ...fewstep_scheduler import FewStepFlowScheduler
-
-        return FewStepFlowScheduler(few_step_timesteps=list(self.steps))
+    # ------------------------------------------------------------------ sampling: FewStepStudent (method_toolkit), as
+    # the DMD student of these keys
 
     # ------------------------------------------------------------------ checkpoints
 
