@@ -62,6 +62,16 @@ class FamilyBase:
     ``vars()``, *not* inherited: a subclass serves nothing unless it declares the pairs itself (a family derived from
     SD3's must not claim SD3's names). This default therefore claims nothing."""
 
+    simpletuner_fallback: bool = False
+    """True for the family the SimpleTuner bridge serves every *flow-matching* SimpleTuner family with that no family
+    declares in ``simpletuner_names`` and no family is named like (``hosts/simpletuner/model_family.py``: SimpleTuner's
+    own ``model_predict``). At most one installed family may set it (``simpletuner_family_class``)."""
+
+    bind_simpletuner_model: Callable[[Any], None] | None = None
+    """``bind_simpletuner_model(model)``: the SimpleTuner bridge hands the family instance SimpleTuner's model object
+    (``PluginDistiller.__init__``, before any other call) — for a family that calls SimpleTuner's model itself.
+    ``None``: the family calls the network directly."""
+
     block_causal: Callable[[Any], Any] | None = None
     """For a family with ``causal = True``: ``block_causal(network)``, the network's block-causal switch
     (``families.block_causal.BlockCausalWan``: ``frame_blocks``, ``new_cache``, ``tokens_per_frame``, ``masked``,

@@ -28,9 +28,20 @@ def test_simpletuner_names_pick_the_family(st_family, flavour, expected):
     assert simpletuner_family_class(get_plugin_manager(entry_points=False), st_family, flavour) is expected
 
 
-def test_an_unknown_simpletuner_family_names_the_installed_ones():
-    with pytest.raises(PluginError, match="model_family: unknown value 'flux'.*installed: .*sd3"):
-        simpletuner_family_class(get_plugin_manager(entry_points=False), "flux", "dev")
+def test_two_families_serving_every_simpletuner_model_are_refused():
+    from simpletuner_dmd.hosts.simpletuner.model_family import SimpleTunerModelFamily
+
+    class Another(SimpleTunerModelFamily):
+        name = "another-generic"
+
+    class Plugin:
+        @hookimpl
+        def register_model_families(self, register):
+            register(Another)
+
+    pm = get_plugin_manager(entry_points=False, extra=[Plugin()])
+    with pytest.raises(PluginError, match="several families serve every SimpleTuner model family.*another-generic"):
+        simpletuner_family_class(pm, "flux", "dev")
 
 
 def test_a_declaration_is_not_inherited_and_two_claims_are_refused():

@@ -41,6 +41,7 @@ it into its log line *after* ``discriminator_step``: the critic's metrics are ad
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -87,8 +88,9 @@ def parameter_count(parameters) -> int:
 def simpletuner_family_class(pm, model_family: Any, model_flavour: Any = None) -> type:
     """The plugin's family class for SimpleTuner's ``model_family`` and ``model_flavour``: the one family whose own
     ``simpletuner_names`` declares that pair, else the one declaring the SimpleTuner family for every flavour
-    (``None``), else the plugin's family named like SimpleTuner's (``get_family_class``, which names the installed
-    ones when there is none). Two families declaring the same pair is a ``PluginError`` naming both."""
+    (``None``), else the plugin's family named like SimpleTuner's, else the family that serves any SimpleTuner model
+    (``simpletuner_fallback``: ``model_family.SimpleTunerModelFamily``; whether SimpleTuner's family is flow-matching
+    is the caller's check). Two families declaring the same pair is a ``PluginError`` naming both."""
     by_flavour: list = []
     any_flavour: list = []
     for entry in registered_families(pm).values():
@@ -106,6 +108,15 @@ def simpletuner_family_class(pm, model_family: Any, model_flavour: Any = None) -
                               f"claimed by several families: {claims}")
         if found:
             return found[0].cls
+    families = registered_families(pm)
+    if str(model_family) in families:
+        return families[str(model_family)].cls
+    fallback = [e for e in families.values() if e.cls.simpletuner_fallback]
+    if len(fallback) > 1:
+        claims = ", ".join(f"{e.name} ({e.distribution})" for e in fallback)
+        raise PluginError(f"several families serve every SimpleTuner model family (simpletuner_fallback): {claims}")
+    if fallback:
+        return fallback[0].cls
     return get_family_class(pm, str(model_family))
 
 
@@ -133,6 +144,25 @@ def as_condition(encoded: Any, family: Any = None) -> torch.Tensor:
     if encoded.ndim == 2:
         encoded = encoded.unsqueeze(0)
     return encoded
+
+
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it: a tensor, or a mapping, sequence or dataclass of them (a
+    family's condition, SimpleTuner's text-embed-cache output)."""
+    if torch.is_tensor(value):
+        return fn(value)
+    if isinstance(value, Mapping):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(map_tensors(v, fn) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: map_tensors(getattr(value, f.name), fn)
+                                             for f in dataclasses.fields(value) if f.init})
+    return value
+
+
+def detached(value: Any) -> Any:
+    return map_tensors(value, lambda t: t.detach())
 
 
 def validation_steps_for(method_name: str, scheduler: Any, config: Mapping[str, Any]) -> tuple[int | None, str | None]:
@@ -199,6 +229,8 @@ class PluginDistiller:
             log(f"warning: {warning}")
         weight_dtype = config.get("weight_dtype") or torch.float32
         self.family = family_cls(autocast_dtype=None if weight_dtype == torch.float32 else weight_dtype)
+        if self.family.bind_simpletuner_model is not None:
+            self.family.bind_simpletuner_model(teacher_model)
         self.accelerator = teacher_model.accelerator
         self.seed = int(config.get("seed") or 0)
         self.accumulation = int(config.get("gradient_accumulation_steps") or 1)
@@ -301,11 +333,11 @@ class PluginDistiller:
         """SimpleTuner unloads its text encoder before it builds the distiller, so ``patch.py`` encodes the negative
         prompt(s) with SimpleTuner's own encoder just before that unload and leaves them on the model object. When the
         encoder is still loaded (e.g. ``train_text_encoder``) texts are encoded now."""
-        cached: dict[str, torch.Tensor] = getattr(self.model, NEGATIVE_EMBEDS_ATTR, None) or {}
+        cached: dict[str, Any] = getattr(self.model, NEGATIVE_EMBEDS_ATTR, None) or {}
         out = []
         for text in texts:
             if text in cached:
-                cond = cached[text]
+                cond = as_condition(cached[text], self.family)
             elif getattr(self.model, "text_encoders", None):
                 with torch.no_grad():
                     cond = as_condition(self.model.encode_text_batch([text], is_negative_prompt=True), self.family)
@@ -314,8 +346,8 @@ class PluginDistiller:
                     f"the text {text!r} was not encoded before SimpleTuner unloaded its text encoder; start training "
                     "with `simpletuner-dmd simpletuner-train` (or `python -m simpletuner_dmd.hosts.simpletuner`), "
                     "which encode the negative prompt with SimpleTuner's encoder before the unload")
-            out.append(cond.to(self.accelerator.device))
-        return torch.cat(out)
+            out.append(map_tensors(cond, lambda t: t.to(self.accelerator.device)))
+        return out[0] if len(out) == 1 else self.family.concat_conditions(out)
 
     def _step_info(self, micro: int) -> StepInfo:
         generator = step_generator(self.seed, self.global_step, micro)  # the same draws as the reference host
@@ -450,5 +482,5 @@ class PluginDistiller:
 
 
 __all__ = ["PluginDistiller", "STATE_FILE", "NEGATIVE_EMBEDS_ATTR", "method_config_for", "negative_prompts_for",
-           "as_condition", "from_simpletuner_batch", "parameter_count", "simpletuner_family_class",
+           "as_condition", "detached", "from_simpletuner_batch", "map_tensors", "parameter_count", "simpletuner_family_class",
            "validation_steps_for"]

@@ -262,14 +262,12 @@ def stash_negative_embeds(model, config: dict, method: str) -> None:
     import torch
 
     from ...plugins import get_plugin_manager
-    from .distiller import as_condition, method_config_for, negative_prompts_for, simpletuner_family_class
+    from .distiller import detached, method_config_for, negative_prompts_for
 
     pm = get_plugin_manager()
-    family = simpletuner_family_class(pm, config.get("model_family"), config.get("model_flavour"))
     texts = negative_prompts_for(config, method_config_for(config, method, pm).config)
-    with torch.no_grad():
-        embeds = {t: as_condition(model.encode_text_batch([t], is_negative_prompt=True), family).detach()
-                  for t in texts}
+    with torch.no_grad():  # as SimpleTuner's encoder returns them: the family makes its condition of them later
+        embeds = {t: detached(model.encode_text_batch([t], is_negative_prompt=True)) for t in texts}
     setattr(model, NEGATIVE_EMBEDS_ATTR, embeds)
     log(f"negative prompt encoded with SimpleTuner's text encoder before it is unloaded: {texts}")
 

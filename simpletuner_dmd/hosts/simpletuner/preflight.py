@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 from ...config import validate_method_config
 from ...errors import ConfigError, UserError, print_user_error
-from .shared import MARK, served_name
+from .shared import MARK, log, served_name
 
 
 def served_method(config: Mapping[str, Any], served: list[str]) -> str | None:
@@ -39,10 +39,67 @@ def served_method(config: Mapping[str, Any], served: list[str]) -> str | None:
     return served_name(config.get("distillation_method"), served)
 
 
+def simpletuner_prediction_types() -> dict[str, str]:
+    """SimpleTuner's model families and what each predicts (``flow_matching``, ``epsilon``, ...), from its model
+    registry's metadata (4.x: ``helpers/models/model_metadata.json``, read without importing a model); empty where
+    SimpleTuner is not importable or its registry has no metadata (3.x)."""
+    try:
+        from simpletuner.helpers.models.registry import ModelRegistry
+    except ImportError:
+        return {}
+    load = getattr(ModelRegistry, "_load_metadata", None)
+    if load is None:
+        return {}
+    load()
+    return {family: str(meta.get("prediction_type")) for family, meta in ModelRegistry._metadata.items()
+            if meta.get("prediction_type")}
+
+
+def simpletuner_own_methods() -> set[str]:
+    """The distillation methods SimpleTuner itself implements (its ``DistillationMethod`` enum)."""
+    from simpletuner.helpers.distillation.factory import DistillationMethod
+
+    return {m.value for m in DistillationMethod}
+
+
+def not_flow_matching(config: Mapping[str, Any], method: str) -> tuple[str | None, str | None]:
+    """For a SimpleTuner ``model_family`` that is not flow-matching (SDXL, SD 1.x, PixArt, DeepFloyd, ...), which the
+    plugin's methods cannot serve: ``(None, note)`` when SimpleTuner has its own ``method`` (its distiller then serves
+    the run, said in ``note``), ``(problem, None)`` when it does not. ``(None, None)`` for a flow-matching family, or
+    one whose prediction SimpleTuner's registry does not say."""
+    kinds = simpletuner_prediction_types()
+    family = str(config.get("model_family") or "").lower()
+    kind = kinds.get(family)
+    if kind is None or kind == "flow_matching":
+        return None, None
+    if method in simpletuner_own_methods():
+        return None, (f"model_family {family} predicts {kind}: distillation_method {method} is SimpleTuner's own "
+                      f"here (simpletuner-dmd serves flow-matching families)")
+    served = ", ".join(sorted(f for f, k in kinds.items() if k == "flow_matching"))
+    return (f"model_family {family}: SimpleTuner's {family} predicts {kind}; distillation_method {method} "
+            f"(simpletuner-dmd) serves the flow-matching families: {served}"), None
+
+
+def hand_back(config: Mapping[str, Any], served: list[str]) -> str | None:
+    """When the config's method is one the plugin serves but its model family is not flow-matching and SimpleTuner
+    has a method of that name, the name is taken out of ``served`` — the list every take-over point of ``patch.py``
+    reads — so SimpleTuner's own distiller serves the run. Returns the note saying so, or None."""
+    method = served_method(config, served)
+    if method is None:
+        return None
+    _, note = not_flow_matching(config, method)
+    if note is not None:
+        served.remove(method)
+    return note
+
+
 def plugin_problems(config: Mapping[str, Any], method: str, pm) -> tuple[list[str], list[str]]:
     """(problems, warnings) of the plugin's own part of a SimpleTuner config for ``method``."""
     from .distiller import simpletuner_family_class
 
+    refused, _ = not_flow_matching(config, method)
+    if refused is not None:
+        return [refused], []
     problems: list[str] = []
     model_type = str(config.get("model_type") or "lora").lower()
     lora_type = str(config.get("lora_type") or "standard").lower()
@@ -139,9 +196,10 @@ def host_problems(config: Mapping[str, Any], pm, *, with_simpletuner: bool) -> t
     from ...plugins import registered_methods
 
     served = list(registered_methods(pm))
+    note = hand_back(config, served)
     method = served_method(config, served)
     problems: list[str] = []
-    warnings: list[str] = []
+    warnings: list[str] = [note] if note else []
     if method is not None:
         problems, warnings = plugin_problems(config, method, pm)
     if with_simpletuner:
@@ -176,6 +234,9 @@ def validate_for_simpletuner(path: Path) -> int:
 def check_parsed_config(config: Mapping[str, Any], served: list[str]) -> None:
     """In the training process, right after SimpleTuner parsed its config: raise ``ConfigError`` with every problem of
     the plugin's part (SimpleTuner's parser has already checked its own)."""
+    note = hand_back(config, served)
+    if note is not None:
+        log(note)
     method = served_method(config, served)
     if method is None:
         return
@@ -297,6 +358,7 @@ def launch_problems(env: Mapping[str, str]) -> tuple[Path | None, list[str]]:
     return path, problems if method is not None else []
 
 
-__all__ = ["check_parsed_config", "config_file_for", "extend_method_choices", "host_problems", "launch_problems", "plugin_problems",
-           "served_method", "simpletuner_argument_problems", "simpletuner_importable", "validate_for_simpletuner",
-           "wrap_cli_launch"]
+__all__ = ["check_parsed_config", "config_file_for", "extend_method_choices", "hand_back", "host_problems",
+           "launch_problems", "not_flow_matching", "plugin_problems", "served_method", "simpletuner_argument_problems",
+           "simpletuner_importable", "simpletuner_own_methods", "simpletuner_prediction_types",
+           "validate_for_simpletuner", "wrap_cli_launch"]
