@@ -6,7 +6,7 @@
 - ``<family>_<method>_<K>step_lora_rank<r>.safetensors``: the same student in the family's original layout (ComfyUI
   and most published LoRAs), when the family writes one (``original_lora_state``);
 - ``ema/``: both files again for the EMA weights;
-- ``README.md``: the model card (hub format, YAML metadata first);
+- ``README.md``: the model card (hub format, YAML metadata first; its text is ``card_template.py``'s pieces);
 - ``simpletuner_dmd.json``: what ``simpletuner-dmd sample`` reads (family, base, steps, the validation shape).
 
 Everything is written into a temp folder beside them and renamed into place once all of it is complete
@@ -27,6 +27,8 @@ from ...atomic import write_together
 from ...flow import boundary_scalings
 from ...lora_files import loading_code
 from ...sample import STUDENT_FILE
+from . import card_template as card
+from .prompt_library import read_prompt_library
 
 
 @dataclass
@@ -147,11 +149,11 @@ def _yaml_list(items: list[str]) -> str:
 def model_card(*, host: dict, family: Any, export: Export, scheduler: Any, original_files: list[str], out: Path,
                has_ema: bool) -> str:
     """The hub's model card format: YAML metadata, then how to use the student (diffusers and ComfyUI), its
-    schedule, the validation sample and the training figures."""
+    schedule, the validation sample and the training figures. The text is ``card_template``'s; this computes the
+    values and picks the pieces."""
     base = host["pretrained_model_name_or_path"] or ""
     method = export.method_name
-    frames = host["validation_num_video_frames"]
-    video = frames > 1
+    video = host["validation_num_video_frames"] > 1
     prompts = card_prompts(host)
     sampled = sample_prompt(prompts, export.sample, out)
     # the card's example prompt: the validation sample's, else the config's first
@@ -160,133 +162,122 @@ def model_card(*, host: dict, family: Any, export: Export, scheduler: Any, origi
             "text-to-video" if video else "text-to-image", family.name]
     if method:
         tags += ["distillation", method]
-    lines = ["---", f"base_model: {json.dumps(base)}", "library_name: diffusers", "license: other",
-             f"pipeline_tag: {'text-to-video' if video else 'text-to-image'}", "tags:", _yaml_list(tags), "---", ""]
-    title = f"{family.name} {method.upper() if method else 'LoRA'} student" + (
-        f", {len(scheduler.config.few_step_timesteps)} steps" if scheduler is not None else "")
-    lines += [f"# {title}", "", f"Trained with [simpletuner-dmd](https://pypi.org/project/simpletuner-dmd/) from "
-              f"`{base}` ({export.steps} optimizer steps" + (f", `distillation_method: {method}`" if method else "")
-              + ").", ""]
+    steps = len(scheduler.config.few_step_timesteps) if scheduler is not None else None
+    return card.CARD.substitute(
+        base=base, base_json=json.dumps(base), pipeline_tag="text-to-video" if video else "text-to-image",
+        tags=_yaml_list(tags),
+        title=f"{family.name} {method.upper() if method else 'LoRA'} student" + (
+            f", {steps} steps" if steps is not None else ""),
+        steps=export.steps, method_clause=f", `distillation_method: {method}`" if method else "",
+        sampling=_sampling(scheduler, export), streaming=_streaming(family, export, base, prompt),
+        diffusers=_diffusers(host, family, scheduler, base, prompt),
+        comfyui=_comfyui(family, scheduler, original_files), sample=_sample(host, export, sampled, out),
+        training=_training(host, family, export, has_ema))
 
-    if scheduler is not None:
-        cfg = scheduler.config
-        timesteps = [float(t) for t in cfg.few_step_timesteps]
-        sigmas = [t / float(cfg.num_train_timesteps) for t in timesteps] + [0.0]
-        rule = {"x0_renoise": "predict x̂0, then re-noise to the next σ with fresh noise (the last step returns x̂0)",
-                "euler": "one Euler step of the flow ODE from each σ to the next"}[cfg.step_rule]
-        lines += ["## Sampling settings", "", "| setting | value |", "| --- | --- |",
-                  f"| steps | {_steps_cell(cfg, len(timesteps))} |",
-                  f"| timesteps | {', '.join(f'{t:g}' for t in timesteps)} |",
-                  f"| σ list | {', '.join(f'{s:.4g}' for s in sigmas)} |",
-                  "| shift | none: the σ list above is explicit (σ = t / 1000); a scheduler's shift must not be "
-                  "applied on top |",
-                  f"| step rule | {rule} |",
-                  "| guidance | 1 (CFG off: the teacher's guidance is distilled into the student) |",
-                  "| LoRA strength | 1.0 |"]
-        if cfg.consistency_timestep_scaling is not None:
-            c_skip, _ = boundary_scalings(torch.tensor([min(timesteps)]),
-                                          timestep_scaling=float(cfg.consistency_timestep_scaling))
-            lines.append(f"| x̂0 rule | LCM's boundary scalings at timestep_scaling "
-                         f"{cfg.consistency_timestep_scaling:g} (c_skip ≤ {float(c_skip):.2g} at these timesteps) |")
-        lines += [""]
-        for note in ([] if export.method_cls is None else export.method_cls.usage_notes(export.method_config)):
-            lines += [note, ""]
 
+def _sampling(scheduler: Any, export: Export) -> str:
+    """The student's schedule (a method with a scheduler), and the method's usage notes under it."""
+    if scheduler is None:
+        return ""
+    cfg = scheduler.config
+    timesteps = [float(t) for t in cfg.few_step_timesteps]
+    sigmas = [t / float(cfg.num_train_timesteps) for t in timesteps] + [0.0]
+    x0_rule = ""
+    if cfg.consistency_timestep_scaling is not None:
+        c_skip, _ = boundary_scalings(torch.tensor([min(timesteps)]),
+                                      timestep_scaling=float(cfg.consistency_timestep_scaling))
+        x0_rule = card.X0_RULE.substitute(scaling=f"{cfg.consistency_timestep_scaling:g}",
+                                          c_skip=f"{float(c_skip):.2g}")
+    notes = [] if export.method_cls is None else export.method_cls.usage_notes(export.method_config)
+    return card.SAMPLING.substitute(
+        steps_cell=_steps_cell(cfg, len(timesteps)), timesteps=", ".join(f"{t:g}" for t in timesteps),
+        sigmas=", ".join(f"{s:.4g}" for s in sigmas), step_rule=card.STEP_RULES[cfg.step_rule], x0_rule=x0_rule,
+        usage_notes="".join(card.USAGE_NOTE.substitute(note=note) for note in notes))
+
+
+def _streaming(family: Any, export: Export, base: str, prompt: str) -> str:
+    """How a block-causal student is run block by block (``streaming_info``), for such a student only."""
     stream = streaming_info(family, export)
-    if stream is not None:
-        lines += ["## Run it block by block (block-causal student)", "",
-                  f"This student was trained block-causally (family `{family.name}`): it generates the video block by "
-                  "block, each block attending to the blocks before it through a KV cache. A stock pipeline runs the "
-                  "network bidirectionally (every frame attending to every frame), which is not how this student was "
-                  "trained: its samples there are not this student's. Stream it instead (frames are written as each "
-                  "block is done; `--frames` may exceed the training length):", "", "```bash",
-                  f"simpletuner-dmd sample --base {json.dumps(base)} --student path/to/this/folder \\",
-                  f"    --prompt {json.dumps(prompt)} --out samples/", "```", "",
-                  "| streaming setting | value |", "| --- | --- |",
-                  f"| timesteps per block | {', '.join(f'{t:g}' for t in stream['timesteps'])} |",
-                  f"| latent frames per block | {stream['num_frame_per_block']}"
-                  + (" (the first frame alone)" if stream["independent_first_frame"] else "") + " |",
-                  f"| context written to the KV cache at timestep | {stream['context_noise']:g} |",
-                  f"| KV cache window (latent frames) | {stream['kv_cache_window'] or 'all'} |", ""]
-    pipeline_cls = family.pipeline_class
-    lines += ["## Use it in diffusers", "", "```python", "import torch", f"from diffusers import {pipeline_cls}"]
-    if scheduler is not None:
-        lines.append("from simpletuner_dmd.fewstep_scheduler import FewStepFlowScheduler")
-    lines += ["", f"pipe = {pipeline_cls}.from_pretrained({json.dumps(base)})", *loading_code(family)]
-    call = [f"    prompt={json.dumps(prompt)},"]
-    if scheduler is not None:
-        lines.append('pipe.scheduler = FewStepFlowScheduler.from_pretrained("path/to/this/folder", '
-                     'subfolder="scheduler")')
-        call += [f"    num_inference_steps={len(scheduler.config.few_step_timesteps)},", "    guidance_scale=1.0,"]
+    if stream is None:
+        return ""
+    return card.STREAMING.substitute(
+        family=family.name, base_json=json.dumps(base), prompt_json=json.dumps(prompt),
+        timesteps=", ".join(f"{t:g}" for t in stream["timesteps"]),
+        frames_per_block=f"{stream['num_frame_per_block']}"
+        + (card.FIRST_FRAME_ALONE if stream["independent_first_frame"] else ""),
+        context_noise=f"{stream['context_noise']:g}", window=stream["kv_cache_window"] or "all")
+
+
+def _diffusers(host: dict, family: Any, scheduler: Any, base: str, prompt: str) -> str:
+    """The stock pipeline's code: load the student (and the scheduler), then one call."""
     w, h = host["validation_resolution"]
-    call.append(f"    width={w}, height={h},")
-    if host.get("tokenizer_max_length"):  # a base trained with shorter prompts must be run with them
-        call.append(f"    max_sequence_length={host['tokenizer_max_length']},")
-    lines += [*_pipeline_call(family.video, frames, call), "```", ""]
-    if scheduler is not None:
-        lines += ["Stock pipelines pass no generator to the scheduler's fresh noise: set `pipe.scheduler.generator = "
-                  "torch.Generator().manual_seed(…)` to make a sample reproducible.", ""]
-
-    lines += ["## Use it in ComfyUI", ""]
-    if len(original_files) == 1:
-        lines += [f"Load `{original_files[0]}` (the original key layout of the model's own code) with "
-                  "*LoraLoaderModelOnly*, strength 1.0."]
-    elif original_files:
-        lines += ["The original key layout of the model's own code comes as one file per part of the model; load "
-                  "each with its own *LoraLoaderModelOnly* on the model it names (strength 1.0 each): "
-                  + ", ".join(f"`{name}`" for name in original_files) + "."]
-    if original_files:
-        if scheduler is not None:
-            sampler = "lcm" if scheduler.config.step_rule == "x0_renoise" else "euler"
-            lines += [f"Sample with *SamplerCustom*: sampler `{sampler}` (its step is this student's step rule), "
-                      f"cfg 1.0, and the σ list above as the sigmas (a manual-sigmas node), so that no shift or "
-                      "scheduler reshapes it."]
-        lines += [*[f"\n{note}" for note in family.card_notes],
-                  "", "(This layout is the one diffusers converts on load, which the tests check; ComfyUI itself was "
-                  "not run where this was made.)", ""]
-    else:
-        lines += ["No original-layout file was written for this student (see the training log).", ""]
-
-    if export.sample is not None:
-        rel = export.sample.relative_to(out) if export.sample.is_relative_to(out) else export.sample
-        seed = host["validation_seed"] if host["validation_seed"] is not None else host["seed"]
-        lines += ["## Validation sample", "", f"![validation sample]({rel.as_posix()})", "",
-                  f"{_prompt_line(sampled, export.sample)}, seed {seed}.", ""]
-
-    lines += ["## Training", "", "| setting | value |", "| --- | --- |",
-              f"| family | {family.name} |", f"| model_type | {host['model_type']} |",
-              f"| LoRA rank / alpha | {host['lora_rank']} / {host['lora_alpha'] or host['lora_rank']} |",
-              f"| optimizer steps | {export.steps} |", f"| learning rate | {host['learning_rate']:g} |",
-              f"| batch size × accumulation | {host['train_batch_size']} × {host['gradient_accumulation_steps']} |"]
-    for key, value in sorted(export.method_config.items()):
-        lines.append(f"| {method}.{key} | {_cell(value)} |")
-    if export.final_logs:
-        lines += ["", "Last step's figures:", "", "| metric | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v:.5g} |" for k, v in sorted(export.final_logs.items()) if not k.startswith("passes/")]
-    if has_ema:
-        lines += ["", "`ema/` holds the EMA weights in both layouts."]
-    return "\n".join(lines) + "\n"
+    args = card.CALL_ARGS.substitute(
+        prompt_json=json.dumps(prompt), width=w, height=h,
+        steps_args="" if scheduler is None else card.STEPS_ARGS.substitute(
+            steps=len(scheduler.config.few_step_timesteps)),
+        max_sequence_length=card.MAX_SEQUENCE_LENGTH.substitute(length=host["tokenizer_max_length"])
+        if host.get("tokenizer_max_length") else "")  # a base trained with shorter prompts must be run with them
+    return card.DIFFUSERS.substitute(
+        pipeline_class=family.pipeline_class, base_json=json.dumps(base), loading="\n".join(loading_code(family)),
+        scheduler_import="" if scheduler is None else card.SCHEDULER_IMPORT,
+        scheduler_load="" if scheduler is None else card.SCHEDULER_LOAD,
+        call=_pipeline_call(family.video, host["validation_num_video_frames"], args),
+        generator_note="" if scheduler is None else card.GENERATOR_NOTE)
 
 
-def _pipeline_call(video_pipeline: bool, frames: int, call: list[str]) -> list[str]:
+def _pipeline_call(video_pipeline: bool, frames: int, args: str) -> str:
     """The card's pipeline call. A video pipeline (the family's ``video``, True unless it says otherwise: Wan's
     ``WanPipeline``) takes ``num_frames`` (its default is 81) and returns ``frames`` even for one frame; an image
     pipeline returns ``images``."""
     if not video_pipeline:
-        return ["image = pipe(", *call, ").images[0]  # a PIL image"]
+        return card.CALL_IMAGE.substitute(args=args)
     if frames == 1:
-        return ["image = pipe(", *call, "    num_frames=1,", '    output_type="pil",',
-                ").frames[0][0]  # a PIL image: the one frame of the first (and only) video"]
-    return ["frames = pipe(", *call, f"    num_frames={frames},",
-            ").frames[0]  # ({frames}, H, W, 3) floats in [0, 1]; "
-            'diffusers.utils.export_to_video(frames, "student.mp4", fps=16) writes them as a video']
+        return card.CALL_ONE_FRAME.substitute(args=args)
+    return card.CALL_VIDEO.substitute(args=args, frames=frames)
+
+
+def _comfyui(family: Any, scheduler: Any, original_files: list[str]) -> str:
+    """Which original-layout file(s) to load (one, or one per part), the sampler and the family's notes; or that none
+    was written."""
+    if not original_files:
+        return card.COMFYUI.substitute(body=card.COMFYUI_NONE)
+    sampler = "" if scheduler is None else card.COMFYUI_SAMPLER.substitute(
+        sampler="lcm" if scheduler.config.step_rule == "x0_renoise" else "euler")
+    notes = "".join(card.COMFYUI_NOTE.substitute(note=note) for note in family.card_notes)
+    if len(original_files) == 1:
+        body = card.COMFYUI_ONE_FILE.substitute(file=original_files[0], sampler=sampler, notes=notes)
+    else:
+        body = card.COMFYUI_PER_PART.substitute(files=", ".join(f"`{name}`" for name in original_files),
+                                                sampler=sampler, notes=notes)
+    return card.COMFYUI.substitute(body=body)
+
+
+def _sample(host: dict, export: Export, sampled: tuple[str, str] | None, out: Path) -> str:
+    """The last validation sample of the student, with its prompt and seed, when there is one."""
+    if export.sample is None:
+        return ""
+    rel = export.sample.relative_to(out) if export.sample.is_relative_to(out) else export.sample
+    seed = host["validation_seed"] if host["validation_seed"] is not None else host["seed"]
+    return card.SAMPLE.substitute(path=rel.as_posix(), prompt_line=_prompt_line(sampled, export.sample), seed=seed)
+
+
+def _training(host: dict, family: Any, export: Export, has_ema: bool) -> str:
+    """The run's settings, the method's config, the last step's figures (no pass counts) and the EMA note."""
+    rows = "".join(card.ROW.substitute(key=f"{export.method_name}.{key}", value=_cell(value))
+                   for key, value in sorted(export.method_config.items()))
+    last_logs = "" if not export.final_logs else card.LAST_LOGS.substitute(rows="".join(
+        card.ROW.substitute(key=k, value=f"{v:.5g}") for k, v in sorted(export.final_logs.items())
+        if not k.startswith("passes/")))
+    return card.TRAINING.substitute(
+        family=family.name, model_type=host["model_type"], rank=host["lora_rank"],
+        alpha=host["lora_alpha"] or host["lora_rank"], steps=export.steps, learning_rate=f"{host['learning_rate']:g}",
+        batch_size=host["train_batch_size"], accumulation=host["gradient_accumulation_steps"], method_rows=rows,
+        last_logs=last_logs, ema_note=card.EMA_NOTE if has_ema else "")
 
 
 def card_prompts(host: dict) -> dict[str, tuple[str, str]]:
     """Prompt folder → (where the prompt comes from, the prompt), as the host names its validation folders
     (``validation/step-N/<folder>/``): ``validation_prompt`` in ``validation``, then each prompt-library entry."""
-    from .prompt_library import read_prompt_library
-
     prompts: dict[str, tuple[str, str]] = {}
     if host["validation_prompt"]:
         prompts["validation"] = ("validation_prompt", host["validation_prompt"])
@@ -318,9 +309,8 @@ def _prompt_line(source: tuple[str, str] | None, sample: Path) -> str:
 def _steps_cell(cfg: Any, count: int) -> str:
     schedule = getattr(cfg, "sampling_schedule", None)
     if schedule is not None:  # a consistency student: any count its skipping schedule holds
-        return (f"{count} (or any count from 1 to {len(schedule) - 1}: the scheduler picks the points as the "
-                "method's own sampler does)")
-    return f"{count} (no other count: the student was trained for these)"
+        return card.STEPS_ANY_COUNT.substitute(count=count, most=len(schedule) - 1)
+    return card.STEPS_FIXED.substitute(count=count)
 
 
 def _cell(value: Any) -> str:
