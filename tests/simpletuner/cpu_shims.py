@@ -80,3 +80,51 @@ def stringify_tensorboard_config() -> None:
 
     store_init_configuration._stringified = True
     TensorBoardTracker.store_init_configuration = store_init_configuration
+
+
+class _PatchAfterImport(importlib.abc.MetaPathFinder):
+    """Runs ``patch(module)`` once the module named ``target`` has executed (so nothing is imported early)."""
+
+    def __init__(self, target: str, patch):
+        self.target, self.patch = target, patch
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.target:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return None
+        exec_module, patch = spec.loader.exec_module, self.patch
+
+        def exec_and_patch(module):
+            exec_module(module)
+            patch(module)
+
+        spec.loader.exec_module = exec_and_patch
+        return spec
+
+
+def ltxvideo_text_embed_scheduler() -> None:
+    """SimpleTuner 4.10.1 bug, on any device: LTX-Video says it sets up its pipelines' scheduler itself
+    (``requires_special_scheduler_setup`` is True) but has no ``_load_scheduler_for_pipeline`` (the base's returns
+    None), so the ``LTXPipeline`` it caches text embeds with (``_encode_prompts`` -> ``models/common.py``
+    ``_load_pipeline``) gets no scheduler and stops with "missing 1 required positional argument: 'scheduler'".
+    Test-only: LTX-Video gets the one Wan has, the model's own ``scheduler/``, unless SimpleTuner defines one.
+    Patched when SimpleTuner's ``ltxvideo.model`` is imported."""
+    target = "simpletuner.helpers.models.ltxvideo.model"
+
+    def patch(module) -> None:
+        if "_load_scheduler_for_pipeline" in vars(module.LTXVideo):
+            return
+
+        def _load_scheduler_for_pipeline(self, pipeline_type):
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            return FlowMatchEulerDiscreteScheduler.from_pretrained(self._model_config_path(), subfolder="scheduler")
+
+        module.LTXVideo._load_scheduler_for_pipeline = _load_scheduler_for_pipeline
+
+    if target in sys.modules:
+        patch(sys.modules[target])
+    elif not any(isinstance(f, _PatchAfterImport) and f.target == target for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchAfterImport(target, patch))

@@ -21,6 +21,7 @@ import cpu_shims  # noqa: E402
 
 cpu_shims.apply()
 cpu_shims.stringify_tensorboard_config()
+cpu_shims.ltxvideo_text_embed_scheduler()
 
 
 def main(argv: list[str]) -> int:

@@ -17,6 +17,7 @@ import cpu_shims  # noqa: E402
 
 cpu_shims.apply()
 cpu_shims.stringify_tensorboard_config()
+cpu_shims.ltxvideo_text_embed_scheduler()
 
 
 def after_apply(install) -> None:
