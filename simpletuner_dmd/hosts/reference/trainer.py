@@ -1,26 +1,36 @@
 """The reference host trainer: ``simpletuner-dmd train --config config.json``. One readable loop on accelerate.
 
-What happens, top to bottom:
+What happens, top to bottom (``train``; each step names the function that does it):
 
-1. Read and validate the config (all errors at once, before any weights load); pick the model family and method
-   from the classes every plugin hands to ``register_model_families`` and ``register_methods`` (``plugins.py``).
-2. Load the family's VAE and text encoder; encode the dataset's media and captions once into ``cache_dir``.
-3. Load the network (the teacher's weights), quantize the frozen base (int8-quanto) if asked, add the student's LoRA
-   adapter (``model_type: lora``) or make every weight trainable with a frozen teacher copy (``model_type: full``).
-4. Register the selected method's instance and call ``distill_setup`` (DMD adds its fake-score adapter and optimizer).
-5. Build the student's optimizer and LR schedule, ``accelerator.prepare``, resume (``distill_load_state``) if asked.
-6. The loop. Per optimizer step::
+1. ``_load``: read and validate the config (all errors at once, before any weights load; ``run_config.py``); pick
+   the model family and method from the classes every plugin hands to ``register_model_families`` and
+   ``register_methods`` (``plugins.py``).
+2. ``set_up`` (steps 2–5, into one ``Run``): the accelerator and the family; the resume checkpoint, found before
+   anything loads. The data: load the family's VAE and text encoder; encode the dataset's media and captions once into
+   ``cache_dir`` (``_build_dataset``).
+3. ``set_up``, the student (``build_models``): load the network (the teacher's weights), quantize the frozen base
+   (int8-quanto) if asked, add the student's LoRA adapter (``model_type: lora``) or make every weight trainable with a
+   frozen teacher copy (``model_type: full``).
+4. ``set_up``, the method: register the selected method's instance and call ``distill_setup`` (DMD adds its
+   fake-score adapter and optimizer).
+5. ``set_up``, the optimizer: the student's optimizer and LR schedule, ``accelerator.prepare``, resume
+   (``_load_checkpoint``, which calls ``distill_load_state``) if asked.
+6. The loop, in ``_run``: a baseline validation, then ``training_step`` per optimizer step::
 
        for each micro-batch:  distill_loss → backward (the method's loss, or the host's flow-matching loss)
        student: clip, optimizer.step, zero_grad (skipped when no micro-batch returned a student loss)
        distill_after_optimizer_step     (DMD: the fake score's update)
        LR schedule step, EMA update, distill_metrics → tracker and progress bar
-       checkpoint (distill_save_state) and validation (distill_sampler) on their intervals
 
-7. Final checkpoint, validation and the student's LoRA in the diffusers format in ``output_dir``, with the method's
-   scheduler for stock pipelines (``distill_scheduler``) in ``output_dir/scheduler`` when it has one.
+   and after it ``checkpoint_and_validate``: checkpoint (``_save_checkpoint``, which calls ``distill_save_state``) and
+   validation (``validation.py``; ``distill_sampler``) on their intervals and at the last step.
+7. ``finish``: the digits FD report (``Validator.fd_report``), the student's LoRA in the diffusers format in
+   ``output_dir`` (``export.py``), with the method's scheduler for stock pipelines (``distill_scheduler``) in
+   ``output_dir/scheduler`` when it has one; the closing lines and the webhooks' and hub's last word (``notify.py``).
 
 No exception in the loop is caught: a user error stops the run with one line (``cli.py``), a bug with its traceback.
+The webhooks, the hub and the digits FD are optional modules beside the loop, each reached through one call
+(``Notifier``, ``Validator.fd_report``) and doing nothing unless its keys are set.
 """
 
 from __future__ import annotations
@@ -29,23 +39,36 @@ import contextlib
 import errno
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
+from tqdm.auto import tqdm  # (latent_cache imports it too: no cost of its own here)
 
 from ...adapters import named_adapter_parameters
 from ...atomic import write_file
-from ...errors import UserError
+from ...config import read_json
+from ...errors import ConfigError, UserError
+from ...flow import add_noise, shift_sigma
+from ...lora_files import MAIN_FILE, read_lora
+from ...lr_schedules import build_lr_lambda
 from ...nonfinite import NonFiniteGuard
-from ...plugins import get_plugin_manager
-from ...types import Batch, RunContext, StepInfo, StepLoss, step_generator
-from .run_config import RunConfig, load_config
-from .export import Export, export_student
-from .notify import Notifier
 from ...offload import ActivationOffload
 from ...optimizers import adamw
+from ...plugins import get_plugin_manager
+from ...state_io import load_state, load_weights_into, rng_state, save_state, save_weights, set_rng_state
+from ...types import Batch, RunContext, StepInfo, StepLoss, step_generator
+from .backends import load_backend_config
+from .batches import BucketBatchSampler, collate
+from .checkpoint import begin_checkpoint, commit_checkpoint, latest_checkpoint, resolve_resume
+from .ema import EMA
+from .export import Export, export_student
+from .latent_cache import build_cache
+from .notify import Notifier
+from .prompt_library import library_prompts
+from .run_config import RunConfig, load_config, validate_config
 from .validation import Validator
 
 STUDENT_ADAPTER = "student"
@@ -55,8 +78,6 @@ def log(message: str) -> None:
     """One line above the progress bar, from the main process only (launchers set RANK in every process)."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    from tqdm.auto import tqdm
-
     tqdm.write(f"[simpletuner-dmd] {message}")  # above the progress bar, not inside it
 
 
@@ -83,6 +104,27 @@ class Job:
     ema: Any
 
 
+@dataclass
+class Run(Job):
+    """The whole run as ``set_up`` leaves it: the ``Job`` and what the loop needs besides. ``state`` is what a
+    checkpoint saves and a resume restores; ``logs`` the last optimizer step's metrics (the model card quotes them)."""
+
+    rc: RunConfig
+    notify: Notifier
+    seed: int
+    network: torch.nn.Module  # ``models.network`` as ``accelerator.prepare`` returned it (the DDP wrapper, if any)
+    max_steps: int
+    state: dict[str, int]  # global_step, batches_consumed
+    batches: Iterator[tuple[int, Batch]]
+    loss_fn: Callable[[Batch], torch.Tensor]  # the host's own loss (plain fine-tuning, or a method's host_loss)
+    validate: Validator
+    guard: NonFiniteGuard
+    progress: Any  # the tqdm bar
+    offload: Callable[[], Any]  # activation_offload's context, or a null one
+    shown: tuple[str, ...]  # the metrics the method puts on the progress bar
+    logs: dict[str, float] = field(default_factory=dict)
+
+
 def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, plugins: tuple = ()) -> Path:
     """Run a whole training job; returns ``output_dir``. ``overrides`` replace config keys and ``plugins`` are extra
     plugin objects to register (tests, benchmarks). Webhooks hear of its start, checkpoints, validations, end and
@@ -100,8 +142,26 @@ def train(config_path: str | Path, *, overrides: dict[str, Any] | None = None, p
 
 
 def _run(rc: RunConfig, pm, notify: Notifier) -> Path:
-    """The recipe: set-up, data, student, method, optimizer and resume, the loop, the export."""
-    from accelerate import Accelerator
+    """The recipe: set-up, a baseline validation, the loop of optimizer steps with its checkpoints and validations,
+    the finish."""
+    run = set_up(rc, pm, notify)
+    host = run.host
+    if not host["validation_disable"] and not host["disable_benchmark"] and run.state["global_step"] == 0:
+        # the baseline (SimpleTuner's "benchmark"): the untrained student beside the teacher
+        _validation_round(run, 0, "baseline samples before training")
+    try:  # the bar is closed on the way out too, so an error line starts on a line of its own
+        while run.state["global_step"] < run.max_steps:
+            run.logs = training_step(run)
+            checkpoint_and_validate(run)
+    finally:
+        run.progress.close()
+    return finish(run)
+
+
+def set_up(rc: RunConfig, pm, notify: Notifier) -> Run:
+    """Steps 2–5 of the module docstring: the accelerator, the data, the student, the method, the optimizer and the
+    resume; returns the ``Run`` the loop steps (its progress bar open, its network in train mode)."""
+    from accelerate import Accelerator  # accelerate takes longer to import than the rest of the host
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     host = rc.host
@@ -131,7 +191,6 @@ def _run(rc: RunConfig, pm, notify: Notifier) -> Path:
     notify.main = accelerator.is_main_process  # only the main process talks to webhooks and the hub
     set_seed(seed, device_specific=True)  # per-process noise; draws that must agree use StepInfo.generator
     family = rc.family_cls(autocast_dtype=None if weight_dtype == torch.float32 else weight_dtype)
-    from .checkpoint import resolve_resume
 
     # Before anything loads, so a damaged checkpoint named by the user costs no model loading. The main process
     # resolves (it may clean up a crashed save's temporary folder, checks files against the manifest) and tells the
@@ -148,7 +207,7 @@ def _run(rc: RunConfig, pm, notify: Notifier) -> Path:
     components.vae.to(accelerator.device)
     components.text_encoder.to(accelerator.device)
     text_length = {} if host["tokenizer_max_length"] is None else {"max_length": host["tokenizer_max_length"]}
-    encode_prompts = lambda texts: family.encode_prompts(components, texts, **text_length)  # noqa: E731
+    encode_prompts = lambda texts: family.encode_prompts(components, texts, **text_length)
     dataset = _build_dataset(host, family, components, encode_prompts, accelerator)
     prompts = _validation_prompts(host)
     prompt_conds = {name: encode_prompts([text]) for name, text in prompts.items()}
@@ -156,7 +215,7 @@ def _run(rc: RunConfig, pm, notify: Notifier) -> Path:
     empty_cond = encode_prompts([""])  # caption dropout in the host's own loss
 
     # ---- 3. the student
-    new_network = lambda: frozen_base(host, family, weight_dtype)  # noqa: E731
+    new_network = lambda: frozen_base(host, family, weight_dtype)
     models = build_models(host, family, accelerator, new_network=new_network, distilling=rc.method_cls is not None)
 
     # ---- 4. the method
@@ -178,11 +237,6 @@ def _run(rc: RunConfig, pm, notify: Notifier) -> Path:
         f"trainable student parameters: {sum(p.numel() for p in models.student_params.values()):,}")
 
     # ---- 5. optimizer, schedule, prepare, resume
-    from ...lr_schedules import build_lr_lambda
-    from .ema import EMA
-
-    from .batches import BucketBatchSampler
-
     sampler = BucketBatchSampler(dataset, host["train_batch_size"], seed=seed,
                                  drop_last=not host["disable_bucket_pruning"])
     max_steps = _max_steps(host, sampler)
@@ -213,119 +267,124 @@ def _run(rc: RunConfig, pm, notify: Notifier) -> Path:
                    f"({host['pretrained_model_name_or_path']}), steps {state['global_step']} → {max_steps}",
                    step=state["global_step"])
 
-    # ---- 6. the loop
-    from tqdm.auto import tqdm
-
+    # ---- what the loop needs: the batches, the host's loss, validation, the guard, the progress bar
     batches = _batches(dataset, sampler, state["batches_consumed"], accelerator)
     loss_fn = _host_loss_fn(family, network, host, empty_cond)
     # validation runs on the main process alone: it calls the bare module, never the (DDP) wrapper
     validate = Validator(host=host, family=family, components=components, models=models, pm=pm,
                          distilling=method is not None, ema=ema, prompt_conds=prompt_conds, negative_cond=negative_cond,
                          accelerator=accelerator, out=out, seed=seed)
-    accum = host["gradient_accumulation_steps"]
     guard = NonFiniteGuard("student", host["nonfinite_skip_limit"])
     progress = tqdm(total=max_steps, initial=state["global_step"], desc="training",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
     network.train()
-    logs: dict[str, float] = {}
     # activation_offload: what the student's and the critic's forwards save for their backward lives on the CPU
     offload = ActivationOffload if host["activation_offload"] else contextlib.nullcontext
-    if not host["validation_disable"] and not host["disable_benchmark"] and state["global_step"] == 0:
-        folder = validate(0)  # the baseline (SimpleTuner's "benchmark"): the untrained student beside the teacher
-        if folder is not None:
-            log(f"baseline samples before training: {folder}")
-            notify.validated(folder, 0)
-    try:  # the bar is closed on the way out too, so an error line starts on a line of its own
-        while state["global_step"] < max_steps:
-            step_logs: dict[str, list[float]] = {}
-            step_losses: list[torch.Tensor] = []
-            student_stepped = False
-            for micro in range(accum):
-                state["batches_consumed"], batch = next(batches)
-                info = _step_info(seed, state["global_step"], micro, accum, accelerator, network)
-                with accelerator.accumulate(network), offload() as saved:
-                    result: StepLoss | None = pm.hook.distill_loss(batch=batch, step=info,
-                                                                   host_loss=lambda b=batch: loss_fn(b))
-                    if result is None:  # no method, or the method lets the host's loss stand
-                        result = StepLoss(loss_fn(batch))
-                        result.logs["loss"] = float(result.loss.detach())
-                    if result.loss is not None:
-                        accelerator.backward(result.loss)
-                        step_losses.append(result.loss.detach())
-                        student_stepped = True
-                for key, value in result.logs.items():
-                    step_logs.setdefault(key, []).append(value)
-                if saved is not None:
-                    step_logs.setdefault("activation_offload_gib", []).append(saved.offloaded_bytes / 2 ** 30)
-            if student_stepped:
-                finite = guard.finite(models.student_params.values(), *step_losses)
-                guard.record(finite, state["global_step"])  # raises after too many in a row
-                if finite:
-                    _clip(accelerator, list(models.student_params.values()), host)
-                    optimizer.step()
-                student_stepped = finite
-            optimizer.zero_grad(set_to_none=True)
-            info = _step_info(seed, state["global_step"], accum - 1, accum, accelerator, network)
-            with offload():  # the critic's forward and backward
-                pm.hook.distill_after_optimizer_step(step=info)
-            scheduler.step()
-            state["global_step"] += 1
-            if ema is not None:
-                ema.update(state["global_step"])
+    return Run(**vars(job), rc=rc, notify=notify, seed=seed, network=network, max_steps=max_steps, state=state,
+               batches=batches, loss_fn=loss_fn, validate=validate, guard=guard, progress=progress, offload=offload,
+               shown=shown)
 
-            logs = {key: sum(values) / len(values) for key, values in step_logs.items()}
-            for extra in pm.hook.distill_metrics(step=info):
-                logs.update(extra or {})
-            logs["lr"] = scheduler.get_last_lr()[0]
-            logs["student_updated"] = float(student_stepped)
-            logs["nonfinite/student_skipped"] = float(guard.skipped)
-            accelerator.log(logs, step=state["global_step"])
-            progress.update(1)
-            progress.set_postfix({k: f"{logs[k]:.4g}" for k in (*shown, "loss", "lr") if k in logs})
 
-            step = state["global_step"]
-            final = step == max_steps
-            if final or (host["checkpoint_step_interval"] and step % host["checkpoint_step_interval"] == 0):
-                with _disk_space(f"checkpoint-{step}", out):
-                    _save_checkpoint(job, state)
-                notify.checkpoint(out / f"checkpoint-{step}", step)
-            if not host["validation_disable"] and (
-                    final or (host["validation_step_interval"] and step % host["validation_step_interval"] == 0)):
-                folder = validate(step)
-                if folder is not None:
-                    log(f"validation samples: {folder}")
-                    notify.validated(folder, step)
-    finally:
-        progress.close()
-    fd = None if host["validation_disable"] else validate.fd_report(state["global_step"])
+def training_step(run: Run) -> dict[str, float]:
+    """Step 6 of the module docstring, once: ``gradient_accumulation_steps`` micro-batches, the student's optimizer
+    step, ``distill_after_optimizer_step``, the LR schedule and the EMA; returns the step's logs (the micro-batches'
+    means, the method's ``distill_metrics``, the LR), which also go to the trackers and the progress bar."""
+    host, pm, accelerator, network, state = run.host, run.pm, run.accelerator, run.network, run.state
+    accum = host["gradient_accumulation_steps"]
+    step_logs: dict[str, list[float]] = {}
+    step_losses: list[torch.Tensor] = []
+    student_stepped = False
+    for micro in range(accum):
+        state["batches_consumed"], batch = next(run.batches)
+        info = _step_info(run.seed, state["global_step"], micro, accum, accelerator, network)
+        with accelerator.accumulate(network), run.offload() as saved:
+            result: StepLoss | None = pm.hook.distill_loss(batch=batch, step=info,
+                                                           host_loss=lambda b=batch: run.loss_fn(b))
+            if result is None:  # no method, or the method lets the host's loss stand
+                result = StepLoss(run.loss_fn(batch))
+                result.logs["loss"] = float(result.loss.detach())
+            if result.loss is not None:
+                accelerator.backward(result.loss)
+                step_losses.append(result.loss.detach())
+                student_stepped = True
+        for key, value in result.logs.items():
+            step_logs.setdefault(key, []).append(value)
+        if saved is not None:
+            step_logs.setdefault("activation_offload_gib", []).append(saved.offloaded_bytes / 2 ** 30)
+    if student_stepped:
+        finite = run.guard.finite(run.models.student_params.values(), *step_losses)
+        run.guard.record(finite, state["global_step"])  # raises after too many in a row
+        if finite:
+            _clip(accelerator, list(run.models.student_params.values()), host)
+            run.optimizer.step()
+        student_stepped = finite
+    run.optimizer.zero_grad(set_to_none=True)
+    info = _step_info(run.seed, state["global_step"], accum - 1, accum, accelerator, network)
+    with run.offload():  # the critic's forward and backward
+        pm.hook.distill_after_optimizer_step(step=info)
+    run.scheduler.step()
+    state["global_step"] += 1
+    if run.ema is not None:
+        run.ema.update(state["global_step"])
 
-    # ---- 7. the student, in the formats users load (diffusers, the original layout), with its model card
+    logs = {key: sum(values) / len(values) for key, values in step_logs.items()}
+    for extra in pm.hook.distill_metrics(step=info):
+        logs.update(extra or {})
+    logs["lr"] = run.scheduler.get_last_lr()[0]
+    logs["student_updated"] = float(student_stepped)
+    logs["nonfinite/student_skipped"] = float(run.guard.skipped)
+    accelerator.log(logs, step=state["global_step"])
+    run.progress.update(1)
+    run.progress.set_postfix({k: f"{logs[k]:.4g}" for k in (*run.shown, "loss", "lr") if k in logs})
+    return logs
+
+
+def checkpoint_and_validate(run: Run) -> None:
+    """After an optimizer step: a checkpoint and a validation round when the step is on their interval, and both
+    after the last step."""
+    host, out, step = run.host, run.out, run.state["global_step"]
+    final = step == run.max_steps
+    if final or (host["checkpoint_step_interval"] and step % host["checkpoint_step_interval"] == 0):
+        with _disk_space(f"checkpoint-{step}", out):
+            _save_checkpoint(run, run.state)
+        run.notify.checkpoint(out / f"checkpoint-{step}", step)
+    if not host["validation_disable"] and (
+            final or (host["validation_step_interval"] and step % host["validation_step_interval"] == 0)):
+        _validation_round(run, step, "validation samples")
+
+
+def finish(run: Run) -> Path:
+    """Step 7 of the module docstring: the FD report, the export, the closing lines and the notifications; returns
+    ``output_dir``."""
+    host, accelerator, out, steps = run.host, run.accelerator, run.out, run.state["global_step"]
+    fd = None if host["validation_disable"] else run.validate.fd_report(steps)
+
+    # the student, in the formats users load (diffusers, the original layout), with its model card
     if accelerator.is_main_process:
+        rc, models = run.rc, run.models
         export = Export(method_name=rc.method_name, method_cls=rc.method_cls, method_config=rc.method_config,
-                        steps=state["global_step"], final_logs=logs,
-                        sample=validate.last_student_sample, student_lora=lambda: _student_lora(models),
+                        steps=steps, final_logs=run.logs,
+                        sample=run.validate.last_student_sample, student_lora=lambda: _student_lora(models),
                         peft_config=models.network.peft_config.get(STUDENT_ADAPTER)
                         if host["model_type"] == "lora" else None)
         with _disk_space("the final export", out):
-            export_student(job, export, log=log)
+            export_student(run, export, log=log)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    log(f"done: {state['global_step']} steps; student written to {out}")
+    log(f"done: {steps} steps; student written to {out}")
     if fd:  # the last line: does the student draw like its teacher?
         log(f"{_fd_line(fd)} ({out / 'fd.json'})")
-    notify.finished(out, state["global_step"])  # the hub's final upload (a failure: one line, non-zero exit)
+    run.notify.finished(out, steps)  # the hub's final upload (a failure: one line, non-zero exit)
     return out
 
 
-# =========================================================================== helpers, in the order the loop uses them
+# =========================================================================== helpers, in the order the run uses them
 
 
 def _load(config_path, pm, overrides) -> RunConfig:
+    """Step 1: the validated config, with ``overrides`` replacing keys of the file."""
     if not overrides:
         return load_config(config_path, pm)
-    from ...config import read_json
-    from .run_config import validate_config
-
     raw = read_json(config_path, "config")
     raw.update(overrides)
     return validate_config(raw, pm, path=Path(config_path))
@@ -354,9 +413,6 @@ def quantize_frozen(module: torch.nn.Module, precision: str, what: str) -> None:
 
 
 def _build_dataset(host, family, components, encode_prompts, accelerator):
-    from .backends import load_backend_config
-    from .latent_cache import build_cache
-
     backends = load_backend_config(host["data_backend_config"], warn=lambda m: log(f"warning: {m}"))
     for backend in backends:  # the config's resolution is the default of every media dataset
         if backend.get("dataset_type") not in ("image", "video"):
@@ -391,15 +447,11 @@ def _cache_tag(host: dict) -> str:
 def _validation_prompts(host: dict) -> dict[str, str]:
     """Folder name → prompt: ``validation_prompt`` (folder ``validation``) and the prompt-library files' entries
     (checked already, with every problem, when the config was validated)."""
-    from .prompt_library import library_prompts
-
     prompts: dict[str, str] = {}
     if host["validation_prompt"]:
         prompts["validation"] = host["validation_prompt"]
     library, problems, _ = library_prompts(host)
     if problems:
-        from ...errors import ConfigError
-
         raise ConfigError(problems)
     prompts.update(library)
     return prompts
@@ -417,8 +469,6 @@ def load_student_lora(network: torch.nn.Module, path: str | Path, family: Any) -
     into the student adapter of ``network``; every tensor must find its module at the same shape. Returns what was
     loaded, for the log."""
     from peft import set_peft_model_state_dict
-
-    from ...lora_files import MAIN_FILE, read_lora
 
     path = Path(path)
     source = path / MAIN_FILE if path.is_dir() else path
@@ -499,8 +549,6 @@ def _batches(dataset, sampler, consumed: int, accelerator) -> Iterator[tuple[int
     """``(batches consumed so far, batch)``, batch after batch of one shared, seeded order; process r of W takes the
     batches r, r + W, … of it, so a resume (which skips ``batches_consumed``, counted over all processes) sees the
     same batches on every process. The count goes into the state the checkpoint saves."""
-    from .batches import collate
-
     rank, world = accelerator.process_index, accelerator.num_processes
     while True:
         for indices in sampler:
@@ -536,8 +584,6 @@ def _fd_line(report: dict) -> str:
 
 def _host_loss_fn(family, network, host, empty_cond) -> Callable[[Batch], torch.Tensor]:
     """The host's own loss: flow matching on the batch (what plain LoRA fine-tuning optimises)."""
-    from ...flow import add_noise, shift_sigma
-
     def loss_fn(batch: Batch) -> torch.Tensor:
         x0 = batch.latents
         cond = batch.cond
@@ -564,14 +610,20 @@ def _clip(accelerator, params, host) -> None:
         accelerator.clip_grad_norm_(params, limit)
 
 
+def _validation_round(run: Run, step: int, what: str) -> None:
+    """One round of validation samples, logged as ``what: folder`` and sent to the webhooks."""
+    folder = run.validate(step)
+    if folder is not None:
+        log(f"{what}: {folder}")
+        run.notify.validated(folder, step)
+
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
 def _save_checkpoint(job: Job, state: dict) -> None:
     """Everything a resume needs, in a temporary folder made complete and renamed by ``checkpoint.py``."""
-    from ...state_io import rng_state, save_state, save_weights
-    from .checkpoint import begin_checkpoint, commit_checkpoint
-
     host, family, pm, accelerator, out, models = job.host, job.family, job.pm, job.accelerator, job.out, job.models
     optimizer, scheduler, ema = job.optimizer, job.scheduler, job.ema
 
@@ -596,8 +648,6 @@ def _save_checkpoint(job: Job, state: dict) -> None:
 
 def _load_checkpoint(job: Job, folder: Path) -> dict:
     """Restore what ``_save_checkpoint`` wrote (and the method's state); returns the trainer state."""
-    from ...state_io import load_state, load_weights_into, set_rng_state
-
     pm, accelerator, models, optimizer, scheduler, ema = (job.pm, job.accelerator, job.models, job.optimizer,
                                                           job.scheduler, job.ema)
 
@@ -632,8 +682,6 @@ def _disk_space(what: str, out: Path):
     except Exception as exc:
         if not _is_disk_full(exc):
             raise
-        from .checkpoint import latest_checkpoint
-
         last = latest_checkpoint(out)
         resume = f"run again to resume from {last.name}" if last is not None else "run again (no checkpoint yet)"
         raise UserError(f"no space left on the device of {out} while writing {what}: free space and {resume}"
