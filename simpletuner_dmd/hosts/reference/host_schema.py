@@ -1,17 +1,16 @@
 """The SimpleTuner config keys the reference host honours, and the ones it tells the user it does not.
 
 SimpleTuner configs carry many keys; a key this host does not know is a warning (naming it, with a close match), not
-an error. A key of the seed quickstart that this host does not implement gets its own warning that says so.
+an error. A key of the seed quickstart that this host does not implement gets its own warning that says so. This
+module holds the keys; ``run_config.py`` checks a whole config against them (and the files and folders they name).
 """
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 from typing import Any
 
-from ...config import Key, Schema, in_range, suggest
+from ...config import Key, Schema, in_range
 from ...optimizers import CHOICES as OPTIMIZER_CHOICES
 
 
@@ -225,59 +224,3 @@ HOST_SCHEMA = Schema(
 # Keys of the seed quickstart this host does not implement, and what that means for the user.
 SEED_KEYS_NOT_SUPPORTED: dict[str, str] = {
 }
-
-
-def host_key_warnings(raw: dict[str, Any], unknown: list[str]) -> list[str]:
-    out = []
-    for name in unknown:
-        if name in SEED_KEYS_NOT_SUPPORTED:
-            out.append(f"{name}: not supported by the reference host and ignored ({SEED_KEYS_NOT_SUPPORTED[name]})")
-        else:
-            out.append(f"{name}: unknown to the reference host and ignored{suggest(name, HOST_SCHEMA.by_name)}")
-    return out
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def check_host_paths(host: dict[str, Any]) -> list[str]:
-    problems = []
-    model = host.get("pretrained_model_name_or_path")
-    if not model:
-        problems.append("config.pretrained_model_name_or_path: must be set (a local diffusers folder)")
-    elif not Path(model).is_dir() and not (_HUB_ID.match(model) and not Path(model).parent.is_dir()):
-        problems.append(f"config.pretrained_model_name_or_path: model folder not found: {model}")
-    data = host.get("data_backend_config")
-    if not data:
-        problems.append("config.data_backend_config: must be set (a multidatabackend JSON file)")
-    elif not Path(data).is_file():
-        problems.append(f"config.data_backend_config: file not found: {data}")
-    for key in ("output_dir", "cache_dir"):
-        problem = host.get(key) and writable_folder_problem(host[key])
-        if problem:
-            problems.append(f"config.{key}: {problem}")
-    return problems
-
-
-def writable_folder_problem(value: str) -> str | None:
-    """Why the trainer could not create or write into the folder ``value``, or None. Nothing is created: an existing
-    folder must be writable; a new one needs its nearest existing ancestor to be a writable folder. (Root writes
-    through permission bits, but not into a read-only file system, which ``os.access`` reports for root too.)"""
-    path = Path(value)
-    try:
-        if path.is_dir():
-            target = path
-        elif os.path.lexists(path):
-            kind = "a dangling symlink" if path.is_symlink() else "a file"
-            return f"{value} is {kind}, not a folder"
-        else:
-            target = path.absolute().parent
-            while not os.path.lexists(target):
-                target = target.parent
-            if not target.is_dir():
-                return f"cannot create the folder {value}: {target} is not a folder"
-    except OSError as exc:  # a name too long, a loop of links: the trainer's mkdir would fail the same way
-        return f"cannot create the folder {value} ({exc.strerror or exc})"
-    if not os.access(target, os.W_OK | os.X_OK):
-        return f"cannot write into {target} (no permission, or a read-only file system)"
-    return None

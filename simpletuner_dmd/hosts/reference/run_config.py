@@ -1,18 +1,26 @@
 """The reference host's whole config: its own keys (``host_schema.HOST_SCHEMA``), the model family and the selected
-method's section (validated by the core's ``config.validate_method_config``, as every host does). All problems are
-reported together, one line each, before any model is loaded.
+method's section (validated by the core's ``config.validate_method_config``, as every host does), then the files and
+folders the keys name (the model, the data backend file, the prompt library, the webhook file, the output folders).
+All problems are reported together, one line each, before any model is loaded. ``validate_config`` is the procedure;
+the functions below it are its checks, in the order it calls them.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ...config import read_json, suggest, validate_method_config
-from ...errors import ConfigError
+from ...errors import ConfigError, UserError
+from ...optimizers import check_available
 from ...plugins import registered_families
-from .host_schema import HOST_SCHEMA, check_host_paths, host_key_warnings
+from .backends import load_backend_config
+from .host_schema import HOST_SCHEMA, SEED_KEYS_NOT_SUPPORTED
+from .prompt_library import library_prompts
+from .webhooks import load_webhook_config
 
 
 @dataclass
@@ -36,7 +44,8 @@ def load_config(path: str | Path, pm: Any, *, check_paths: bool = True) -> RunCo
 
 def validate_config(raw: Any, pm: Any, *, path: Path | None = None, check_paths: bool = True) -> RunConfig:
     """Validate a whole reference-host config: the host's keys (``HOST_SCHEMA``), the model family, and the method's
-    section through the core ``validate_method_config``. Raises ``ConfigError`` with every problem, one line each."""
+    section through the core ``validate_method_config``; with ``check_paths``, once those are clean, the files and
+    folders the keys name. Raises ``ConfigError`` with every problem, one line each."""
 
     if not isinstance(raw, dict):
         raise ConfigError([f"config: must be a JSON object, got {type(raw).__name__}"])
@@ -62,8 +71,6 @@ def validate_config(raw: Any, pm: Any, *, path: Path | None = None, check_paths:
     if family_cls is not None and not host_problems:
         problems += family_key_problems(host, family_cls)
     if not host_problems:
-        from ...optimizers import check_available
-
         missing = check_available(host["optimizer"])
         if missing:
             problems.append(f"config.{missing}")
@@ -87,14 +94,10 @@ def validate_config(raw: Any, pm: Any, *, path: Path | None = None, check_paths:
         problems += check_host_paths(host)
     if check_paths and not problems:
         problems += backend_file_problems(host["data_backend_config"], family_cls)
-        from .prompt_library import library_prompts
-
         _, library_problems, library_warnings = library_prompts(host)
         problems += library_problems
         warnings += library_warnings
         if host["webhook_config"]:
-            from .webhooks import load_webhook_config
-
             try:
                 load_webhook_config(host["webhook_config"])
             except ConfigError as exc:
@@ -104,23 +107,16 @@ def validate_config(raw: Any, pm: Any, *, path: Path | None = None, check_paths:
     return RunConfig(path, host, method_name, method_cls, method_config, family_cls, warnings)
 
 
-def backend_file_problems(path: str, family_cls: type | None = None) -> list[str]:
-    """Every problem of the data backend file, read and checked here — by ``validate-config`` and before the trainer
-    loads any model — rather than only once the VAE and text encoder are loaded; with ``family_cls``, also a video
-    dataset for an image-only family (``video = False``). (Its warnings come when the run builds the dataset.)"""
-    from ...errors import UserError
-    from .backends import load_backend_config
-
-    try:
-        backends = load_backend_config(path, warn=lambda message: None)
-    except ConfigError as exc:
-        return list(exc.problems)
-    except UserError as exc:
-        return [str(exc)]
-    if family_cls is not None and not family_cls.video:
-        return [f"{path}: dataset {b['id']!r} is a video dataset, but the {family_cls.name} family makes images only"
-                for b in backends if b.get("dataset_type") == "video"]
-    return []
+def host_key_warnings(raw: dict[str, Any], unknown: list[str]) -> list[str]:
+    """One warning for each key the host does not know: a seed quickstart key it does not implement (and why), or an
+    unknown key (with a close match)."""
+    out = []
+    for name in unknown:
+        if name in SEED_KEYS_NOT_SUPPORTED:
+            out.append(f"{name}: not supported by the reference host and ignored ({SEED_KEYS_NOT_SUPPORTED[name]})")
+        else:
+            out.append(f"{name}: unknown to the reference host and ignored{suggest(name, HOST_SCHEMA.by_name)}")
+    return out
 
 
 def family_key_problems(host: dict, family_cls: type) -> list[str]:
@@ -141,4 +137,68 @@ def family_key_problems(host: dict, family_cls: type) -> list[str]:
     return problems
 
 
-__all__ = ["RunConfig", "backend_file_problems", "family_key_problems", "load_config", "validate_config"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_host_paths(host: dict[str, Any]) -> list[str]:
+    """The model folder and the data backend file must exist; the output and cache folders must be writable."""
+    problems = []
+    model = host.get("pretrained_model_name_or_path")
+    if not model:
+        problems.append("config.pretrained_model_name_or_path: must be set (a local diffusers folder)")
+    elif not Path(model).is_dir() and not (_HUB_ID.match(model) and not Path(model).parent.is_dir()):
+        problems.append(f"config.pretrained_model_name_or_path: model folder not found: {model}")
+    data = host.get("data_backend_config")
+    if not data:
+        problems.append("config.data_backend_config: must be set (a multidatabackend JSON file)")
+    elif not Path(data).is_file():
+        problems.append(f"config.data_backend_config: file not found: {data}")
+    for key in ("output_dir", "cache_dir"):
+        problem = host.get(key) and writable_folder_problem(host[key])
+        if problem:
+            problems.append(f"config.{key}: {problem}")
+    return problems
+
+
+def writable_folder_problem(value: str) -> str | None:
+    """Why the trainer could not create or write into the folder ``value``, or None. Nothing is created: an existing
+    folder must be writable; a new one needs its nearest existing ancestor to be a writable folder. (Root writes
+    through permission bits, but not into a read-only file system, which ``os.access`` reports for root too.)"""
+    path = Path(value)
+    try:
+        if path.is_dir():
+            target = path
+        elif os.path.lexists(path):
+            kind = "a dangling symlink" if path.is_symlink() else "a file"
+            return f"{value} is {kind}, not a folder"
+        else:
+            target = path.absolute().parent
+            while not os.path.lexists(target):
+                target = target.parent
+            if not target.is_dir():
+                return f"cannot create the folder {value}: {target} is not a folder"
+    except OSError as exc:  # a name too long, a loop of links: the trainer's mkdir would fail the same way
+        return f"cannot create the folder {value} ({exc.strerror or exc})"
+    if not os.access(target, os.W_OK | os.X_OK):
+        return f"cannot write into {target} (no permission, or a read-only file system)"
+    return None
+
+
+def backend_file_problems(path: str, family_cls: type | None = None) -> list[str]:
+    """Every problem of the data backend file, read and checked here — by ``validate-config`` and before the trainer
+    loads any model — rather than only once the VAE and text encoder are loaded; with ``family_cls``, also a video
+    dataset for an image-only family (``video = False``). (Its warnings come when the run builds the dataset.)"""
+    try:
+        backends = load_backend_config(path, warn=lambda message: None)
+    except ConfigError as exc:
+        return list(exc.problems)
+    except UserError as exc:
+        return [str(exc)]
+    if family_cls is not None and not family_cls.video:
+        return [f"{path}: dataset {b['id']!r} is a video dataset, but the {family_cls.name} family makes images only"
+                for b in backends if b.get("dataset_type") == "video"]
+    return []
+
+
+__all__ = ["RunConfig", "backend_file_problems", "check_host_paths", "family_key_problems", "host_key_warnings",
+           "load_config", "validate_config", "writable_folder_problem"]
