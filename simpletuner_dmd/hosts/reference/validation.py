@@ -14,13 +14,19 @@ Validation runs on the main process alone and calls the bare module, never the (
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from ...adapters import AdapterSwitch
-from .media import save_sample
+from ...atomic import write_file
+from .fd import load_feature_space
 
 
 class Validator:
@@ -96,8 +102,6 @@ class Validator:
         if len(frames) > 1:
             frames[0].save(folder / "sheet.gif", save_all=True, append_images=frames[1:], duration=125, loop=0)
         self.sheets.append((step, path))
-        from PIL import Image
-
         rounds = [Image.open(p).convert("RGB") for _, p in self.sheets]
         size = (max(r.width for r in rounds), max(r.height for r in rounds))
         rounds = [r if r.size == size else r.resize(size) for r in rounds]
@@ -112,13 +116,6 @@ class Validator:
         path = self.host.get("validation_fd_features")
         if not path or not self.accelerator.is_main_process or not self.prompt_conds:
             return None
-        import json
-
-        from tqdm.auto import tqdm
-
-        from ...atomic import write_file
-        from .fd import load_feature_space
-
         space = load_feature_space(path)
         n, batch = self.host["validation_fd_samples"], 100
         conds = list(self.prompt_conds.values())
@@ -191,14 +188,27 @@ class Validator:
         return sampler(noise, cond, self.negative_cond, guidance, generator)
 
 
+def save_sample(pixels: torch.Tensor, folder: Path, fps: int = 8) -> Path:
+    """``pixels`` ``(3, F, H, W)`` in [0, 1] → ``folder/frame-000.png``… and ``folder/sample.gif`` when F > 1.
+
+    Returns the file to show: the GIF for a video, the PNG for an image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    frames = (pixels.detach().float().clamp(0, 1).permute(1, 2, 3, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    images = [Image.fromarray(frame) for frame in frames]
+    for i, image in enumerate(images):
+        image.save(folder / f"frame-{i:03d}.png")
+    if len(images) == 1:
+        return folder / "frame-000.png"
+    gif = folder / "sample.gif"
+    images[0].save(gif, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    return gif
+
+
 def sheet_frames(cells: dict[str, dict[str, torch.Tensor]], columns: list[str], labels: list[str], *,
                  title: str) -> list:
     """The comparison sheet as PIL images, one per video frame: a header with ``title`` and the column labels, then
     one row per prompt (its name on the left), each cell that column's sample ``(3, F, H, W)`` in [0, 1], scaled up
     to at least 64 pixels with nearest neighbours. A missing cell stays black."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
     any_cell = next(c for row in cells.values() for c in row.values())
     _, n_frames, h, w = any_cell.shape
     scale = max(1, -(-64 // min(h, w)))
@@ -233,10 +243,6 @@ def sheet_frames(cells: dict[str, dict[str, torch.Tensor]], columns: list[str], 
 
 def save_latents(path: Path, latents: torch.Tensor, *, seed: int) -> None:
     """The sample's final latents (``latents``, before decoding) and its seed, to compare other samplers against."""
-    from safetensors.torch import save_file
-
-    from ...atomic import write_file
-
     write_file(path, lambda tmp: save_file({"latents": latents.detach().float().cpu().contiguous()}, tmp,
                                            metadata={"seed": str(seed)}))
 
@@ -245,17 +251,14 @@ def log_media(accelerator, images: dict[str, Path], step: int) -> None:
     """The saved samples to the trackers: wandb (images, GIFs as videos) and tensorboard (the first frame)."""
     for tracker in accelerator.trackers:
         if tracker.name == "wandb":
-            import wandb
+            import wandb  # only with report_to wandb; slow to import
 
             tracker.log({key: (wandb.Video(str(path), format="gif") if path.suffix == ".gif"
                                else wandb.Image(str(path))) for key, path in images.items()}, step=step)
         elif tracker.name == "tensorboard":
-            import numpy as np
-            from PIL import Image
-
             for key, path in images.items():
                 first = np.asarray(Image.open(path).convert("RGB"))
                 tracker.writer.add_image(key, first, step, dataformats="HWC")
 
 
-__all__ = ["Validator", "log_media", "save_latents", "sheet_frames"]
+__all__ = ["Validator", "log_media", "save_latents", "save_sample", "sheet_frames"]
