@@ -19,11 +19,17 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ...families.wan_tiny import make_tiny_wan
+from .fd import save_feature_space, train_classifier
+from .trainer import train
 
 SIZE = 16  # pixels; the VAE's 8× compression gives 2×2 latents, 4 tokens at patch 1
 TEXT_TOKENS = 16  # "a digit 7" is 9 tokens with this tokenizer; the teacher is trained (and must be run) with 16
@@ -65,8 +71,6 @@ def write_captioned(folder: Path, media: torch.Tensor, labels, *, stem: str, suf
 
 
 def make_digits_dataset(folder: Path, n_digits: int | None = None) -> Path:
-    from PIL import Image
-
     pixels, labels = _digit_pixels(n_digits)
     return write_captioned(folder, pixels, labels, stem="digit", suffix=".png",
                            save=lambda img, path: Image.fromarray(img).convert("RGB").save(path))
@@ -84,8 +88,6 @@ def train_vae(pixels: torch.Tensor, *, steps: int, seed: int = 0, batch: int = 6
     [0, 1]; mean squared error on the posterior's mode, a small pull of the latents toward 0), then its
     ``latents_mean`` / ``latents_std`` set to the data's own latent statistics (what Wan's published values are for
     its trained VAE)."""
-    from tqdm.auto import tqdm
-
     torch.manual_seed(seed)
     vae = _vae()
     if pixels.ndim == 4:
@@ -149,8 +151,6 @@ def teacher_config(folder: Path, model: Path, data: Path, *, steps: int) -> Path
 
 
 def make_fd_features(folder: Path, pixels: torch.Tensor, labels: np.ndarray, *, epochs: int) -> float:
-    from .fd import save_feature_space, train_classifier
-
     flat = pixels.flatten(1)
     net, accuracy = train_classifier(flat, labels, widths=FD_WIDTHS, epochs=epochs)
     with torch.no_grad():
@@ -188,8 +188,6 @@ def _build(workdir: Path, paths: dict[str, Path], recipe: dict, *, vae_steps: in
            classifier_epochs: int, n_digits: int | None, log) -> dict[str, Path]:
     from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
-    from ...families.wan_tiny import make_tiny_wan
-    from .trainer import train
 
     start = time.time()
     make_digits_dataset(paths["dataset"], n_digits)

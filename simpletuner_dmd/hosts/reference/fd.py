@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
+from ...atomic import write_file
 from ...errors import UserError
 
 
@@ -84,10 +86,6 @@ class FeatureSpace:
 
 def save_feature_space(folder: Path, *, name: str, size: int, net: PixelMLP, widths: list[int],
                        real_features: np.ndarray, held_out_accuracy: float) -> None:
-    from safetensors.torch import save_file
-
-    from ...atomic import write_file
-
     folder.mkdir(parents=True, exist_ok=True)
     mu, cov = statistics(real_features)
     weights = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
@@ -98,8 +96,6 @@ def save_feature_space(folder: Path, *, name: str, size: int, net: PixelMLP, wid
 
 
 def load_feature_space(folder: str | Path) -> FeatureSpace:
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if not (folder / "features.json").is_file() or not (folder / "features.safetensors").is_file():
         raise UserError(f"validation_fd_features: {folder} holds no features.json and features.safetensors "

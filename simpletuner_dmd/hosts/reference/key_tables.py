@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ...config import Key, Schema, parse_betas, parse_timestep_list
+from ...plugins import get_plugin_manager, registered_methods
+from .backends import MEDIA_BACKEND_SCHEMA, TEXT_BACKEND_SCHEMA
 
 BEGIN = "<!-- BEGIN GENERATED KEY TABLES -->"
 END = "<!-- END GENERATED KEY TABLES -->"
@@ -86,8 +88,7 @@ def readme_tables(pm: Any = None) -> str:
 
     Entry-point plugins are not consulted: the docs document this distribution, whatever else is installed.
     """
-    from ...plugins import get_plugin_manager, registered_methods
-    from .host_schema import HOST_SCHEMA, SEED_KEYS_NOT_SUPPORTED
+    from .host_schema import HOST_SCHEMA, SEED_KEYS_NOT_SUPPORTED  # deferred: host_schema imports torch
 
     if pm is None:
         pm = get_plugin_manager(entry_points=False)
@@ -106,8 +107,6 @@ def readme_tables(pm: Any = None) -> str:
     if not SEED_KEYS_NOT_SUPPORTED:
         rows.append("| (none) | every key of the seed config is in effect |")
     sections.append("\n".join(rows) + "\n")
-    from .backends import MEDIA_BACKEND_SCHEMA, TEXT_BACKEND_SCHEMA
-
     sections.append(key_table(MEDIA_BACKEND_SCHEMA, "Data backend file: an image or video backend"))
     sections.append(key_table(TEXT_BACKEND_SCHEMA, "Data backend file: the `text_embeds` backend"))
     sections.append(END + "\n")

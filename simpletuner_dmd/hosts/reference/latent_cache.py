@@ -5,16 +5,17 @@ encodes nothing. `build_cache` fills it and returns the `CachedDataset` the trai
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes, load_file, save as save_bytes, save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -62,11 +63,7 @@ def _save_atomic(tensors: dict[str, torch.Tensor], dest: Path) -> None:
     # A killed run must never leave a half-written file under the final name: it would be "reused" next time.
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     if str(dest).endswith(COMPRESSED):
-        import gzip
-
-        from safetensors.torch import save
-
-        data = gzip.compress(save(tensors), compresslevel=6)
+        data = gzip.compress(save_bytes(tensors), compresslevel=6)
         write_file(dest, lambda tmp: Path(tmp).write_bytes(data))
     else:
         write_file(dest, lambda tmp: save_file(tensors, tmp))
@@ -259,11 +256,7 @@ class CachedDataset(Dataset):
 def _load(file: str, key: str) -> torch.Tensor:
     try:
         if file.endswith(COMPRESSED):
-            import gzip
-
-            from safetensors.torch import load
-
-            return load(gzip.decompress(Path(file).read_bytes()))[key]
+            return load_bytes(gzip.decompress(Path(file).read_bytes()))[key]
         return load_file(file)[key]
     except (OSError, SafetensorError, KeyError, EOFError) as e:  # gzip raises OSError/EOFError on a damaged file
         raise DataError(f"{file}: unreadable cache file ({e}); delete it to rebuild") from None

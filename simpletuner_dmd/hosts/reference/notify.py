@@ -11,24 +11,29 @@ login); no token is ever logged or written.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from .webhooks import Webhooks, load_webhook_config
 
 
 class Notifier:
+    """The run's one channel to the world outside: the trainer calls ``started``, ``checkpoint``, ``validated``,
+    ``finished`` and ``failed`` and never asks whether webhooks or the hub are configured; each does nothing unless
+    its keys are set (``docs/reference-host.md`` says why they live beside the trainer)."""
+
     def __init__(self, host: dict, *, log: Callable[[str], None] = print):
         self.host, self.log = host, log
         self.main = True  # the host sets it from its accelerator: only the main process sends
         self.webhooks = None
         self.hub = None
         if host.get("webhook_config"):
-            from .webhooks import Webhooks, load_webhook_config
-
             targets = load_webhook_config(host["webhook_config"])  # checked already when the config was validated
             self.webhooks = Webhooks(targets, project_name=f"{host['tracker_project_name']} "
                                                            f"{host['tracker_run_name']}", log=log)
         if host.get("push_to_hub") or host.get("push_checkpoints_to_hub"):
-            from .hub import HubPusher
+            from .hub import HubPusher  # huggingface_hub: slow to import, needed only when pushing
 
             self.hub = HubPusher(host["hub_model_id"], endpoint=os.environ.get("HF_ENDPOINT") or None, log=log)
 
