@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from simpletuner_dmd.offload import ActivationOffload
 from simpletuner_dmd.families.block_causal import BlockCausalWan
 from simpletuner_dmd.families.wan import WAN21_1_3B, WAN21_14B, WanFamily
 from simpletuner_dmd.families.wan_causal import WanCausalFamily
@@ -97,8 +98,6 @@ def build(kind: str, *, config: dict, latent_shape: tuple, text_shape: tuple, qu
 def train_step(setup: Setup, step: int = 0, *, offload: bool = False) -> None:
     """One optimizer step as the reference host runs it (one micro-batch); ``offload``: with the host's
     ``activation_offload`` around the student's and the critic's passes."""
-    from simpletuner_dmd.offload import ActivationOffload
-
     around = ActivationOffload if offload else contextlib.nullcontext
     info = StepInfo(step, 0, 1, True, torch.Generator().manual_seed(step))
     with around():

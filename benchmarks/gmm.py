@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from simpletuner_dmd.optimizers import adamw
 from simpletuner_dmd.plugins import get_plugin_manager, registered_families, registered_methods
 from simpletuner_dmd.types import Batch, RunContext, StepInfo
 
@@ -166,8 +167,6 @@ def distil(folder: Path, dmd: dict[str, Any], *, seed: int, steps: int, batch_si
         encode_prompts=family.embed_prompts, negative_prompt="", output_dir=folder, model_type="full",
         student_adapter=None, load_base=lambda: family.load_network(folder / "base"), teacher=teacher, seed=seed,
     ))
-    from simpletuner_dmd.optimizers import adamw
-
     optimizer = adamw(student.parameters(), kind=optimizer, lr=lr, betas=betas, weight_decay=0.0)
     student, optimizer = accelerator.prepare(student, optimizer)
     if lr_schedule not in ("constant", "cosine"):

@@ -35,6 +35,11 @@ from pathlib import Path
 
 import torch
 
+from simpletuner_dmd.atomic import write_file
+from simpletuner_dmd.flow import flow_to_x0
+
+from . import gmm
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "quality"
 
@@ -90,8 +95,6 @@ _STATE: dict = {}  # per process: the metrics (their reference samples) and the 
 
 
 def _run(task: tuple) -> tuple:
-    from . import gmm
-
     name, steps, weight, seed, folder, n_steps, threads, variant = (*task, None)[:8]
     extra, host = None, {}
     if variant is not None:  # ``weight`` is the variant's name
@@ -154,8 +157,6 @@ def markdown(results: dict) -> str:
 
 
 def write(out: Path, results: dict, name: str = "regression_ablation") -> None:
-    from simpletuner_dmd.atomic import write_file
-
     write_file(out / f"{name}.json",
                lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1), encoding="utf-8"))
     write_file(out / f"{name}.md", lambda tmp: Path(tmp).write_text(markdown(results), encoding="utf-8"))
@@ -165,8 +166,6 @@ def bridge_floor(fractions=(0.0, 0.01, 0.02, 0.05, 0.1, 0.15), seeds: int = 3) -
     """What a given share of samples on the *bridges* costs: 10 000 exact ring samples with a fraction ``f`` replaced by
     points uniform on the chords between neighbouring modes (plus the mode's noise), measured by ``gmm.Metrics``
     against the same 20 000 exact samples as the students. Mean over ``seeds``."""
-    from . import gmm
-
     _, mixture = gmm.family_and_mixture()
     metrics = gmm.Metrics(mixture)
     mu = mixture.mu.float()
@@ -192,8 +191,6 @@ def diagnose(folder: Path, variant: str, steps: int, seed: int = 0) -> list[dict
     exact samples (the bridges removed, the rest kept); the on-mode spread (RMS distance to the nearest mode of the
     samples within 3 std) against the exact samples'; and the metrics of exact samples drawn with the student's mode
     weights and spread (bridges absent, its mode shape and weights kept)."""
-    from . import gmm
-
     _, mixture = gmm.family_and_mixture()
     metrics = gmm.Metrics(mixture)
     mu, std = mixture.mu.float(), mixture.std
@@ -242,10 +239,6 @@ def ceiling(folder: Path, seeds: int = 3, settings: dict | None = None, batch_si
     from a pool of ``POOL`` pairs (256 times the DMD students' 1024; no DMD, no critic). Measured like the students
     (``gmm.Metrics`` on the 1-step samples from the students' evaluation noises, ``99 000 + seed``); with the mapping
     RMSE on those noises. ``metrics``: a ``gmm.Metrics`` to reuse (building one samples its reference anew)."""
-    from simpletuner_dmd.flow import flow_to_x0
-
-    from . import gmm
-
     family, mixture = gmm.family_and_mixture()
     metrics = metrics or gmm.Metrics(mixture)
     teacher = family.load_network(folder / "teacher").eval()
@@ -296,15 +289,11 @@ def ceiling(folder: Path, seeds: int = 3, settings: dict | None = None, batch_si
 
 
 def gmm_module():
-    from . import gmm
-
     return gmm
 
 
 def main(argv: list[str] | None = None) -> int:
     from concurrent.futures import ProcessPoolExecutor
-
-    from . import gmm
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gmm_regression", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000, help="optimizer steps per run")

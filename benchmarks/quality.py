@@ -32,7 +32,10 @@ from typing import Callable
 import torch
 
 from simpletuner_dmd.atomic import write_file
+from simpletuner_dmd.optimizers import check_available
+from simpletuner_dmd.plugins import get_plugin_manager, registered_families
 
+from . import digits, gmm, moving_digits
 from .quality_shared import CASE_A_TUNED, DEFAULT_OUT, HERE, log, map_in_order, plot_curves, save_figure
 
 # --------------------------------------------------------------------------- case A
@@ -95,8 +98,6 @@ _METRICS = {}  # one per process: building it measures the reference samples aga
 
 def _distil_task(task):
     """One (row, seed) run and the metrics of its snapshots, in this process or a worker."""
-    from . import gmm
-
     name, folder, config, seed, steps, lr, method, snapshots, threads, optimizer = task
     torch.set_num_threads(threads)
     if "m" not in _METRICS:
@@ -126,8 +127,6 @@ def run_case_a(out: Path, *, seeds: int, steps: int, ablations: bool, cache: Pat
     ``on_row(name, row)`` is called as each row is finished (a student row once all its seeds are done). The plots are
     not drawn here: with a ``plots`` list, ``(path, draw)`` pairs are appended to it for the caller to draw after the
     results are written."""
-    from . import gmm
-
     report = on_row or (lambda name, row: None)
     todo = case_a_todo(ablations, rows_filter)
     folder = gmm.fit_base(cache / "gmm", log=log)
@@ -329,15 +328,11 @@ def _case_a_markdown(a: dict) -> list[str]:
 
 
 def _case_b_markdown(b: dict) -> list[str]:
-    from .digits import markdown as digits_markdown
-
-    return _provenance(b) + digits_markdown(b)
+    return _provenance(b) + digits.markdown(b)
 
 
 def _case_c_markdown(c: dict) -> list[str]:
-    from .moving_digits import markdown as moving_markdown
-
-    return _provenance(c) + moving_markdown(c)
+    return _provenance(c) + moving_digits.markdown(c)
 
 
 CASES = {  # key in results.json: (label, title, its own table)
@@ -387,8 +382,6 @@ def _gmm_family_problem() -> str | None:
     """Case A's family, found as ``benchmarks/gmm.py`` finds it: the ``gmm`` family registered through the
     ``simpletuner_dmd`` entry points, and its own package."""
     try:
-        from simpletuner_dmd.plugins import get_plugin_manager, registered_families
-
         if "gmm" not in registered_families(get_plugin_manager()):
             return "no simpletuner_dmd entry point registers it"
     except Exception as exc:  # a plugin that fails to import (PluginError names it)
@@ -400,8 +393,6 @@ def missing_requirements(cases: set[str], plots: bool, rows_a: dict[str, dict] |
                          ) -> list[tuple[str, str, str]]:
     """``(what, why, pip command)`` for each thing the selected cases and outputs need and cannot import;
     ``rows_a``: case A's student rows to run (an optimizer of theirs that cannot be built here is one of those)."""
-    from simpletuner_dmd.optimizers import check_available
-
     missing = []
     if plots and _import_problem("matplotlib"):
         missing.append(("matplotlib", "the plots; --no-plots skips them", BENCH_INSTALL))
@@ -490,8 +481,6 @@ def _case_b_expected(run_case_b) -> int | None:
     """Case B's row count with its defaults (the reference rows, one per teacher step count and guidance, one per
     student)."""
     try:
-        from . import digits
-
         euler = inspect.signature(run_case_b).parameters["teacher_euler"].default
         return digits.expected_rows(euler)
     except Exception:  # digits.py changed shape: the partial line then says only how many rows are done
@@ -583,8 +572,6 @@ def main(argv: list[str] | None = None) -> int:
                 case_a["command"] = f"{previous['command']}, then {provenance['command']}"
             writer.finish("case_a", case_a)
         if "b" in cases:
-            from . import digits
-
             start_b = time.time()
             on_row = writer.start("case_b", expected=_case_b_expected(digits.run_case_b), provenance=provenance)
             # run_case_b draws its own plots (after its rows are reported, when it takes on_row)
@@ -596,8 +583,6 @@ def main(argv: list[str] | None = None) -> int:
             case_b.update(provenance, seconds=time.time() - start_b)
             writer.finish("case_b", case_b)
         if "c" in cases:
-            from . import moving_digits
-
             start_c = time.time()
             on_row = writer.start("case_c", expected=moving_digits.EXPECTED_ROWS, provenance=provenance)
             case_c = moving_digits.run_case_c(args.out, cache=args.cache, on_row=on_row, plots=not args.no_plots)

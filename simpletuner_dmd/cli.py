@@ -10,7 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from .config import suggest
 from .errors import ConfigError, UserError, print_user_error
+from .plugins import get_plugin_manager, registered_families, registered_methods
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +116,6 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "estimate":
         from .estimate import print_estimate
         from .hosts.reference.run_config import load_config
-        from .plugins import get_plugin_manager
 
         return print_estimate(args, load_config(args.config, get_plugin_manager(), check_paths=False))
     if args.command == "validate-config" and _validates_for_simpletuner(args.host):
@@ -123,7 +124,6 @@ def _run(args: argparse.Namespace) -> int:
         return validate_for_simpletuner(args.path)
     if args.command == "validate-config":
         from .hosts.reference.run_config import load_config
-        from .plugins import get_plugin_manager
 
         rc = load_config(args.path, get_plugin_manager(), check_paths=not args.no_check_paths)
         for warning in rc.warnings:
@@ -134,8 +134,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"ok: {args.path} (method: {method}, {len(rc.method_config)} method keys; family: {rc.family_cls.name})")
         return 0
     if args.command == "plugins":
-        from .plugins import get_plugin_manager, registered_families, registered_methods
-
         pm = get_plugin_manager()
         for title, entries in (("methods", registered_methods(pm)), ("model families", registered_families(pm))):
             print(f"{title}:")
@@ -153,9 +151,6 @@ def _run(args: argparse.Namespace) -> int:
         make_digits_example(args.workdir)
         return 0
     if args.command == "make-tiny":
-        from .plugins import get_plugin_manager, registered_families
-        from .config import suggest
-
         families = registered_families(get_plugin_manager())
         if args.family not in families:
             raise UserError(f"make-tiny: unknown family {args.family!r}{suggest(args.family, families)}")

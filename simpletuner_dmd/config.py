@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from .errors import ConfigError
+from .plugins import find_method, registered_methods
 
 # --------------------------------------------------------------------------- schema machinery
 
@@ -315,8 +316,6 @@ def validate_method_config(method_name: Any, distillation_config: Any, pm: Any, 
 
     Returns (the selection or None, every problem as one line naming its key); the selection's ``name`` is the
     registered name."""
-    from .plugins import find_method, registered_methods
-
     methods = registered_methods(pm)
     name = find_method(method_name, methods)
     if name is None:

@@ -32,6 +32,7 @@ from .errors import UserError
 from .fewstep_sampling import few_step_sampler, streaming_settings
 from .flow import flow_to_x0
 from .hookspecs import hookimpl
+from .state_io import load_state, load_weights_into, save_state, save_weights
 
 # --------------------------------------------------------------------------- the exit-step keys
 
@@ -199,8 +200,6 @@ def save_method_state(checkpoint_dir: Path, method: str, accelerator: Any, state
     ``parts`` by name — ``Weights`` as ``<name>.safetensors``, an optimizer's ``state_dict()`` as ``<name>.json`` +
     ``<name>.safetensors`` (``state_io.save_state``) — then ``state`` (JSON-able counters) as ``state.json``. Only
     the main process writes; returns the folder there, None elsewhere."""
-    from .state_io import save_state, save_weights
-
     if not accelerator.is_main_process:
         return None
     folder = Path(checkpoint_dir) / method
@@ -221,8 +220,6 @@ def load_method_state(checkpoint_dir: Path, method: str, written_by: str, parts:
     counters. Every file is checked first (``state.json`` before or after ``parts``' files, ``state_first``): a
     missing one is a ``UserError`` naming it and ``written_by`` (\"a DMD run\"); then ``check(state)`` may refuse
     the checkpoint before anything is loaded; then each part is loaded in place, in order."""
-    from .state_io import load_state, load_weights_into
-
     parts = parts or {}
     folder = Path(checkpoint_dir) / method
     files = [_file(name, part) for name, part in parts.items()]

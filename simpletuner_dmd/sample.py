@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_file
 from .errors import UserError
 from .lora_files import load_into_pipeline
+from .plugins import get_plugin_manager, registered_families
 
 STUDENT_FILE = "simpletuner_dmd.json"  # written by the reference host's export: what `sample` reads by default
 
@@ -76,8 +78,6 @@ def _save(frames, folder: Path, fps: int, *, frames_written: bool = False) -> Pa
     import imageio.v3 as iio
     from PIL import Image
 
-    from .atomic import write_file
-
     folder.mkdir(parents=True, exist_ok=True)
     pixels = _to_bytes(frames)
     if not frames_written:
@@ -120,8 +120,6 @@ def _ffmpeg_mp4(path: str, pixels, fps: int) -> None:
 def _sheet(rows: list[list[Path]], path: Path) -> None:
     """A grid of the first frames: one row per seed, one column per variant."""
     from PIL import Image
-
-    from .atomic import write_file
 
     first = [[Image.open(p.parent / "frame-000.png").convert("RGB") for p in row] for row in rows]
     w, h = first[0][0].size
@@ -221,8 +219,6 @@ def _takes(pipe: Any, argument: str) -> bool:
 def _family_of(info: dict[str, Any]) -> Any:
     """The installed family the student folder names (its LoRA files and streaming are the family's); None for a
     folder that names none (written before the family was recorded: one LoRA file, loaded the default way)."""
-    from .plugins import get_plugin_manager, registered_families
-
     name = info.get("family")
     if name is None:
         return None
@@ -305,8 +301,6 @@ def sample_streaming(request: SampleRequest, info: dict[str, Any], *, log=print)
 def _write_frames(frames, folder: Path, *, first: int) -> None:
     """``frames`` (n, H, W, 3) in [0, 1] as ``frame-{first + i:03d}.png``, each written atomically."""
     from PIL import Image
-
-    from .atomic import write_file
 
     for i, frame in enumerate(_to_bytes(frames)):
         image = Image.fromarray(frame)

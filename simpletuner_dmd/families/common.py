@@ -10,6 +10,8 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..flow import T_MAX, euler_step, guided, shift_sigma
+from ..networks import guided_batch
 
 
 def autocast(dtype: torch.dtype | None, device: torch.device):
@@ -56,9 +58,6 @@ def euler_sampler(family: Any, network: torch.nn.Module, *, steps: int, shift: f
     """The host's default sampler (the teacher's): Euler on the flow ODE over ``steps`` σs of the shifted uniform grid
     from 1 to 0, standard CFG ``u + s·(c − u)`` with cond and uncond in one batch; calls go through
     ``family.predict_flow``."""
-    from ..flow import T_MAX, euler_step, guided, shift_sigma
-    from ..networks import guided_batch
-
     def flow(x, t, cond):
         return family.predict_flow(network, x, t, cond).float()
 
