@@ -71,16 +71,19 @@ class SimpleTunerCondition:
         return f"SimpleTunerCondition(rows={self.rows}, text_only={self.text_only}, {shapes})"
 
 
-def _join(values: list[Any], rows: list[int]) -> Any:
-    """One entry of several conditions joined along the batch: tensors (and lists) of one row per sample are
+def _join(values: list[Any], rows: list[int], key: str) -> Any:
+    """One entry (``key``) of several conditions joined along the batch: tensors (and lists) of one row per sample are
     concatenated, mappings entry by entry; anything else (a flag, a string naming the conditioning type, a tensor that
     is not per sample) is the first condition's."""
     first = values[0]
     if all(v is None for v in values):
         return None
     if isinstance(first, Mapping):
-        return {k: _join([v.get(k) if isinstance(v, Mapping) else None for v in values], rows) for k in first}
+        return {k: _join([v.get(k) if isinstance(v, Mapping) else None for v in values], rows, f"{key}.{k}")
+                for k in first}
     if torch.is_tensor(first) and all(torch.is_tensor(v) and v.ndim and v.shape[0] == r for v, r in zip(values, rows)):
+        if len({v.shape[1:] for v in values}) > 1:
+            raise ValueError(f"condition entry {key}: shapes {[tuple(v.shape) for v in values]} cannot be batched")
         return torch.cat(values, dim=0)
     if isinstance(first, (list, tuple)) and all(isinstance(v, (list, tuple)) and len(v) == r
                                                  for v, r in zip(values, rows)):
@@ -98,10 +101,11 @@ def _repeat(value: Any, rows: int, times: int) -> Any:
     return value
 
 
-def _as_rows(tensor: Any, ndim: int) -> Any:
-    """An encoded text's tensor with its batch axis of one (SimpleTuner's collate stacks 2-D ``(L, D)`` and 1-D
-    ``(D,)`` entries and concatenates 3-D ``(1, L, D)`` ones)."""
-    if torch.is_tensor(tensor) and tensor.ndim < ndim:
+def _as_rows(tensor: Any) -> Any:
+    """One sample's encoded-text tensor as SimpleTuner's collate batches it (``compute_prompt_embeddings``): 1-D and
+    2-D entries are stacked (a new batch axis: an ``(L, D)`` embedding, but also a ``(1, L)`` mask, which becomes
+    ``(1, 1, L)``), 3-D ones concatenated (they carry their batch axis)."""
+    if torch.is_tensor(tensor) and tensor.ndim in (1, 2):
         return tensor.unsqueeze(0)
     return tensor
 
@@ -158,13 +162,11 @@ class SimpleTunerModelFamily(FamilyBase):
                 raise UserError(f"SimpleTuner's {type(model).__name__}.encode_text_batch returned a "
                                 f"{type(encoded).__name__}; the generic family reads its text-embed-cache mapping")
             collated = {}
-            for source, target, ndim in (("prompt_embeds", "prompt_embeds", 3),
-                                         ("pooled_prompt_embeds", "pooled_prompt_embeds", 2),
-                                         ("attention_mask", "attention_masks", 2),
-                                         ("prompt_attention_mask", "attention_masks", 2),
-                                         ("attention_masks", "attention_masks", 2), ("time_ids", "time_ids", 2)):
+            for source, target in (("prompt_embeds", "prompt_embeds"), ("pooled_prompt_embeds", "pooled_prompt_embeds"),
+                                   ("attention_mask", "attention_masks"), ("prompt_attention_mask", "attention_masks"),
+                                   ("attention_masks", "attention_masks"), ("time_ids", "time_ids")):
                 if encoded.get(source) is not None:
-                    collated[target] = _as_rows(encoded[source], ndim)
+                    collated[target] = _as_rows(encoded[source])
         entries: dict[str, Any] = {"text_encoder_output": collated}
         if collated.get("prompt_embeds") is not None:
             entries["prompt_embeds"] = entries["encoder_hidden_states"] = collated["prompt_embeds"]
@@ -228,7 +230,7 @@ class SimpleTunerModelFamily(FamilyBase):
             parts.append(c)
         rows = [c.rows for c in parts]
         keys = list(dict.fromkeys(k for c in parts for k in c.entries))
-        entries = {k: _join([c.entries.get(k) for c in parts], rows) for k in keys}
+        entries = {k: _join([c.entries.get(k) for c in parts], rows, k) for k in keys}
         return SimpleTunerCondition(entries, rows=sum(rows), text_only=full is None,
                                     images=parts[0].images if full is None else full.images)
 
