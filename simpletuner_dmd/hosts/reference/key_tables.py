@@ -88,7 +88,8 @@ def readme_tables(pm: Any = None) -> str:
 
     Entry-point plugins are not consulted: the docs document this distribution, whatever else is installed.
     """
-    from .host_schema import HOST_SCHEMA, SEED_KEYS_NOT_SUPPORTED  # deferred: host_schema imports torch
+    # deferred: host_schema imports torch
+    from .host_schema import HOST_SCHEMA, SEED_KEYS_NOT_SUPPORTED
 
     if pm is None:
         pm = get_plugin_manager(entry_points=False)

@@ -33,7 +33,8 @@ class Notifier:
             self.webhooks = Webhooks(targets, project_name=f"{host['tracker_project_name']} "
                                                            f"{host['tracker_run_name']}", log=log)
         if host.get("push_to_hub") or host.get("push_checkpoints_to_hub"):
-            from .hub import HubPusher  # huggingface_hub: slow to import, needed only when pushing
+            # huggingface_hub is slow to import, and needed only when pushing
+            from .hub import HubPusher
 
             self.hub = HubPusher(host["hub_model_id"], endpoint=os.environ.get("HF_ENDPOINT") or None, log=log)
 

@@ -161,7 +161,8 @@ def _run(rc: RunConfig, pm, notify: Notifier) -> Path:
 def set_up(rc: RunConfig, pm, notify: Notifier) -> Run:
     """Steps 2–5 of the module docstring: the accelerator, the data, the student, the method, the optimizer and the
     resume; returns the ``Run`` the loop steps (its progress bar open, its network in train mode)."""
-    from accelerate import Accelerator  # accelerate takes longer to import than the rest of the host
+    # accelerate takes longer to import than the rest of the host
+    from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     host = rc.host
