@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness import PYTHON, REPO, image_backends, venv_python
+from tiny_fixtures import tiny_flux, tiny_ltxvideo, tiny_qwen_image, tiny_st, tiny_wan_i2v  # noqa: F401
 
 
 @pytest.fixture(scope="session")
