@@ -68,9 +68,13 @@ class FewStepFlowScheduler(FlowMatchEulerDiscreteScheduler):
         return keys
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
-                      **ignored) -> None:
+                      sigmas: list[float] | None = None, **ignored) -> None:
         """The configured timesteps; another ``num_inference_steps`` only for a student with a ``sampling_schedule``
-        (LCM: any count up to its N, picked as its sampler picks them)."""
+        (LCM: any count up to its N, picked as its sampler picks them). A pipeline that always passes its own σ grid
+        (``FluxPipeline``, ``QwenImagePipeline``: ``sigmas=linspace(1, 1/n, n)`` with ``mu``) asks for ``len(sigmas)``
+        steps: the student's own timesteps for that count replace the grid, as they replace any pipeline's default."""
+        if num_inference_steps is None and sigmas is not None:
+            num_inference_steps = len(sigmas)
         steps = [float(t) for t in self.config.few_step_timesteps]
         schedule = self.config.sampling_schedule
         if schedule is not None and num_inference_steps not in (None, len(steps)):
