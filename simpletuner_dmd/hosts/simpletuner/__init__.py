@@ -12,6 +12,8 @@ distiller interface, with no SimpleTuner file edited.
   simpletuner-train`` or ``python -m simpletuner_dmd.hosts.simpletuner``;
 - ``shared`` holds the names they all use, so the modules import one way:
   ``shared <- distiller <- preflight <- patch <- autoload <- launcher``.
+- ``tiny_models`` builds tiny random pipelines of SimpleTuner's own families (Flux, Qwen-Image, LTX-Video, Wan 2.1
+  I2V) for the tests; it imports none of the above.
 
 Nothing here imports SimpleTuner at import time. See docs/simpletuner.md.
 """
