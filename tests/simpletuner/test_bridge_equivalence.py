@@ -23,6 +23,7 @@ from simpletuner_dmd.hosts.reference import trainer as T
 from simpletuner_dmd.hosts.reference.host_schema import HOST_SCHEMA
 from simpletuner_dmd.hosts.simpletuner.distiller import STATE_FILE, PluginDistiller
 from simpletuner_dmd.hosts.simpletuner.patch import stash_negative_embeds
+from simpletuner_dmd.types import step_generator
 from simpletuner_dmd.methods.dmd.config import DMD_SCHEMA
 from simpletuner_dmd.plugins import get_plugin_manager, get_method_class
 from simpletuner_dmd.types import Batch, RunContext
@@ -228,10 +229,14 @@ def test_checkpoint_round_trip_restores_the_method_state(hosts, tmp_path):
         for p in h.distiller.method_params:
             p.add_(1.0)
     h.distiller.global_step = 99
+    # SimpleTuner's `seed: 0` is a new int(time.time()) at every launch: the resumed run draws with the checkpoint's
+    h.distiller.seed = h.distiller.run.seed = SEED + 1
     h.distiller.on_load_checkpoint(str(folder))
     restored = _adapter(h.network, "fake_score")
     assert all(torch.equal(saved[n], restored[n]) for n in saved)
     assert h.distiller.global_step == 1 and h.distiller.method.critic_updates == 1
+    assert h.distiller.seed == SEED and h.distiller.method.run.seed == SEED
+    assert h.distiller._step_info(0).generator.initial_seed() == step_generator(SEED, 1, 0).initial_seed()
 
 
 def test_a_checkpoint_without_the_bridge_state_is_refused(hosts, tmp_path):

@@ -232,6 +232,9 @@ class PluginDistiller:
         if self.family.bind_simpletuner_model is not None:
             self.family.bind_simpletuner_model(teacher_model)
         self.accelerator = teacher_model.accelerator
+        # SimpleTuner's seed as it parsed it: its `seed: 0` (the default) and -1 are replaced by a fresh value at each
+        # launch (cmd_args.py: int(time.time()), randint), so a resumed run takes this from the checkpoint instead
+        # (on_load_checkpoint), as SimpleTuner's own RNG streams come from random_states_*.pkl.
         self.seed = int(config.get("seed") or 0)
         self.accumulation = int(config.get("gradient_accumulation_steps") or 1)
         self.global_step = 0  # optimizer steps completed (restored on resume)
@@ -261,7 +264,7 @@ class PluginDistiller:
 
         self.method = method_cls(self.method_config)
         self.pm.register(self.method, name=f"method:{method_name}")
-        self.pm.hook.distill_setup(run=RunContext(
+        self.run = RunContext(
             host_config=dict(config), method_config=self.method_config, family=self.family, student=student,
             accelerator=self.accelerator, encode_prompts=self._encode_prompts,
             negative_prompt=config.get("validation_negative_prompt") or "",
@@ -269,7 +272,8 @@ class PluginDistiller:
             load_base=load_base,
             teacher=load_base().eval() if model_type == "full" else None,  # a full student needs a frozen teacher
             seed=self.seed, warn=lambda m: log(f"warning: {m}"),
-        ))
+        )
+        self.pm.hook.distill_setup(run=self.run)
 
         # SimpleTuner's optimizer, gradient clip and max-gradient metric take every parameter of the trained
         # component that requires a gradient (Trainer._get_trainable_parameters), and its optimizer is built after
@@ -409,7 +413,7 @@ class PluginDistiller:
         self.pm.hook.distill_save_state(checkpoint_dir=folder)
         if self.accelerator.is_main_process:
             (folder / STATE_FILE).write_text(json.dumps({"method": self.method_name, "global_step": self.global_step,
-                                                          "simpletuner_step": int(step)}))
+                                                          "simpletuner_step": int(step), "seed": self.seed}))
 
     def on_load_checkpoint(self, ckpt_dir: str) -> None:
         folder = Path(ckpt_dir)
@@ -421,6 +425,12 @@ class PluginDistiller:
         if state.get("method") != self.method_name:
             raise UserError(f"checkpoint {folder} was written by distillation_method {state.get('method')!r}, "
                             f"this run uses {self.method_name!r}")
+        if "seed" in state and int(state["seed"]) != self.seed:
+            # The per-step draws (StepInfo.generator: DMD's exit index, …) continue the checkpointed run's: SimpleTuner
+            # gives a `seed: 0` run a new seed at every launch, which would make the resumed steps draw differently.
+            log(f"seed {self.seed} -> {state['seed']}: the checkpoint's, so the resumed steps draw as the run would "
+                f"have without the interruption")
+            self.seed = self.run.seed = int(state["seed"])
         self.pm.hook.distill_load_state(checkpoint_dir=folder)
         self.global_step = int(state["global_step"])
         self._micro = 0
