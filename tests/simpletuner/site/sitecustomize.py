@@ -71,12 +71,18 @@ if os.environ.get("SIMPLETUNER_DMD_TEST_FLOW_CHECK"):
         pred = model_output.get("model_prediction") if isinstance(model_output, dict) else None
         if torch.is_tensor(pred) and "noisy_latents" in prepared_batch:
             with torch.no_grad():
-                x_t, cond = _distiller.from_simpletuner_batch(
+                # the noisy latents in the family's layout; the condition from the batch as the method gets it
+                x_t, _ = _distiller.from_simpletuner_batch(
                     self.family, {**prepared_batch, "latents": prepared_batch["noisy_latents"]})
+                _, cond = _distiller.from_simpletuner_batch(self.family, prepared_batch)
                 network = self.model.get_trained_component(unwrap_model=False)
-                ours = self.family.predict_flow(network, x_t, prepared_batch["timesteps"].float(), cond)
-            diff = (ours.reshape(pred.shape).float() - pred.detach().float()).abs().max().item()
-            print(f"[flow-check] latents {tuple(x_t.shape)} cond {tuple(cond.shape)} max_abs_diff={diff:.3g} "
+                # SimpleTuner's timesteps are 1000·σ (Flux rescales the batch's entry in place during its forward)
+                t = prepared_batch["sigmas"].reshape(-1).float() * 1000
+                ours = self.family.predict_flow(network, x_t, t, cond)
+                theirs = self.model.prediction_to_noiseward_flow(pred.detach())
+            diff = (ours.reshape(pred.shape).float() - theirs.float()).abs().max().item()
+            shape = tuple(cond.shape) if torch.is_tensor(cond) else type(cond).__name__
+            print(f"[flow-check] latents {tuple(x_t.shape)} cond {shape} max_abs_diff={diff:.3g} "
                   f"max_abs_pred={pred.detach().abs().max().item():.3g}", flush=True)
         return _compute(self, prepared_batch, model_output, original_loss)
 
@@ -126,3 +132,62 @@ if os.environ.get("SIMPLETUNER_DMD_TEST_VALIDATION_CHECK"):
         Validation.enable_ema_for_inference = enable_ema_for_inference
 
     after_apply(install_validation_check)
+
+if os.environ.get("SIMPLETUNER_DMD_TEST_CALLS"):
+    # Every call of SimpleTuner's trained network while a plugin method runs, as one JSON line in the file the variable
+    # names (per process): the keyword arguments' shapes, the guidance input's values, the peft adapters active, and
+    # whether it ran under no_grad — so a test can see what each network call of the method was given.
+    import json
+
+    import torch
+
+    def _describe(value):
+        if torch.is_tensor(value):
+            return {"shape": list(value.shape), "dtype": str(value.dtype)}
+        return type(value).__name__
+
+    def install_call_log():
+        from simpletuner_dmd.hosts.simpletuner import distiller as _distiller
+
+        init = _distiller.PluginDistiller.__init__
+        if getattr(init, "_logged", False):
+            return
+        path = Path(f"{os.environ['SIMPLETUNER_DMD_TEST_CALLS']}.rank{os.environ.get('RANK', '0')}.jsonl")
+
+        def init_then_log(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            network = self.model.get_trained_component(unwrap_model=True)
+
+            def record(module, args, kwargs):
+                entry = {k: _describe(v) for k, v in kwargs.items() if v is not None}
+                guidance = kwargs.get("guidance")
+                if torch.is_tensor(guidance):
+                    entry["guidance_values"] = sorted({round(float(g), 4) for g in guidance.reshape(-1)})
+                entry["adapters"] = sorted(getattr(module, "active_adapters", lambda: [])()
+                                           if callable(getattr(module, "active_adapters", None)) else [])
+                entry["adapters_enabled"] = any(getattr(m, "_disable_adapters", True) is False
+                                                for m in module.modules() if hasattr(m, "_disable_adapters"))
+                entry["grad"] = torch.is_grad_enabled()
+                with open(path, "a") as out:
+                    out.write(json.dumps(entry) + "\n")
+
+            network.register_forward_pre_hook(record, with_kwargs=True)
+
+        init_then_log._logged = True
+        _distiller.PluginDistiller.__init__ = init_then_log
+
+    after_apply(install_call_log)
+
+if os.environ.get("SIMPLETUNER_DMD_TEST_FAMILY"):
+    # The bridge serves the run with the plugin family this names (the equivalence tests: SimpleTuner's own model
+    # through the generic family, where a dedicated family would be picked).
+    def install_family_choice():
+        from simpletuner_dmd.hosts.simpletuner import distiller as _distiller
+        from simpletuner_dmd.plugins import get_family_class
+
+        def chosen(pm, model_family, model_flavour=None):
+            return get_family_class(pm, os.environ["SIMPLETUNER_DMD_TEST_FAMILY"])
+
+        _distiller.simpletuner_family_class = chosen
+
+    after_apply(install_family_choice)
