@@ -135,11 +135,13 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "plugins":
         pm = get_plugin_manager()
-        for title, entries in (("methods", registered_methods(pm)), ("model families", registered_families(pm))):
+        listed = (("methods", registered_methods(pm)), ("model families", registered_families(pm)))
+        width = max([12, *(len(name) for _, entries in listed for name in entries)])
+        for title, entries in listed:
             print(f"{title}:")
             for name, entry in entries.items():
                 summary = getattr(entry.cls, "summary", "")
-                print(f"  {name:<12} {entry.distribution:<24} {summary}")
+                print(f"  {name:<{width}} {entry.distribution:<24} {summary}")
         return 0
     if args.command == "simpletuner-train":
         from .hosts.simpletuner.launcher import run

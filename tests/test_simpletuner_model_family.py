@@ -153,3 +153,32 @@ def test_the_bridge_serves_every_other_family_through_simpletuners_model(st_fami
 def test_the_reference_host_refuses_the_family_by_name():
     problems = SimpleTunerModelFamily.config_problems({})
     assert len(problems) == 1 and "inside SimpleTuner only" in problems[0]
+
+
+def test_a_family_that_is_not_flow_matching_goes_back_to_simpletuner_or_is_refused(monkeypatch):
+    """SDXL predicts ε: a method name SimpleTuner has (lcm) is handed back to SimpleTuner's own distiller — taken out of
+    the list every take-over point reads — and a name only the plugin serves (ode_init) is one problem naming the
+    families the plugin serves. Flow-matching families, and families SimpleTuner's registry does not describe, stay."""
+    from simpletuner_dmd.hosts.simpletuner import preflight
+
+    kinds = {"sdxl": "epsilon", "flux": "flow_matching", "wan": "flow_matching", "qwen_image": "flow_matching"}
+    monkeypatch.setattr(preflight, "simpletuner_prediction_types", lambda: kinds)
+    monkeypatch.setattr(preflight, "simpletuner_own_methods", lambda: {"lcm", "dmd", "dcm", "perflow"})
+    served = ["dcm", "dmd", "lcm", "ode_init"]
+
+    note = preflight.hand_back({"model_family": "sdxl", "distillation_method": "LCM"}, served)
+    assert note == ("model_family sdxl predicts epsilon: distillation_method lcm is SimpleTuner's own here "
+                    "(simpletuner-dmd serves flow-matching families)")
+    assert served == ["dcm", "dmd", "ode_init"]
+
+    refused, note = preflight.not_flow_matching({"model_family": "sdxl"}, "ode_init")
+    assert note is None and refused == ("model_family sdxl: SimpleTuner's sdxl predicts epsilon; distillation_method "
+                                        "ode_init (simpletuner-dmd) serves the flow-matching families: flux, "
+                                        "qwen_image, wan")
+    problems, _ = preflight.plugin_problems({"model_family": "sdxl", "distillation_method": "ode_init"}, "ode_init",
+                                            get_plugin_manager(entry_points=False))
+    assert problems == [refused]
+    for family in ("flux", "wan", "some_new_family"):
+        assert preflight.not_flow_matching({"model_family": family}, "dmd") == (None, None)
+        assert preflight.hand_back({"model_family": family, "distillation_method": "dmd"}, served) is None
+    assert served == ["dcm", "dmd", "ode_init"]

@@ -146,6 +146,17 @@ def as_condition(encoded: Any, family: Any = None) -> torch.Tensor:
     return encoded
 
 
+def agreed(accelerator: Any, value: Any) -> Any:
+    """The main process's ``value``, on every process (the value itself under one process)."""
+    if getattr(accelerator, "num_processes", 1) <= 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
 def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """``value`` with ``fn`` applied to every tensor in it: a tensor, or a mapping, sequence or dataclass of them (a
     family's condition, SimpleTuner's text-embed-cache output)."""
@@ -234,8 +245,10 @@ class PluginDistiller:
         self.accelerator = teacher_model.accelerator
         # SimpleTuner's seed as it parsed it: its `seed: 0` (the default) and -1 are replaced by a fresh value at each
         # launch (cmd_args.py: int(time.time()), randint), so a resumed run takes this from the checkpoint instead
-        # (on_load_checkpoint), as SimpleTuner's own RNG streams come from random_states_*.pkl.
-        self.seed = int(config.get("seed") or 0)
+        # (on_load_checkpoint), as SimpleTuner's own RNG streams come from random_states_*.pkl. Every process parses
+        # on its own (int(time.time()) may fall on either side of a second): the main process's value is everyone's,
+        # so the per-step draws that must agree across processes (DMD's exit index) do.
+        self.seed = agreed(self.accelerator, int(config.get("seed") or 0))
         self.accumulation = int(config.get("gradient_accumulation_steps") or 1)
         self.global_step = 0  # optimizer steps completed (restored on resume)
         self._micro = 0
