@@ -29,7 +29,9 @@ members (nothing here names a family):
 
 - ``simpletuner_names``: ``((simpletuner_model_family, model_flavour or None), ...)``, the family's own declaration
   (not inherited). A declaration naming the flavour wins over one for every flavour (``None``); a SimpleTuner family
-  nobody declares is served by the plugin's family of the same name (``wan``).
+  nobody declares is served by the plugin's family of the same name (``wan``), else by the family that drives
+  SimpleTuner's own model object (``simpletuner_fallback``: ``model_family.SimpleTunerModelFamily``, handed the model
+  object through ``bind_simpletuner_model``).
 - ``from_simpletuner_batch(prepared_batch) -> (latents (B, C, F, H, W), cond)``; without it, SimpleTuner's
   ``latents`` and ``encoder_hidden_states`` as they are (Wan's batch).
 - ``from_simpletuner_text(encoded) -> cond (1, ...)``: SimpleTuner's ``model.encode_text_batch([text])`` output as

@@ -133,6 +133,11 @@ class SimpleTunerModelFamily(FamilyBase):
                 "(set model_family as SimpleTuner names it there); this host loads wan, sd3 and the other families "
                 "`simpletuner-dmd plugins` lists"]
 
+    def load_network(self, model_path: str, *, dtype: torch.dtype) -> torch.nn.Module:
+        """A separate copy of the network (``model_type: full``'s frozen teacher) is not built on this route yet."""
+        raise UserError("model_type full: the simpletuner-model route (SimpleTuner's own model_predict) serves "
+                        "model_type lora; a full student needs a separate frozen teacher it cannot load yet")
+
     # ------------------------------------------------------------------ the bridge's side
 
     def bind_simpletuner_model(self, model: Any) -> None:

@@ -14,8 +14,10 @@ embeddings and latents (40 s on the tiny model; hours on a real data set). Three
 
 What is checked, for a ``distillation_method`` the plugin serves (any case: SimpleTuner matches method names without
 regard to case): the method's config through the core's ``validate_method_config`` (every problem, one line each,
-naming the key), that a plugin family serves SimpleTuner's ``model_family``/``model_flavour``, that the adapter type is
-one the bridge serves; and — where SimpleTuner is importable — every value SimpleTuner's own argument parser would
+naming the key), that a plugin family serves SimpleTuner's ``model_family``/``model_flavour``, that the family is
+flow-matching (``not_flow_matching``: otherwise SimpleTuner's own distiller serves a name SimpleTuner has —
+``hand_back`` — and any other name is refused, naming the families served), that the adapter type is one the bridge
+serves; and — where SimpleTuner is importable — every value SimpleTuner's own argument parser would
 refuse (its choices and types, read from SimpleTuner's parser, not copied) and a ``validation_prompt_library`` value
 its prompt-library lookup refuses.
 """
