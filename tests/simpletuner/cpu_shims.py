@@ -26,31 +26,18 @@ import torch
 _TORCHVISION_LIB = None
 
 
-class _TorchaudioLibFinder(importlib.abc.MetaPathFinder):
-    target = "torchaudio._extension.utils"
+def _tolerant_torchaudio_lib(module) -> None:
+    """torchaudio's ``_load_lib`` reports "extension not available" (False) instead of raising when its ``.so`` cannot
+    load beside a CPU-only torch, so torchaudio falls back to pure Python."""
+    load_lib = module._load_lib
 
-    def find_spec(self, fullname, path, target=None):
-        if fullname != self.target:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
-            return None
-        exec_module = spec.loader.exec_module
+    def tolerant_load_lib(lib):
+        try:
+            return load_lib(lib)
+        except OSError:
+            return False
 
-        def exec_and_patch(module):
-            exec_module(module)
-            load_lib = module._load_lib
-
-            def tolerant_load_lib(lib):
-                try:
-                    return load_lib(lib)
-                except OSError:
-                    return False
-
-            module._load_lib = tolerant_load_lib
-
-        spec.loader.exec_module = exec_and_patch
-        return spec
+    module._load_lib = tolerant_load_lib
 
 
 def apply() -> None:
@@ -61,7 +48,7 @@ def apply() -> None:
         _TORCHVISION_LIB = torch.library.Library("torchvision", "DEF")
         _TORCHVISION_LIB.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
         _TORCHVISION_LIB.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-        sys.meta_path.insert(0, _TorchaudioLibFinder())
+        sys.meta_path.insert(0, _PatchAfterImport("torchaudio._extension.utils", _tolerant_torchaudio_lib))
     torch.Tensor.pin_memory = lambda self, *args, **kwargs: self  # noqa: ARG005
 
 
