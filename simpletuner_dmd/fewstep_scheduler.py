@@ -13,6 +13,11 @@ subfolder="scheduler")`` brings both::
 
 The fresh noise of ``x0_renoise`` comes from the ``generator`` given to ``step``, else from ``scheduler.generator``
 when set (stock pipelines pass none: set it to reproduce a sample exactly), else from torch's global generator.
+``scheduler.generator_seed`` (an attribute, not saved in the config), when set, gives ``generator`` a fresh CPU
+``torch.Generator`` seeded with it at every ``set_timesteps``, i.e. at the start of every pipeline call, as a pipeline
+called with a freshly seeded ``generator=`` draws its initial noise: each call re-noises alike, whatever ran before
+(SimpleTuner's validation sets it from ``validation_seed``). The noise is always drawn on the CPU and moved to the
+sample's device, so a CPU generator reproduces it on any device.
 
 A student is trained for its K steps: ``set_timesteps(n)`` with n ≠ K raises ``ValueError`` naming K (a pipeline's
 default of 50 steps would otherwise run a schedule the student never saw). A consistency student (LCM) is defined on
@@ -56,6 +61,7 @@ class FewStepFlowScheduler(FlowMatchEulerDiscreteScheduler):
                 a >= b for a, b in zip(sampling_schedule, sampling_schedule[1:]))):
             raise ValueError("sampling_schedule must be an increasing list of timesteps t_0 … t_N")
         self.generator: torch.Generator | None = None
+        self.generator_seed: int | None = None
         self.set_timesteps()
 
     @staticmethod
@@ -72,7 +78,8 @@ class FewStepFlowScheduler(FlowMatchEulerDiscreteScheduler):
         """The configured timesteps; another ``num_inference_steps`` only for a student with a ``sampling_schedule``
         (LCM: any count up to its N, picked as its sampler picks them). A pipeline that always passes its own σ grid
         (``FluxPipeline``, ``QwenImagePipeline``: ``sigmas=linspace(1, 1/n, n)`` with ``mu``) asks for ``len(sigmas)``
-        steps: the student's own timesteps for that count replace the grid, as they replace any pipeline's default."""
+        steps: the student's own timesteps for that count replace the grid, as they replace any pipeline's default.
+        With ``generator_seed`` set, ``generator`` starts afresh from it."""
         if num_inference_steps is None and sigmas is not None:
             num_inference_steps = len(sigmas)
         steps = [float(t) for t in self.config.few_step_timesteps]
@@ -93,6 +100,8 @@ class FewStepFlowScheduler(FlowMatchEulerDiscreteScheduler):
         self.num_inference_steps = len(steps)
         self._step_index = None
         self._begin_index = None
+        if self.generator_seed is not None:
+            self.generator = torch.Generator().manual_seed(int(self.generator_seed))
 
     def step(self, model_output: torch.Tensor, timestep: float | torch.Tensor, sample: torch.Tensor,
              generator: torch.Generator | None = None, return_dict: bool = True, **ignored

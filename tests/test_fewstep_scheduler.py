@@ -101,6 +101,33 @@ def test_its_generator_attribute_stands_in_for_the_one_stock_pipelines_do_not_pa
     assert torch.equal(runs[0], runs[1])
 
 
+def test_its_generator_seed_restarts_the_noise_at_every_pipeline_call(tmp_path):
+    """``generator_seed``: every ``set_timesteps`` (a pipeline call's start) re-seeds ``generator``, so a second call
+    on the same scheduler re-noises as the first did and as a scheduler given ``generator`` seeded alike does; the
+    attribute is not saved with the config."""
+    noise = torch.randn(1, 4, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+
+    def sample(scheduler):
+        scheduler.set_timesteps(len(STEPS))  # what a pipeline call does first
+        x = noise
+        for t in scheduler.timesteps:
+            x = scheduler.step(_flow(x, t.expand(1)), t, x, return_dict=False)[0]
+        return x
+
+    seeded = FewStepFlowScheduler(few_step_timesteps=STEPS)
+    seeded.generator_seed = 5
+    first, second = sample(seeded), sample(seeded)
+    by_hand = FewStepFlowScheduler(few_step_timesteps=STEPS)
+    by_hand.generator = torch.Generator().manual_seed(5)
+    torch.manual_seed(0)
+    global_rng = sample(FewStepFlowScheduler(few_step_timesteps=STEPS))
+    assert torch.equal(first, second) and torch.equal(first, sample(by_hand))
+    assert not torch.equal(first, global_rng)
+    seeded.save_pretrained(tmp_path)
+    assert "generator_seed" not in (tmp_path / "scheduler_config.json").read_text()
+    assert FewStepFlowScheduler.from_pretrained(tmp_path).generator_seed is None
+
+
 @pytest.mark.parametrize("method, config", [("dmd", {}), ("lcm", {"num_inference_steps": 4}),
                                             ("dcm", {"multiphase": 3})])
 def test_every_methods_scheduler_reproduces_its_own_sampler(tiny_wan, method, config):

@@ -239,6 +239,32 @@ def test_checkpoint_round_trip_restores_the_method_state(hosts, tmp_path):
     assert h.distiller._step_info(0).generator.initial_seed() == step_generator(SEED, 1, 0).initial_seed()
 
 
+def test_the_students_scheduler_lies_beside_its_lora_and_validation_seeds_its_renoising(hosts, tmp_path):
+    """The method's scheduler is in ``output_dir/scheduler`` from set-up on (SimpleTuner writes the LoRA beside it)
+    and in each checkpoint; the validation scheduler re-seeds its re-noising at every pipeline call with the seed
+    SimpleTuner gives the call's initial noise (``validation_seed or seed or 0``; none under
+    ``validation_randomize``)."""
+    from simpletuner_dmd.fewstep_scheduler import FewStepFlowScheduler
+
+    h = hosts
+    steps = list(h.distiller.pm.hook.distill_scheduler().config.few_step_timesteps)
+    saved = FewStepFlowScheduler.from_pretrained(h.config["output_dir"], subfolder="scheduler")
+    assert list(saved.config.few_step_timesteps) == steps
+    folder = tmp_path / "checkpoint-1"
+    folder.mkdir()
+    h.distiller.on_save_checkpoint(1, str(folder))
+    assert FewStepFlowScheduler.from_pretrained(folder, subfolder="scheduler").config == saved.config
+
+    assert h.distiller.get_scheduler().generator_seed == SEED  # no validation_seed: SimpleTuner's falls to seed
+    h.config["validation_seed"] = 7
+    scheduler = h.distiller.get_scheduler()
+    assert scheduler.generator_seed == 7
+    scheduler.set_timesteps(len(steps))  # a pipeline call's start
+    assert scheduler.generator.initial_seed() == 7
+    h.config["validation_randomize"] = True
+    assert h.distiller.get_scheduler().generator_seed is None
+
+
 def test_a_checkpoint_without_the_bridge_state_is_refused(hosts, tmp_path):
     from simpletuner_dmd.errors import UserError
 

@@ -16,8 +16,12 @@ this one)::
     once per optimizer step (after the student's optimizer.step and zero_grad, only when gradients sync):
         discriminator_step(prepared_batch)         -> distill_after_optimizer_step(step) + distill_metrics(step)
         post_training_step                         (pass-through)
-    on_save_checkpoint(step, dir)                  -> distill_save_state(dir)
-    validation (4.x): supports_special_scheduler_validation(), get_scheduler()  -> distill_scheduler()
+    on_save_checkpoint(step, dir)                  -> distill_save_state(dir); dir/scheduler (distill_scheduler)
+    validation (4.x): supports_special_scheduler_validation(), get_scheduler()  -> distill_scheduler(), its
+                                                      re-noising seeded from validation_seed
+
+At construction the method's scheduler is also written to ``output_dir/scheduler`` (main process), beside the LoRA
+SimpleTuner saves there at the end.
 
 Nothing here imports SimpleTuner: the distiller talks to SimpleTuner's model object by duck typing (``model.config``,
 ``model.accelerator``, ``model.get_trained_component()``, ``model.encode_text_batch``), so it can be exercised with a
@@ -195,6 +199,15 @@ def validation_steps_for(method_name: str, scheduler: Any, config: Mapping[str, 
                      f"validation samples {trained}")
 
 
+def validation_seed(config: Mapping[str, Any]) -> int | None:
+    """The seed SimpleTuner 4.x's validation gives each pipeline call's generator (``Validation._get_generator``:
+    ``validation_seed or seed or 0``, read from the process's own config), or None under ``validation_randomize``,
+    where it passes none."""
+    if config.get("validation_randomize"):
+        return None
+    return int(config.get("validation_seed") or config.get("seed") or 0)
+
+
 class PluginDistiller:
     """One plugin method inside SimpleTuner's trainer. Built by the patched ``DistillerFactory.create_distiller`` with
     the same arguments SimpleTuner gives its own distillers."""
@@ -306,6 +319,7 @@ class PluginDistiller:
         self.skipped_student_steps = 0
         self._scheduler_logged = False
         self._check_validation_steps(config)
+        self.scheduler_folder = self._save_scheduler(self.run.output_dir, announce=True)
         self._pre_step_hook = register_optimizer_step_pre_hook(self._before_optimizer_step)
         log(f"{method_name} serves SimpleTuner's distiller interface; family {self.family.name}; student "
             f"{'adapter ' + repr(adapter) if adapter else 'full model'}: "
@@ -423,9 +437,27 @@ class PluginDistiller:
             shown = {k: v for k, v in self._logs.items() if "/" not in k}
             log(f"step {self.global_step}: " + " ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items())))
 
+    def _save_scheduler(self, folder: Path, *, announce: bool = False) -> Path | None:
+        """The method's scheduler (``distill_scheduler``) saved to ``folder/scheduler`` by the main process, beside
+        the LoRA SimpleTuner writes there, so ``FewStepFlowScheduler.from_pretrained(folder, subfolder="scheduler")``
+        gives a stock pipeline the student's schedule and step rule. It depends on the method's config alone, which
+        is fixed once the method is set up: written then into ``output_dir`` (there before any LoRA, and whatever
+        way the run ends), and into each checkpoint beside its LoRA. None: a method without a scheduler."""
+        scheduler = self.pm.hook.distill_scheduler()
+        if scheduler is None or not self.accelerator.is_main_process:
+            return None
+        target = Path(folder) / "scheduler"
+        scheduler.save_pretrained(str(target))
+        if announce:
+            log(f"{self.method_name}'s scheduler for stock pipelines written to {target} "
+                f"({type(scheduler).__name__}, timesteps {', '.join(f'{float(t):g}' for t in scheduler.timesteps)}; "
+                f"FewStepFlowScheduler.from_pretrained(output_dir, subfolder='scheduler'))")
+        return target
+
     def on_save_checkpoint(self, step: int, ckpt_dir: str) -> None:
         folder = Path(ckpt_dir)
         self.pm.hook.distill_save_state(checkpoint_dir=folder)
+        self._save_scheduler(folder)
         if self.accelerator.is_main_process:
             (folder / STATE_FILE).write_text(json.dumps({"method": self.method_name, "global_step": self.global_step,
                                                           "simpletuner_step": int(step), "seed": self.seed}))
@@ -493,12 +525,26 @@ class PluginDistiller:
 
     def get_scheduler(self, scheduler_name: str | None = None):
         """SimpleTuner 4.x's validation puts this scheduler into its pipeline: the method's few-step schedule and
-        step rule (``distill_scheduler``). None (a method without one): SimpleTuner keeps its own scheduler."""
+        step rule (``distill_scheduler``). None (a method without one): SimpleTuner keeps its own scheduler.
+
+        Its re-noising (DMD's, LCM's fresh noise between steps) is seeded as SimpleTuner seeds each validation call's
+        initial noise (``Validation._get_generator``: ``validation_seed or seed or 0``, afresh for every pipeline
+        call, none under ``validation_randomize``): ``generator_seed`` re-seeds the scheduler's own CPU generator at
+        every ``set_timesteps``, i.e. every pipeline call, since stock pipelines pass no generator to ``step``. A
+        validation sample is then reproduced by the stock pipeline with ``generator=`` and
+        ``scheduler.generator`` both seeded with that value (and it no longer draws from torch's global RNG)."""
         scheduler = self.pm.hook.distill_scheduler()
-        if scheduler is not None and not self._scheduler_logged:
+        if scheduler is None:
+            return None
+        seed = validation_seed(self.config)
+        if seed is not None and hasattr(scheduler, "generator_seed"):
+            scheduler.generator_seed = seed
+        if not self._scheduler_logged:
             self._scheduler_logged = True
+            noise = ("its re-noising unseeded (validation_randomize)" if seed is None else
+                     f"its re-noising seeded with validation_seed {seed} at every call")
             log(f"validation samples with {self.method_name}'s own schedule: {type(scheduler).__name__}, timesteps "
-                f"{', '.join(f'{float(t):g}' for t in scheduler.timesteps)}")
+                f"{', '.join(f'{float(t):g}' for t in scheduler.timesteps)}; {noise}")
         return scheduler
 
     def toggle_adapter(self, enable: bool = False) -> None:
@@ -508,4 +554,4 @@ class PluginDistiller:
 
 __all__ = ["PluginDistiller", "STATE_FILE", "NEGATIVE_EMBEDS_ATTR", "method_config_for", "negative_prompts_for",
            "as_condition", "detached", "from_simpletuner_batch", "map_tensors", "parameter_count", "simpletuner_family_class",
-           "validation_steps_for"]
+           "validation_seed", "validation_steps_for"]
