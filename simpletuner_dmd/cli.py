@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, help="training sample width (default: validation_resolution's)")
     p.add_argument("--height", type=int, help="training sample height (default: validation_resolution's)")
     p.add_argument("--frames", type=int, help="frames per training sample (default: validation_num_video_frames)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs the step is spread over (default 1): data parallel, or "
+                                                        "with --fsdp and/or --context-parallel")
+    p.add_argument("--fsdp", action="store_true", help="shard the frozen base and the adapters over the GPUs (FSDP2)")
+    p.add_argument("--context-parallel", type=int, default=1, help="split one sample's tokens over this many GPUs")
 
     p = sub.add_parser("validate-config", help="validate a config.json (and its distillation_config) only")
     p.add_argument("path", type=Path)

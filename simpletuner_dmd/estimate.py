@@ -18,6 +18,20 @@ The peak is the larger of the two phases of an optimizer step (the student's bac
 this model, within 10%. The model covers the training step of the denoising network: a host also holds its VAE
 (and briefly its text encoder), and the validation decode needs its own memory; ``--gpu-memory`` should be the
 card's usable memory (about 39.5 GiB for a 40 GB A100, 44.5 for a 48 GB card, 79.6 for an 80 GB H100).
+
+Several GPUs (``Parallel``; ``--gpus N`` with ``--fsdp`` and/or ``--context-parallel C``), per GPU:
+
+    data parallel only   every GPU holds everything above, plus DDP's gradient buckets (a copy of the trainable
+                         gradients)
+    FSDP2 over N         the frozen weights, the adapters' states and their gradients ÷ N, plus the unsharded weights
+                         of the block being gathered and of the one prefetched (2 × one block's share); the base is
+                         bf16 (int8-quanto tensors are not DTensors)
+    context parallel C   one sample's tokens split C ways (Ulysses: each GPU holds tokens ÷ C between the attention
+                         calls, all heads ÷ C inside them): activations, transient and KV cache ÷ C; C divides the
+                         attention heads and the latent tokens
+
+These rows are the same model divided as the engines divide the tensors; they are not calibrated against a
+multi-GPU measurement (no GPU, no NCCL here).
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from .errors import UserError
@@ -49,6 +64,45 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
     shape: dict[str, int] = field(default_factory=dict)
     parameters: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """How one training step is spread over GPUs: ``gpus`` processes, the frozen base and the adapters sharded over
+    all of them (``fsdp``), one sample's tokens split over groups of ``context_parallel`` of them."""
+
+    gpus: int = 1
+    fsdp: bool = False
+    context_parallel: int = 1
+
+    def describe(self) -> str:
+        if self.gpus == 1:
+            return "1 GPU"
+        parts = [f"{self.gpus} GPUs"]
+        parts.append("FSDP2" if self.fsdp else "data parallel")
+        if self.context_parallel > 1:
+            parts.append(f"context parallel {self.context_parallel}")
+        return ", ".join(parts)
+
+
+def parallel_problems(parallel: Parallel, config: dict, shape: dict[str, int], host: dict) -> list[str]:
+    """What the engines refuse about ``parallel`` for this network and sample, one line each."""
+    problems = []
+    n, c = parallel.gpus, parallel.context_parallel
+    if n < 1 or c < 1:
+        problems.append(f"gpus {n} and context_parallel {c} must be at least 1")
+        return problems
+    if n % c:
+        problems.append(f"context_parallel {c} must divide the number of GPUs ({n})")
+    heads = config.get("num_attention_heads")
+    if c > 1 and heads is not None and int(heads) % c:
+        problems.append(f"context_parallel {c} must divide the network's {heads} attention heads (Ulysses splits them)")
+    if c > 1 and shape["tokens"] % c:
+        problems.append(f"context_parallel {c} must divide the sample's {shape['tokens']:,} latent tokens")
+    if parallel.fsdp and host.get("base_model_precision") == "int8-quanto":
+        problems.append("base_model_precision int8-quanto cannot be sharded with FSDP2 (optimum-quanto's int8 "
+                        "tensors are not DTensors): use no_change (bf16)")
+    return problems
 
 
 def transformer_config(family: Any, model: str) -> dict:
@@ -82,9 +136,11 @@ def count_parameters(family: Any, config: dict, target_modules: tuple[str, ...],
 
 
 def estimate(*, family: Any, config: dict, host: dict, method_plan: dict | None, width: int, height: int,
-             frames: int, offload: bool | None = None, moments: str | None = None) -> Estimate:
-    """The peak memory of one optimizer step of ``host`` (the reference host's keys) with ``method_plan`` (a method's
-    ``memory_plan``; None: plain LoRA fine-tuning)."""
+             frames: int, offload: bool | None = None, moments: str | None = None,
+             parallel: Parallel = Parallel()) -> Estimate:
+    """The peak memory, per GPU, of one optimizer step of ``host`` (the reference host's keys) with ``method_plan`` (a
+    method's ``memory_plan``; None: plain LoRA fine-tuning) spread over GPUs as ``parallel`` says (the module
+    docstring)."""
     batch = host["train_batch_size"]
     rank = host["lora_rank"]
     offload = host.get("activation_offload", False) if offload is None else offload
@@ -127,12 +183,25 @@ def estimate(*, family: Any, config: dict, host: dict, method_plan: dict | None,
             fake_states, fake_grads = lora * (4 + moment), lora * 4
         else:
             fake_states, fake_grads = params["total"] * (2 + 4), params["total"] * 2
+    shard = parallel.gpus if parallel.fsdp else 1
+    split = parallel.context_parallel
+    if parallel.gpus > 1 or split > 1:
+        # one block's share of the frozen weights (a call runs one expert of several: its blocks only)
+        gathered = 2 * frozen * float(family.active_parameter_share) / blocks if shard > 1 else 0
+        if not parallel.fsdp and parallel.gpus > 1:  # DDP's buckets: a copy of the trainable gradients
+            student_grads, fake_grads = 2 * student_grads, 2 * fake_grads
+        frozen = frozen / shard + gathered
+        student_states, fake_states = student_states / shard, fake_states / shard
+        student_grads, fake_grads = student_grads / shard, fake_grads / shard
+        activations, transient = activations / split, transient / split
+        notes.append(f"{parallel.describe()}: per GPU" + (f"; the frozen weights include 2 blocks gathered in flight "
+                                                          f"({gathered / GIB:.2f} GiB)" if gathered else ""))
     states = student_states + fake_states
     # a method whose student loss holds several forward graphs at its backward (DMD's regression term) saves each
     graphs = (method_plan or {}).get("student_graphs", 1)
     # a block-causal rollout's KV cache: keys and values of every layer for the cached share of the clip's tokens,
     # in the compute dtype, held through the student's backward
-    kv_cache = (method_plan or {}).get("kv_cache_share", 0.0) * tokens * hidden * blocks * 2 * 2 * batch
+    kv_cache = (method_plan or {}).get("kv_cache_share", 0.0) * tokens * hidden * blocks * 2 * 2 * batch / split
     student_phase = frozen + states + student_grads + activations * graphs + transient + kv_cache
     if second and second["kind"] == "full":
         # a full copy's gradients grow as the backward frees the activations: the peak is the larger of the two
@@ -150,6 +219,41 @@ def estimate(*, family: Any, config: dict, host: dict, method_plan: dict | None,
     passes = (method_plan or {}).get("passes_per_step") if method_plan is not None else {
         "student_forward": 1, "student_backward": 1}
     return Estimate(parts, peak / GIB, phase, passes, notes, shape, params)
+
+
+GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def setups(gpus: int) -> list[Parallel]:
+    """The ways to spread a step over ``gpus`` GPUs that can lower each one's memory, cheapest communication first:
+    one GPU; FSDP2; FSDP2 with context parallelism of 2, 4, … up to ``gpus``. (Data parallelism alone holds everything
+    on every GPU.)"""
+    if gpus == 1:
+        return [Parallel()]
+    found = [Parallel(gpus, fsdp=True)]
+    c = 2
+    while c <= gpus:
+        if gpus % c == 0:
+            found.append(Parallel(gpus, fsdp=True, context_parallel=c))
+        c *= 2
+    return found
+
+
+def smallest_fitting(gpu_gib: float, run: Callable[[Parallel, dict], Estimate], host: dict, config: dict,
+                     shape: dict[str, int], counts: tuple[int, ...] = GPU_COUNTS) -> tuple[Parallel, Estimate] | None:
+    """The fewest GPUs (then the least context parallelism) whose per-GPU peak fits ``gpu_gib``: ``run(parallel,
+    host)`` estimates one setup; a sharded base is bf16 (``no_change``), as FSDP2 needs. None when nothing up to the
+    largest count fits."""
+    for gpus in counts:
+        for parallel in setups(gpus):
+            sharded_host = {**host, "base_model_precision": "no_change"} if parallel.fsdp and host.get(
+                "base_model_precision") == "int8-quanto" else host
+            if parallel_problems(parallel, config, shape, sharded_host):
+                continue
+            est = run(parallel, sharded_host)
+            if est.peak_gib <= gpu_gib:
+                return parallel, est
+    return None
 
 
 def recorded_rows(path: Path = RECORDED) -> list[dict]:
@@ -221,15 +325,25 @@ def print_estimate(args, rc: Any) -> int:
     if rc.method_cls is not None:
         plan = rc.method_cls.memory_plan(rc.method_config, host, layout_for(family, frames))
     config = transformer_config(family, str(host["pretrained_model_name_or_path"]))
-    est = estimate(family=family, config=config, host=host, method_plan=plan, width=width, height=height,
-                   frames=frames)
+    parallel = Parallel(args.gpus, fsdp=args.fsdp, context_parallel=args.context_parallel)
+    shape = family.activation_shape(config, width=width, height=height, frames=frames)
+    problems = parallel_problems(parallel, config, shape, host)
+    if problems:
+        raise UserError("estimate: " + "; ".join(problems))
+
+    def run(setup: Parallel, setup_host: dict) -> Estimate:
+        return estimate(family=family, config=config, host=setup_host, method_plan=plan, width=width, height=height,
+                        frames=frames, parallel=setup)
+
+    est = run(parallel, host)
     method = rc.method_name or "plain LoRA fine-tuning"
     print(f"{family.name} ({est.parameters['total'] / 1e9:.2f}B parameters), {method}; sample {width}×{height}×"
           f"{frames} → {est.shape['tokens']:,} tokens, batch {host['train_batch_size']}, LoRA rank "
           f"{host['lora_rank']}, base {host['base_model_precision']}, gradient checkpointing "
           f"{'on' if host['gradient_checkpointing'] else 'off'}, activation offload "
           f"{'on' if host['activation_offload'] else 'off'}")
-    print(f"peak GPU memory ≈ {est.peak_gib:.1f} GiB (the {est.phase}'s backward):")
+    per = "" if parallel.gpus == 1 else f" per GPU ({parallel.describe()})"
+    print(f"peak GPU memory{per} ≈ {est.peak_gib:.1f} GiB (the {est.phase}'s backward):")
     for name, gib in est.parts.items():
         print(f"  {name:<30} {gib:7.2f} GiB")
     if rc.method_cls is not None and not plan:
@@ -249,7 +363,14 @@ def print_estimate(args, rc: Any) -> int:
     print(f"does not fit in {args.gpu_memory:g} GiB (over by {est.peak_gib - args.gpu_memory:.1f} GiB); change:")
     for tip in advice(est, args.gpu_memory, host):
         print(f"  - {tip}")
+    found = smallest_fitting(args.gpu_memory, run, host, config, shape)
+    if found is None:
+        print(f"  - no setup of up to {GPU_COUNTS[-1]} GPUs fits {args.gpu_memory:g} GiB as configured")
+    else:
+        print(f"  - or the smallest setup that fits: {found[0].describe()} ({found[1].peak_gib:.1f} GiB per GPU"
+              + (", base bf16" if found[0].fsdp and host.get("base_model_precision") == "int8-quanto" else "") + ")")
     return 1
 
 
-__all__ = ["print_estimate", "Estimate", "advice", "estimate", "recorded_rows", "step_time_range", "transformer_config"]
+__all__ = ["GPU_COUNTS", "Estimate", "Parallel", "advice", "estimate", "parallel_problems", "print_estimate",
+           "recorded_rows", "setups", "smallest_fitting", "step_time_range", "transformer_config"]

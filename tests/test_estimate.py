@@ -109,3 +109,72 @@ def test_the_8bit_optimizer_counts_its_moments_at_2_bytes():
                      method_plan=plan, width=832, height=480, frames=81)
     states = fp32.parts["adapter and optimizer states"]
     assert eight.parts["adapter and optimizer states"] == pytest.approx(states * (4 + 2) / (4 + 8))
+
+
+def test_fsdp_shards_weights_and_states_and_context_parallelism_splits_the_tokens():
+    """Per GPU: FSDP2 over N divides the frozen weights, the adapters' states and gradients by N and adds two blocks'
+    weights gathered in flight; context parallelism C divides the activations and the transient by C; data
+    parallelism alone divides nothing (and holds DDP's gradient buckets)."""
+    from simpletuner_dmd.estimate import Parallel
+
+    host, plan = _recorded_setup("dmd")
+    host = {**host, "base_model_precision": "no_change"}  # FSDP2 shards a bf16 base
+    one = estimate(family=WanFamily(), config=WAN21_14B, host=host, method_plan=plan, width=832, height=480, frames=81)
+
+    def per_gpu(**kw):
+        return estimate(family=WanFamily(), config=WAN21_14B, host=host, method_plan=plan, width=832, height=480,
+                        frames=81, parallel=Parallel(**kw))
+
+    fsdp = per_gpu(gpus=8, fsdp=True)
+    block = 2 * one.parts["frozen weights"] / 40  # 40 blocks: two of them gathered
+    assert fsdp.parts["frozen weights"] == pytest.approx(one.parts["frozen weights"] / 8 + block)
+    assert fsdp.parts["adapter and optimizer states"] == pytest.approx(one.parts["adapter and optimizer states"] / 8)
+    assert fsdp.parts["activations"] == pytest.approx(one.parts["activations"])
+    both = per_gpu(gpus=8, fsdp=True, context_parallel=4)
+    assert both.parts["activations"] == pytest.approx(one.parts["activations"] / 4)
+    assert both.parts["transient"] == pytest.approx(one.parts["transient"] / 4)
+    ddp = per_gpu(gpus=8)
+    assert ddp.peak_gib > one.peak_gib and ddp.parts["frozen weights"] == one.parts["frozen weights"]
+    assert one.peak_gib > fsdp.peak_gib > both.peak_gib
+
+
+def test_the_engines_limits_are_one_line_each_and_the_smallest_setup_that_fits_is_found():
+    from simpletuner_dmd.estimate import Parallel, parallel_problems, setups, smallest_fitting
+
+    host, plan = _recorded_setup("dmd")
+    shape = WanFamily.activation_shape(WAN21_14B, width=1280, height=704, frames=121)
+    assert parallel_problems(Parallel(8, fsdp=True, context_parallel=3), WAN21_14B, shape, host) == [
+        "context_parallel 3 must divide the number of GPUs (8)",
+        "context_parallel 3 must divide the network's 40 attention heads (Ulysses splits them)",
+        "context_parallel 3 must divide the sample's 109,120 latent tokens",
+        "base_model_precision int8-quanto cannot be sharded with FSDP2 (optimum-quanto's int8 tensors are not "
+        "DTensors): use no_change (bf16)"]
+
+    def run(parallel, setup_host):
+        return estimate(family=WanFamily(), config=WAN21_14B, host=setup_host, method_plan=plan, width=1280,
+                        height=704, frames=121, parallel=parallel)
+
+    parallel, est = smallest_fitting(39.5, run, host, WAN21_14B, shape)
+    assert est.peak_gib <= 39.5 and parallel.fsdp
+    fewer = [p for n in (1, 2, 4, 8, 16) if n < parallel.gpus for p in setups(n)]
+    bf16 = {**host, "base_model_precision": "no_change"}
+    assert all(run(p, bf16 if p.fsdp else host).peak_gib > 39.5 for p in fewer)
+
+
+def test_the_command_answers_how_many_gpus(tmp_path, capsys):
+    from simpletuner_dmd.cli import main
+
+    config = json.loads((REPO / "config_examples/wan-dmd-quickstart/config.json").read_text())
+    config.update(pretrained_model_name_or_path="Wan-AI/Wan2.1-T2V-14B-Diffusers", base_model_precision="no_change")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    assert main(["estimate", "--config", str(path), "--gpu-memory", "39.5", "--width", "1280", "--height", "704",
+                 "--frames", "121"]) == 1
+    out = capsys.readouterr().out
+    assert "or the smallest setup that fits: " in out
+    assert main(["estimate", "--config", str(path), "--gpu-memory", "39.5", "--width", "1280", "--height", "704",
+                 "--frames", "121", "--gpus", "8", "--fsdp", "--context-parallel", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "peak GPU memory per GPU (8 GPUs, FSDP2, context parallel 8)" in out and "fits in 39.5 GiB" in out
+    assert main(["estimate", "--config", str(path), "--gpus", "4", "--context-parallel", "3"]) == 2
+    assert "context_parallel 3 must divide the number of GPUs (4)" in capsys.readouterr().err
