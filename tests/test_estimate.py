@@ -178,3 +178,10 @@ def test_the_command_answers_how_many_gpus(tmp_path, capsys):
     assert "peak GPU memory per GPU (8 GPUs, FSDP2, context parallel 8)" in out and "fits in 39.5 GiB" in out
     assert main(["estimate", "--config", str(path), "--gpus", "4", "--context-parallel", "3"]) == 2
     assert "context_parallel 3 must divide the number of GPUs (4)" in capsys.readouterr().err
+
+
+def test_the_multi_gpu_table_in_the_docs_is_what_the_estimate_gives_now():
+    """``benchmarks/multi_gpu_estimate.py``'s recorded table (docs/cost.md) is what the estimate computes today."""
+    from benchmarks.multi_gpu_estimate import OUT, rows
+
+    assert rows() == json.loads(OUT.read_text())
