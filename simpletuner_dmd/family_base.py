@@ -127,6 +127,23 @@ class FamilyBase:
     """``make_tiny(path, *, seed=0) -> path``: a tiny pipeline of the family built from config and saved offline;
     ``simpletuner-dmd make-tiny`` calls it. ``None``: the command refuses the family by name."""
 
+    clip_condition: Callable[[Any, Any], dict[str, Any]] | None = None
+    """``clip_condition(components, pixels) -> {name: tensor (B, ...)}``: what a family conditions on besides the
+    caption, from each clip's own pixels ``(B, 3, F, H, W)`` in [-1, 1] (``wan-i2v``: the first frame's CLIP image
+    embedding and its VAE latents). The caption's condition is cached per caption, so a condition that belongs to the
+    clip travels separately: the reference host calls this when it caches a clip's latents (``latent_cache``), stores
+    the tensors beside them, stacks them per batch (``batches.collate``) and builds ``Batch.cond`` with
+    ``attach_clip_condition``; its validation calls it on ``validation_image`` (as a clip of that first frame followed
+    by zero frames). ``None`` (every text-to-video and image family): the caption's condition is the whole
+    condition, and the host's batches, cache files and validation are as they were."""
+
+    attach_clip_condition: Callable[[Any, dict[str, Any]], Any] | None = None
+    """``attach_clip_condition(text_cond (B, L, D), clip {name: (B, ...)}) -> cond``: the condition methods receive
+    in ``Batch.cond`` (and validation samplers in ``cond``) when the family has ``clip_condition``; the reference host
+    keeps its parts in ``Batch.extras`` (``text_cond``, ``clip_condition``) so caption dropout swaps text rows alone.
+    Such a family's ``concat_conditions`` and ``repeat_condition`` handle its own type, and a text-only condition (the
+    negative prompt as ``encode_prompts`` returns it) wherever methods mix it in. ``None``: as ``clip_condition``."""
+
     from_simpletuner_batch: Callable[[Mapping[str, Any]], tuple[Any, Any]] | None = None
     """``from_simpletuner_batch(prepared_batch) -> (latents (B, C, F, H, W), cond)``: SimpleTuner's prepared batch in
     this family's layout; the SimpleTuner bridge (``hosts/simpletuner/distiller.py``) calls it on every micro-batch.

@@ -34,6 +34,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "simpletuner_dmd.families.wan_causal",
     "simpletuner_dmd.families.wan_experts",
     "simpletuner_dmd.families.wan_ti2v",
+    "simpletuner_dmd.families.wan_i2v",
     "simpletuner_dmd.families.sd3",
     "simpletuner_dmd.hosts.simpletuner.model_family",
 )

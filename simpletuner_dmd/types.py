@@ -27,6 +27,12 @@ class Batch:
     change what they mean; caption dropout swaps whole rows with ``torch.where``): a family served by the reference
     host encodes to that shape — SD3 packs its pooled embedding into token row 0 to fit (``families/sd3.py``). The
     SimpleTuner bridge passes whatever the family's ``from_simpletuner_batch`` returns.
+
+    A condition that belongs to the clip rather than its caption (image-to-video's first frame) comes from the
+    family's optional ``clip_condition`` hook (``FamilyBase``): the reference host caches it per clip and hands
+    ``attach_clip_condition(text, clip)`` as ``cond`` (``wan-i2v``: a ``WanI2VCondition``), keeping the parts in
+    ``extras["text_cond"]`` (the ``(B, L, D)`` text, what caption dropout swaps) and ``extras["clip_condition"]``.
+    A family without the hook (the default) gets the text tensor as ``cond`` and neither extra.
     """
 
     latents: torch.Tensor

@@ -79,7 +79,8 @@ class BucketBatchSampler(Sampler[list[int]]):
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack one bucket's items: latents (B,C,F,H,W), prompt_embeds (B,L,D), captions and paths as lists."""
+    """Stack one bucket's items: latents (B,C,F,H,W), prompt_embeds (B,L,D), captions and paths as lists; and
+    ``clip`` ({name: (B, ...)}) when the items carry a family's ``clip_condition``."""
     shapes = {tuple(item["latents"].shape) for item in items}
     if len(shapes) != 1:
         raise ValueError(f"collate got latents of several shapes {sorted(shapes)}; batch with BucketBatchSampler")
@@ -87,9 +88,12 @@ def collate(items: list[dict]) -> dict:
     length = max(item["prompt_embeds"].shape[0] for item in items)
     embeds = [torch.nn.functional.pad(item["prompt_embeds"], (0, 0, 0, length - item["prompt_embeds"].shape[0]))
               for item in items]  # fmt: skip
-    return {
+    batch = {
         "latents": torch.stack([item["latents"] for item in items]),
         "prompt_embeds": torch.stack(embeds),
         "captions": [item["caption"] for item in items],
         "paths": [item["path"] for item in items],
     }
+    if "clip" in items[0]:  # a family's clip_condition, cached with each clip's latents
+        batch["clip"] = {name: torch.stack([item["clip"][name] for item in items]) for name in items[0]["clip"]}
+    return batch

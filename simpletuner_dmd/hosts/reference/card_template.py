@@ -119,6 +119,9 @@ STEPS_ARGS = Template("""\
     guidance_scale=1.0,
 """)
 MAX_SEQUENCE_LENGTH = Template("    max_sequence_length=$length,\n")
+# An image-to-video family's first frame (the family's ``clip_condition``), named like the run's validation_image.
+FIRST_FRAME_ARG = Template("    image=load_image($image_json),\n")
+FIRST_FRAME_IMPORT = "from diffusers.utils import load_image\n"
 
 # An image pipeline returns ``images``; a video pipeline (the family's ``video``) takes ``num_frames`` (its default is
 # 81) and returns ``frames`` even for one frame.

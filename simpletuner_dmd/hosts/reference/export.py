@@ -217,9 +217,13 @@ def _diffusers(host: dict, family: Any, scheduler: Any, base: str, prompt: str) 
             steps=len(scheduler.config.few_step_timesteps)),
         max_sequence_length=card.MAX_SEQUENCE_LENGTH.substitute(length=host["tokenizer_max_length"])
         if host.get("tokenizer_max_length") else "")  # a base trained with shorter prompts must be run with them
+    if family.clip_condition is not None:  # image-to-video: the first frame the validation samples continued
+        image = Path(host.get("validation_image") or "first_frame.png").name
+        args = card.FIRST_FRAME_ARG.substitute(image_json=json.dumps(image)) + args
     return card.DIFFUSERS.substitute(
         pipeline_class=family.pipeline_class, base_json=json.dumps(base), loading="\n".join(loading_code(family)),
-        scheduler_import="" if scheduler is None else card.SCHEDULER_IMPORT,
+        scheduler_import=("" if scheduler is None else card.SCHEDULER_IMPORT)
+        + (card.FIRST_FRAME_IMPORT if family.clip_condition is not None else ""),
         scheduler_load="" if scheduler is None else card.SCHEDULER_LOAD,
         call=_pipeline_call(family.video, host["validation_num_video_frames"], args),
         generator_note="" if scheduler is None else card.GENERATOR_NOTE)

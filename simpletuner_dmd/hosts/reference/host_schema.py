@@ -98,6 +98,12 @@ HOST_SCHEMA = Schema(
         Key("activation_offload", "bool", False, "Keep the tensors saved for the student's and the critic's backward "
             "(with gradient_checkpointing: each block's input) in pinned CPU memory instead of on the GPU; the "
             "gradients are the same. `simpletuner-dmd estimate` says how much it saves."),
+        Key("fsdp_enable", "bool", False, "Shard the frozen base over the processes of `accelerate launch` with "
+            "FSDP2 (each transformer block and the root); the adapters (student, fake score) stay whole on every "
+            "process, as their optimizers and checkpoints. One process: nothing to shard. Not with an int8-quanto "
+            "base."),
+        Key("fsdp_version", "int", 2, "FSDP version of fsdp_enable: 2 (torch's fully_shard), the only one.",
+            choices=(2,)),
         Key("mixed_precision", "str", "no", "bf16/fp16 on a GPU; CPU runs fp32.", choices=("no", "bf16", "fp16")),
         Key("attention_mechanism", "str", "diffusers", "Only diffusers' default attention is used.",
             choices=("diffusers",)),
@@ -148,6 +154,9 @@ HOST_SCHEMA = Schema(
             "prompt-library format ({name: prompt} or {name: {\"prompt\": …}}); each name is its samples' folder.",
             check=_path_check, nullable=True),
         Key("user_prompt_library", "str", None, "SimpleTuner's key for the same kind of file; both may be given.",
+            check=_path_check, nullable=True),
+        Key("validation_image", "str", None, "Image file of the first frame that image-to-video families "
+            "(wan-i2v) sample every validation prompt from; resized to validation_resolution when its size differs.",
             check=_path_check, nullable=True),
         Key("validation_seed", "int", None, "Seed of the validation noise (default: seed).", nullable=True),
         Key("validation_resolution", "any", (480, 480),

@@ -56,6 +56,7 @@ def _describe(backend: dict) -> str:
     return f"{backend['dataset_type']} files {'/'.join(extensions)}"
 
 
+CLIP_PREFIX = "clip."  # a family's clip_condition tensors, in the clip's latents file
 COMPRESSED = ".safetensors.gz"  # compress_disk_cache: the safetensors bytes, gzip-compressed
 
 
@@ -93,6 +94,7 @@ def build_cache(
     warn: Warn = warnings.warn,
     compress: bool = False,
     delete_problematic: bool = False,
+    encode_clip: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None,
 ) -> "CachedDataset":
     """Encode every enabled backend's media and captions that are not cached yet; return the cached dataset.
 
@@ -100,7 +102,8 @@ def build_cache(
     come from the model family, and so do `frame_stride` (videos are trimmed to 1 + stride·k frames) and
     `size_multiple` (media are cropped to multiples of it). `cache_tag` (e.g. the model's name) goes into every cache
     name, so two models never share cached tensors. ``compress`` writes new cache files gzip-compressed
-    (``compress_disk_cache``).
+    (``compress_disk_cache``). ``encode_clip`` (the family's ``clip_condition``, when it has one) maps the same
+    pixels to ``{name: (B, ...)}``, stored in the clip's latents file as ``clip.<name>`` beside ``latents``.
 
     A problematic file (damaged, no frames, under ``minimum_image_size``) is skipped with one warning and listed in
     the dataset's ``skipped`` report; a damaged one is deleted only when ``delete_problematic`` is true
@@ -154,7 +157,8 @@ def build_cache(
 
     with torch.no_grad():  # caching must not build autograd graphs through the encoders
         failed = _encode_missing_latents(items, encode_pixels, vae_batch_size, progress, skip=skip,
-                                         media={"frame_stride": frame_stride, "size_multiple": size_multiple})
+                                         media={"frame_stride": frame_stride, "size_multiple": size_multiple},
+                                         encode_clip=encode_clip)
         items = [item for item in items if item[1] not in failed]
         if not items:
             looked = "; ".join(f"{b['instance_data_dir']} ({_describe(b)})" for b in media_backends)
@@ -182,7 +186,7 @@ def _existing(stem: Path, suffix: str) -> Path:
 
 
 def _encode_missing_latents(items, encode_pixels, batch_size: int, progress: bool, *, media: dict,
-                            skip: Callable[[ProblematicFile], None]) -> set[Path]:
+                            skip: Callable[[ProblematicFile], None], encode_clip=None) -> set[Path]:
     """Encode what is not cached yet; returns the media that could not be decoded (each passed to ``skip``)."""
     todo = [(backend, path, file) for backend, path, _, file, _ in items if not file.exists()]
     failed: set[Path] = set()
@@ -193,8 +197,9 @@ def _encode_missing_latents(items, encode_pixels, batch_size: int, progress: boo
         latents = encode_pixels(torch.stack(pixels))
         if latents.ndim != 5 or latents.shape[0] != len(files):
             raise ValueError(f"encode_pixels returned {tuple(latents.shape)} for {len(files)} inputs; want (B,C,F,H,W)")
-        for latent, file in zip(latents, files):
-            _save_atomic({"latents": latent}, file)
+        clip = {} if encode_clip is None else encode_clip(torch.stack(pixels))
+        for i, (latent, file) in enumerate(zip(latents, files)):
+            _save_atomic({"latents": latent, **{f"{CLIP_PREFIX}{k}": v[i] for k, v in clip.items()}}, file)
 
     for backend, path, file in tqdm(todo, desc="caching latents", unit="file", disable=not progress):
         try:
@@ -244,19 +249,33 @@ class CachedDataset(Dataset):
         return len(self.entries)
 
     def __getitem__(self, index: int) -> dict:
+        """``latents``, ``prompt_embeds``, ``caption``, ``path``; and ``clip`` ({name: tensor}) when the latents file
+        holds a family's ``clip_condition``."""
         e = self.entries[index]
-        return {
-            "latents": _load(e.latents_file, "latents"),
+        media = _load(e.latents_file, None)
+        item = {
+            "latents": media["latents"],
             "prompt_embeds": _load(e.embeds_file, "prompt_embeds"),
             "caption": e.caption,
             "path": e.path,
         }
+        clip = {k[len(CLIP_PREFIX):]: v for k, v in media.items() if k.startswith(CLIP_PREFIX)}
+        if clip:
+            item["clip"] = clip
+        return item
 
 
-def _load(file: str, key: str) -> torch.Tensor:
+def _load(file: str, key: str | None) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The tensor ``key`` of a cache file (``None``: every tensor, by name)."""
     try:
         if file.endswith(COMPRESSED):
-            return load_bytes(gzip.decompress(Path(file).read_bytes()))[key]
-        return load_file(file)[key]
+            tensors = load_bytes(gzip.decompress(Path(file).read_bytes()))
+        else:
+            tensors = load_file(file)
+        if key is None:
+            if "latents" not in tensors:
+                raise KeyError("latents")
+            return tensors
+        return tensors[key]
     except (OSError, SafetensorError, KeyError, EOFError) as e:  # gzip raises OSError/EOFError on a damaged file
         raise DataError(f"{file}: unreadable cache file ({e}); delete it to rebuild") from None

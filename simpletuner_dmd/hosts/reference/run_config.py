@@ -18,6 +18,7 @@ from ...errors import ConfigError, UserError
 from ...optimizers import check_available
 from ...plugins import registered_families
 from .backends import load_backend_config
+from .fsdp import fsdp_problems
 from .host_schema import HOST_SCHEMA, SEED_KEYS_NOT_SUPPORTED
 from .prompt_library import library_prompts
 from .webhooks import load_webhook_config
@@ -89,6 +90,8 @@ def validate_config(raw: Any, pm: Any, *, path: Path | None = None, check_paths:
         if selection is not None:
             method_name, method_cls, method_config = selection.name, selection.cls, selection.config
             warnings += selection.warnings
+    if not host_problems:
+        problems += fsdp_problems(host, method_name, method_config)
 
     if check_paths and not problems:
         problems += check_host_paths(host)
@@ -153,6 +156,9 @@ def check_host_paths(host: dict[str, Any]) -> list[str]:
         problems.append("config.data_backend_config: must be set (a multidatabackend JSON file)")
     elif not Path(data).is_file():
         problems.append(f"config.data_backend_config: file not found: {data}")
+    image = host.get("validation_image")
+    if image and not Path(image).is_file():
+        problems.append(f"config.validation_image: file not found: {image}")
     for key in ("output_dir", "cache_dir"):
         problem = host.get(key) and writable_folder_problem(host[key])
         if problem:

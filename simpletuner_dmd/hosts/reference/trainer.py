@@ -65,6 +65,7 @@ from .batches import BucketBatchSampler, collate
 from .checkpoint import begin_checkpoint, commit_checkpoint, latest_checkpoint, resolve_resume
 from .ema import EMA
 from .export import Export, export_student
+from .fsdp import fsdp_warning, shard_frozen_base, sharding
 from .latent_cache import build_cache
 from .notify import Notifier
 from .prompt_library import library_prompts
@@ -190,6 +191,8 @@ def set_up(rc: RunConfig, pm, notify: Notifier) -> Run:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     notify.main = accelerator.is_main_process  # only the main process talks to webhooks and the hub
+    if fsdp_warning(host, accelerator.num_processes):
+        log(f"warning: {fsdp_warning(host, accelerator.num_processes)}")
     set_seed(seed, device_specific=True)  # per-process noise; draws that must agree use StepInfo.generator
     family = rc.family_cls(autocast_dtype=None if weight_dtype == torch.float32 else weight_dtype)
 
@@ -212,6 +215,9 @@ def set_up(rc: RunConfig, pm, notify: Notifier) -> Run:
     dataset = _build_dataset(host, family, components, encode_prompts, accelerator)
     prompts = _validation_prompts(host)
     prompt_conds = {name: encode_prompts([text]) for name, text in prompts.items()}
+    if family.clip_condition is not None and prompt_conds:  # image-to-video: every prompt from validation_image
+        clip = family.clip_condition(components, _validation_clip(host, family).to(accelerator.device))
+        prompt_conds = {name: family.attach_clip_condition(cond, clip) for name, cond in prompt_conds.items()}
     negative_cond = encode_prompts([host["validation_negative_prompt"]])
     empty_cond = encode_prompts([""])  # caption dropout in the host's own loss
 
@@ -247,7 +253,11 @@ def set_up(rc: RunConfig, pm, notify: Notifier) -> Run:
     lr_lambda = build_lr_lambda(host["lr_scheduler"], warmup_steps=host["lr_warmup_steps"], total_steps=max_steps,
                                 min_lr_ratio=host["lr_end"] / host["learning_rate"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    network, optimizer = accelerator.prepare(models.network, optimizer)
+    if sharding(host, accelerator):  # fsdp_enable: the frozen base sharded (fsdp.py), every adapter exists by now
+        network, optimizer = shard_frozen_base(models.network, accelerator), accelerator.prepare_optimizer(optimizer)
+        log(f"fsdp_enable: the frozen base sharded over {accelerator.num_processes} processes (FSDP2)")
+    else:
+        network, optimizer = accelerator.prepare(models.network, optimizer)
     ema = EMA(dict(models.student_params), host["ema_decay"], host["ema_update_interval"]) if host["use_ema"] else None
 
     state = {"global_step": 0, "batches_consumed": 0}
@@ -269,12 +279,12 @@ def set_up(rc: RunConfig, pm, notify: Notifier) -> Run:
                    step=state["global_step"])
 
     # ---- what the loop needs: the batches, the host's loss, validation, the guard, the progress bar
-    batches = _batches(dataset, sampler, state["batches_consumed"], accelerator)
+    batches = _batches(dataset, sampler, state["batches_consumed"], accelerator, family)
     loss_fn = _host_loss_fn(family, network, host, empty_cond)
     # validation runs on the main process alone: it calls the bare module, never the (DDP) wrapper
     validate = Validator(host=host, family=family, components=components, models=models, pm=pm,
                          distilling=method is not None, ema=ema, prompt_conds=prompt_conds, negative_cond=negative_cond,
-                         accelerator=accelerator, out=out, seed=seed)
+                         accelerator=accelerator, out=out, seed=seed, every_process=sharding(host, accelerator))
     guard = NonFiniteGuard("student", host["nonfinite_skip_limit"])
     progress = tqdm(total=max_steps, initial=state["global_step"], desc="training",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
@@ -423,7 +433,9 @@ def _build_dataset(host, family, components, encode_prompts, accelerator):
         backend.setdefault("minimum_image_size", host["minimum_image_size"])
         backend.setdefault("aspect_bucket_rounding", host["aspect_bucket_rounding"])
     with accelerator.main_process_first():
+        encode_clip = None if family.clip_condition is None else (lambda px: family.clip_condition(components, px))
         dataset = build_cache(backends, lambda px: family.encode_pixels(components, px), encode_prompts,
+                              encode_clip=encode_clip,
                               frame_stride=family.frame_stride, size_multiple=family.size_multiple,
                               vae_batch_size=host["vae_batch_size"], cache_tag=_cache_tag(host),
                               progress=accelerator.is_main_process, warn=lambda m: log(f"warning: {m}"),
@@ -456,6 +468,30 @@ def _validation_prompts(host: dict) -> dict[str, str]:
         raise ConfigError(problems)
     prompts.update(library)
     return prompts
+
+
+def _validation_clip(host: dict, family) -> torch.Tensor:
+    """``validation_image`` as a clip ``(1, 3, F, H, W)`` in [-1, 1] for a family's ``clip_condition``: the image
+    (RGB, resized to ``validation_resolution`` with PIL's bicubic when its size differs) as the first of
+    ``validation_num_video_frames`` frames, zeros after."""
+    import numpy as np
+    from PIL import Image
+
+    width, height = host["validation_resolution"]
+    path = host.get("validation_image")
+    if not path:
+        raise ConfigError([f"validation_image: the {family.name} family samples from a first frame; give an image"])
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except OSError as exc:
+        raise UserError(f"validation_image: cannot read {path}: {exc}") from exc
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.BICUBIC)
+    first = torch.from_numpy(np.asarray(image).astype(np.float32) / 255.0).permute(2, 0, 1) * 2.0 - 1.0
+    clip = torch.zeros(1, 3, host["validation_num_video_frames"], height, width)
+    clip[0, :, 0] = first
+    return clip
 
 
 def frozen_base(host, family, dtype) -> torch.nn.Module:
@@ -546,7 +582,7 @@ def _max_steps(host: dict, sampler) -> int:
     return epochs
 
 
-def _batches(dataset, sampler, consumed: int, accelerator) -> Iterator[tuple[int, Batch]]:
+def _batches(dataset, sampler, consumed: int, accelerator, family=None) -> Iterator[tuple[int, Batch]]:
     """``(batches consumed so far, batch)``, batch after batch of one shared, seeded order; process r of W takes the
     batches r, r + W, … of it, so a resume (which skips ``batches_consumed``, counted over all processes) sees the
     same batches on every process. The count goes into the state the checkpoint saves."""
@@ -558,9 +594,14 @@ def _batches(dataset, sampler, consumed: int, accelerator) -> Iterator[tuple[int
             if not mine:
                 continue
             items = collate([dataset[i] for i in indices])
-            yield consumed, Batch(latents=items["latents"].to(accelerator.device),
-                                  cond=items["prompt_embeds"].to(accelerator.device),
-                                  captions=items["captions"], extras={"paths": items["paths"]})
+            cond = items["prompt_embeds"].to(accelerator.device)
+            extras: dict[str, Any] = {"paths": items["paths"]}
+            if "clip" in items:  # the family's clip_condition (image-to-video's first frame): see types.Batch
+                clip = {name: t.to(accelerator.device) for name, t in items["clip"].items()}
+                extras.update(text_cond=cond, clip_condition=clip)
+                cond = family.attach_clip_condition(cond, clip)
+            yield consumed, Batch(latents=items["latents"].to(accelerator.device), cond=cond,
+                                  captions=items["captions"], extras=extras)
 
 
 def _step_info(seed: int, global_step: int, micro: int, accum: int, accelerator, network) -> StepInfo:
@@ -587,11 +628,13 @@ def _host_loss_fn(family, network, host, empty_cond) -> Callable[[Batch], torch.
     """The host's own loss: flow matching on the batch (what plain LoRA fine-tuning optimises)."""
     def loss_fn(batch: Batch) -> torch.Tensor:
         x0 = batch.latents
-        cond = batch.cond
+        cond = batch.extras.get("text_cond", batch.cond)  # the text alone, when a clip condition rides beside it
         p = host["caption_dropout_probability"]
         if p > 0:
             drop = torch.rand(x0.shape[0], device=x0.device) < p
             cond = torch.where(drop.view(-1, 1, 1), family.repeat_condition(empty_cond, x0.shape[0]), cond)
+        if "clip_condition" in batch.extras:
+            cond = family.attach_clip_condition(cond, batch.extras["clip_condition"])
         sigma = shift_sigma(torch.rand(x0.shape[0]), host["flow_schedule_shift"]).to(x0.device)
         noise = torch.randn_like(x0)
         t = sigma * 1000.0

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from simpletuner_dmd.families.wan_tiny import make_tiny_wan_i2v  # the wan-i2v family's tiny build too
+
 # Qwen2's special tokens, after the 256 byte-level symbols (ids 256...): chat markers first, then the vision ones.
 _QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
@@ -159,38 +161,6 @@ def make_tiny_ltxvideo(path: str | Path, *, seed: int = 0) -> Path:
         tokenizer=t5_tokenizer,
     )
     pipe.save_pretrained(path)
-    return path
-
-
-def make_tiny_wan_i2v(path: str | Path, *, seed: int = 0) -> Path:
-    """A tiny Wan 2.1 image-to-video ``WanImageToVideoPipeline`` saved to ``path``; returns ``path``.
-
-    The tiny Wan of ``families/wan_tiny.py`` (its VAE, text encoder and tokenizer; 8x spatial, 4x temporal
-    compression) with the I2V transformer's inputs: 36 input channels (16 noisy latents, 4 of the first-frame mask,
-    16 of the conditioning latents), 16 out, image embeds of width 16 through their own key/value projections; and
-    the CLIP image side: a ``CLIPVisionModel`` (width 16, 32 px images, patch 8, 2 layers; the penultimate layer's 17
-    tokens are the image embeds) with ``CLIPImageProcessor(size=32)``.
-
-    SimpleTuner: ``model_family: wan``, ``model_flavour: i2v-14b-2.1``; video datasets of mp4 clips with
-    ``video: {is_i2v: true}`` in the backend (a GIF is read as a single image).
-    """
-    from diffusers import WanImageToVideoPipeline, WanPipeline
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
-
-    from simpletuner_dmd.families.wan_tiny import TINY_TRANSFORMER, make_tiny_wan
-
-    path = Path(path)
-    inner = TINY_TRANSFORMER["num_attention_heads"] * TINY_TRANSFORMER["attention_head_dim"]
-    make_tiny_wan(path, seed=seed, transformer={"in_channels": 36, "out_channels": 16, "image_dim": 16,
-                                                "added_kv_proj_dim": inner})
-    t2v = WanPipeline.from_pretrained(path)
-    torch.manual_seed(seed + 1)
-    image_encoder = CLIPVisionModel(CLIPVisionConfig(
-        hidden_size=16, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-        patch_size=8, projection_dim=16))
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    parts = {name: part for name, part in t2v.components.items() if name != "transformer_2"}
-    WanImageToVideoPipeline(**parts, image_encoder=image_encoder, image_processor=image_processor).save_pretrained(path)
     return path
 
 
