@@ -74,6 +74,18 @@ def test_the_condition_is_the_pipelines_and_the_negative_prompt_keeps_the_image(
         family.predict_flow(network, torch.randn(1, 16, 3, 8, 8), torch.tensor([700.0]), negative)
 
 
+def test_make_tiny_builds_the_stock_pipelines_folder_and_a_config_needs_a_first_frame(tmp_path):
+    from simpletuner_dmd.cli import main
+
+    assert main(["make-tiny", "wan-i2v", str(tmp_path / "tiny")]) == 0
+    assert {"image_encoder", "image_processor", "transformer", "vae"} <= {p.name for p in (tmp_path / "tiny").iterdir()}
+    assert json.loads((tmp_path / "tiny" / "transformer" / "config.json").read_text())["in_channels"] == 36
+    assert WanI2VFamily.config_problems({"validation_disable": False, "validation_image": None}) == [
+        "config.validation_image: the wan-i2v family samples every validation prompt from a first frame; give an "
+        "image file (or validation_disable: true)"]
+    assert WanI2VFamily.config_problems({"validation_disable": True}) == []
+
+
 def _config(root, tiny_i2v, tiny_dataset, **overrides):
     """``config_examples/tiny-wan-i2v`` in ``root``: its clips (the tiny dataset's), caches and output there."""
     data = root / "data"
