@@ -169,8 +169,8 @@ class WanI2VFamily(WanFamily):
     def config_problems(host: dict) -> list[str]:
         if host.get("validation_disable") or host.get("validation_image"):
             return []
-        return ["config.validation_image: the wan-i2v family samples every validation prompt from a first frame; "
-                "give an image file (or validation_disable: true)"]
+        return [("config.validation_image: the wan-i2v family samples every validation prompt from a first frame; "
+                 "give an image file (or validation_disable: true)")]
 
     @staticmethod
     def make_tiny(path: str | Path, *, seed: int = 0) -> Path:
