@@ -202,7 +202,9 @@ class SimpleTunerModelFamily(FamilyBase):
         batch["sigmas"] = timesteps.float() / 1000.0
         with self._calling(model, network), autocast(self.autocast_dtype, x_t.device):
             prediction = model.model_predict(batch)["model_prediction"]
-        flow = model.prediction_to_noiseward_flow(prediction)
+        # SimpleTuner 3.x has no direction helper: every flow-matching family there predicts the noise-ward flow
+        to_flow = getattr(model, "prediction_to_noiseward_flow", None)
+        flow = prediction if to_flow is None else to_flow(prediction)
         return flow.unsqueeze(2) if cond.images else flow
 
     @contextlib.contextmanager

@@ -5,6 +5,8 @@ test can compare the processes. With ``SIMPLETUNER_DMD_TEST_FLOW_CHECK=1`` the b
 calls the family's ``predict_flow`` on SimpleTuner's trained network with SimpleTuner's own noisy latents, timesteps
 and condition (through the family's ``from_simpletuner_batch``), and prints how far that is from the prediction
 SimpleTuner's ``model_predict`` made for the same batch: ``[flow-check] … max_abs_diff=…`` (with ``lora_dropout: 0``).
+With ``SIMPLETUNER_DMD_TEST_VALIDATION_RECORD=DIR`` each validation pipeline call's arguments and output are written
+to ``DIR`` (the stock-pipeline reproductions).
 """
 
 import os
@@ -79,7 +81,9 @@ if os.environ.get("SIMPLETUNER_DMD_TEST_FLOW_CHECK"):
                 # SimpleTuner's timesteps are 1000·σ (Flux rescales the batch's entry in place during its forward)
                 t = prepared_batch["sigmas"].reshape(-1).float() * 1000
                 ours = self.family.predict_flow(network, x_t, t, cond)
-                theirs = self.model.prediction_to_noiseward_flow(pred.detach())
+                # SimpleTuner 3.x has no direction helper: its flow-matching predictions are all noise-ward
+                to_flow = getattr(self.model, "prediction_to_noiseward_flow", lambda prediction: prediction)
+                theirs = to_flow(pred.detach())
             diff = (ours.reshape(pred.shape).float() - theirs.float()).abs().max().item()
             shape = tuple(cond.shape) if torch.is_tensor(cond) else type(cond).__name__
             print(f"[flow-check] latents {tuple(x_t.shape)} cond {shape} max_abs_diff={diff:.3g} "
@@ -132,6 +136,59 @@ if os.environ.get("SIMPLETUNER_DMD_TEST_VALIDATION_CHECK"):
         Validation.enable_ema_for_inference = enable_ema_for_inference
 
     after_apply(install_validation_check)
+
+if os.environ.get("SIMPLETUNER_DMD_TEST_VALIDATION_RECORD"):
+    # Each validation pipeline call of SimpleTuner, recorded in the folder the variable names: its scalar arguments
+    # (the prompt and negative prompt texts, steps, size, guidance, frames), the seed of its generator, which keyword
+    # tensors it got, the scheduler's class and its generator_seed, its conditioning image (saved as image-<n>.png), as
+    # one JSON line in calls.jsonl; and its output as
+    # SimpleTuner received it (8-bit images or video frames, before any PNG or mp4 encoding) in output-<n>.npy — so a
+    # test can run the stock pipeline with the same arguments and compare.
+    import json
+
+    def install_validation_record():
+        import numpy as np
+        import torch
+        from simpletuner.helpers.training.validation import Validation
+
+        folder = Path(os.environ["SIMPLETUNER_DMD_TEST_VALIDATION_RECORD"])
+        folder.mkdir(parents=True, exist_ok=True)
+        filter_kwargs = Validation._filter_pipeline_kwargs_for_call
+        extract = Validation._extract_pipeline_media
+        if getattr(filter_kwargs, "_recorded", False):
+            return
+
+        def recorded_filter(self, pipeline, kwargs):
+            entry = {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))}
+            generator = kwargs.get("generator")
+            entry["generator_seed"] = generator.initial_seed() if isinstance(generator, torch.Generator) else None
+            entry["tensors"] = sorted(k for k, v in kwargs.items() if torch.is_tensor(v))
+            entry["pipeline"] = type(pipeline).__name__
+            entry["scheduler"] = type(pipeline.scheduler).__name__
+            entry["scheduler_generator_seed"] = getattr(pipeline.scheduler, "generator_seed", None)
+            image = kwargs.get("image")
+            if hasattr(image, "save"):  # the conditioning image as the pipeline gets it (I2V's first frame)
+                entry["image"] = str(folder / f"image-{len(list(folder.glob('image-*.png')))}.png")
+                image.save(entry["image"])
+            with open(folder / "calls.jsonl", "a") as out:
+                out.write(json.dumps(entry) + "\n")
+            return filter_kwargs(self, pipeline, kwargs)
+
+        def recorded_extract(pipeline_result, **kwargs):
+            media = extract(pipeline_result, **kwargs)
+            if media is not None:
+                frames = media[0] if isinstance(media, (list, tuple)) and isinstance(media[0], (list, tuple)) else None
+                array = (np.stack([np.asarray(f.convert("RGB")) for f in frames]) if frames is not None
+                         else np.asarray(media[0].convert("RGB")) if hasattr(media[0], "convert")
+                         else np.asarray(media[0]))
+                np.save(folder / f"output-{len(list(folder.glob('output-*.npy')))}.npy", array)
+            return media
+
+        recorded_filter._recorded = True
+        Validation._filter_pipeline_kwargs_for_call = recorded_filter
+        Validation._extract_pipeline_media = staticmethod(recorded_extract)
+
+    after_apply(install_validation_record)
 
 if os.environ.get("SIMPLETUNER_DMD_TEST_CALLS"):
     # Every call of SimpleTuner's trained network while a plugin method runs, as one JSON line in the file the variable
