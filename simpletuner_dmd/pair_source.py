@@ -31,6 +31,15 @@ from .types import RunContext, StepInfo
 SHARD_BYTES = 256 * 2 ** 20  # a shard file holds at most this much (one is in memory at a time)
 
 
+def _sharded(module: Any) -> bool:
+    """Whether ``module`` is sharded by FSDP2 (``fsdp_enable``): each call of it then needs every process."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(module, FSDPModule)
+
+
 def interval_combine(scale: float, interval: tuple[float, float], t: torch.Tensor):
     """The teacher's CFG for timesteps ``t`` (one per sample): ``u + s·(c − u)`` where t lies inside ``interval``
     (``real_score_guidance_interval``), cond only outside; None (no uncond pass) when no sample is guided."""
@@ -106,6 +115,10 @@ class PairSource:
         dtype = self.family.autocast_dtype or torch.float32
         per_pair = (len(self.steps) + 2) * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         teacher_module = run.teacher if run.teacher is not None else run.student
+        if _sharded(teacher_module):
+            raise UserError(f"distillation_config.regression_latent_shape: {self.what} with a sharded base "
+                            "(fsdp_enable) needs the pairs' shape given, so the teacher's ODE pairs are made at "
+                            "set-up, before the base is sharded (each process generates its own share of them)")
         spec = ODEPairSpec(
             teacher_id=f"{self.family.name}:{run.host_config.get('pretrained_model_name_or_path') or ''}:"
                        f"{type(teacher_module).__name__}",

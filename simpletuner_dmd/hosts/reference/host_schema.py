@@ -98,6 +98,12 @@ HOST_SCHEMA = Schema(
         Key("activation_offload", "bool", False, "Keep the tensors saved for the student's and the critic's backward "
             "(with gradient_checkpointing: each block's input) in pinned CPU memory instead of on the GPU; the "
             "gradients are the same. `simpletuner-dmd estimate` says how much it saves."),
+        Key("fsdp_enable", "bool", False, "Shard the frozen base over the processes of `accelerate launch` with "
+            "FSDP2 (each transformer block and the root); the adapters (student, fake score) stay whole on every "
+            "process, as their optimizers and checkpoints. One process: nothing to shard. Not with an int8-quanto "
+            "base."),
+        Key("fsdp_version", "int", 2, "FSDP version of fsdp_enable: 2 (torch's fully_shard), the only one.",
+            choices=(2,)),
         Key("mixed_precision", "str", "no", "bf16/fp16 on a GPU; CPU runs fp32.", choices=("no", "bf16", "fp16")),
         Key("attention_mechanism", "str", "diffusers", "Only diffusers' default attention is used.",
             choices=("diffusers",)),

@@ -18,6 +18,7 @@ from ...errors import ConfigError, UserError
 from ...optimizers import check_available
 from ...plugins import registered_families
 from .backends import load_backend_config
+from .fsdp import fsdp_problems
 from .host_schema import HOST_SCHEMA, SEED_KEYS_NOT_SUPPORTED
 from .prompt_library import library_prompts
 from .webhooks import load_webhook_config
@@ -89,6 +90,8 @@ def validate_config(raw: Any, pm: Any, *, path: Path | None = None, check_paths:
         if selection is not None:
             method_name, method_cls, method_config = selection.name, selection.cls, selection.config
             warnings += selection.warnings
+    if not host_problems:
+        problems += fsdp_problems(host)
 
     if check_paths and not problems:
         problems += check_host_paths(host)

@@ -65,6 +65,7 @@ from .batches import BucketBatchSampler, collate
 from .checkpoint import begin_checkpoint, commit_checkpoint, latest_checkpoint, resolve_resume
 from .ema import EMA
 from .export import Export, export_student
+from .fsdp import fsdp_warning, shard_frozen_base, sharding
 from .latent_cache import build_cache
 from .notify import Notifier
 from .prompt_library import library_prompts
@@ -190,6 +191,8 @@ def set_up(rc: RunConfig, pm, notify: Notifier) -> Run:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     notify.main = accelerator.is_main_process  # only the main process talks to webhooks and the hub
+    if fsdp_warning(host, accelerator.num_processes):
+        log(f"warning: {fsdp_warning(host, accelerator.num_processes)}")
     set_seed(seed, device_specific=True)  # per-process noise; draws that must agree use StepInfo.generator
     family = rc.family_cls(autocast_dtype=None if weight_dtype == torch.float32 else weight_dtype)
 
@@ -250,7 +253,11 @@ def set_up(rc: RunConfig, pm, notify: Notifier) -> Run:
     lr_lambda = build_lr_lambda(host["lr_scheduler"], warmup_steps=host["lr_warmup_steps"], total_steps=max_steps,
                                 min_lr_ratio=host["lr_end"] / host["learning_rate"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    network, optimizer = accelerator.prepare(models.network, optimizer)
+    if sharding(host, accelerator):  # fsdp_enable: the frozen base sharded (fsdp.py), every adapter exists by now
+        network, optimizer = shard_frozen_base(models.network, accelerator), accelerator.prepare_optimizer(optimizer)
+        log(f"fsdp_enable: the frozen base sharded over {accelerator.num_processes} processes (FSDP2)")
+    else:
+        network, optimizer = accelerator.prepare(models.network, optimizer)
     ema = EMA(dict(models.student_params), host["ema_decay"], host["ema_update_interval"]) if host["use_ema"] else None
 
     state = {"global_step": 0, "batches_consumed": 0}
@@ -277,7 +284,7 @@ def set_up(rc: RunConfig, pm, notify: Notifier) -> Run:
     # validation runs on the main process alone: it calls the bare module, never the (DDP) wrapper
     validate = Validator(host=host, family=family, components=components, models=models, pm=pm,
                          distilling=method is not None, ema=ema, prompt_conds=prompt_conds, negative_cond=negative_cond,
-                         accelerator=accelerator, out=out, seed=seed)
+                         accelerator=accelerator, out=out, seed=seed, every_process=sharding(host, accelerator))
     guard = NonFiniteGuard("student", host["nonfinite_skip_limit"])
     progress = tqdm(total=max_steps, initial=state["global_step"], desc="training",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)

@@ -9,7 +9,9 @@ of a distillation run, and kept. Every round also writes a comparison sheet, ``s
 prompts, same seed; columns: the teacher's samples, then the student's), and ``validation/sheets.gif``, one frame per
 round so far: the student's column changing along training beside the fixed teacher. With
 ``validation_fd_features`` the run ends with ``fd_report``: the Fréchet distance of every column to the real data.
-Validation runs on the main process alone and calls the bare module, never the (DDP) wrapper.
+Validation runs on the main process alone and calls the bare module, never the (DDP) wrapper; with a sharded base
+(``fsdp_enable``, ``every_process``) every process runs the same sampler calls, since each call gathers the base
+from all of them, and the main process alone decodes, writes and logs.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ class Validator:
     """``Validator(...)(step)`` makes, saves and logs one round of validation samples."""
 
     def __init__(self, *, host: dict, family: Any, components: Any, models: Any, pm: Any, distilling: bool, ema: Any,
-                 prompt_conds: dict[str, Any], negative_cond: Any, accelerator: Any, out: Path, seed: int):
+                 prompt_conds: dict[str, Any], negative_cond: Any, accelerator: Any, out: Path, seed: int,
+                 every_process: bool = False):
         self.host, self.family, self.components, self.models = host, family, components, models
+        self.every_process = every_process  # a sharded base: every process samples, the main one writes
         self.pm, self.ema, self.accelerator, self.out = pm, ema, accelerator, out
         self.prompt_conds, self.negative_cond = prompt_conds, negative_cond
         self.seed = host["validation_seed"] if host["validation_seed"] is not None else seed
@@ -54,7 +58,8 @@ class Validator:
 
     def __call__(self, step: int) -> Path | None:
         """The folder the samples went to (None on the other processes, or with no validation prompt)."""
-        if not self.accelerator.is_main_process or not self.prompt_conds:
+        main = self.accelerator.is_main_process
+        if not (main or self.every_process) or not self.prompt_conds:
             return None
         network = self.models.network
         network.eval()
@@ -67,6 +72,8 @@ class Validator:
                 cells[prompt_name] = dict(self.teacher_pixels.get(prompt_name, {}))
                 for variant, (sampler, guidance) in self._samplers().items():
                     latents = self._sample(sampler, cond, guidance)
+                    if not main:  # it took part in the sharded base's calls; the main process writes
+                        continue
                     target = folder / prompt_name / variant
                     pixels = self.family.decode_latents(self.components, latents)[0]
                     images[f"validation/{prompt_name}/{variant}"] = save_sample(pixels, target)
@@ -79,6 +86,8 @@ class Validator:
         self.last_student_sample = first_student
         self.teacher_pending = False
         network.train()
+        if not main:
+            return None
         sheet = self._write_sheets(folder, step, cells)
         if sheet is not None:
             images["validation/sheet"] = sheet
@@ -114,7 +123,8 @@ class Validator:
         (each teacher step count, the student or its EMA), the validation prompts in turn, to the real data, written
         to ``output_dir/fd.json``. None on the other processes or without the key."""
         path = self.host.get("validation_fd_features")
-        if not path or not self.accelerator.is_main_process or not self.prompt_conds:
+        main = self.accelerator.is_main_process
+        if not path or not (main or self.every_process) or not self.prompt_conds:
             return None
         space = load_feature_space(path)
         n, batch = self.host["validation_fd_samples"], 100
@@ -126,7 +136,7 @@ class Validator:
         generator = torch.Generator().manual_seed(self.seed + 1)
         noise = torch.randn((n, *self.shape), generator=generator)
         result: dict[str, float] = {}
-        bar = tqdm(total=n * len(variants), desc=space.name, dynamic_ncols=True)
+        bar = tqdm(total=n * len(variants), desc=space.name, dynamic_ncols=True, disable=not main)
         with torch.no_grad():
             for variant, (sampler, guidance) in variants.items():
                 pixels = []
@@ -135,12 +145,17 @@ class Validator:
                     cond = self.family.concat_conditions([conds[(i + j) % len(conds)] for j in range(len(chunk))])
                     g = torch.Generator().manual_seed(self.seed + 2 + i)
                     latents = sampler(chunk, cond, self.negative_cond, guidance, g)
+                    bar.update(len(chunk))
+                    if not main:  # it took part in the sharded base's calls
+                        continue
                     frames = self.family.decode_latents(self.components, latents).cpu()  # (B, 3, F, H, W)
                     pixels.append(frames.permute(0, 2, 1, 3, 4).flatten(0, 1))  # every frame counts
-                    bar.update(len(chunk))
-                result[variant] = space.fd(torch.cat(pixels))
+                if main:
+                    result[variant] = space.fd(torch.cat(pixels))
         bar.close()
         network.train()
+        if not main:
+            return None
         report = {"metric": space.name, "samples": n, "step": step, "feature_space": str(path),
                   "classifier_held_out_accuracy": space.held_out_accuracy,
                   "rows": {self._column_label(k): v for k, v in result.items()}}
