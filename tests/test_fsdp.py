@@ -6,8 +6,8 @@
   with DDP, not with one process on the combined batch, because the two runs then draw the same per-process noise
   from the same streams: any difference is the sharding's. Tolerance: 1e-6 absolute + 1e-5 relative (it measured 0:
   the sharded base is gathered whole before each block's call, and the adapters' gradients are averaged as DDP does).
-- Resume: a 2-process FSDP2 checkpoint, resumed on 2 processes, gives the uninterrupted run's next checkpoint
-  bit for bit (every tensor file and counter); resumed on 1 process it starts from exactly the checkpoint's adapters
+- Resume: a 2-process FSDP2 checkpoint (and a DDP one), resumed on 2 processes, gives the uninterrupted run's next
+  checkpoint bit for bit (every tensor file, each process's random state, the counters); resumed on 1 process it starts from exactly the checkpoint's adapters
   and optimizer states and trains on (one process cannot repeat two processes' steps: another batch split, other
   noise streams, so its later steps are not compared).
 - ``validate-config`` refuses FSDP2 over an int8-quanto base in one line, and a full student (no frozen base).
@@ -95,12 +95,19 @@ def fsdp_run(tmp_path_factory, tiny_wan, tiny_dataset):
     return root, root / "straight", logs
 
 
+@pytest.fixture(scope="module")
+def ddp_run(fsdp_run, tiny_wan, tiny_dataset):
+    """The same run with DDP (no fsdp_enable), on the same data."""
+    root = fsdp_run[0]
+    logs = _launch(_config(root, tiny_wan, tiny_dataset, "ddp", **COMMON), root / "ddp" / "witness")
+    return root, root / "ddp", logs
+
+
 @pytest.mark.slow
-def test_fsdp2_equals_ddp_on_two_processes(fsdp_run, tiny_wan, tiny_dataset):
+def test_fsdp2_equals_ddp_on_two_processes(fsdp_run, ddp_run):
     root, folder, logs = fsdp_run
     assert "the frozen base sharded over 2 processes (FSDP2)" in logs
-    ddp = root / "ddp"
-    _launch(_config(root, tiny_wan, tiny_dataset, "ddp", **COMMON), ddp / "witness")
+    ddp = ddp_run[1]
 
     worst = 0.0
     for rank in (0, 1):
@@ -143,17 +150,20 @@ def test_fsdp2_equals_ddp_on_two_processes(fsdp_run, tiny_wan, tiny_dataset):
     assert (folder / "out" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def _resume_copy(root: Path, folder: Path, name: str, tiny_wan: Path, tiny_dataset: Path) -> Path:
+def _resume_copy(root: Path, folder: Path, name: str, tiny_wan: Path, tiny_dataset: Path, fsdp: bool = True) -> Path:
     """``folder``'s output with only checkpoint-2 left, in ``root/name``, and a config resuming from it."""
     shutil.copytree(folder / "out", root / name / "out", ignore=shutil.ignore_patterns("checkpoint-4"))
-    return _config(root, tiny_wan, tiny_dataset, name, fsdp_enable=True, **COMMON)
+    return _config(root, tiny_wan, tiny_dataset, name, fsdp_enable=fsdp, **COMMON)
 
 
 @pytest.mark.slow
-def test_fsdp2_checkpoint_resumes_on_two_processes_as_no_interruption(fsdp_run, tiny_wan, tiny_dataset):
-    root, folder, _ = fsdp_run
-    config = _resume_copy(root, folder, "resumed-2", tiny_wan, tiny_dataset)
-    resumed = root / "resumed-2"
+@pytest.mark.parametrize("kind", ["fsdp2", "ddp"])
+def test_a_checkpoint_resumes_on_two_processes_as_no_interruption(kind, request, tiny_wan, tiny_dataset):
+    # DDP too: a 2-process resume used to give process 1 its last batch again (the batch count process 0 saved was
+    # one short of the round both processes had taken)
+    root, folder, _ = request.getfixturevalue(f"{kind.removesuffix('2')}_run")
+    config = _resume_copy(root, folder, f"resumed-2-{kind}", tiny_wan, tiny_dataset, fsdp=kind == "fsdp2")
+    resumed = root / f"resumed-2-{kind}"
     logs = _launch(config, resumed / "witness")
     assert "at step 2" in logs
     a, b = _tensor_files(folder / "out" / "checkpoint-4"), _tensor_files(resumed / "out" / "checkpoint-4")

@@ -600,8 +600,12 @@ def _batches(dataset, sampler, consumed: int, accelerator, family=None) -> Itera
                 clip = {name: t.to(accelerator.device) for name, t in items["clip"].items()}
                 extras.update(text_cond=cond, clip_condition=clip)
                 cond = family.attach_clip_condition(cond, clip)
-            yield consumed, Batch(latents=items["latents"].to(accelerator.device), cond=cond,
-                                  captions=items["captions"], extras=extras)
+            # Counted to the end of this round of W batches (one per process): what every process has taken once
+            # each has its batch of this micro-step. (The count after its own batch alone is one short on process 0,
+            # which saves it, and a resume on W > 1 processes gave process 1 its last batch again.)
+            round_end = -(-consumed // world) * world
+            yield round_end, Batch(latents=items["latents"].to(accelerator.device), cond=cond,
+                                   captions=items["captions"], extras=extras)
 
 
 def _step_info(seed: int, global_step: int, micro: int, accum: int, accelerator, network) -> StepInfo:
