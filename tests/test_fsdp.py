@@ -4,7 +4,7 @@
 - Equivalence: 2 processes with FSDP2 run DMD steps whose losses (every rank, every micro-batch, the critic's too) and
   trained adapters (student and fake score) equal the 2-process DDP run's on the same data split. The comparison is
   with DDP, not with one process on the combined batch, because the two runs then draw the same per-process noise
-  from the same streams: any difference is the sharding's. Tolerance: 1e-6 absolute + 1e-5 relative (it measured 0:
+  from the same streams: any difference is the sharding's. With DMD2's GAN term too (its head outside both wrappers). Tolerance: 1e-6 absolute + 1e-5 relative (it measured 0:
   the sharded base is gathered whole before each block's call, and the adapters' gradients are averaged as DDP does).
 - Resume: a 2-process FSDP2 checkpoint (and a DDP one), resumed on 2 processes, gives the uninterrupted run's next
   checkpoint bit for bit (every tensor file, each process's random state, the counters); resumed on 1 process it starts from exactly the checkpoint's adapters
@@ -148,6 +148,27 @@ def test_fsdp2_equals_ddp_on_two_processes(fsdp_run, ddp_run):
     print(f"FSDP2 vs DDP, largest difference of a loss, metric or adapter weight: {worst:.3g}")
     # the export: one LoRA, written once
     assert (folder / "out" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_fsdp2_equals_ddp_with_dmd2s_gan_term(tmp_path, tiny_wan, tiny_dataset):
+    # the GAN classifier head lives outside the sharded network and the DDP wrapper alike (the method averages its
+    # gradient itself): under FSDP2 it trains as under DDP
+    method = json.loads((REPO / "config_examples/tiny-wan-dmd/config.json").read_text())["distillation_config"]
+    method = {**method, "gan_loss_weight": 0.5}
+    for name, extra in (("fsdp", {"fsdp_enable": True}), ("ddp", {})):
+        config = _config(tmp_path, tiny_wan, tiny_dataset, name, distillation_config=method, **{**COMMON, **extra})
+        _launch(config, tmp_path / name / "witness")
+    for rank in (0, 1):
+        a = load_file(str(tmp_path / "fsdp" / "witness" / f"weights-rank{rank}.safetensors"))
+        b = load_file(str(tmp_path / "ddp" / "witness" / f"weights-rank{rank}.safetensors"))
+        assert a.keys() == b.keys() and any(k.startswith("gan_head") for k in a)
+        for name in a:
+            assert torch.allclose(a[name], b[name], atol=ATOL, rtol=RTOL), name
+        ma = _record(tmp_path / "fsdp" / "witness", rank)["metrics"]
+        mb = _record(tmp_path / "ddp" / "witness", rank)["metrics"]
+        assert [m["gan_classifier_loss"] for m in ma] == pytest.approx([m["gan_classifier_loss"] for m in mb],
+                                                                         abs=ATOL, rel=RTOL)
 
 
 def _resume_copy(root: Path, folder: Path, name: str, tiny_wan: Path, tiny_dataset: Path, fsdp: bool = True) -> Path:
