@@ -23,9 +23,12 @@ Several GPUs (``Parallel``; ``--gpus N`` with ``--fsdp`` and/or ``--context-para
 
     data parallel only   every GPU holds everything above, plus DDP's gradient buckets (a copy of the trainable
                          gradients)
-    FSDP2 over N         the frozen weights, the adapters' states and their gradients ÷ N, plus the unsharded weights
-                         of the block being gathered and of the one prefetched (2 × one block's share); the base is
-                         bf16 (int8-quanto tensors are not DTensors)
+    FSDP2 over N         the frozen weights ÷ N, plus the unsharded weights of the block being gathered and of the
+                         one prefetched (2 × one block's share); the adapters (student, fake score) stay whole on every
+                         GPU with their states and gradients, as the reference host keeps them
+                         (``hosts/reference/fsdp.py``: they are small, and averaged like DDP's); a full trainable copy
+                         (``model_type: full``) is not sharded there either. The base is bf16 (int8-quanto tensors are
+                         not DTensors)
     context parallel C   one sample's tokens split C ways (Ulysses: each GPU holds tokens ÷ C between the attention
                          calls, all heads ÷ C inside them): activations, transient and KV cache ÷ C; C divides the
                          attention heads and the latent tokens
@@ -190,9 +193,7 @@ def estimate(*, family: Any, config: dict, host: dict, method_plan: dict | None,
         gathered = 2 * frozen * float(family.active_parameter_share) / blocks if shard > 1 else 0
         if not parallel.fsdp and parallel.gpus > 1:  # DDP's buckets: a copy of the trainable gradients
             student_grads, fake_grads = 2 * student_grads, 2 * fake_grads
-        frozen = frozen / shard + gathered
-        student_states, fake_states = student_states / shard, fake_states / shard
-        student_grads, fake_grads = student_grads / shard, fake_grads / shard
+        frozen = frozen / shard + gathered  # the adapters, their states and gradients stay whole (docstring)
         activations, transient = activations / split, transient / split
         notes.append(f"{parallel.describe()}: per GPU" + (f"; the frozen weights include 2 blocks gathered in flight "
                                                           f"({gathered / GIB:.2f} GiB)" if gathered else ""))
