@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("SIMPLETUNER_VENV", REPO / "work" / "simpletuner-4.10.1")).resolve()  # runs use own cwd
 PYTHON = VENV / "bin" / "python"
 RUNNER = Path(__file__).resolve().parent / "run_simpletuner.py"
+STOCK = Path(__file__).resolve().parent / "stock_pipeline.py"  # a run's student in the family's stock pipeline
 SITE = Path(__file__).resolve().parent / "site"  # sitecustomize: the CPU shims in every `simpletuner train` process
 MARKER = VENV / ".simpletuner-version"
 VERSION = MARKER.read_text().strip() if MARKER.is_file() else ("3.1.6" if PYTHON.is_file() else "")
@@ -54,6 +55,27 @@ def simpletuner_train(folder: Path, config: dict, *, cwd: Path | None = None, ti
         proc = subprocess.run([str(VENV / "bin" / "simpletuner"), "train"], stdout=out, stderr=subprocess.STDOUT,
                               cwd=cwd or folder, timeout=timeout, env=run_env)
     return proc.returncode, log.read_text(errors="replace").replace("\r", "\n"), time.monotonic() - start
+
+
+def stock_sample(family: str, base: Path, output_dir: Path, folder: Path, *, prompt: str, seed: int, size: str,
+                 steps: int, guidance: float, **extra) -> dict:
+    """The student of the run in ``output_dir`` (its LoRA and ``scheduler/``) sampled by the family's stock diffusers
+    pipeline in the venv (``stock_pipeline.py``), as SimpleTuner's validation sampled it; ``folder`` gets
+    ``seeded.npy``/``.png``, ``global-rng.npy``/``.png`` and ``result.json``, whose content is returned. ``extra``:
+    more options of the script (``frames=9``, ``image=…``, ``negative_prompt=…``; ``""``: a flag)."""
+    options = [f"--{k.replace('_', '-')}" + (f"={v}" if v != "" else "") for k, v in extra.items()]
+    log = folder / "stock-pipeline.log"
+    start = time.monotonic()
+    with open(log, "w") as out:
+        proc = subprocess.run([str(PYTHON), str(STOCK), family, str(base), str(output_dir),
+                               str(folder / "result.json"), f"--prompt={prompt}", f"--seed={seed}", f"--size={size}",
+                               f"--steps={steps}", f"--guidance={guidance}", *options], stdout=out,
+                              stderr=subprocess.STDOUT, cwd=folder, timeout=600,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"})
+    text = log.read_text(errors="replace")
+    assert proc.returncode == 0, text[-4000:]
+    print(f"{family}: stock pipeline run {time.monotonic() - start:.0f} s")
+    return json.loads((folder / "result.json").read_text())
 
 
 def assert_clean(text: str, what: str) -> None:
