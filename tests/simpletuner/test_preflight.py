@@ -86,3 +86,62 @@ def test_a_bug_in_the_check_keeps_its_traceback(cli, monkeypatch):
     with pytest.raises(KeyError, match="a bug in the check"):
         module.run_training()
     assert launched == []
+
+
+def _fsdp_line(method: str) -> str:
+    return (f"fsdp_enable: SimpleTuner's FSDP is not served with distillation_method {method} (simpletuner-dmd): its "
+            "prepare replaces the network's parameters after the method built its own optimizer, which would then "
+            "train nothing; leave fsdp_enable off (several processes train with DDP)")
+
+
+def _cp_line(method: str, size: int) -> str:
+    return (f"context_parallel_size: {size} is not served with distillation_method {method} (simpletuner-dmd): the "
+            "method's own draws and losses are per process, not shared by a context-parallel group; use 1")
+
+
+@pytest.mark.parametrize("setting, line", [
+    ({"fsdp_enable": True, "fsdp_version": 2}, _fsdp_line("dmd")),
+    ({"--fsdp_enable": "true", "--fsdp_version": 1}, _fsdp_line("dmd")),
+    ({"context_parallel_size": "2"}, _cp_line("dmd", 2)),
+])
+def test_simpletuners_fsdp_and_context_parallelism_are_refused_before_the_launch(cli, capsys, setting, line):
+    """SimpleTuner's FSDP would leave DMD's fake score training nothing (its optimizer keeps the tensors FSDP's prepare
+    replaced), and context parallelism would split the network over processes whose draws differ
+    (``docs/simpletuner-multi-gpu.md``): one line each, nothing launched."""
+    module, launched, path = cli
+    path.write_text(json.dumps({**_config(), **setting}))
+    assert module.run_training() == 2
+    assert launched == []
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1:] == [f"error: {line}"]
+
+
+@pytest.mark.parametrize("setting", [{"fsdp_enable": False, "fsdp_version": 2}, {"context_parallel_size": 1},
+                                     {"context_parallel_size": None}, {"--fsdp_enable": "false"}])
+def test_fsdp_off_and_no_context_parallelism_launch(cli, setting):
+    module, launched, path = cli
+    path.write_text(json.dumps({**_config(), **setting}))
+    assert module.run_training() == 0 and len(launched) == 1
+
+
+def test_the_parallelism_check_speaks_for_every_plugin_method():
+    assert preflight.parallelism_problems({"fsdp_enable": True, "context_parallel_size": 4}, "lcm") == [
+        _fsdp_line("lcm"), _cp_line("lcm", 4)]
+
+
+def test_the_training_process_refuses_them_too():
+    """Any other way of starting SimpleTuner's trainer: checked right after its argument parsing (``patch.py``), where
+    the values are SimpleTuner's parsed ones."""
+    from simpletuner_dmd.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        preflight.check_parsed_config({**_config(), "fsdp_enable": True, "context_parallel_size": 2}, ["dmd"])
+    assert str(refused.value).splitlines() == [_fsdp_line("dmd"), _cp_line("dmd", 2)]
+    preflight.check_parsed_config({**_config(), "fsdp_enable": False, "context_parallel_size": None}, ["dmd"])
+
+
+def test_fsdp_without_a_plugin_method_is_left_to_simpletuner(cli):
+    module, launched, path = cli
+    path.write_text(json.dumps({"model_family": "wan", "model_type": "lora", "fsdp_enable": True,
+                                "context_parallel_size": 2}))
+    assert module.run_training() == 0 and len(launched) == 1

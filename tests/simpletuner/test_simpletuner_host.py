@@ -289,6 +289,24 @@ def test_two_processes_inside_simpletuner_train(job, tmp_path):
     print(f"simpletuner train, DMD, 2 processes, 2 steps: {seconds:.0f} s")
 
 
+def test_simpletuners_fsdp_with_dmd_is_refused_before_the_launch(job):
+    """SimpleTuner's FSDP2 (``fsdp_enable``, ``fsdp_version: 2``) with DMD: ``simpletuner train`` launches nothing and
+    says why in one line (``docs/simpletuner-multi-gpu.md``: its prepare would leave the fake score's optimizer on
+    replaced tensors). On CPU accelerate would in fact run DDP instead of FSDP (it enables FSDP only on GPU-like
+    devices), so the refusal is what there is to test here."""
+    root, write = job
+    run = root / "st-train-fsdp2"
+    config = write.config(output_dir=str(run / "out"), max_train_steps=2, fsdp_enable=True, fsdp_version=2,
+                          distillation_method="dmd", distillation_config="{'dmd': {'fake_score_lr': 1e-3}}")
+    code, text, _ = _simpletuner_train(run, config, timeout=300, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1",
+                                       TRAINING_NUM_PROCESSES="2", ACCELERATE_EXTRA_ARGS="--multi_gpu")
+    assert code == 2, text[-3000:]
+    assert "[simpletuner-dmd] " in text and "nothing was launched" in text
+    last = [line for line in text.replace("\x1b[0m", "").splitlines() if line.strip()][-1]
+    assert last.startswith("error: fsdp_enable: SimpleTuner's FSDP is not served with distillation_method dmd"), last
+    assert not (run / "out").exists()
+
+
 # --------------------------------------------------------------------------- SimpleTuner's sd3 model family
 
 

@@ -17,9 +17,9 @@ regard to case): the method's config through the core's ``validate_method_config
 naming the key), that a plugin family serves SimpleTuner's ``model_family``/``model_flavour``, that the family is
 flow-matching (``not_flow_matching``: otherwise SimpleTuner's own distiller serves a name SimpleTuner has —
 ``hand_back`` — and any other name is refused, naming the families served), that the adapter type is one the bridge
-serves; and — where SimpleTuner is importable — every value SimpleTuner's own argument parser would
-refuse (its choices and types, read from SimpleTuner's parser, not copied) and a ``validation_prompt_library`` value
-its prompt-library lookup refuses.
+serves, that SimpleTuner's FSDP and context parallelism are off (``parallelism_problems``); and — where SimpleTuner
+is importable — every value SimpleTuner's own argument parser would refuse (its choices and types, read from
+SimpleTuner's parser, not copied) and a ``validation_prompt_library`` value its prompt-library lookup refuses.
 """
 
 from __future__ import annotations
@@ -95,6 +95,43 @@ def hand_back(config: Mapping[str, Any], served: list[str]) -> str | None:
     return note
 
 
+def _setting(config: Mapping[str, Any], key: str) -> Any:
+    """``key`` of a SimpleTuner config, written bare or as its command-line option (``--key``)."""
+    return config.get(key, config.get(f"--{key}"))
+
+
+def _on(value: Any) -> bool:
+    return value is True or str(value).strip().lower() in {"1", "true", "yes", "on"}
+
+
+def parallelism_problems(config: Mapping[str, Any], method: str) -> list[str]:
+    """SimpleTuner's FSDP (``fsdp_enable``, version 1 or 2) and its context parallelism (``context_parallel_size`` >
+    1) with a plugin method: refused, one line each (``docs/simpletuner-multi-gpu.md`` says what goes wrong).
+
+    FSDP: the bridge builds the method before SimpleTuner's ``accelerator.prepare``, which then replaces every
+    parameter of the trained network by a sharded one — the method's own optimizer (DMD's fake score) keeps the old
+    tensors, which get no gradient from then on (its critic silently stops learning), and its checkpoint crashes
+    (accelerate's ``save_fsdp_optimizer``: ``KeyError``). Context parallelism: SimpleTuner splits the trained network's
+    sequence over a group of processes that must feed it the same inputs, and scales its own loss for it; the method's
+    draws (noise, timesteps, its generator's rollout) are per process and its own losses are not scaled."""
+    problems = []
+    if _on(_setting(config, "fsdp_enable")):
+        problems.append(f"fsdp_enable: SimpleTuner's FSDP is not served with distillation_method {method} "
+                        "(simpletuner-dmd): its prepare replaces the network's parameters after the method built its "
+                        "own optimizer, which would then train nothing; leave fsdp_enable off (several processes "
+                        "train with DDP)")
+    cp = _setting(config, "context_parallel_size")
+    try:
+        cp_size = int(cp) if cp not in (None, "", "None") else 1
+    except (TypeError, ValueError):
+        cp_size = 1  # SimpleTuner refuses a value that is not a whole number itself
+    if cp_size > 1:
+        problems.append(f"context_parallel_size: {cp_size} is not served with distillation_method {method} "
+                        "(simpletuner-dmd): the method's own draws and losses are per process, not shared by a "
+                        "context-parallel group; use 1")
+    return problems
+
+
 def plugin_problems(config: Mapping[str, Any], method: str, pm) -> tuple[list[str], list[str]]:
     """(problems, warnings) of the plugin's own part of a SimpleTuner config for ``method``."""
     from .distiller import simpletuner_family_class
@@ -102,7 +139,7 @@ def plugin_problems(config: Mapping[str, Any], method: str, pm) -> tuple[list[st
     refused, _ = not_flow_matching(config, method)
     if refused is not None:
         return [refused], []
-    problems: list[str] = []
+    problems: list[str] = parallelism_problems(config, method)
     model_type = str(config.get("model_type") or "lora").lower()
     lora_type = str(config.get("lora_type") or "standard").lower()
     if model_type == "lora" and lora_type != "standard":
@@ -361,6 +398,6 @@ def launch_problems(env: Mapping[str, str]) -> tuple[Path | None, list[str]]:
 
 
 __all__ = ["check_parsed_config", "config_file_for", "extend_method_choices", "hand_back", "host_problems",
-           "launch_problems", "not_flow_matching", "plugin_problems", "served_method", "simpletuner_argument_problems",
-           "simpletuner_importable", "simpletuner_own_methods", "simpletuner_prediction_types",
-           "validate_for_simpletuner", "wrap_cli_launch"]
+           "launch_problems", "not_flow_matching", "parallelism_problems", "plugin_problems", "served_method",
+           "simpletuner_argument_problems", "simpletuner_importable", "simpletuner_own_methods",
+           "simpletuner_prediction_types", "validate_for_simpletuner", "wrap_cli_launch"]
