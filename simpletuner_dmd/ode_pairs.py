@@ -62,6 +62,7 @@ import torch
 from .atomic import fsync_dir, write_file
 from .errors import UserError
 from .flow import T_MAX, euler_step
+from .processes import from_main
 
 FORMAT = "simpletuner-dmd-ode-pairs"
 FORMAT_VERSION = 1
@@ -274,17 +275,6 @@ def generate_shards(spec: ODEPairSpec, teacher: FlowFn, conds: Sequence[Any], *,
     return written
 
 
-def _from_main(accelerator: Any, value: Any) -> Any:
-    """``value`` as the main process has it, on every process."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    box = [value]
-    broadcast_object_list(box, from_process=0)
-    return box[0]
-
-
 def _complete(folder: Path, spec: ODEPairSpec) -> bool:
     manifest = folder / MANIFEST
     if not manifest.is_file():
@@ -331,7 +321,7 @@ def prepare_ode_pairs(spec: ODEPairSpec, teacher: FlowFn, conds: Sequence[Any], 
     (probe) exists, generated otherwise (resuming a partial one). With an ``accelerator`` every process must call it;
     each generates its share of the shards, the main process publishes, and all return the same ``ODEPairs``; the
     main process's ``spec`` decides (a shape taken from each process's first batch may differ)."""
-    spec = _from_main(accelerator, spec)
+    spec = from_main(accelerator, spec)
     root = Path(cache_dir)
     final, partial = root / spec.folder_name, root / f".{spec.folder_name}.partial"
     main = accelerator is None or accelerator.is_main_process
@@ -357,7 +347,7 @@ def prepare_ode_pairs(spec: ODEPairSpec, teacher: FlowFn, conds: Sequence[Any], 
                                                                  f"interrupted run)" if done else ""))
         if action == "reuse" and log is not None:
             log(f"teacher ODE pairs: reusing {final}")
-    action = _from_main(accelerator, action)
+    action = from_main(accelerator, action)
     if action == "generate":
         rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
         generate_shards(spec, teacher, conds, family=family, folder=partial, rank=rank, world=world,

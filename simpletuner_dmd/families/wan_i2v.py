@@ -189,11 +189,6 @@ class WanI2VFamily(WanFamily):
         processor = _load(CLIPImageProcessor, model_path, "image_processor", None)
         return WanI2VComponents(base.vae, base.text_encoder, base.tokenizer, encoder, processor)
 
-    def save_lora(self, lora_state: dict[str, torch.Tensor], folder: Path, peft_config: Any) -> Path:
-        """``pytorch_lora_weights.safetensors`` that ``WanImageToVideoPipeline.load_lora_weights(folder)`` loads (Wan's
-        LoRA format: the pipelines share ``WanLoraLoaderMixin``)."""
-        return super().save_lora(lora_state, folder, peft_config)
-
 
 @hookimpl
 def register_model_families(register):

@@ -58,6 +58,7 @@ from ...nonfinite import NonFiniteGuard
 from ...offload import ActivationOffload
 from ...optimizers import adamw
 from ...plugins import get_plugin_manager
+from ...processes import from_main
 from ...state_io import load_state, load_weights_into, rng_state, save_state, save_weights, set_rng_state
 from ...types import Batch, RunContext, StepInfo, StepLoss, step_generator
 from .backends import load_backend_config
@@ -191,15 +192,16 @@ def set_up(rc: RunConfig, pm, notify: Notifier) -> Run:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     notify.main = accelerator.is_main_process  # only the main process talks to webhooks and the hub
-    if fsdp_warning(host, accelerator.num_processes):
-        log(f"warning: {fsdp_warning(host, accelerator.num_processes)}")
+    one_process_fsdp = fsdp_warning(host, accelerator.num_processes)
+    if one_process_fsdp:
+        log(f"warning: {one_process_fsdp}")
     set_seed(seed, device_specific=True)  # per-process noise; draws that must agree use StepInfo.generator
     family = rc.family_cls(autocast_dtype=None if weight_dtype == torch.float32 else weight_dtype)
 
     # Before anything loads, so a damaged checkpoint named by the user costs no model loading. The main process
     # resolves (it may clean up a crashed save's temporary folder, checks files against the manifest) and tells the
     # others.
-    resume_dir = _from_main(accelerator, resolve_resume(out, host["resume_from_checkpoint"],
+    resume_dir = from_main(accelerator, resolve_resume(out, host["resume_from_checkpoint"],
                                                         warn=lambda m: log(f"warning: {m}"))
                             if accelerator.is_main_process else None)
 
@@ -613,15 +615,6 @@ def _step_info(seed: int, global_step: int, micro: int, accum: int, accelerator,
     return StepInfo(global_step, micro, accum, accelerator.sync_gradients, generator, network)
 
 
-def _from_main(accelerator, value):
-    """``value`` as the main process has it, on every process."""
-    if accelerator.num_processes == 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([value], from_process=0)[0]
-
-
 def _fd_line(report: dict) -> str:
     """``digits FD (500 samples a row; lower is closer to the real data): ema 41.2 · teacher 50 steps 35.0 · …``"""
     rows = " · ".join(f"{name} {value:.1f}" for name, value in report["rows"].items())
@@ -676,7 +669,7 @@ def _save_checkpoint(job: Job, state: dict) -> None:
     optimizer, scheduler, ema = job.optimizer, job.scheduler, job.ema
 
     accelerator.wait_for_everyone()
-    tmp = _from_main(accelerator, begin_checkpoint(out, state["global_step"]) if accelerator.is_main_process else None)
+    tmp = from_main(accelerator, begin_checkpoint(out, state["global_step"]) if accelerator.is_main_process else None)
     save_state(tmp / f"rng-{accelerator.process_index}", rng_state())  # each process's own random streams
     if accelerator.is_main_process:
         save_weights(models.student_params, tmp / "student.safetensors")

@@ -58,6 +58,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from ...config import MethodSelection, validate_method_config
 from ...errors import ConfigError, PluginError, UserError
 from ...plugins import get_family_class, get_plugin_manager, registered_families
+from ...processes import from_main
 from ...types import Batch, RunContext, StepInfo, StepLoss, step_generator
 from .shared import HOST_PARAMETERS_ATTR, NEGATIVE_EMBEDS_ATTR, log
 
@@ -97,9 +98,10 @@ def simpletuner_family_class(pm, model_family: Any, model_flavour: Any = None) -
     (``None``), else the plugin's family named like SimpleTuner's, else the family that serves any SimpleTuner model
     (``simpletuner_fallback``: ``model_family.SimpleTunerModelFamily``; whether SimpleTuner's family is flow-matching
     is the caller's check). Two families declaring the same pair is a ``PluginError`` naming both."""
+    families = registered_families(pm)
     by_flavour: list = []
     any_flavour: list = []
-    for entry in registered_families(pm).values():
+    for entry in families.values():
         for st_family, st_flavour in vars(entry.cls).get("simpletuner_names", ()):
             if st_family != model_family:
                 continue
@@ -114,7 +116,6 @@ def simpletuner_family_class(pm, model_family: Any, model_flavour: Any = None) -
                               f"claimed by several families: {claims}")
         if found:
             return found[0].cls
-    families = registered_families(pm)
     if str(model_family) in families:
         return families[str(model_family)].cls
     fallback = [e for e in families.values() if e.cls.simpletuner_fallback]
@@ -150,17 +151,6 @@ def as_condition(encoded: Any, family: Any = None) -> torch.Tensor:
     if encoded.ndim == 2:
         encoded = encoded.unsqueeze(0)
     return encoded
-
-
-def agreed(accelerator: Any, value: Any) -> Any:
-    """The main process's ``value``, on every process (the value itself under one process)."""
-    if getattr(accelerator, "num_processes", 1) <= 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    box = [value]
-    broadcast_object_list(box, from_process=0)
-    return box[0]
 
 
 def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -263,7 +253,7 @@ class PluginDistiller:
         # (on_load_checkpoint), as SimpleTuner's own RNG streams come from random_states_*.pkl. Every process parses
         # on its own (int(time.time()) may fall on either side of a second): the main process's value is everyone's,
         # so the per-step draws that must agree across processes (DMD's exit index) do.
-        self.seed = agreed(self.accelerator, int(config.get("seed") or 0))
+        self.seed = from_main(self.accelerator, int(config.get("seed") or 0))
         self.accumulation = int(config.get("gradient_accumulation_steps") or 1)
         self.global_step = 0  # optimizer steps completed (restored on resume)
         self._micro = 0
