@@ -96,6 +96,11 @@ class FamilyBase:
     / ``alpha``, which ComfyUI and published LoRAs use), raising ValueError for a module that layout cannot name. The
     reference host's export writes it beside the diffusers file. ``None``: no original-layout file."""
 
+    lora_parts: Mapping[str, str] = MappingProxyType({"transformer": ""})
+    """The stock pipeline's parts a LoRA file may go into (``load_lora_weights``' ``transformer``, Wan 2.2's
+    ``transformer_2``) → the prefix of that part's modules in the family's network. ``teacher_loras``' ``into`` names
+    one (``teacher_loras.py``: the merge and the combined export). Default: one ``transformer``, the network itself."""
+
     read_lora: Callable[[Any], dict] | None = None
     """``read_lora(folder) -> peft state`` for a family whose student LoRA is more than one file (Wan 2.2 A14B: one per
     expert); ``lora_files.read_lora`` calls it (``sample``, resuming). ``None``: ``lora_files``' one-file default."""

@@ -121,6 +121,7 @@ class WanExpertsFamily(WanFamily):
     active_parameter_share = 0.5  # a call runs one expert of two (`estimate`'s step time scales with it)
     published_configs = PUBLISHED_CONFIGS
     gan_feature_module = None  # the GAN classifier would read one expert's features only: not offered
+    lora_parts = {expert: f"{expert}." for expert in EXPERTS}  # a teacher LoRA per expert (`into`)
     card_notes = ("In ComfyUI, as with every Wan 2.2 A14B LoRA pair: the `high_noise` file goes on the high-noise "
                   "model and the `low_noise` file on the low-noise model; switch models at the first σ below "
                   "boundary_ratio (the σ list above says which steps fall on each side).",)

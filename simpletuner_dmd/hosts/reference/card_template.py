@@ -26,7 +26,26 @@ $tags
 Trained with [simpletuner-dmd](https://pypi.org/project/simpletuner-dmd/) from `$base` ($steps optimizer steps\
 $method_clause).
 
-$sampling$streaming$diffusers$comfyui$sample$training""")
+$own_model$sampling$streaming$diffusers$comfyui$sample$training""")
+
+# ---------------------------------------------------------------------------- distilled from the user's own LoRAs
+
+OWN_MODEL = Template("""\
+## Distilled from your model
+
+The teacher was `$base` with these LoRAs merged into it (`teacher_loras`):
+
+$loras
+So this student LoRA is trained *on top of* them: use it together with the same LoRAs at the same scales, or use \
+`combined/` alone on the stock base — one LoRA holding those LoRAs (times their scales) and the student, concatenated \
+by rank so that its sum is exact$combined_original. Do not load `combined/` together with your LoRAs (they would \
+count twice).
+
+""")
+
+OWN_LORA = Template("- `$path`, scale $scale$into\n")
+
+COMBINED_ORIGINAL = Template(" (original layout: $files)")
 
 # ---------------------------------------------------------------------------- the schedule (a method with a scheduler)
 

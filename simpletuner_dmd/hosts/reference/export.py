@@ -5,7 +5,9 @@
   a family may write more files: Wan 2.2 A14B one per expert);
 - ``<family>_<method>_<K>step_lora_rank<r>.safetensors``: the same student in the family's original layout (ComfyUI
   and most published LoRAs), when the family writes one (``original_lora_state``);
-- ``ema/``: both files again for the EMA weights;
+- ``combined/``: with ``teacher_loras``, one LoRA for the stock base holding the user's LoRAs (at their scales) and
+  the student, concatenated by rank (``teacher_loras.combined_lora``), in both layouts;
+- ``ema/``: the files above again for the EMA weights;
 - ``README.md``: the model card (hub format, YAML metadata first; its text is ``card_template.py``'s pieces);
 - ``simpletuner_dmd.json``: what ``simpletuner-dmd sample`` reads (family, base, steps, the validation shape).
 
@@ -27,8 +29,11 @@ from ...atomic import write_together
 from ...flow import boundary_scalings
 from ...lora_files import loading_code
 from ...sample import STUDENT_FILE
+from ...teacher_loras import combined_lora, read_teacher_loras
 from . import card_template as card
 from .prompt_library import read_prompt_library
+
+COMBINED = "combined"  # the folder of the one LoRA for the stock base (a run with teacher_loras)
 
 
 @dataclass
@@ -62,9 +67,11 @@ def _write_export(job: Any, export: Export, stage: Path, notes: list[str]) -> No
     if scheduler is not None:
         scheduler.save_config(stage / "scheduler")
     original_files: list[str] = []
+    combined_files: list[str] = []
     if host["model_type"] == "lora":
         config = export.peft_config
         original_name = original_lora_name(family.name, export.method_name, scheduler, config.r)
+        users = read_teacher_loras(family, host["teacher_loras"]) if host.get("teacher_loras") else None
         variants = [(stage, None)] + ([(stage / "ema", ema)] if ema is not None else [])
         for folder, swap in variants:
             folder.mkdir(parents=True, exist_ok=True)
@@ -74,8 +81,15 @@ def _write_export(job: Any, export: Export, stage: Path, notes: list[str]) -> No
                 if original_name:
                     original_files = _write_original(family, state, config, folder, original_name, export, notes)
                     original_name = original_name if original_files else None
+                if users is not None:
+                    combined_files = _write_combined(family, state, config, users, folder / COMBINED, export,
+                                                     scheduler, notes)
         notes.append(f"student LoRA: {out / 'pytorch_lora_weights.safetensors'}"
                      + (f" (original layout: {', '.join(original_files)})" if original_files else ""))
+        if users is not None:
+            notes.append(f"combined LoRA (your teacher_loras and the student, for the stock base): "
+                         f"{out / COMBINED / 'pytorch_lora_weights.safetensors'}"
+                         + (f" (original layout: {', '.join(combined_files)})" if combined_files else ""))
     else:
         models.network.save_pretrained(stage / "transformer")
         notes.append(f"student transformer: {out / 'transformer'}")
@@ -88,13 +102,29 @@ def _write_export(job: Any, export: Export, stage: Path, notes: list[str]) -> No
             "original_lora": original_files[0] if original_files else None, "original_lora_files": original_files,
             "ema": ema is not None,
             "max_sequence_length": host.get("tokenizer_max_length")}
+    if host.get("teacher_loras"):  # the student runs on the user's model: with their LoRAs, or combined/ alone
+        info.update(teacher_loras=host["teacher_loras"],
+                    combined_lora=COMBINED if host["model_type"] == "lora" else None)
     stream = streaming_info(family, export)
     if stream is not None:  # a block-causal student: `sample` streams it; a stock pipeline would run it wrongly
         info["streaming"] = stream
     (stage / STUDENT_FILE).write_text(json.dumps(info, indent=1), encoding="utf-8")
     card = model_card(host=host, family=family, export=export, scheduler=scheduler, original_files=original_files,
-                      out=out, has_ema=ema is not None)
+                      out=out, has_ema=ema is not None, combined_files=combined_files)
     (stage / "README.md").write_text(card, encoding="utf-8")
+
+
+def _write_combined(family, state, config, users, folder: Path, export: Export, scheduler: Any,
+                    notes: list[str]) -> list[str]:
+    """``combined/``: the user's ``teacher_loras`` and the student as one LoRA for the stock base
+    (``teacher_loras.combined_lora``), in the diffusers layout (``family.save_lora``) and, when the family has one,
+    the original layout; returns the original-layout file names."""
+    combined, combined_config = combined_lora(state, config, users, family.lora_parts)
+    folder.mkdir(parents=True, exist_ok=True)
+    family.save_lora(combined, folder, combined_config)
+    name = original_lora_name(family.name, export.method_name, scheduler, combined_config.r)
+    return _write_original(family, combined, combined_config, folder,
+                           name.replace("_lora_rank", "_combined_lora_rank"), export, notes)
 
 
 def streaming_info(family: Any, export: Export) -> dict[str, Any] | None:
@@ -147,7 +177,7 @@ def _yaml_list(items: list[str]) -> str:
 
 
 def model_card(*, host: dict, family: Any, export: Export, scheduler: Any, original_files: list[str], out: Path,
-               has_ema: bool) -> str:
+               has_ema: bool, combined_files: list[str] = ()) -> str:
     """The hub's model card format: YAML metadata, then how to use the student (diffusers and ComfyUI), its
     schedule, the validation sample and the training figures. The text is ``card_template``'s; this computes the
     values and picks the pieces."""
@@ -169,10 +199,24 @@ def model_card(*, host: dict, family: Any, export: Export, scheduler: Any, origi
         title=f"{family.name} {method.upper() if method else 'LoRA'} student" + (
             f", {steps} steps" if steps is not None else ""),
         steps=export.steps, method_clause=f", `distillation_method: {method}`" if method else "",
-        sampling=_sampling(scheduler, export), streaming=_streaming(family, export, base, prompt),
+        own_model=_own_model(host, base, combined_files), sampling=_sampling(scheduler, export),
+        streaming=_streaming(family, export, base, prompt),
         diffusers=_diffusers(host, family, scheduler, base, prompt),
         comfyui=_comfyui(family, scheduler, original_files), sample=_sample(host, export, sampled, out),
         training=_training(host, family, export, has_ema))
+
+
+def _own_model(host: dict, base: str, combined_files: list[str]) -> str:
+    """A LoRA student distilled from the user's ``teacher_loras``: use it with them at their scales, or ``combined/``
+    alone on the stock base."""
+    if not host.get("teacher_loras") or host["model_type"] != "lora":
+        return ""
+    loras = "".join(card.OWN_LORA.substitute(path=entry["path"], scale=f"{entry['scale']:g}",
+                                             into="" if entry["into"] == "transformer" else f", into `{entry['into']}`")
+                    for entry in host["teacher_loras"])
+    original = "" if not combined_files else card.COMBINED_ORIGINAL.substitute(
+        files=", ".join(f"`{COMBINED}/{name}`" for name in combined_files))
+    return card.OWN_MODEL.substitute(base=base, loras=loras, combined_original=original)
 
 
 def _sampling(scheduler: Any, export: Export) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 
 from ...config import Key, Schema, in_range
 from ...optimizers import CHOICES as OPTIMIZER_CHOICES
+from ...teacher_loras import parse_teacher_loras
 
 
 def parse_resolution(value: Any) -> tuple[int, int]:
@@ -84,6 +85,11 @@ HOST_SCHEMA = Schema(
         Key("init_lora", "str", None, "Start the student's LoRA from these weights: an output folder (its "
             "pytorch_lora_weights.safetensors) or that file, e.g. an ode_init run's before DMD. Same lora_rank and "
             "family; a resumed run's checkpoint wins.", check=_path_check, nullable=True),
+        Key("teacher_loras", "list", [], "Your own LoRAs, merged into the frozen base before it is quantized or "
+            "sharded, so the teacher (and the student's base) is your model: a list of {\"path\": file, \"scale\": "
+            "1.0} (a plain path: scale 1.0; \"into\": \"transformer_2\" for Wan 2.2's low-noise expert), each in "
+            "the diffusers or the original (ComfyUI) layout. The export adds combined/: one LoRA with yours and the "
+            "student's for the stock base. docs/distil-your-own-model.md.", parse=parse_teacher_loras),
         Key("lora_dropout", "float", 0.0, "Dropout inside the student's LoRA.", check=in_range(0, 1, hi_open=True)),
         Key("base_model_precision", "str", "no_change", "int8-quanto: quantize the frozen base to int8 "
             "(optimum-quanto).", choices=("no_change", "int8-quanto")),

@@ -17,6 +17,7 @@ from ...config import read_json, suggest, validate_method_config
 from ...errors import ConfigError, UserError
 from ...optimizers import check_available
 from ...plugins import registered_families
+from ...teacher_loras import teacher_lora_file_problems, teacher_lora_part_problems
 from .backends import load_backend_config
 from .fsdp import fsdp_problems
 from .host_schema import HOST_SCHEMA, SEED_KEYS_NOT_SUPPORTED
@@ -136,6 +137,7 @@ def family_key_problems(host: dict, family_cls: type) -> list[str]:
         examples = ", ".join(str(1 + stride * k) for k in range(4))
         problems.append(f"config.validation_num_video_frames: must be 1 + {stride}k ({examples}, …) for the "
                         f"{family_cls.name} family, got {frames}")
+    problems += teacher_lora_part_problems(host["teacher_loras"], family_cls)
     problems += list(family_cls.config_problems(host))  # what else the family cannot run (Wan 2.2: model_type full)
     return problems
 
@@ -159,6 +161,7 @@ def check_host_paths(host: dict[str, Any]) -> list[str]:
     image = host.get("validation_image")
     if image and not Path(image).is_file():
         problems.append(f"config.validation_image: file not found: {image}")
+    problems += teacher_lora_file_problems(host["teacher_loras"])
     for key in ("output_dir", "cache_dir"):
         problem = host.get(key) and writable_folder_problem(host[key])
         if problem:

@@ -60,6 +60,7 @@ from ...optimizers import adamw
 from ...plugins import get_plugin_manager
 from ...processes import from_main
 from ...state_io import load_state, load_weights_into, rng_state, save_state, save_weights, set_rng_state
+from ...teacher_loras import merge_teacher_loras
 from ...types import Batch, RunContext, StepInfo, StepLoss, step_generator
 from .backends import load_backend_config
 from .batches import BucketBatchSampler, collate
@@ -497,9 +498,14 @@ def _validation_clip(host: dict, family) -> torch.Tensor:
 
 
 def frozen_base(host, family, dtype) -> torch.nn.Module:
-    """A fresh copy of the base network from ``pretrained_model_name_or_path``, every parameter frozen."""
+    """A fresh copy of the base network from ``pretrained_model_name_or_path``, every parameter frozen, with the
+    user's ``teacher_loras`` merged in (before ``build_models`` quantizes it and ``fsdp_enable`` shards it): every copy
+    of the base — the student's, a full student's teacher, a method's ``load_base`` — is the user's model."""
     network = family.load_network(host["pretrained_model_name_or_path"], dtype=dtype)
     network.requires_grad_(False)
+    if host.get("teacher_loras"):
+        for line in merge_teacher_loras(network, family, host["teacher_loras"]):
+            log(line)
     return network
 
 
