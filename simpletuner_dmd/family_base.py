@@ -27,6 +27,12 @@ class FamilyBase:
     """False for an image-only family (SD3): the reference host's ``run_config`` refuses video datasets, and the model
     card's diffusers call asks for an image instead of frames."""
 
+    context_parallel: bool = False
+    """True when the family's network is one diffusers model whose class ships a ``_cp_plan`` and whose attention
+    processors take diffusers' context-parallel config, so the reference host's ``context_parallel_size`` can split
+    one sample's tokens over processes (``hosts/reference/context_parallel.py``; Wan 2.1 T2V). False: such a config
+    is refused at ``validate-config`` by the family's name."""
+
     size_multiple: int = 1
     """Pixel widths and heights are multiples of it (``LoadingFamily`` requires it of a family the reference host
     loads); ``run_config.family_key_problems`` checks the validation size against it. 1: no rule."""

@@ -44,6 +44,14 @@ class MethodBase:
         return {}
 
     @staticmethod
+    def context_parallel_problems(config: dict[str, Any]) -> list[str]:
+        """What of ``config`` cannot run with one sample's tokens split over processes (the reference host's
+        ``context_parallel_size`` > 1: between the network's input and output each process holds a share of the
+        tokens, so a module reading a block's features sees that share only), one line each; the reference host's
+        ``run_config`` reports them before anything loads. Default: none."""
+        return []
+
+    @staticmethod
     def streaming(config: dict[str, Any]) -> dict[str, Any] | None:
         """How a block-causal student of this config must be run (``fewstep_sampling.streaming_settings``: the
         timesteps per block, frames per block, context noise, KV cache window). The reference host's export asks

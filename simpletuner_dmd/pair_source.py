@@ -32,7 +32,10 @@ SHARD_BYTES = 256 * 2 ** 20  # a shard file holds at most this much (one is in m
 
 
 def _sharded(module: Any) -> bool:
-    """Whether ``module`` is sharded by FSDP2 (``fsdp_enable``): each call of it then needs every process."""
+    """Whether ``module`` is sharded by FSDP2 (``fsdp_enable``) or splits its tokens (diffusers' context parallelism,
+    ``context_parallel_size``): each call of it then needs every process."""
+    if getattr(module, "_parallel_config", None) is not None:
+        return True
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:
@@ -116,9 +119,10 @@ class PairSource:
         per_pair = (len(self.steps) + 2) * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         teacher_module = run.teacher if run.teacher is not None else run.student
         if _sharded(teacher_module):
-            raise UserError(f"distillation_config.regression_latent_shape: {self.what} with a sharded base "
-                            "(fsdp_enable) needs the pairs' shape given, so the teacher's ODE pairs are made at "
-                            "set-up, before the base is sharded (each process generates its own share of them)")
+            raise UserError(f"distillation_config.regression_latent_shape: {self.what} with a sharded or split "
+                            "base (fsdp_enable, context_parallel_size) needs the pairs' shape given, so the teacher's "
+                            "ODE pairs are made at set-up, before the base is sharded or split (each process "
+                            "generates its own share of them)")
         spec = ODEPairSpec(
             teacher_id=f"{self.family.name}:{run.host_config.get('pretrained_model_name_or_path') or ''}:"
                        f"{type(teacher_module).__name__}",

@@ -22,6 +22,7 @@ class WanCausalFamily(WanFamily):
     name = "wan-causal"
     summary = "Wan 2.1 T2V as a block-causal student (Self-Forcing rollout, KV cache); same weights as wan"
     causal = True
+    context_parallel = False  # its block-causal attention (block_causal.py) is not diffusers' context-parallel one
 
     def predict_flow(self, network: torch.nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor
                      ) -> torch.Tensor:

@@ -118,6 +118,7 @@ class WanExpertsFamily(WanFamily):
     summary = "Wan 2.2 T2V-A14B: two experts (high/low noise) switched at boundary_ratio, one LoRA per expert"
     causal = False
     routes_by_timestep = True  # one call may run different sub-networks: methods that read features must refuse it
+    context_parallel = False  # WanExperts (two networks behind one call) has no _cp_plan of its own
     active_parameter_share = 0.5  # a call runs one expert of two (`estimate`'s step time scales with it)
     published_configs = PUBLISHED_CONFIGS
     gan_feature_module = None  # the GAN classifier would read one expert's features only: not offered

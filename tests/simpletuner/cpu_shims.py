@@ -13,6 +13,9 @@ Applied first by ``run_simpletuner.py`` (the integration test's entry point in t
    hook makes its ``_load_lib`` report "extension not available" instead, so torchaudio falls back to pure Python (no
    file of the venv is changed).
 3. SimpleTuner's collate calls ``.pin_memory()`` unconditionally, which raises without a GPU: a no-op there.
+
+``diffusers_context_parallel_on_cpu`` (not applied by ``apply``) is called by the reference host's context-parallel
+runs on CPU processes (``tests/multiprocess/cp_job.py``, benchmarks).
 """
 
 from __future__ import annotations
@@ -67,6 +70,38 @@ def stringify_tensorboard_config() -> None:
 
     store_init_configuration._stringified = True
     TensorBoardTracker.store_init_configuration = store_init_configuration
+
+
+def diffusers_context_parallel_on_cpu() -> None:
+    """For CPU runs only (tests and benchmarks; never on a machine with an accelerator, where it does nothing):
+    diffusers' ``ModelMixin._resolve_parallel_config`` (``enable_parallelism``) places each rank on device
+    ``rank % torch.accelerator.device_count()``, which is a ZeroDivisionError without an accelerator. During that call
+    the count reads 1 (the device is then ``cpu:0``, which a CPU tensor ignores); nothing else sees it. Patched when
+    ``diffusers.models.modeling_utils`` is imported (at once if it already is)."""
+    target = "diffusers.models.modeling_utils"
+
+    def patch(module) -> None:
+        resolve = module.ModelMixin._resolve_parallel_config
+        if getattr(resolve, "_cpu_shim", False):
+            return
+
+        def _resolve_parallel_config(self, config):
+            count = torch.accelerator.device_count
+            if count() > 0:
+                return resolve(self, config)
+            torch.accelerator.device_count = lambda: 1
+            try:
+                return resolve(self, config)
+            finally:
+                torch.accelerator.device_count = count
+
+        _resolve_parallel_config._cpu_shim = True
+        module.ModelMixin._resolve_parallel_config = _resolve_parallel_config
+
+    if target in sys.modules:
+        patch(sys.modules[target])
+    elif not any(isinstance(f, _PatchAfterImport) and f.target == target for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchAfterImport(target, patch))
 
 
 class _PatchAfterImport(importlib.abc.MetaPathFinder):

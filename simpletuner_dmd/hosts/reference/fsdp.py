@@ -13,9 +13,11 @@ the parameters it was built on, and a checkpoint holds them whole, as today: a 2
 process. Sharding happens after ``distill_setup`` (every adapter exists then) and replaces only the frozen base's
 parameters, which no optimizer holds.
 
-``ShardedNetwork`` stands where accelerate's DDP wrapper stood: it starts the adapters equal on every process (a
+``ReplicatedAdapters`` stands where accelerate's DDP wrapper stood: it starts the adapters equal on every process (a
 broadcast from process 0, as DDP does) and averages their gradients over the processes at the backward that DDP
 would synchronise (``no_sync``, which ``accelerator.accumulate`` and a method's micro-batch loop use, skips it).
+With context parallelism (``context_parallel.py``) the same wrapper stands over the unsharded base too, and sums the
+gradients over each context-parallel group before averaging over the groups.
 
 Every call of the sharded base needs every process (each gathers a block from the others), so what used to run on
 the main process alone — validation, the FD report — runs on every process with this module (the main process writes).
@@ -66,9 +68,11 @@ def block_modules(network: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in network.modules() if m is not network and type(m).__name__ in names]
 
 
-def shard_frozen_base(network: torch.nn.Module, accelerator: Any) -> ShardedNetwork:
+def shard_frozen_base(network: torch.nn.Module, accelerator: Any, data_parallel_size: int | None = None
+                      ) -> ReplicatedAdapters:
     """Shard ``network``'s frozen parameters in place over every process (blocks, then the root) and return the
-    wrapper the training passes call. Call it after every adapter exists and before the base is called again."""
+    wrapper the training passes call. Call it after every adapter exists and before the base is called again.
+    ``data_parallel_size``: see ``ReplicatedAdapters`` (default: every process is its own group)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -77,19 +81,30 @@ def shard_frozen_base(network: torch.nn.Module, accelerator: Any) -> ShardedNetw
     for block in block_modules(network):
         fully_shard(block, mesh=mesh, ignored_params=trainable)
     fully_shard(network, mesh=mesh, ignored_params=trainable)
-    return ShardedNetwork(network, [p for p in network.parameters() if p.requires_grad])
+    return ReplicatedAdapters(network, trainable_parameters(network), data_parallel_size)
 
 
-class ShardedNetwork(torch.nn.Module):
-    """The sharded base with its replicated adapters, as the training passes call it (DDP's place: ``.module`` is the
-    bare network; ``no_sync()`` as DDP's)."""
+def trainable_parameters(network: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in network.parameters() if p.requires_grad]
 
-    def __init__(self, module: torch.nn.Module, trainable: list[torch.nn.Parameter]):
+
+class ReplicatedAdapters(torch.nn.Module):
+    """The base (sharded by FSDP2, or split by context parallelism, or both) with its replicated adapters, as the
+    training passes call it (DDP's place: ``.module`` is the bare network; ``no_sync()`` as DDP's).
+
+    At each synchronised backward every trainable parameter's gradient becomes the sum over all processes divided by
+    ``data_parallel_size`` (default: the process count, DDP's mean). Under context parallelism of degree C the
+    processes of a group hold parts of one sample's gradient: with ``data_parallel_size = W / C`` that is the sum over
+    each group averaged over the groups."""
+
+    def __init__(self, module: torch.nn.Module, trainable: list[torch.nn.Parameter],
+                 data_parallel_size: int | None = None):
         import torch.distributed as dist
 
         super().__init__()
         self.module = module
         self.world = dist.get_world_size()
+        self.divisor = data_parallel_size or self.world
         self._sync = True
         with torch.no_grad():  # equal start on every process (a LoRA's A is drawn from each process's own stream)
             for p in trainable:
@@ -109,13 +124,16 @@ class ShardedNetwork(torch.nn.Module):
             self._sync = previous
 
     def _average(self, p: torch.nn.Parameter) -> None:
-        # After p.grad has received this backward's contribution: the mean over processes of what each accumulated,
-        # as DDP's reduction (with two processes, halving is exact, so the order of sum and division does not matter).
+        # After p.grad has received this backward's contribution: the sum over processes of what each accumulated,
+        # divided by the data-parallel degree — DDP's mean without context parallelism (with two processes, halving is
+        # exact, so the order of sum and division does not matter).
         if self._sync and p.grad is not None:
             import torch.distributed as dist
 
             dist.all_reduce(p.grad)
-            p.grad.div_(self.world)
+            if self.divisor != 1:
+                p.grad.div_(self.divisor)
 
 
-__all__ = ["ShardedNetwork", "block_modules", "fsdp_problems", "fsdp_warning", "shard_frozen_base", "sharding"]
+__all__ = ["ReplicatedAdapters", "block_modules", "fsdp_problems", "fsdp_warning", "shard_frozen_base", "sharding",
+           "trainable_parameters"]

@@ -110,6 +110,11 @@ HOST_SCHEMA = Schema(
             "base."),
         Key("fsdp_version", "int", 2, "FSDP version of fsdp_enable: 2 (torch's fully_shard), the only one.",
             choices=(2,)),
+        Key("context_parallel_size", "int", 1, "Split one sample's latent tokens over this many processes of "
+            "`accelerate launch` (Ulysses, diffusers' context parallelism): the student, teacher and fake-score "
+            "passes and their backward; with fsdp_enable or without. It must divide the process count, the attention "
+            "heads and the tokens; LoRA student; families with a diffusers _cp_plan (wan). 1: off.",
+            check=in_range(1)),
         Key("mixed_precision", "str", "no", "bf16/fp16 on a GPU; CPU runs fp32.", choices=("no", "bf16", "fp16")),
         Key("attention_mechanism", "str", "diffusers", "Only diffusers' default attention is used.",
             choices=("diffusers",)),

@@ -19,6 +19,7 @@ from ...optimizers import check_available
 from ...plugins import registered_families
 from ...teacher_loras import teacher_lora_file_problems, teacher_lora_part_problems
 from .backends import load_backend_config
+from .context_parallel import context_parallel_problems, degree_problems
 from .fsdp import fsdp_problems
 from .host_schema import HOST_SCHEMA, SEED_KEYS_NOT_SUPPORTED
 from .prompt_library import library_prompts
@@ -93,11 +94,14 @@ def validate_config(raw: Any, pm: Any, *, path: Path | None = None, check_paths:
             warnings += selection.warnings
     if not host_problems:
         problems += fsdp_problems(host)
+        if family_cls is not None:
+            problems += context_parallel_problems(host, family_cls, method_cls, method_config)
 
     if check_paths and not problems:
         problems += check_host_paths(host)
     if check_paths and not problems:
         problems += backend_file_problems(host["data_backend_config"], family_cls)
+        problems += model_degree_problems(host, family_cls)
         _, library_problems, library_warnings = library_prompts(host)
         problems += library_problems
         warnings += library_warnings
@@ -167,6 +171,17 @@ def check_host_paths(host: dict[str, Any]) -> list[str]:
         if problem:
             problems.append(f"config.{key}: {problem}")
     return problems
+
+
+def model_degree_problems(host: dict[str, Any], family_cls: type) -> list[str]:
+    """``context_parallel_size`` against the local model's transformer config (its attention heads) and the
+    validation sample's tokens (``context_parallel.degree_problems``)."""
+    model = Path(host["pretrained_model_name_or_path"])
+    if host.get("context_parallel_size", 1) == 1 or not model.is_dir():
+        return []
+    from ...estimate import transformer_config
+
+    return degree_problems(host, family_cls, transformer_config(family_cls, str(model)))
 
 
 def writable_folder_problem(value: str) -> str | None:

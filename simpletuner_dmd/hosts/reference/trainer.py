@@ -65,9 +65,10 @@ from ...types import Batch, RunContext, StepInfo, StepLoss, step_generator
 from .backends import load_backend_config
 from .batches import BucketBatchSampler, collate
 from .checkpoint import begin_checkpoint, commit_checkpoint, latest_checkpoint, resolve_resume
+from .context_parallel import enable_context_parallel, layout
 from .ema import EMA
 from .export import Export, export_student
-from .fsdp import fsdp_warning, shard_frozen_base, sharding
+from .fsdp import ReplicatedAdapters, fsdp_warning, shard_frozen_base, sharding, trainable_parameters
 from .latent_cache import build_cache
 from .notify import Notifier
 from .prompt_library import library_prompts
@@ -196,7 +197,9 @@ def set_up(rc: RunConfig, pm, notify: Notifier) -> Run:
     one_process_fsdp = fsdp_warning(host, accelerator.num_processes)
     if one_process_fsdp:
         log(f"warning: {one_process_fsdp}")
-    set_seed(seed, device_specific=True)  # per-process noise; draws that must agree use StepInfo.generator
+    spread = layout(host, accelerator)  # context_parallel_size: groups of processes share one sample
+    # per-process noise, the same within a context-parallel group; draws that must agree use StepInfo.generator
+    set_seed(seed + spread.data_parallel_rank)
     family = rc.family_cls(autocast_dtype=None if weight_dtype == torch.float32 else weight_dtype)
 
     # Before anything loads, so a damaged checkpoint named by the user costs no model loading. The main process
@@ -256,9 +259,18 @@ def set_up(rc: RunConfig, pm, notify: Notifier) -> Run:
     lr_lambda = build_lr_lambda(host["lr_scheduler"], warmup_steps=host["lr_warmup_steps"], total_steps=max_steps,
                                 min_lr_ratio=host["lr_end"] / host["learning_rate"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    split = spread.context_parallel > 1  # context_parallel_size: one sample's tokens split (context_parallel.py)
+    if split:
+        enable_context_parallel(models.network, accelerator, spread.context_parallel)
+        log(f"context_parallel_size: each sample's tokens split over {spread.context_parallel} processes (Ulysses), "
+            f"{spread.data_parallel_size} data-parallel group(s)")
     if sharding(host, accelerator):  # fsdp_enable: the frozen base sharded (fsdp.py), every adapter exists by now
-        network, optimizer = shard_frozen_base(models.network, accelerator), accelerator.prepare_optimizer(optimizer)
+        network = shard_frozen_base(models.network, accelerator, spread.data_parallel_size)
+        optimizer = accelerator.prepare_optimizer(optimizer)
         log(f"fsdp_enable: the frozen base sharded over {accelerator.num_processes} processes (FSDP2)")
+    elif split:  # the adapters' gradients summed over each group, averaged over the groups (not DDP's mean)
+        network = ReplicatedAdapters(models.network, trainable_parameters(models.network), spread.data_parallel_size)
+        optimizer = accelerator.prepare_optimizer(optimizer)
     else:
         network, optimizer = accelerator.prepare(models.network, optimizer)
     ema = EMA(dict(models.student_params), host["ema_decay"], host["ema_update_interval"]) if host["use_ema"] else None
@@ -282,12 +294,13 @@ def set_up(rc: RunConfig, pm, notify: Notifier) -> Run:
                    step=state["global_step"])
 
     # ---- what the loop needs: the batches, the host's loss, validation, the guard, the progress bar
-    batches = _batches(dataset, sampler, state["batches_consumed"], accelerator, family)
+    batches = _batches(dataset, sampler, state["batches_consumed"], accelerator, family,
+                       rank=spread.data_parallel_rank, world=spread.data_parallel_size)
     loss_fn = _host_loss_fn(family, network, host, empty_cond)
     # validation runs on the main process alone: it calls the bare module, never the (DDP) wrapper
     validate = Validator(host=host, family=family, components=components, models=models, pm=pm,
                          distilling=method is not None, ema=ema, prompt_conds=prompt_conds, negative_cond=negative_cond,
-                         accelerator=accelerator, out=out, seed=seed, every_process=sharding(host, accelerator))
+                         accelerator=accelerator, out=out, seed=seed, every_process=sharding(host, accelerator) or split)
     guard = NonFiniteGuard("student", host["nonfinite_skip_limit"])
     progress = tqdm(total=max_steps, initial=state["global_step"], desc="training",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
@@ -590,11 +603,12 @@ def _max_steps(host: dict, sampler) -> int:
     return epochs
 
 
-def _batches(dataset, sampler, consumed: int, accelerator, family=None) -> Iterator[tuple[int, Batch]]:
-    """``(batches consumed so far, batch)``, batch after batch of one shared, seeded order; process r of W takes the
-    batches r, r + W, … of it, so a resume (which skips ``batches_consumed``, counted over all processes) sees the
-    same batches on every process. The count goes into the state the checkpoint saves."""
-    rank, world = accelerator.process_index, accelerator.num_processes
+def _batches(dataset, sampler, consumed: int, accelerator, family=None, *, rank: int, world: int
+             ) -> Iterator[tuple[int, Batch]]:
+    """``(batches consumed so far, batch)``, batch after batch of one shared, seeded order; data-parallel group r of
+    W (a process, or a context-parallel group of them, ``context_parallel.Layout``) takes the batches r, r + W, … of
+    it, so a resume (which skips ``batches_consumed``, counted over all groups) sees the same batches on every
+    process. The count goes into the state the checkpoint saves."""
     while True:
         for indices in sampler:
             mine = consumed % world == rank

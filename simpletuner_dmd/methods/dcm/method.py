@@ -64,6 +64,11 @@ class DCM(MethodBase):
     progress_metrics = ("dcm_loss",)  # the logs the host's progress bar shows
 
     @staticmethod
+    def context_parallel_problems(config: dict[str, Any]) -> list[str]:
+        return ["DCM's discriminator reads blocks' features, of which each process holds a share when the tokens are "
+                "split; use context_parallel_size: 1 with DCM"]
+
+    @staticmethod
     def config_warnings(config: dict[str, Any], family_cls: type, host: dict[str, Any]) -> list[str]:
         return dcm_warnings(config, family_cls.name, host)
 

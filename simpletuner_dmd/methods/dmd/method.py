@@ -61,6 +61,17 @@ class DMD(FewStepStudent, MethodBase):
     progress_metrics = ("dmd_loss", "fake_score_loss")  # the logs the host's progress bar shows
 
     @staticmethod
+    def context_parallel_problems(config: dict[str, Any]) -> list[str]:
+        out = []
+        if config["gan_loss_weight"] > 0:
+            out.append("distillation_config.gan_loss_weight: DMD2's GAN head reads one block's features, of which each "
+                       "process holds a share when the tokens are split; set gan_loss_weight: 0")
+        if config["fake_score_type"] == "full":
+            out.append("distillation_config.fake_score_type: a full fake score is a second network, which is not "
+                       "split; use fake_score_type lora (or auto)")
+        return out
+
+    @staticmethod
     def config_warnings(config: dict[str, Any], family_cls: type, host: dict[str, Any]) -> list[str]:
         out = block_key_warnings(config, family_cls.causal, family_cls.name)
         steps = len(config["dmd_denoising_steps"])
