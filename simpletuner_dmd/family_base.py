@@ -58,6 +58,26 @@ class FamilyBase:
     """The share of the network's parameters one call runs (Wan 2.2 A14B: 0.5, one expert of two);
     ``estimate.step_time_range`` scales the step-time range by it."""
 
+    expert_guidance: Callable[[float, float, Any], Any] | None = None
+    """``expert_guidance(scale, scale_2, t) -> (B,)`` fp32: for a family whose network switches experts by timestep
+    (Wan 2.2 A14B), each sample's CFG scale from a pair, as the stock pipeline takes it (``WanPipeline``'s
+    ``guidance_scale`` where the first, high-noise expert runs, ``guidance_scale_2`` where the second does; the model
+    card's call passes ``guidance_scale_2``). Read by ``guidance.teacher_scale``: DMD's real score and the teacher's
+    ODE pairs (``real_score_guidance_scale_2``) and the Euler sampler given a pair (the reference host's teacher
+    samples, ``validation_teacher_guidance_2``). ``None``: one network, one scale; a second scale is reported by name
+    as having no effect."""
+
+    boundary_ratio: float | None = None
+    """For a family with ``expert_guidance``: where its experts switch, as ``WanPipeline``'s config names it (a step at
+    ``t >= boundary_ratio · 1000`` runs the first expert), once ``load_network`` has read it (the model's
+    ``model_index.json``, or the reference host's ``boundary_ratio`` key through ``configure``). The teacher's ODE
+    pairs' cache key and the model card's stock-pipeline code read it. ``None``: no experts."""
+
+    configure: Callable[[dict], None] | None = None
+    """``configure(host)``: the reference host hands the family instance its validated config once, before anything
+    loads, for the keys that set how the family builds its network (Wan 2.2 A14B: ``boundary_ratio``). ``None``:
+    the family reads no host key."""
+
     routes_by_timestep: bool = False
     """True when one call may run different sub-networks by timestep (Wan 2.2 A14B): DCM's ``distill_setup`` refuses
     such a family by name (its discriminator reads one network's features)."""
@@ -118,6 +138,11 @@ class FamilyBase:
     lora_loading_code: Callable[[], list[str]] | None = None
     """``lora_loading_code() -> lines`` for a many-file student: the model card's lines that load it into ``pipe``
     (``lora_files.loading_code``). ``None``: one ``pipe.load_lora_weights`` line."""
+
+    pipeline_setup_code: Callable[[], list[str]] | None = None
+    """``pipeline_setup_code() -> lines``: the model card's lines after the student is loaded that set the stock
+    pipeline up as the run had it (Wan 2.2 A14B: ``pipe.register_to_config(boundary_ratio=…)``, the experts' switch
+    the student was trained with). ``None``: none."""
 
     @staticmethod
     def config_problems(host: dict) -> list[str]:

@@ -83,6 +83,10 @@ SHARED_KEYS: dict[str, Key] = {key.name: key for key in (
     Key("real_score_guidance_scale", "float", 3.0,
         "Teacher CFG, standard form u + s(c - u); 0 or 1: cond only. FastVideo/Self-Forcing value = ours - 1.",
         check=guidance_check),
+    Key("real_score_guidance_scale_2", "float", None, "Teacher CFG where the second (low-noise) expert of a "
+        "family with experts runs (Wan 2.2 A14B: t < boundary_ratio·1000; WanPipeline's guidance_scale_2), same "
+        "form; real_score_guidance_scale is then the first (high-noise) expert's. Default: real_score_guidance_scale "
+        "on both.", check=guidance_check, nullable=True),
     Key("real_score_guidance_interval", "any", [0.0, 1000.0], "Timesteps \"lo,hi\" (0..1000) where the teacher's "
         "CFG acts; at DMD timesteps outside, the teacher is cond only (a guidance interval, Kynkäänniemi et al. "
         "2024). Default: everywhere.", parse=parse_interval),
@@ -114,6 +118,15 @@ SHARED_KEYS: dict[str, Key] = {key.name: key for key in (
 )}
 """The keys of a few-step student trained at exit steps against the teacher's ODE pairs, by name: each method's
 schema takes the ones it has from here (same name, meaning and default everywhere)."""
+
+def second_scale_warnings(config: dict[str, Any], family_cls: type) -> list[str]:
+    """``real_score_guidance_scale_2`` given for a family whose network has no experts (``expert_guidance`` None):
+    one warning naming the key and the family (the teacher uses ``real_score_guidance_scale`` everywhere)."""
+    if config.get("real_score_guidance_scale_2") is None or getattr(family_cls, "expert_guidance", None) is not None:
+        return []
+    return [f"distillation_config.real_score_guidance_scale_2: has no effect with the family {family_cls.name!r} (one "
+            f"network, no experts switched by timestep); the teacher uses real_score_guidance_scale everywhere"]
+
 
 # The keys that only act in a block-causal (self-forcing) rollout, with their defaults.
 BLOCK_ONLY_KEYS = ("num_frame_per_block", "independent_first_frame", "same_step_across_blocks", "context_noise",
@@ -240,7 +253,8 @@ def load_method_state(checkpoint_dir: Path, method: str, written_by: str, parts:
 
 __all__ = ["BLOCK_ONLY_KEYS", "PSEUDO_HUBER_C", "REGRESSION_METRICS", "SHARED_KEYS", "STATE_FILE", "Weights",
            "draw_block_exits", "draw_exit_index", "exit_regression", "guidance_check", "load_method_state",
-           "parse_interval", "parse_latent_shape", "parse_prompts", "regression_loss", "save_method_state"]
+           "parse_interval", "parse_latent_shape", "parse_prompts", "regression_loss", "save_method_state",
+           "second_scale_warnings"]
 
 
 # --------------------------------------------------------------------------- the few-step student's sampling

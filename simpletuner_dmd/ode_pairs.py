@@ -144,7 +144,11 @@ class ODEPairSpec:
     ``count``: the number of pairs; ``seed``: the noise's seed; ``student_steps``: the student timesteps (0..1000,
     decreasing) whose states are stored; ``teacher_steps``, ``shift``: the teacher's Euler schedule;
     ``guidance_scale``, ``negative_prompt``, ``guidance_interval``: the teacher's CFG (standard form, applied at the
-    timesteps inside the interval; for the key: the caller's ``teacher`` applies it); ``dtype``: the storage dtype (and the teacher's input dtype); ``shard_size``: pairs per shard file.
+    timesteps inside the interval; for the key: the caller's ``teacher`` applies it); ``guidance_scale_2``,
+    ``boundary_ratio``: a family with experts (Wan 2.2 A14B) guided with a second scale where its second expert runs
+    (``t < boundary_ratio · 1000``), both None otherwise and then left out of the key, so the key of a one-scale
+    teacher is what it was before they existed; ``dtype``: the storage dtype (and the teacher's input dtype);
+    ``shard_size``: pairs per shard file.
     """
 
     teacher_id: str
@@ -158,6 +162,8 @@ class ODEPairSpec:
     guidance_scale: float = 1.0
     negative_prompt: str = ""
     guidance_interval: tuple[float, float] = (0.0, 1000.0)
+    guidance_scale_2: float | None = None
+    boundary_ratio: float | None = None
     dtype: str = "float32"
     shard_size: int = 256
 
@@ -168,6 +174,9 @@ class ODEPairSpec:
         object.__setattr__(self, "student_steps", tuple(int(s) for s in self.student_steps))
         object.__setattr__(self, "shift", float(self.shift))
         object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
+        for name in ("guidance_scale_2", "boundary_ratio"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))
         if not self.prompts:
             raise ValueError("ODEPairSpec.prompts: at least one prompt")
         if self.count < 1 or self.shard_size < 1 or not self.shape or min(self.shape) < 1:
@@ -180,6 +189,9 @@ class ODEPairSpec:
         out = asdict(self)
         for name in ("prompts", "shape", "student_steps", "guidance_interval"):
             out[name] = list(out[name])
+        for name in ("guidance_scale_2", "boundary_ratio"):  # one scale: the spec (and its key) as before
+            if out[name] is None:
+                del out[name]
         return out
 
     @property
@@ -343,7 +355,10 @@ def prepare_ode_pairs(spec: ODEPairSpec, teacher: FlowFn, conds: Sequence[Any], 
             if log is not None:
                 done = sum((partial / shard_name(i)).is_file() for i in range(spec.num_shards))
                 log(f"teacher ODE pairs: generating {spec.count} pairs ({spec.teacher_steps} Euler steps, guidance "
-                    f"{spec.guidance_scale:g}) into {final}" + (f" ({done} of {spec.num_shards} shards kept from an "
+                    f"{spec.guidance_scale:g}"
+                    + ("" if spec.guidance_scale_2 is None else f", {spec.guidance_scale_2:g} below boundary_ratio "
+                                                                 f"{spec.boundary_ratio:g}")
+                    + f") into {final}" + (f" ({done} of {spec.num_shards} shards kept from an "
                                                                  f"interrupted run)" if done else ""))
         if action == "reuse" and log is not None:
             log(f"teacher ODE pairs: reusing {final}")

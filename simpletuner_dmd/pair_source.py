@@ -3,7 +3,7 @@
 ``simpletuner_dmd.ode_pairs`` builds, caches and streams the pairs; this is the piece between it and a method's
 hooks, shared by DMD's regression term (``regression_loss_weight``) and the ``ode_init`` method, with the same
 ``distillation_config`` keys in both (``regression_prompts``, ``regression_num_pairs``, ``regression_teacher_steps``,
-``regression_latent_shape``, ``dmd_denoising_steps``, ``real_score_guidance_scale``/``_interval``,
+``regression_latent_shape``, ``dmd_denoising_steps``, ``real_score_guidance_scale``/``_2``/``_interval``,
 ``negative_prompt``), so an ``ode_init`` run and a DMD run with the same keys share one cache.
 
 - ``PairSource.setup(run)`` (in ``distill_setup``: ``encode_prompts`` is valid only then): encodes the prompts, finds
@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import UserError
-from .flow import guided, guided_per_sample
+from .guidance import applies, cfg_combine, teacher_scale
 from .ode_pairs import ODEPairBatch, ODEPairs, ODEPairSpec, ODEPairStream, dtype_name, prepare_ode_pairs
 from .passes import PassCounter
 from .types import RunContext, StepInfo
@@ -43,28 +43,22 @@ def _sharded(module: Any) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def interval_combine(scale: float, interval: tuple[float, float], t: torch.Tensor):
+def interval_combine(scale: float | torch.Tensor, interval: tuple[float, float], t: torch.Tensor):
     """The teacher's CFG for timesteps ``t`` (one per sample): ``u + s·(c − u)`` where t lies inside ``interval``
-    (``real_score_guidance_interval``), cond only outside; None (no uncond pass) when no sample is guided."""
-    if scale in (0.0, 1.0):
-        return None
-    lo, hi = interval
-    if (lo, hi) == (0.0, 1000.0):
-        return lambda c, u: guided(c, u, scale)
-    inside = (t >= lo) & (t <= hi)
-    if not bool(inside.any()):
-        return None
-    per = torch.where(inside, torch.full_like(t, scale, dtype=torch.float32), torch.ones_like(t, dtype=torch.float32))
-    return lambda c, u: guided_per_sample(c, u, per).to(c.dtype)
+    (``real_score_guidance_interval``), cond only outside; ``scale`` one float or one per sample
+    (``guidance.teacher_scale``); None (no uncond pass) when no sample is guided (``guidance.cfg_combine``)."""
+    return cfg_combine(scale, t, tuple(interval))
 
 
-def guided_teacher(nets: Any, scale: float, interval: tuple[float, float]
+def guided_teacher(nets: Any, scale: float, interval: tuple[float, float], scale_2: float | None = None
                    ) -> Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]:
     """The guided teacher's flow (the real score: base, adapters off; its CFG on the negative prompt as one batch),
-    through the bare module: what the pairs are solved with."""
+    through the bare module: what the pairs are solved with. ``scale_2``: the second expert's scale of a family
+    with experts (``real_score_guidance_scale_2``; ``guidance.teacher_scale``)."""
     def flow(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         bare = lambda x_, t_, c_: nets.teacher_flow(x_, t_, c_, bare=True)  # noqa: E731
-        return nets.guided(bare, x, t, cond, interval_combine(scale, tuple(interval), t))
+        per_sample = teacher_scale(nets.family, scale, scale_2, t)
+        return nets.guided(bare, x, t, cond, interval_combine(per_sample, tuple(interval), t))
 
     return flow
 
@@ -130,7 +124,7 @@ class PairSource:
             student_steps=tuple(self.steps), teacher_steps=cfg["regression_teacher_steps"],
             shift=float(run.host_config.get("flow_schedule_shift", 1.0)),
             guidance_scale=cfg["real_score_guidance_scale"], negative_prompt=self.negative_prompt,
-            guidance_interval=tuple(cfg["real_score_guidance_interval"]),
+            guidance_interval=tuple(cfg["real_score_guidance_interval"]), **self._expert_guidance(),
             dtype=dtype_name(dtype), shard_size=max(1, min(256, SHARD_BYTES // per_pair)))
         counted, self.nets.passes = self.nets.passes, PassCounter()
         try:
@@ -140,6 +134,14 @@ class PairSource:
                                      device=self.accelerator.device)
         finally:
             self.nets.passes = counted
+
+    def _expert_guidance(self) -> dict[str, float]:
+        """The second expert's scale and where the experts switch, for the pairs' key, when a second scale applies
+        (``guidance.applies``); nothing otherwise, so a one-scale run keeps the key (and the cache) it had."""
+        scale, scale_2 = self.cfg["real_score_guidance_scale"], self.cfg.get("real_score_guidance_scale_2")
+        if not applies(self.family, scale, scale_2):
+            return {}
+        return {"guidance_scale_2": float(scale_2), "boundary_ratio": float(self.family.boundary_ratio)}
 
     def take(self, step: StepInfo, latents: torch.Tensor) -> tuple[ODEPairBatch, Any]:
         """The next ``len(latents)`` pairs (on ``latents``' device) and their conditions as one batch."""

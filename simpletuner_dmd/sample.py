@@ -151,6 +151,8 @@ def sample(request: SampleRequest, *, log=print) -> list[Path]:
         raise UserError(f"sample: cannot load the base pipeline {request.base}: {str(exc).splitlines()[0]}") from None
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    if info.get("boundary_ratio") is not None:  # a family with experts: the switch the student was trained with
+        pipe.register_to_config(boundary_ratio=float(info["boundary_ratio"]))
     teacher_scheduler = pipe.scheduler
     load_into_pipeline(_family_of(info), pipe, lora_folder, adapter_name="student")
     scheduler_dir = request.student / "scheduler"

@@ -138,7 +138,8 @@ class Sampler(Protocol):
 
     ``noise``: the starting latents ``(B, …)`` in the family's layout; ``cond``: the batch's condition (B rows);
     ``uncond``: the negative prompt's condition with *one* row (the sampler repeats it with
-    ``family.repeat_condition``), or None; ``guidance_scale``: standard CFG ``u + s·(c − u)``, 0 or 1 meaning cond only;
+    ``family.repeat_condition``), or None; ``guidance_scale``: standard CFG ``u + s·(c − u)``, 0 or 1 meaning cond only
+    (a family with experts' Euler sampler also takes a pair ``(scale, scale_2)``: each expert at its own);
     ``generator``: the CPU generator for any fresh noise the sampler draws (None: the global RNG). Returns the final
     latents, under no_grad.
     """

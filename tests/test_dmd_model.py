@@ -116,6 +116,30 @@ def test_gan_generator_turn_leaves_no_gradient_on_the_fake_score_or_the_classifi
     assert all(not torch.equal(head[n], p) for n, p in run.method.gan_head.named_parameters())  # the critic trains D
 
 
+def test_gan_term_is_off_before_gan_start_step(tiny_wan):
+    # Before gan_start_step the step is DMD alone: no GAN part in the student's loss, the classifier neither sees
+    # the real batch nor moves; from that step on both run.
+    run = build(tiny_wan, dmd={"gan_loss_weight": 1.0, "gan_start_step": 3})
+    head = {n: p.detach().clone() for n, p in run.method.gan_head.named_parameters()}
+    for step in (0, 2):
+        result = run.method.distill_loss(batch=batch(), step=step_info(step), host_loss=host_loss)
+        assert "gan_generator_loss" not in result.logs and "dmd_loss" in result.logs
+        result.loss.backward()
+        run.method.distill_after_optimizer_step(step=step_info(step))
+        assert not {"gan_classifier_loss", "gan_real_prob"} & run.method.distill_metrics(step=step_info(step)).keys()
+        assert all(torch.equal(head[n], p) for n, p in run.method.gan_head.named_parameters())
+    result = run.method.distill_loss(batch=batch(), step=step_info(3), host_loss=host_loss)
+    assert "gan_generator_loss" in result.logs
+    result.loss.backward()
+    run.method.distill_after_optimizer_step(step=step_info(3))
+    assert "gan_classifier_loss" in run.method.distill_metrics(step=step_info(3))
+    assert all(not torch.equal(head[n], p) for n, p in run.method.gan_head.named_parameters())
+    assert DMD.config_warnings({**DMD.schema.defaults(), "gan_start_step": 3}, type(run.family), {}) == [
+        "distillation_config.gan_start_step: 3 has no effect while gan_loss_weight is 0 (the GAN term is off)"]
+    assert DMD.config_warnings({**DMD.schema.defaults(), "gan_start_step": 3, "gan_loss_weight": 0.1},
+                               type(run.family), {}) == []
+
+
 def test_gan_head_travels_with_the_fake_score_in_checkpoints(tiny_wan, tmp_path):
     run = build(tiny_wan, dmd={"gan_loss_weight": 1.0})
     result = run.method.distill_loss(batch=batch(), step=step_info(), host_loss=host_loss)

@@ -122,7 +122,8 @@ def test_wan22_trains_checkpoints_resumes_exports_and_samples_in_the_stock_pipel
                   pretrained_t5_model_name_or_path=str(tiny_experts), checkpoint_step_interval=1,
                   validation_step_interval=0, base_model_precision="no_change", mixed_precision="no",
                   optimizer="adamw", use_ema=True, ema_update_interval=1, ema_validation="comparison",
-                  validation_guidance=1.0, validation_seed=7, learning_rate=1e-2, lr_warmup_steps=0)
+                  validation_guidance=1.0, validation_seed=7, learning_rate=1e-2, lr_warmup_steps=0,
+                  boundary_ratio=0.7)  # the host's override: 757 now runs the high-noise expert (0.875: the low)
     out = T.train(job(max_train_steps=1, **common))
     assert (out / "checkpoint-1").is_dir() and "family: wan2.2" in capsys.readouterr().out
     out = T.train(job(max_train_steps=2, **common))
@@ -137,11 +138,17 @@ def test_wan22_trains_checkpoints_resumes_exports_and_samples_in_the_stock_pipel
     card = (out / "README.md").read_text()
     assert "load_into_transformer_2=True" in card and "high_noise" in card
 
-    # the stock pipeline with both experts' LoRAs and the saved scheduler reproduces the validation sample (the
-    # schedule 1000, 757, 522 crosses the boundary at 875: the first step runs transformer, the others transformer_2)
+    # the stock pipeline with both experts' LoRAs, the saved scheduler and the run's boundary (the card's line)
+    # reproduces the validation sample (the schedule 1000, 757, 522 crosses the boundary at 700: the first two steps
+    # run transformer, the last transformer_2); at the folder's own 0.875 it does not
     expected = load_file(str(out / "validation" / "step-2" / "validation" / "student" / "latents.safetensors"))
+    assert info["boundary_ratio"] == 0.7 and "pipe.register_to_config(boundary_ratio=0.7)" in card
     pipe = WanPipeline.from_pretrained(str(tiny_experts))
     WanExpertsFamily().load_lora_into_pipeline(pipe, out, adapter_name="student")
+    folder_boundary = stock_student_latents(pipe, out, info["validation_prompt"], 7, width=32, height=32,
+                                            num_frames=5)
+    assert not torch.allclose(folder_boundary, expected["latents"], rtol=1e-3, atol=1e-3)
+    pipe.register_to_config(boundary_ratio=0.7)
     latents = stock_student_latents(pipe, out, info["validation_prompt"], 7, width=32, height=32, num_frames=5)
     torch.testing.assert_close(latents, expected["latents"], rtol=1e-4, atol=1e-4)
 

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..flow import T_MAX, euler_step, guided, shift_sigma
+from ..flow import T_MAX, euler_step, shift_sigma
+from ..guidance import cfg_combine, teacher_scale
 from ..networks import guided_batch
 
 
@@ -57,17 +58,18 @@ def lora_metadata(peft_config: Any) -> dict[str, Any]:
 def euler_sampler(family: Any, network: torch.nn.Module, *, steps: int, shift: float):
     """The host's default sampler (the teacher's): Euler on the flow ODE over ``steps`` σs of the shifted uniform grid
     from 1 to 0, standard CFG ``u + s·(c − u)`` with cond and uncond in one batch; calls go through
-    ``family.predict_flow``."""
+    ``family.predict_flow``. ``guidance_scale`` may be a pair ``(scale, scale_2)`` for a family with experts: each
+    step at its expert's scale (``guidance.teacher_scale``, as ``WanPipeline``'s ``guidance_scale_2``)."""
     def flow(x, t, cond):
         return family.predict_flow(network, x, t, cond).float()
 
     def sample(noise, cond, uncond, guidance_scale, generator):
+        scale, scale_2 = guidance_scale if isinstance(guidance_scale, tuple) else (guidance_scale, None)
         sigmas = shift_sigma(torch.linspace(1.0, 0.0, steps + 1), shift).tolist()
         x = noise
-        use_cfg = uncond is not None and guidance_scale not in (0.0, 1.0)
-        combine = (lambda c, u: guided(c, u, guidance_scale)) if use_cfg else None
         for s, s_next in zip(sigmas[:-1], sigmas[1:]):
             t = torch.full((x.shape[0],), s * T_MAX, device=x.device)
+            combine = None if uncond is None else cfg_combine(teacher_scale(family, scale, scale_2, t), t)
             v = guided_batch(family, flow, x, t, cond, uncond, combine)
             x = euler_step(x, v, s, s_next).to(noise.dtype)
         return x

@@ -127,13 +127,37 @@ class WanExpertsFamily(WanFamily):
                   "model and the `low_noise` file on the low-noise model; switch models at the first σ below "
                   "boundary_ratio (the σ list above says which steps fall on each side).",)
 
+    boundary_override: float | None = None  # the host's boundary_ratio (configure), else the model's
+
+    def configure(self, host: dict) -> None:
+        """The reference host's ``boundary_ratio`` (None: the model's ``model_index.json``)."""
+        self.boundary_override = host.get("boundary_ratio")
+
     def load_network(self, model_path: str, *, dtype: torch.dtype) -> WanExperts:
+        """Both experts, switched at the host's ``boundary_ratio`` when given, else at the model's; the family
+        keeps the ratio (``boundary_ratio``) for the teacher's guidance per expert and the model card."""
         from diffusers import WanTransformer3DModel
 
-        ratio = boundary_ratio(model_path)
+        ratio = boundary_ratio(model_path) if self.boundary_override is None else float(self.boundary_override)
         high = load_part(WanTransformer3DModel, model_path, "transformer", dtype, "Wan 2.2 A14B pipeline")
         low = load_part(WanTransformer3DModel, model_path, "transformer_2", dtype, "Wan 2.2 A14B pipeline")
+        self.boundary_ratio = ratio
         return WanExperts.of(high, low, ratio)
+
+    def expert_guidance(self, scale: float, scale_2: float, t: torch.Tensor) -> torch.Tensor:
+        """Each sample's CFG scale: ``scale`` where ``transformer`` (high noise) runs, ``t >= boundary_ratio · 1000``
+        (``WanExperts``' rule), ``scale_2`` where ``transformer_2`` runs (``WanPipeline``'s ``guidance_scale`` and
+        ``guidance_scale_2``)."""
+        if self.boundary_ratio is None:
+            raise RuntimeError("wan2.2: expert_guidance before load_network read the experts' boundary_ratio")
+        high = t >= float(self.boundary_ratio) * 1000.0
+        return torch.where(high, torch.full_like(t, scale, dtype=torch.float32),
+                           torch.full_like(t, scale_2, dtype=torch.float32))
+
+    def pipeline_setup_code(self) -> list[str]:
+        """The model card's line that gives the stock ``WanPipeline`` the boundary the student was trained with."""
+        return [f"pipe.register_to_config(boundary_ratio={self.boundary_ratio!r})  # where the experts switch, as "
+                f"in training"]
 
     @staticmethod
     def config_problems(host: dict) -> list[str]:

@@ -136,7 +136,9 @@ $max_sequence_length""")
 STEPS_ARGS = Template("""\
     num_inference_steps=$steps,
     guidance_scale=1.0,
-""")
+$guidance_2""")
+# A family with experts (its ``expert_guidance``): the stock pipeline's second expert's scale, off too.
+GUIDANCE_2 = "    guidance_scale_2=1.0,\n"
 MAX_SEQUENCE_LENGTH = Template("    max_sequence_length=$length,\n")
 # An image-to-video family's first frame (the family's ``clip_condition``), named like the run's validation_image.
 FIRST_FRAME_ARG = Template("    image=load_image($image_json),\n")

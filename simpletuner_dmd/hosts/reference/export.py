@@ -105,6 +105,8 @@ def _write_export(job: Any, export: Export, stage: Path, notes: list[str]) -> No
     if host.get("teacher_loras"):  # the student runs on the user's model: with their LoRAs, or combined/ alone
         info.update(teacher_loras=host["teacher_loras"],
                     combined_lora=COMBINED if host["model_type"] == "lora" else None)
+    if family.boundary_ratio is not None:  # a family with experts: where they switched in training (`sample` sets it)
+        info["boundary_ratio"] = family.boundary_ratio
     stream = streaming_info(family, export)
     if stream is not None:  # a block-causal student: `sample` streams it; a stock pipeline would run it wrongly
         info["streaming"] = stream
@@ -253,19 +255,23 @@ def _streaming(family: Any, export: Export, base: str, prompt: str) -> str:
 
 
 def _diffusers(host: dict, family: Any, scheduler: Any, base: str, prompt: str) -> str:
-    """The stock pipeline's code: load the student (and the scheduler), then one call."""
+    """The stock pipeline's code: load the student (and the scheduler), set the pipeline up as the run had it (the
+    family's ``pipeline_setup_code``: Wan 2.2 A14B's boundary), then one call (with the second expert's guidance
+    off too, for a family with experts)."""
     w, h = host["validation_resolution"]
     args = card.CALL_ARGS.substitute(
         prompt_json=json.dumps(prompt), width=w, height=h,
         steps_args="" if scheduler is None else card.STEPS_ARGS.substitute(
-            steps=len(scheduler.config.few_step_timesteps)),
+            steps=len(scheduler.config.few_step_timesteps),
+            guidance_2=card.GUIDANCE_2 if family.expert_guidance is not None else ""),
         max_sequence_length=card.MAX_SEQUENCE_LENGTH.substitute(length=host["tokenizer_max_length"])
         if host.get("tokenizer_max_length") else "")  # a base trained with shorter prompts must be run with them
     if family.clip_condition is not None:  # image-to-video: the first frame the validation samples continued
         image = Path(host.get("validation_image") or "first_frame.png").name
         args = card.FIRST_FRAME_ARG.substitute(image_json=json.dumps(image)) + args
     return card.DIFFUSERS.substitute(
-        pipeline_class=family.pipeline_class, base_json=json.dumps(base), loading="\n".join(loading_code(family)),
+        pipeline_class=family.pipeline_class, base_json=json.dumps(base),
+        loading="\n".join(loading_code(family) + (family.pipeline_setup_code() if family.pipeline_setup_code else [])),
         scheduler_import=("" if scheduler is None else card.SCHEDULER_IMPORT)
         + (card.FIRST_FRAME_IMPORT if family.clip_condition is not None else ""),
         scheduler_load="" if scheduler is None else card.SCHEDULER_LOAD,

@@ -182,6 +182,11 @@ HOST_SCHEMA = Schema(
         Key("validation_teacher_guidance", "float", None, "CFG scale of the teacher's reference samples (standard "
             "form); default: validation_guidance. Set it to the guidance the student was distilled toward.",
             check=_guidance_check, nullable=True),
+        Key("validation_teacher_guidance_2", "float", None, "A family with experts (wan2.2): the teacher's reference "
+            "samples' CFG scale where the second (low-noise) expert runs (WanPipeline's guidance_scale_2); "
+            "validation_teacher_guidance is then the first expert's. Default: validation_teacher_guidance on both. "
+            "Set them to real_score_guidance_scale and real_score_guidance_scale_2.", check=_guidance_check,
+            nullable=True),
         Key("validation_fd_features", "str", None, "A feature folder (features.json + features.safetensors; "
             "make-example writes work/digits-fd): the run ends with the Fréchet distance of the student's and every "
             "teacher column's samples to the real data in that feature space, printed and in output_dir/fd.json.",
@@ -224,6 +229,10 @@ HOST_SCHEMA = Schema(
             "max_train_steps (true) or stop at whichever ends first (false)."),
         Key("caption_dropout_probability", "float", 0.0, "Drop captions in the host's own loss (not in DMD).",
             check=in_range(0, 1)),
+        Key("boundary_ratio", "float", None, "A family with experts (wan2.2): where they switch, as WanPipeline's "
+            "config names it (t >= boundary_ratio·1000 runs the high-noise expert); published: 0.875 T2V, 0.9 I2V. "
+            "Default: the model's model_index.json.", check=in_range(0, 1, lo_open=True, hi_open=True),
+            nullable=True),
         Key("flow_schedule_shift", "float", 3.0, "Timestep shift of the host's flow-matching loss and default "
             "sampler.", check=in_range(0, lo_open=True)),
         Key("resolution", "int", 480, "Default dataset resolution (pixels).", check=in_range(16)),

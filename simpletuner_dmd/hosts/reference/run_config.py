@@ -73,6 +73,7 @@ def validate_config(raw: Any, pm: Any, *, path: Path | None = None, check_paths:
 
     if family_cls is not None and not host_problems:
         problems += family_key_problems(host, family_cls)
+        warnings += family_key_warnings(host, family_cls)
     if not host_problems:
         missing = check_available(host["optimizer"])
         if missing:
@@ -144,6 +145,15 @@ def family_key_problems(host: dict, family_cls: type) -> list[str]:
     problems += teacher_lora_part_problems(host["teacher_loras"], family_cls)
     problems += list(family_cls.config_problems(host))  # what else the family cannot run (Wan 2.2: model_type full)
     return problems
+
+
+def family_key_warnings(host: dict, family_cls: type) -> list[str]:
+    """The host keys of a family with experts (``FamilyBase.expert_guidance``: Wan 2.2 A14B) set for a family
+    without: one warning each, naming the key and the family (they have no effect)."""
+    if family_cls.expert_guidance is not None:
+        return []
+    return [f"config.{name}: has no effect with the {family_cls.name} family (one network, no experts switched by "
+            f"timestep)" for name in ("boundary_ratio", "validation_teacher_guidance_2") if host.get(name) is not None]
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -224,5 +234,6 @@ def backend_file_problems(path: str, family_cls: type | None = None) -> list[str
     return []
 
 
-__all__ = ["RunConfig", "backend_file_problems", "check_host_paths", "family_key_problems", "host_key_warnings",
+__all__ = ["RunConfig", "backend_file_problems", "check_host_paths", "family_key_problems", "family_key_warnings",
+           "host_key_warnings",
            "load_config", "validate_config", "writable_folder_problem"]

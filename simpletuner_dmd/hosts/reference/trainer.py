@@ -201,6 +201,8 @@ def set_up(rc: RunConfig, pm, notify: Notifier) -> Run:
     # per-process noise, the same within a context-parallel group; draws that must agree use StepInfo.generator
     set_seed(seed + spread.data_parallel_rank)
     family = rc.family_cls(autocast_dtype=None if weight_dtype == torch.float32 else weight_dtype)
+    if family.configure is not None:  # the family's own host keys (Wan 2.2 A14B: boundary_ratio), before it loads
+        family.configure(host)
 
     # Before anything loads, so a damaged checkpoint named by the user costs no model loading. The main process
     # resolves (it may clean up a crashed save's temporary folder, checks files against the manifest) and tells the

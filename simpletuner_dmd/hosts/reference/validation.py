@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ...adapters import AdapterSwitch
 from ...atomic import write_file
+from ...guidance import applies
 from .fd import load_feature_space
 
 
@@ -53,6 +54,9 @@ class Validator:
                               else {f"teacher-{n}": n for n in counts})
         guidance = host.get("validation_teacher_guidance")
         self.teacher_guidance = host["validation_guidance"] if guidance is None else guidance
+        guidance_2 = host.get("validation_teacher_guidance_2")
+        if applies(family, self.teacher_guidance, guidance_2):  # a family with experts: one scale each, as the
+            self.teacher_guidance = (self.teacher_guidance, guidance_2)  # stock pipeline's guidance_scale(_2)
         self.teacher_pixels: dict[str, dict[str, torch.Tensor]] = {}  # prompt → teacher variant → (3, F, H, W)
         self.sheets: list[tuple[int, Path]] = []  # (step, sheet.png) of every round so far
 

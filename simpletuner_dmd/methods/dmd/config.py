@@ -25,6 +25,7 @@ DMD_SCHEMA = Schema(
         Key("generator_update_interval", "int", 1,
             "Update the student every N optimizer steps; the fake score updates every step.", check=in_range(1)),
         K["real_score_guidance_scale"],
+        K["real_score_guidance_scale_2"],
         K["real_score_guidance_interval"],
         Key("fake_score_lr", "float", 1e-5, "Fake score AdamW learning rate.", check=in_range(0, lo_open=True)),
         Key("fake_score_weight_decay", "float", 0.01, "Fake score AdamW weight decay.", check=in_range(0)),
@@ -63,6 +64,10 @@ DMD_SCHEMA = Schema(
             "the host's real batches and a family that names its features). 0: off.", check=in_range(0)),
         Key("gan_classifier_loss_weight", "float", 1e-2, "Weight of the classifier's loss, softplus(D(fake)) + "
             "softplus(-D(real)), in the fake score's loss (when gan_loss_weight > 0).", check=in_range(0)),
+        Key("gan_start_step", "int", 0, "Optimizer step from which the GAN term runs (when gan_loss_weight > 0): "
+            "before it neither the classifier trains nor the student's term is added, so the run is DMD alone, as "
+            "DMD2's best ImageNet student resumed a DMD-only run with the term. 0: from the start.",
+            check=in_range(0)),
         Key("sft_loss_weight", "float", 0.0, "Weight of the host's own denoising loss added to dmd_loss (DMD "
             "proper: 0).", check=in_range(0)),
         Key("regression_loss_weight", "float", 0.0, "DMD v1's regression term: weight of metric(x̂0 of the student "

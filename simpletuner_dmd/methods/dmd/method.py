@@ -8,7 +8,7 @@ One optimizer step:
     accumulation applies), its own clip and AdamW step.
 With ``gan_loss_weight`` > 0 (DMD2's GAN term, ``gan.py``) the generator's loss gains ``softplus(−D(x̂0_gen))`` and the
 critic's turn trains the classifier ``D`` on the fake score's features of the stashed sample and of the batch's real
-latents, noised alike, in one batched forward.
+latents, noised alike, in one batched forward; both from ``gan_start_step`` on (before it the step is DMD alone).
 With ``regression_loss_weight`` > 0 (DMD v1's regression term) the generator's loss gains
 ``weight · metric(G(x_{t_k}, t_k), x0)`` on the teacher's ODE pairs (``simpletuner_dmd.ode_pairs``): the guided
 teacher's Euler solution ``x0`` from noise and its ODE state ``x_{t_k}`` at a student step, generated once and cached.
@@ -33,13 +33,14 @@ from ...networks import Networks
 from ...optimizers import adamw
 from ...passes import PassCounter
 from ...pair_source import PairSource, guided_teacher, interval_combine
+from ...guidance import teacher_scale
 from ...types import Batch, RunContext, StepInfo, StepLoss
 from .gan import GANHead, captured_output, classifier_loss, generator_loss
 from .loss import critic_flow_loss, dmd_gradient, dmd_loss, dmd_timestep_bounds, sample_dmd_timesteps
 from .config import DMD_SCHEMA, block_key_warnings
 from ...fewstep_sampling import block_calls
 from ...method_toolkit import (FewStepStudent, Weights, draw_block_exits, draw_exit_index, exit_regression,
-                               load_method_state, save_method_state)
+                               load_method_state, save_method_state, second_scale_warnings)
 from .rollout import Rollout, backward_simulation, block_backward_simulation
 
 FAKE_ADAPTER = "fake_score"
@@ -73,7 +74,7 @@ class DMD(FewStepStudent, MethodBase):
 
     @staticmethod
     def config_warnings(config: dict[str, Any], family_cls: type, host: dict[str, Any]) -> list[str]:
-        out = block_key_warnings(config, family_cls.causal, family_cls.name)
+        out = block_key_warnings(config, family_cls.causal, family_cls.name) + second_scale_warnings(config, family_cls)
         steps = len(config["dmd_denoising_steps"])
         student_lr = host.get("learning_rate")
         if student_lr and config["fake_score_lr"] < student_lr:
@@ -83,6 +84,9 @@ class DMD(FewStepStudent, MethodBase):
                 f"collapsed the student onto 1-2 of 8 modes (recall 0.12), and on the digits (case B) the quickstart's "
                 f"settings drifted away from the guided teacher (final FD 1.73x its best); use fake_score_lr >= "
                 f"learning_rate, with generator_update_interval 5 as DMD2 does")
+        if config["gan_start_step"] > 0 and config["gan_loss_weight"] == 0:
+            out.append(f"distillation_config.gan_start_step: {config['gan_start_step']} has no effect while "
+                       f"gan_loss_weight is 0 (the GAN term is off)")
         if "validation_num_inference_steps" in host and host["validation_num_inference_steps"] != steps:
             out.append(f"validation_num_inference_steps: DMD samples with its {steps} dmd_denoising_steps; the value "
                        f"{host['validation_num_inference_steps']} applies to the teacher's reference sample only")
@@ -133,7 +137,9 @@ class DMD(FewStepStudent, MethodBase):
             "passes_per_step": {
                 "student_forward": forwards + regression / interval, "student_backward": (1 + regression) / interval,
                 "teacher_forward": 1 / interval,
-                "teacher_forward_samples": (2 if config["real_score_guidance_scale"] > 1 else 1) / interval,
+                "teacher_forward_samples": (2 if max(config["real_score_guidance_scale"],
+                                                     config["real_score_guidance_scale_2"] or 0.0) > 1 else 1)
+                / interval,
                 "fake_score_forward": 1 + 1 / interval, "fake_score_backward": 1.0,
             },
         }
@@ -216,7 +222,8 @@ class DMD(FewStepStudent, MethodBase):
         self.uncond = self.nets.uncond  # encoded once; the text encoder may be freed after setup
         self.pair_source: PairSource | None = None
         if cfg["regression_loss_weight"] > 0:
-            teacher = guided_teacher(self.nets, cfg["real_score_guidance_scale"], self._real_interval)
+            teacher = guided_teacher(self.nets, cfg["real_score_guidance_scale"], self._real_interval,
+                                     cfg["real_score_guidance_scale_2"])
             self.pair_source = PairSource(cfg, steps=self.steps, nets=self.nets, family=self.family,
                                           accelerator=self.accelerator, teacher_flow=teacher,
                                           negative_prompt=self.negative_prompt,
@@ -284,8 +291,11 @@ class DMD(FewStepStudent, MethodBase):
 
     def _real_combine(self, t: torch.Tensor):
         """The teacher's CFG for timesteps ``t`` (``pair_source.interval_combine``: inside
-        ``real_score_guidance_interval`` only)."""
-        return interval_combine(self.cfg["real_score_guidance_scale"], self._real_interval, t)
+        ``real_score_guidance_interval`` only), each sample at its expert's scale where the family has experts and
+        ``real_score_guidance_scale_2`` is given (``guidance.teacher_scale``)."""
+        scale = teacher_scale(self.family, self.cfg["real_score_guidance_scale"],
+                              self.cfg["real_score_guidance_scale_2"], t)
+        return interval_combine(scale, self._real_interval, t)
 
     def _fake_flow(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, *, module=None) -> torch.Tensor:
         if module is None and self.fake_type != "lora":
@@ -331,6 +341,11 @@ class DMD(FewStepStudent, MethodBase):
     def is_generator_step(self, step: StepInfo) -> bool:
         return step.global_step % self.cfg["generator_update_interval"] == 0
 
+    def gan_active(self, step: StepInfo) -> bool:
+        """Whether this step runs the GAN term: ``gan_loss_weight`` > 0 and the step at or past ``gan_start_step``
+        (before it the classifier sees nothing and the student's loss has no GAN part)."""
+        return self.gan_head is not None and step.global_step >= self.cfg["gan_start_step"]
+
     @hookimpl
     def distill_loss(self, batch: Batch, step: StepInfo, host_loss) -> StepLoss:
         cfg = self.cfg
@@ -350,7 +365,7 @@ class DMD(FewStepStudent, MethodBase):
             k = draw_exit_index(len(self.steps), last_step_only=cfg["last_step_only"], generator=step.generator)
             noise = torch.randn_like(latents)
             roll = backward_simulation(self._student_x0(batch.cond), noise, self.steps, k, with_grad=generator_turn)
-        real = latents if self.gan_head is not None else None
+        real = latents if self.gan_active(step) else None
         self._pending.append(_Stash(roll.x0.detach(), batch.cond, real, roll.denoised_from, roll.denoised_to))
         logs = {"dmd_exit_index": float(k)}
         if not generator_turn:
@@ -374,7 +389,7 @@ class DMD(FewStepStudent, MethodBase):
             dmd_timestep=float(t.mean()),
             dmd_teacher_fake_gap=float((x0_fake - x0_real).abs().mean()),
         )
-        if self.gan_head is not None:
+        if self.gan_active(step):
             gan_grad, gan_loss = self._gan_generator_grad(x0_gen, noise_t, t, batch.cond)
             loss = loss + (x0_gen.float() * gan_grad.float()).sum()  # its gradient w.r.t. x̂0_gen is gan_grad
             logs["gan_generator_loss"] = gan_loss
@@ -414,7 +429,7 @@ class DMD(FewStepStudent, MethodBase):
                     t = self._draw_t(x0.shape[0], item.denoised_from, item.denoised_to, x0.device)
                     noise = torch.randn_like(x0)
                     x_t = add_noise(x0, noise, t)
-                    if self.gan_head is None:
+                    if item.real is None:  # no GAN term (off, or before gan_start_step)
                         flow = self._fake_flow(x_t, t, item.cond)
                         critic_loss = critic_flow_loss(flow, x0, noise)
                     else:  # generated and real, noised alike, in one batch: one forward (one DDP reduction)

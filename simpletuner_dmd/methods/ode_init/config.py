@@ -8,7 +8,8 @@ from ...config import Schema
 from ...method_toolkit import BLOCK_ONLY_KEYS, SHARED_KEYS  # noqa: F401 — the keys that act only block-causally
 
 SHARED_WITH_DMD = (
-    "dmd_denoising_steps", "real_score_guidance_scale", "real_score_guidance_interval", "negative_prompt",
+    "dmd_denoising_steps", "real_score_guidance_scale", "real_score_guidance_scale_2", "real_score_guidance_interval",
+    "negative_prompt",
     "regression_metric", "regression_num_pairs", "regression_teacher_steps", "regression_prompts",
     "regression_latent_shape",
     "num_frame_per_block", "independent_first_frame", "same_step_across_blocks", "last_step_only", "context_noise",

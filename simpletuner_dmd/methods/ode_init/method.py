@@ -39,7 +39,7 @@ from ...pair_source import PairSource, guided_teacher
 from ...types import Batch, RunContext, StepInfo, StepLoss
 # the same draws and regression as DMD's rollout and regression term
 from ...method_toolkit import (FewStepStudent, draw_block_exits, exit_regression, load_method_state, regression_loss,
-                               save_method_state)
+                               save_method_state, second_scale_warnings)
 from .config import BLOCK_ONLY_KEYS, ODE_INIT_SCHEMA
 
 
@@ -52,11 +52,12 @@ class ODEInit(FewStepStudent, MethodBase):
 
     @staticmethod
     def config_warnings(config: dict[str, Any], family_cls: type, host: dict[str, Any]) -> list[str]:
+        out = second_scale_warnings(config, family_cls)
         if family_cls.causal:
-            return []
+            return out
         defaults = ODE_INIT_SCHEMA.defaults()
-        return [f"distillation_config.{name}: has no effect with the bidirectional family {family_cls.name!r} (the "
-                f"whole clip is one block)" for name in BLOCK_ONLY_KEYS if config[name] != defaults[name]]
+        return out + [f"distillation_config.{name}: has no effect with the bidirectional family {family_cls.name!r} "
+                      f"(the whole clip is one block)" for name in BLOCK_ONLY_KEYS if config[name] != defaults[name]]
 
     @staticmethod
     def memory_plan(config: dict[str, Any], host: dict[str, Any], layout: dict[str, Any] | None = None
@@ -84,7 +85,8 @@ class ODEInit(FewStepStudent, MethodBase):
         self.nets = Networks(run, self.passes, negative_prompt=cfg["negative_prompt"], method_name=self.name)
         self.run, self.family, self.accelerator, self.student = run, run.family, run.accelerator, run.student
         self.causal = bool(run.family.causal)
-        teacher = guided_teacher(self.nets, cfg["real_score_guidance_scale"], cfg["real_score_guidance_interval"])
+        teacher = guided_teacher(self.nets, cfg["real_score_guidance_scale"], cfg["real_score_guidance_interval"],
+                                 cfg["real_score_guidance_scale_2"])
         self.pair_source = PairSource(cfg, steps=self.steps, nets=self.nets, family=self.family,
                                       accelerator=self.accelerator, teacher_flow=teacher,
                                       negative_prompt=self.nets.negative_prompt, what="ode_init")
