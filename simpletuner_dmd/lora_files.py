@@ -37,6 +37,14 @@ def load_into_pipeline(family: Any, pipe: Any, folder: Path, *, adapter_name: st
         pipe.load_lora_weights(str(folder), adapter_name=adapter_name)
 
 
+def load_user_lora(pipe: Any, entry: dict, *, adapter_name: str) -> None:
+    """One of a run's ``teacher_loras`` entries (``{"path", "scale", "into"}``) into a stock pipeline under
+    ``adapter_name``; a part other than ``transformer`` goes through diffusers' ``load_into_<part>`` (Wan 2.2's
+    ``load_into_transformer_2``). The caller weights it with ``set_adapters`` at the entry's scale."""
+    into = {} if entry["into"] == "transformer" else {f"load_into_{entry['into']}": True}
+    pipe.load_lora_weights(str(entry["path"]), adapter_name=adapter_name, **into)
+
+
 def loading_code(family: Any) -> list[str]:
     """The model card's lines that load the student into ``pipe``."""
     own = None if family is None else family.lora_loading_code  # None: the one-file default
@@ -45,4 +53,4 @@ def loading_code(family: Any) -> list[str]:
     return [f'pipe.load_lora_weights("path/to/this/folder")  # {MAIN_FILE}']
 
 
-__all__ = ["MAIN_FILE", "load_into_pipeline", "loading_code", "read_lora"]
+__all__ = ["MAIN_FILE", "load_into_pipeline", "load_user_lora", "loading_code", "read_lora"]

@@ -6,7 +6,8 @@ It loads the base pipeline folder (or a hub id where a hub is reachable), puts t
 written as PNG frames, a GIF and (for videos) an mp4 under ``OUT/<prompt name>/seed-<seed>/student/``. With
 ``--teacher-steps N`` the base pipeline without the LoRA, at its own scheduler, ``N`` steps and
 ``--teacher-guidance``, samples the same noise beside it (``…/teacher/``), and each prompt gets ``sheet.png``:
-one row per seed, teacher | student, first frames.
+one row per seed, teacher | student, first frames. A student distilled from the user's own LoRAs (the run's
+``teacher_loras``) samples as its ``combined/`` LoRA on the stock base, and its teacher is the base with those LoRAs.
 
 The fresh noise a few-step scheduler draws comes from ``scheduler.generator``, seeded per sample, so a seed gives
 the same sample on every run (and the same as the reference host's validation for its seed).
@@ -29,7 +30,7 @@ from typing import Any
 
 from .atomic import write_file
 from .errors import UserError
-from .lora_files import load_into_pipeline
+from .lora_files import load_into_pipeline, load_user_lora
 from .plugins import get_plugin_manager, registered_families
 
 STUDENT_FILE = "simpletuner_dmd.json"  # written by the reference host's export: what `sample` reads by default
@@ -154,7 +155,15 @@ def sample(request: SampleRequest, *, log=print) -> list[Path]:
     if info.get("boundary_ratio") is not None:  # a family with experts: the switch the student was trained with
         pipe.register_to_config(boundary_ratio=float(info["boundary_ratio"]))
     teacher_scheduler = pipe.scheduler
+    # A student distilled from the user's own LoRAs (teacher_loras) runs as combined/ (their LoRAs and the student in
+    # one) on the stock base; its teacher is the base with their LoRAs at their scales.
+    user_loras = info.get("teacher_loras") or []
+    if user_loras:
+        lora_folder = lora_folder / info["combined_lora"]
     load_into_pipeline(_family_of(info), pipe, lora_folder, adapter_name="student")
+    teacher_adapters = [f"teacher_{i}" for i in range(len(user_loras))]
+    for name, entry in zip(teacher_adapters, user_loras):
+        load_user_lora(pipe, entry, adapter_name=name)
     scheduler_dir = request.student / "scheduler"
     student_kwargs: dict[str, Any] = {}
     student_scheduler = teacher_scheduler
@@ -178,12 +187,18 @@ def sample(request: SampleRequest, *, log=print) -> list[Path]:
         generator = torch.Generator().manual_seed(seed)
         if teacher:
             pipe.scheduler = teacher_scheduler
-            pipe.disable_lora()
+            if teacher_adapters:
+                pipe.enable_lora()
+                pipe.set_adapters(teacher_adapters, adapter_weights=[entry["scale"] for entry in user_loras])
+            else:
+                pipe.disable_lora()
             kwargs = {"num_inference_steps": request.teacher_steps, "guidance_scale": request.teacher_guidance,
                       "negative_prompt": request.negative_prompt or None}
         else:
             pipe.scheduler = student_scheduler
             pipe.enable_lora()
+            if teacher_adapters:
+                pipe.set_adapters(["student"])
             kwargs = dict(student_kwargs)
         if hasattr(pipe.scheduler, "generator"):
             pipe.scheduler.generator = generator  # the starting noise first, then each re-noise, as validation does

@@ -22,13 +22,14 @@ USER_TARGETS = ["to_q", "to_k", "ffn.net.0.proj", "ffn.net.2"]
 
 
 def _user_lora(folder: Path, model: Path, *, rank=4, alpha=2.0, seed=0, targets=USER_TARGETS, network=None,
-               subfolder: str | None = None) -> dict[str, Path]:
-    """A random user LoRA for the tiny Wan transformer in ``folder``: ``diffusers`` (``save_lora``, rank and alpha in
-    its metadata) and ``original`` (the ComfyUI layout, alpha keys) files of the same weights."""
+               std: float = 0.2, family=None) -> dict[str, Path]:
+    """A random user LoRA for the tiny model's transformer (Wan unless ``family``) in ``folder``: ``diffusers``
+    (``save_lora``, rank and alpha in its metadata) and ``original`` (the family's original layout) files of the same
+    weights."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    family = WanFamily()
+    family = family or WanFamily()
     if network is None:
         network = family.load_network(str(model), dtype=torch.float32)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
@@ -36,7 +37,7 @@ def _user_lora(folder: Path, model: Path, *, rank=4, alpha=2.0, seed=0, targets=
     g = torch.Generator().manual_seed(seed)
     for name, p in network.named_parameters():
         if ".lora_" in name:
-            p.data = torch.randn(p.shape, generator=g) * 0.2
+            p.data = torch.randn(p.shape, generator=g) * std
     state = get_peft_model_state_dict(network, adapter_name="user")
     folder.mkdir(parents=True, exist_ok=True)
     family.save_lora(state, folder, config)
@@ -76,6 +77,53 @@ def test_the_merged_base_is_stock_diffusers_base_plus_the_lora(user_lora, tiny_w
     got = _call(merged)
     assert not torch.allclose(expected, base, atol=1e-3)  # the LoRA changes the teacher
     assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "original"])
+def test_sd3_merges_as_stock_diffusers_fuses(tmp_path, layout):
+    """SD3 (another family, another pipeline class): the merged weights are diffusers' own fuse of the LoRA."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from simpletuner_dmd.families.sd3 import SD3Family
+
+    family = SD3Family()
+    model = SD3Family.make_tiny(tmp_path / "tiny-sd3")
+    user = _user_lora(tmp_path / "user", model, family=family, targets=["to_q", "add_k_proj", "ff.net.0.proj"])
+    merged = family.load_network(str(model), dtype=torch.float32)
+    merge_teacher_loras(merged, family, [{"path": str(user[layout]), "scale": 0.6, "into": "transformer"}])
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(model))
+    stock = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    pipe.load_lora_weights(str(user["diffusers"]), adapter_name="user")
+    pipe.fuse_lora(lora_scale=0.6, adapter_names=["user"])
+    pipe.unload_lora_weights()
+    fused = pipe.transformer.state_dict()
+    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, stock[k])]
+    assert changed and all(".to_q." in k or ".add_k_proj." in k or ".ff.net.0.proj." in k for k in changed)
+    assert all(torch.allclose(merged.state_dict()[k], fused[k], atol=1e-6, rtol=0) for k in stock)
+
+
+def test_the_merge_comes_before_the_int8_quantization(tiny_wan, user_lora):
+    """``build_models`` quantizes the base that ``frozen_base`` merged (int8 of the merged weight, not of the base)."""
+    from types import SimpleNamespace
+
+    from simpletuner_dmd.hosts.reference.trainer import build_models, frozen_base
+
+    family = WanFamily()
+    host = {"pretrained_model_name_or_path": str(tiny_wan), "quantize_via": "cpu", "model_type": "lora",
+            "base_model_precision": "int8-quanto", "lora_rank": 4, "lora_alpha": 4, "lora_dropout": 0.0,
+            "init_lora": None, "gradient_checkpointing": False,
+            "teacher_loras": [{"path": str(user_lora["diffusers"]), "scale": 1.0, "into": "transformer"}]}
+    models = build_models(host, family, SimpleNamespace(device=torch.device("cpu")),
+                          new_network=lambda: frozen_base(host, family, torch.float32), distilling=True)
+    plain = family.load_network(str(tiny_wan), dtype=torch.float32)
+    merged = frozen_base(host, family, torch.float32)
+    name = "blocks.0.ffn.net.0.proj"  # a module the user's LoRA touches and the student's does not
+    quantized = models.network.get_submodule(name)
+    assert type(quantized).__module__.startswith("optimum.quanto")
+    weight = quantized.qweight.dequantize() if hasattr(quantized, "qweight") else quantized.weight.dequantize()
+    to_merged = (weight - merged.get_submodule(name).weight).abs().max()
+    to_plain = (weight - plain.get_submodule(name).weight).abs().max()
+    assert to_merged < to_plain / 4, (to_merged, to_plain)
 
 
 def test_a_lora_that_does_not_fit_is_one_line_naming_its_first_key(tmp_path, user_lora, tiny_wan):
@@ -171,10 +219,12 @@ def test_wan22_takes_a_lora_per_expert(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_wan, tiny_dataset, user_lora):
+def trained(tmp_path_factory, tiny_wan, tiny_dataset):
+    """A 2-step DMD run whose teacher is the tiny Wan with a strong user LoRA (original layout) at scale 0.8."""
     from tests.test_using_the_student import EXACT, _train
 
     root = tmp_path_factory.mktemp("teacher-loras")
+    user_lora = _user_lora(root / "user-lora", tiny_wan, std=0.6, seed=1)
     entries = [{"path": str(user_lora["original"]), "scale": 0.8}]
     out, config = _train(root, tiny_wan, tiny_dataset, use_ema=False, disable_benchmark=True, lora_rank=8,
                          lora_alpha=4, learning_rate=1e-2, lr_warmup_steps=0, teacher_loras=entries, **EXACT)
@@ -239,3 +289,21 @@ def test_the_combined_lora_in_the_original_layout_loads_with_the_same_outputs(tr
     info = json.loads((out / "simpletuner_dmd.json").read_text())
     assert info["teacher_loras"] == config["teacher_loras"] or info["teacher_loras"][0]["scale"] == 0.8
     assert info["combined_lora"] == "combined"
+
+
+def test_sample_runs_the_combined_lora_and_the_teacher_with_the_users_lora(trained, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from simpletuner_dmd.sample import SampleRequest, sample
+
+    out, config = trained
+    sample(SampleRequest(base=config["pretrained_model_name_or_path"], student=out, out=tmp_path / "samples",
+                         prompts={"p": config["validation_prompt"]}, seeds=[config["validation_seed"]],
+                         teacher_steps=2, teacher_guidance=1.0), log=lambda line: None)
+    folder = tmp_path / "samples" / "p" / f"seed-{config['validation_seed']}"
+    validation = out / "validation" / "step-2" / "validation" / "student"
+    frames = lambda f: np.stack([np.asarray(Image.open(p).convert("RGB"), dtype=np.int16)
+                                 for p in sorted(f.glob("frame-*.png"))])
+    assert np.abs(frames(folder / "student") - frames(validation)).max() <= 1  # the validation sample, on the stock base
+    assert (tmp_path / "samples" / "p" / "sheet.png").is_file() and len(list((folder / "teacher").glob("frame-*")))
