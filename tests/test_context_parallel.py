@@ -9,6 +9,8 @@ processes (gloo, through ``accelerate launch``; diffusers' Ulysses with ``cpu_sh
 - Resume: the context-parallel run's checkpoint resumed on 1 process (one data-parallel group is one process's
   computation) gives the uninterrupted context-parallel run's next checkpoint within the same tolerance (every tensor
   file, process 0's random state included; the counters exactly).
+- Two groups (opt-in, ``SIMPLETUNER_DMD_FOUR_PROCESSES=1``: 4 processes): ``context_parallel_size: 2`` on 4
+  processes equals 2 DDP processes (group g against process g), within the same tolerance.
 - Refusals: ``validate-config`` refuses, one line each, a family without a ``_cp_plan`` (by name), a full student,
   DMD2's GAN term and a full fake score, DCM, a degree that does not divide the heads or the validation sample's
   tokens; the trainer refuses a process count the degree does not divide.
@@ -43,8 +45,8 @@ COMMON = {"base_model_precision": "no_change", "max_train_steps": 3, "gradient_a
           "resume_from_checkpoint": "latest"}
 
 
-def _launch(config: Path, witness: Path) -> str:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+def _launch(config: Path, witness: Path, processes: int = 2) -> str:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            str(HERE / "multiprocess" / "cp_job.py"), str(config), str(witness)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -167,6 +169,35 @@ def test_a_context_parallel_checkpoint_resumes_on_one_process(cp_run, tiny_wan, 
     for name in ("trainer_state.json", "dmd/state.json"):
         assert (folder / "out" / "checkpoint-3" / name).read_text() == (
             root / "cp-resumed" / "out" / "checkpoint-3" / name).read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("SIMPLETUNER_DMD_FOUR_PROCESSES") != "1",
+                    reason="4 processes on this CI's 2 cores take about 90 s: set SIMPLETUNER_DMD_FOUR_PROCESSES=1")
+def test_two_context_parallel_groups_equal_two_ddp_processes(tmp_path, tiny_wan, tiny_dataset):
+    # 4 processes in 2 groups of 2: group g takes DDP process g's batches and random streams, and the adapters'
+    # gradients (summed over a group, averaged over the groups) are DDP's mean over its 2 processes
+    _launch(_config(tmp_path, tiny_wan, tiny_dataset, "ddp", **COMMON), tmp_path / "ddp" / "witness")
+    logs = _launch(_config(tmp_path, tiny_wan, tiny_dataset, "cp", context_parallel_size=2, **COMMON),
+                   tmp_path / "cp" / "witness", processes=4)
+    assert "2 data-parallel group(s)" in logs
+    worst = 0.0
+    for rank in range(4):
+        a, b = _record(tmp_path / "cp" / "witness", rank), _record(tmp_path / "ddp" / "witness", rank // 2)
+        assert len(a["losses"]) == len(b["losses"]) and len(a["metrics"]) == len(b["metrics"])
+        for x, y in zip(a["losses"] + a["metrics"], b["losses"] + b["metrics"]):
+            for key in x:
+                if key in ("step", "micro") or key.startswith("passes/") or x[key] is None or y[key] is None:
+                    assert x[key] == y[key], (rank, key)
+                else:
+                    assert abs(x[key] - y[key]) <= ATOL + RTOL * abs(y[key]), (rank, key, x[key], y[key])
+                    worst = max(worst, abs(x[key] - y[key]))
+        wa = load_file(str(tmp_path / "cp" / "witness" / f"weights-rank{rank}.safetensors"))
+        wb = load_file(str(tmp_path / "ddp" / "witness" / f"weights-rank{rank // 2}.safetensors"))
+        for name in wb:
+            assert torch.allclose(wa[name], wb[name], atol=ATOL, rtol=RTOL), name
+            worst = max(worst, float((wa[name] - wb[name]).abs().max()))
+    print(f"2 context-parallel groups of 2 vs 2 DDP processes, largest difference: {worst:.3g}")
 
 
 # --------------------------------------------------------------------------- refusals
