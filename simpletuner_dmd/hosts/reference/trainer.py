@@ -302,7 +302,8 @@ def set_up(rc: RunConfig, pm, notify: Notifier) -> Run:
     # validation runs on the main process alone: it calls the bare module, never the (DDP) wrapper
     validate = Validator(host=host, family=family, components=components, models=models, pm=pm,
                          distilling=method is not None, ema=ema, prompt_conds=prompt_conds, negative_cond=negative_cond,
-                         accelerator=accelerator, out=out, seed=seed, every_process=sharding(host, accelerator) or split)
+                         accelerator=accelerator, out=out, seed=seed, every_process=sharding(host, accelerator) or split,
+                         warn=lambda message: log(f"warning: {message}"))
     guard = NonFiniteGuard("student", host["nonfinite_skip_limit"])
     progress = tqdm(total=max_steps, initial=state["global_step"], desc="training",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)

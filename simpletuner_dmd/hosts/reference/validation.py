@@ -7,7 +7,10 @@ The teacher's reference samples (Euler, the base with its adapters off; one per 
 default ``validation_num_inference_steps``, at ``validation_teacher_guidance``) are made once, at the first validation
 of a distillation run, and kept. Every round also writes a comparison sheet, ``step-N/sheet.png`` (rows: the
 prompts, same seed; columns: the teacher's samples, then the student's), and ``validation/sheets.gif``, one frame per
-round so far: the student's column changing along training beside the fixed teacher. With
+round so far: the student's column changing along training beside the fixed teacher. Every round also feeds the
+same decoded samples to the drift signal (``simpletuner_dmd.drift``): each student column's pixel statistics against
+the first teacher column's (``validation_teacher_steps``' first count), logged to the trackers as ``drift/...``, a
+warning line when one leaves its band, and ``validation/drift.{png,json,csv}``. With
 ``validation_fd_features`` the run ends with ``fd_report``: the Fréchet distance of every column to the real data.
 Validation runs on the main process alone and calls the bare module, never the (DDP) wrapper; with a sharded base
 (``fsdp_enable``, ``every_process``) every process runs the same sampler calls, since each call gathers the base
@@ -17,6 +20,7 @@ from all of them, and the main process alone decodes, writes and logs.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ...adapters import AdapterSwitch
 from ...atomic import write_file
+from ...drift import DriftMonitor
 from ...guidance import applies
 from .fd import load_feature_space
 
@@ -37,7 +42,7 @@ class Validator:
 
     def __init__(self, *, host: dict, family: Any, components: Any, models: Any, pm: Any, distilling: bool, ema: Any,
                  prompt_conds: dict[str, Any], negative_cond: Any, accelerator: Any, out: Path, seed: int,
-                 every_process: bool = False):
+                 every_process: bool = False, warn: Callable[[str], None] = print):
         self.host, self.family, self.components, self.models = host, family, components, models
         self.every_process = every_process  # a sharded base: every process samples, the main one writes
         self.pm, self.ema, self.accelerator, self.out = pm, ema, accelerator, out
@@ -59,6 +64,8 @@ class Validator:
             self.teacher_guidance = (self.teacher_guidance, guidance_2)  # stock pipeline's guidance_scale(_2)
         self.teacher_pixels: dict[str, dict[str, torch.Tensor]] = {}  # prompt → teacher variant → (3, F, H, W)
         self.sheets: list[tuple[int, Path]] = []  # (step, sheet.png) of every round so far
+        # without a teacher (plain fine-tuning) the drift's reference is the first round's samples
+        self.drift = DriftMonitor(out / "validation", warn=warn)
 
     def __call__(self, step: int) -> Path | None:
         """The folder the samples went to (None on the other processes, or with no validation prompt)."""
@@ -96,7 +103,22 @@ class Validator:
         if sheet is not None:
             images["validation/sheet"] = sheet
         log_media(self.accelerator, images, step)
+        self._drift(step, cells)
         return folder
+
+    def _drift(self, step: int, cells: dict[str, dict[str, torch.Tensor]]) -> None:
+        """The round's samples (one per prompt, ``(3, F, H, W)``) to the drift monitor: the first teacher column
+        is the reference (set once), every other column that has all prompts is a sample set; the values go to the
+        trackers under ``drift/``."""
+        teacher = next(iter(self.teacher_steps))
+        if self.drift.reference is None and all(teacher in row for row in cells.values()):
+            self.drift.set_reference(torch.stack([row[teacher] for row in cells.values()]),
+                                     label=self._column_label(teacher))
+        variants = [v for v in dict.fromkeys(v for row in cells.values() for v in row)
+                    if v not in self.teacher_steps and all(v in row for row in cells.values())]
+        if variants:
+            values = self.drift.observe(step, {v: torch.stack([row[v] for row in cells.values()]) for v in variants})
+            self.accelerator.log(values, step=step)
 
     def _column_label(self, variant: str) -> str:
         if variant in self.teacher_steps:
