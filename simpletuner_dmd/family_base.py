@@ -30,8 +30,8 @@ class FamilyBase:
     context_parallel: bool = False
     """True when the family's network is one diffusers model whose class ships a ``_cp_plan`` and whose attention
     processors take diffusers' context-parallel config, so the reference host's ``context_parallel_size`` can split
-    one sample's tokens over processes (``hosts/reference/context_parallel.py``; Wan 2.1 T2V). False: such a config
-    is refused at ``validate-config`` by the family's name."""
+    one sample's tokens over processes (``hosts/reference/context_parallel.py``; ``wan``, ``wan-i2v``,
+    ``wan2.2-ti2v``). False: such a config is refused at ``validate-config`` by the family's name."""
 
     size_multiple: int = 1
     """Pixel widths and heights are multiples of it (``LoadingFamily`` requires it of a family the reference host

@@ -9,6 +9,9 @@ processes (gloo, through ``accelerate launch``; diffusers' Ulysses with ``cpu_sh
 - Resume: the context-parallel run's checkpoint resumed on 1 process (one data-parallel group is one process's
   computation) gives the uninterrupted context-parallel run's next checkpoint within the same tolerance (every tensor
   file, process 0's random state included; the counters exactly).
+- Each family's network (``wan``, ``wan-i2v``, ``wan2.2-ti2v``; 2 processes through ``torch.distributed.run``): one
+  call through the family's ``predict_flow`` with every parameter trainable gives the unsplit output (measured
+  difference 0) and, summed over the processes, the unsplit gradients (relative difference below 2e-7).
 - Two groups (opt-in, ``SIMPLETUNER_DMD_FOUR_PROCESSES=1``: 4 processes): ``context_parallel_size: 2`` on 4
   processes equals 2 DDP processes (group g against process g), within the same tolerance.
 - Refusals: ``validate-config`` refuses, one line each, a family without a ``_cp_plan`` (by name), a full student,
@@ -198,6 +201,24 @@ def test_two_context_parallel_groups_equal_two_ddp_processes(tmp_path, tiny_wan,
             assert torch.allclose(wa[name], wb[name], atol=ATOL, rtol=RTOL), name
             worst = max(worst, float((wa[name] - wb[name]).abs().max()))
     print(f"2 context-parallel groups of 2 vs 2 DDP processes, largest difference: {worst:.3g}")
+
+
+@pytest.mark.slow
+def test_each_wan_familys_network_call_split_equals_unsplit(tmp_path):
+    # one call through the family's predict_flow, every parameter trainable: the split network's output equals the
+    # unsplit one's, and its gradients summed over the 2 processes (ReplicatedAdapters) equal the unsplit ones
+    out = tmp_path / "network.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           str(HERE / "multiprocess" / "cp_network.py"), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    report = json.loads(out.read_text())
+    assert set(report) == {"wan", "wan-i2v", "wan2.2-ti2v"}
+    for family, r in report.items():
+        assert r["split"] and r["parameters"] > 60, (family, r)
+        assert r["output"] <= ATOL and r["gradient"] <= RTOL, (family, r)  # gradient: relative to the largest
+    print("split vs unsplit network call:", report)
 
 
 # --------------------------------------------------------------------------- refusals

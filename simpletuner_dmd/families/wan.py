@@ -67,7 +67,7 @@ class WanFamily(FamilyBase):
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
     frame_stride = 4  # the VAE compresses time 4x: clips of 1 + 4k frames become 1 + k latent frames
     size_multiple = 16  # the VAE downsamples 8x and the transformer patches 2x2 latents
-    context_parallel = True  # WanTransformer3DModel ships a _cp_plan (tests/test_context_parallel.py runs it split)
+    context_parallel = True  # WanTransformer3DModel ships a _cp_plan (tests/test_context_parallel.py runs DMD split)
     max_sequence_length = 512
 
     def __init__(self, *, autocast_dtype: torch.dtype | None = None):

@@ -90,7 +90,7 @@ class WanI2VFamily(WanFamily):
     name = "wan-i2v"
     summary = "Wan 2.1 I2V (WanImageToVideoPipeline): the first frame's latents and CLIP embedding as the condition"
     causal = False
-    context_parallel = False  # not run split yet (its network has Wan's _cp_plan; no test covers the image tokens)
+    context_parallel = True  # Wan's _cp_plan (tests/test_context_parallel.py: its network call split = unsplit)
     pipeline_class = "WanImageToVideoPipeline"
     published_configs = PUBLISHED_CONFIGS
 

@@ -40,7 +40,7 @@ class WanTI2VFamily(WanFamily):
     name = "wan2.2-ti2v"
     summary = "Wan 2.2 TI2V-5B as text-to-video: the 48-channel 16x VAE, per-token timesteps"
     causal = False
-    context_parallel = False  # not run split yet (its per-token timesteps are in Wan's _cp_plan; no test covers it)
+    context_parallel = True  # Wan's _cp_plan (tests/test_context_parallel.py: its network call split = unsplit)
     size_multiple = 32  # the VAE's 16x and the transformer's 2x2 patch
     vae_spatial = 16
     published_configs = PUBLISHED_CONFIGS

@@ -113,7 +113,8 @@ HOST_SCHEMA = Schema(
         Key("context_parallel_size", "int", 1, "Split one sample's latent tokens over this many processes of "
             "`accelerate launch` (Ulysses, diffusers' context parallelism): the student, teacher and fake-score "
             "passes and their backward; with fsdp_enable or without. It must divide the process count, the attention "
-            "heads and the tokens; LoRA student; families with a diffusers _cp_plan (wan). 1: off.",
+            "heads and the tokens; LoRA student; families with a diffusers _cp_plan (wan, wan-i2v, wan2.2-ti2v). "
+            "1: off.",
             check=in_range(1)),
         Key("mixed_precision", "str", "no", "bf16/fp16 on a GPU; CPU runs fp32.", choices=("no", "bf16", "fp16")),
         Key("attention_mechanism", "str", "diffusers", "Only diffusers' default attention is used.",
