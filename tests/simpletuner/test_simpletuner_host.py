@@ -112,6 +112,13 @@ def test_dmd_through_simpletuner_train_checkpoints_validates_and_resumes(job):
         samples = [p for p in out.rglob("*") if p.suffix in (".png", ".mp4", ".gif") and "validation" in str(p).lower()]
         assert samples, f"SimpleTuner saved no validation sample under {out}"
         _assert_ema_validated(text)
+        # the drift signal on SimpleTuner's own samples: every round against the first one, in its tracker
+        drift = json.loads((out / "validation_images" / "drift.json").read_text())
+        steps = [r["step"] for r in drift["rounds"]]
+        assert steps[-1] == 3 and drift["reference"]["label"] == f"samples at step {steps[0]}", steps
+        assert (out / "validation_images" / "drift.png").is_file()
+        logged = _scalars(out, "drift/samples/brightness")
+        assert logged and logged[3] == pytest.approx(drift["rounds"][-1]["values"]["samples"]["brightness"])
     print(f"simpletuner train ({VERSION}), DMD, 3 steps{' with validation' if V4 else ''}: {seconds:.0f} s")
 
     # resume from checkpoint-2 and train to step 4: the fake score's state is restored, its counters continue

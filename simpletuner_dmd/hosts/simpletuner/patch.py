@@ -34,6 +34,9 @@ SimpleTuner:
    only.
 7. **Checks before anything loads** (``preflight.py``): ``Trainer.parse_arguments`` is followed by the plugin's checks
    of the parsed config, so a mistake stops the training process before a model loads.
+8. **The drift signal** (``validation_drift.py``): each validation round's raw samples, collected from
+   ``Validation.evaluate_images``, go to a ``DriftMonitor`` after ``Validation._log_validations_to_trackers``: the
+   values to SimpleTuner's trackers, a warning line on drift, ``drift.{png,json,csv}`` in ``validation_images/``.
 
 The critic-only steps (the student takes no step) are handled in ``distiller.py`` with a torch optimizer pre-step hook:
 SimpleTuner's loop offers no way to skip its optimizer's step.
@@ -44,6 +47,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from . import validation_drift
 from .preflight import check_parsed_config, extend_method_choices
 from .shared import HOST_PARAMETERS_ATTR, MARK, NEGATIVE_EMBEDS_ATTR, is_main_process, log, served_name
 
@@ -71,6 +75,7 @@ def install(served: list[str] | None = None) -> list[str]:
     _encode_negative_before_unload(served)
     _ema_swaps_the_student_only()
     _check_config_after_parsing(served)
+    validation_drift.install(served)
     return served
 
 

@@ -2,6 +2,7 @@
 process rank. It imports nothing of the bridge, so the bridge's modules import one way::
 
     shared <- distiller <- preflight <- patch <- autoload <- launcher
+    shared <- validation_drift <- patch
 
 Nothing here imports SimpleTuner or torch.
 """
