@@ -133,18 +133,18 @@ def test_without_a_reference_the_first_round_is_the_reference(tmp_path):
 
 
 def test_the_reference_hosts_validation_logs_the_drift_and_draws_its_plot(job):
-    """A short run: every validation round (the baseline, steps 1 and 2) is in drift.json against the teacher's
+    """A one-step run: both validation rounds (the baseline and step 1) are in drift.json against the teacher's
     sample, its values reach the tracker (tensorboard) under drift/, and the plot and the CSV are written."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from simpletuner_dmd.hosts.reference.trainer import train
 
-    out = train(job(max_train_steps=2, validation_step_interval=1, checkpoint_step_interval=0,
+    out = train(job(max_train_steps=1, validation_step_interval=1, checkpoint_step_interval=0,
                     report_to="tensorboard"))
     folder = out / "validation"
     report = json.loads((folder / "drift.json").read_text())
     assert report["reference"]["label"] == "teacher 3 steps"  # validation_num_inference_steps 3, no teacher steps key
-    assert [r["step"] for r in report["rounds"]] == [0, 1, 2]
+    assert [r["step"] for r in report["rounds"]] == [0, 1]
     assert all(set(r["values"]) == {"ema"} for r in report["rounds"])  # ema_validation ema_only
     stats = report["rounds"][-1]["values"]["ema"]
     assert {"brightness", "mean_r", "std_b", "saturation", "frame_change"} <= set(stats)  # a 5-frame video
@@ -160,3 +160,35 @@ def test_the_reference_hosts_validation_logs_the_drift_and_draws_its_plot(job):
             logged = {e.step: e.value for e in acc.Scalars("drift/ema/brightness")}
     assert "drift/teacher_3_steps/brightness" in tags
     assert logged == {r["step"]: pytest.approx(r["values"]["ema"]["brightness"]) for r in report["rounds"]}
+
+
+def test_the_bridge_turns_simpletuners_media_into_frames_and_observes_each_round(tmp_path, monkeypatch):
+    """SimpleTuner's validation media (PIL images, or a list of PIL frames per video; sizes may differ) become one
+    (B, 3, F, H, W) batch, and each round goes to one monitor whose reference is the first round."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from simpletuner_dmd.hosts.simpletuner.validation_drift import media_to_frames, observe_round
+
+    grey, white = Image.new("RGB", (32, 16), (128, 128, 128)), Image.new("RGB", (64, 32), (255, 255, 255))
+    frames = media_to_frames([grey, white])
+    assert frames.shape == (2, 3, 1, 16, 32) and frames[1].min() == 1.0
+    video = media_to_frames([[grey, white, grey], [white, white]])
+    assert video.shape == (2, 3, 2, 16, 32)  # cut to the fewest frames
+
+    logged, lines = [], []
+    validation = SimpleNamespace(save_dir=str(tmp_path), global_step=0,
+                                 accelerator=SimpleNamespace(log=lambda values, step: logged.append((step, values))))
+    import simpletuner_dmd.hosts.simpletuner.validation_drift as bridge
+
+    monkeypatch.setattr(bridge, "log", lines.append)  # the bridge's log line, captured
+    observe_round(validation, {"a": [grey], "b": [white]})
+    validation.global_step = 5
+    dark = Image.new("RGB", (32, 16), (40, 40, 40))
+    observe_round(validation, {"a": [dark], "b": [dark]})
+    report = json.loads((tmp_path / "drift.json").read_text())
+    assert report["reference"]["label"] == "samples at step 0" and [r["step"] for r in report["rounds"]] == [0, 5]
+    assert [s for s, _ in logged] == [0, 5] and "drift/samples/brightness" in logged[1][1]
+    assert len(lines) == 1 and lines[0].startswith("warning: drift at step 5, samples against samples at step 0: ")
+    assert "sample_spread" in lines[0] and "brightness" in lines[0]
