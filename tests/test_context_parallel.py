@@ -11,7 +11,8 @@ processes (gloo, through ``accelerate launch``; diffusers' Ulysses with ``cpu_sh
   file, process 0's random state included; the counters exactly).
 - Each family's network (``wan``, ``wan-i2v``, ``wan2.2-ti2v``; 2 processes through ``torch.distributed.run``): one
   call through the family's ``predict_flow`` with every parameter trainable gives the unsplit output (measured
-  difference 0) and, summed over the processes, the unsplit gradients (relative difference below 2e-7).
+  difference 0) and, summed over the processes, the unsplit gradients (relative difference below 2e-7); a sample of 3
+  tokens stops with one line.
 - Two groups (opt-in, ``SIMPLETUNER_DMD_FOUR_PROCESSES=1``: 4 processes): ``context_parallel_size: 2`` on 4
   processes equals 2 DDP processes (group g against process g), within the same tolerance.
 - Refusals: ``validate-config`` refuses, one line each, a family without a ``_cp_plan`` (by name), a full student,
@@ -214,6 +215,8 @@ def test_each_wan_familys_network_call_split_equals_unsplit(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     report = json.loads(out.read_text())
+    refused = report.pop("refused")
+    assert refused.startswith("context_parallel_size 2 must divide the sample's 3 tokens"), refused
     assert set(report) == {"wan", "wan-i2v", "wan2.2-ti2v"}
     for family, r in report.items():
         assert r["split"] and r["parameters"] > 60, (family, r)

@@ -2,7 +2,8 @@
 through the family's ``predict_flow`` with every parameter trainable, split over the 2 processes
 (``context_parallel.enable_context_parallel``, gradients reduced by ``fsdp.ReplicatedAdapters`` with one data-parallel
 group) against the same network unsplit in the same process. Process 0 writes ``{family: {"output": max |Δ|,
-"gradient": max |Δ| / max |g|, "parameters": n}}`` to ``argv[1]``."""
+"gradient": max |Δ| / max |g|, "parameters": n}, "refused": the line a 3-token sample stops with}`` to
+``argv[1]``."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ diffusers_context_parallel_on_cpu()
 import torch
 import torch.distributed as dist
 
+from simpletuner_dmd.errors import UserError
 from simpletuner_dmd.families.wan import WanFamily
 from simpletuner_dmd.families.wan_i2v import WanI2VCondition, WanI2VFamily
 from simpletuner_dmd.families.wan_ti2v import WanTI2VFamily
@@ -78,6 +80,11 @@ def main(out: str) -> None:
             "parameters": len(grads),
             "split": split._parallel_config is not None,
         }
+        if family_cls is WanFamily:  # 1 latent frame of 2x6 is 3 tokens, which 2 processes cannot split evenly
+            try:
+                family.predict_flow(wrapped, torch.randn(1, channels, 1, 2, 6), torch.tensor([500.0]), cond[:1])
+            except UserError as exc:
+                report["refused"] = str(exc)
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(report, f)

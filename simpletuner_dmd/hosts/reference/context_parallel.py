@@ -33,7 +33,6 @@ degree does not divide (one line, before diffusers' assertion).
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,36 +117,35 @@ def enable_context_parallel(network: torch.nn.Module, accelerator: Any, degree: 
     mesh = init_device_mesh(accelerator.device.type, (world // degree, 1, degree),
                             mesh_dim_names=("data", "ring", "ulysses"))
     network.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree, mesh=mesh["ring", "ulysses"]))
-    _check_split_inputs(network, plan, degree)
+    _refuse_uneven_splits(network, degree)
 
 
-def _check_split_inputs(network: torch.nn.Module, plan: dict, degree: int) -> None:
-    """Before each split the plan names (a submodule's input), one user error when the degree does not divide its
-    length (diffusers would stop with a bare assertion)."""
-    from diffusers.models._modeling_parallel import ContextParallelInput
+def _refuse_uneven_splits(network: torch.nn.Module, degree: int) -> None:
+    """Every split the plan makes (diffusers' ``ContextParallelSplitHook``s: inputs such as the first block's hidden
+    states, outputs such as the rotary embedding's) first checks that the degree divides the length it cuts: one user
+    error instead of diffusers' bare assertion."""
+    from diffusers.hooks.context_parallel import ContextParallelSplitHook
 
-    for name, entries in plan.items():
-        if not isinstance(entries, dict):
-            continue
-        module = network.get_submodule(name) if name else network
-        splits = {k: v for k, v in entries.items() if isinstance(k, str) and isinstance(v, ContextParallelInput)
-                  and not v.split_output}
-        if not splits:
-            continue
-        params = list(inspect.signature(type(module).forward).parameters)[1:]  # (diffusers wraps forward)
+    wrapped = 0
+    for name, module in network.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for hook in (registry.hooks.values() if registry is not None else ()):
+            if isinstance(hook, ContextParallelSplitHook):
+                hook._prepare_cp_input = _checked_split(hook._prepare_cp_input, degree, name or "the network")
+                wrapped += 1
+    if not wrapped:
+        raise RuntimeError("enable_parallelism registered no ContextParallelSplitHook: diffusers changed its hooks")
 
-        def check(mod, args, kwargs, splits=splits, params=params, name=name):
-            for arg, spec in splits.items():
-                x = kwargs.get(arg)
-                if x is None and arg in params and params.index(arg) < len(args):
-                    x = args[params.index(arg)]
-                if (isinstance(x, torch.Tensor) and (spec.expected_dims is None or x.dim() == spec.expected_dims)
-                        and x.shape[spec.split_dim] % degree):
-                    raise UserError(f"context_parallel_size {degree} must divide the sample's "
-                                    f"{x.shape[spec.split_dim]:,} tokens ({name or 'the network'}'s {arg}); choose "
-                                    "sizes or frame counts whose latent token count it divides")
 
-        module.register_forward_pre_hook(check, with_kwargs=True)
+def _checked_split(prepare: Any, degree: int, where: str) -> Any:
+    def prepare_cp_input(x: torch.Tensor, cp_input: Any) -> torch.Tensor:
+        if (cp_input.expected_dims is None or x.dim() == cp_input.expected_dims) and x.shape[cp_input.split_dim] % degree:
+            raise UserError(f"context_parallel_size {degree} must divide the sample's {x.shape[cp_input.split_dim]:,} "
+                            f"tokens (split at {where}); choose sizes or frame counts whose latent token count it "
+                            "divides")
+        return prepare(x, cp_input)
+
+    return prepare_cp_input
 
 
 __all__ = ["Layout", "context_parallel_problems", "context_parallel_size", "degree_problems",

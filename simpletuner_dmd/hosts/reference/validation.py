@@ -12,9 +12,10 @@ same decoded samples to the drift signal (``simpletuner_dmd.drift``): each stude
 the first teacher column's (``validation_teacher_steps``' first count), logged to the trackers as ``drift/...``, a
 warning line when one leaves its band, and ``validation/drift.{png,json,csv}``. With
 ``validation_fd_features`` the run ends with ``fd_report``: the Fréchet distance of every column to the real data.
-Validation runs on the main process alone and calls the bare module, never the (DDP) wrapper; with a sharded base
-(``fsdp_enable``, ``every_process``) every process runs the same sampler calls, since each call gathers the base
-from all of them, and the main process alone decodes, writes and logs.
+Validation runs on the main process alone and calls the bare module, never the (DDP) wrapper; with a sharded or
+split base (``fsdp_enable``, ``context_parallel_size``: ``every_process``) every process runs the same sampler calls,
+since each call gathers the base from all of them or splits the sample's tokens over them, and the main process alone
+decodes, writes and logs.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class Validator:
                  prompt_conds: dict[str, Any], negative_cond: Any, accelerator: Any, out: Path, seed: int,
                  every_process: bool = False, warn: Callable[[str], None] = print):
         self.host, self.family, self.components, self.models = host, family, components, models
-        self.every_process = every_process  # a sharded base: every process samples, the main one writes
+        self.every_process = every_process  # a sharded or split base: every process samples, the main writes
         self.pm, self.ema, self.accelerator, self.out = pm, ema, accelerator, out
         self.prompt_conds, self.negative_cond = prompt_conds, negative_cond
         self.seed = host["validation_seed"] if host["validation_seed"] is not None else seed
