@@ -120,6 +120,29 @@ def enable_context_parallel(network: torch.nn.Module, accelerator: Any, degree: 
     _refuse_uneven_splits(network, degree)
 
 
+def parallel_network(network: torch.nn.Module, host: dict[str, Any], accelerator: Any) -> torch.nn.Module | None:
+    """What the training passes call, once every adapter exists (the reference host's ``set_up``; the memory
+    benchmark): with ``context_parallel_size`` C > 1 the tokens split over groups of C processes, with ``fsdp_enable``
+    on several processes the frozen base sharded, and with either the adapters' gradients reduced by
+    ``fsdp.ReplicatedAdapters`` (summed over a group, averaged over the groups). ``None`` when neither applies: the
+    caller prepares the network as usual (accelerate's DDP, or one process)."""
+    from .fsdp import (
+        ReplicatedAdapters,
+        shard_frozen_base,
+        sharding,
+        trainable_parameters,
+    )
+
+    spread = layout(host, accelerator)
+    if spread.context_parallel > 1:
+        enable_context_parallel(network, accelerator, spread.context_parallel)
+    if sharding(host, accelerator):
+        return shard_frozen_base(network, accelerator, spread.data_parallel_size)
+    if spread.context_parallel > 1:
+        return ReplicatedAdapters(network, trainable_parameters(network), spread.data_parallel_size)
+    return None
+
+
 def _refuse_uneven_splits(network: torch.nn.Module, degree: int) -> None:
     """Every split the plan makes (diffusers' ``ContextParallelSplitHook``s: inputs such as the first block's hidden
     states, outputs such as the rotary embedding's) first checks that the degree divides the length it cuts: one user
@@ -149,4 +172,4 @@ def _checked_split(prepare: Any, degree: int, where: str) -> Any:
 
 
 __all__ = ["Layout", "context_parallel_problems", "context_parallel_size", "degree_problems",
-           "enable_context_parallel", "layout"]
+           "enable_context_parallel", "layout", "parallel_network"]

@@ -65,10 +65,10 @@ from ...types import Batch, RunContext, StepInfo, StepLoss, step_generator
 from .backends import load_backend_config
 from .batches import BucketBatchSampler, collate
 from .checkpoint import begin_checkpoint, commit_checkpoint, latest_checkpoint, resolve_resume
-from .context_parallel import enable_context_parallel, layout
+from .context_parallel import layout, parallel_network
 from .ema import EMA
 from .export import Export, export_student
-from .fsdp import ReplicatedAdapters, fsdp_warning, shard_frozen_base, sharding, trainable_parameters
+from .fsdp import fsdp_warning, sharding
 from .latent_cache import build_cache
 from .notify import Notifier
 from .prompt_library import library_prompts
@@ -261,20 +261,18 @@ def set_up(rc: RunConfig, pm, notify: Notifier) -> Run:
     lr_lambda = build_lr_lambda(host["lr_scheduler"], warmup_steps=host["lr_warmup_steps"], total_steps=max_steps,
                                 min_lr_ratio=host["lr_end"] / host["learning_rate"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    split = spread.context_parallel > 1  # context_parallel_size: one sample's tokens split (context_parallel.py)
+    # every adapter exists by now: the base split (context_parallel_size) and/or sharded (fsdp_enable), else DDP
+    split = spread.context_parallel > 1
+    network = parallel_network(models.network, host, accelerator)
+    if network is None:
+        network, optimizer = accelerator.prepare(models.network, optimizer)
+    else:
+        optimizer = accelerator.prepare_optimizer(optimizer)
     if split:
-        enable_context_parallel(models.network, accelerator, spread.context_parallel)
         log(f"context_parallel_size: each sample's tokens split over {spread.context_parallel} processes (Ulysses), "
             f"{spread.data_parallel_size} data-parallel group(s)")
-    if sharding(host, accelerator):  # fsdp_enable: the frozen base sharded (fsdp.py), every adapter exists by now
-        network = shard_frozen_base(models.network, accelerator, spread.data_parallel_size)
-        optimizer = accelerator.prepare_optimizer(optimizer)
+    if sharding(host, accelerator):
         log(f"fsdp_enable: the frozen base sharded over {accelerator.num_processes} processes (FSDP2)")
-    elif split:  # the adapters' gradients summed over each group, averaged over the groups (not DDP's mean)
-        network = ReplicatedAdapters(models.network, trainable_parameters(models.network), spread.data_parallel_size)
-        optimizer = accelerator.prepare_optimizer(optimizer)
-    else:
-        network, optimizer = accelerator.prepare(models.network, optimizer)
     ema = EMA(dict(models.student_params), host["ema_decay"], host["ema_update_interval"]) if host["use_ema"] else None
 
     state = {"global_step": 0, "batches_consumed": 0}
