@@ -282,6 +282,15 @@ def test_the_degree_is_checked_against_the_heads_and_the_tokens(tmp_path, tiny_w
     assert len(lines) == 2 and any("8 latent tokens" in line and "32x32x5" in line for line in lines), lines
 
 
+def test_a_launch_on_one_process_is_refused_before_anything_loads(tmp_path, tiny_wan, tiny_dataset):
+    from simpletuner_dmd.hosts.reference.trainer import train
+
+    config = _config(tmp_path, tiny_wan, tiny_dataset, "one", context_parallel_size=2, **COMMON)
+    with pytest.raises(UserError, match=r"^context_parallel_size 2 must divide the number of processes \(1\)"):
+        train(config)
+    assert not (tmp_path / "cache").exists()  # refused before the data was encoded
+
+
 def test_the_process_count_must_be_a_multiple_of_the_degree():
     accelerator = SimpleNamespace(num_processes=3, process_index=1)
     with pytest.raises(UserError, match=r"context_parallel_size 2 must divide the number of processes \(3\)"):
