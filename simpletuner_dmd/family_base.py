@@ -127,6 +127,11 @@ class FamilyBase:
     ``transformer_2``) → the prefix of that part's modules in the family's network. ``teacher_loras``' ``into`` names
     one (``teacher_loras.py``: the merge and the combined export). Default: one ``transformer``, the network itself."""
 
+    lora_pipeline: Callable[[], Any] | None = None
+    """``lora_pipeline()``: the pipeline class whose ``lora_state_dict`` reads a LoRA file for this family's network
+    (``teacher_loras``: both layouts); the SimpleTuner bridge's family that drives SimpleTuner's model object names the
+    one that object names. ``None``: diffusers' class named ``pipeline_class``."""
+
     read_lora: Callable[[Any], dict] | None = None
     """``read_lora(folder) -> peft state`` for a family whose student LoRA is more than one file (Wan 2.2 A14B: one per
     expert); ``lora_files.read_lora`` calls it (``sample``, resuming). ``None``: ``lora_files``' one-file default."""

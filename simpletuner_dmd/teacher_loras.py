@@ -101,9 +101,25 @@ def teacher_lora_file_problems(entries: list[dict[str, Any]], *, prefix: str = "
 
 
 def _pipeline_class(family: Any) -> Any:
+    """The pipeline class whose ``lora_state_dict`` reads the family's LoRA files: the family's ``lora_pipeline()``,
+    else diffusers' class named ``pipeline_class``."""
+    if family.lora_pipeline is not None:
+        return family.lora_pipeline()
     import diffusers
 
     return getattr(diffusers, family.pipeline_class)
+
+
+def _state_and_metadata(pipeline: Any, path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """``pipeline.lora_state_dict(path)`` and the file's LoRA metadata. Pipelines whose loader returns a file's alphas
+    apart (Flux's ``return_alphas``) get them back into the state as ``<module>.alpha`` keys."""
+    import inspect
+
+    if "return_alphas" not in inspect.signature(pipeline.lora_state_dict).parameters:
+        return pipeline.lora_state_dict(path, return_lora_metadata=True)
+    state, alphas, metadata = pipeline.lora_state_dict(path, return_alphas=True, return_lora_metadata=True)
+    return {**state, **{k if k.endswith(".alpha") else f"{k}.alpha": torch.as_tensor(v)
+                        for k, v in (alphas or {}).items()}}, metadata
 
 
 def _pattern_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any:
@@ -124,7 +140,7 @@ def read_teacher_lora(family: Any, entry: dict[str, Any], *, index: int = 0) -> 
         raise UserError(f"{where}: file not found")
     pipeline = _pipeline_class(family)
     try:
-        state, metadata = pipeline.lora_state_dict(path, return_lora_metadata=True)
+        state, metadata = _state_and_metadata(pipeline, path)
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"{where}: not a LoRA file {family.pipeline_class} can read ({exc})") from exc
     # diffusers names a file's keys by the pipeline's transformer whichever part it goes into (Wan 2.2's second

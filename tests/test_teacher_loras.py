@@ -307,3 +307,30 @@ def test_sample_runs_the_combined_lora_and_the_teacher_with_the_users_lora(train
                                  for p in sorted(f.glob("frame-*.png"))])
     assert np.abs(frames(folder / "student") - frames(validation)).max() <= 1  # the validation sample, on the stock base
     assert (tmp_path / "samples" / "p" / "sheet.png").is_file() and len(list((folder / "teacher").glob("frame-*")))
+
+
+def test_the_tiny_example_trains_a_style_lora_then_distils_the_base_with_it(tmp_path, tiny_wan, tiny_dataset,
+                                                                            monkeypatch):
+    """config_examples/tiny-wan-own-lora as docs/distil-your-own-model.md runs it (2 steps each here): the first
+    config's LoRA is the second's teacher_loras, and the second's export has combined/ beside the student."""
+    import shutil
+
+    from simpletuner_dmd.hosts.reference.trainer import train
+    from tests.conftest import REPO
+
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "tiny-wan").symlink_to(tiny_wan)
+    shutil.copytree(tiny_dataset, tmp_path / "work" / "tiny-dataset")
+    for name in ("tiny-wan-own-lora", "tiny-wan-dmd"):
+        shutil.copytree(REPO / "config_examples" / name, tmp_path / "config_examples" / name)
+    monkeypatch.chdir(tmp_path)
+    example = Path("config_examples/tiny-wan-own-lora")
+    style = train(example / "style-lora.json", overrides={"max_train_steps": 2, "validation_disable": True})
+    assert (style / "pytorch_lora_weights.safetensors").is_file()
+    assert json.loads((example / "config.json").read_text())["teacher_loras"][0]["path"] == str(
+        style / "pytorch_lora_weights.safetensors")
+    out = train(example / "config.json", overrides={"max_train_steps": 2, "validation_disable": True})
+    for file in ("pytorch_lora_weights.safetensors", "combined/pytorch_lora_weights.safetensors",
+                 "ema/combined/pytorch_lora_weights.safetensors"):
+        assert (out / file).is_file(), file
+    assert list((out / "combined").glob("wan_dmd_3step_combined_lora_rank*.safetensors"))

@@ -89,7 +89,7 @@ HOST_SCHEMA = Schema(
             "sharded, so the teacher (and the student's base) is your model: a list of {\"path\": file, \"scale\": "
             "1.0} (a plain path: scale 1.0; \"into\": \"transformer_2\" for Wan 2.2's low-noise expert), each in "
             "the diffusers or the original (ComfyUI) layout. The export adds combined/: one LoRA with yours and the "
-            "student's for the stock base. docs/distil-your-own-model.md.", parse=parse_teacher_loras),
+            "student's for the stock base: [distil-your-own-model.md](distil-your-own-model.md).", parse=parse_teacher_loras),
         Key("lora_dropout", "float", 0.0, "Dropout inside the student's LoRA.", check=in_range(0, 1, hi_open=True)),
         Key("base_model_precision", "str", "no_change", "int8-quanto: quantize the frozen base to int8 "
             "(optimum-quanto).", choices=("no_change", "int8-quanto")),

@@ -8,9 +8,9 @@ What happens, top to bottom (``train``; each step names the function that does i
 2. ``set_up`` (steps 2–5, into one ``Run``): the accelerator and the family; the resume checkpoint, found before
    anything loads. The data: load the family's VAE and text encoder; encode the dataset's media and captions once into
    ``cache_dir`` (``_build_dataset``).
-3. ``set_up``, the student (``build_models``): load the network (the teacher's weights), quantize the frozen base
-   (int8-quanto) if asked, add the student's LoRA adapter (``model_type: lora``) or make every weight trainable with a
-   frozen teacher copy (``model_type: full``).
+3. ``set_up``, the student (``build_models``): load the network (the teacher's weights, with the user's
+   ``teacher_loras`` merged in: ``frozen_base``), quantize the frozen base (int8-quanto) if asked, add the student's
+   LoRA adapter (``model_type: lora``) or make every weight trainable with a frozen teacher copy (``model_type: full``).
 4. ``set_up``, the method: register the selected method's instance and call ``distill_setup`` (DMD adds its
    fake-score adapter and optimizer).
 5. ``set_up``, the optimizer: the student's optimizer and LR schedule, ``accelerator.prepare``, resume

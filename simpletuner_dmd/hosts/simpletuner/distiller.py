@@ -60,6 +60,7 @@ from ...errors import ConfigError, PluginError, UserError
 from ...plugins import get_family_class, get_plugin_manager, registered_families
 from ...processes import from_main
 from ...types import Batch, RunContext, StepInfo, StepLoss, step_generator
+from . import base_loras
 from .shared import HOST_PARAMETERS_ATTR, NEGATIVE_EMBEDS_ATTR, log
 
 STATE_FILE = "simpletuner_dmd_bridge.json"
@@ -70,8 +71,8 @@ def method_config_for(config: Mapping[str, Any], method_name: str, pm, *, family
     """The method and its validated config from SimpleTuner's config (``distillation_config`` as SimpleTuner parsed
     it: a dict, or a string), through the core's ``validate_method_config`` as every host. Raises ``ConfigError``
     with every problem."""
-    selection, problems = validate_method_config(method_name, config.get("distillation_config"), pm,
-                                                 family_cls=family_cls, host=config)
+    _, method_section, _ = base_loras.split(config.get("distillation_config"))  # less the plugin's teacher_loras
+    selection, problems = validate_method_config(method_name, method_section, pm, family_cls=family_cls, host=config)
     if problems:
         raise ConfigError(problems)
     return selection

@@ -256,6 +256,10 @@ class SimpleTunerModelFamily(FamilyBase):
                                    transformer_lora_adapter_metadata=lora_metadata(peft_config))
         return Path(folder) / "pytorch_lora_weights.safetensors"
 
+    def lora_pipeline(self) -> Any:
+        """The pipeline class that reads a LoRA file for the network (``teacher_loras``): the model object's."""
+        return self._pipeline_class()
+
     def _pipeline_class(self) -> Any:
         model = self._bound()
         classes = getattr(model, "PIPELINE_CLASSES", None) or {}

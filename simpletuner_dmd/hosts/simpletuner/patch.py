@@ -37,6 +37,9 @@ SimpleTuner:
 8. **The drift signal** (``validation_drift.py``): each validation round's raw samples, collected from
    ``Validation.evaluate_images``, go to a ``DriftMonitor`` after ``Validation._log_validations_to_trackers``: the
    values to SimpleTuner's trackers, a warning line on drift, ``drift.{png,json,csv}`` in ``validation_images/``.
+9. **The user's own LoRAs** (``base_loras.py``): ``Trainer.init_load_base_model`` is followed by the merge of
+   ``distillation_config``'s ``teacher_loras`` into the loaded network — before ``init_precision`` quantises it and
+   before PEFT adds the student's LoRA — so the teacher is the user's model.
 
 The critic-only steps (the student takes no step) are handled in ``distiller.py`` with a torch optimizer pre-step hook:
 SimpleTuner's loop offers no way to skip its optimizer's step.
@@ -48,6 +51,7 @@ import os
 from typing import Any
 
 from . import validation_drift
+from .base_loras import merge_into_simpletuner_model
 from .preflight import check_parsed_config, extend_method_choices
 from .shared import HOST_PARAMETERS_ATTR, MARK, NEGATIVE_EMBEDS_ATTR, is_main_process, log, served_name
 
@@ -75,6 +79,7 @@ def install(served: list[str] | None = None) -> list[str]:
     _encode_negative_before_unload(served)
     _ema_swaps_the_student_only()
     _check_config_after_parsing(served)
+    _merge_teacher_loras_after_loading(served)
     validation_drift.install(served)
     return served
 
@@ -201,6 +206,33 @@ def _encode_negative_before_unload(served: list[str]) -> None:
 
     setattr(init_unload_text_encoder, MARK, True)
     Trainer.init_unload_text_encoder = init_unload_text_encoder
+
+
+def _merge_teacher_loras_after_loading(served: list[str]) -> None:
+    from simpletuner.helpers.training.trainer import Trainer
+
+    current = Trainer.init_load_base_model
+    if getattr(current, MARK, False):
+        return
+
+    def init_load_base_model(self, *args: Any, **kwargs: Any):
+        result = current(self, *args, **kwargs)
+        if served_name(getattr(self.config, "distillation_method", None), served) is not None:
+            from ...plugins import get_plugin_manager
+            from .distiller import simpletuner_family_class
+
+            config = vars(self.config)
+            family_cls = simpletuner_family_class(get_plugin_manager(), config.get("model_family"),
+                                                  config.get("model_flavour"))
+            merge_into_simpletuner_model(self.model, config, family_cls, log if is_main_process() else _quiet)
+        return result
+
+    setattr(init_load_base_model, MARK, True)
+    Trainer.init_load_base_model = init_load_base_model
+
+
+def _quiet(message: str) -> None:
+    """Drops a log line: every process merges, the main one says so."""
 
 
 def method_parameters(model) -> list:

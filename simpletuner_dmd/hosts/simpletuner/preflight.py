@@ -33,6 +33,7 @@ from typing import Any, Mapping
 
 from ...config import validate_method_config
 from ...errors import ConfigError, UserError, print_user_error
+from . import base_loras
 from .shared import MARK, log, served_name
 
 
@@ -151,8 +152,10 @@ def plugin_problems(config: Mapping[str, Any], method: str, pm) -> tuple[list[st
         family_cls = simpletuner_family_class(pm, config.get("model_family"), config.get("model_flavour"))
     except UserError as exc:
         problems.extend(str(exc).splitlines())
-    selection, method_problems = validate_method_config(method, config.get("distillation_config"), pm,
-                                                        family_cls=family_cls, host=config)
+    problems.extend(base_loras.problems(config, family_cls))  # teacher_loras, the plugin's key beside the method's
+    _, method_section, _ = base_loras.split(config.get("distillation_config"))
+    selection, method_problems = validate_method_config(method, method_section, pm, family_cls=family_cls,
+                                                        host=config)
     problems.extend(method_problems)
     return problems, list(selection.warnings) if selection is not None else []
 

@@ -3,6 +3,7 @@ process rank. It imports nothing of the bridge, so the bridge's modules import o
 
     shared <- distiller <- preflight <- patch <- autoload <- launcher
     shared <- validation_drift <- patch
+    base_loras <- distiller, preflight, patch
 
 Nothing here imports SimpleTuner or torch.
 """

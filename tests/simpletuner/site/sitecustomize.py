@@ -6,7 +6,9 @@ calls the family's ``predict_flow`` on SimpleTuner's trained network with Simple
 and condition (through the family's ``from_simpletuner_batch``), and prints how far that is from the prediction
 SimpleTuner's ``model_predict`` made for the same batch: ``[flow-check] … max_abs_diff=…`` (with ``lora_dropout: 0``).
 With ``SIMPLETUNER_DMD_TEST_VALIDATION_RECORD=DIR`` each validation pipeline call's arguments and output are written
-to ``DIR`` (the stock-pipeline reproductions).
+to ``DIR`` (the stock-pipeline reproductions). With ``SIMPLETUNER_DMD_TEST_BASE_WITNESS=DIR`` the trained
+network's weights after ``init_precision`` (the base as training will use it, before any adapter) go to
+``DIR/base.safetensors``.
 """
 
 import os
@@ -248,3 +250,32 @@ if os.environ.get("SIMPLETUNER_DMD_TEST_FAMILY"):
         _distiller.simpletuner_family_class = chosen
 
     after_apply(install_family_choice)
+
+if os.environ.get("SIMPLETUNER_DMD_TEST_BASE_WITNESS"):
+    # After SimpleTuner's first `init_precision` with a model (the base loaded, quantised when asked, no adapter yet; a
+    # later call, for the EMA, comes after PEFT), the trained network's weights go to DIR/base.safetensors: what the
+    # teacher and the students' base are (teacher_loras).
+    def install_base_witness():
+        from simpletuner.helpers.training.trainer import Trainer
+
+        init_precision = Trainer.init_precision
+        if getattr(init_precision, "_witness", False):
+            return
+
+        def init_precision_then_write(self, *args, **kwargs):
+            result = init_precision(self, *args, **kwargs)
+            folder = Path(os.environ["SIMPLETUNER_DMD_TEST_BASE_WITNESS"])
+            loaded = getattr(self, "model", None) is not None and getattr(self.model, "model", None) is not None
+            if loaded and not (folder / "base.safetensors").exists():  # its first call after the base loaded
+                from safetensors.torch import save_file
+
+                folder.mkdir(parents=True, exist_ok=True)
+                network = self.model.get_trained_component()
+                save_file({n: p.detach().float().cpu().contiguous() for n, p in network.named_parameters()},
+                          str(folder / "base.safetensors"))
+            return result
+
+        init_precision_then_write._witness = True
+        Trainer.init_precision = init_precision_then_write
+
+    after_apply(install_base_witness)
