@@ -147,8 +147,10 @@ class PairSource:
         """The next ``len(latents)`` pairs (on ``latents``' device) and their conditions as one batch."""
         if self.pairs is None:  # a resumed run keeps the shape its first run took from its first batch
             self.pairs = self._prepare(self.shape or tuple(latents.shape[1:]))
-        if self.stream is None:  # a new order after a resume; another on each process
-            seed = (self.run.seed * 1_000_003 + step.global_step) * 64 + self.accelerator.process_index
+        if self.stream is None:  # a new order after a resume; another on each data-parallel process
+            rank = self.run.data_parallel_rank
+            rank = self.accelerator.process_index if rank is None else rank
+            seed = (self.run.seed * 1_000_003 + step.global_step) * 64 + rank
             self.stream = self.pairs.stream(latents.shape[0], seed=seed, device=latents.device)
         pairs = self.stream.take(latents.shape[0])
         cond = self.family.concat_conditions([self.conds[i] for i in pairs.cond_index.tolist()])

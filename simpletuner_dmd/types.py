@@ -116,6 +116,9 @@ class RunContext:
     ``load_base()``: a fresh copy of the base network (for full copies).
     ``teacher``: the separate frozen teacher for ``model_type: full``; None with ``lora``.
     ``seed``: the run seed. ``warn(message)``: the host's way to show a warning.
+    ``data_parallel_rank``: this process's rank among the processes that take different batches and draw different
+    noise (a method's own per-process draws seed from it); the processes that split one sample's tokens (the
+    reference host's ``context_parallel_size``) share it. None: ``accelerator.process_index``.
     """
     host_config: Mapping[str, Any]
     method_config: Mapping[str, Any]
@@ -131,6 +134,7 @@ class RunContext:
     teacher: torch.nn.Module | None = None  # a separate frozen teacher (model_type "full"); None: base, adapters off
     seed: int = 0
     warn: Callable[[str], None] = print
+    data_parallel_rank: int | None = None
 
 
 class Sampler(Protocol):

@@ -5,7 +5,8 @@ processes (gloo, through ``accelerate launch``; diffusers' Ulysses with ``cpu_sh
   teacher and fake-score passes, forward and backward, gradient accumulation 2, gradient checkpointing — gives each
   rank the single-process run's losses, the critic's metrics, the trained adapters (student and fake score) and its
   checkpoints, within 1e-5 absolute + 1e-4 relative (the split changes only the order of the sums: the measured
-  worst difference is printed). The same with ``fsdp_enable`` on the same 2 processes (FSDP2 + context parallelism).
+  worst difference is printed). The same with ``fsdp_enable`` on the same 2 processes (FSDP2 + context parallelism),
+  with DMD v1's regression term on (its ODE pairs made at set-up, drawn by the data-parallel rank).
 - Resume: the context-parallel run's checkpoint resumed on 1 process (one data-parallel group is one process's
   computation) gives the uninterrupted context-parallel run's next checkpoint within the same tolerance (every tensor
   file, process 0's random state included; the counters exactly).
@@ -47,6 +48,11 @@ ATOL, RTOL = 1e-5, 1e-4
 COMMON = {"base_model_precision": "no_change", "max_train_steps": 3, "gradient_accumulation_steps": 2,
           "checkpoint_step_interval": 2, "checkpoints_total_limit": None, "validation_step_interval": 0,
           "resume_from_checkpoint": "latest"}
+# DMD v1's regression term too: the teacher's ODE pairs made at set-up (before the base is split or sharded), and
+# each micro-batch's pairs drawn from a stream seeded by the data-parallel rank (the same on both ranks of a group)
+REGRESSION = {**json.loads((REPO / "config_examples/tiny-wan-dmd/config.json").read_text())["distillation_config"],
+              "regression_loss_weight": 1.0, "regression_latent_shape": [16, 3, 4, 4], "regression_num_pairs": 4,
+              "regression_teacher_steps": 4}
 
 
 def _launch(config: Path, witness: Path, processes: int = 2) -> str:
@@ -59,18 +65,21 @@ def _launch(config: Path, witness: Path, processes: int = 2) -> str:
     return proc.stdout + proc.stderr
 
 
+def _in_process(config: Path, witness: Path) -> None:
+    from tests.multiprocess.fsdp_job import main
+
+    threads = torch.get_num_threads()
+    try:
+        main(config, witness)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory, tiny_wan, tiny_dataset):
     """The single-process run (in this process): 3 steps, checkpoints at 2 and 3."""
-    from tests.multiprocess.fsdp_job import main
-
     root = tmp_path_factory.mktemp("cp")
-    config = _config(root, tiny_wan, tiny_dataset, "single", **COMMON)
-    threads = torch.get_num_threads()
-    try:
-        main(config, root / "single" / "witness")
-    finally:
-        torch.set_num_threads(threads)
+    _in_process(_config(root, tiny_wan, tiny_dataset, "single", **COMMON), root / "single" / "witness")
     return root, root / "single"
 
 
@@ -138,11 +147,16 @@ def test_context_parallel_equals_one_process(single_run, cp_run):
 
 @pytest.mark.slow
 def test_fsdp2_with_context_parallel_equals_one_process(single_run, tiny_wan, tiny_dataset):
-    root, single = single_run
-    config = _config(root, tiny_wan, tiny_dataset, "fsdp-cp", context_parallel_size=2, fsdp_enable=True, **COMMON)
+    # with the regression term (its pairs drawn per data-parallel rank: by process they differed on rank 1)
+    root = single_run[0]
+    _in_process(_config(root, tiny_wan, tiny_dataset, "single-regression", distillation_config=REGRESSION, **COMMON),
+                root / "single-regression" / "witness")
+    config = _config(root, tiny_wan, tiny_dataset, "fsdp-cp", context_parallel_size=2, fsdp_enable=True,
+                     distillation_config=REGRESSION, **COMMON)
     logs = _launch(config, root / "fsdp-cp" / "witness")
     assert "the frozen base sharded over 2 processes (FSDP2)" in logs and "split over 2 processes" in logs
-    worst = _compare_with_single(root / "fsdp-cp", single)
+    assert all("regression_loss" in x for x in _record(root / "fsdp-cp" / "witness", 1)["losses"] if x["loss"])
+    worst = _compare_with_single(root / "fsdp-cp", root / "single-regression")
     print(f"FSDP2 + context parallel 2 vs one process, largest difference: {worst:.3g}")
 
 
@@ -150,17 +164,11 @@ def test_fsdp2_with_context_parallel_equals_one_process(single_run, tiny_wan, ti
 def test_a_context_parallel_checkpoint_resumes_on_one_process(cp_run, tiny_wan, tiny_dataset, capsys):
     # one process is the same computation as the context-parallel group (one data-parallel group, rank 0's random
     # state), so the resumed run's next checkpoint is the uninterrupted context-parallel run's, within the tolerance
-    from tests.multiprocess.fsdp_job import main
-
     folder = cp_run[0]
     root = folder.parent
     shutil.copytree(folder / "out", root / "cp-resumed" / "out", ignore=shutil.ignore_patterns("checkpoint-3"))
-    config = _config(root, tiny_wan, tiny_dataset, "cp-resumed", context_parallel_size=1, **COMMON)
-    threads = torch.get_num_threads()
-    try:
-        main(config, root / "cp-resumed" / "witness")
-    finally:
-        torch.set_num_threads(threads)
+    _in_process(_config(root, tiny_wan, tiny_dataset, "cp-resumed", context_parallel_size=1, **COMMON),
+                root / "cp-resumed" / "witness")
     text = capsys.readouterr()
     assert "at step 2" in text.out + text.err
     a = _tensor_files(folder / "out" / "checkpoint-3")

@@ -246,6 +246,7 @@ def set_up(rc: RunConfig, pm, notify: Notifier) -> Run:
             student_adapter=STUDENT_ADAPTER if host["model_type"] == "lora" else None,
             load_base=lambda: new_network().to(accelerator.device),
             teacher=models.teacher, seed=seed, warn=lambda m: log(f"warning: {m}"),
+            data_parallel_rank=spread.data_parallel_rank,
         ))
     components.text_encoder = None  # every prompt is encoded now; free the encoder
     log(f"method: {rc.method_name or 'none (plain fine-tuning)'}; family: {family.name}; "
