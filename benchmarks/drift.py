@@ -86,9 +86,12 @@ def markdown(rows: dict, bands: dict) -> list[str]:
             if k in last["reference"]:
                 v = last["values"]
                 cells.append(f"{k} {v['student'][k]:.3f} ({v['ema'][k]:.3f}) vs {last['reference'][k]:.3f}")
-        warned = "; ".join(f"`{s}`: " + ", ".join(sorted({f"{w['samples']} at {w['step']}" for w in row["warnings"]
-                                                           if w["statistic"] == s}))
-                           for s in row["statistics_warned"]) or "no"
+        warned = "; ".join(
+            f"`{s}`: " + ", ".join(f"{name} at " + ", ".join(str(w["step"]) for w in row["warnings"]
+                                                               if w["statistic"] == s and w["samples"] == name)
+                                   for name in dict.fromkeys(w["samples"] for w in row["warnings"]
+                                                             if w["statistic"] == s))
+            for s in row["statistics_warned"]) or "no"
         fd = " · ".join(f"{k} {v:.1f}" for k, v in (row["digits_fd"] or {}).items())
         first = row["first_warning_step"] if row["warnings"] else "—"
         lines.append(f"| {name} | `{row['command']}` | {warned} | {first} | {'; '.join(cells)} (step {last['step']}) "
