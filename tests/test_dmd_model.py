@@ -350,3 +350,19 @@ def test_adapter_switch_restores_state_on_error_and_keeps_requires_grad(tiny_wan
     assert {n: p.requires_grad for n, p in net.named_parameters()} == flags
     with pytest.raises(KeyError):
         switch.use("nope")
+
+
+def test_a_guided_one_step_student_without_the_regression_term_is_warned_once():
+    """Issue 31 item 4: only the case the guided benchmark failed (1 step, guidance > 1, no regression term) warns,
+    naming the key, the evidence and the pairs' cost; 3 steps, guidance 1 or the term on stay quiet."""
+    from simpletuner_dmd.methods.dmd.method import guided_one_step_warnings
+
+    base = {**DMD.schema.defaults(), "dmd_denoising_steps": [1000], "real_score_guidance_scale": 3.0}
+    (line,) = guided_one_step_warnings(base)
+    assert line.startswith("distillation_config.regression_loss_weight: a 1-step student at real_score_guidance_scale 3 ")
+    assert f"{base['regression_num_pairs'] * base['regression_teacher_steps']} guided teacher passes" in line
+    assert guided_one_step_warnings({**base, "regression_loss_weight": 16.0}) == []
+    assert guided_one_step_warnings({**base, "real_score_guidance_scale": 1.0}) == []
+    assert guided_one_step_warnings({**base, "dmd_denoising_steps": [1000, 757, 522]}) == []
+    assert len(guided_one_step_warnings({**base, "real_score_guidance_scale": 1.0,
+                                         "real_score_guidance_scale_2": 3.5})) == 1

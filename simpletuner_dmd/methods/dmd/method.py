@@ -55,6 +55,24 @@ class _Stash:
     denoised_to: float
 
 
+def guided_one_step_warnings(config: dict[str, Any]) -> list[str]:
+    """A guided (``real_score_guidance_scale`` > 1) one-step student without DMD v1's regression term: one warning with
+    the evidence and the setting that fixed it. Why only this case (docs/quality.md, "Guided students"): in case A's
+    guided benchmark the 1-step student missed the guidance target without the term (3.91x its guidance-1 distance,
+    against 2x) and met it with ``regression_loss_weight`` 16 (1.90x); the 3-step students met it without (1.86x on
+    case A, 0.70x on the digits), and so did the digits' 1-step student (0.43x). The term stays off by default: its
+    teacher pairs cost ``regression_num_pairs x regression_teacher_steps`` guided teacher passes, once."""
+    scales = (config["real_score_guidance_scale"], config.get("real_score_guidance_scale_2") or 0.0)
+    if len(config["dmd_denoising_steps"]) != 1 or max(scales) <= 1 or config["regression_loss_weight"] > 0:
+        return []
+    passes = config["regression_num_pairs"] * config["regression_teacher_steps"]
+    return [f"distillation_config.regression_loss_weight: a 1-step student at real_score_guidance_scale "
+            f"{max(scales):g} without DMD v1's regression term missed the guidance target in the quality benchmark "
+            f"(case A: 3.91x its unguided distance; 1.90x with regression_loss_weight 16; docs/quality.md, 'Guided "
+            f"students'); consider regression_loss_weight 16, whose teacher pairs cost {passes} guided teacher "
+            f"passes once (simpletuner-dmd estimate shows their time; they are cached in cache_dir and reused)"]
+
+
 class DMD(FewStepStudent, MethodBase):
     name = "dmd"
     summary = "Distribution Matching Distillation (DMD2 / Self-Forcing): few-step student, fake score as an adapter"
@@ -84,6 +102,7 @@ class DMD(FewStepStudent, MethodBase):
                 f"collapsed the student onto 1-2 of 8 modes (recall 0.12), and on the digits (case B) the quickstart's "
                 f"settings drifted away from the guided teacher (final FD 1.73x its best); use fake_score_lr >= "
                 f"learning_rate, with generator_update_interval 5 as DMD2 does")
+        out += guided_one_step_warnings(config)
         if config["gan_start_step"] > 0 and config["gan_loss_weight"] == 0:
             out.append(f"distillation_config.gan_start_step: {config['gan_start_step']} has no effect while "
                        f"gan_loss_weight is 0 (the GAN term is off)")
