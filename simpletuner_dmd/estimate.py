@@ -4,14 +4,17 @@ parameters, from the local folder's ``transformer/config.json`` or the family's 
 
 The peak is the larger of the two phases of an optimizer step (the student's backward, then the critic's):
 
-    frozen weights       Linear weights at 1 byte (int8-quanto) or 2 (bf16) or 4 (fp32), other parameters at 2
+    frozen weights       Linear weights at 1 byte (int8-quanto) or the compute dtype's (bf16: 2; ``mixed_precision:
+                         no``, fp32: 4), other parameters at the compute dtype's
     adapter states       per trainable LoRA parameter: weight 4 B (fp32) + Adam moments (8 B; bf16: 4; 8-bit: 2),
                          plus its gradient (4 B) in its own phase; a full trainable copy: weight 2 B + moments 4 B,
                          plus its gradient (2 B) in its phase
-    activations          with gradient checkpointing, each block's input: tokens × hidden × blocks × 2 B × batch
+    activations          with gradient checkpointing, each block's input: tokens × hidden × blocks × batch, at the
+                         compute dtype's bytes (2, or 4 in fp32)
                          (without it, every block's saved tensors: blocks × the transient below); 0 on the GPU with
                          activation_offload (one block's input in flight, twice, stays)
-    transient            one block's recompute and backward: tokens × (A·hidden + B·ffn) × 2 B × batch
+    transient            one block's recompute and backward: tokens × (A·hidden + B·ffn) × batch, at the compute
+                         dtype's bytes
 
 ``A`` and ``B`` are the only fitted numbers: calibrated on the two plain-LoRA rows of the recorded H200 run
 (``benchmarks/results/gpu_cost_nvidia_h200.json``); ``tests/test_estimate.py`` checks every recorded row against
@@ -34,7 +37,8 @@ Several GPUs (``Parallel``; ``--gpus N`` with ``--fsdp`` and/or ``--context-para
                          attention heads and the latent tokens
 
 These rows are the same model divided as the engines divide the tensors; they are not calibrated against a
-multi-GPU measurement (no GPU, no NCCL here).
+multi-GPU measurement (no GPU, no NCCL here). ``benchmarks/fsdp_memory.py`` checks them on 2 CPU processes, through
+``estimate_for_shape`` for its own model and latent (docs/cost.md).
 """
 
 from __future__ import annotations
@@ -142,8 +146,22 @@ def estimate(*, family: Any, config: dict, host: dict, method_plan: dict | None,
              frames: int, offload: bool | None = None, moments: str | None = None,
              parallel: Parallel = Parallel()) -> Estimate:
     """The peak memory, per GPU, of one optimizer step of ``host`` (the reference host's keys) with ``method_plan`` (a
-    method's ``memory_plan``; None: plain LoRA fine-tuning) spread over GPUs as ``parallel`` says (the module
-    docstring)."""
+    method's ``memory_plan``; None: plain LoRA fine-tuning) on a sample of ``width`` × ``height`` × ``frames`` pixels,
+    spread over GPUs as ``parallel`` says: ``estimate_for_shape`` with the family's ``activation_shape`` of it."""
+    shape = family.activation_shape(config, width=width, height=height, frames=frames)
+    return estimate_for_shape(family=family, config=config, shape=shape, host=host, method_plan=method_plan,
+                              offload=offload, moments=moments, parallel=parallel)
+
+
+def estimate_for_shape(*, family: Any, config: dict, shape: dict[str, int], host: dict, method_plan: dict | None,
+                       offload: bool | None = None, moments: str | None = None,
+                       parallel: Parallel = Parallel()) -> Estimate:
+    """The estimate's model itself (the module docstring), per GPU, for the network ``config`` (a transformer config
+    the family's ``meta_network`` builds) and one sample of ``shape`` (``{"tokens", "hidden", "ffn", "blocks"}``, as
+    a family's ``activation_shape`` gives it, or as a benchmark's latent has it). The parts are the peak phase's; the
+    frozen weights are what each GPU holds between the calls (its shards under FSDP2), and the blocks FSDP2 gathers
+    during a call are their own part. With ``mixed_precision: no`` the step runs in fp32 (the reference host's weight
+    dtype): every frozen weight and every activation at 4 bytes."""
     batch = host["train_batch_size"]
     rank = host["lora_rank"]
     offload = host.get("activation_offload", False) if offload is None else offload
@@ -151,21 +169,20 @@ def estimate(*, family: Any, config: dict, host: dict, method_plan: dict | None,
 
     moments = moments or moments_of(host.get("optimizer", "adamw"))  # "bf16": a what-if (no host option)
     params = count_parameters(family, config, tuple(family.lora_target_modules), rank)
-    shape = family.activation_shape(config, width=width, height=height, frames=frames)
     tokens, hidden, ffn, blocks = shape["tokens"], shape["hidden"], shape["ffn"], shape["blocks"]
     notes: list[str] = []
 
-    linear_bytes = {"int8-quanto": 1, "no_change": 2}.get(host["base_model_precision"], 2)
-    if host.get("mixed_precision", "bf16") == "no" and host["base_model_precision"] != "int8-quanto":
-        linear_bytes = 4
+    fp32 = host.get("mixed_precision", "bf16") == "no"
+    compute = 4 if fp32 else 2  # bytes of an activation, and of a frozen weight left unquantized
+    linear_bytes = 1 if host["base_model_precision"] == "int8-quanto" else compute
     full_student = host["model_type"] == "full"
-    frozen = params["linear"] * linear_bytes + params["other"] * 2
+    frozen = params["linear"] * linear_bytes + params["other"] * compute
     moment = MOMENT_BYTES[moments]
-    transient = tokens * (TRANSIENT_HIDDEN * hidden + TRANSIENT_FFN * ffn) * 2 * batch
+    transient = tokens * (TRANSIENT_HIDDEN * hidden + TRANSIENT_FFN * ffn) * compute * batch
     if host.get("gradient_checkpointing", True):
-        activations = tokens * hidden * blocks * 2 * batch
+        activations = tokens * hidden * blocks * compute * batch
         if offload:
-            activations = 2 * tokens * hidden * 2 * batch  # one block's input in flight, double-buffered
+            activations = 2 * tokens * hidden * compute * batch  # one block's input in flight, double-buffered
     else:
         activations = transient * blocks
         if offload:
@@ -188,33 +205,38 @@ def estimate(*, family: Any, config: dict, host: dict, method_plan: dict | None,
             fake_states, fake_grads = params["total"] * (2 + 4), params["total"] * 2
     shard = parallel.gpus if parallel.fsdp else 1
     split = parallel.context_parallel
+    gathered = 0.0
     if parallel.gpus > 1 or split > 1:
         # one block's share of the frozen weights (a call runs one expert of several: its blocks only)
-        gathered = 2 * frozen * float(family.active_parameter_share) / blocks if shard > 1 else 0
+        gathered = 2 * frozen * float(family.active_parameter_share) / blocks if shard > 1 else 0.0
         if not parallel.fsdp and parallel.gpus > 1:  # DDP's buckets: a copy of the trainable gradients
             student_grads, fake_grads = 2 * student_grads, 2 * fake_grads
-        frozen = frozen / shard + gathered  # the adapters, their states and gradients stay whole (docstring)
+        frozen = frozen / shard  # the adapters, their states and gradients stay whole (docstring)
         activations, transient = activations / split, transient / split
-        notes.append(f"{parallel.describe()}: per GPU" + (f"; the frozen weights include 2 blocks gathered in flight "
-                                                          f"({gathered / GIB:.2f} GiB)" if gathered else ""))
+        notes.append(f"{parallel.describe()}: per GPU" + ("; the frozen weights are this GPU's shards, and FSDP2 "
+                                                          "gathers 2 blocks whole during each call" if gathered else ""))
     states = student_states + fake_states
     # a method whose student loss holds several forward graphs at its backward (DMD's regression term) saves each
     graphs = (method_plan or {}).get("student_graphs", 1)
     # a block-causal rollout's KV cache: keys and values of every layer for the cached share of the clip's tokens,
     # in the compute dtype, held through the student's backward
-    kv_cache = (method_plan or {}).get("kv_cache_share", 0.0) * tokens * hidden * blocks * 2 * 2 * batch / split
-    student_phase = frozen + states + student_grads + activations * graphs + transient + kv_cache
+    kv_cache = (method_plan or {}).get("kv_cache_share", 0.0) * tokens * hidden * blocks * 2 * compute * batch / split
+    held = frozen + gathered
+    student_phase = held + states + student_grads + activations * graphs + transient + kv_cache
     if second and second["kind"] == "full":
         # a full copy's gradients grow as the backward frees the activations: the peak is the larger of the two
-        critic_phase = frozen + states + max(activations + transient, fake_grads + transient)
+        critic_phase = held + states + max(activations + transient, fake_grads + transient)
     else:
-        critic_phase = frozen + states + fake_grads + activations + transient
+        critic_phase = held + states + fake_grads + activations + transient
     phase = "student" if student_phase >= critic_phase or not second else "critic"
     peak = max(student_phase, critic_phase) if second else student_phase
     grads = student_grads if phase == "student" else fake_grads
-    held = activations * graphs if phase == "student" else activations
-    parts = {"frozen weights": frozen / GIB, "adapter and optimizer states": states / GIB,
-             f"{phase} gradients": grads / GIB, "activations": held / GIB, "transient": transient / GIB}
+    saved = activations * graphs if phase == "student" else activations
+    parts = {"frozen weights": frozen / GIB}
+    if gathered:
+        parts["FSDP2 blocks gathered in flight"] = gathered / GIB
+    parts.update({"adapter and optimizer states": states / GIB, f"{phase} gradients": grads / GIB,
+                  "activations": saved / GIB, "transient": transient / GIB})
     if kv_cache and phase == "student":
         parts["KV cache (block-causal rollout)"] = kv_cache / GIB
     passes = (method_plan or {}).get("passes_per_step") if method_plan is not None else {
@@ -333,8 +355,8 @@ def print_estimate(args, rc: Any) -> int:
         raise UserError("estimate: " + "; ".join(problems))
 
     def run(setup: Parallel, setup_host: dict) -> Estimate:
-        return estimate(family=family, config=config, host=setup_host, method_plan=plan, width=width, height=height,
-                        frames=frames, parallel=setup)
+        return estimate_for_shape(family=family, config=config, shape=shape, host=setup_host, method_plan=plan,
+                                  parallel=setup)
 
     est = run(parallel, host)
     method = rc.method_name or "plain LoRA fine-tuning"
@@ -373,5 +395,5 @@ def print_estimate(args, rc: Any) -> int:
     return 1
 
 
-__all__ = ["GPU_COUNTS", "Estimate", "Parallel", "advice", "estimate", "parallel_problems", "print_estimate",
-           "recorded_rows", "setups", "smallest_fitting", "step_time_range", "transformer_config"]
+__all__ = ["GPU_COUNTS", "Estimate", "Parallel", "advice", "estimate", "estimate_for_shape", "parallel_problems",
+           "print_estimate", "recorded_rows", "setups", "smallest_fitting", "step_time_range", "transformer_config"]

@@ -127,7 +127,9 @@ def test_fsdp_shards_weights_and_states_and_context_parallelism_splits_the_token
 
     fsdp = per_gpu(gpus=8, fsdp=True)
     block = 2 * one.parts["frozen weights"] / 40  # 40 blocks: two of them gathered
-    assert fsdp.parts["frozen weights"] == pytest.approx(one.parts["frozen weights"] / 8 + block)
+    assert fsdp.parts["frozen weights"] == pytest.approx(one.parts["frozen weights"] / 8)
+    assert fsdp.parts["FSDP2 blocks gathered in flight"] == pytest.approx(block)
+    assert "FSDP2 blocks gathered in flight" not in one.parts
     assert fsdp.parts["adapter and optimizer states"] == pytest.approx(one.parts["adapter and optimizer states"])
     assert fsdp.parts["activations"] == pytest.approx(one.parts["activations"])
     both = per_gpu(gpus=8, fsdp=True, context_parallel=4)
@@ -185,3 +187,29 @@ def test_the_multi_gpu_table_in_the_docs_is_what_the_estimate_gives_now():
     from benchmarks.multi_gpu_estimate import OUT, rows
 
     assert rows() == json.loads(OUT.read_text())
+
+
+def test_fp32_counts_every_frozen_weight_and_activation_at_4_bytes():
+    """``mixed_precision: no`` (the reference host's fp32, as on a CPU): the frozen weights are the real network's
+    parameter bytes, and the activations and the transient twice their bf16 size (``estimate_for_shape`` with a
+    latent's shape, as ``benchmarks/fsdp_memory.py`` uses it)."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from benchmarks.cost_setup import TINY
+    from simpletuner_dmd.estimate import GIB, estimate_for_shape
+
+    torch.manual_seed(0)
+    network = WanTransformer3DModel(**TINY)
+    real = sum(p.numel() * p.element_size() for p in network.parameters())
+    assert {p.dtype for p in network.parameters()} == {torch.float32}
+    host = {**HOST_SCHEMA.defaults(), "lora_rank": 4, "gradient_checkpointing": True}
+    shape = {"tokens": 2 * 4 * 4, "hidden": 2 * 16, "ffn": 32, "blocks": 2}
+    fp32 = estimate_for_shape(family=WanFamily(), config=TINY, shape=shape, host={**host, "mixed_precision": "no"},
+                              method_plan=None)
+    bf16 = estimate_for_shape(family=WanFamily(), config=TINY, shape=shape, host={**host, "mixed_precision": "bf16"},
+                              method_plan=None)
+    assert fp32.parts["frozen weights"] * GIB == pytest.approx(real)
+    assert bf16.parts["frozen weights"] * GIB == pytest.approx(real / 2)
+    assert fp32.parts["activations"] * GIB == 32 * 32 * 2 * 4
+    assert fp32.parts["transient"] == pytest.approx(2 * bf16.parts["transient"])

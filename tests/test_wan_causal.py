@@ -118,7 +118,7 @@ def test_estimate_hands_the_causal_layout_to_the_plan():
     from simpletuner_dmd.families.wan import WAN21_1_3B
     from simpletuner_dmd.hosts.reference.host_schema import HOST_SCHEMA
 
-    host = {**HOST_SCHEMA.defaults(), "lora_rank": 16}
+    host = {**HOST_SCHEMA.defaults(), "lora_rank": 16, "mixed_precision": "bf16"}
     est = estimate(family=WanCausalFamily(), config=WAN21_1_3B, host=host, method_plan=plan, width=832, height=480,
                    frames=81)
     kv = 18 / 21 * est.shape["tokens"] * est.shape["hidden"] * est.shape["blocks"] * 2 * 2 / GIB  # K and V, bf16
