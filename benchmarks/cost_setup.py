@@ -49,16 +49,39 @@ class Setup:
     batch: Batch
     loss_fn: Callable[[Batch], torch.Tensor]
     accelerator: Any
+    host: dict  # the reference host's keys this configuration runs with (``estimate`` reads the same)
+    network: torch.nn.Module  # what the host's passes call: the student network, or the host's wrapper (spread)
+
+
+def host_config(*, rank: int, checkpointing: bool, quantize: bool, dtype: torch.dtype, **overrides: Any) -> dict:
+    """The reference host's keys of a cost benchmark's run (``overrides``: e.g. ``fsdp_enable``)."""
+    return {**HOST_SCHEMA.defaults(), "lora_rank": rank, "lora_alpha": rank, "gradient_checkpointing": checkpointing,
+            "base_model_precision": "int8-quanto" if quantize else "no_change",
+            "mixed_precision": "no" if dtype == torch.float32 else "bf16", **overrides}
+
+
+def dmd_config(kind: str, frames_per_block: int = CAUSAL_BLOCK) -> dict:
+    """The validated ``distillation_config`` of a DMD ``kind``: the last step's exit, the fake score an adapter (a
+    full copy for ``dmd_full``)."""
+    cfg, problems, _ = DMD_SCHEMA.validate(
+        {"last_step_only": True, "fake_score_type": "full" if kind == "dmd_full" else "lora",
+         **({"num_frame_per_block": frames_per_block} if kind == "dmd_causal" else {})},
+        prefix="distillation_config")
+    assert not problems, problems
+    return cfg
 
 
 def build(kind: str, *, config: dict, latent_shape: tuple, text_shape: tuple, quantize: bool, checkpointing: bool,
-          rank: int, dtype: torch.dtype, device: str, seed: int = 0, frames_per_block: int = CAUSAL_BLOCK) -> Setup:
+          rank: int, dtype: torch.dtype, device: str, seed: int = 0, frames_per_block: int = CAUSAL_BLOCK,
+          host_overrides: dict | None = None) -> Setup:
+    """``host_overrides``: more reference-host keys; the several-process ones (``fsdp_enable``,
+    ``context_parallel_size``) take the host's own steps after the method's set-up (``spread``)."""
     from accelerate import Accelerator
     from diffusers import WanTransformer3DModel
 
     accelerator = Accelerator(cpu=device == "cpu")
-    host = {**HOST_SCHEMA.defaults(), "lora_rank": rank, "lora_alpha": rank, "gradient_checkpointing": checkpointing,
-            "base_model_precision": "int8-quanto" if quantize else "no_change"}
+    host = host_config(rank=rank, checkpointing=checkpointing, quantize=quantize, dtype=dtype,
+                       **(host_overrides or {}))
     causal, experts = kind == "dmd_causal", kind == "dmd_experts"
     family_cls = WanCausalFamily if causal else WanExpertsFamily if experts else WanFamily
     family = family_cls(autocast_dtype=None if dtype == torch.float32 else dtype)
@@ -76,11 +99,7 @@ def build(kind: str, *, config: dict, latent_shape: tuple, text_shape: tuple, qu
     models = T.build_models(host, family, accelerator, new_network=new_network, distilling=kind != "lora")
     method = None
     if kind != "lora":
-        cfg, problems, _ = DMD_SCHEMA.validate(
-            {"last_step_only": True, "fake_score_type": "full" if kind == "dmd_full" else "lora",
-             **({"num_frame_per_block": frames_per_block} if causal else {})},
-            prefix="distillation_config")
-        assert not problems, problems
+        cfg = dmd_config(kind, frames_per_block)
         method = DMD(cfg)
         text = torch.zeros(1, *text_shape[1:], device=device)
         method.distill_setup(run=RunContext(
@@ -91,8 +110,29 @@ def build(kind: str, *, config: dict, latent_shape: tuple, text_shape: tuple, qu
     g = torch.Generator().manual_seed(seed)
     batch = Batch(latents=torch.randn(latent_shape, generator=g).to(device, dtype),
                   cond=torch.randn(text_shape, generator=g).to(device, dtype))
-    loss_fn = T._host_loss_fn(family, models.network, host, torch.zeros(text_shape, device=device, dtype=dtype))
-    return Setup(kind, models, family, method, optimizer, batch, loss_fn, accelerator)
+    network = spread(models.network, host, accelerator)
+    loss_fn = T._host_loss_fn(family, network, host, torch.zeros(text_shape, device=device, dtype=dtype))
+    return Setup(kind, models, family, method, optimizer, batch, loss_fn, accelerator, host, network)
+
+
+def spread(network: torch.nn.Module, host: dict, accelerator: Any) -> torch.nn.Module:
+    """What the training passes call, as the reference host's ``set_up`` makes it once every adapter exists: with
+    ``context_parallel_size`` C > 1 the base's tokens split over groups of C processes, with ``fsdp_enable`` on
+    several processes the frozen base sharded, and with either the adapters' gradients reduced by
+    ``ReplicatedAdapters``; otherwise the network itself (one process has nothing to spread; on several processes
+    without either key the host would wrap it in DDP, which no cost benchmark runs)."""
+    from simpletuner_dmd.hosts.reference.context_parallel import enable_context_parallel, layout
+    from simpletuner_dmd.hosts.reference.fsdp import (ReplicatedAdapters, shard_frozen_base, sharding,
+                                                      trainable_parameters)
+
+    split = layout(host, accelerator)
+    if split.context_parallel > 1:
+        enable_context_parallel(network, accelerator, split.context_parallel)
+    if sharding(host, accelerator):
+        return shard_frozen_base(network, accelerator, split.data_parallel_size)
+    if split.context_parallel > 1:
+        return ReplicatedAdapters(network, trainable_parameters(network), split.data_parallel_size)
+    return network
 
 
 def train_step(setup: Setup, step: int = 0, *, offload: bool = False) -> None:

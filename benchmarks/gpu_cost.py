@@ -4,6 +4,8 @@ full copy. One prepared command, about 8 minutes on one H100:
     python -m benchmarks.gpu_cost                         # Wan 1.3B and 14B, 480x832x81 (latents 16x21x60x104)
     python -m benchmarks.gpu_cost --memory-cap-gib 79.6   # on a bigger card: allow only what an 80 GB H100 has
     python -m benchmarks.gpu_cost --run tiny:dmd --run tiny:lora --device cpu --steps 1   # the code path on a CPU
+    python -m benchmarks.gpu_cost --run 1.3b:dmd+bf16 --run 1.3b:dmd+bf16+fsdp --run 1.3b:dmd+bf16+cp1 --steps 3
+                                                          # FSDP2 and context parallelism on one GPU (ONE_GPU_PARALLEL)
 
 The runs go in the order given (default: the most telling first — 14B DMD, 14B LoRA, then 1.3B, then the 14B full
 copy), each in its own process; ``--budget-s`` skips the runs that would start after it is spent, and the result files
@@ -46,14 +48,25 @@ RESULTS = Path(__file__).parent / "results"
 
 DEFAULT_RUNS = ("14b:dmd", "14b:lora", "1.3b:dmd", "1.3b:lora", "1.3b:dmd_causal", "14b:dmd_experts@79.6",
                 "1.3b:dmd_full", "14b:dmd_full")
+# A run's options (``+NAME``): the host keys each sets, on top of the run's own (``cost_setup.host_config``).
+OPTIONS = {"offload": {"activation_offload": True}, "bf16": {"base_model_precision": "no_change"},
+           "fsdp": {"fsdp_enable": True}, "cp1": {"context_parallel_size": 1}}
+OPTION_LABELS = {"offload": "activation offload", "bf16": "bf16 base", "fsdp": "fsdp_enable on 1 process",
+                 "cp1": "context_parallel_size 1"}
+# Issue 29: FSDP2 and context parallelism with one process are the single-process path; these rows measure that they
+# cost nothing against the plain run, side by side (a sharded base is bf16, so all three are)
+ONE_GPU_PARALLEL = ("1.3b:dmd+bf16", "1.3b:dmd+bf16+fsdp", "1.3b:dmd+bf16+cp1")
 
 
 def run_one(model: str, kind: str, steps: int, device: str, rank: int, memory_cap_gib: float | None = None,
-            offload: bool = False) -> dict:
-    """In a fresh process: build, one warm-up step, then ``steps`` timed steps."""
+            options: tuple[str, ...] = ()) -> dict:
+    """In a fresh process: build, one warm-up step, then ``steps`` timed steps. ``options``: names in ``OPTIONS``."""
     config, latents, text = MODELS[model]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    result = {"model": model, "kind": kind, "device": device, "offload": offload}
+    offload = "offload" in options
+    host_keys = {k: v for name in options if name != "offload" for k, v in OPTIONS[name].items()}
+    result = {"model": model, "kind": kind, "device": device, "offload": offload, "options": list(options),
+              "host_keys": host_keys}
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         result["gpu"] = torch.cuda.get_device_name()
@@ -67,11 +80,13 @@ def run_one(model: str, kind: str, steps: int, device: str, rank: int, memory_ca
     torch.set_default_dtype(dtype)  # build the weights in bf16 directly: a fp32 14B would not fit beside its copy
     try:
         with quiet():
-            setup = build(kind, config=config, latent_shape=latents, text_shape=text, quantize=True, frames_per_block=3,
-                          checkpointing=True, rank=rank, dtype=dtype, device=device)
+            setup = build(kind, config=config, latent_shape=latents, text_shape=text, quantize="bf16" not in options,
+                          frames_per_block=3, checkpointing=True, rank=rank, dtype=dtype, device=device,
+                          host_overrides=host_keys)
     finally:
         torch.set_default_dtype(previous)
     result["build_s"] = time.perf_counter() - start
+    result["network"] = type(setup.network).__name__  # what the passes call: a wrapper when the host spreads the run
     if device == "cuda":  # building holds bf16 weights before int8 (two experts: both): apart from the steps' peak
         result["build_max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
         torch.cuda.reset_peak_memory_stats()
@@ -103,10 +118,12 @@ def run_one(model: str, kind: str, steps: int, device: str, rank: int, memory_ca
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", action="append", metavar="MODEL:KIND[+offload][@CAP]",
-                        help=f"repeatable, in order; MODEL in {sorted(MODELS)}, KIND in {sorted(KINDS)}; +offload: "
-                             f"with activation_offload; @CAP: this run's memory cap in GiB (39.5: a 40 GB A100); "
-                             f"default: {' '.join(DEFAULT_RUNS)}")
+    parser.add_argument("--run", action="append", metavar="MODEL:KIND[+OPTION...][@CAP]",
+                        help=f"repeatable, in order; MODEL in {sorted(MODELS)}, KIND in {sorted(KINDS)}; OPTION in "
+                             f"{sorted(OPTIONS)} (offload: activation_offload; bf16: the base not quantized; fsdp: "
+                             f"fsdp_enable; cp1: context_parallel_size 1); @CAP: this run's memory cap in GiB (39.5: "
+                             f"a 40 GB A100); default: {' '.join(DEFAULT_RUNS)}; the single-GPU FSDP2 and context-"
+                             f"parallel rows: {' '.join(ONE_GPU_PARALLEL)}")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -115,49 +132,56 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no run after this many seconds, and stop a run that would end past it")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "KIND"), help=argparse.SUPPRESS)
-    parser.add_argument("--offload", action="store_true", help=argparse.SUPPRESS)  # with --one
+    parser.add_argument("--options", default="", help=argparse.SUPPRESS)  # with --one: OPTION names, comma-separated
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.one:
+        options = tuple(name for name in args.options.split(",") if name)
         print(json.dumps(run_one(args.one[0], args.one[1], args.steps, args.device, args.rank, args.memory_cap_gib,
-                                 offload=args.offload)), flush=True)
+                                 options=options)), flush=True)
         return 0
     runs = []
     for spec in args.run or DEFAULT_RUNS:
         head, _, cap = spec.partition("@")
         model, _, kind = head.partition(":")
-        kind, plus, option = kind.partition("+")
+        kind, *options = kind.split("+")
         try:
             cap_gib = float(cap) if cap else args.memory_cap_gib
         except ValueError:
             cap_gib = -1.0
-        if model not in MODELS or kind not in KINDS or (plus and option != "offload") or (cap_gib or 0) < 0:
-            parser.error(f"--run {spec}: want MODEL:KIND[+offload][@CAP] with MODEL in {sorted(MODELS)} and KIND in "
-                         f"{sorted(KINDS)}")
-        runs.append((model, kind, bool(plus), cap_gib))
+        if model not in MODELS or kind not in KINDS or set(options) - set(OPTIONS) or (cap_gib or 0) < 0:
+            parser.error(f"--run {spec}: want MODEL:KIND[+OPTION...][@CAP] with MODEL in {sorted(MODELS)}, KIND in "
+                         f"{sorted(KINDS)} and OPTION in {sorted(OPTIONS)}")
+        refused = _host_refusals(kind, tuple(options))
+        if refused:
+            parser.error(f"--run {spec}: " + "; ".join(refused))
+        runs.append((model, kind, tuple(options), cap_gib))
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA device; use --device cpu --run tiny:dmd to try the code path", file=sys.stderr)
         return 2
 
     rows, start = [], time.monotonic()
-    for model, kind, offload, cap_gib in runs:
+    for model, kind, options, cap_gib in runs:
+        offload = "offload" in options
         left = None if args.budget_s is None else args.budget_s - (time.monotonic() - start)
         if left is not None and left <= 0:
-            rows.append({"model": model, "kind": kind, "skipped": "time budget spent"})
+            rows.append({"model": model, "kind": kind, "options": list(options), "skipped": "time budget spent"})
             print(f"{model} / {KINDS[kind]}: skipped (time budget spent)", flush=True)
             continue
-        print(f"{model} / {KINDS[kind]}{' + offload' if offload else ''} …", flush=True)
+        print(f"{model} / {_label(kind, options)} …", flush=True)
         cmd = [sys.executable, "-m", "benchmarks.gpu_cost", "--one", model, kind, "--steps", str(args.steps),
-               "--device", args.device, "--rank", str(args.rank)] + (["--offload"] if offload else [])
+               "--device", args.device, "--rank", str(args.rank), "--options", ",".join(options)]
         if cap_gib is not None:
             cmd += ["--memory-cap-gib", str(cap_gib)]
         try:  # the child's progress goes straight to our stderr; its last stdout line is its result
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1], timeout=left)
         except subprocess.TimeoutExpired:
-            row = {"model": model, "kind": kind, "offload": offload, "skipped": "stopped: time budget spent during the run"}
+            row = {"model": model, "kind": kind, "offload": offload, "options": list(options),
+                   "skipped": "stopped: time budget spent during the run"}
         else:
             if proc.returncode != 0:  # e.g. the process was killed building a configuration that cannot fit
-                row = {"model": model, "kind": kind, "offload": offload, "failed": True, "returncode": proc.returncode}
+                row = {"model": model, "kind": kind, "offload": offload, "options": list(options), "failed": True,
+                       "returncode": proc.returncode}
             else:
                 row = json.loads(proc.stdout.strip().splitlines()[-1])
         print(json.dumps(row), flush=True)
@@ -165,6 +189,23 @@ def main(argv: list[str] | None = None) -> int:
         _write(args, rows)
     _write(args, rows, echo=True)
     return 0
+
+
+def _host_refusals(kind: str, options: tuple[str, ...]) -> list[str]:
+    """What the reference host's ``validate-config`` refuses about this run's host keys (``fsdp_enable`` with an int8
+    base, …), one line each."""
+    from simpletuner_dmd.hosts.reference.fsdp import fsdp_problems
+
+    from .cost_setup import host_config
+
+    keys = {k: v for name in options if name != "offload" for k, v in OPTIONS[name].items()}
+    host = host_config(rank=16, checkpointing=True, quantize="bf16" not in options, dtype=torch.bfloat16, **keys)
+    host["model_type"] = "lora"  # every kind here trains the student as a LoRA
+    return fsdp_problems(host)
+
+
+def _label(kind: str, options) -> str:
+    return ", ".join([KINDS[kind], *(OPTION_LABELS[name] for name in options)])
 
 
 def _write(args: argparse.Namespace, rows: list[dict], echo: bool = False) -> None:
@@ -175,12 +216,13 @@ def _write(args: argparse.Namespace, rows: list[dict], echo: bool = False) -> No
                                                         "memory_cap_gib": args.memory_cap_gib, "rows": rows}, indent=2))
     cap = "" if args.memory_cap_gib is None else f", each run capped at {args.memory_cap_gib} GiB"
     dtype = "bf16" if args.device == "cuda" else "fp32"
-    lines = [f"{device_name}{cap}; {dtype}, int8-quanto base, LoRA rank {args.rank}, gradient checkpointing, latents "
-             f"{MODELS[rows[0]['model']][1]}; median of {args.steps} steps after one warm-up", "",
+    lines = [f"{device_name}{cap}; {dtype}, int8-quanto base (unless a row says bf16), LoRA rank {args.rank}, "
+             f"gradient checkpointing, latents {MODELS[rows[0]['model']][1]}; median of {args.steps} steps after one "
+             "warm-up", "",
              "| model | configuration | cap (GiB) | step (s) | max_memory_allocated (GiB) | of it, the steps' own |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        what = KINDS[r["kind"]] + (", activation offload" if r.get("offload") else "")
+        what = _label(r["kind"], r.get("options") or (["offload"] if r.get("offload") else []))
         cap = r.get("memory_cap_gib", "—")
         if r.get("failed"):
             lines.append(f"| {r['model']} | {what} | {cap} | failed (exit {r['returncode']}) | — | — |")
