@@ -142,7 +142,12 @@ class DriftMonitor:
     ``warn`` with one line per sample set that has a statistic out of its band (``drift_line``: each such statistic
     with its value and the reference's). Without a reference, the first round's first sample set becomes the
     reference (its label says so: ``"<name> at step N"``). Rounds at ``quiet_steps`` (the baseline before training,
-    where the untrained student is not yet meant to match) are recorded and plotted but never warn."""
+    where the untrained student is not yet meant to match) are recorded and plotted but never warn.
+
+    A resumed run continues the history: the rounds (and the reference) of an earlier ``drift.json`` in ``folder``
+    are kept up to the first step this run observes; rounds from that step on are replaced. A run that starts again
+    from an earlier step than any kept round (a new run in the same folder) drops them all, and the reference it read
+    with them."""
 
     def __init__(self, folder: Path, *, warn: Callable[[str], None], bands: dict[str, Band] = BANDS,
                  quiet_steps: Sequence[int] = (0,)):
@@ -150,13 +155,25 @@ class DriftMonitor:
         self.reference: dict[str, float] | None = None
         self.reference_label = "teacher"
         self.rounds: list[dict] = []  # {"step", "values": {samples: stats}, "warnings": [...]}
+        self._read_reference = False  # the reference came from an earlier run's drift.json
+        earlier = self.folder / "drift.json"
+        if earlier.is_file():
+            report = json.loads(earlier.read_text())
+            self.rounds = report["rounds"]
+            self.reference, self.reference_label = report["reference"]["values"], report["reference"]["label"]
+            self._read_reference = True
 
     def set_reference(self, frames: torch.Tensor, groups: Sequence[int] | None = None, label: str = "teacher") -> None:
         self.reference, self.reference_label = frame_statistics(frames, groups), label
+        self._read_reference = False
 
     def observe(self, step: int, samples: dict[str, torch.Tensor], groups: Sequence[int] | None = None
                 ) -> dict[str, float]:
         values = {name: frame_statistics(frames, groups) for name, frames in samples.items()}
+        kept = [r for r in self.rounds if r["step"] < step]
+        if self._read_reference and self.rounds and not kept:  # a new run: the file's reference is not its own
+            self.reference, self._read_reference = None, False
+        self.rounds = kept
         if self.reference is None:
             first = next(iter(values))
             self.reference, self.reference_label = values[first], f"{first} at step {step}"

@@ -192,3 +192,22 @@ def test_the_bridge_turns_simpletuners_media_into_frames_and_observes_each_round
     assert [s for s, _ in logged] == [0, 5] and "drift/samples/brightness" in logged[1][1]
     assert len(lines) == 1 and lines[0].startswith("warning: drift at step 5, samples against samples at step 0: ")
     assert "sample_spread" in lines[0] and "brightness" in lines[0]
+
+
+def test_a_resumed_run_continues_the_history_and_a_new_run_starts_it_again(tmp_path):
+    x = digits_like()
+    first = DriftMonitor(tmp_path, warn=print, quiet_steps=())
+    first.observe(0, {"student": x})
+    first.observe(100, {"student": x})
+    resumed = DriftMonitor(tmp_path, warn=print, quiet_steps=())  # the same folder, after a resume at step 100
+    assert resumed.reference_label == "student at step 0"
+    resumed.observe(100, {"student": x * 0.9})  # step 100 validated again: replaced, not doubled
+    resumed.observe(200, {"student": x})
+    report = json.loads((tmp_path / "drift.json").read_text())
+    assert [r["step"] for r in report["rounds"]] == [0, 100, 200] and report["reference"]["label"] == "student at step 0"
+    assert report["rounds"][1]["values"]["student"] == frame_statistics(x * 0.9)
+    again = DriftMonitor(tmp_path, warn=print, quiet_steps=())  # a new run in the same folder, from step 0
+    again.observe(0, {"student": x * 0.5})
+    report = json.loads((tmp_path / "drift.json").read_text())
+    assert [r["step"] for r in report["rounds"]] == [0]
+    assert report["reference"]["values"] == frame_statistics(x * 0.5)  # its own first round, not the old file's

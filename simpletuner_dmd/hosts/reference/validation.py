@@ -67,6 +67,7 @@ class Validator:
         self.sheets: list[tuple[int, Path]] = []  # (step, sheet.png) of every round so far
         # without a teacher (plain fine-tuning) the drift's reference is the first round's samples
         self.drift = DriftMonitor(out / "validation", warn=warn)
+        self.drift_reference_set = False  # this run's teacher samples given to it (a resume's file has its own)
 
     def __call__(self, step: int) -> Path | None:
         """The folder the samples went to (None on the other processes, or with no validation prompt)."""
@@ -109,12 +110,13 @@ class Validator:
 
     def _drift(self, step: int, cells: dict[str, dict[str, torch.Tensor]]) -> None:
         """The round's samples (one per prompt, ``(3, F, H, W)``) to the drift monitor: the first teacher column
-        is the reference (set once), every other column that has all prompts is a sample set; the values go to the
-        trackers under ``drift/``."""
+        is the reference (set once per run), every other column that has all prompts is a sample set; the values go
+        to the trackers under ``drift/``."""
         teacher = next(iter(self.teacher_steps))
-        if self.drift.reference is None and all(teacher in row for row in cells.values()):
+        if not self.drift_reference_set and all(teacher in row for row in cells.values()):
             self.drift.set_reference(torch.stack([row[teacher] for row in cells.values()]),
                                      label=self._column_label(teacher))
+            self.drift_reference_set = True
         variants = [v for v in dict.fromkeys(v for row in cells.values() for v in row)
                     if v not in self.teacher_steps and all(v in row for row in cells.values())]
         if variants:
