@@ -216,9 +216,9 @@ def _write(args: argparse.Namespace, rows: list[dict], echo: bool = False) -> No
                                                         "memory_cap_gib": args.memory_cap_gib, "rows": rows}, indent=2))
     cap = "" if args.memory_cap_gib is None else f", each run capped at {args.memory_cap_gib} GiB"
     dtype = "bf16" if args.device == "cuda" else "fp32"
-    lines = [f"{device_name}{cap}; {dtype}, int8-quanto base (unless a row says bf16), LoRA rank {args.rank}, "
-             f"gradient checkpointing, latents {MODELS[rows[0]['model']][1]}; median of {args.steps} steps after one "
-             "warm-up", "",
+    lines = [(f"{device_name}{cap}; {dtype}, int8-quanto base (unless a row says bf16), LoRA rank {args.rank}, "
+              f"gradient checkpointing, latents {MODELS[rows[0]['model']][1]}; median of {args.steps} steps after one "
+              "warm-up"), "",
              "| model | configuration | cap (GiB) | step (s) | max_memory_allocated (GiB) | of it, the steps' own |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:

@@ -213,3 +213,17 @@ def test_fp32_counts_every_frozen_weight_and_activation_at_4_bytes():
     assert bf16.parts["frozen weights"] * GIB == pytest.approx(real / 2)
     assert fp32.parts["activations"] * GIB == 32 * 32 * 2 * 4
     assert fp32.parts["transient"] == pytest.approx(2 * bf16.parts["transient"])
+
+
+def test_the_recorded_fsdp_memory_comparison_is_what_the_estimate_gives_now():
+    """``benchmarks/fsdp_memory.py``'s recorded estimates (docs/cost.md's 2-process table) are what
+    ``estimate_for_shape`` gives today for its model, latent and setups."""
+    from benchmarks.fsdp_memory import OUT, SETUPS, predicted
+
+    recorded = json.loads(OUT.read_text())
+    layers = recorded["rows"][0]["layers"]
+    _, _, frames, size, _ = recorded["latent"]
+    for row in SETUPS:
+        now = predicted(row, layers, frames, size)
+        assert now["peak_mib"] == pytest.approx(recorded["estimate"][row.label]["peak_mib"])
+        assert now["steady_mib"] == pytest.approx(recorded["estimate"][row.label]["steady_mib"])
