@@ -77,6 +77,25 @@ def test_teacher_loras_are_merged_into_simpletuners_base_before_its_precision_an
     assert all(torch.allclose(witness[k], v, atol=1e-6, rtol=0) for k, v in expected.state_dict().items()), \
         json.dumps({k: float((witness[k] - v).abs().max()) for k, v in expected.state_dict().items()
                     if not torch.allclose(witness[k], v, atol=1e-6, rtol=0)})
+
+    # the checkpoint's combined LoRA: the user's delta at 0.7 plus the student's (lora_alpha = rank: factor 1)
+    from simpletuner_dmd.teacher_loras import read_teacher_loras
+
+    ckpt = run / "out" / "checkpoint-1"
+    assert f"combined LoRA (your teacher_loras and the student, for the stock base): {ckpt / 'combined'}" in text
+    combined = load_file(str(ckpt / "combined" / "pytorch_lora_weights.safetensors"))
+    student = load_file(str(ckpt / "pytorch_lora_weights.safetensors"))
+    [user] = read_teacher_loras(family, [{"path": str(lora), "scale": 0.7, "into": "transformer"}])
+    modules = {k.removeprefix("transformer.").removesuffix(".lora_A.weight") for k in combined if ".lora_A." in k}
+    assert set(user) < modules and len(modules) > len(user)  # the student's modules and the user's
+    for module in modules:
+        got = combined[f"transformer.{module}.lora_B.weight"] @ combined[f"transformer.{module}.lora_A.weight"]
+        want = torch.zeros_like(got)
+        if f"transformer.{module}.lora_A.weight" in student:
+            want += student[f"transformer.{module}.lora_B.weight"] @ student[f"transformer.{module}.lora_A.weight"]
+        if module in user:
+            want += user[module].factor * user[module].up @ user[module].down
+        assert torch.allclose(got, want, atol=1e-6), module
     print(f"simpletuner train, DMD with teacher_loras, 1 step: {seconds:.0f} s")
 
 

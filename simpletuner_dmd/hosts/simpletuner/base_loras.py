@@ -13,17 +13,21 @@ adapter) — the opposite of a teacher that *is* the user's model. So the key li
 distiller's construction). The merge runs right after SimpleTuner's ``Trainer.init_load_base_model`` — before
 ``init_precision`` quantises the base, before PEFT adds the student's LoRA and before the method adds its fake score
 (``patch.py``, take-over point 9) — into the network SimpleTuner trains, so the teacher (the base with adapters off),
-the student's base and the fake score's base are the user's model, as in the reference host.
+the student's base and the fake score's base are the user's model, as in the reference host; a method that loads a
+base copy of its own (``RunContext.load_base``) gets it merged too. Each checkpoint gets ``checkpoint-N/combined/``:
+the user's LoRAs and the student as one LoRA for the stock base (``write_combined``; the diffusers layout only —
+SimpleTuner writes the student's own files).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 from ...config import parse_distillation_config
 from ...errors import ConfigError
-from ...teacher_loras import (KEY, merge_teacher_loras, parse_teacher_loras, teacher_lora_file_problems,
-                              teacher_lora_part_problems)
+from ...teacher_loras import (KEY, combined_lora, merge_teacher_loras, parse_teacher_loras, read_teacher_loras,
+                              teacher_lora_file_problems, teacher_lora_part_problems)
 
 PREFIX = "distillation_config"
 
@@ -51,20 +55,41 @@ def problems(config: Mapping[str, Any], family_cls: type | None) -> list[str]:
     return found + teacher_lora_file_problems(entries, prefix=PREFIX)
 
 
-def merge_into_simpletuner_model(model: Any, config: Mapping[str, Any], family_cls: type, log) -> None:
-    """Merge the config's ``teacher_loras`` into the network SimpleTuner's ``model`` object trains (before PEFT and
-    quantisation), read as ``family_cls`` (the plugin family serving the run) reads LoRA files. Nothing to do without
-    the key."""
+def merge_into(network: Any, family: Any, config: Mapping[str, Any], log) -> None:
+    """Merge the config's ``teacher_loras`` into ``network`` (a frozen base, before any adapter), read as ``family``
+    reads LoRA files. Nothing to do without the key."""
     entries, _, found = split(config.get("distillation_config"))
     if not entries:
         return
     if found:
         raise ConfigError(found)
-    family = family_cls()
-    if family.bind_simpletuner_model is not None:
-        family.bind_simpletuner_model(model)
-    for line in merge_teacher_loras(model.get_trained_component(), family, entries):
+    for line in merge_teacher_loras(network, family, entries):
         log(line)
 
 
-__all__ = ["merge_into_simpletuner_model", "problems", "split"]
+def merge_into_simpletuner_model(model: Any, config: Mapping[str, Any], family_cls: type, log) -> None:
+    """``merge_into`` the network SimpleTuner's ``model`` object trains (before PEFT and quantisation), as
+    ``family_cls`` (the plugin family serving the run) reads LoRA files."""
+    family = family_cls()
+    if family.bind_simpletuner_model is not None:
+        family.bind_simpletuner_model(model)
+    merge_into(model.get_trained_component(), family, config, log)
+
+
+def write_combined(network: Any, adapter: str, family: Any, config: Mapping[str, Any], folder: Path) -> Path | None:
+    """With ``teacher_loras``: ``folder`` gets the user's LoRAs and the student adapter ``adapter`` of ``network`` as
+    one LoRA for the stock base (``teacher_loras.combined_lora``), in the layout ``family.save_lora`` writes (the
+    stock pipeline's); returns the file, or None without the key."""
+    entries, _, _ = split(config.get("distillation_config"))
+    if not entries:
+        return None
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(network, adapter_name=adapter)
+    combined, combined_config = combined_lora(state, network.peft_config[adapter],
+                                              read_teacher_loras(family, entries), family.lora_parts)
+    folder.mkdir(parents=True, exist_ok=True)
+    return family.save_lora(combined, folder, combined_config)
+
+
+__all__ = ["merge_into", "merge_into_simpletuner_model", "problems", "split", "write_combined"]

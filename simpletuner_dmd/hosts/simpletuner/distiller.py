@@ -275,6 +275,7 @@ class PluginDistiller:
             def load_base():
                 net = self.family.load_network(str(config.get("pretrained_transformer_model_name_or_path")
                                                    or config["pretrained_model_name_or_path"]), dtype=weight_dtype)
+                base_loras.merge_into(net, self.family, config, log)  # the user's model, as SimpleTuner's base
                 return net.requires_grad_(False).to(self.accelerator.device)
 
         dropout = config.get("lora_dropout")
@@ -449,6 +450,11 @@ class PluginDistiller:
         folder = Path(ckpt_dir)
         self.pm.hook.distill_save_state(checkpoint_dir=folder)
         self._save_scheduler(folder)
+        if self.accelerator.is_main_process and self.run.student_adapter is not None:  # teacher_loras: one LoRA
+            combined = base_loras.write_combined(self.student, self.run.student_adapter, self.family, self.config,
+                                                 folder / "combined")
+            if combined is not None:
+                log(f"combined LoRA (your teacher_loras and the student, for the stock base): {combined}")
         if self.accelerator.is_main_process:
             (folder / STATE_FILE).write_text(json.dumps({"method": self.method_name, "global_step": self.global_step,
                                                           "simpletuner_step": int(step), "seed": self.seed}))
