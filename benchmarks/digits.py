@@ -110,7 +110,11 @@ def build_example(cache: Path, log=print, **example) -> dict[str, Path]:
 class Evaluator:
     """Draws a row's samples (the same noises and prompts for every row of a seed) and measures them."""
 
-    def __init__(self, paths: dict[str, Path], n_eval: int = N_EVAL, n_digits: int | None = None):
+    def __init__(self, paths: dict[str, Path], n_eval: int = N_EVAL, n_digits: int | None = None,
+                 real: torch.Tensor | None = None):
+        """``paths["fd_features"]`` is the feature space (its real statistics are the FD's target); ``real`` (grey
+        ``(N, 1, H, W)`` in [0, 1], in the digits' order) replaces the real digits that ``noise_floor`` and
+        ``through_vae`` are given."""
         from simpletuner_dmd.families.wan import WanFamily
         from simpletuner_dmd.hosts.reference.digits_example import TEXT_TOKENS, _digit_pixels, caption
         from simpletuner_dmd.hosts.reference.fd import load_feature_space
@@ -124,8 +128,8 @@ class Evaluator:
         self.cond = conds[torch.from_numpy(self.labels)]
         self.uncond = self.family.encode_prompts(self.components, [""], max_length=TEXT_TOKENS)
         self.shape = tuple(self.family.latent_shape(self.components, width=16, height=16, frames=1))
-        real, real_labels = _digit_pixels(n_digits)
-        self.real = real.expand(-1, 3, -1, -1)
+        digit_pixels, real_labels = _digit_pixels(n_digits)
+        self.real = (digit_pixels if real is None else real).expand(-1, 3, -1, -1)
         self.data_share = np.bincount(real_labels, minlength=10) / len(real_labels)
         self.real_labels = real_labels
         self.reference: dict[float, tuple] = {}  # guidance: the 50-step teacher's feature statistics (own draw)
@@ -259,6 +263,25 @@ def _student_config(folder: Path, paths: dict[str, Path], tag: str, *, steps_lis
 # --------------------------------------------------------------------------- the case
 
 
+def noise_floor(ev: Evaluator) -> dict[str, float]:
+    """``ev.real``'s first half measured, its digits FD against the second half's: the FD's noise floor."""
+    from simpletuner_dmd.hosts.reference.fd import frechet_distance, statistics
+
+    half = len(ev.real) // 2
+    first = ev(ev.real[:half], guidance=1.0, labels=ev.real_labels[:half])
+    first["digits_fd"] = frechet_distance(*statistics(ev.space.features(ev.real[half:])),
+                                          *statistics(ev.space.features(ev.real[:half])))
+    return first
+
+
+def through_vae(ev: Evaluator, pixels: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W)`` in [0, 1] encoded and decoded by the pipeline's VAE: what any sample can reach."""
+    with torch.no_grad():
+        latents = torch.cat([ev.family.encode_pixels(ev.components, (pixels[i:i + 250] * 2 - 1)[:, :, None])
+                             for i in range(0, len(pixels), 250)])
+    return ev.decode(latents)
+
+
 def run_case_b(out: Path, *, seeds: int, cache: Path, log=print, teacher_steps: int = 1200,
                student_steps: int = STUDENT_STEPS, n_eval: int = N_EVAL, teacher_euler: tuple[int, ...] = (50, 3, 1),
                plots: bool = True, example: dict | None = None, students: tuple[str, ...] | None = None,
@@ -294,17 +317,8 @@ def run_case_b(out: Path, *, seeds: int, cache: Path, log=print, teacher_steps: 
     for guidance in TEACHER_GUIDANCE:
         ev.set_reference(guidance, ev.teacher(teacher, max(teacher_euler), guidance, seed=999))
 
-    half = len(ev.real) // 2  # the noise floor: one half of the real digits against the other
-    first = ev(ev.real[:half], guidance=1.0, labels=ev.real_labels[:half])
-    from simpletuner_dmd.hosts.reference.fd import frechet_distance, statistics
-
-    first["digits_fd"] = frechet_distance(*statistics(ev.space.features(ev.real[half:])),
-                                          *statistics(ev.space.features(ev.real[:half])))
-    finish("real digits (half vs other half)", {"kind": "reference", "metrics": summarise([first])})
-    with torch.no_grad():
-        latents = torch.cat([ev.family.encode_pixels(ev.components, (ev.real[i:i + 250] * 2 - 1)[:, :, None])
-                             for i in range(0, len(ev.real), 250)])
-    recon = ev.decode(latents)
+    finish("real digits (half vs other half)", {"kind": "reference", "metrics": summarise([noise_floor(ev)])})
+    recon = through_vae(ev, ev.real)
     finish("real digits through the VAE (encode, decode)", {
         "kind": "reference", "metrics": summarise([ev(recon, guidance=1.0, labels=ev.real_labels)])})
 

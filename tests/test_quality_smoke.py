@@ -249,3 +249,46 @@ def test_the_moving_digits_pipeline_runs_end_to_end(tmp_path):
                          n_eval=20, n_digits=40, plots=False, pairs={"regression_num_pairs": 8,
                                                                     "regression_teacher_steps": 2})
     assert again["seconds_by_stage"]["teacher"] < result["seconds_by_stage"]["teacher"]
+
+
+def test_the_style_shift_moves_each_digits_centre_by_its_pixels():
+    from benchmarks import style_lora
+    from simpletuner_dmd.hosts.reference.digits_example import _digit_pixels
+
+    pixels, _ = _digit_pixels(200)
+    # the digits with their right columns blanked, so that nothing falls off the edge
+    inside = torch.nn.functional.pad(pixels[..., :-style_lora.SHIFT_PX], (0, style_lora.SHIFT_PX))
+    moved = style_lora.centre_x(style_lora.shifted(inside)) - style_lora.centre_x(inside)
+    assert np.allclose(moved, style_lora.SHIFT_PX, atol=1e-4)
+    assert style_lora.shifted(inside)[..., :style_lora.SHIFT_PX].abs().max() == 0
+
+
+@pytest.mark.slow  # a shrunk digits example, a 2-step style LoRA and two 2-step students
+def test_the_style_lora_benchmark_runs_end_to_end_and_caches_its_stages(tmp_path, monkeypatch):
+    from benchmarks import style_lora
+    from simpletuner_dmd.hosts.reference import trainer
+
+    torch.set_num_threads(1)
+    kwargs = {"seeds": 1, "cache": tmp_path / "cache", "student_steps": 2, "style_steps": 2, "n_eval": 40,
+              "teacher_steps": 4, "plots": False,
+              "example": {"vae_steps": 2, "teacher_steps": 2, "classifier_epochs": 1, "n_digits": 64}}
+    result = style_lora.run_style_lora(tmp_path, **kwargs)
+    rows = result["rows"]
+    assert {style_lora.STYLE_50, style_lora.BASE_50, style_lora.A, style_lora.B, style_lora.C} <= set(rows)
+    for name, row in rows.items():
+        for key in ("digits_fd", "fd_crisp", "class_tv", "cond_accuracy", "diversity", "centre_x"):
+            assert np.isfinite(row["metrics"][key]["mean"]), (name, key)
+    shifted_real = rows[style_lora.CRISP_FLOOR]["metrics"]["centre_x"]["mean"]
+    plain_real = rows[style_lora.PLAIN]["metrics"]["centre_x"]["mean"]
+    assert 1.5 < shifted_real - plain_real <= style_lora.SHIFT_PX
+    # the export's combined LoRA alone samples what the style LoRA and the student give together
+    assert rows[style_lora.A_COMBINED]["max_abs_pixel_difference_to_a_seed0"] < 1e-4
+    assert set(result["targets"]) >= {"(a) fd / style teacher-50", "(a) clearly ahead of (b)"}
+    assert style_lora.markdown(result)
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a cached stage was trained again")
+
+    monkeypatch.setattr(trainer, "train", must_not_train)
+    again = style_lora.run_style_lora(tmp_path, **kwargs)  # every stage found in the cache
+    assert again["rows"][style_lora.C]["metrics"] == rows[style_lora.C]["metrics"]
