@@ -368,7 +368,7 @@ def print_estimate(args, rc: Any) -> int:
     per = "" if parallel.gpus == 1 else f" per GPU ({parallel.describe()})"
     print(f"peak GPU memory{per} ≈ {est.peak_gib:.1f} GiB (the {est.phase}'s backward):")
     for name, gib in est.parts.items():
-        print(f"  {name:<30} {gib:7.2f} GiB")
+        print(f"  {name:<32} {gib:7.2f} GiB")
     if rc.method_cls is not None and not plan:
         print(f"  note: {rc.method_name} declares no memory plan; its own networks and passes are not counted")
     if est.passes:

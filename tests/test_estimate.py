@@ -218,12 +218,13 @@ def test_fp32_counts_every_frozen_weight_and_activation_at_4_bytes():
 def test_the_recorded_fsdp_memory_comparison_is_what_the_estimate_gives_now():
     """``benchmarks/fsdp_memory.py``'s recorded estimates (docs/cost.md's 2-process table) are what
     ``estimate_for_shape`` gives today for its model, latent and setups."""
-    from benchmarks.fsdp_memory import OUT, SETUPS, predicted
+    from benchmarks.fsdp_memory import MODELS, SETUPS, out_path, predicted
 
-    recorded = json.loads(OUT.read_text())
-    layers = recorded["rows"][0]["layers"]
-    _, _, frames, size, _ = recorded["latent"]
-    for row in SETUPS:
-        now = predicted(row, layers, frames, size)
-        assert now["peak_mib"] == pytest.approx(recorded["estimate"][row.label]["peak_mib"])
-        assert now["steady_mib"] == pytest.approx(recorded["estimate"][row.label]["steady_mib"])
+    for model in MODELS:
+        recorded = json.loads(out_path(model).read_text())
+        layers = recorded["rows"][0]["layers"]
+        _, _, frames, size, _ = recorded["latent"]
+        for row in SETUPS:
+            now = predicted(row, layers, frames, size, recorded["model"])
+            assert now["peak_mib"] == pytest.approx(recorded["estimate"][row.label]["peak_mib"])
+            assert now["steady_mib"] == pytest.approx(recorded["estimate"][row.label]["steady_mib"])
