@@ -84,7 +84,8 @@ def test_teacher_loras_are_merged_into_simpletuners_base_before_its_precision_an
     ckpt = run / "out" / "checkpoint-1"
     assert f"combined LoRA (your teacher_loras and the student, for the stock base): {ckpt / 'combined'}" in text
     combined = load_file(str(ckpt / "combined" / "pytorch_lora_weights.safetensors"))
-    student = load_file(str(ckpt / "pytorch_lora_weights.safetensors"))
+    student = {k.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): v  # 3.1.6's older key names
+               for k, v in load_file(str(ckpt / "pytorch_lora_weights.safetensors")).items()}
     [user] = read_teacher_loras(family, [{"path": str(lora), "scale": 0.7, "into": "transformer"}])
     modules = {k.removeprefix("transformer.").removesuffix(".lora_A.weight") for k in combined if ".lora_A." in k}
     assert set(user) < modules and len(modules) > len(user)  # the student's modules and the user's
