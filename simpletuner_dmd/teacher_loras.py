@@ -253,6 +253,14 @@ def combined_lora(student_state: dict[str, torch.Tensor], student_config: Any,
     widths = [max((d.rank for d in source.values()), default=0) for source in sources]
     rank = sum(widths)
     shapes = {name: (d.up.shape[0], d.down.shape[1]) for source in sources for name, d in source.items()}
+    # One LoraConfig serves every part's file (Wan 2.2: one per expert), so every part gets every target module (zeros
+    # where no source touches it there): a module named in the config but absent from a part's file makes peft warn.
+    prefixes = [prefix for prefix in parts.values() if prefix and any(name.startswith(prefix) for name in shapes)]
+    if len(prefixes) > 1:
+        within = {_within_part(name, parts): shape for name, shape in shapes.items()}
+        for prefix in prefixes:
+            for name, shape in within.items():
+                shapes.setdefault(prefix + name, shape)
     state: dict[str, torch.Tensor] = {}
     for name, (out_features, in_features) in sorted(shapes.items()):
         down = torch.zeros(rank, in_features)

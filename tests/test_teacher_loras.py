@@ -5,6 +5,7 @@ export writes reproduces the run's validation sample on the stock base alone, in
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -334,3 +335,41 @@ def test_the_tiny_example_trains_a_style_lora_then_distils_the_base_with_it(tmp_
                  "ema/combined/pytorch_lora_weights.safetensors"):
         assert (out / file).is_file(), file
     assert list((out / "combined").glob("wan_dmd_3step_combined_lora_rank*.safetensors"))
+
+
+def test_wan22_combined_lora_in_the_stock_pipeline_equals_the_student_on_the_merged_experts(tmp_path):
+    """Wan 2.2 A14B: a user LoRA on the low-noise expert only, a student on both: the combined files (one per expert,
+    targets named within each transformer) loaded into the stock two-expert WanPipeline give each expert's output of
+    the student on the merged base."""
+    from diffusers import WanPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from simpletuner_dmd.families.wan_experts import WanExpertsFamily
+
+    model = WanExpertsFamily.make_tiny(tmp_path / "tiny-wan22")
+    family = WanExpertsFamily()
+    low = _user_lora(tmp_path / "low", model, network=family.load_network(str(model), dtype=torch.float32)
+                     .transformer_2, std=0.4)
+    entries = [{"path": str(low["diffusers"]), "scale": 0.5, "into": "transformer_2"}]
+    network = family.load_network(str(model), dtype=torch.float32)
+    merge_teacher_loras(network, family, entries)
+    network.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+                        adapter_name="student")
+    g = torch.Generator().manual_seed(5)
+    for name, p in network.named_parameters():
+        if ".lora_" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.2
+    state = get_peft_model_state_dict(network, adapter_name="student")
+    combined, config = combined_lora(state, network.peft_config["student"], read_teacher_loras(family, entries),
+                                     family.lora_parts)
+    assert config.r == 8 and not any(t.startswith("transformer") for t in config.target_modules)
+    family.save_lora(combined, tmp_path / "combined", config)
+
+    pipe = WanPipeline.from_pretrained(str(model))
+    with warnings.catch_warnings():  # each expert's file holds every module its config names (peft warns otherwise)
+        warnings.simplefilter("error", RuntimeWarning)
+        family.load_lora_into_pipeline(pipe, tmp_path / "combined", adapter_name="combined")
+    for expert in ("transformer", "transformer_2"):
+        want, got = _call(getattr(network, expert)), _call(getattr(pipe, expert))
+        assert torch.allclose(got, want, atol=1e-5, rtol=0), (expert, (got - want).abs().max())
