@@ -307,9 +307,28 @@ def step_time_range(est: Estimate, family: Any, method_plan: dict | None) -> str
         return None
     row, ratio = best
     seconds = row["step_s"] * ratio
-    return (f"{0.8 * seconds:.0f}–{1.3 * seconds:.0f} s per step on an {row['gpu']}-class GPU (recorded: "
+    def fmt(x: float) -> str:  # whole seconds, or two figures below 10 s (a small sample's step is a fraction)
+        return f"{x:.0f}" if x >= 10 else f"{x:.2g}"
+
+    return (f"{fmt(0.8 * seconds)}–{fmt(1.3 * seconds)} s per step on an {row['gpu']}-class GPU (recorded: "
             f"{row['step_s']:.1f} s for Wan {row['model']} {row['kind']} at 480×832×81, scaled by parameters run per call × "
             f"tokens {ratio:.2f}×)")
+
+
+def one_time_line(plan: dict | None, per_step: dict[str, float] | None, host: dict) -> str | None:
+    """The passes a method pays once before its first step (``memory_plan``'s ``one_time_passes``: the teacher's ODE
+    pairs of DMD's regression term or ``ode_init``), with what they weigh against the run's own teacher passes."""
+    once = (plan or {}).get("one_time_passes")
+    if not once:
+        return None
+    line = ("once, before the first step (cached in cache_dir, reused by every run with the same keys): "
+            + ", ".join(f"{k} {v:,.0f}" for k, v in once.items()))
+    per = (per_step or {}).get("teacher_forward_samples") or 0.0
+    steps = host.get("max_train_steps")
+    if per and steps:
+        line += (f" — {once['teacher_forward_samples'] / (per * steps):.2g}× the teacher forward samples of the run's "
+                 f"{steps} steps")
+    return line
 
 
 def advice(est: Estimate, gpu_gib: float, host: dict) -> list[str]:
@@ -373,6 +392,9 @@ def print_estimate(args, rc: Any) -> int:
         print(f"  note: {rc.method_name} declares no memory plan; its own networks and passes are not counted")
     if est.passes:
         print("network passes per optimizer step: " + ", ".join(f"{k} {v:g}" for k, v in est.passes.items()))
+    once = one_time_line(plan, est.passes, host)
+    if once:
+        print(once)
     timing = step_time_range(est, family, plan if rc.method_cls is not None else None)
     if timing:
         print(f"step time: {timing}")

@@ -39,7 +39,8 @@ class MethodBase:
         """What ``simpletuner-dmd estimate`` needs to know of a run of this method: ``second_network``
         (``{"kind": "lora" | "full", "rank": r}`` or None) and ``passes_per_step`` (network passes per optimizer
         step by role, averaged), and optionally ``student_graphs`` (the forward graphs the student's backward holds
-        at once: default 1) and ``kv_cache_share``. ``layout`` is ``{"causal": bool, "latent_frames": F}`` for the
+        at once: default 1), ``kv_cache_share`` and ``one_time_passes`` (passes by role paid once before the first step,
+        e.g. the teacher's ODE pairs: ``estimate`` prints them beside the per-step ones). ``layout`` is ``{"causal": bool, "latent_frames": F}`` for the
         sample being estimated (``estimate.layout_for``). Default ``{}``: the estimate counts a plain LoRA run."""
         return {}
 

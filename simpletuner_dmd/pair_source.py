@@ -43,6 +43,16 @@ def _sharded(module: Any) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def pair_generation_passes(config: dict[str, Any]) -> dict[str, float]:
+    """The one-time cost of the teacher's ODE pairs, by ``estimate``'s pass roles: ``regression_num_pairs`` solves of
+    ``regression_teacher_steps`` Euler steps, each step one teacher forward (cond and uncond as one batch of two
+    samples when guided). Paid before the first optimizer step, once: the pairs are cached in the host's
+    ``cache_dir`` and reused by every run with the same keys (``ode_pairs``)."""
+    solves = config["regression_num_pairs"] * config["regression_teacher_steps"]
+    guided = max(config["real_score_guidance_scale"], config.get("real_score_guidance_scale_2") or 0.0) > 1
+    return {"teacher_forward": float(solves), "teacher_forward_samples": float(solves * (2 if guided else 1))}
+
+
 def interval_combine(scale: float | torch.Tensor, interval: tuple[float, float], t: torch.Tensor):
     """The teacher's CFG for timesteps ``t`` (one per sample): ``u + s·(c − u)`` where t lies inside ``interval``
     (``real_score_guidance_interval``), cond only outside; ``scale`` one float or one per sample

@@ -228,3 +228,25 @@ def test_the_recorded_fsdp_memory_comparison_is_what_the_estimate_gives_now():
             now = predicted(row, layers, frames, size, recorded["model"])
             assert now["peak_mib"] == pytest.approx(recorded["estimate"][row.label]["peak_mib"])
             assert now["steady_mib"] == pytest.approx(recorded["estimate"][row.label]["steady_mib"])
+
+
+def test_the_regression_terms_pairs_are_shown_as_a_one_time_cost():
+    """Issue 31 item 4: the teacher's ODE pairs (DMD's regression term, ode_init) are passes paid once, not per step:
+    regression_num_pairs × regression_teacher_steps teacher forwards, two samples each when guided."""
+    from simpletuner_dmd.estimate import one_time_line
+    from simpletuner_dmd.methods.dmd.method import DMD
+    from simpletuner_dmd.methods.ode_init.method import ODEInit
+
+    cfg = {**DMD.schema.defaults(), "regression_loss_weight": 16.0, "regression_num_pairs": 100,
+           "regression_teacher_steps": 50, "real_score_guidance_scale": 3.0}
+    plan = DMD.memory_plan(cfg, {"model_type": "lora"})
+    assert plan["one_time_passes"] == {"teacher_forward": 5000.0, "teacher_forward_samples": 10000.0}
+    assert "one_time_passes" not in DMD.memory_plan({**cfg, "regression_loss_weight": 0.0}, {"model_type": "lora"})
+    unguided = {**ODEInit.schema.defaults(), "regression_num_pairs": 100, "regression_teacher_steps": 50,
+                "real_score_guidance_scale": 1.0}
+    assert ODEInit.memory_plan(unguided, {})["one_time_passes"]["teacher_forward_samples"] == 5000.0
+    line = one_time_line(plan, plan["passes_per_step"], {"max_train_steps": 1000})
+    assert "teacher_forward_samples 10,000" in line
+    per_run = plan["passes_per_step"]["teacher_forward_samples"] * 1000
+    assert f"{10000 / per_run:.2g}× the teacher forward samples of the run's 1000 steps" in line
+    assert one_time_line({}, None, {}) is None

@@ -32,7 +32,7 @@ from ...nonfinite import DEFAULT_LIMIT, NonFiniteGuard
 from ...networks import Networks
 from ...optimizers import adamw
 from ...passes import PassCounter
-from ...pair_source import PairSource, guided_teacher, interval_combine
+from ...pair_source import PairSource, guided_teacher, interval_combine, pair_generation_passes
 from ...guidance import teacher_scale
 from ...types import Batch, RunContext, StepInfo, StepLoss
 from .gan import GANHead, captured_output, classifier_loss, generator_loss
@@ -121,8 +121,8 @@ class DMD(FewStepStudent, MethodBase):
         ``last_step_only``; on a generator step one student backward, one teacher forward — cond and uncond in one
         batch when guided — and one no-grad fake forward; every step the critic's forward and backward). With
         ``regression_loss_weight`` > 0 a generator step adds one student forward and backward (the regression term),
-        whose graph the student's backward holds beside the rollout's: ``student_graphs`` 2. The pairs' one-time
-        generation (regression_num_pairs × regression_teacher_steps guided teacher passes) is not a per-step cost.
+        whose graph the student's backward holds beside the rollout's: ``student_graphs`` 2, and the pairs' one-time
+        generation is ``one_time_passes`` (``pair_source.pair_generation_passes``), not a per-step cost.
 
         ``layout`` (``{"causal": bool, "latent_frames": F}``, from ``estimate``): for a block-causal family the
         rollout runs per block — each of the B blocks its own k + 1 forwards (k shared with ``same_step_across_blocks``
@@ -164,6 +164,7 @@ class DMD(FewStepStudent, MethodBase):
         }
         if regression:
             plan["student_graphs"] = 2
+            plan["one_time_passes"] = pair_generation_passes(config)
         if layout and layout.get("causal"):
             plan["kv_cache_share"] = kv_share
         return plan

@@ -35,7 +35,7 @@ from ...hookspecs import hookimpl
 from ...method_base import MethodBase
 from ...networks import Networks
 from ...passes import PassCounter
-from ...pair_source import PairSource, guided_teacher
+from ...pair_source import PairSource, guided_teacher, pair_generation_passes
 from ...types import Batch, RunContext, StepInfo, StepLoss
 # the same draws and regression as DMD's rollout and regression term
 from ...method_toolkit import (FewStepStudent, draw_block_exits, exit_regression, load_method_state, regression_loss,
@@ -62,11 +62,12 @@ class ODEInit(FewStepStudent, MethodBase):
     @staticmethod
     def memory_plan(config: dict[str, Any], host: dict[str, Any], layout: dict[str, Any] | None = None
                     ) -> dict[str, Any]:
-        """One student forward and backward per step, whatever the ``layout``; no second network. The pairs' one-time generation
-        (regression_num_pairs × regression_teacher_steps guided teacher passes) is not a per-step cost."""
+        """One student forward and backward per step, whatever the ``layout``; no second network. The pairs' one-time
+        generation is ``one_time_passes`` (``pair_source.pair_generation_passes``), not a per-step cost."""
         return {"second_network": None,
                 "passes_per_step": {"student_forward": 1.0, "student_backward": 1.0, "teacher_forward": 0.0,
-                                    "teacher_forward_samples": 0.0}}
+                                    "teacher_forward_samples": 0.0},
+                "one_time_passes": pair_generation_passes(config)}
 
     @staticmethod
     def usage_notes(config: dict[str, Any]) -> list[str]:
