@@ -3,7 +3,9 @@ rank 128, the fake score an adapter, gradient checkpointing, bf16 compute) on Wa
 480×832×81 and 1280×704×121, on 1, 2, 4 and 8 GPUs (FSDP2, and FSDP2 with context parallelism), and the smallest
 setup that fits a 24, 40 and 80 GB card. One GPU keeps the quickstart's int8-quanto base; a sharded base is bf16 (FSDP2
 cannot shard quanto's int8 tensors). The figures come from the estimate's model of the tensors (``estimate.py``),
-divided as FSDP2 and Ulysses divide them; they are not multi-GPU measurements.
+divided as FSDP2 and Ulysses divide them; they are not multi-GPU measurements. Each cell is what a GPU must hold at
+some point (``Estimate.need_gib``): the step's peak, or set-up's where the reference host's loading of the whole base
+onto each GPU before sharding it weighs more.
 
     python -m benchmarks.multi_gpu_estimate          # prints the markdown tables, writes the JSON beside the others
 """
@@ -57,12 +59,12 @@ def rows() -> dict:
                     host = bf16 if parallel.fsdp else rc.host
                     if parallel_problems(parallel, config, shape, host):
                         continue
-                    peaks[parallel.describe()] = round(run(parallel, host).peak_gib, 1)
+                    peaks[parallel.describe()] = round(run(parallel, host).need_gib, 1)
             fits = {}
             for card, gib in CARDS.items():
                 found = smallest_fitting(gib, run, rc.host, config, shape, counts=GPUS)
                 fits[card] = None if found is None else {"setup": found[0].describe(),
-                                                         "gib": round(found[1].peak_gib, 1)}
+                                                         "gib": round(found[1].need_gib, 1)}
             result["models"].setdefault(label, {})[size] = {"tokens": shape["tokens"], "peak_gib": peaks,
                                                             "smallest_fitting": fits}
     return result

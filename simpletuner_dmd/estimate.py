@@ -71,6 +71,12 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
     shape: dict[str, int] = field(default_factory=dict)
     parameters: dict[str, int] = field(default_factory=dict)
+    setup_gib: float = 0.0  # set-up's peak per GPU where it is not the step's (FSDP2: the whole base before sharding)
+
+    @property
+    def need_gib(self) -> float:
+        """What a GPU must hold at some point of the run: the step's peak, or set-up's where that is larger."""
+        return max(self.peak_gib, self.setup_gib)
 
 
 @dataclass(frozen=True)
@@ -205,6 +211,9 @@ def estimate_for_shape(*, family: Any, config: dict, shape: dict[str, int], host
             fake_states, fake_grads = params["total"] * (2 + 4), params["total"] * 2
     shard = parallel.gpus if parallel.fsdp else 1
     split = parallel.context_parallel
+    # The reference host builds the whole base on each GPU and then shards it (build_models, fsdp.shard_frozen_base):
+    # at set-up a GPU holds every frozen weight and the trainable weights (fp32; no optimizer moments yet).
+    setup = frozen + (student_states + fake_states) * 4 / (4 + moment) if shard > 1 and not full_student else 0.0
     gathered = 0.0
     if parallel.gpus > 1 or split > 1:
         # one block's share of the frozen weights (a call runs one expert of several: its blocks only)
@@ -241,7 +250,10 @@ def estimate_for_shape(*, family: Any, config: dict, shape: dict[str, int], host
         parts["KV cache (block-causal rollout)"] = kv_cache / GIB
     passes = (method_plan or {}).get("passes_per_step") if method_plan is not None else {
         "student_forward": 1, "student_backward": 1}
-    return Estimate(parts, peak / GIB, phase, passes, notes, shape, params)
+    if setup > peak:
+        notes.append(f"set-up holds {setup / GIB:.1f} GiB per GPU, more than the step: the reference host loads the "
+                     f"whole base onto each GPU before FSDP2 shards it (loading each GPU's shards only is not done)")
+    return Estimate(parts, peak / GIB, phase, passes, notes, shape, params, setup_gib=setup / GIB)
 
 
 GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64)
@@ -264,7 +276,8 @@ def setups(gpus: int) -> list[Parallel]:
 
 def smallest_fitting(gpu_gib: float, run: Callable[[Parallel, dict], Estimate], host: dict, config: dict,
                      shape: dict[str, int], counts: tuple[int, ...] = GPU_COUNTS) -> tuple[Parallel, Estimate] | None:
-    """The fewest GPUs (then the least context parallelism) whose per-GPU peak fits ``gpu_gib``: ``run(parallel,
+    """The fewest GPUs (then the least context parallelism) whose per-GPU need (``Estimate.need_gib``: the step's
+    peak, or set-up's) fits ``gpu_gib``: ``run(parallel,
     host)`` estimates one setup; a sharded base is bf16 (``no_change``), as FSDP2 needs. None when nothing up to the
     largest count fits."""
     for gpus in counts:
@@ -274,7 +287,7 @@ def smallest_fitting(gpu_gib: float, run: Callable[[Parallel, dict], Estimate], 
             if parallel_problems(parallel, config, shape, sharded_host):
                 continue
             est = run(parallel, sharded_host)
-            if est.peak_gib <= gpu_gib:
+            if est.need_gib <= gpu_gib:
                 return parallel, est
     return None
 
@@ -402,17 +415,17 @@ def print_estimate(args, rc: Any) -> int:
         print(f"note: {note}")
     if args.gpu_memory is None:
         return 0
-    if est.peak_gib <= args.gpu_memory:
-        print(f"fits in {args.gpu_memory:g} GiB ({args.gpu_memory - est.peak_gib:.1f} GiB to spare)")
+    if est.need_gib <= args.gpu_memory:
+        print(f"fits in {args.gpu_memory:g} GiB ({args.gpu_memory - est.need_gib:.1f} GiB to spare)")
         return 0
-    print(f"does not fit in {args.gpu_memory:g} GiB (over by {est.peak_gib - args.gpu_memory:.1f} GiB); change:")
+    print(f"does not fit in {args.gpu_memory:g} GiB (over by {est.need_gib - args.gpu_memory:.1f} GiB); change:")
     for tip in advice(est, args.gpu_memory, host):
         print(f"  - {tip}")
     found = smallest_fitting(args.gpu_memory, run, host, config, shape)
     if found is None:
         print(f"  - no setup of up to {GPU_COUNTS[-1]} GPUs fits {args.gpu_memory:g} GiB as configured")
     else:
-        print(f"  - or the smallest setup that fits: {found[0].describe()} ({found[1].peak_gib:.1f} GiB per GPU"
+        print(f"  - or the smallest setup that fits: {found[0].describe()} ({found[1].need_gib:.1f} GiB per GPU"
               + (", base bf16" if found[0].fsdp and host.get("base_model_precision") == "int8-quanto" else "") + ")")
     return 1
 

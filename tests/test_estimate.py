@@ -250,3 +250,30 @@ def test_the_regression_terms_pairs_are_shown_as_a_one_time_cost():
     per_run = plan["passes_per_step"]["teacher_forward_samples"] * 1000
     assert f"{10000 / per_run:.2g}× the teacher forward samples of the run's 1000 steps" in line
     assert one_time_line({}, None, {}) is None
+
+
+def test_a_sharded_run_needs_room_for_the_whole_base_at_set_up():
+    """The reference host loads the whole base onto each GPU before FSDP2 shards it: a GPU needs that much at set-up,
+    which is what rules Wan 2.2 A14B (two 14B experts, about 53 GiB in bf16) out of 40 GB cards however many."""
+    from simpletuner_dmd.estimate import Parallel, smallest_fitting
+    from simpletuner_dmd.families.wan_experts import PUBLISHED_CONFIGS, WanExpertsFamily
+
+    host, plan = _recorded_setup("dmd")
+    bf16 = {**host, "base_model_precision": "no_change"}
+    config = PUBLISHED_CONFIGS["Wan-AI/Wan2.2-T2V-A14B-Diffusers"]
+    family = WanExpertsFamily()
+
+    def run(parallel, setup_host, width=832, height=480, frames=81):
+        return estimate(family=family, config=config, host=setup_host, method_plan=plan, width=width, height=height,
+                        frames=frames, parallel=parallel)
+
+    one, eight = run(Parallel(), host), run(Parallel(8, fsdp=True, context_parallel=4), bf16)
+    assert one.setup_gib == 0.0 and one.need_gib == one.peak_gib
+    whole = one.parameters["linear"] * 2 + one.parameters["other"] * 2  # the bf16 base, both experts
+    assert eight.peak_gib < 39.5 < eight.setup_gib == eight.need_gib
+    adapters = one.parameters["lora_per_rank"] * (host["lora_rank"] + (plan["second_network"]["rank"] or
+                                                                       host["lora_rank"])) * 4  # fp32 weights
+    assert eight.setup_gib * 2 ** 30 == pytest.approx(whole + adapters)
+    assert any("loads the whole base onto each GPU before FSDP2 shards it" in n for n in eight.notes)
+    shape = family.activation_shape(config, width=832, height=480, frames=81)
+    assert smallest_fitting(39.5, run, host, config, shape, counts=(1, 2, 4, 8)) is None
