@@ -55,6 +55,8 @@ STUDENT_DMD = {"generator_update_interval": 5, "real_score_guidance_scale": 1.0,
                "fake_score_weight_decay": 0.0, "fake_score_grad_clip": 1.0, "min_timestep_ratio": 0.02,
                "max_timestep_ratio": 0.98, "ts_schedule": True, "timestep_shift": 1.0}
 THREE, ONE = [1000, 757, 522], [1000]
+# DMD's GAN logs the Snapshots plugin records beside the losses (a row's "gan_at_end": their means over the last tenth)
+GAN_LOGS = ("gan_generator_loss", "gan_classifier_loss", "gan_real_prob", "gan_fake_prob")
 # name: (denoising steps, DMD overrides, host overrides, length factor, seeds: "all" or 1)
 STUDENTS: dict[str, tuple[list[int], dict, dict, int, str]] = {
     "DMD 3-step (1000,757,522), guidance 1": (THREE, {}, {}, 1, "all"),
@@ -90,8 +92,37 @@ DIVERSITY_ABLATIONS: dict[str, tuple[list[int], dict, dict, int, str]] = {
     "ablation: 3-step, guidance 1, fake_score_lr 2e-3": (THREE, {"fake_score_lr": 2e-3}, {}, 1, "all"),
     "ablation: 3-step, guidance 1, 2x steps": (THREE, {}, {}, 2, "all"),
 }
+# DMD2's real-data (GAN) term on the digits: ``python -m benchmarks.digits --ablations gan --rows ...`` (results in
+# case_b_gan_ablation.{json,md}: a 400-step screen of one seed, then the best rows at 800 steps with 2 seeds, each
+# run's command there). The classifier's real side is the host's batch: the VAE latents of the real digits the
+# student trains on, with their own captions. The plain students of the same length are the baseline.
+GAN_ABLATIONS: dict[str, tuple[list[int], dict, dict, int, str]] = {
+    "baseline: 3-step, guidance 1": (THREE, {}, {}, 1, "all"),
+    "baseline: 1-step, guidance 1": (ONE, {}, {}, 1, "all"),
+    **{f"ablation: {n}-step, gan_loss_weight {w:g}": (steps, {"gan_loss_weight": w}, {}, 1, "all")
+       for n, steps in ((3, THREE), (1, ONE)) for w in (0.003, 0.03, 0.1, 0.3, 1.0)},
+    # at the weight the grid chose (0.1: the 1-step student's best, the 3-step's within 0.2 FD of its best): a later
+    # start (DMD alone for the first half of the 400-step run), and a classifier weight 10x the default, then 100x
+    **{f"ablation: {n}-step, gan_loss_weight 0.1, {key} {value:g}": (steps, {"gan_loss_weight": 0.1, key: value}, {},
+                                                                       1, "all")
+       for n, steps in ((3, THREE), (1, ONE)) for key, value in (("gan_start_step", 200),
+                                                                  ("gan_classifier_loss_weight", 0.1))},
+    **{f"ablation: {n}-step, gan_loss_weight {w:g}, gan_classifier_loss_weight 1": (
+        steps, {"gan_loss_weight": w, "gan_classifier_loss_weight": 1.0}, {}, 1, "all")
+       for n, steps, weights in ((3, THREE, (0.1,)), (1, ONE, (0.1, 0.3, 1.0))) for w in weights},
+    # the later start at the main job's length (800 steps: DMD alone for the first half), each at its best screen
+    "ablation: 3-step, gan_loss_weight 0.1, gan_start_step 400": (
+        THREE, {"gan_loss_weight": 0.1, "gan_start_step": 400}, {}, 1, "all"),
+    "ablation: 1-step, gan_loss_weight 0.3, gan_classifier_loss_weight 1, gan_start_step 400": (
+        ONE, {"gan_loss_weight": 0.3, "gan_classifier_loss_weight": 1.0, "gan_start_step": 400}, {}, 1, "all"),
+    # a control: the GAN rows' random draws and batched critic forward, with a classifier that never trains and a
+    # student term too small to act (what is left of the GAN rows' difference from the baseline is the draws)
+    "control: 3-step, gan_loss_weight 0.003, gan_classifier_loss_weight 0": (
+        THREE, {"gan_loss_weight": 0.003, "gan_classifier_loss_weight": 0.0}, {}, 1, "all"),
+}
 ABLATIONS = {"guided": (GUIDED_ABLATIONS, "case_b_guidance_ablation"),
-             "diversity": (DIVERSITY_ABLATIONS, "case_b_diversity_ablation")}
+             "diversity": (DIVERSITY_ABLATIONS, "case_b_diversity_ablation"),
+             "gan": (GAN_ABLATIONS, "case_b_gan_ablation")}
 
 
 def expected_rows(teacher_euler=(50, 3, 1)) -> int:
@@ -198,29 +229,33 @@ class Evaluator:
 
 
 class Snapshots:
-    """A plugin beside the method: records ``dmd_loss`` and ``fake_score_loss`` per optimizer step (as any
-    third-party logger would) and, after the optimizer steps in ``at``, measures the student (its LoRA adapter on)
-    with ``measure(network)``, which returns the metrics and the samples' pixels (the last ones are kept)."""
+    """A plugin beside the method: records ``dmd_loss`` and ``fake_score_loss`` (and DMD's ``GAN_LOGS`` where the
+    term runs) per optimizer step (as any third-party logger would) and, after the optimizer steps in ``at``,
+    measures the student (its LoRA adapter on) with ``measure(network)``, which returns the metrics and the samples'
+    pixels (the last ones are kept)."""
 
     def __init__(self, at: set[int], measure: Callable[[torch.nn.Module], tuple[dict, torch.Tensor]]):
         self.at, self.measure = at, measure
         self.pixels: torch.Tensor | None = None
-        self.curves: dict[str, list[tuple[int, float]]] = {"dmd_loss": [], "fake_score_loss": []}
+        self.curves: dict[str, list[tuple[int, float]]] = {k: [] for k in ("dmd_loss", "fake_score_loss",
+                                                                           *GAN_LOGS)}
         self.by_step: dict[int, dict] = {}
 
     @hookimpl(wrapper=True)
     def distill_loss(self, batch, step, host_loss):
         result = yield
-        if result is not None and "dmd_loss" in result.logs:
-            self.curves["dmd_loss"].append((step.global_step, float(result.logs["dmd_loss"])))
+        for key in ("dmd_loss", "gan_generator_loss"):
+            if result is not None and key in result.logs:
+                self.curves[key].append((step.global_step, float(result.logs[key])))
         return result
 
     @hookimpl(wrapper=True)
     def distill_metrics(self, step):
         results = yield
         for extra in results:
-            if extra and "fake_score_loss" in extra:
-                self.curves["fake_score_loss"].append((step.global_step, float(extra["fake_score_loss"])))
+            for key in ("fake_score_loss", "gan_classifier_loss", "gan_real_prob", "gan_fake_prob"):
+                if extra and key in extra:
+                    self.curves[key].append((step.global_step, float(extra[key])))
         done = step.global_step + 1  # distill_metrics runs after the step's optimizer steps
         if done in self.at and step.network is not None:
             from simpletuner_dmd.adapters import AdapterSwitch
@@ -341,7 +376,7 @@ def run_case_b(out: Path, *, seeds: int, cache: Path, log=print, teacher_steps: 
         max_steps = student_steps * factor
         quarters = 8 if factor > 1 else 4
         at = {max(1, max_steps * k // quarters) for k in range(1, quarters + 1)}
-        results, seconds, by_step = [], [], []
+        results, seconds, by_step, gan_end = [], [], [], []
         for s in range(seeds if seed_rule == "all" else 1):
             def measure(network, _steps=steps_list, _s=s, _g=guidance):
                 pixels = ev.student(network, _steps, _s)
@@ -359,6 +394,9 @@ def run_case_b(out: Path, *, seeds: int, cache: Path, log=print, teacher_steps: 
             shutil.rmtree(folder / tag, ignore_errors=True)
             results.append(recorder.by_step[max_steps])
             by_step.append(recorder.by_step)
+            if recorder.curves["gan_real_prob"]:  # the classifier over the run's last tenth
+                gan_end.append({k: float(np.mean([v for _, v in recorder.curves[k][-max(1, max_steps // 10):]]))
+                                for k in GAN_LOGS if recorder.curves[k]})
             if s == 0:
                 curves[name] = recorder.curves
                 grids[name] = recorder.pixels
@@ -372,6 +410,8 @@ def run_case_b(out: Path, *, seeds: int, cache: Path, log=print, teacher_steps: 
                "seconds_per_run": sum(seconds) / len(seconds), "metrics": summarise(results),
                "by_step": {str(k): summarise([b[k] for b in by_step]) for k in steps_done},
                "final_fd_over_best": fds[-1] / min(fds)}
+        if gan_end:
+            row["gan_at_end"] = {k: float(np.mean([g[k] for g in gan_end])) for k in gan_end[0]}
         finish(name, row)
     if plots:
         _plot_grids(out / "case_b_samples.png", grids, ev)
@@ -522,7 +562,10 @@ def _ablation_main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.digits")
     parser.add_argument("--ablations", choices=sorted(ABLATIONS), default="guided",
                         help="guided: what moves the guidance-3 student; diversity: what lifts the guidance-1 "
-                             "3-step student's diversity (default: guided)")
+                             "3-step student's diversity; gan: DMD2's real-data term (default: guided)")
+    parser.add_argument("--rows", nargs="+", default=None,
+                        help="run only the set's rows whose names one of these regular expressions matches "
+                             "(re.search; default: all)")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--student-steps", type=int, default=ABLATION_STUDENT_STEPS,
                         help=f"the rows' base length (default {ABLATION_STUDENT_STEPS}, the length the ablations were "
@@ -533,12 +576,18 @@ def _ablation_main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     start = time.time()
     specs, stem = ABLATIONS[args.ablations]
+    if args.rows:
+        import re
+
+        specs = {name: spec for name, spec in specs.items() if any(re.search(r, name) for r in args.rows)}
     result = run_case_b(args.out, seeds=args.seeds, cache=HERE / ".cache", log=log, teacher_euler=(50,), plots=False,
                         specs=specs, student_steps=args.student_steps)
     result["seconds"] = time.time() - start
     import sys
 
-    result["command"] = "python -m benchmarks.digits " + " ".join(argv if argv is not None else sys.argv[1:])
+    import shlex
+
+    result["command"] = "python -m benchmarks.digits " + shlex.join(argv if argv is not None else sys.argv[1:])
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=float))
     (args.out / f"{stem}.md").write_text(
         f"Command: `{result['command']}` ({result['seconds']:.0f} s)\n\n" + "\n".join(markdown(result)) + "\n")
