@@ -39,6 +39,8 @@ from typing import Any
 import torch
 
 from ...errors import UserError
+from ...estimate import Parallel, parallel_problems
+from .fsdp import ReplicatedAdapters, shard_frozen_base, sharding, trainable_parameters
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,6 @@ def context_parallel_problems(host: dict[str, Any], family_cls: type, method_cls
 def degree_problems(host: dict[str, Any], family_cls: type, transformer_config: dict[str, Any]) -> list[str]:
     """The degree against the network (its attention heads) and the validation sample's latent tokens, one line
     each (``validate-config``, once the model folder is known; the same rule as ``simpletuner-dmd estimate``)."""
-    from ...estimate import Parallel, parallel_problems
-
     c = context_parallel_size(host)
     if c == 1 or family_cls.activation_shape is None:
         return []
@@ -126,13 +126,6 @@ def parallel_network(network: torch.nn.Module, host: dict[str, Any], accelerator
     on several processes the frozen base sharded, and with either the adapters' gradients reduced by
     ``fsdp.ReplicatedAdapters`` (summed over a group, averaged over the groups). ``None`` when neither applies: the
     caller prepares the network as usual (accelerate's DDP, or one process)."""
-    from .fsdp import (
-        ReplicatedAdapters,
-        shard_frozen_base,
-        sharding,
-        trainable_parameters,
-    )
-
     spread = layout(host, accelerator)
     if spread.context_parallel > 1:
         enable_context_parallel(network, accelerator, spread.context_parallel)

@@ -15,6 +15,7 @@ from typing import Any
 
 from ...config import read_json, suggest, validate_method_config
 from ...errors import ConfigError, UserError
+from ...estimate import transformer_config
 from ...optimizers import check_available
 from ...plugins import registered_families
 from ...teacher_loras import teacher_lora_file_problems, teacher_lora_part_problems
@@ -189,8 +190,6 @@ def model_degree_problems(host: dict[str, Any], family_cls: type) -> list[str]:
     model = Path(host["pretrained_model_name_or_path"])
     if host.get("context_parallel_size", 1) == 1 or not model.is_dir():
         return []
-    from ...estimate import transformer_config
-
     return degree_problems(host, family_cls, transformer_config(family_cls, str(model)))
 
 
