@@ -116,23 +116,13 @@ def build(kind: str, *, config: dict, latent_shape: tuple, text_shape: tuple, qu
 
 
 def spread(network: torch.nn.Module, host: dict, accelerator: Any) -> torch.nn.Module:
-    """What the training passes call, as the reference host's ``set_up`` makes it once every adapter exists: with
-    ``context_parallel_size`` C > 1 the base's tokens split over groups of C processes, with ``fsdp_enable`` on
-    several processes the frozen base sharded, and with either the adapters' gradients reduced by
-    ``ReplicatedAdapters``; otherwise the network itself (one process has nothing to spread; on several processes
-    without either key the host would wrap it in DDP, which no cost benchmark runs)."""
-    from simpletuner_dmd.hosts.reference.context_parallel import enable_context_parallel, layout
-    from simpletuner_dmd.hosts.reference.fsdp import (ReplicatedAdapters, shard_frozen_base, sharding,
-                                                      trainable_parameters)
+    """What the training passes call, as the reference host's ``set_up`` makes it once every adapter exists
+    (``context_parallel.parallel_network``: the tokens split, the base sharded, the adapters' gradients reduced);
+    otherwise the network itself (one process has nothing to spread; on several processes without either key the host
+    would wrap it in DDP, which no cost benchmark runs)."""
+    from simpletuner_dmd.hosts.reference.context_parallel import parallel_network
 
-    split = layout(host, accelerator)
-    if split.context_parallel > 1:
-        enable_context_parallel(network, accelerator, split.context_parallel)
-    if sharding(host, accelerator):
-        return shard_frozen_base(network, accelerator, split.data_parallel_size)
-    if split.context_parallel > 1:
-        return ReplicatedAdapters(network, trainable_parameters(network), split.data_parallel_size)
-    return network
+    return parallel_network(network, host, accelerator) or network
 
 
 def train_step(setup: Setup, step: int = 0, *, offload: bool = False) -> None:

@@ -39,6 +39,7 @@ from simpletuner_dmd.errors import ConfigError, UserError
 from simpletuner_dmd.hosts.reference.context_parallel import layout
 from simpletuner_dmd.hosts.reference.run_config import validate_config
 from simpletuner_dmd.plugins import get_plugin_manager
+from tests.multiprocess import launch
 from tests.test_fsdp import _config, _record, _tensor_files
 
 HERE = Path(__file__).resolve().parent
@@ -56,13 +57,7 @@ REGRESSION = {**json.loads((REPO / "config_examples/tiny-wan-dmd/config.json").r
 
 
 def _launch(config: Path, witness: Path, processes: int = 2) -> str:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(HERE / "multiprocess" / "cp_job.py"), str(config), str(witness)]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout + proc.stderr
+    return launch("cp_job.py", config, witness, processes)
 
 
 def _in_process(config: Path, witness: Path) -> None:

@@ -16,10 +16,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +26,7 @@ from safetensors.torch import load_file
 from simpletuner_dmd.errors import ConfigError
 from simpletuner_dmd.hosts.reference.run_config import validate_config
 from simpletuner_dmd.plugins import get_plugin_manager
+from tests.multiprocess import launch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -62,13 +60,7 @@ def _config(folder: Path, tiny_wan: Path, tiny_dataset: Path, name: str, **overr
 
 
 def _launch(config: Path, witness: Path, processes: int = 2) -> str:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(HERE / "multiprocess" / "fsdp_job.py"), str(config), str(witness)]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout + proc.stderr
+    return launch("fsdp_job.py", config, witness, processes)
 
 
 def _record(witness: Path, rank: int) -> dict:

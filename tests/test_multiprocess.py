@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-
 pytestmark = pytest.mark.slow  # two accelerate launches: `pytest -m slow` or .ci/run
 
-HERE = Path(__file__).resolve().parent
+from tests.multiprocess import launch
+
 
 
 @pytest.mark.parametrize("gan", [False, True], ids=["dmd", "dmd+gan"])
@@ -27,13 +24,7 @@ def test_two_processes_stay_identical_and_write_once(job, tmp_path, gan):  # noq
         raw["distillation_config"] = {**raw["distillation_config"], "gan_loss_weight": 0.5}
         config.write_text(json.dumps(raw))
     witness = tmp_path / "witness"
-    # accelerate's CPU path: torchrun's launcher (--multi_gpu) with ACCELERATE_USE_CPU, which makes it gloo on CPU
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(HERE / "multiprocess" / "job.py"), str(config), str(witness)]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    logs = launch("job.py", config, witness, timeout=600)
 
     # the same trained weights on both ranks, and training really moved them
     w0 = load_file(str(witness / "weights-rank0.safetensors"))
@@ -59,5 +50,4 @@ def test_two_processes_stay_identical_and_write_once(job, tmp_path, gan):  # noq
     events = list(out.rglob("events.out.tfevents.*"))  # …<time>.<host>.<pid>.<n>; add_hparams adds a second file
     assert events and len({e.name.split(".")[-2] for e in events}) == 1  # all from one process
     assert len(list((out / "validation").glob("step-*"))) == 2  # the baseline (step-0) and the last step
-    logs = proc.stdout + proc.stderr
     assert logs.count("student LoRA:") == 1 and logs.count("method: dmd;") == 1  # the host logs once
