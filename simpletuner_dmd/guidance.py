@@ -19,6 +19,12 @@ Combine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 EVERYWHERE = (0.0, 1000.0)
 
 
+def highest_scale(config: dict[str, Any]) -> float:
+    """The highest CFG scale a method's config guides its teacher at (``real_score_guidance_scale`` and, where given,
+    ``real_score_guidance_scale_2``): above 1, the teacher's forward carries an uncond sample beside each cond one."""
+    return max(config["real_score_guidance_scale"], config.get("real_score_guidance_scale_2") or 0.0)
+
+
 def applies(family: Any, scale: float, scale_2: float | None) -> bool:
     """Whether a second scale changes anything: given, different from the first, and the family has experts."""
     has_experts = getattr(family, "expert_guidance", None) is not None
@@ -54,4 +60,4 @@ def cfg_combine(scale: float | torch.Tensor, t: torch.Tensor, interval: tuple[fl
     return lambda c, u: guided_per_sample(c, u, per).to(c.dtype)
 
 
-__all__ = ["Combine", "applies", "cfg_combine", "teacher_scale"]
+__all__ = ["Combine", "applies", "cfg_combine", "highest_scale", "teacher_scale"]

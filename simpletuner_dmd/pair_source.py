@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import UserError
-from .guidance import applies, cfg_combine, teacher_scale
+from .guidance import applies, cfg_combine, highest_scale, teacher_scale
 from .ode_pairs import ODEPairBatch, ODEPairs, ODEPairSpec, ODEPairStream, dtype_name, prepare_ode_pairs
 from .passes import PassCounter
 from .types import RunContext, StepInfo
@@ -49,15 +49,8 @@ def pair_generation_passes(config: dict[str, Any]) -> dict[str, float]:
     samples when guided). Paid before the first optimizer step, once: the pairs are cached in the host's
     ``cache_dir`` and reused by every run with the same keys (``ode_pairs``)."""
     solves = config["regression_num_pairs"] * config["regression_teacher_steps"]
-    guided = max(config["real_score_guidance_scale"], config.get("real_score_guidance_scale_2") or 0.0) > 1
-    return {"teacher_forward": float(solves), "teacher_forward_samples": float(solves * (2 if guided else 1))}
-
-
-def interval_combine(scale: float | torch.Tensor, interval: tuple[float, float], t: torch.Tensor):
-    """The teacher's CFG for timesteps ``t`` (one per sample): ``u + s·(c − u)`` where t lies inside ``interval``
-    (``real_score_guidance_interval``), cond only outside; ``scale`` one float or one per sample
-    (``guidance.teacher_scale``); None (no uncond pass) when no sample is guided (``guidance.cfg_combine``)."""
-    return cfg_combine(scale, t, tuple(interval))
+    samples = 2 if highest_scale(config) > 1 else 1
+    return {"teacher_forward": float(solves), "teacher_forward_samples": float(solves * samples)}
 
 
 def guided_teacher(nets: Any, scale: float, interval: tuple[float, float], scale_2: float | None = None
@@ -68,7 +61,7 @@ def guided_teacher(nets: Any, scale: float, interval: tuple[float, float], scale
     def flow(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         bare = lambda x_, t_, c_: nets.teacher_flow(x_, t_, c_, bare=True)  # noqa: E731
         per_sample = teacher_scale(nets.family, scale, scale_2, t)
-        return nets.guided(bare, x, t, cond, interval_combine(per_sample, tuple(interval), t))
+        return nets.guided(bare, x, t, cond, cfg_combine(per_sample, t, tuple(interval)))
 
     return flow
 

@@ -32,8 +32,8 @@ from ...nonfinite import DEFAULT_LIMIT, NonFiniteGuard
 from ...networks import Networks
 from ...optimizers import adamw
 from ...passes import PassCounter
-from ...pair_source import PairSource, guided_teacher, interval_combine, pair_generation_passes
-from ...guidance import teacher_scale
+from ...pair_source import PairSource, guided_teacher, pair_generation_passes
+from ...guidance import cfg_combine, highest_scale, teacher_scale
 from ...types import Batch, RunContext, StepInfo, StepLoss
 from .gan import GANHead, captured_output, classifier_loss, generator_loss
 from .loss import critic_flow_loss, dmd_gradient, dmd_loss, dmd_timestep_bounds, sample_dmd_timesteps
@@ -62,12 +62,12 @@ def guided_one_step_warnings(config: dict[str, Any]) -> list[str]:
     against 2x) and met it with ``regression_loss_weight`` 16 (1.90x); the 3-step students met it without (1.86x on
     case A, 0.70x on the digits), and so did the digits' 1-step student (0.43x). The term stays off by default: its
     teacher pairs cost ``regression_num_pairs x regression_teacher_steps`` guided teacher passes, once."""
-    scales = (config["real_score_guidance_scale"], config.get("real_score_guidance_scale_2") or 0.0)
-    if len(config["dmd_denoising_steps"]) != 1 or max(scales) <= 1 or config["regression_loss_weight"] > 0:
+    scale = highest_scale(config)
+    if len(config["dmd_denoising_steps"]) != 1 or scale <= 1 or config["regression_loss_weight"] > 0:
         return []
     passes = config["regression_num_pairs"] * config["regression_teacher_steps"]
     return [f"distillation_config.regression_loss_weight: a 1-step student at real_score_guidance_scale "
-            f"{max(scales):g} without DMD v1's regression term missed the guidance target in the quality benchmark "
+            f"{scale:g} without DMD v1's regression term missed the guidance target in the quality benchmark "
             f"(case A: 3.91x its unguided distance; 1.90x with regression_loss_weight 16; docs/quality.md, 'Guided "
             f"students'); consider regression_loss_weight 16, whose teacher pairs cost {passes} guided teacher "
             f"passes once (simpletuner-dmd estimate shows their time; they are cached in cache_dir and reused)"]
@@ -156,9 +156,7 @@ class DMD(FewStepStudent, MethodBase):
             "passes_per_step": {
                 "student_forward": forwards + regression / interval, "student_backward": (1 + regression) / interval,
                 "teacher_forward": 1 / interval,
-                "teacher_forward_samples": (2 if max(config["real_score_guidance_scale"],
-                                                     config["real_score_guidance_scale_2"] or 0.0) > 1 else 1)
-                / interval,
+                "teacher_forward_samples": (2 if highest_scale(config) > 1 else 1) / interval,
                 "fake_score_forward": 1 + 1 / interval, "fake_score_backward": 1.0,
             },
         }
@@ -310,12 +308,12 @@ class DMD(FewStepStudent, MethodBase):
         return Rollout(roll.x0, sum(exits) / len(exits), span[0], span[1], roll.student_forwards)
 
     def _real_combine(self, t: torch.Tensor):
-        """The teacher's CFG for timesteps ``t`` (``pair_source.interval_combine``: inside
+        """The teacher's CFG for timesteps ``t`` (``guidance.cfg_combine``: inside
         ``real_score_guidance_interval`` only), each sample at its expert's scale where the family has experts and
         ``real_score_guidance_scale_2`` is given (``guidance.teacher_scale``)."""
         scale = teacher_scale(self.family, self.cfg["real_score_guidance_scale"],
                               self.cfg["real_score_guidance_scale_2"], t)
-        return interval_combine(scale, self._real_interval, t)
+        return cfg_combine(scale, t, self._real_interval)
 
     def _fake_flow(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, *, module=None) -> torch.Tensor:
         if module is None and self.fake_type != "lora":
