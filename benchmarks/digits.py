@@ -64,6 +64,11 @@ STUDENTS: dict[str, tuple[list[int], dict, dict, int, str]] = {
     "DMD 3-step, guidance 1, 4x steps (stability)": (THREE, {}, {}, 4, "one"),
     "DMD 1-step (1000), guidance 1": (ONE, {}, {}, 1, "all"),
     "DMD 1-step (1000), guidance 3": (ONE, {"real_score_guidance_scale": 3.0}, {}, 1, "all"),
+    # DMD2's real-data (GAN) term at what its ablation (GAN_ABLATIONS below, docs/quality.md) chose for each student
+    "DMD 3-step + GAN (gan_loss_weight 0.1, gan_start_step 400), guidance 1": (
+        THREE, {"gan_loss_weight": 0.1, "gan_start_step": 400}, {}, 1, "all"),
+    "DMD 1-step + GAN (gan_loss_weight 0.3, gan_classifier_loss_weight 1, gan_start_step 400), guidance 1": (
+        ONE, {"gan_loss_weight": 0.3, "gan_classifier_loss_weight": 1.0, "gan_start_step": 400}, {}, 1, "all"),
     # README's quickstart keys: fake_score_lr 1e-5 below the student's 2e-5, every step a generator step, guidance 3
     "quickstart settings (lr 2e-5, fake_score_lr 1e-5, interval 1, guidance 3), 3-step": (
         THREE, {"real_score_guidance_scale": 3.0, "fake_score_lr": 1e-5, "generator_update_interval": 1},
