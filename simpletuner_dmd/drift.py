@@ -222,8 +222,10 @@ class DriftMonitor:
 
 
 def _limits(band: Band, ref: float) -> tuple[float, float]:
+    """The band's limits as a user reads them (the plot's shading, the CSV's columns): every statistic is a mean,
+    spread or change of pixel values, none below 0, so the lower limit stops there."""
     width = band.relative * abs(ref) + band.absolute
-    return ref - width, ref + width
+    return max(0.0, ref - width), ref + width
 
 
 def _slug(label: str) -> str:

@@ -117,6 +117,8 @@ def test_the_monitor_keeps_the_history_writes_its_files_and_never_warns_at_the_b
     assert len(rows) == 3 * 2 * len(frame_statistics(teacher))
     assert {r["statistic"] for r in rows if r["warned"] == "1"} == {w["statistic"] for w in
                                                                     report["rounds"][2]["warnings"]}
+    # the grey teacher's chroma is near 0: its band's lower limit stops at 0 (no statistic is negative)
+    assert all(float(r["low"]) >= 0 for r in rows) and any(float(r["low"]) == 0 for r in rows)
     from PIL import Image
 
     assert Image.open(tmp_path / "drift.png").size[0] > 300
