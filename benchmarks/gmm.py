@@ -130,6 +130,7 @@ class RunResult:
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     seconds: float = 0.0
     snapshots: dict[int, torch.Tensor] = field(default_factory=dict)  # samples after these optimizer steps
+    draws: dict[int, torch.Tensor] = field(default_factory=dict)  # the final student's samples from these noise seeds
 
 
 # The loss curves collected per method: keys of its ``StepLoss.logs`` / ``distill_metrics``.
@@ -140,9 +141,15 @@ CURVES = {"dmd": ("dmd_loss", "fake_score_loss", "gan_generator_loss", "gan_clas
 def distil(folder: Path, dmd: dict[str, Any], *, seed: int, steps: int, batch_size: int = 256, lr: float = 1e-4,
            betas: tuple[float, float] = (0.9, 0.999), n_samples: int = N_SAMPLES, method: str = "dmd",
            snapshot_steps: tuple[int, ...] = (), lr_schedule: str = "constant", optimizer: str = "adamw",
-           mixture: str = "ring") -> RunResult:
+           mixture: str = "ring", pairs_seed: int | None = None, eval_seeds: tuple[int, ...] = ()) -> RunResult:
     """Distil the exact teacher with ``method`` (its ``distillation_config`` in ``dmd``, named so for DMD's callers)
     through the hooks; return the student's samples, the loss curves and samples after each of ``snapshot_steps``.
+
+    ``seed`` sets the training's draws (the global RNG, the steps' generators, the real batches) and the evaluation's
+    noise (``99 000 + seed``). ``pairs_seed`` (default ``seed``) is the run context's seed, which the method reads for
+    its teacher ODE pairs (their noises and the order they are streamed in) and the GAN head's init; nothing else.
+    ``eval_seeds``: the final student also samples from the noises ``99 000 + s`` for each ``s`` (``RunResult.draws``),
+    independent evaluation draws of the same student (use values no other seed's evaluation takes).
 
     A conditional mixture (``CONDITIONAL``) gives every batch random class prompts (``"class K"``) and samples the
     student with the classes in turn; the negative prompt is ``""`` (label -1, the unconditional branch)."""
@@ -165,7 +172,8 @@ def distil(folder: Path, dmd: dict[str, Any], *, seed: int, steps: int, batch_si
     pm.hook.distill_setup(run=RunContext(
         host_config=host, method_config=config, family=family, student=student, accelerator=accelerator,
         encode_prompts=family.embed_prompts, negative_prompt="", output_dir=folder, model_type="full",
-        student_adapter=None, load_base=lambda: family.load_network(folder / "base"), teacher=teacher, seed=seed,
+        student_adapter=None, load_base=lambda: family.load_network(folder / "base"), teacher=teacher,
+        seed=seed if pairs_seed is None else pairs_seed,
     ))
     optimizer = adamw(student.parameters(), kind=optimizer, lr=lr, betas=betas, weight_decay=0.0)
     student, optimizer = accelerator.prepare(student, optimizer)
@@ -211,12 +219,14 @@ def distil(folder: Path, dmd: dict[str, Any], *, seed: int, steps: int, batch_si
     seconds = time.time() - start
     x = _student_samples(pm, family, student, seed, n_samples, mixture)
     snapshots[steps] = x
-    return RunResult(x, {k: v for k, v in curves.items() if v}, seconds, snapshots)
+    draws = {s: _student_samples(pm, family, student, s, n_samples, mixture) for s in eval_seeds}
+    return RunResult(x, {k: v for k, v in curves.items() if v}, seconds, snapshots, draws)
 
 
 def _student_samples(pm, family, student, seed: int, n: int, mixture=None) -> torch.Tensor:
-    """``n`` samples of the method's sampler (the same noise for every call of one seed); a conditional mixture's
-    classes in turn (``class_labels(..., balanced=True)``), sampled at guidance 1 (the guidance is distilled)."""
+    """``n`` samples of the method's sampler (the same noise for every call of one seed: ``99 000 + seed``, which
+    also feeds a few-step sampler's fresh noise between its steps); a conditional mixture's classes in turn
+    (``class_labels(..., balanced=True)``), sampled at guidance 1 (the guidance is distilled)."""
     sampler = pm.hook.distill_sampler()
     g = torch.Generator().manual_seed(99_000 + seed)
     noise = torch.randn(n, 2, 1, 1, 1, generator=g)

@@ -5,6 +5,8 @@
     python -m benchmarks.gmm_regression --bridge-floor    # what samples on the bridges cost the metrics
     python -m benchmarks.gmm_regression --diagnose "reg 16" --steps 4000   # where a student's ED goes
     python -m benchmarks.gmm_regression --ceiling         # the 1-step map's ceiling: plain regression, no DMD
+    python -m benchmarks.gmm_regression --seed-list 0 --pairs-seed 1 --eval-draws 8 --steps 16000 --students 3 \
+        --variants "reg 16 + student lr 1e-3 cosine" --name regression_seed0_pairs1   # one seed's student, dissected
 
 ``--variants`` runs the levers of ``VARIANTS`` (the weight, the timestep window and shift, the critic's lr) instead
 of the weights 0 / 0.25 / 1, into ``regression_levers.{json,md}`` (or ``--name``), with the precision halfway too.
@@ -22,6 +24,14 @@ Metrics (``benchmarks.gmm.Metrics``, on 10 000 samples per run): precision, ener
 regression term pulls toward (the 3-step student adds fresh noise between its steps, so its mapping is stochastic).
 Each row (mean ± sd over the seeds) is written to ``benchmarks/results/quality/regression_ablation.{json,md}`` as soon
 as its last seed finishes.
+
+What a seed sets (``gmm.distil``): the training's draws and the evaluation's noise ``99 000 + seed`` (which the 3-step
+sampler also draws its fresh noise between steps from), and, unless ``--pairs-seed`` names another, the teacher pairs'
+noises and stream order; the student and the critic both start from the same base fit whatever the seed, and the
+reference samples of the metrics are fixed. Per run, every row also records the sample's *shape*
+(``sample_shape``: the off-mode share, the on-mode spread and radius, the mode weights) and, with ``--eval-draws N``,
+the final student's ED on N independent evaluation draws beside the 50-step teacher's on the same noises
+(``EVAL_DRAW_STRIDE``); the ``.md`` then adds a table per seed.
 """
 
 from __future__ import annotations
@@ -87,6 +97,29 @@ def student_optimizer(host: dict) -> dict:
     return {"lr": STUDENT_LR, "lr_schedule": "constant", **host}
 
 
+EVAL_DRAW_STRIDE = 1_000  # evaluation draw k ≥ 1 of seed s samples from the noise seed 99 000 + s + 1000·k
+
+
+def eval_draw_seeds(seed: int, draws: int) -> list[int]:
+    """The noise seeds (offsets from 99 000) of ``seed``'s ``draws`` evaluation draws: its own first, then ones no
+    other seed below ``EVAL_DRAW_STRIDE`` evaluates with."""
+    return [seed + EVAL_DRAW_STRIDE * k for k in range(draws)]
+
+
+def sample_shape(x: torch.Tensor, mixture) -> dict:
+    """Where a sample's mass lies, the parts of it the metrics see: the off-mode share (farther than 3 std from every
+    mode: the bridges, ``1 − precision``), the on-mode spread (RMS distance to the nearest mode) and mean radius
+    (distance from the ring's centre) of the rest, and the mode weights of the on-mode samples with their largest
+    departure from the mixture's weights."""
+    mu, pi, std = mixture.mu.float(), mixture.pi.float(), mixture.std
+    d, k = torch.cdist(x, mu).min(1)
+    on = d < 3 * std
+    weights = torch.bincount(k[on], minlength=mu.shape[0]).float() / on.sum().clamp(min=1)
+    return {"off_mode_share": float((~on).float().mean()), "on_mode_spread": float(d[on].pow(2).mean().sqrt()),
+            "on_mode_radius": float(x[on].norm(dim=1).mean()), "mode_weights": [float(w) for w in weights],
+            "largest_mode_weight_error": float((weights - pi).abs().max())}
+
+
 def log(message: str) -> None:
     print(f"[gmm_regression] {message}", flush=True)
 
@@ -95,7 +128,8 @@ _STATE: dict = {}  # per process: the metrics (their reference samples) and the 
 
 
 def _run(task: tuple) -> tuple:
-    name, steps, weight, seed, folder, n_steps, threads, variant = (*task, None)[:8]
+    name, steps, weight, seed, folder, n_steps, threads, variant, options = (*task, None, None)[:9]
+    options = options or {}
     extra, host = None, {}
     if variant is not None:  # ``weight`` is the variant's name
         weight, extra, host = variant_settings(variant)
@@ -103,14 +137,26 @@ def _run(task: tuple) -> tuple:
     if "metrics" not in _STATE:
         _STATE["metrics"] = gmm.Metrics(gmm.family_and_mixture()[1])
     half = (n_steps // 2,) if extra is not None else ()  # variants: precision halfway too (is it still rising?)
+    draw_seeds = eval_draw_seeds(seed, options.get("eval_draws", 1))
     result = gmm.distil(Path(folder), config(steps, weight, extra), seed=seed, steps=n_steps, snapshot_steps=half,
+                        pairs_seed=options.get("pairs_seed"), eval_seeds=tuple(draw_seeds[1:]),
                         **student_optimizer(host))
     teacher = gmm.teacher_samples(Path(folder), 50, seed)  # the same noises as the student's samples
     metrics = _STATE["metrics"](result.samples)
     metrics["mapping_rmse"] = float(((result.samples - teacher) ** 2).sum(1).mean().sqrt())
     if half and half[0] in result.snapshots:
         metrics["precision_halfway"] = _STATE["metrics"](result.snapshots[half[0]])["precision"]
-    return name, variant if variant is not None else weight, seed, result.seconds, metrics
+    mixture = _STATE["metrics"].mixture
+    detail = {"seed": seed, "pairs_seed": options.get("pairs_seed", seed), "sample_shape": sample_shape(result.samples,
+                                                                                                        mixture)}
+    if len(draw_seeds) > 1:  # the same student on independent evaluation draws, the teacher-50 on the same noises
+        samples = [result.samples] + [result.draws[s] for s in draw_seeds[1:]]
+        detail.update(draw_seeds=draw_seeds, draws=[_STATE["metrics"](x) for x in samples],
+                      draw_shapes=[sample_shape(x, mixture) for x in samples],
+                      teacher_50_draws=[_STATE["metrics"](teacher if s == seed else
+                                                          gmm.teacher_samples(Path(folder), 50, s))
+                                        for s in draw_seeds])
+    return name, variant if variant is not None else weight, seed, result.seconds, metrics, detail
 
 
 def _pm(stat: dict, digits: int = 3, sci: bool = False) -> str:
@@ -153,6 +199,29 @@ def markdown(results: dict) -> str:
             ratio = m["energy_distance"]["mean"] / ed50
             line += f" {half} | {ratio:.{1 if ratio < 10 else 0}f}× |"
         lines.append(line)
+    details = [(row, d) for row in results["rows"] for d in row.get("runs", [])]
+    if details:
+        lines += ["", "Per seed. *Draw 0*: the seed's own evaluation noise (the row above); *N draws*: mean ± sd of the "
+                  "same final student's ED on independent evaluation draws, and the 50-step teacher's on the same "
+                  "noises; shape (draw 0): off-mode share (1 − precision), on-mode spread and radius (exact: "
+                  "0.1·√2 ≈ 0.141 and 1.0), largest mode-weight error (a mode's weight 0.125).", "",
+                  "| student | seed | pairs seed | ED draw 0 | ED, N draws | teacher-50, same draws | ratio of the means "
+                  "| off-mode | spread | radius | mode TV | largest weight error |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for row, d in details:
+            shape = d["sample_shape"]
+            ed0 = row["metrics"]["energy_distance"]["values"][row["runs"].index(d)]
+            tv0 = row["metrics"]["mode_tv"]["values"][row["runs"].index(d)]
+            if "draws" in d:
+                st = gmm.summarise([{"e": m["energy_distance"]} for m in d["draws"]])["e"]
+                te = gmm.summarise([{"e": m["energy_distance"]} for m in d["teacher_50_draws"]])["e"]
+                draws = (f"{_pm(st, sci=True)} ({len(d['draws'])}) | {_pm(te, sci=True)} | "
+                         f"{st['mean'] / te['mean']:.2f}× |")
+            else:
+                draws = "— | — | — |"
+            lines.append(f"| {row['student']} | {d['seed']} | {d['pairs_seed']} | {ed0:.2e} | {draws} "
+                         f"{shape['off_mode_share']:.4f} | {shape['on_mode_spread']:.4f} | {shape['on_mode_radius']:.4f}"
+                         f" | {tv0:.4f} | {shape['largest_mode_weight_error']:.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -223,6 +292,47 @@ def diagnose(folder: Path, variant: str, steps: int, seed: int = 0) -> list[dict
                     "exact_with_student_weights_and_spread": metrics(shaped)})
         log(f"diagnose {name}: {out[-1]}")
     return out
+
+
+def pair_targets(folder: Path, steps: list[int], seed: int, num_pairs: int = 1024) -> torch.Tensor:
+    """The teacher's 50-step samples (``x0``) of the pairs seed ``seed`` gives the ``steps`` student, ``(num_pairs, 2)``,
+    generated into the run cache if missing (the same call as the runs make)."""
+    from simpletuner_dmd.ode_pairs import ODEPairs
+
+    cfg = config(steps, 16.0, {"regression_num_pairs": num_pairs})
+    gmm.distil(folder, cfg, seed=seed, steps=0, n_samples=16)
+    for manifest in sorted((folder / "cache" / "ode_pairs").glob("*/manifest.json")):
+        spec = json.loads(manifest.read_text())["spec"]
+        if spec["seed"] == seed and spec["count"] == num_pairs and spec["student_steps"] == list(steps):
+            pairs = ODEPairs.open(manifest.parent)
+            return torch.cat([pairs.load_shard(i)["x0"].float() for i in range(pairs.num_shards)]).reshape(-1, 2)
+    raise FileNotFoundError(f"no pair cache for seed {seed}, {num_pairs} pairs, steps {steps} in {folder}")
+
+
+def pair_balance(folder: Path, seeds: list[int], steps: list[int], num_pairs: int = 1024,
+                 null_draws: int = 200) -> dict:
+    """How each seed's teacher pairs sit on the mixture: the shape (``sample_shape``) and mode TV of their targets, and
+    where that TV falls among ``null_draws`` sets of ``num_pairs`` exact mixture samples (the multinomial spread a set
+    of that size has by chance)."""
+    _, mixture = gmm.family_and_mixture()
+    pi = mixture.pi.float()
+    rows = []
+    for seed in seeds:
+        shape = sample_shape(pair_targets(folder, steps, seed, num_pairs), mixture)
+        shape["mode_tv"] = float(0.5 * (torch.tensor(shape["mode_weights"]) - pi).abs().sum())
+        rows.append({"seed": seed, **shape})
+    g = torch.Generator().manual_seed(31_003)
+    null = []
+    for _ in range(null_draws):
+        null.append(sample_shape(mixture.sample(num_pairs, g), mixture))
+        null[-1]["mode_tv"] = float(0.5 * (torch.tensor(null[-1]["mode_weights"]) - pi).abs().sum())
+    tvs = sorted(n["mode_tv"] for n in null)
+    for row in rows:
+        row["tv_quantile_among_exact_sets"] = sum(t <= row["mode_tv"] for t in tvs) / len(tvs)
+    return {"seeds": rows, "exact_sets": {"draws": null_draws, "mode_tv_median": tvs[len(tvs) // 2],
+                                          "mode_tv_p90": tvs[int(0.9 * len(tvs))],
+                                          "largest_mode_weight_error_median": sorted(
+                                              n["largest_mode_weight_error"] for n in null)[len(null) // 2]}}
 
 
 POOL = 262_144  # the ceiling's noise → teacher-sample pairs per seed
@@ -305,14 +415,48 @@ def main(argv: list[str] | None = None) -> int:
                         "instead of the weights 0 / 0.25 / 1; written to --name (default regression_levers)")
     parser.add_argument("--students", default="3,1", help="3, 1 or 3,1: the 3-step and/or the 1-step student")
     parser.add_argument("--name", default=None, help="output file stem in --out")
+    parser.add_argument("--seed-list", default=None, help="comma-separated seeds to run (instead of 0 .. --seeds − 1)")
+    parser.add_argument("--pairs-seed", type=int, default=None, help="every run uses the teacher pairs (noises and "
+                        "stream order) of this seed instead of its own")
+    parser.add_argument("--eval-draws", type=int, default=1, help="evaluate each final student on this many "
+                        "independent evaluation draws (its own first), beside the 50-step teacher on the same noises")
     parser.add_argument("--bridge-floor", action="store_true", help="only: the metrics of exact samples with a share "
                         "moved onto the bridges between modes (bridge_floor.{json,md} in --out)")
     parser.add_argument("--diagnose", default=None, metavar="VARIANT", help="only: where the ED and precision of "
                         "VARIANT's students go (seed 0, --steps; diagnose.{json,md} in --out)")
     parser.add_argument("--ceiling", action="store_true", help="only: the 1-step map's ceiling, the student's MLP "
                         "regressed onto the teacher's 50-step map without DMD (regression_ceiling.{json,md} in --out)")
+    parser.add_argument("--pair-balance", action="store_true", help="only: the mode balance of each seed's (or "
+                        "--seed-list's) 3-step teacher pairs against exact sets of as many samples "
+                        "(regression_pair_balance.{json,md} in --out, or --name)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # small nets: one thread (the runs in workers set it too)
+    if args.pair_balance:
+        start = time.time()
+        folder = gmm.fit_base(args.cache / "gmm-regression", log=log)
+        seeds = [int(s) for s in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
+        result = pair_balance(folder, seeds, STUDENTS["3-step (1000,757,522)"], PAIRS["regression_num_pairs"])
+        null = result["exact_sets"]
+        md = ["# Case A: the mode balance of each seed's teacher pairs", "",
+              f"`python -m benchmarks.gmm_regression {' '.join(argv if argv is not None else sys.argv[1:])}` "
+              f"({time.time() - start:.0f} s). The targets (the exact teacher's 50-step samples) of the "
+              f"{PAIRS['regression_num_pairs']} pairs of the 3-step student, per seed: mode TV (the on-mode samples' "
+              "mode weights against the mixture's 1/8 each), its quantile among "
+              f"{null['draws']} sets of as many exact samples (median TV {null['mode_tv_median']:.4f}, 90th percentile "
+              f"{null['mode_tv_p90']:.4f}), the largest mode-weight error (exact sets' median "
+              f"{null['largest_mode_weight_error_median']:.4f}), off-mode share, on-mode spread.", "",
+              "| seed | mode TV | quantile among exact sets | largest weight error | off-mode | spread | mode weights |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in result["seeds"]:
+            md.append(f"| {r['seed']} | {r['mode_tv']:.4f} | {r['tv_quantile_among_exact_sets']:.2f} | "
+                      f"{r['largest_mode_weight_error']:.4f} | {r['off_mode_share']:.4f} | {r['on_mode_spread']:.4f} | "
+                      + " ".join(f"{w:.3f}" for w in r["mode_weights"]) + " |")
+        name = args.name or "regression_pair_balance"
+        result["command"] = "python -m benchmarks.gmm_regression " + " ".join(argv if argv is not None else sys.argv[1:])
+        (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
+        (args.out / f"{name}.md").write_text("\n".join(md) + "\n")
+        print("\n".join(md))
+        return 0
     if args.ceiling:
         start = time.time()
         folder = gmm_module().fit_base(args.cache / "gmm-regression", log=log)
@@ -387,7 +531,10 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.time()
     folder = gmm.fit_base(args.cache / "gmm-regression", log=log)
-    seeds = list(range(args.seeds))
+    seeds = [int(s) for s in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
+    args.seeds = len(seeds)
+    options = {"eval_draws": args.eval_draws, **({"pairs_seed": args.pairs_seed} if args.pairs_seed is not None
+                                                 else {})}
     # the pairs, once per (student steps, seed), before any worker starts (they would race to generate the same cache)
     generation = time.time()
     pair_configs = [variant_settings(v)[:2] for v in variants] or [(max(WEIGHTS), {})]
@@ -395,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             for weight, extra in pair_configs:
                 if weight > 0:
-                    gmm.distil(folder, config(steps, weight, extra), seed=seed, steps=0, n_samples=16)
+                    gmm.distil(folder, config(steps, weight, extra), seed=seed, steps=0, n_samples=16,
+                               pairs_seed=args.pairs_seed)
     generation = time.time() - generation
     log(f"teacher ODE pairs ready ({generation:.1f} s)")
 
@@ -408,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.gmm_regression " + " ".join(argv if argv is not None else sys.argv[1:]),
         "settings": {"optimizer_steps": args.steps, "seeds": args.seeds, "student_lr": STUDENT_LR, "case_a": CASE_A,
                      "pairs": PAIRS, "pair_generation_seconds": generation, "mixture": gmm.RING,
-                     "samples_per_run": gmm.N_SAMPLES, "variants": {v: VARIANTS[v] for v in variants}},
+                     "samples_per_run": gmm.N_SAMPLES, "variants": {v: VARIANTS[v] for v in variants},
+                     "seed_list": seeds, "pairs_seed": args.pairs_seed, "eval_draws": args.eval_draws},
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {args.jobs} jobs",
         "partial": True,
         "rows": [{"student": "teacher Euler 50", "weight": None, "metrics": gmm.summarise(teacher_rows)}],
@@ -416,23 +565,23 @@ def main(argv: list[str] | None = None) -> int:
     write(args.out, results, name_out)
 
     if variants:  # one task per (student, variant, seed); the variant's label travels as its "weight" key
-        tasks = [(name, steps, None, s, str(folder), args.steps, 1, v) for name, steps in students.items()
+        tasks = [(name, steps, None, s, str(folder), args.steps, 1, v, options) for name, steps in students.items()
                  for v in variants for s in seeds]
     else:
-        tasks = [(name, steps, w, s, str(folder), args.steps, 1) for name, steps in students.items() for w in WEIGHTS
-                 for s in seeds]
+        tasks = [(name, steps, w, s, str(folder), args.steps, 1, None, options) for name, steps in students.items()
+                 for w in WEIGHTS for s in seeds]
     pending: dict[tuple, list] = {}
     with ProcessPoolExecutor(args.jobs) as pool:
-        for name, weight, seed, seconds, m in pool.map(_run, tasks):
+        for name, weight, seed, seconds, m, detail in pool.map(_run, tasks):
             log(f"{name}, {weight if isinstance(weight, str) else f'weight {weight:g}'}, seed {seed}: {seconds:.0f} s, precision {m['precision']:.3f}, energy "
                 f"{m['energy_distance']:.2e}, recall {m['recall']:.2f}, mode TV {m['mode_tv']:.3f}, mapping RMSE "
                 f"{m['mapping_rmse']:.3f}")
             done = pending.setdefault((name, weight), [])
-            done.append((seconds, m))
+            done.append((seconds, m, detail))
             if len(done) < args.seeds:
                 continue
-            row = {"student": name, "weight": weight, "seconds_per_run": sum(s for s, _ in done) / len(done),
-                   "metrics": gmm.summarise([m for _, m in done])}
+            row = {"student": name, "weight": weight, "seconds_per_run": sum(s for s, _, _ in done) / len(done),
+                   "metrics": gmm.summarise([m for _, m, _ in done]), "runs": [d for _, _, d in done]}
             if isinstance(weight, str):  # a variant
                 w, extra, host = variant_settings(weight)
                 row.update(variant=weight, weight=w, dmd_config=config(STUDENTS[name], w, extra),
