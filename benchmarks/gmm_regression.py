@@ -7,6 +7,8 @@
     python -m benchmarks.gmm_regression --ceiling         # the 1-step map's ceiling: plain regression, no DMD
     python -m benchmarks.gmm_regression --seed-list 0 --pairs-seed 1 --eval-draws 8 --steps 16000 --students 3 \
         --variants "reg 16 + student lr 1e-3 cosine" --name regression_seed0_pairs1   # one seed's student, dissected
+    python -m benchmarks.gmm_regression --pair-balance --seed-list 0,1,2   # the mode balance of each seed's pairs
+    python -m benchmarks.gmm_regression --shape-cost --eval-draws 32      # the ED cost of bridge mass, narrow modes
 
 ``--variants`` runs the levers of ``VARIANTS`` (the weight, the timestep window and shift, the critic's lr) instead
 of the weights 0 / 0.25 / 1, into ``regression_levers.{json,md}`` (or ``--name``), with the precision halfway too.
@@ -100,10 +102,12 @@ def student_optimizer(host: dict) -> dict:
 EVAL_DRAW_STRIDE = 1_000  # evaluation draw k ≥ 1 of seed s samples from the noise seed 99 000 + s + 1000·k
 
 
-def eval_draw_seeds(seed: int, draws: int) -> list[int]:
+def eval_draw_seeds(seed: int, draws: int, common: bool = False) -> list[int]:
     """The noise seeds (offsets from 99 000) of ``seed``'s ``draws`` evaluation draws: its own first, then ones no
-    other seed below ``EVAL_DRAW_STRIDE`` evaluates with."""
-    return [seed + EVAL_DRAW_STRIDE * k for k in range(draws)]
+    other seed below ``EVAL_DRAW_STRIDE`` evaluates with; ``common``: then seed 0's (``1000·k``), the same for every
+    seed, so two students' draws are paired (a 3-step student's samples hang on its noises, the initial and the fresh
+    ones between steps, so two similar students on the same noises share most of the draw's luck)."""
+    return [seed] + [(0 if common else seed) + EVAL_DRAW_STRIDE * k for k in range(1, draws)]
 
 
 def sample_shape(x: torch.Tensor, mixture) -> dict:
@@ -137,7 +141,7 @@ def _run(task: tuple) -> tuple:
     if "metrics" not in _STATE:
         _STATE["metrics"] = gmm.Metrics(gmm.family_and_mixture()[1])
     half = (n_steps // 2,) if extra is not None else ()  # variants: precision halfway too (is it still rising?)
-    draw_seeds = eval_draw_seeds(seed, options.get("eval_draws", 1))
+    draw_seeds = eval_draw_seeds(seed, options.get("eval_draws", 1), options.get("common_draws", False))
     result = gmm.distil(Path(folder), config(steps, weight, extra), seed=seed, steps=n_steps, snapshot_steps=half,
                         pairs_seed=options.get("pairs_seed"), eval_seeds=tuple(draw_seeds[1:]),
                         **student_optimizer(host))
@@ -204,7 +208,7 @@ def markdown(results: dict) -> str:
         lines += ["", "Per seed. *Draw 0*: the seed's own evaluation noise (the row above); *N draws*: mean ± sd of the "
                   "same final student's ED on independent evaluation draws, and the 50-step teacher's on the same "
                   "noises; shape (draw 0): off-mode share (1 − precision), on-mode spread and radius (exact: "
-                  "0.1·√2 ≈ 0.141 and 1.0), largest mode-weight error (a mode's weight 0.125).", "",
+                  "about 0.137 and 1.0), largest mode-weight error (a mode's weight 0.125).", "",
                   "| student | seed | pairs seed | ED draw 0 | ED, N draws | teacher-50, same draws | ratio of the means "
                   "| off-mode | spread | radius | mode TV | largest weight error |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -251,6 +255,88 @@ def bridge_floor(fractions=(0.0, 0.01, 0.02, 0.05, 0.1, 0.15), seeds: int = 3) -
                 x[:n] = (1 - u) * mu[k] + u * mu[(k + 1) % mu.shape[0]] + mixture.std * torch.randn(n, 2, generator=g)
             runs.append(metrics(x))
         out.append({"bridge_fraction": f, "metrics": gmm.summarise(runs)})
+    return out
+
+
+def paired_draws(paths: list[Path]) -> dict:
+    """The runs of ``--eval-draws`` result files (``.json``) compared on the evaluation noises they all share: for each
+    run (student, seed, pairs seed, steps), its mean ED over those draws and the mean of its per-draw difference to the
+    first run's (a paired difference, ± its standard error), with the 50-step teacher's mean on the same draws and the
+    correlation of the run's per-draw ED with the first run's and with the teacher's. Runs that share fewer than two
+    draws with the first run are left out."""
+    runs = []
+    for path in paths:
+        result = json.loads(Path(path).read_text())
+        for row in result["rows"][1:]:
+            for d in row.get("runs", []):
+                if "draws" in d:
+                    runs.append({"file": Path(path).name, "student": row["student"], "seed": d["seed"],
+                                 "pairs_seed": d["pairs_seed"], "steps": result["settings"]["optimizer_steps"],
+                                 "ed": dict(zip(d["draw_seeds"], (m["energy_distance"] for m in d["draws"]))),
+                                 "teacher": dict(zip(d["draw_seeds"],
+                                                     (m["energy_distance"] for m in d["teacher_50_draws"])))})
+    runs = [r for r in runs if len(set(r["ed"]) & set(runs[0]["ed"])) > 1]  # those drawn on the first run's noises
+    shared = sorted(set.intersection(*(set(r["ed"]) for r in runs)))
+    first = [runs[0]["ed"][s] for s in shared]
+    teacher = [runs[0]["teacher"][s] for s in shared]
+    out = {"draw_seeds": shared, "teacher_50": gmm.summarise([{"e": t} for t in teacher])["e"], "runs": []}
+    for r in runs:
+        x = [r["ed"][s] for s in shared]
+        diff = gmm.summarise([{"d": a - b} for a, b in zip(x, first)])["d"]
+        out["runs"].append({k: r[k] for k in ("file", "student", "seed", "pairs_seed", "steps")} | {
+            "ed": gmm.summarise([{"e": v} for v in x])["e"], "minus_first": diff["mean"],
+            "minus_first_se": diff["sd"] / len(x) ** 0.5, "corr_first": _corr(x, first),
+            "corr_teacher": _corr(x, teacher)})
+    return out
+
+
+def _corr(a: list[float], b: list[float]) -> float:
+    ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    ta, tb = ta - ta.mean(), tb - tb.mean()
+    return float((ta * tb).sum() / (ta.norm() * tb.norm()).clamp(min=1e-300))
+
+
+# ``--shape-cost``: (bridge share, spread scale) of the exact samples; the first is the exact mixture itself.
+SHAPE_CASES = {"exact": (0.0, 1.0), "5% on the bridges": (0.05, 1.0), "spread × 0.95": (0.0, 0.95),
+               "5% on the bridges, spread × 0.95": (0.05, 0.95)}
+
+
+def shape_cost(cases: dict | None = None, draws: int = 32, folder: Path | None = None) -> list[dict]:
+    """What a sample's shape costs the energy distance, free of the metric's draw noise: for each case of
+    ``SHAPE_CASES``, ``draws`` sets of ``gmm.N_SAMPLES`` exact ring samples with each mode's spread scaled and a share
+    moved uniformly onto the middle of the chords between neighbouring modes, the part farther than 3 std from both
+    (so all of that share is off-mode, as a student's bridge samples are; ``bridge_floor`` spreads its share over the
+    whole chord with the modes' noise, where most of it still counts as on-mode). Every
+    case uses the same draws (draw ``d``: generator ``31 000 + d``), so their differences are paired. With ``folder``,
+    a row for the 50-step teacher on the evaluation noises of seed 0's draws (``eval_draw_seeds``) too."""
+    _, mixture = gmm.family_and_mixture()
+    metrics = gmm.Metrics(mixture)
+    mu, pi, std = mixture.mu.float(), mixture.pi.float(), mixture.std
+    out = []
+    for name, (fraction, scale) in (cases or SHAPE_CASES).items():
+        runs, shapes = [], []
+        for d in range(draws):
+            g = torch.Generator().manual_seed(31_000 + d)
+            k = torch.multinomial(pi, gmm.N_SAMPLES, replacement=True, generator=g)
+            x = mu[k] + scale * std * torch.randn(gmm.N_SAMPLES, 2, generator=g)
+            n = int(round(fraction * gmm.N_SAMPLES))
+            u = torch.rand(gmm.N_SAMPLES, 1, generator=g)[:n]  # drawn in every case: the draws stay paired
+            if n:
+                nxt = mu[(k[:n] + 1) % mu.shape[0]]
+                end = 3 * std / (nxt - mu[k[:n]]).norm(dim=1, keepdim=True)  # the chord's share within 3 std of a mode
+                u = end + (1 - 2 * end) * u
+                x[:n] = (1 - u) * mu[k[:n]] + u * nxt
+            runs.append(metrics(x))
+            shapes.append(sample_shape(x, mixture))
+        out.append({"case": name, "bridge_fraction": fraction, "spread_scale": scale, "draws": draws,
+                    "metrics": gmm.summarise(runs), "shape": gmm.summarise(
+                        [{k: v for k, v in sh.items() if k != "mode_weights"} for sh in shapes])})
+        log(f"shape cost {name}: ED {out[-1]['metrics']['energy_distance']['mean']:.2e}")
+    if folder is not None:
+        xs = [gmm.teacher_samples(folder, 50, s) for s in eval_draw_seeds(0, draws)]
+        out.append({"case": "teacher Euler 50 (seed 0's evaluation draws)", "draws": draws,
+                    "metrics": gmm.summarise([metrics(x) for x in xs]), "shape": gmm.summarise(
+                        [{k: v for k, v in sample_shape(x, mixture).items() if k != "mode_weights"} for x in xs])})
     return out
 
 
@@ -426,11 +512,66 @@ def main(argv: list[str] | None = None) -> int:
                         "VARIANT's students go (seed 0, --steps; diagnose.{json,md} in --out)")
     parser.add_argument("--ceiling", action="store_true", help="only: the 1-step map's ceiling, the student's MLP "
                         "regressed onto the teacher's 50-step map without DMD (regression_ceiling.{json,md} in --out)")
+    parser.add_argument("--common-draws", action="store_true", help="with --eval-draws: every seed's extra draws use "
+                        "seed 0's evaluation noises, so the seeds' students are compared on the same draws")
+    parser.add_argument("--paired", default=None, metavar="JSON,...", help="only: compare the --eval-draws runs of "
+                        "these result files on the evaluation noises they share (regression_paired.{json,md} in --out, "
+                        "or --name)")
+    parser.add_argument("--shape-cost", action="store_true", help="only: the ED of exact samples with bridge mass "
+                        "and/or narrowed modes (SHAPE_CASES), averaged over --eval-draws paired draws, beside the "
+                        "50-step teacher on as many draws (regression_shape_cost.{json,md} in --out, or --name)")
     parser.add_argument("--pair-balance", action="store_true", help="only: the mode balance of each seed's (or "
                         "--seed-list's) 3-step teacher pairs against exact sets of as many samples "
                         "(regression_pair_balance.{json,md} in --out, or --name)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # small nets: one thread (the runs in workers set it too)
+    if args.paired:
+        result = paired_draws([Path(p) for p in args.paired.split(",")])
+        t = result["teacher_50"]
+        md = ["# Case A: students compared on the same evaluation draws", "",
+              f"`python -m benchmarks.gmm_regression {' '.join(argv if argv is not None else sys.argv[1:])}`. Each "
+              f"run's ED on the {len(result['draw_seeds'])} evaluation noises all the runs share (noise seeds 99 000 + "
+              f"{', '.join(map(str, result['draw_seeds'][:3]))}, …); the 50-step teacher on the same noises: "
+              f"{_pm(t, sci=True)} (mean ± sd of one draw). *− first*: the mean per-draw difference to the first "
+              "run (paired, ± its standard error); *corr*: the per-draw correlation of the run's ED with the first "
+              "run's and with the teacher's.", "",
+              "| file | student | steps | seed | pairs seed | ED (mean ± sd of one draw) | / teacher-50 | − first | "
+              "corr first | corr teacher |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in result["runs"]:
+            md.append(f"| {r['file']} | {r['student']} | {r['steps']} | {r['seed']} | {r['pairs_seed']} | "
+                      f"{_pm(r['ed'], sci=True)} | {r['ed']['mean'] / t['mean']:.2f}× | {r['minus_first']:+.2e} ± "
+                      f"{r['minus_first_se']:.1e} | {r['corr_first']:.3f} | {r['corr_teacher']:.2f} |")
+        result["command"] = md[2]
+        name = args.name or "regression_paired"
+        (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
+        (args.out / f"{name}.md").write_text("\n".join(md) + "\n")
+        print("\n".join(md))
+        return 0
+    if args.shape_cost:
+        start = time.time()
+        folder = gmm.fit_base(args.cache / "gmm-regression", log=log)
+        rows = shape_cost(draws=args.eval_draws, folder=folder)
+        exact = rows[0]["metrics"]["energy_distance"]
+        md = ["# Case A: what a sample's shape costs the energy distance", "",
+              f"`python -m benchmarks.gmm_regression {' '.join(argv if argv is not None else sys.argv[1:])}` "
+              f"({time.time() - start:.0f} s). {gmm.N_SAMPLES} exact ring samples per draw, each mode's spread scaled "
+              "and a share moved uniformly onto the middle of the chords between neighbouring modes (the part "
+              f"farther than 3 std from both, so off-mode); {args.eval_draws} draws, the same for every case (paired). ED: mean ± sd of one draw; the "
+              "difference to the exact row is paired (mean ± its standard error). Shape: off-mode share, on-mode "
+              "spread (mean over the draws).", "",
+              "| case | ED (mean ± sd of one draw) | ED − exact (paired, ± s.e.) | precision | off-mode | spread |",
+              "| --- | --- | --- | --- | --- | --- |"]
+        for r in rows:
+            e = r["metrics"]["energy_distance"]
+            diff = gmm.summarise([{"d": a - b} for a, b in zip(e["values"], exact["values"])])["d"]
+            md.append(f"| {r['case']} | {_pm(e, sci=True)} | {diff['mean']:+.2e} ± "
+                      f"{diff['sd'] / len(e['values']) ** 0.5:.1e} | {r['metrics']['precision']['mean']:.4f} | "
+                      f"{r['shape']['off_mode_share']['mean']:.4f} | {r['shape']['on_mode_spread']['mean']:.4f} |")
+        name = args.name or "regression_shape_cost"
+        (args.out / f"{name}.json").write_text(json.dumps({"command": md[2], "rows": rows}, indent=1))
+        (args.out / f"{name}.md").write_text("\n".join(md) + "\n")
+        print("\n".join(md))
+        return 0
     if args.pair_balance:
         start = time.time()
         folder = gmm.fit_base(args.cache / "gmm-regression", log=log)
@@ -533,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = gmm.fit_base(args.cache / "gmm-regression", log=log)
     seeds = [int(s) for s in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
     args.seeds = len(seeds)
-    options = {"eval_draws": args.eval_draws, **({"pairs_seed": args.pairs_seed} if args.pairs_seed is not None
+    options = {"eval_draws": args.eval_draws, "common_draws": args.common_draws, **({"pairs_seed": args.pairs_seed} if args.pairs_seed is not None
                                                  else {})}
     # the pairs, once per (student steps, seed), before any worker starts (they would race to generate the same cache)
     generation = time.time()
@@ -557,7 +698,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"optimizer_steps": args.steps, "seeds": args.seeds, "student_lr": STUDENT_LR, "case_a": CASE_A,
                      "pairs": PAIRS, "pair_generation_seconds": generation, "mixture": gmm.RING,
                      "samples_per_run": gmm.N_SAMPLES, "variants": {v: VARIANTS[v] for v in variants},
-                     "seed_list": seeds, "pairs_seed": args.pairs_seed, "eval_draws": args.eval_draws},
+                     "seed_list": seeds, "pairs_seed": args.pairs_seed, "eval_draws": args.eval_draws,
+                     "common_draws": args.common_draws},
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {args.jobs} jobs",
         "partial": True,
         "rows": [{"student": "teacher Euler 50", "weight": None, "metrics": gmm.summarise(teacher_rows)}],

@@ -46,6 +46,7 @@ def test_eval_seeds_are_independent_draws_of_the_same_student(base):
     assert torch.equal(result.draws[2], result.samples)  # the seed's own noise reproduces its evaluation
     assert not torch.allclose(result.draws[1002], result.samples)
     assert gmm_regression.eval_draw_seeds(2, 3) == [2, 1002, 2002]
+    assert gmm_regression.eval_draw_seeds(2, 3, common=True) == [2, 1000, 2000]  # seed 0's extra draws: paired
 
 
 def test_sample_shape_tells_bridge_mass_from_mode_weights(base):
