@@ -244,11 +244,40 @@ def test_the_moving_digits_pipeline_runs_end_to_end(tmp_path):
     assert set(result["targets"]) >= {"frame_fd met", "speed met", "spread met", "no black or frozen frames"}
     assert (tmp_path / "cache" / "moving-digits" / "student-dmd" / "out" / "simpletuner_dmd.json").is_file()
     assert C.markdown(result)
-    # a second run finds every stage cached
+    # a second run finds every stage cached: none is made again
+    stamps = [tmp_path / "cache" / "moving-digits" / stage / "case_c_stage.json"
+              for stage in ("teacher", "student-ode_init/out", "student-dmd/out")]
+    made = [stamp.stat().st_mtime_ns for stamp in stamps]
     again = C.run_case_c(tmp_path, cache=tmp_path / "cache", vae_steps=2, teacher_steps=2, ode_steps=2, dmd_steps=2,
                          n_eval=20, n_digits=40, plots=False, pairs={"regression_num_pairs": 8,
                                                                     "regression_teacher_steps": 2})
     assert again["seconds_by_stage"]["teacher"] < result["seconds_by_stage"]["teacher"]
+    assert [stamp.stat().st_mtime_ns for stamp in stamps] == made
+
+
+def test_case_c_motion_figures_tell_black_frame_clips_from_the_spread():
+    from benchmarks import moving_digits as C
+    from benchmarks import moving_digits_motion as M
+
+    real, _ = C.make_clips(300, seed=1)
+    teacher = real[:, 0]
+    student = teacher.clone()
+    student[:12, 3] = 0.05  # 12 clips with a black frame: their centre of mass jumps to the canvas's middle
+    t, s = C.motion_figures(C.motion(teacher)), C.motion_figures(C.motion(student))
+    assert s["speed_spread"] > t["speed_spread"] + 0.02
+    untouched = C.motion_figures(C.motion(teacher[12:]))["speed_spread"]
+    assert s["speed_spread_clean"] == pytest.approx(untouched, rel=1e-4)  # the 288 clips with no black frame
+    assert s["clean_clips"] == pytest.approx(288 / 300) and s["clips_with_black"] == pytest.approx(12 / 300)
+    assert s["speed_spread_trimmed"] == pytest.approx(t["speed_spread_trimmed"], abs=0.01)  # < 5 % of the clips
+    assert s["speed_by_pair"][2] > t["speed_by_pair"][2]  # the pairs into and out of frame 3
+    assert s["speed_by_pair"][0] == pytest.approx(t["speed_by_pair"][0])
+    assert M.describe(student)["jumps_by_pair"][2:4] != [0, 0]
+    assert M.describe(teacher)["share_with_a_jump_over_6px"] == 0
+    against = M.compare(teacher, student)
+    assert against["clips_with_black"] == {"teacher": 0, "student": 12, "both": 0, "of": 300}
+    assert against["mcnemar_p"] < 0.01 and against["speed_spread_ratio_95ci"][0] > 1
+    same = M.compare(teacher, teacher)
+    assert same["speed_spread_ratio"] == pytest.approx(1) and same["mcnemar_p"] == 1.0
 
 
 def test_the_style_shift_moves_each_digits_centre_by_its_pixels():
