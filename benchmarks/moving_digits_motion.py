@@ -4,7 +4,9 @@
 
 Reads the cached stages of ``python -m benchmarks.moving_digits`` (builds nothing: run that first, with the same
 ``--cache``), samples ``--n-eval`` clips of the 50-step teacher and of the 3-step causal student after Self-Forcing DMD
-at training length (the case's prompts and noises: its first 300 clips are the case's 300) and reports, for both:
+at training length (the case's prompts and starting noises: the teacher's first 300 clips are the case's 300; the
+student's re-noising between its steps draws from the generator after all ``--n-eval`` starting noises, so its clips
+differ from the case's) and reports, for both:
 
 - the per-clip mean speed's distribution (quantiles; the share of clips faster than 3.5 or slower than 1.5 px per
   frame, where every real clip moves at 2 or 2.83), its spread with and without those clips and without the clips
@@ -36,7 +38,6 @@ from . import moving_digits as C
 
 FAST, SLOW = 3.5, 1.5  # px per frame; every real clip moves at 2 or 2.83
 JUMP = 6.0  # px in one frame pair: over twice the fastest real motion
-BLOCK_PAIRS = (0, 4)  # frame pairs 0→1 and 4→5 cross a latent frame (1 + 4 + 4 frames)
 BOOTSTRAP = 2000
 
 
@@ -168,8 +169,9 @@ def markdown(result: dict) -> list[str]:
     names = list(rows)
     keys = [k for k in rows[names[0]] if k != "black_by_frame"]
     lines = [f"**Case C's motion, analysed** ({result['command']}, {result['date']}, {result['seconds']:.0f} s): "
-             f"{rows[names[0]]['clips']} clips per row, the case's prompts and noises (its first 300 clips are the "
-             "case's). Frame pairs 0→1 and 4→5 cross a latent frame.", "",
+             f"{rows[names[0]]['clips']} clips per row, the case's prompts and starting noises (the teacher's first "
+             "300 clips are the case's; the student's re-noising draws differ). Lists by frame pair start at pair "
+             "0→1; pairs 0→1 and 4→5 cross a latent frame.", "",
              "| figure | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
     lines += [f"| {k} | " + " | ".join(_f(rows[n][k]) for n in names) + " |" for k in keys]
     lines += ["", "The student against the teacher (clips resampled in pairs for the intervals; black frames counted "
