@@ -124,6 +124,7 @@ GAN_ABLATIONS: dict[str, tuple[list[int], dict, dict, int, str]] = {
     # the term take a longer-trained student past its teacher? (the plain 4x row of the main table, one seed, ends at
     # 0.89x the teacher's FD)
     "baseline: 3-step, guidance 1, 4x steps": (THREE, {}, {}, 4, "all"),
+    "baseline: 1-step, guidance 1, 4x steps": (ONE, {}, {}, 4, "all"),
     "ablation: 3-step, gan_loss_weight 0.1, gan_start_step 400, 4x steps": (
         THREE, {"gan_loss_weight": 0.1, "gan_start_step": 400}, {}, 4, "all"),
     "ablation: 1-step, gan_loss_weight 0.3, gan_classifier_loss_weight 1, gan_start_step 400, 4x steps": (
