@@ -125,6 +125,8 @@ GAN_ABLATIONS: dict[str, tuple[list[int], dict, dict, int, str]] = {
     # 0.89x the teacher's FD)
     "baseline: 3-step, guidance 1, 4x steps": (THREE, {}, {}, 4, "all"),
     "baseline: 1-step, guidance 1, 4x steps": (ONE, {}, {}, 4, "all"),
+    # and the plain 3-step student at 8x (6400 steps): does length alone take it past the teacher?
+    "baseline: 3-step, guidance 1, 8x steps": (THREE, {}, {}, 8, "all"),
     "ablation: 3-step, gan_loss_weight 0.1, gan_start_step 400, 4x steps": (
         THREE, {"gan_loss_weight": 0.1, "gan_start_step": 400}, {}, 4, "all"),
     "ablation: 1-step, gan_loss_weight 0.3, gan_classifier_loss_weight 1, gan_start_step 400, 4x steps": (
