@@ -488,6 +488,13 @@ def gmm_module():
     return gmm
 
 
+def _record(out: Path, name: str, md: list[str], payload: dict) -> None:
+    """One analysis's results: ``out/name.json`` (``payload``) and ``out/name.md`` (``md``), the table printed."""
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    (out / f"{name}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
 def main(argv: list[str] | None = None) -> int:
     from concurrent.futures import ProcessPoolExecutor
 
@@ -543,9 +550,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['minus_first_se']:.1e} | {r['corr_first']:.3f} | {r['corr_teacher']:.2f} |")
         result["command"] = md[2]
         name = args.name or "regression_paired"
-        (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
-        (args.out / f"{name}.md").write_text("\n".join(md) + "\n")
-        print("\n".join(md))
+        _record(args.out, name, md, result)
         return 0
     if args.shape_cost:
         start = time.time()
@@ -568,9 +573,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{diff['sd'] / len(e['values']) ** 0.5:.1e} | {r['metrics']['precision']['mean']:.4f} | "
                       f"{r['shape']['off_mode_share']['mean']:.4f} | {r['shape']['on_mode_spread']['mean']:.4f} |")
         name = args.name or "regression_shape_cost"
-        (args.out / f"{name}.json").write_text(json.dumps({"command": md[2], "rows": rows}, indent=1))
-        (args.out / f"{name}.md").write_text("\n".join(md) + "\n")
-        print("\n".join(md))
+        _record(args.out, name, md, {"command": md[2], "rows": rows})
         return 0
     if args.pair_balance:
         start = time.time()
@@ -594,9 +597,7 @@ def main(argv: list[str] | None = None) -> int:
                       + " ".join(f"{w:.3f}" for w in r["mode_weights"]) + " |")
         name = args.name or "regression_pair_balance"
         result["command"] = "python -m benchmarks.gmm_regression " + " ".join(argv if argv is not None else sys.argv[1:])
-        (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
-        (args.out / f"{name}.md").write_text("\n".join(md) + "\n")
-        print("\n".join(md))
+        _record(args.out, name, md, result)
         return 0
     if args.ceiling:
         start = time.time()
