@@ -114,14 +114,16 @@ def sample_shape(x: torch.Tensor, mixture) -> dict:
     """Where a sample's mass lies, the parts of it the metrics see: the off-mode share (farther than 3 std from every
     mode: the bridges, ``1 − precision``), the on-mode spread (RMS distance to the nearest mode) and mean radius
     (distance from the ring's centre) of the rest, and the mode weights of the on-mode samples with their largest
-    departure from the mixture's weights."""
+    departure from the mixture's weights and their total variation (``mode_tv``: of the on-mode samples only, where
+    ``gmm.Metrics``' mode TV assigns every sample to its nearest mode)."""
     mu, pi, std = mixture.mu.float(), mixture.pi.float(), mixture.std
     d, k = torch.cdist(x, mu).min(1)
     on = d < 3 * std
     weights = torch.bincount(k[on], minlength=mu.shape[0]).float() / on.sum().clamp(min=1)
     return {"off_mode_share": float((~on).float().mean()), "on_mode_spread": float(d[on].pow(2).mean().sqrt()),
             "on_mode_radius": float(x[on].norm(dim=1).mean()), "mode_weights": [float(w) for w in weights],
-            "largest_mode_weight_error": float((weights - pi).abs().max())}
+            "largest_mode_weight_error": float((weights - pi).abs().max()),
+            "mode_tv": float(0.5 * (weights - pi).abs().sum())}
 
 
 def log(message: str) -> None:
@@ -142,8 +144,9 @@ def _run(task: tuple) -> tuple:
         _STATE["metrics"] = gmm.Metrics(gmm.family_and_mixture()[1])
     half = (n_steps // 2,) if extra is not None else ()  # variants: precision halfway too (is it still rising?)
     draw_seeds = eval_draw_seeds(seed, options.get("eval_draws", 1), options.get("common_draws", False))
+    pairs_seed = options.get("pairs_seed")
     result = gmm.distil(Path(folder), config(steps, weight, extra), seed=seed, steps=n_steps, snapshot_steps=half,
-                        pairs_seed=options.get("pairs_seed"), eval_seeds=tuple(draw_seeds[1:]),
+                        pairs_seed=pairs_seed, eval_seeds=tuple(draw_seeds[1:]),
                         **student_optimizer(host))
     teacher = gmm.teacher_samples(Path(folder), 50, seed)  # the same noises as the student's samples
     metrics = _STATE["metrics"](result.samples)
@@ -151,8 +154,8 @@ def _run(task: tuple) -> tuple:
     if half and half[0] in result.snapshots:
         metrics["precision_halfway"] = _STATE["metrics"](result.snapshots[half[0]])["precision"]
     mixture = _STATE["metrics"].mixture
-    detail = {"seed": seed, "pairs_seed": options.get("pairs_seed", seed), "sample_shape": sample_shape(result.samples,
-                                                                                                        mixture)}
+    detail = {"seed": seed, "pairs_seed": seed if pairs_seed is None else pairs_seed,
+              "sample_shape": sample_shape(result.samples, mixture)}
     if len(draw_seeds) > 1:  # the same student on independent evaluation draws, the teacher-50 on the same noises
         samples = [result.samples] + [result.draws[s] for s in draw_seeds[1:]]
         detail.update(draw_seeds=draw_seeds, draws=[_STATE["metrics"](x) for x in samples],
@@ -203,7 +206,7 @@ def markdown(results: dict) -> str:
             ratio = m["energy_distance"]["mean"] / ed50
             line += f" {half} | {ratio:.{1 if ratio < 10 else 0}f}× |"
         lines.append(line)
-    details = [(row, d) for row in results["rows"] for d in row.get("runs", [])]
+    details = [(row, i, d) for row in results["rows"] for i, d in enumerate(row.get("runs", []))]
     if details:
         lines += ["", "Per seed. *Draw 0*: the seed's own evaluation noise (the row above); *N draws*: mean ± sd of the "
                   "same final student's ED on independent evaluation draws, and the 50-step teacher's on the same "
@@ -212,10 +215,10 @@ def markdown(results: dict) -> str:
                   "| student | seed | pairs seed | ED draw 0 | ED, N draws | teacher-50, same draws | ratio of the means "
                   "| off-mode | spread | radius | mode TV | largest weight error |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for row, d in details:
+        for row, i, d in details:
             shape = d["sample_shape"]
-            ed0 = row["metrics"]["energy_distance"]["values"][row["runs"].index(d)]
-            tv0 = row["metrics"]["mode_tv"]["values"][row["runs"].index(d)]
+            ed0 = row["metrics"]["energy_distance"]["values"][i]
+            tv0 = row["metrics"]["mode_tv"]["values"][i]
             if "draws" in d:
                 st = gmm.summarise([{"e": m["energy_distance"]} for m in d["draws"]])["e"]
                 te = gmm.summarise([{"e": m["energy_distance"]} for m in d["teacher_50_draws"]])["e"]
@@ -401,17 +404,9 @@ def pair_balance(folder: Path, seeds: list[int], steps: list[int], num_pairs: in
     where that TV falls among ``null_draws`` sets of ``num_pairs`` exact mixture samples (the multinomial spread a set
     of that size has by chance)."""
     _, mixture = gmm.family_and_mixture()
-    pi = mixture.pi.float()
-    rows = []
-    for seed in seeds:
-        shape = sample_shape(pair_targets(folder, steps, seed, num_pairs), mixture)
-        shape["mode_tv"] = float(0.5 * (torch.tensor(shape["mode_weights"]) - pi).abs().sum())
-        rows.append({"seed": seed, **shape})
+    rows = [{"seed": seed, **sample_shape(pair_targets(folder, steps, seed, num_pairs), mixture)} for seed in seeds]
     g = torch.Generator().manual_seed(31_003)
-    null = []
-    for _ in range(null_draws):
-        null.append(sample_shape(mixture.sample(num_pairs, g), mixture))
-        null[-1]["mode_tv"] = float(0.5 * (torch.tensor(null[-1]["mode_weights"]) - pi).abs().sum())
+    null = [sample_shape(mixture.sample(num_pairs, g), mixture) for _ in range(null_draws)]
     tvs = sorted(n["mode_tv"] for n in null)
     for row in rows:
         row["tv_quantile_among_exact_sets"] = sum(t <= row["mode_tv"] for t in tvs) / len(tvs)
@@ -531,12 +526,14 @@ def main(argv: list[str] | None = None) -> int:
                         "--seed-list's) 3-step teacher pairs against exact sets of as many samples "
                         "(regression_pair_balance.{json,md} in --out, or --name)")
     args = parser.parse_args(argv)
+    command = "python -m benchmarks.gmm_regression " + " ".join(argv if argv is not None else sys.argv[1:])
+    seeds = [int(s) for s in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
     torch.set_num_threads(1)  # small nets: one thread (the runs in workers set it too)
     if args.paired:
         result = paired_draws([Path(p) for p in args.paired.split(",")])
         t = result["teacher_50"]
         md = ["# Case A: students compared on the same evaluation draws", "",
-              f"`python -m benchmarks.gmm_regression {' '.join(argv if argv is not None else sys.argv[1:])}`. Each "
+              f"`{command}`. Each "
               f"run's ED on the {len(result['draw_seeds'])} evaluation noises all the runs share (noise seeds 99 000 + "
               f"{', '.join(map(str, result['draw_seeds'][:3]))}, …); the 50-step teacher on the same noises: "
               f"{_pm(t, sci=True)} (mean ± sd of one draw). *− first*: the mean per-draw difference to the first "
@@ -558,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = shape_cost(draws=args.eval_draws, folder=folder)
         exact = rows[0]["metrics"]["energy_distance"]
         md = ["# Case A: what a sample's shape costs the energy distance", "",
-              f"`python -m benchmarks.gmm_regression {' '.join(argv if argv is not None else sys.argv[1:])}` "
+              f"`{command}` "
               f"({time.time() - start:.0f} s). {gmm.N_SAMPLES} exact ring samples per draw, each mode's spread scaled "
               "and a share moved uniformly onto the middle of the chords between neighbouring modes (the part "
               f"farther than 3 std from both, so off-mode); {args.eval_draws} draws, the same for every case (paired). ED: mean ± sd of one draw; the "
@@ -578,11 +575,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.pair_balance:
         start = time.time()
         folder = gmm.fit_base(args.cache / "gmm-regression", log=log)
-        seeds = [int(s) for s in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
         result = pair_balance(folder, seeds, STUDENTS["3-step (1000,757,522)"], PAIRS["regression_num_pairs"])
         null = result["exact_sets"]
         md = ["# Case A: the mode balance of each seed's teacher pairs", "",
-              f"`python -m benchmarks.gmm_regression {' '.join(argv if argv is not None else sys.argv[1:])}` "
+              f"`{command}` "
               f"({time.time() - start:.0f} s). The targets (the exact teacher's 50-step samples) of the "
               f"{PAIRS['regression_num_pairs']} pairs of the 3-step student, per seed: mode TV (the on-mode samples' "
               "mode weights against the mixture's 1/8 each), its quantile among "
@@ -596,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['largest_mode_weight_error']:.4f} | {r['off_mode_share']:.4f} | {r['on_mode_spread']:.4f} | "
                       + " ".join(f"{w:.3f}" for w in r["mode_weights"]) + " |")
         name = args.name or "regression_pair_balance"
-        result["command"] = "python -m benchmarks.gmm_regression " + " ".join(argv if argv is not None else sys.argv[1:])
+        result["command"] = command
         _record(args.out, name, md, result)
         return 0
     if args.ceiling:
@@ -673,10 +669,8 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.time()
     folder = gmm.fit_base(args.cache / "gmm-regression", log=log)
-    seeds = [int(s) for s in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
     args.seeds = len(seeds)
-    options = {"eval_draws": args.eval_draws, "common_draws": args.common_draws, **({"pairs_seed": args.pairs_seed} if args.pairs_seed is not None
-                                                 else {})}
+    options = {"eval_draws": args.eval_draws, "common_draws": args.common_draws, "pairs_seed": args.pairs_seed}
     # the pairs, once per (student steps, seed), before any worker starts (they would race to generate the same cache)
     generation = time.time()
     pair_configs = [variant_settings(v)[:2] for v in variants] or [(max(WEIGHTS), {})]
@@ -695,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in teacher_rows:
         m["mapping_rmse"] = 0.0
     results = {
-        "command": "python -m benchmarks.gmm_regression " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
         "settings": {"optimizer_steps": args.steps, "seeds": args.seeds, "student_lr": STUDENT_LR, "case_a": CASE_A,
                      "pairs": PAIRS, "pair_generation_seconds": generation, "mixture": gmm.RING,
                      "samples_per_run": gmm.N_SAMPLES, "variants": {v: VARIANTS[v] for v in variants},
