@@ -57,6 +57,9 @@ STUDENT_DMD = {"generator_update_interval": 5, "real_score_guidance_scale": 1.0,
 THREE, ONE = [1000, 757, 522], [1000]
 # DMD's GAN logs the Snapshots plugin records beside the losses (a row's "gan_at_end": their means over the last tenth)
 GAN_LOGS = ("gan_generator_loss", "gan_classifier_loss", "gan_real_prob", "gan_fake_prob")
+# DMD2's real-data (GAN) term at what its ablation (GAN_ABLATIONS below, docs/quality.md) chose for each student
+GAN_THREE = {"gan_loss_weight": 0.1, "gan_start_step": 400}
+GAN_ONE = {"gan_loss_weight": 0.3, "gan_classifier_loss_weight": 1.0, "gan_start_step": 400}
 # name: (denoising steps, DMD overrides, host overrides, length factor, seeds: "all" or 1)
 STUDENTS: dict[str, tuple[list[int], dict, dict, int, str]] = {
     "DMD 3-step (1000,757,522), guidance 1": (THREE, {}, {}, 1, "all"),
@@ -64,11 +67,9 @@ STUDENTS: dict[str, tuple[list[int], dict, dict, int, str]] = {
     "DMD 3-step, guidance 1, 4x steps (stability)": (THREE, {}, {}, 4, "one"),
     "DMD 1-step (1000), guidance 1": (ONE, {}, {}, 1, "all"),
     "DMD 1-step (1000), guidance 3": (ONE, {"real_score_guidance_scale": 3.0}, {}, 1, "all"),
-    # DMD2's real-data (GAN) term at what its ablation (GAN_ABLATIONS below, docs/quality.md) chose for each student
-    "DMD 3-step + GAN (gan_loss_weight 0.1, gan_start_step 400), guidance 1": (
-        THREE, {"gan_loss_weight": 0.1, "gan_start_step": 400}, {}, 1, "all"),
+    "DMD 3-step + GAN (gan_loss_weight 0.1, gan_start_step 400), guidance 1": (THREE, GAN_THREE, {}, 1, "all"),
     "DMD 1-step + GAN (gan_loss_weight 0.3, gan_classifier_loss_weight 1, gan_start_step 400), guidance 1": (
-        ONE, {"gan_loss_weight": 0.3, "gan_classifier_loss_weight": 1.0, "gan_start_step": 400}, {}, 1, "all"),
+        ONE, GAN_ONE, {}, 1, "all"),
     # README's quickstart keys: fake_score_lr 1e-5 below the student's 2e-5, every step a generator step, guidance 3
     "quickstart settings (lr 2e-5, fake_score_lr 1e-5, interval 1, guidance 3), 3-step": (
         THREE, {"real_score_guidance_scale": 3.0, "fake_score_lr": 1e-5, "generator_update_interval": 1},
@@ -116,21 +117,19 @@ GAN_ABLATIONS: dict[str, tuple[list[int], dict, dict, int, str]] = {
         steps, {"gan_loss_weight": w, "gan_classifier_loss_weight": 1.0}, {}, 1, "all")
        for n, steps, weights in ((3, THREE, (0.1,)), (1, ONE, (0.1, 0.3, 1.0))) for w in weights},
     # the later start at the main job's length (800 steps: DMD alone for the first half), each at its best screen
-    "ablation: 3-step, gan_loss_weight 0.1, gan_start_step 400": (
-        THREE, {"gan_loss_weight": 0.1, "gan_start_step": 400}, {}, 1, "all"),
+    "ablation: 3-step, gan_loss_weight 0.1, gan_start_step 400": (THREE, GAN_THREE, {}, 1, "all"),
     "ablation: 1-step, gan_loss_weight 0.3, gan_classifier_loss_weight 1, gan_start_step 400": (
-        ONE, {"gan_loss_weight": 0.3, "gan_classifier_loss_weight": 1.0, "gan_start_step": 400}, {}, 1, "all"),
+        ONE, GAN_ONE, {}, 1, "all"),
     # 4x the main job's length (run with --student-steps 800: 3200 steps), plain and with the term, 3 seeds: does
     # the term take a longer-trained student past its teacher? (the plain 4x row of the main table, one seed, ends at
     # 0.89x the teacher's FD)
     "baseline: 3-step, guidance 1, 4x steps": (THREE, {}, {}, 4, "all"),
     "baseline: 1-step, guidance 1, 4x steps": (ONE, {}, {}, 4, "all"),
+    "ablation: 3-step, gan_loss_weight 0.1, gan_start_step 400, 4x steps": (THREE, GAN_THREE, {}, 4, "all"),
+    "ablation: 1-step, gan_loss_weight 0.3, gan_classifier_loss_weight 1, gan_start_step 400, 4x steps": (
+        ONE, GAN_ONE, {}, 4, "all"),
     # and the plain 3-step student at 8x (6400 steps): does length alone take it past the teacher?
     "baseline: 3-step, guidance 1, 8x steps": (THREE, {}, {}, 8, "all"),
-    "ablation: 3-step, gan_loss_weight 0.1, gan_start_step 400, 4x steps": (
-        THREE, {"gan_loss_weight": 0.1, "gan_start_step": 400}, {}, 4, "all"),
-    "ablation: 1-step, gan_loss_weight 0.3, gan_classifier_loss_weight 1, gan_start_step 400, 4x steps": (
-        ONE, {"gan_loss_weight": 0.3, "gan_classifier_loss_weight": 1.0, "gan_start_step": 400}, {}, 4, "all"),
     # a control: the GAN rows' random draws and batched critic forward, with a classifier that never trains and a
     # student term too small to act (what is left of the GAN rows' difference from the baseline is the draws)
     "control: 3-step, gan_loss_weight 0.003, gan_classifier_loss_weight 0": (
