@@ -88,6 +88,7 @@ def main(out: str) -> None:
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(report, f)
+    dist.barrier()
     dist.destroy_process_group()
 
 
